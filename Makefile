@@ -1,0 +1,34 @@
+# pyvm: the two commands a newcomer needs are `make demo` and `make test`.
+# Both set up everything first (Debian packages, .venv, the Cython extension).
+
+PY := .venv/bin/python
+
+.PHONY: setup demo test test-fast firmware firmware-check bench mypy clean
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) scripts/demo.py
+
+test: setup
+	$(PY) -m pytest -q tests
+
+test-fast: setup
+	$(PY) -m pytest -q -m "not slow" tests
+
+firmware:
+	$(MAKE) -C firmware
+
+firmware-check:
+	$(MAKE) -C firmware check
+
+mypy: setup
+	$(PY) -m mypy pyvm
+
+bench: setup
+	$(PY) bench/dirty_tracking.py
+	$(PY) bench/zero_scan.py
+
+clean:
+	rm -rf build .venv pyvm/_fastpath.c pyvm/*.so

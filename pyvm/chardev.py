@@ -1,0 +1,630 @@
+"""Character backends for ``-serial``: where the guest's serial bytes go and come from.
+
+Forms (QEMU's ``-serial`` syntax, the subset pyvm supports):
+
+=====================================  ==========================================================
+``stdio`` (also ``mon:stdio``)         the terminal; a TTY is put in raw mode (signals such as
+                                       Ctrl-C still work) and restored at exit; Ctrl-A x quits,
+                                       Ctrl-A h prints help, Ctrl-A Ctrl-A sends Ctrl-A
+``file:PATH``                          output only, the file is created or truncated
+``unix:PATH,server=on[,wait=off]``     a listening unix socket (mode 0600), one client at a
+                                       time; without ``wait=off`` pyvm waits for the first client
+``unix:PATH``                          (``server=off``) connect to an existing socket
+``tcp:[HOST]:PORT,server=on[,...]``    the same over TCP; HOST defaults to 127.0.0.1
+``null``                               output dropped, no input
+``none``                               no serial port at all (:func:`parse_serial` returns None)
+=====================================  ==========================================================
+
+The monitor multiplexing of ``mon:stdio`` (Ctrl-A c) is not provided here.  Output written
+while no socket client is connected is dropped.  Input is handed to the receiver (the
+UART's ``receive``) from a reader thread, no faster than the receiver's ``can_receive``
+allows; the receiver calls :meth:`CharBackend.accept_input` when it has room again.
+
+:meth:`CharBackend.info` gives QEMU's ``query-chardev`` entry.  Socket file names follow
+QEMU: ``disconnected:unix:PATH,server=on`` while no client is connected, and
+``unix:PATH,server=on`` / ``tcp:H:P,server=on <-> CH:CP`` with one.
+"""
+
+from __future__ import annotations
+
+import atexit
+import errno
+import os
+import select
+import socket
+import stat
+import sys
+import termios
+import threading
+from typing import Any, Callable, ClassVar
+
+from pyvm.errors import ConfigError, DeviceError
+
+Receiver = Callable[[bytes], None]
+CanReceive = Callable[[], int]
+
+ESCAPE_CHAR = 0x01          # Ctrl-A, as in QEMU's multiplexer
+READ_CHUNK = 4096
+POLL_S = 0.2                # how often blocked threads look at the closed flag
+UNIX_PATH_MAX = 107         # sizeof(sockaddr_un.sun_path) - 1 on Linux
+
+HELP_TEXT = (b"\n\r"
+             b"C-a h    print this help\n\r"
+             b"C-a x    exit pyvm\n\r"
+             b"C-a C-a  sends C-a\n\r")
+TERMINATED_TEXT = b"pyvm: Terminated\n\r"
+
+
+class EscapeDecoder:
+    """Sans-IO Ctrl-A escape handling for an interactive terminal.
+
+    :meth:`feed` takes typed bytes and returns the bytes meant for the guest and the
+    actions requested (``"help"``, ``"quit"``), in order of arrival.
+    """
+
+    def __init__(self) -> None:
+        self._escaped = False
+
+    def feed(self, data: bytes) -> tuple[bytes, list[str]]:
+        out = bytearray()
+        actions: list[str] = []
+        for byte in data:
+            if self._escaped:
+                self._escaped = False
+                if byte == ESCAPE_CHAR:
+                    out.append(byte)
+                elif byte in (ord("h"), ord("?")):
+                    actions.append("help")
+                elif byte == ord("x"):
+                    actions.append("quit")
+                # any other key after Ctrl-A is swallowed
+            elif byte == ESCAPE_CHAR:
+                self._escaped = True
+            else:
+                out.append(byte)
+        return bytes(out), actions
+
+
+class CharBackend:
+    """A byte pipe between the serial port and the host."""
+
+    #: QEMU's name for the backend type, shown as ``filename`` in ``query-chardev``
+    kind: ClassVar[str] = "null"
+
+    def __init__(self, label: str, on_quit: Callable[[], None] | None = None) -> None:
+        self.label = label
+        self._on_quit = on_quit
+        self._receiver: Receiver | None = None
+        self._can_receive: CanReceive | None = None
+        self._room = threading.Event()
+        self._closed = threading.Event()
+        self._threads: list[threading.Thread] = []
+
+    # -- wiring ---------------------------------------------------------------------------
+    def set_receiver(self, fn: Receiver) -> None:
+        """Where input goes (the UART's ``receive``)."""
+        self._receiver = fn
+
+    def set_can_receive(self, fn: CanReceive) -> None:
+        """How much input the receiver can take right now (the UART's ``can_receive``)."""
+        self._can_receive = fn
+
+    def set_on_quit(self, fn: Callable[[], None]) -> None:
+        """Called (from the reader thread) when the user asks to quit with Ctrl-A x."""
+        self._on_quit = fn
+
+    def accept_input(self) -> None:
+        """The receiver has room again: wake a reader waiting to deliver."""
+        self._room.set()
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        """Begin reading input (spawns the reader thread when the backend has input)."""
+
+    def close(self) -> None:
+        """Stop the threads and release host resources; safe to call twice."""
+        self._closed.set()
+        self._room.set()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed.is_set()
+
+    # -- data -----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        """Send guest output to the host (dropped by backends without output)."""
+
+    def is_open(self) -> bool:
+        """QEMU's ``frame-opened``: a frontend is connected and can talk."""
+        return True
+
+    @property
+    def filename(self) -> str:
+        """QEMU's ``filename`` of this chardev."""
+        return self.kind
+
+    def info(self) -> dict[str, Any]:
+        """This backend's ``query-chardev`` entry."""
+        return {"label": self.label, "filename": self.filename, "frame-opened": self.is_open()}
+
+    # -- helpers for subclasses ---------------------------------------------------------------
+    def _spawn(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=f"{self.label}-{name}", daemon=True)
+        self._threads.append(thread)
+        thread.start()
+
+    def _join(self) -> None:
+        me = threading.current_thread()
+        for thread in self._threads:
+            if thread is not me:
+                thread.join(timeout=2.0)
+
+    def _deliver(self, data: bytes) -> None:
+        """Hand ``data`` to the receiver, waiting while it has no room."""
+        while data and not self.closed:
+            receiver = self._receiver
+            if receiver is None:
+                return                      # nobody listens: input is dropped
+            room = len(data) if self._can_receive is None else self._can_receive()
+            if room <= 0:
+                self._room.clear()
+                # re-check after clearing so an accept_input() in between is not lost
+                if self._can_receive is not None and self._can_receive() <= 0:
+                    self._room.wait(0.05)
+                continue
+            receiver(data[:room])
+            data = data[room:]
+
+    def _quit_requested(self) -> None:
+        if self._on_quit is not None:
+            self._on_quit()
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        try:
+            written = os.write(fd, view)
+        except BlockingIOError:
+            select.select([], [fd], [], POLL_S)
+            continue
+        view = view[written:]
+
+
+class NullBackend(CharBackend):
+    """``null``: a sink; QEMU reports it as never opened."""
+
+    kind = "null"
+
+    def is_open(self) -> bool:
+        return False
+
+
+class FileBackend(CharBackend):
+    """``file:PATH``: guest output appended to a file created (or truncated) at start-up."""
+
+    kind = "file"
+
+    def __init__(self, label: str, path: str) -> None:
+        super().__init__(label)
+        self.path = path
+        try:
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+        except OSError as err:
+            raise ConfigError(f"Could not open '{path}': {err.strerror}") from err
+        self._lock = threading.Lock()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            if self._fd < 0:
+                return
+            try:
+                _write_all(self._fd, data)
+            except OSError as err:
+                raise DeviceError(f"{self.label}: write to '{self.path}' failed: "
+                                  f"{err.strerror}") from err
+
+    def close(self) -> None:
+        super().close()
+        with self._lock:
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
+
+
+class StdioBackend(CharBackend):
+    """``stdio``: the controlling terminal (or whatever stdin/stdout are)."""
+
+    kind = "stdio"
+
+    def __init__(self, label: str, in_fd: int = 0, out_fd: int = 1,
+                 on_quit: Callable[[], None] | None = None) -> None:
+        super().__init__(label, on_quit)
+        self.in_fd = in_fd
+        self.out_fd = out_fd
+        self._lock = threading.Lock()
+        self._saved_tty: list[Any] | None = None
+        self._escapes = EscapeDecoder()
+        self.interactive = os.isatty(in_fd)
+
+    def start(self) -> None:
+        if self.interactive and self._saved_tty is None:
+            self._saved_tty = termios.tcgetattr(self.in_fd)
+            termios.tcsetattr(self.in_fd, termios.TCSANOW, _raw_mode(self._saved_tty))
+            atexit.register(self._restore_tty)
+        self._spawn(self._reader, "stdin")
+
+    def _restore_tty(self) -> None:
+        saved, self._saved_tty = self._saved_tty, None
+        if saved is not None:
+            try:
+                termios.tcsetattr(self.in_fd, termios.TCSANOW, saved)
+            except termios.error:
+                pass
+
+    def close(self) -> None:
+        super().close()
+        self._restore_tty()
+        self._join()
+
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            try:
+                _write_all(self.out_fd, data)
+            except OSError as err:
+                if err.errno not in (errno.EPIPE, errno.EBADF):
+                    raise DeviceError(f"{self.label}: write to stdout failed: "
+                                      f"{err.strerror}") from err
+
+    def _reader(self) -> None:
+        while not self.closed:
+            try:
+                ready, _, _ = select.select([self.in_fd], [], [], POLL_S)
+                if not ready:
+                    continue
+                data = os.read(self.in_fd, READ_CHUNK)
+            except (OSError, ValueError):
+                return
+            if not data:
+                return                      # end of input: stop reading, keep running
+            if self.interactive:
+                data, actions = self._escapes.feed(data)
+                for action in actions:
+                    if action == "help":
+                        self.write(HELP_TEXT)
+                    elif action == "quit":
+                        self.write(TERMINATED_TEXT)
+                        self._quit_requested()
+            self._deliver(data)
+
+
+def _raw_mode(saved: list[Any]) -> list[Any]:
+    """Terminal attributes for a serial console: raw input, output post-processing kept,
+    signals kept so that Ctrl-C still interrupts pyvm (QEMU's stdio ``signal=on``)."""
+    attrs = [list(a) if isinstance(a, list) else a for a in saved]
+    attrs[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+                  | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+    attrs[1] |= termios.OPOST
+    attrs[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.IEXTEN)
+    attrs[2] &= ~(termios.CSIZE | termios.PARENB)
+    attrs[2] |= termios.CS8
+    attrs[6][termios.VMIN] = 1
+    attrs[6][termios.VTIME] = 0
+    return attrs
+
+
+class SocketBackend(CharBackend):
+    """``unix:`` and ``tcp:``: a listening server (one client at a time) or a client."""
+
+    def __init__(self, label: str, family: int, address: Any, server: bool, wait: bool) -> None:
+        super().__init__(label)
+        self.family = family
+        self.address = address
+        self.server = server
+        self.wait = wait and server
+        self._client: socket.socket | None = None
+        self._peer = ""
+        self._lock = threading.Lock()           # guards _client and _peer
+        self._write_lock = threading.Lock()     # serialises sends
+        self._connected = threading.Event()
+        self._listener: socket.socket | None = None
+        self._unix_inode: tuple[int, int] | None = None
+        if server:
+            self._listen()
+        else:
+            self._connect()
+
+    # -- naming -----------------------------------------------------------------------------
+    def _address_text(self) -> str:
+        suffix = ",server=on" if self.server else ""
+        if self.family == socket.AF_UNIX:
+            return f"unix:{self.address}{suffix}"
+        host, port = self.address[0], self.address[1]
+        host = f"[{host}]" if ":" in host else host
+        return f"tcp:{host}:{port}{suffix}"
+
+    @property
+    def filename(self) -> str:
+        with self._lock:
+            if self._client is None:
+                return "disconnected:" + self._address_text()
+            if self.family == socket.AF_UNIX:
+                return self._address_text()
+            return f"{self._address_text()} <-> {self._peer}"
+
+    def is_open(self) -> bool:
+        with self._lock:
+            return self._client is not None
+
+    # -- set-up -----------------------------------------------------------------------------
+    def _listen(self) -> None:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            if self.family == socket.AF_UNIX:
+                path = self.address
+                _remove_stale_socket(path)
+                sock.bind(path)
+                os.chmod(path, 0o600)       # before listen(): nobody can connect earlier
+                st = os.stat(path)
+                self._unix_inode = (st.st_dev, st.st_ino)
+            else:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                sock.bind(self.address)
+                self.address = sock.getsockname()[:2]   # the real port when 0 was asked for
+            sock.listen(1)
+        except OSError as err:
+            sock.close()
+            where = self.address if self.family == socket.AF_UNIX else \
+                f"{self.address[0]}:{self.address[1]}"
+            raise ConfigError(f"Failed to bind socket to {where}: {err.strerror}") from err
+        self._listener = sock
+
+    def _connect(self) -> None:
+        sock = socket.socket(self.family, socket.SOCK_STREAM)
+        try:
+            sock.connect(self.address)
+        except OSError as err:
+            sock.close()
+            where = self.address if self.family == socket.AF_UNIX else \
+                f"{self.address[0]}:{self.address[1]}"
+            raise ConfigError(f"Failed to connect to '{where}': {err.strerror}") from err
+        self._set_client(sock)
+
+    def _set_client(self, sock: socket.socket | None, peer: str = "") -> None:
+        with self._lock:
+            self._client = sock
+            self._peer = peer
+        if sock is not None:
+            self._connected.set()
+        else:
+            self._connected.clear()
+
+    # -- life cycle -------------------------------------------------------------------------
+    def start(self) -> None:
+        if self.server:
+            self._spawn(self._serve, "accept")
+            if self.wait:
+                print(f"pyvm waiting for connection on: {self.filename}", file=sys.stderr)
+                while not self._connected.wait(POLL_S):
+                    if self.closed:
+                        return
+        else:
+            self._spawn(self._client_reader, "reader")
+        atexit.register(self.close)
+
+    def close(self) -> None:
+        if self.closed and self._listener is None and self._client is None:
+            return
+        super().close()
+        with self._lock:
+            client, self._client = self._client, None
+        if client is not None:
+            _shutdown(client)
+        self._join()
+        if client is not None:
+            with self._write_lock:
+                client.close()
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+            if self.family == socket.AF_UNIX:
+                self._unlink_own_socket()
+
+    def _unlink_own_socket(self) -> None:
+        try:
+            st = os.stat(self.address)
+            if (st.st_dev, st.st_ino) == self._unix_inode:
+                os.unlink(self.address)
+        except OSError:
+            pass
+
+    # -- data -----------------------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        with self._lock:
+            client = self._client
+        if client is None:
+            return                          # no client: output is dropped
+        with self._write_lock:
+            try:
+                client.sendall(data)
+            except OSError:
+                _shutdown(client)           # the reader sees EOF and drops the client
+
+    def _serve(self) -> None:
+        listener = self._listener
+        assert listener is not None
+        while not self.closed:
+            try:
+                ready, _, _ = select.select([listener], [], [], POLL_S)
+                if not ready:
+                    continue
+                sock, peer = listener.accept()
+            except (OSError, ValueError):
+                if self.closed:
+                    return
+                continue
+            peer_text = ""
+            if self.family != socket.AF_UNIX:
+                host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
+                peer_text = f"{host}:{peer[1]}"
+            self._set_client(sock, peer_text)
+            self._read_from(sock)
+            self._drop_client(sock)
+
+    def _client_reader(self) -> None:
+        with self._lock:
+            sock = self._client
+        if sock is not None:
+            self._read_from(sock)
+            self._drop_client(sock)
+
+    def _read_from(self, sock: socket.socket) -> None:
+        while not self.closed:
+            try:
+                ready, _, _ = select.select([sock], [], [], POLL_S)
+                if not ready:
+                    continue
+                data = sock.recv(READ_CHUNK)
+            except (OSError, ValueError):
+                return
+            if not data:
+                return
+            self._deliver(data)
+
+    def _drop_client(self, sock: socket.socket) -> None:
+        with self._lock:
+            if self._client is sock:
+                self._client = None
+                self._peer = ""
+        self._connected.clear()
+        _shutdown(sock)                     # wakes a writer blocked in sendall
+        with self._write_lock:
+            sock.close()
+
+
+def _shutdown(sock: socket.socket) -> None:
+    try:
+        sock.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _remove_stale_socket(path: str) -> None:
+    """Remove a leftover socket file at ``path`` (never a regular file)."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        raise ConfigError(f"Failed to bind socket to {path}: Address already in use")
+    os.unlink(path)
+
+
+# -- parsing --------------------------------------------------------------------------------
+_UNSUPPORTED = ("vc", "pty", "pipe", "udp", "telnet", "mon", "braille", "msmouse",
+                "chardev", "tty", "parport", "spicevmc", "spiceport", "serial")
+
+
+def _split_options(text: str) -> list[str]:
+    """Split at commas; ``,,`` stands for a literal comma (QEMU option syntax)."""
+    parts: list[str] = []
+    current = []
+    i = 0
+    while i < len(text):
+        ch = text[i]
+        if ch == ",":
+            if text[i + 1:i + 2] == ",":
+                current.append(",")
+                i += 2
+                continue
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+def _bool_option(spec: str, key: str, value: str) -> bool:
+    if value in ("on", "yes", "true"):
+        return True
+    if value in ("off", "no", "false"):
+        return False
+    raise ConfigError(f"-serial {spec}: Parameter '{key}' expects 'on' or 'off'")
+
+
+def _socket_options(spec: str, options: list[str]) -> tuple[bool, bool]:
+    server, wait = False, True
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep:
+            # legacy short forms: "server", "nowait", "noserver", "wait"
+            if key.startswith("no") and key[2:] in ("server", "wait"):
+                key, value = key[2:], "off"
+            else:
+                value = "on"
+        if key == "server":
+            server = _bool_option(spec, key, value)
+        elif key == "wait":
+            wait = _bool_option(spec, key, value)
+        elif key in ("nodelay", "telnet", "websocket", "reconnect"):
+            if key in ("telnet", "websocket") and _bool_option(spec, key, value):
+                raise ConfigError(f"-serial {spec}: '{key}' is not supported by pyvm")
+        else:
+            raise ConfigError(f"-serial {spec}: Invalid parameter '{key}'")
+    return server, wait
+
+
+def _parse_tcp(spec: str, rest: str) -> tuple[str, int]:
+    if rest.startswith("["):
+        host, sep, tail = rest[1:].partition("]")
+        if not sep or not tail.startswith(":"):
+            raise ConfigError(f"-serial {spec}: error parsing IPv6 address '{rest}'")
+        port_text = tail[1:]
+    else:
+        host, sep, port_text = rest.rpartition(":")
+        if not sep:
+            raise ConfigError(f"-serial {spec}: error parsing address '{rest}'")
+    try:
+        port = int(port_text, 10)
+        if not 0 <= port <= 65535:
+            raise ValueError
+    except ValueError:
+        raise ConfigError(f"-serial {spec}: error parsing port in address '{rest}'") from None
+    return host or "127.0.0.1", port
+
+
+def parse_serial(spec: str, label: str,
+                 on_quit: Callable[[], None] | None = None) -> CharBackend | None:
+    """Build the backend for ``-serial SPEC``; None for ``none`` (no serial port).
+
+    Raises :class:`ConfigError` with one line naming the problem.  Files and sockets are
+    opened here so that a bad path fails at start-up; :meth:`CharBackend.start` begins I/O.
+    """
+    if spec == "none":
+        return None
+    if spec in ("stdio", "mon:stdio"):
+        return StdioBackend(label, on_quit=on_quit)
+    if spec == "null":
+        return NullBackend(label)
+    kind, sep, rest = spec.partition(":")
+    if kind == "file" and sep:
+        if not rest:
+            raise ConfigError(f"-serial {spec}: file name is missing")
+        return FileBackend(label, rest)
+    if kind in ("unix", "tcp") and sep:
+        address, *options = _split_options(rest)
+        server, wait = _socket_options(spec, options)
+        if kind == "unix":
+            if not address:
+                raise ConfigError(f"-serial {spec}: unix socket path is missing")
+            if len(os.fsencode(address)) > UNIX_PATH_MAX:
+                raise ConfigError(f"-serial {spec}: UNIX socket path '{address}' is too long")
+            return SocketBackend(label, socket.AF_UNIX, address, server, wait)
+        host, port = _parse_tcp(spec, address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        return SocketBackend(label, family, (host, port), server, wait)
+    if kind in _UNSUPPORTED or (kind == "file" and not sep):
+        raise ConfigError(f"-serial {spec}: character device '{kind}' is not supported by pyvm")
+    raise ConfigError(f"-serial {spec}: '{spec}' is not a valid char driver")

@@ -1,0 +1,545 @@
+"""One virtual CPU: a Unicorn x86 engine over the machine's RAM.
+
+Unicorn runs guest code; pyvm adds what a PC needs around it:
+
+- **Port I/O** through ``UC_HOOK_INSN`` on IN/OUT, dispatched to the machine's I/O bus.
+- **External interrupts**: Unicorn has no interrupt pin, so the run loop stops the vCPU
+  at a slice boundary and vectors the interrupt itself, exactly as the CPU would (Intel
+  SDM Vol. 3, 6.12 "Exception and interrupt handling"): through the IVT in real mode, a
+  32-bit IDT gate in protected mode, a 16-byte gate in long mode.
+- **Exceptions raised by guest code** (``int n``, #GP, #PF ...) reach ``UC_HOOK_INTR``;
+  they are delivered the same way.  A fault that cannot be delivered escalates to #DF and
+  then to a triple fault, which stops the guest with a report.
+- **HLT** makes ``emu_start`` return; the machine then idles the vCPU until an interrupt.
+
+Engine mode: Unicorn fixes the register view when an engine is opened.  A ``UC_MODE_32``
+engine runs real mode, protected mode and (below 4 GiB) long mode, with 32-bit register
+access; ``-kernel`` ELF64 guests get a ``UC_MODE_64`` engine with the full 64-bit view.
+Limits (documented in docs/machine.md): ring-0 only interrupt delivery (no stack switch
+through the TSS, no IST), exception error codes are pushed as 0 because Unicorn does not
+expose them.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import struct
+from typing import Any, Callable
+
+import unicorn as uc_mod
+from unicorn import x86_const as X
+
+from pyvm.errors import GuestFault
+from pyvm.ram import RamLayout
+from pyvm.vmstate import Field, Subsection, VMStateDescription
+
+MSR_EFER = 0xC0000080
+EFER_LMA = 1 << 10
+CR0_PE = 1 << 0
+CR0_PG = 1 << 31
+CR4_PAE = 1 << 5
+EFLAGS_IF = 1 << 9
+EFLAGS_TF = 1 << 8
+EFLAGS_NT = 1 << 14
+EFLAGS_RF = 1 << 16
+EFLAGS_VM = 1 << 17
+# Exceptions that push an error code (SDM Vol. 3, table 6-1).
+ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
+
+GPR64 = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+         "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+GPR32 = ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp")
+SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
+
+
+def _reg(name: str) -> int:
+    return int(getattr(X, "UC_X86_REG_" + name.upper()))
+
+
+# The vCPU's saved state (QEMU's vmsd is also called "cpu"; the fields here are pyvm's).
+CPU_FPU_VMSD = VMStateDescription(
+    name="cpu/sse", version_id=1,
+    fields=(Field("xmm", "buffer", size=16 * 16), Field("mxcsr", "uint32"),
+            Field("fpcw", "uint16"), Field("fpsw", "uint16"), Field("fptag", "uint16")),
+)
+CPU_VMSD = VMStateDescription(
+    name="cpu", version_id=1, minimum_version_id=1,
+    fields=(
+        Field("regs", "uint64", count=16),
+        Field("rip", "uint64"),
+        Field("rflags", "uint64"),
+        Field("segs", "uint32", count=6),
+        Field("fs_base", "uint64"),
+        Field("gs_base", "uint64"),
+        Field("gdt_base", "uint64"), Field("gdt_limit", "uint32"),
+        Field("idt_base", "uint64"), Field("idt_limit", "uint32"),
+        Field("ldt", "uint32"), Field("tr", "uint32"),
+        Field("cr", "uint64", count=5),        # cr0, cr2, cr3, cr4, cr8
+        Field("efer", "uint64"),
+        Field("halted", "uint32"),
+        Field("wide", "bool"),                 # 64-bit engine (ELF64 boot)
+    ),
+    subsections=(Subsection(CPU_FPU_VMSD, lambda cpu: True),),
+)
+
+IoRead = Callable[[int, int], int]
+IoWrite = Callable[[int, int, int], None]
+
+
+class _Stop(Exception):
+    """Internal: raised in a hook to end the slice with a reason."""
+
+
+class VCpu:
+    """A vCPU.  All methods except :meth:`kick` run on the vCPU (run loop) thread."""
+
+    def __init__(self, index: int, ram: RamLayout, wide: bool,
+                 io_read: IoRead, io_write: IoWrite) -> None:
+        self.index = index
+        self.instance_id = index
+        self.wide = wide
+        self.ram = ram
+        self.uc = uc_mod.Uc(uc_mod.UC_ARCH_X86, uc_mod.UC_MODE_64 if wide else uc_mod.UC_MODE_32)
+        self.uc.ctl_set_cpu_model(X.UC_CPU_X86_QEMU64)
+        for block in ram:
+            self.uc.mem_map_ptr(block.gpa, block.size, uc_mod.UC_PROT_ALL, block.host_address)
+        self._io_read = io_read
+        self._io_write = io_write
+        self.halted = False
+        self.pending_exception: int | None = None
+        self.fault: GuestFault | None = None
+        self.hook_error: BaseException | None = None
+        self.stop_in_hook = False
+        self._hooks = [
+            self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN),
+            self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT),
+            self.uc.hook_add(uc_mod.UC_HOOK_INTR, self._on_intr),
+            self.uc.hook_add(uc_mod.UC_HOOK_MEM_INVALID, self._on_invalid_mem),
+        ]
+        self._vmem_translate = _vmem_translate_fn()
+        self.state = CpuState(self)
+
+    # -- hooks (guarded: an exception is stored and the slice ends) -----------------------
+    def _guard(self, fn: Callable[[], Any]) -> Any:
+        try:
+            return fn()
+        except BaseException as err:  # noqa: BLE001 - re-raised after emu_start returns
+            self.hook_error = err
+            self.uc.emu_stop()
+            return None
+
+    def _on_in(self, uc: Any, port: int, size: int, _ud: Any) -> int:
+        value = self._guard(lambda: self._io_read(port, size))
+        return int(value if value is not None else (1 << (8 * size)) - 1)
+
+    def _on_out(self, uc: Any, port: int, size: int, value: int, _ud: Any) -> None:
+        self._guard(lambda: self._io_write(port, size, value))
+        if self.stop_in_hook:
+            self.uc.emu_stop()
+
+    def _on_intr(self, uc: Any, intno: int, _ud: Any) -> None:
+        # Deliver on the run-loop side: the hook only records it and ends the slice.
+        self.pending_exception = intno
+        self.uc.emu_stop()
+
+    def _on_invalid_mem(self, uc: Any, access: int, address: int, size: int, value: int,
+                        _ud: Any) -> bool:
+        kind = {uc_mod.UC_MEM_READ_UNMAPPED: "read from", uc_mod.UC_MEM_WRITE_UNMAPPED: "write to",
+                uc_mod.UC_MEM_FETCH_UNMAPPED: "instruction fetch from"}.get(access, "access to")
+        self.fault = GuestFault(f"vCPU {self.index}: {kind} unmapped guest address {address:#x}"
+                                f" ({size} bytes)")
+        return False
+
+    # -- running -----------------------------------------------------------------------------
+    def emu_start(self) -> None:
+        """Run from the current instruction until HLT, a stop request or a fault."""
+        pc = self.pc
+        try:
+            self.uc.emu_start(pc, 1 << 62)
+        except uc_mod.UcError as err:
+            if self.fault is None and self.pending_exception is None:
+                self.fault = GuestFault(f"vCPU {self.index}: {err}")
+        if self.hook_error is not None:
+            err2, self.hook_error = self.hook_error, None
+            raise err2
+
+    def kick(self) -> None:
+        """Ask the running engine to return (any thread)."""
+        self.uc.emu_stop()
+
+    @property
+    def pc(self) -> int:
+        return int(self.uc.reg_read(X.UC_X86_REG_RIP if self.wide else X.UC_X86_REG_EIP))
+
+    # -- registers ---------------------------------------------------------------------------
+    def get(self, name: str) -> int:
+        return int(self.uc.reg_read(_reg(name)))
+
+    def set(self, name: str, value: int) -> None:
+        self.uc.reg_write(_reg(name), value)
+
+    @property
+    def efer(self) -> int:
+        return int(self.uc.msr_read(MSR_EFER))
+
+    @property
+    def cr0(self) -> int:
+        return self.get("cr0")
+
+    @property
+    def long_mode(self) -> bool:
+        return bool(self.efer & EFER_LMA)
+
+    def registers(self) -> dict[str, int]:
+        """A name -> value map for ``info registers`` and fault reports."""
+        out: dict[str, int] = {}
+        names = GPR64 + ("rip", "rflags") if self.wide else GPR32 + ("eip", "eflags")
+        for n in names:
+            out[n] = self.get(n)
+        for s in SEGMENTS:
+            out[s] = self.get(s)
+        for c in ("cr0", "cr2", "cr3", "cr4"):
+            out[c] = self.get(c)
+        out["efer"] = self.efer
+        _, gb, gl, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
+        _, ib, il, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        out.update(gdt_base=gb, gdt_limit=gl, idt_base=ib, idt_limit=il)
+        return out
+
+    # -- guest memory through the CPU's view -------------------------------------------------------
+    def translate(self, linear: int, write: bool = False) -> int:
+        """Linear -> guest-physical through the guest's page tables (identity when paging is off)."""
+        if not self.cr0 & CR0_PG:
+            return linear & 0xFFFFFFFF if not self.long_mode else linear
+        phys = ctypes.c_uint64(0)
+        prot = uc_mod.UC_PROT_WRITE if write else uc_mod.UC_PROT_READ
+        err = self._vmem_translate(self.uc._uch, ctypes.c_uint64(linear), prot, ctypes.byref(phys))
+        if err != 0:
+            raise ValueError(f"linear address {linear:#x} is not mapped by the guest")
+        return int(phys.value)
+
+    def read_linear(self, linear: int, size: int) -> bytes:
+        out = bytearray()
+        while size > 0:
+            chunk = min(size, 0x1000 - (linear & 0xFFF))
+            out += self.ram.read(self.translate(linear), chunk)
+            linear += chunk
+            size -= chunk
+        return bytes(out)
+
+    def write_linear(self, linear: int, data: bytes) -> None:
+        pos = 0
+        while pos < len(data):
+            chunk = min(len(data) - pos, 0x1000 - (linear & 0xFFF))
+            self.ram.write(self.translate(linear, write=True), data[pos:pos + chunk])
+            linear += chunk
+            pos += chunk
+
+    def _segment_base(self, selector: int) -> int:
+        """Base of a segment, read from the descriptor table (protected mode)."""
+        if not self.cr0 & CR0_PE:
+            return (selector & 0xFFFF) << 4
+        if self.long_mode:
+            return 0
+        _, gdt_base, gdt_limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
+        index = selector & ~7
+        if selector & 4 or index + 7 > gdt_limit:
+            return 0
+        d = int.from_bytes(self.read_linear(gdt_base + index, 8), "little")
+        return ((d >> 16) & 0xFFFFFF) | (((d >> 56) & 0xFF) << 24)
+
+    # -- interrupt and exception delivery --------------------------------------------------
+    def interrupts_enabled(self) -> bool:
+        return bool(self.get("rflags" if self.wide else "eflags") & EFLAGS_IF)
+
+    def deliver(self, vector: int, error_code: int | None = None, depth: int = 0) -> None:
+        """Vector an interrupt or exception through the IVT/IDT as the CPU would."""
+        try:
+            if not self.cr0 & CR0_PE:
+                self._deliver_real(vector)
+            elif self.long_mode:
+                self._deliver_long(vector, error_code)
+            else:
+                self._deliver_protected(vector, error_code)
+        except (ValueError, _Stop) as err:
+            if depth >= 1 or vector == 8:
+                raise GuestFault(f"vCPU {self.index}: triple fault while delivering vector "
+                                 f"{vector:#x}: {err}") from err
+            self.deliver(8, 0, depth + 1)   # double fault
+
+    def _push16(self, ss_base: int, sp: int, value: int) -> int:
+        sp = (sp - 2) & 0xFFFF
+        self.write_linear(ss_base + sp, struct.pack("<H", value & 0xFFFF))
+        return sp
+
+    def _deliver_real(self, vector: int) -> None:
+        _, ivt_base, ivt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        if vector * 4 + 3 > ivt_limit:
+            raise ValueError(f"vector {vector:#x} beyond the IVT limit")
+        ip, cs = struct.unpack("<HH", self.read_linear(ivt_base + vector * 4, 4))
+        flags = self.get("eflags")
+        ss = self.get("ss")
+        ss_base = ss << 4
+        sp = self.get("esp") & 0xFFFF
+        sp = self._push16(ss_base, sp, flags)
+        sp = self._push16(ss_base, sp, self.get("cs"))
+        sp = self._push16(ss_base, sp, self.get("eip"))
+        self.set("esp", (self.get("esp") & 0xFFFF0000) | sp)
+        self.set("eflags", flags & ~(EFLAGS_IF | EFLAGS_TF))
+        self.set("cs", cs)
+        self.set("eip", ip)
+
+    def _deliver_protected(self, vector: int, error_code: int | None) -> None:
+        _, idt_base, idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        if vector * 8 + 7 > idt_limit:
+            raise ValueError(f"vector {vector:#x} beyond the IDT limit")
+        lo, hi = struct.unpack("<II", self.read_linear(idt_base + vector * 8, 8))
+        gate_type = (hi >> 8) & 0xF
+        if not hi & (1 << 15):
+            raise ValueError(f"IDT gate {vector:#x} not present")
+        if gate_type not in (0xE, 0xF):
+            raise ValueError(f"IDT gate {vector:#x} has unsupported type {gate_type:#x}")
+        offset = (lo & 0xFFFF) | (hi & 0xFFFF0000)
+        selector = lo >> 16
+        if self.get("cs") & 3:
+            raise ValueError("interrupt from ring 3 needs a TSS stack switch (unsupported)")
+        flags = self.get("eflags")
+        ss_base = self._segment_base(self.get("ss"))
+        esp = self.get("esp")
+        words = [flags, self.get("cs"), self.get("eip")]
+        if vector in ERROR_CODE_VECTORS and error_code is not None:
+            words.append(error_code)
+        for w in words:
+            esp = (esp - 4) & 0xFFFFFFFF
+            self.write_linear(ss_base + esp, struct.pack("<I", w & 0xFFFFFFFF))
+        self.set("esp", esp)
+        new_flags = flags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
+        if gate_type == 0xE:
+            new_flags &= ~EFLAGS_IF
+        self.set("eflags", new_flags)
+        self.set("cs", selector)
+        self.set("eip", offset)
+
+    def _deliver_long(self, vector: int, error_code: int | None) -> None:
+        _, idt_base, idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        if vector * 16 + 15 > idt_limit:
+            raise ValueError(f"vector {vector:#x} beyond the IDT limit")
+        raw = self.read_linear(idt_base + vector * 16, 16)
+        lo, hi, upper, _ = struct.unpack("<IIII", raw)
+        gate_type = (hi >> 8) & 0xF
+        if not hi & (1 << 15):
+            raise ValueError(f"IDT gate {vector:#x} not present")
+        if gate_type not in (0xE, 0xF):
+            raise ValueError(f"IDT gate {vector:#x} has unsupported type {gate_type:#x}")
+        offset = (lo & 0xFFFF) | (hi & 0xFFFF0000) | (upper << 32)
+        selector = lo >> 16
+        if self.get("cs") & 3:
+            raise ValueError("interrupt from ring 3 needs a TSS stack switch (unsupported)")
+        w = self.wide
+        flags = self.get("rflags" if w else "eflags")
+        rsp = self.get("rsp" if w else "esp")
+        rip = self.get("rip" if w else "eip")
+        frame = [self.get("ss"), rsp, flags, self.get("cs"), rip]
+        if vector in ERROR_CODE_VECTORS and error_code is not None:
+            frame.append(error_code)
+        sp = (rsp & ~0xF) & 0xFFFFFFFFFFFFFFFF
+        for q in frame:
+            sp -= 8
+            self.write_linear(sp, struct.pack("<Q", q & 0xFFFFFFFFFFFFFFFF))
+        self.set("rsp" if w else "esp", sp)
+        new_flags = flags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF)
+        if gate_type == 0xE:
+            new_flags &= ~EFLAGS_IF
+        self.set("rflags" if w else "eflags", new_flags)
+        if selector != self.get("cs"):
+            self.set("cs", selector)
+        self.set("rip" if w else "eip", offset)
+
+    # -- fault reports -----------------------------------------------------------------------
+    def report(self) -> str:
+        """Registers and the disassembled instruction at the current pc (capstone)."""
+        lines = []
+        try:
+            regs = self.registers()
+        except Exception as err:  # noqa: BLE001 - a report must never fail
+            return f"(registers unavailable: {err})"
+        items = list(regs.items())
+        width = 16 if self.wide else 8
+        for i in range(0, len(items), 4):
+            lines.append("  ".join(f"{k.upper():>9}={v:0{width}x}" for k, v in items[i:i + 4]))
+        lines.append(self.disassemble_at_pc())
+        return "\n".join(lines)
+
+    def disassemble_at_pc(self) -> str:
+        import capstone
+
+        if not self.cr0 & CR0_PE:
+            mode, cs_base, bits = capstone.CS_MODE_16, self.get("cs") << 4, 16
+        elif self.long_mode:
+            mode, cs_base, bits = capstone.CS_MODE_64, 0, 64
+        else:
+            mode, cs_base, bits = capstone.CS_MODE_32, self._segment_base(self.get("cs")), 32
+        pc = self.pc
+        try:
+            code = self.read_linear(cs_base + pc, 15)
+        except ValueError:
+            return f"  code at {cs_base + pc:#x}: not in guest RAM"
+        md = capstone.Cs(capstone.CS_ARCH_X86, mode)
+        for insn in md.disasm(code, pc):
+            return f"  {bits}-bit code at {cs_base + pc:#x}: {insn.bytes.hex()}  {insn.mnemonic} {insn.op_str}"
+        return f"  {bits}-bit code at {cs_base + pc:#x}: {code.hex()} (not a valid instruction)"
+
+    # -- reset / boot entry ------------------------------------------------------------------
+    def enter(self, mode: str, regs: dict[str, int], gdt_limit: int = 0, runnable: bool = True) -> None:
+        """Put the vCPU in a boot entry state (see :mod:`pyvm.loader`)."""
+        from pyvm.loader import GDT_ADDR, PAGE_TABLES
+
+        if self.cr0 & CR0_PG:
+            self.set("cr0", self.cr0 & ~CR0_PG)
+        self.uc.msr_write(MSR_EFER, 0)
+        self.set("cr4", 0)
+        self.set("cr0", 0x10)                       # ET; real mode
+        self.uc.reg_write(X.UC_X86_REG_IDTR, (0, 0, 0x3FF, 0))
+        self.uc.reg_write(X.UC_X86_REG_GDTR, (0, GDT_ADDR if gdt_limit else 0, gdt_limit or 0xFFFF, 0))
+        for name in ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp"):
+            self.set(name, 0)
+        if mode == "real":
+            for name in SEGMENTS:
+                self.set(name, regs.get(name, 0))
+        elif mode == "protected":
+            self.set("cr0", 0x11)                   # PE | ET
+            self.set("cs", 0x08)
+            for name in ("ds", "es", "fs", "gs", "ss"):
+                self.set(name, 0x10)
+        elif mode == "long":
+            if not self.wide:
+                raise ValueError("long-mode entry needs a 64-bit engine")
+            self.set("cr3", PAGE_TABLES)
+            self.set("cr4", CR4_PAE)
+            self.uc.msr_write(MSR_EFER, 1 << 8)     # LME; LMA follows when paging turns on
+            self.set("cr0", 0x80000011)             # PG | ET | PE
+            self.set("cs", 0x08)
+            for name in ("ds", "es", "fs", "gs", "ss"):
+                self.set(name, 0x10)
+        else:
+            raise ValueError(f"unknown entry mode {mode!r}")
+        for name, value in regs.items():
+            if name in SEGMENTS:
+                continue
+            if self.wide and name.startswith("e") and name != "eflags":
+                name = "r" + name[1:]
+            self.set(name, value)
+        self.set("rflags" if self.wide else "eflags", 0x2)
+        self.halted = not runnable
+        self.pending_exception = None
+        self.fault = None
+
+    # -- saved state ---------------------------------------------------------------------------
+    def save_state(self, st: "CpuState") -> None:
+        """Copy the live registers into the vmsd attributes of ``st``."""
+        if self.wide:
+            st.regs = [self.get(n) for n in GPR64]
+            st.rip, st.rflags = self.get("rip"), self.get("rflags")
+            st.fs_base, st.gs_base = self.get("fs_base"), self.get("gs_base")
+        else:
+            st.regs = [self.get(n) for n in GPR32] + [0] * 8
+            st.rip, st.rflags = self.get("eip"), self.get("eflags")
+            st.fs_base = st.gs_base = 0
+        st.segs = [self.get(s) for s in SEGMENTS]
+        _, st.gdt_base, st.gdt_limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
+        _, st.idt_base, st.idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        st.ldt = self.uc.reg_read(X.UC_X86_REG_LDTR)[0]
+        st.tr = self.uc.reg_read(X.UC_X86_REG_TR)[0]
+        st.cr = [self.get("cr0"), self.get("cr2"), self.get("cr3"), self.get("cr4"),
+                 self.get("cr8") if self.wide else 0]
+        st.efer = self.efer
+        st.halted = int(self.halted)
+        st.wide = self.wide
+        nxmm = 16 if self.wide else 8
+        st.xmm = b"".join(int(self.uc.reg_read(getattr(X, f"UC_X86_REG_XMM{i}"))).to_bytes(16, "little")
+                          for i in range(nxmm)).ljust(256, b"\0")
+        st.mxcsr = self.get("mxcsr")
+        st.fpcw, st.fpsw, st.fptag = self.get("fpcw"), self.get("fpsw"), self.get("fptag")
+
+    def load_state(self, st: "CpuState") -> None:
+        """Apply the vmsd attributes of ``st`` to the engine (after RAM is loaded)."""
+        if bool(st.wide) != self.wide:
+            raise ValueError("vCPU register width differs: start both VMs with the same boot options")
+        cr0, cr2, cr3, cr4, cr8 = st.cr
+        # Leave paging first so that EFER and CR4 may change, then rebuild the mode.
+        if self.cr0 & CR0_PG:
+            self.set("cr0", self.cr0 & ~CR0_PG)
+        self.uc.msr_write(MSR_EFER, st.efer & ~EFER_LMA)
+        self.set("cr4", cr4)
+        self.set("cr3", cr3)
+        self.set("cr0", cr0)
+        self.set("cr2", cr2)
+        if self.wide:
+            self.set("cr8", cr8)
+        self.uc.reg_write(X.UC_X86_REG_GDTR, (0, st.gdt_base, st.gdt_limit, 0))
+        self.uc.reg_write(X.UC_X86_REG_IDTR, (0, st.idt_base, st.idt_limit, 0))
+        for name, sel in zip(SEGMENTS, st.segs):
+            self.set(name, sel)
+        if self.wide:
+            for n, v in zip(GPR64, st.regs):
+                self.set(n, v)
+            self.set("fs_base", st.fs_base)
+            self.set("gs_base", st.gs_base)
+            self.set("rflags", st.rflags)
+            self.set("rip", st.rip)
+        else:
+            for n, v in zip(GPR32, st.regs[:8]):
+                self.set(n, v & 0xFFFFFFFF)
+            self.set("eflags", st.rflags & 0xFFFFFFFF)
+            self.set("eip", st.rip & 0xFFFFFFFF)
+        for i in range(16 if self.wide else 8):
+            self.uc.reg_write(getattr(X, f"UC_X86_REG_XMM{i}"),
+                              int.from_bytes(st.xmm[16 * i:16 * i + 16], "little"))
+        self.set("mxcsr", st.mxcsr)
+        self.set("fpcw", st.fpcw)
+        self.halted = bool(st.halted)
+
+    def close(self) -> None:
+        for h in self._hooks:
+            try:
+                self.uc.hook_del(h)
+            except uc_mod.UcError:
+                pass
+        self._hooks = []
+
+
+class CpuState:
+    """The migratable view of a vCPU: the ``cpu`` vmsd's attributes (one per vCPU)."""
+
+    idstr = "cpu"
+    vmsd = CPU_VMSD
+
+    def __init__(self, cpu: VCpu) -> None:
+        self.cpu = cpu
+        self.instance_id = cpu.index
+        self.regs = [0] * 16
+        self.rip = self.rflags = self.fs_base = self.gs_base = 0
+        self.segs = [0] * 6
+        self.gdt_base = self.gdt_limit = self.idt_base = self.idt_limit = 0
+        self.ldt = self.tr = 0
+        self.cr = [0] * 5
+        self.efer = 0
+        self.halted = 0
+        self.wide = False
+        self.xmm = bytes(256)
+        self.mxcsr = self.fpcw = self.fpsw = self.fptag = 0
+
+    def pre_save(self) -> None:
+        self.cpu.save_state(self)
+
+    def post_load(self) -> None:
+        self.cpu.load_state(self)
+
+
+def _vmem_translate_fn() -> Any:
+    from unicorn.unicorn_py3 import unicorn as ucmod
+
+    fn = ucmod.uclib.uc_vmem_translate
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
+    return fn

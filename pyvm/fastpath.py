@@ -1,0 +1,54 @@
+"""Selects the native kernels (:mod:`pyvm._fastpath`) or their pure-Python twin.
+
+``PYVM_PURE_PYTHON=1`` forces the twin.  Everything else in pyvm imports from here::
+
+    from pyvm.fastpath import DirtyBitmap, find_zero_pages, track_writes
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from pyvm import fastpath_py
+
+_native: Any = None
+if os.environ.get("PYVM_PURE_PYTHON", "") not in ("1", "yes", "true"):
+    try:
+        from pyvm import _fastpath as _native
+    except ImportError:  # not built: the twin gives the same answers
+        _native = None
+
+impl: Any = _native if _native is not None else fastpath_py
+IMPLEMENTATION: str = impl.IMPLEMENTATION
+DirtyBitmap = impl.DirtyBitmap
+find_zero_pages = impl.find_zero_pages
+bitmap_to_indices = impl.bitmap_to_indices
+pages_equal = impl.pages_equal
+PAGE_SIZE = 4096
+
+
+def _uc_functions() -> tuple[int, int]:
+    import ctypes
+
+    from unicorn.unicorn_py3 import unicorn as ucmod
+
+    lib = ucmod.uclib
+    add = ctypes.cast(lib.uc_hook_add, ctypes.c_void_p).value
+    delete = ctypes.cast(lib.uc_hook_del, ctypes.c_void_p).value
+    assert add and delete
+    return add, delete
+
+
+def track_writes(uc: Any, bitmap: Any, base: int, size: int, implementation: Any = None) -> Any:
+    """Register a write hook on Unicorn engine ``uc`` marking ``bitmap`` for [base, base+size).
+
+    The engine must not be running (call between time slices).  Returns an object with
+    ``detach()``.  ``implementation`` (a module) overrides the automatic choice; the
+    bitmap must come from the same module.
+    """
+    chosen = implementation or impl
+    if chosen is fastpath_py:
+        return fastpath_py.WriteTracker(uc, bitmap, base, size)
+    add, delete = _uc_functions()
+    return _native.WriteTracker(uc._uch.value, add, delete, bitmap, base, size)

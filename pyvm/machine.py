@@ -1,0 +1,538 @@
+"""The PC machine: RAM, vCPUs, devices and the run loop that drives them.
+
+The run loop owns the vCPUs: it runs on one host thread and gives each runnable vCPU a
+time slice in turn (round robin, deterministic).  A slice ends at the earliest device
+deadline, at the slice length, or when something kicks the loop (an IRQ raised from
+another thread, a monitor command).  Between slices the loop runs expired device timers,
+delivers pending interrupts to vCPU 0 (the PIC's INTR output goes to the bootstrap
+processor only), and executes work queued by other threads with :meth:`Machine.run_on_loop`
+— the only way other threads touch vCPU state.  When every vCPU is halted the loop
+sleeps until the next deadline or kick, so an idle guest costs no host CPU.
+
+Unicorn's ``emu_start`` releases the GIL, so the monitor and migration threads run while
+the guest runs.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+from pyvm.clock import VirtualClock
+from pyvm.config import MACHINE_TYPE, MachineConfig
+from pyvm.cpu import CpuState, VCpu
+from pyvm.devices.base import Device
+from pyvm.errors import ConfigError, GuestFault, VmStateError
+from pyvm.events import EventBus
+from pyvm.fastpath import track_writes
+from pyvm.ioport import IoBus
+from pyvm.loader import BootImage, load_bios, load_boot_sector, load_elf
+from pyvm.log import Log
+from pyvm.ram import MemoryBackend, MemoryBackendConfig, RamBlock, RamLayout
+from pyvm.runstate import RunState, RunStateMachine
+
+# Run states from which ``cont`` starts the guest (QEMU: qmp_cont).
+_CONT_OK = {RunState.PAUSED, RunState.PRELAUNCH, RunState.POSTMIGRATE, RunState.DEBUG,
+            RunState.IO_ERROR, RunState.WATCHDOG, RunState.GUEST_PANICKED, RunState.SUSPENDED}
+
+
+class _DeviceContext:
+    """What a device sees of the machine (pyvm.devices.base.DeviceContext)."""
+
+    def __init__(self, machine: "Machine") -> None:
+        self._m = machine
+        self.clock = machine.clock
+
+    def set_irq(self, line: int, level: bool) -> None:
+        self._m.set_irq(line, level)
+
+    def kick(self) -> None:
+        self._m.kick()
+
+    def request_reset(self) -> None:
+        self._m.request_reset("guest-reset")
+
+    def request_exit(self, code: int) -> None:
+        self._m.request_exit(code)
+
+    def log(self, topic: str, message: str) -> None:
+        self._m.log.once(topic, message) if topic == "unimp" else self._m.log.log(topic, message)
+
+
+class Machine:
+    """A PC-like VM.  Construct, then :meth:`start`; :meth:`wait` returns the exit status."""
+
+    machine_type = MACHINE_TYPE
+
+    def __init__(self, cfg: MachineConfig) -> None:
+        self.cfg = cfg
+        self.name = cfg.name
+        self.uuid = cfg.uuid
+        self.log = Log(cfg.log_items, cfg.log_file)
+        self.events = EventBus()
+        self.runstate = RunStateMachine(RunState.PRELAUNCH)
+        self.runstate.add_listener(self._on_runstate)
+        self.clock = VirtualClock()
+        self.ram = RamLayout()
+        self.backends: dict[str, MemoryBackend] = {}
+        self._build_ram()
+        self.iobus = IoBus(self.log)
+        self.devices: list[Device] = []
+        self.char_backends: list[Any] = []
+        self._ctx = _DeviceContext(self)
+        self._build_devices()
+        self.boot: BootImage = self._load_boot()
+        self.cpus = [VCpu(i, self.ram, self.boot.wide, self.iobus.read, self.iobus.write)
+                     for i in range(cfg.smp)]
+        self.cpu_states = [CpuState(c) for c in self.cpus]
+        self._requests: "queue.SimpleQueue[tuple[Callable[[], Any], threading.Event, list[Any]]]" = \
+            queue.SimpleQueue()
+        self._wake = threading.Condition()
+        self._exit_code: int | None = None
+        self._exit_event = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+        self._trackers: list[Any] = []
+        self.dirty_logging = False
+        self.loop_ident: int | None = None
+        self.migration: Any = None          # set by the migration layer
+        self.has_monitor = False
+        self.autostart = not cfg.start_paused
+        self._reset_cpus()
+
+    # -- construction ---------------------------------------------------------------------
+    def _build_ram(self) -> None:
+        cfg = self.cfg
+        if cfg.memory_backend:
+            bcfg = cfg.backends.get(cfg.memory_backend)
+            if bcfg is None:
+                raise ConfigError(f"Memory backend '{cfg.memory_backend}' not found")
+            if cfg.ram_size_given and cfg.ram_size != bcfg.size:
+                raise ConfigError(f"-m size 0x{cfg.ram_size:x} does not match the size 0x{bcfg.size:x}"
+                                  f" of memory-backend '{bcfg.id}'")
+            name = bcfg.id
+        else:
+            bcfg = MemoryBackendConfig("memory-backend-ram", "pc.ram", cfg.ram_size, implicit=True)
+            name = "pc.ram"
+        for other in cfg.backends.values():
+            if other is not bcfg:
+                raise ConfigError(f"memory backend '{other.id}' is not used by the machine "
+                                  f"(select it with -machine memory-backend={other.id})")
+        backend = MemoryBackend(bcfg)
+        self.backends[bcfg.id] = backend
+        self.ram.add(RamBlock(name, 0, backend))
+        self.ram_size = bcfg.size
+
+    def _build_devices(self) -> None:
+        from pyvm.devices.cmos_rtc import CmosRtc
+        from pyvm.devices.pic8259 import PicPair
+        from pyvm.devices.pit8254 import Pit8254 as Pit
+        from pyvm.devices.port92 import Port92
+        from pyvm.devices.post_port import PostPort
+
+        self.pic = PicPair()
+        self.pit = Pit()
+        self.add_device(self.pic)
+        self.add_device(self.pit)
+        self.add_device(CmosRtc())
+        self.add_device(Port92())
+        self.add_device(PostPort())
+        self._build_serial()
+        for dcfg in self.cfg.debug_exit:
+            from pyvm.devices.debug_exit import DebugExit
+            self.add_device(DebugExit(iobase=dcfg.iobase, iosize=dcfg.iosize))
+        self.disk = None
+        if self.cfg.drives:
+            from pyvm.block import DiskImage
+            from pyvm.devices.ata_disk import AtaDisk
+            if len(self.cfg.drives) > 1:
+                raise ConfigError("only one -drive is supported (the primary IDE master)")
+            d = self.cfg.drives[0]
+            image = DiskImage(d.file, readonly=d.readonly, cache=d.cache)
+            self.disk = AtaDisk(image)
+            self.add_device(self.disk)
+
+    def _build_serial(self) -> None:
+        from pyvm.chardev import parse_serial
+        from pyvm.devices.uart16550 import Uart16550
+
+        specs = self.cfg.serial or ["null"]
+        if len(specs) > 1:
+            raise ConfigError("only one -serial port (COM1) is supported")
+        self.uart = None
+        backend = parse_serial(specs[0], "serial0",
+                               on_quit=lambda: self.request_exit(0, reason="host-signal"))
+        if backend is None:          # -serial none: no COM1 at all
+            return
+        self.uart = Uart16550(backend)
+        self.char_backends.append(backend)
+        self.add_device(self.uart)
+
+    def add_device(self, dev: Device) -> None:
+        dev.attach(self._ctx)
+        for first, count in dev.ports():
+            self.iobus.register(dev, first, count, dev.idstr or type(dev).__name__)
+        self.devices.append(dev)
+
+    def _load_boot(self) -> BootImage:
+        cfg = self.cfg
+        if cfg.kernel:
+            return load_elf(self.ram, cfg.kernel, cfg.append)
+        if cfg.bios:
+            return load_bios(self.ram, cfg.bios)
+        if cfg.drives:
+            assert self.disk is not None
+            return load_boot_sector(self.ram, self.disk.image.read(0, 1))
+        raise ConfigError("no boot device: give -kernel, -bios or -drive")
+
+    def _reset_cpus(self) -> None:
+        n = len(self.cpus)
+        gdt_limit = len(self.boot.gdt) - 1 if self.boot.gdt else 0
+        for cpu in self.cpus:
+            st = self.boot.entry(cpu.index, n)
+            cpu.enter(st.mode, st.regs, gdt_limit, st.runnable)
+            if self.log.on("cpu_reset"):
+                self.log.log("cpu_reset", f"vCPU {cpu.index} {st.mode} mode:\n{cpu.report()}")
+
+    # -- migratable objects (what the migration layer saves, in order) ----------------------
+    def migratable(self) -> list[Any]:
+        return [self.clock, *self.cpu_states, *self.devices]
+
+    # -- interrupts and kicks --------------------------------------------------------------
+    def set_irq(self, line: int, level: bool) -> None:
+        self.pic.set_irq(line, level)
+        if level and self.pic.has_pending():
+            self.kick()
+
+    def kick(self) -> None:
+        """Make the run loop look at its queues, IRQs and deadlines now (any thread)."""
+        self._timer.kick()
+        with self._wake:
+            self._wake.notify()
+
+    # -- life cycle ------------------------------------------------------------------------
+    def start(self) -> None:
+        from pyvm.slice_timer import SliceTimer
+
+        self._timer = SliceTimer()
+        for c in self.char_backends:
+            c.start()
+        self._loop_thread = threading.Thread(target=self._loop_guarded, name="vcpu-loop", daemon=True)
+        self._loop_thread.start()
+        if self.cfg.incoming is not None:
+            self.runstate.set(RunState.INMIGRATE)
+        elif self.autostart:
+            self.run_on_loop(self._resume)
+
+    def wait(self) -> int:
+        """Block until the VM ends; returns the process exit status."""
+        while not self._exit_event.wait(0.2):
+            pass
+        assert self._exit_code is not None
+        return self._exit_code
+
+    def request_exit(self, code: int, reason: str | None = None) -> None:
+        """End pyvm with ``code``; ``reason`` emits SHUTDOWN (host-qmp-quit, host-signal...)."""
+        if self._exit_event.is_set():
+            return
+        if reason is not None:
+            self.events.emit("SHUTDOWN", {"guest": False, "reason": reason})
+        self._exit_code = code
+        self._exit_event.set()
+        for cpu in self.cpus:
+            cpu.stop_in_hook = True
+            cpu.kick()
+        try:
+            self.kick()
+        except AttributeError:
+            pass
+
+    def request_reset(self, reason: str) -> None:
+        guest = reason.startswith("guest")
+        if guest and self.cfg.no_reboot:
+            self.shutdown(guest=True, reason=reason)
+            return
+        self._post(lambda: self._do_reset(guest, reason))
+
+    def shutdown(self, guest: bool, reason: str) -> None:
+        if self.cfg.no_shutdown:
+            self.events.emit("SHUTDOWN", {"guest": guest, "reason": reason})
+            self._post(lambda: self._pause(RunState.SHUTDOWN))
+        else:
+            self.request_exit(0, reason)
+
+    def close(self) -> None:
+        self._exit_event.set()
+        if self._loop_thread and self._loop_thread is not threading.current_thread():
+            self._loop_thread.join(timeout=5)
+        if hasattr(self, "_timer"):
+            self._timer.close()
+        for dev in self.devices:
+            try:
+                dev.close()
+            except Exception as err:  # noqa: BLE001 - flush what can be flushed
+                print(f"pyvm: closing {type(dev).__name__}: {err}", file=sys.stderr)
+        for c in self.char_backends:
+            c.close()
+
+    # -- work from other threads -------------------------------------------------------------
+    def _post(self, fn: Callable[[], Any]) -> threading.Event:
+        done = threading.Event()
+        self._requests.put((fn, done, []))
+        self.kick()
+        return done
+
+    def run_on_loop(self, fn: Callable[[], Any], timeout: float | None = None) -> Any:
+        """Run ``fn`` on the run-loop thread between slices; return its result or raise."""
+        if threading.get_ident() == self.loop_ident or self._loop_thread is None:
+            return fn()
+        done = threading.Event()
+        box: list[Any] = []
+        self._requests.put((fn, done, box))
+        self.kick()
+        if not done.wait(timeout):
+            raise TimeoutError("the vCPU loop did not answer")
+        if box and isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0] if box else None
+
+    def _drain_requests(self) -> None:
+        while True:
+            try:
+                fn, done, box = self._requests.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                box.append(fn())
+            except BaseException as err:  # noqa: BLE001 - handed back to the caller
+                box.append(err)
+            done.set()
+
+    # -- run states (monitor commands) ----------------------------------------------------------
+    def _on_runstate(self, old: RunState, new: RunState) -> None:
+        if new is RunState.RUNNING:
+            self.clock.start()
+            self.events.emit("RESUME")
+        elif old is RunState.RUNNING:
+            self.clock.stop()
+            self.events.emit("STOP")
+
+    def _resume(self) -> None:
+        self.runstate.set(RunState.RUNNING)
+
+    def _pause(self, state: RunState) -> None:
+        self.runstate.set(state)
+
+    def stop(self) -> None:
+        if self.runstate.state is RunState.INMIGRATE:
+            # QEMU keeps the incoming VM from autostarting instead.
+            self.autostart = False
+            return
+        self.run_on_loop(lambda: self._pause(RunState.PAUSED) if self.runstate.running else None)
+
+    def cont(self) -> None:
+        def go() -> None:
+            st = self.runstate.state
+            if st is RunState.RUNNING:
+                return
+            if st is RunState.INMIGRATE:
+                raise VmStateError("Guest is waiting for an incoming migration")
+            if st in (RunState.INTERNAL_ERROR, RunState.SHUTDOWN):
+                raise VmStateError("Resetting the Virtual Machine is required")
+            if st not in _CONT_OK and st is not RunState.FINISH_MIGRATE:
+                raise VmStateError(f"cannot continue from state {st.value}")
+            self.runstate.set(RunState.RUNNING)
+        self.run_on_loop(go)
+
+    def system_reset(self) -> None:
+        self.run_on_loop(lambda: self._do_reset(False, "host-qmp-system-reset"))
+
+    def _do_reset(self, guest: bool, reason: str) -> None:
+        for dev in self.devices:
+            dev.reset()
+        self.boot = self._load_boot()
+        self._reset_cpus()
+        self.events.emit("RESET", {"guest": guest, "reason": reason})
+        if self.runstate.state in (RunState.INTERNAL_ERROR, RunState.SHUTDOWN,
+                                   RunState.GUEST_PANICKED):
+            self.runstate.set(RunState.PAUSED)
+
+    def system_powerdown(self) -> None:
+        # No ACPI in pyvm's PC: the event is all a guest could see (QEMU sends it too).
+        self.events.emit("POWERDOWN")
+
+    def quit(self) -> None:
+        self.request_exit(0, "host-qmp-quit")
+
+    # -- inspection (monitor) -----------------------------------------------------------------
+    def read_physical(self, addr: int, size: int) -> bytes:
+        return self.ram.read(addr, size)
+
+    def read_virtual(self, cpu_index: int, addr: int, size: int) -> bytes:
+        cpu = self._cpu(cpu_index)
+        return bytes(self.run_on_loop(lambda: cpu.read_linear(addr, size)))
+
+    def _cpu(self, index: int) -> VCpu:
+        if not 0 <= index < len(self.cpus):
+            raise ValueError(f"CPU index {index} is out of range")
+        return self.cpus[index]
+
+    def cpu_registers(self, cpu_index: int) -> dict[str, int]:
+        cpu = self._cpu(cpu_index)
+        return dict(self.run_on_loop(cpu.registers))
+
+    def cpus_info(self) -> list[dict[str, Any]]:
+        return [{"cpu-index": c.index, "qom-path": f"/machine/unattached/device[{c.index}]",
+                 "thread-id": self.loop_ident or os.getpid(), "target": "x86_64",
+                 "props": {"core-id": 0, "thread-id": 0, "socket-id": c.index}}
+                for c in self.cpus]
+
+    def memdevs(self) -> list[dict[str, Any]]:
+        out = []
+        for b in self.backends.values():
+            if b.cfg.implicit:
+                continue
+            out.append({"id": b.cfg.id, "size": b.cfg.size, "merge": True, "dump": True,
+                        "prealloc": b.cfg.prealloc, "share": b.cfg.share, "host-nodes": [],
+                        "policy": "default"})
+        return out
+
+    def chardevs(self) -> list[dict[str, Any]]:
+        return [c.info() for c in self.char_backends]
+
+    def mtree(self) -> str:
+        lines = ["address-space: memory",
+                 "  0000000000000000-ffffffffffffffff (prio 0, i/o): system"]
+        for b in self.ram:
+            lines.append(f"    {b.gpa:016x}-{b.end - 1:016x} (prio 0, ram): {b.name}")
+        lines += ["", "address-space: I/O", "  0000-ffff (prio 0, i/o): io"]
+        for dev in self.devices:
+            for first, count in dev.ports():
+                lines.append(f"    {first:04x}-{first + count - 1:04x} (prio 0, i/o): "
+                             f"{dev.idstr or type(dev).__name__}")
+        return "\n".join(lines) + "\n"
+
+    # -- dirty logging (migration) ------------------------------------------------------------
+    def start_dirty_log(self, blocks: Iterable[RamBlock]) -> None:
+        """Register the native write hook on every vCPU for ``blocks`` (run-loop thread)."""
+        def attach() -> None:
+            if self.dirty_logging:
+                return
+            for block in blocks:
+                block.dirty.fetch_and_clear()
+                block.dirty.mark_all()
+                for cpu in self.cpus:
+                    self._trackers.append(track_writes(cpu.uc, block.dirty, block.gpa, block.size))
+                    cpu.uc.ctl_flush_tb()
+            self.dirty_logging = True
+        self.run_on_loop(attach)
+
+    def stop_dirty_log(self) -> None:
+        def detach() -> None:
+            for t in self._trackers:
+                t.detach()
+            self._trackers.clear()
+            self.dirty_logging = False
+        self.run_on_loop(detach)
+
+    # -- the run loop ----------------------------------------------------------------------------
+    def _loop_guarded(self) -> None:
+        self.loop_ident = threading.get_ident()
+        try:
+            self._loop()
+        except BaseException as err:  # noqa: BLE001 - a bug must not hang the process silently
+            import traceback
+            traceback.print_exc()
+            print(f"pyvm: internal error in the vCPU loop: {err}", file=sys.stderr)
+            self._exit_code = 1
+            self._exit_event.set()
+
+    def _loop(self) -> None:
+        slice_s = self.cfg.slice_ms / 1000.0
+        rr = 0
+        while not self._exit_event.is_set():
+            self._drain_requests()
+            self._timer.take_kick()
+            if not self.runstate.running:
+                with self._wake:
+                    if self._requests.empty() and not self._exit_event.is_set():
+                        self._wake.wait(0.5)
+                continue
+            self._run_timers()
+            self._deliver_interrupts()
+            runnable = [c for c in self.cpus if not c.halted]
+            if not runnable:
+                self._idle()
+                continue
+            cpu = runnable[rr % len(runnable)]
+            rr += 1
+            self._run_slice(cpu, slice_s)
+
+    def _next_deadline_ns(self) -> int | None:
+        deadlines = [d for d in (dev.deadline() for dev in self.devices) if d is not None]
+        return min(deadlines) if deadlines else None
+
+    def _run_timers(self) -> None:
+        now = self.clock.now_ns()
+        for dev in self.devices:
+            d = dev.deadline()
+            if d is not None and d <= now:
+                dev.run_timers(now)
+
+    def _deliver_interrupts(self) -> None:
+        cpu0 = self.cpus[0]
+        if self.pic.has_pending() and cpu0.interrupts_enabled():
+            vector = self.pic.acknowledge()
+            self.log.log("int", f"vCPU 0: IRQ vector {vector:#x}")
+            self._deliver(cpu0, vector, None)
+            cpu0.halted = False
+
+    def _deliver(self, cpu: VCpu, vector: int, error_code: int | None) -> None:
+        try:
+            cpu.deliver(vector, error_code)
+        except GuestFault as fault:
+            self._guest_fault(cpu, fault)
+
+    def _idle(self) -> None:
+        deadline = self._next_deadline_ns()
+        timeout = 0.5
+        if deadline is not None:
+            timeout = max(0.0, min(timeout, (deadline - self.clock.now_ns()) / 1e9))
+        with self._wake:
+            if self._requests.empty() and not self._timer.take_kick() and not self.pic.has_pending():
+                self._wake.wait(timeout)
+
+    def _run_slice(self, cpu: VCpu, slice_s: float) -> None:
+        limit = time.monotonic() + slice_s
+        deadline = self._next_deadline_ns()
+        if deadline is not None:
+            limit = min(limit, time.monotonic() + max(0, deadline - self.clock.now_ns()) / 1e9)
+        self._timer.begin(cpu, limit)
+        try:
+            cpu.emu_start()
+        finally:
+            stopped = self._timer.end()
+        if cpu.fault is not None:
+            fault, cpu.fault = cpu.fault, None
+            self._guest_fault(cpu, fault)
+            return
+        if cpu.pending_exception is not None:
+            vector, cpu.pending_exception = cpu.pending_exception, None
+            self.log.log("int", f"vCPU {cpu.index}: exception/int {vector:#x}")
+            self._deliver(cpu, vector, 0)
+            return
+        if cpu.stop_in_hook or stopped:
+            return
+        # Returned by itself: the guest executed HLT.
+        cpu.halted = True
+
+    def _guest_fault(self, cpu: VCpu, fault: GuestFault) -> None:
+        report = f"pyvm: guest fault, vCPU {cpu.index} stopped: {fault}\n{cpu.report()}"
+        print(report, file=sys.stderr, flush=True)
+        self.log.log("guest_errors", report)
+        self.runstate.set(RunState.INTERNAL_ERROR)
+        if not self.has_monitor:
+            self.request_exit(1)

@@ -1,0 +1,184 @@
+"""The source side: the calls precopy orchestration makes to produce a stream (sans-IO).
+
+Each method returns the bytes to send as a list of chunks (``bytes`` for headers, and
+memoryviews of guest RAM for page payloads, never copied).  A complete precopy stream is::
+
+    enc = StreamEncoder()
+    send(enc.header())
+    send(enc.configuration("pc-i440fx-8.2", enabled_caps))
+    send(enc.ram_setup(blocks, ignore_shared))                 # START section of "ram"
+    for each round (the last one with final=True, vCPUs stopped):
+        send(enc.ram_section_begin(final=...))                # PART (END for the last)
+        send(enc.ram_pages(block, page_indices, zero_mask))   # any number of calls
+        send(enc.ram_eos())                                   # EOS + footer
+    send(enc.device_sections([(idstr, instance_id, device), ...]))   # FULL each
+    send(enc.globalstate("running"))                          # FULL "globalstate"
+    send(enc.eof_and_vmdesc())                                # 0x00, 0x06 + JSON
+
+Section ids: ``ram`` is registered first and gets id 2 (QEMU 8.2 gives ``ram`` id 2 on
+a pc machine); every other (idstr, instance_id) gets the next id when it is first
+registered or written, so devices are numbered 3, 4, ... in the order the orchestration
+lists them and ``globalstate`` follows them.  :meth:`StreamEncoder.register` lets the
+caller fix the numbering up front (QEMU numbers by registration, not by stream order).
+
+The vmdesc trailer describes every FULL section written, as QEMU does; by default it also
+carries the ``configuration`` object that QEMU 9.0+ writes first, so that
+analyze-migration.py can learn x-ignore-shared from it (QEMU 8.2 omits that key and a
+destination never reads the JSON; pass ``describe_configuration=False`` for 8.2's exact
+shape).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Collection, Iterable, Sequence
+
+from pyvm.migration import vmdesc_json
+from pyvm.migration.errors import EncodeError
+from pyvm.migration.ram_format import RamBlock, RamPageWriter, write_ram_eos, write_ram_setup
+from pyvm.migration.sections import (GLOBALSTATE_IDSTR, GlobalState, write_configuration,
+                                     write_section_footer, write_section_header)
+from pyvm.migration.stream_constants import (QEMU_VM_EOF, QEMU_VM_FILE_MAGIC,
+                                             QEMU_VM_FILE_VERSION, QEMU_VM_SECTION_END,
+                                             QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART,
+                                             QEMU_VM_SECTION_START, QEMU_VM_VMDESCRIPTION,
+                                             RAM_SECTION_IDSTR, RAM_SECTION_VERSION,
+                                             TARGET_PAGE_SIZE)
+from pyvm.migration.stream_writer import Chunk, StreamWriter
+from pyvm.migration.vmstate_codec import save_vmstate
+
+RAM_SECTION_ID = 2
+
+
+class StreamEncoder:
+    """Builds one outgoing migration stream, piece by piece."""
+
+    def __init__(self, *, describe_configuration: bool = True) -> None:
+        self.describe_configuration = describe_configuration
+        self._w = StreamWriter()
+        self._ids: dict[tuple[str, int], int] = {(RAM_SECTION_IDSTR, 0): RAM_SECTION_ID}
+        self._next_id = RAM_SECTION_ID + 1
+        self._pages = RamPageWriter()
+        self._ram_open = False
+        self._configuration_desc: dict[str, Any] | None = None
+        self._devices_desc: list[dict[str, Any]] = []
+        #: pages written by :meth:`ram_pages` so far (query-migrate duplicate / normal)
+        self.zero_pages = 0
+        self.normal_pages = 0
+
+    # -- section ids ---------------------------------------------------------------------------
+    def register(self, idstr: str, instance_id: int = 0) -> int:
+        """The section id of (idstr, instance_id), assigning the next free one if new."""
+        key = (idstr, instance_id)
+        section_id = self._ids.get(key)
+        if section_id is None:
+            section_id = self._ids[key] = self._next_id
+            self._next_id += 1
+        return section_id
+
+    # -- header --------------------------------------------------------------------------------
+    def header(self) -> list[Chunk]:
+        """Magic and stream version."""
+        self._w.be32(QEMU_VM_FILE_MAGIC)
+        self._w.be32(QEMU_VM_FILE_VERSION)
+        return self._w.take_chunks()
+
+    def configuration(self, machine_type: str, capabilities: Collection[str] = ()) -> list[Chunk]:
+        """The configuration section; ``capabilities`` are the enabled ones (only validated
+        capabilities such as x-ignore-shared are listed in the stream)."""
+        self._configuration_desc = write_configuration(self._w, machine_type, capabilities)
+        return self._w.take_chunks()
+
+    # -- RAM -----------------------------------------------------------------------------------
+    def ram_setup(self, blocks: Sequence[RamBlock], ignore_shared: bool) -> list[Chunk]:
+        """The START section of ``ram``: the block list (with GPAs if ``ignore_shared``)."""
+        write_section_header(self._w, QEMU_VM_SECTION_START, RAM_SECTION_ID,
+                             RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
+        write_ram_setup(self._w, blocks, ignore_shared)
+        write_section_footer(self._w, RAM_SECTION_ID)
+        return self._w.take_chunks()
+
+    def ram_section_begin(self, final: bool = False) -> list[Chunk]:
+        """Open a PART section of ``ram`` (END when ``final``) for one round of pages."""
+        if self._ram_open:
+            raise EncodeError("a RAM section is already open; close it with ram_eos()")
+        write_section_header(self._w, QEMU_VM_SECTION_END if final else QEMU_VM_SECTION_PART,
+                             RAM_SECTION_ID)
+        self._pages.reset()
+        self._ram_open = True
+        return self._w.take_chunks()
+
+    def ram_pages(self, block: RamBlock, page_indices: Iterable[int],
+                  zero_mask: Iterable[bool]) -> list[Chunk]:
+        """Page records for ``page_indices`` of ``block``; ``zero_mask[i]`` marks zero pages.
+
+        Zero pages become ZERO records, the others PAGE records whose payload is a
+        memoryview of ``block.buffer``; the guest must not change those pages before the
+        chunks are sent (or the stream carries the newer bytes, which precopy tolerates
+        since the page is dirty again and will be resent).
+        """
+        if not self._ram_open:
+            raise EncodeError("ram_pages() outside a RAM section; call ram_section_begin()")
+        zeros, normals = self._pages.write_pages(self._w, block, page_indices, zero_mask)
+        self.zero_pages += zeros
+        self.normal_pages += normals
+        return self._w.take_chunks()
+
+    def ram_eos(self) -> list[Chunk]:
+        """EOS and the footer: closes the RAM section opened by :meth:`ram_section_begin`."""
+        if not self._ram_open:
+            raise EncodeError("ram_eos() without an open RAM section")
+        write_ram_eos(self._w)
+        write_section_footer(self._w, RAM_SECTION_ID)
+        self._ram_open = False
+        return self._w.take_chunks()
+
+    # -- devices -------------------------------------------------------------------------------
+    def device_section(self, idstr: str, instance_id: int, obj: Any) -> list[Chunk]:
+        """One FULL section from ``obj.vmsd`` (``obj.pre_save()`` is called first)."""
+        vmsd = getattr(obj, "vmsd", None)
+        if vmsd is None:
+            raise EncodeError(f"State blocked by non-migratable device '{idstr}'")
+        pre_save = getattr(obj, "pre_save", None)
+        if callable(pre_save):
+            pre_save()
+        section_id = self.register(idstr, instance_id)
+        write_section_header(self._w, QEMU_VM_SECTION_FULL, section_id, idstr, instance_id,
+                             vmsd.version_id)
+        desc: dict[str, Any] = {"name": idstr, "instance_id": instance_id}
+        save_vmstate(self._w, vmsd, obj, desc)
+        write_section_footer(self._w, section_id)
+        self._devices_desc.append(desc)
+        return self._w.take_chunks()
+
+    def device_sections(self, devices: Iterable[tuple[str, int, Any]]) -> list[Chunk]:
+        """FULL sections for (idstr, instance_id, obj) in the given order."""
+        chunks: list[Chunk] = []
+        for idstr, instance_id, obj in devices:
+            chunks += self.device_section(idstr, instance_id, obj)
+        return chunks
+
+    def globalstate(self, runstate: str) -> list[Chunk]:
+        """The ``globalstate`` FULL section carrying the source's run state name."""
+        return self.device_section(GLOBALSTATE_IDSTR, 0, GlobalState(runstate))
+
+    # -- end -----------------------------------------------------------------------------------
+    def vmdesc(self) -> dict[str, Any]:
+        """The vmdesc object describing the FULL sections written so far."""
+        desc: dict[str, Any] = {}
+        if self.describe_configuration and self._configuration_desc is not None:
+            desc["configuration"] = self._configuration_desc
+        desc["page_size"] = TARGET_PAGE_SIZE
+        desc["devices"] = self._devices_desc
+        return desc
+
+    def eof_and_vmdesc(self, send_vmdesc: bool = True) -> list[Chunk]:
+        """``QEMU_VM_EOF`` and, unless suppressed, the ``0x06`` vmdesc trailer."""
+        if self._ram_open:
+            raise EncodeError("the RAM section is still open; close it with ram_eos()")
+        self._w.u8(QEMU_VM_EOF)
+        if send_vmdesc:
+            text = vmdesc_json.dumps(self.vmdesc()).encode()
+            self._w.u8(QEMU_VM_VMDESCRIPTION)
+            self._w.be32(len(text))
+            self._w.raw(text)
+        return self._w.take_chunks()

@@ -1,0 +1,316 @@
+"""The payload of the ``ram`` section, version 4 (QEMU migration/ram.c; fact sheet 1.8).
+
+Every record starts with a be64 word holding a page-aligned offset inside a RAM block and
+flags in the low 12 bits::
+
+    setup (START)  be64 total|MEM_SIZE, then per block: counted name, be64 length
+                   [, be64 GPA when x-ignore-shared is on]; be64 EOS
+    pages          be64 offset|ZERO|[CONTINUE] [counted block name] u8 fill (0)
+                   be64 offset|PAGE|[CONTINUE] [counted block name] 4096 bytes
+    end            be64 EOS closes every START/PART/END payload
+
+``CONTINUE`` means "same block as the previous record", so the name is sent only when the
+block changes.  Writing hands page bytes out as memoryviews of guest RAM; loading writes
+them straight into the block buffers the destination provided, after checking that the
+offset lies inside the block.
+"""
+
+from __future__ import annotations
+
+import errno
+import struct
+from dataclasses import dataclass
+from typing import Any, Callable, Generator, Iterable, Optional
+
+from pyvm.migration.errors import (EncodeError, StreamFormatError, StreamMismatchError,
+                                   UnsupportedFeatureError)
+from pyvm.migration.stream_constants import (MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
+                                             RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
+                                             RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE,
+                                             RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
+                                             RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO,
+                                             TARGET_PAGE_BITS, TARGET_PAGE_SIZE)
+from pyvm.migration.stream_reader import StreamReader
+from pyvm.migration.stream_writer import StreamWriter
+
+_BE64 = struct.Struct(">Q")
+_FLAG_BITS = TARGET_PAGE_SIZE - 1
+_ZERO_PAGE = bytes(TARGET_PAGE_SIZE)
+
+#: Called for each page record a loader applies: ``(offset_in_block, is_zero)``.
+PageObserver = Callable[[int, bool], None]
+
+
+@dataclass(eq=False)
+class RamBlock:
+    """One RAM block as the stream sees it.
+
+    ``length`` is QEMU's used_length (a multiple of the page size); ``gpa`` the guest
+    physical address (sent and checked only with x-ignore-shared); ``buffer`` the block's
+    bytes (readable on the source, writable on the destination; None for a block whose
+    pages are not migrated); ``ignored`` marks a block x-ignore-shared leaves out (shared,
+    file-backed): it is listed in the setup but no pages are sent for it.
+    ``on_page`` lets an analyzer see every page record applied to the block.
+    """
+
+    name: str
+    length: int
+    gpa: int = 0
+    buffer: Any = None
+    ignored: bool = False
+    on_page: Optional[PageObserver] = None
+
+
+# -- writing ---------------------------------------------------------------------------------
+
+
+def write_ram_setup(w: StreamWriter, blocks: Iterable[RamBlock], ignore_shared: bool) -> None:
+    """The START payload: MEM_SIZE total, the block list, EOS (ram_save_setup)."""
+    blocks = list(blocks)
+    for block in blocks:
+        if block.length % TARGET_PAGE_SIZE:
+            raise EncodeError(f"RAM block {block.name!r}: length 0x{block.length:x} is not page aligned")
+    total = sum(block.length for block in blocks)
+    w.be64(total | RAM_SAVE_FLAG_MEM_SIZE)
+    for block in blocks:
+        w.counted_string(block.name)
+        w.be64(block.length)
+        if ignore_shared:
+            w.be64(block.gpa)
+    w.be64(RAM_SAVE_FLAG_EOS)
+
+
+def write_ram_eos(w: StreamWriter) -> None:
+    w.be64(RAM_SAVE_FLAG_EOS)
+
+
+class RamPageWriter:
+    """Writes page records, naming a block only when it changes (CONTINUE otherwise)."""
+
+    def __init__(self) -> None:
+        self.last_block: str | None = None
+
+    def reset(self) -> None:
+        """Forget the last block: the next record names its block (start of a section)."""
+        self.last_block = None
+
+    def write_pages(self, w: StreamWriter, block: RamBlock, page_indices: Iterable[int],
+                    zero_mask: Iterable[bool]) -> tuple[int, int]:
+        """ZERO/PAGE records for ``page_indices``; returns (zero pages, normal pages).
+
+        ``zero_mask[i]`` says whether page ``page_indices[i]`` is all zero.  Page bytes
+        are appended as memoryviews of ``block.buffer``, not copied.
+        """
+        if block.ignored:
+            raise EncodeError(f"RAM block {block.name!r} is not migrated (x-ignore-shared)")
+        data = memoryview(block.buffer).cast("B") if block.buffer is not None else None
+        if hasattr(page_indices, "tolist"):
+            page_indices = page_indices.tolist()
+        if hasattr(zero_mask, "tolist"):
+            zero_mask = zero_mask.tolist()
+        npages = block.length >> TARGET_PAGE_BITS
+        name = block.name.encode()
+        zeros = normals = 0
+        for index, zero in zip(page_indices, zero_mask):
+            if not 0 <= index < npages:
+                raise EncodeError(f"page {index} outside RAM block {block.name!r} ({npages} pages)")
+            offset = index << TARGET_PAGE_BITS
+            flags = RAM_SAVE_FLAG_ZERO if zero else RAM_SAVE_FLAG_PAGE
+            if self.last_block == block.name:
+                w.be64(offset | flags | RAM_SAVE_FLAG_CONTINUE)
+            else:
+                w.be64(offset | flags)
+                w.counted_string(name)
+                self.last_block = block.name
+            if zero:
+                w.u8(0)
+                zeros += 1
+            else:
+                if data is None:
+                    raise EncodeError(f"RAM block {block.name!r} has no buffer to send pages from")
+                w.view(data[offset:offset + TARGET_PAGE_SIZE])
+                normals += 1
+        return zeros, normals
+
+
+# -- loading ---------------------------------------------------------------------------------
+
+BlockLookup = Callable[[str, int], Optional[RamBlock]]
+
+_EOS = object()
+_MEM_SIZE = object()
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+class _LoadedBlock:
+    """A destination block checked against the stream, with a writable byte view."""
+
+    __slots__ = ("block", "view", "limit")
+
+    def __init__(self, block: RamBlock) -> None:
+        self.block = block
+        self.view: memoryview | None = None
+        self.limit = 0        # first offset a page may not start at
+        if block.buffer is not None and not block.ignored:
+            view = memoryview(block.buffer).cast("B")
+            if view.readonly:
+                raise StreamMismatchError(errno=errno.EACCES,
+                                          detail=f"RAM block {block.name!r} buffer is read-only")
+            self.view = view
+            self.limit = min(block.length, view.nbytes) - TARGET_PAGE_SIZE + 1
+
+
+class RamLoader:
+    """Applies ``ram`` section payloads to destination blocks (ram_load_precopy).
+
+    ``lookup(name, length)`` returns the destination's block named ``name`` (``length`` is
+    what the stream announced, 0 when a page names a block the setup did not list).
+    ``ignore_shared`` is the destination's own x-ignore-shared setting.
+    """
+
+    def __init__(self, lookup: BlockLookup, ignore_shared: bool) -> None:
+        self._lookup = lookup
+        self.ignore_shared = ignore_shared
+        self.blocks: dict[bytes, _LoadedBlock] = {}
+        self._last: _LoadedBlock | None = None
+        self._pending_total = 0
+        self.zero_pages = 0
+        self.normal_pages = 0
+
+    # -- one section payload -----------------------------------------------------------------
+    def load(self, r: StreamReader, version_id: int) -> Generator[None, None, None]:
+        """Read records up to and including EOS."""
+        if version_id != 4:
+            raise StreamMismatchError(detail=f"RAM section version {version_id}, pyvm reads 4")
+        while True:
+            status = self._parse_buffered(r)
+            if status is _EOS:
+                return
+            if status is _MEM_SIZE:
+                yield from self._load_block_list(r, self._pending_total)
+                continue
+            assert isinstance(status, int)
+            yield from r.wait(status, "a RAM page record")
+
+    # -- setup: the block list ---------------------------------------------------------------
+    def _load_block_list(self, r: StreamReader, total: int) -> Generator[None, None, None]:
+        count = 0
+        while total:
+            count += 1
+            if count > MAX_RAM_BLOCKS:
+                raise StreamFormatError(detail=f"more than {MAX_RAM_BLOCKS} RAM blocks listed")
+            raw = yield from r.read_counted("a RAM block name")
+            raw = raw.split(b"\0", 1)[0]
+            name = raw.decode(errors="replace")
+            length = yield from r.read_be64(f"the length of RAM block {name}")
+            block = self._lookup(name, length)
+            if block is None:
+                raise StreamMismatchError(f'Unknown ramblock "{name}", cannot accept migration')
+            if length != block.length:
+                raise StreamMismatchError(
+                    f"Size mismatch: {name}: 0x{length:x} != 0x{block.length:x}: Invalid argument")
+            if self.ignore_shared:
+                gpa = yield from r.read_be64(f"the address of RAM block {name}")
+                if block.ignored and gpa != block.gpa:
+                    raise StreamMismatchError(f"Mismatched GPAs for block {name} "
+                                              f"{_signed64(gpa)}!= {_signed64(block.gpa)}")
+            self.blocks[raw] = _LoadedBlock(block)
+            if length > total:
+                raise StreamFormatError(detail="RAM block lengths exceed the MEM_SIZE total")
+            total -= length
+
+    def _block_named(self, raw: bytes, offset: int) -> _LoadedBlock:
+        name = raw.split(b"\0", 1)[0]
+        loaded = self.blocks.get(name)
+        if loaded is None:
+            block = self._lookup(name.decode(errors="replace"), 0)
+            if block is None:
+                raise StreamMismatchError(f"Can't find block {name.decode(errors='replace')}",
+                                          f"Illegal RAM offset {offset:x}")
+            loaded = self.blocks[name] = _LoadedBlock(block)
+        if loaded.block.ignored:
+            raise StreamMismatchError(f"block {loaded.block.name} should not be migrated !",
+                                      f"Illegal RAM offset {offset:x}")
+        return loaded
+
+    # -- pages: parsed in place while whole records are buffered ----------------------------
+    def _parse_buffered(self, r: StreamReader) -> object:
+        """Apply every complete record in the buffer.
+
+        Returns ``_EOS``, ``_MEM_SIZE`` (header consumed, block list follows) or the
+        number of bytes the next record needs.
+        """
+        buf = r.buffer
+        pos = r.pos
+        end = len(buf)
+        unpack = _BE64.unpack_from
+        page = TARGET_PAGE_SIZE
+        mv = memoryview(buf)
+        try:
+            while True:
+                if end - pos < 8:
+                    r.pos = pos
+                    return 8
+                (word,) = unpack(buf, pos)
+                flags = word & _FLAG_BITS
+                addr = word - flags
+                if flags & RAM_SAVE_FLAG_COMPRESS_PAGE:
+                    raise UnsupportedFeatureError("Received an unexpected compressed page")
+                kind = flags & ~RAM_SAVE_FLAG_CONTINUE
+                if flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE):
+                    if flags & RAM_SAVE_FLAG_CONTINUE:
+                        header = 8
+                    elif end - pos < 9:
+                        r.pos = pos
+                        return 9
+                    else:
+                        header = 9 + buf[pos + 8]
+                    payload = 1 if kind == RAM_SAVE_FLAG_ZERO else page if kind == RAM_SAVE_FLAG_PAGE else 0
+                    if end - pos < header + payload:
+                        r.pos = pos
+                        return header + payload
+                    if header == 8:
+                        loaded = self._last
+                        if loaded is None:
+                            raise StreamFormatError("Ack, bad migration stream!",
+                                                    f"Illegal RAM offset {addr:x}")
+                    else:
+                        loaded = self._block_named(bytes(buf[pos + 9:pos + header]), addr)
+                        self._last = loaded
+                    view = loaded.view
+                    if view is None or addr >= loaded.limit:
+                        raise StreamFormatError(f"Illegal RAM offset {addr:x}")
+                    data = pos + header
+                    if kind == RAM_SAVE_FLAG_PAGE:
+                        view[addr:addr + page] = mv[data:data + page]
+                        self.normal_pages += 1
+                    elif kind == RAM_SAVE_FLAG_ZERO:
+                        fill = buf[data]
+                        view[addr:addr + page] = _ZERO_PAGE if fill == 0 else bytes((fill,)) * page
+                        self.zero_pages += 1
+                    elif kind == RAM_SAVE_FLAG_XBZRLE:
+                        raise UnsupportedFeatureError(f"Failed to decompress XBZRLE page at {addr:x}",
+                                                      detail="pyvm does not implement XBZRLE")
+                    else:
+                        raise StreamFormatError(f"Unknown combination of migration flags: 0x{flags:x}")
+                    pos = data + payload
+                    observer = loaded.block.on_page
+                    if observer is not None:
+                        observer(addr, kind == RAM_SAVE_FLAG_ZERO)
+                elif kind == RAM_SAVE_FLAG_EOS:
+                    r.pos = pos + 8
+                    return _EOS
+                elif kind == RAM_SAVE_FLAG_MEM_SIZE:
+                    r.pos = pos + 8
+                    self._pending_total = addr
+                    return _MEM_SIZE
+                elif kind in (RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_HOOK):
+                    # multifd sync marker without multifd, RDMA hook without RDMA: no-ops
+                    pos += 8
+                else:
+                    raise StreamFormatError(f"Unknown combination of migration flags: 0x{flags:x}")
+        finally:
+            mv.release()

@@ -1,0 +1,190 @@
+"""Stream primitives, reading side: a buffer that is fed bytes and read by parse steps.
+
+The decoder is push-style (sans-IO): the caller feeds whatever bytes arrived, and parsing
+goes as far as they allow.  Parse steps are written as plain sequential code in generator
+functions; a step that needs more bytes than are buffered waits with::
+
+    value = yield from reader.read_be32("section id")
+
+which suspends the generator until enough input has been fed.  When the input ends
+(:meth:`StreamReader.close`) while a step is waiting, the wait raises
+:class:`TruncatedStreamError` naming what was being read.
+
+Nothing a peer sends is trusted: counted strings are at most 255 bytes by construction,
+every other length is checked by the layer that reads it before it waits for that many
+bytes.  Once an error was recorded (:meth:`StreamReader.fail`) the reader is dead: it
+refuses more input with :class:`DecoderStoppedError` (QEMU's sticky ``QEMUFile`` error).
+
+Hot paths (RAM page records) may parse straight from :attr:`StreamReader.buffer` between
+:attr:`StreamReader.pos` and ``len(buffer)``, then move ``pos`` forward; they must not keep
+a memoryview of the buffer across a ``yield``.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Generator
+
+from pyvm.migration.errors import DecoderStoppedError, MigrationError, TruncatedStreamError
+
+#: A parse step: yields (nothing) while it waits for input, returns its result.
+Step = Generator[None, None, "object"]
+
+_BE16 = struct.Struct(">H")
+_BE32 = struct.Struct(">I")
+_BE64 = struct.Struct(">Q")
+
+# Consumed bytes are dropped from the front of the buffer once there are this many.
+_COMPACT_AT = 1 << 20
+
+
+class StreamReader:
+    """Bytes fed by the caller, consumed in order by parse steps."""
+
+    def __init__(self) -> None:
+        self.buffer = bytearray()
+        self.pos = 0
+        self._base = 0               # stream offset of buffer[0]
+        self.closed = False          # no more input will come
+        self.error: MigrationError | None = None
+
+    # -- input ---------------------------------------------------------------------------
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append input; refused once the reader has failed or was closed."""
+        if self.error is not None:
+            raise DecoderStoppedError(f"migration stream decoder stopped after an error: {self.error}",
+                                      errno=self.error.errno) from self.error
+        if self.closed:
+            raise DecoderStoppedError("migration stream input was already closed")
+        if self.pos >= _COMPACT_AT or (self.pos and self.pos == len(self.buffer)):
+            del self.buffer[:self.pos]
+            self._base += self.pos
+            self.pos = 0
+        self.buffer += data
+
+    def close(self) -> None:
+        """Mark the end of input: a step still waiting will raise TruncatedStreamError."""
+        self.closed = True
+
+    def fail(self, error: MigrationError) -> None:
+        """Record the first error; the reader refuses input from now on."""
+        if self.error is None:
+            self.error = error
+
+    # -- position ------------------------------------------------------------------------
+    @property
+    def available(self) -> int:
+        return len(self.buffer) - self.pos
+
+    @property
+    def offset(self) -> int:
+        """Stream offset of the next byte to read."""
+        return self._base + self.pos
+
+    # -- waiting -------------------------------------------------------------------------
+    def wait(self, n: int, what: str) -> Generator[None, None, None]:
+        """Suspend until ``n`` bytes are buffered; at end of input raise TruncatedStreamError."""
+        while len(self.buffer) - self.pos < n:
+            if self.closed:
+                raise TruncatedStreamError(what=what, offset=self.offset)
+            yield
+
+    def wait_or_end(self, n: int) -> Generator[None, None, bool]:
+        """Like :meth:`wait`, but return False instead of raising at end of input (peeks)."""
+        while len(self.buffer) - self.pos < n:
+            if self.closed:
+                return False
+            yield
+        return True
+
+    # -- reads of buffered bytes (the caller made sure they are there) ---------------------
+    def u8(self) -> int:
+        value = self.buffer[self.pos]
+        self.pos += 1
+        return value
+
+    def be16(self) -> int:
+        (value,) = _BE16.unpack_from(self.buffer, self.pos)
+        self.pos += 2
+        return int(value)
+
+    def be32(self) -> int:
+        (value,) = _BE32.unpack_from(self.buffer, self.pos)
+        self.pos += 4
+        return int(value)
+
+    def be64(self) -> int:
+        (value,) = _BE64.unpack_from(self.buffer, self.pos)
+        self.pos += 8
+        return int(value)
+
+    def take(self, n: int) -> bytes:
+        data = bytes(self.buffer[self.pos:self.pos + n])
+        self.pos += n
+        return data
+
+    def peek(self, n: int, skip: int = 0) -> bytes:
+        return bytes(self.buffer[self.pos + skip:self.pos + skip + n])
+
+    def skip(self, n: int) -> None:
+        self.pos += n
+
+    # -- waiting reads (parse steps: ``x = yield from reader.read_be32(...)``) -------------
+    def read_u8(self, what: str) -> Generator[None, None, int]:
+        if len(self.buffer) - self.pos < 1:
+            yield from self.wait(1, what)
+        return self.u8()
+
+    def read_be16(self, what: str) -> Generator[None, None, int]:
+        if len(self.buffer) - self.pos < 2:
+            yield from self.wait(2, what)
+        return self.be16()
+
+    def read_be32(self, what: str) -> Generator[None, None, int]:
+        if len(self.buffer) - self.pos < 4:
+            yield from self.wait(4, what)
+        return self.be32()
+
+    def read_be64(self, what: str) -> Generator[None, None, int]:
+        if len(self.buffer) - self.pos < 8:
+            yield from self.wait(8, what)
+        return self.be64()
+
+    def read_bytes(self, n: int, what: str) -> Generator[None, None, bytes]:
+        """``n`` raw bytes; the caller bounds ``n`` before asking."""
+        if len(self.buffer) - self.pos < n:
+            yield from self.wait(n, what)
+        return self.take(n)
+
+    def read_counted(self, what: str) -> Generator[None, None, bytes]:
+        """A counted string: one length byte (so at most 255), then that many bytes."""
+        if len(self.buffer) - self.pos < 1:
+            yield from self.wait(1, what)
+        n = self.buffer[self.pos]
+        if len(self.buffer) - self.pos < 1 + n:
+            yield from self.wait(1 + n, what)
+        self.pos += 1
+        return self.take(n)
+
+    def skip_bytes(self, n: int, what: str) -> Generator[None, None, None]:
+        """Consume ``n`` bytes without keeping them (never buffers more than is fed)."""
+        while n:
+            if len(self.buffer) == self.pos:
+                yield from self.wait(1, what)
+            step = min(n, len(self.buffer) - self.pos)
+            self.pos += step
+            n -= step
+
+
+def run_to_completion(step: Generator[None, None, object], reader: StreamReader) -> object:
+    """Drive ``step`` over input that is already complete (tests, files read whole).
+
+    The reader is closed first, so a step that needs more than is buffered raises
+    :class:`TruncatedStreamError` instead of waiting.
+    """
+    reader.close()
+    try:
+        while True:
+            next(step)
+    except StopIteration as done:
+        return done.value
