@@ -301,15 +301,17 @@ class StdioBackend(CharBackend):
 def _raw_mode(saved: list[Any]) -> list[Any]:
     """Terminal attributes for a serial console: raw input, output post-processing kept,
     signals kept so that Ctrl-C still interrupts pyvm (QEMU's stdio ``signal=on``)."""
-    attrs = [list(a) if isinstance(a, list) else a for a in saved]
-    attrs[0] &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
-                  | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
-    attrs[1] |= termios.OPOST
-    attrs[3] &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.IEXTEN)
-    attrs[2] &= ~(termios.CSIZE | termios.PARENB)
-    attrs[2] |= termios.CS8
-    attrs[6][termios.VMIN] = 1
-    attrs[6][termios.VTIME] = 0
+    iflag, oflag, cflag, lflag = (int(x) for x in saved[:4])
+    iflag &= ~(termios.IGNBRK | termios.BRKINT | termios.PARMRK | termios.ISTRIP
+               | termios.INLCR | termios.IGNCR | termios.ICRNL | termios.IXON)
+    oflag |= termios.OPOST
+    lflag &= ~(termios.ECHO | termios.ECHONL | termios.ICANON | termios.IEXTEN)
+    cflag &= ~(termios.CSIZE | termios.PARENB)
+    cflag |= termios.CS8
+    cc = list(saved[6])
+    cc[termios.VMIN] = 1
+    cc[termios.VTIME] = 0
+    attrs: list[Any] = [iflag, oflag, cflag, lflag, saved[4], saved[5], cc]
     return attrs
 
 

@@ -142,8 +142,8 @@ class Machine:
         self.add_device(PostPort())
         self._build_serial()
         for dcfg in self.cfg.debug_exit:
-            from pyvm.devices.debug_exit import DebugExit
-            self.add_device(DebugExit(iobase=dcfg.iobase, iosize=dcfg.iosize))
+            from pyvm.devices.debug_exit import IsaDebugExit
+            self.add_device(IsaDebugExit(iobase=dcfg.iobase, iosize=dcfg.iosize))
         self.disk = None
         if self.cfg.drives:
             from pyvm.block import DiskImage

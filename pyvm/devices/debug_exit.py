@@ -43,3 +43,7 @@ class IsaDebugExit(Device):
     def io_write(self, port: int, size: int, value: int) -> None:
         if self.ctx is not None:
             self.ctx.request_exit((value << 1) | 1)
+
+
+DebugExit = IsaDebugExit
+"""The name the machine uses."""

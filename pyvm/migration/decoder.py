@@ -73,7 +73,8 @@ class LoadTarget(Protocol):
     def device(self, idstr: str, instance_id: int) -> Any:
         """The object behind section (idstr, instance_id), or None if there is none.
 
-        Either an object with ``vmsd`` (a VMStateDescription) whose attributes receive
+        The decoder itself loads ``ram`` and, when the target returns None for it,
+        ``globalstate`` (calling :meth:`set_runstate`).  Otherwise the object is either an object with ``vmsd`` (a VMStateDescription) whose attributes receive
         the fields and whose ``post_load()`` (if any) is called after them, or a
         :class:`SectionLoader`.
         """
@@ -249,17 +250,25 @@ class StreamDecoder:
         self._reader.close()
         return self._advance()
 
+    def release(self) -> None:
+        """Let go of the target's RAM buffers (done automatically at the end or on error)."""
+        if self.ram is not None:
+            self.ram.release()
+
     def _advance(self) -> list[Event]:
         self._events = []
         try:
             next(self._steps)
         except StopIteration:
             self.finished = True
+            self.release()
         except MigrationError as err:
             self._reader.fail(err)
+            self.release()
             raise
         except Exception as err:
             self._reader.fail(MigrationError(detail=f"internal error while loading: {err!r}"))
+            self.release()
             raise
         events, self._events = self._events, []
         return events
@@ -336,9 +345,9 @@ class StreamDecoder:
     def _find_handler(self, idstr: str, instance_id: int, ram_handler: _RamHandler) -> _Handler:
         if idstr == RAM_SECTION_IDSTR and instance_id == 0:
             return ram_handler
-        if idstr == GLOBALSTATE_IDSTR and instance_id == 0:
-            return _GlobalStateHandler(self)
         obj = self.target.device(idstr, instance_id)
+        if obj is None and idstr == GLOBALSTATE_IDSTR and instance_id == 0:
+            return _GlobalStateHandler(self)
         if obj is None:
             raise StreamMismatchError(
                 f"Unknown savevm section or instance '{idstr}' {instance_id}. Make sure that your "

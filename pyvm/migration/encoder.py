@@ -66,13 +66,24 @@ class StreamEncoder:
         self.normal_pages = 0
 
     # -- section ids ---------------------------------------------------------------------------
-    def register(self, idstr: str, instance_id: int = 0) -> int:
-        """The section id of (idstr, instance_id), assigning the next free one if new."""
+    def register(self, idstr: str, instance_id: int = 0, section_id: int | None = None) -> int:
+        """The section id of (idstr, instance_id), assigning the next free one if new.
+
+        ``section_id`` pins an id for a new section instead (ids must stay unique).
+        """
         key = (idstr, instance_id)
-        section_id = self._ids.get(key)
+        known = self._ids.get(key)
+        if known is not None:
+            if section_id is not None and section_id != known:
+                raise EncodeError(f"section {idstr!r} {instance_id} already has id {known}")
+            return known
         if section_id is None:
-            section_id = self._ids[key] = self._next_id
-            self._next_id += 1
+            while self._next_id in self._ids.values():
+                self._next_id += 1
+            section_id = self._next_id
+        elif section_id in self._ids.values():
+            raise EncodeError(f"section id {section_id} is already used")
+        self._ids[key] = section_id
         return section_id
 
     # -- header --------------------------------------------------------------------------------

@@ -180,6 +180,15 @@ class RamLoader:
         self.zero_pages = 0
         self.normal_pages = 0
 
+    def release(self) -> None:
+        """Drop the views of the destination buffers (so that an mmap can be closed)."""
+        for loaded in self.blocks.values():
+            if loaded.view is not None:
+                loaded.view.release()
+                loaded.view = None
+                loaded.limit = 0
+        self._last = None
+
     # -- one section payload -----------------------------------------------------------------
     def load(self, r: StreamReader, version_id: int) -> Generator[None, None, None]:
         """Read records up to and including EOS."""

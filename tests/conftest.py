@@ -1,0 +1,44 @@
+"""Shared test helpers: start real pyvm processes and find the packaged guests."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+GUESTS = ROOT / "pyvm" / "guests"
+DEBUG_EXIT = ["-device", "isa-debug-exit,iobase=0xf4,iosize=0x04"]
+
+
+def guest(name: str) -> str:
+    path = GUESTS / name
+    assert path.exists(), f"missing guest image {path}: run make -C firmware"
+    return str(path)
+
+
+def pyvm_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "pyvm", *args]
+
+
+def run_pyvm(*args: str, timeout: float = 30, input: bytes | None = None,
+             env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    e = dict(os.environ)
+    if env:
+        e.update(env)
+    return subprocess.run(pyvm_cmd(*args), capture_output=True, timeout=timeout, input=input,
+                          env=e, cwd=ROOT)
+
+
+@pytest.fixture
+def tmp_shm(tmp_path: Path):
+    """A directory on /dev/shm (shared-memory backends), removed afterwards."""
+    import shutil
+    import tempfile
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else str(tmp_path)
+    d = tempfile.mkdtemp(prefix="pyvm-test-", dir=base)
+    yield Path(d)
+    shutil.rmtree(d, ignore_errors=True)

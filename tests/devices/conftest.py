@@ -1,0 +1,55 @@
+"""A fake DeviceContext with a manual virtual clock, for device tests without a VM."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import pytest
+
+
+@dataclass
+class ManualClock:
+    ns: int = 0
+
+    def now_ns(self) -> int:
+        return self.ns
+
+    def advance(self, ns: int) -> None:
+        self.ns += ns
+
+
+@dataclass
+class FakeContext:
+    """Records what a device asks of the machine."""
+
+    clock: ManualClock = field(default_factory=ManualClock)
+    irq_events: list[tuple[int, bool]] = field(default_factory=list)
+    levels: dict[int, bool] = field(default_factory=dict)
+    kicks: int = 0
+    resets: int = 0
+    exits: list[int] = field(default_factory=list)
+    logs: list[tuple[str, str]] = field(default_factory=list)
+
+    def set_irq(self, line: int, level: bool) -> None:
+        self.irq_events.append((line, level))
+        self.levels[line] = level
+
+    def kick(self) -> None:
+        self.kicks += 1
+
+    def request_reset(self) -> None:
+        self.resets += 1
+
+    def request_exit(self, code: int) -> None:
+        self.exits.append(code)
+
+    def log(self, topic: str, message: str) -> None:
+        self.logs.append((topic, message))
+
+    def rising_edges(self, line: int) -> int:
+        return sum(1 for ln, lv in self.irq_events if ln == line and lv)
+
+
+@pytest.fixture
+def ctx() -> FakeContext:
+    return FakeContext()

@@ -1,0 +1,119 @@
+"""Layer 1: the stream writer and the push-fed reader."""
+
+from __future__ import annotations
+
+import pytest
+
+from pyvm.migration.errors import DecoderStoppedError, EncodeError, StreamFormatError, TruncatedStreamError
+from pyvm.migration.stream_reader import StreamReader, run_to_completion
+from pyvm.migration.stream_writer import StreamWriter, chunks_length, join_chunks
+
+
+def test_writer_big_endian_items() -> None:
+    w = StreamWriter()
+    w.u8(0x01)
+    w.be16(0x0203)
+    w.be32(0x04050607)
+    w.be64(0x08090A0B0C0D0E0F)
+    w.counted_string("ram")
+    w.raw(b"xy")
+    assert w.size == 1 + 2 + 4 + 8 + 4 + 2
+    assert w.take_bytes() == bytes.fromhex("01 0203 04050607 08090a0b0c0d0e0f 03") + b"ramxy"
+    assert w.size == 0
+
+
+def test_counted_string_limit() -> None:
+    w = StreamWriter()
+    w.counted_string("x" * 255)
+    assert len(w.take_bytes()) == 256
+    with pytest.raises(EncodeError):
+        w.counted_string("x" * 256)
+
+
+def test_views_are_chunks_not_copies() -> None:
+    ram = bytearray(b"A" * 8192)
+    w = StreamWriter()
+    w.be64(1)
+    w.view(memoryview(ram)[4096:8192])
+    w.u8(7)
+    chunks = w.take_chunks()
+    assert [type(c) for c in chunks] == [bytes, memoryview, bytes]
+    assert chunks_length(chunks) == 8 + 4096 + 1
+    ram[4096] = ord("B")            # the chunk is a window on guest RAM, not a copy
+    assert bytes(chunks[1][:1]) == b"B"
+    assert join_chunks(chunks)[8:9] == b"B"
+
+
+def _read_all(r: StreamReader):
+    a = yield from r.read_u8("a")
+    b = yield from r.read_be16("b")
+    c = yield from r.read_be32("c")
+    d = yield from r.read_be64("d")
+    name = yield from r.read_counted("name")
+    rest = yield from r.read_bytes(3, "rest")
+    return a, b, c, d, name, rest
+
+
+def test_reader_waits_for_input_byte_by_byte() -> None:
+    w = StreamWriter()
+    w.u8(9); w.be16(0x1234); w.be32(0xDEADBEEF); w.be64(1 << 63); w.counted_string("pc.ram"); w.raw(b"end")
+    data = w.take_bytes()
+    r = StreamReader()
+    step = _read_all(r)
+    next(step)                          # nothing buffered: waits
+    result = None
+    for i in range(len(data)):
+        r.feed(data[i:i + 1])
+        try:
+            next(step)
+        except StopIteration as done:
+            result = done.value
+            assert i == len(data) - 1
+    assert result == (9, 0x1234, 0xDEADBEEF, 1 << 63, b"pc.ram", b"end")
+    assert r.offset == len(data)
+
+
+def test_reader_truncation_names_the_item() -> None:
+    r = StreamReader()
+    r.feed(b"\x00\x01")
+    with pytest.raises(TruncatedStreamError) as info:
+        run_to_completion(r.read_be32("section id"), r)
+    assert info.value.what == "section id"
+    assert info.value.errno == 5
+    assert "section id" in str(info.value)
+    assert info.value.report() == ["load of migration failed: Input/output error"]
+
+
+def test_reader_is_dead_after_an_error() -> None:
+    r = StreamReader()
+    r.fail(StreamFormatError("Unknown savevm section type 9"))
+    with pytest.raises(DecoderStoppedError) as info:
+        r.feed(b"more")
+    assert "Unknown savevm section type 9" in str(info.value)
+
+
+def test_reader_refuses_input_after_close() -> None:
+    r = StreamReader()
+    r.close()
+    with pytest.raises(DecoderStoppedError):
+        r.feed(b"x")
+
+
+def test_reader_compacts_consumed_input() -> None:
+    r = StreamReader()
+    r.feed(bytes(2 << 20))
+    run_to_completion(r.skip_bytes(2 << 20, "filler"), r)
+    r.closed = False
+    r.feed(b"\x07")
+    assert len(r.buffer) == 1 and r.offset == 2 << 20
+    assert r.u8() == 7
+
+
+def test_wait_or_end_peeks_without_failing() -> None:
+    r = StreamReader()
+    r.feed(b"\x05")
+    r.close()
+    step = r.wait_or_end(2)
+    with pytest.raises(StopIteration) as done:
+        next(step)
+    assert done.value.value is False
