@@ -173,14 +173,10 @@ def read_state(data: Any, vmdesc: dict[str, Any], dump_memory: bool = False,
     state: dict[str, Any] = {}
     ram: dict[str, Any] = {"section sizes": target.section_sizes}
     try:
-        view = memoryview(data)
-        try:
-            events = []
-            for start in range(0, len(view), FEED_SIZE):
-                events += decoder.feed(view[start:start + FEED_SIZE])
-            events += decoder.close()
-        finally:
-            view.release()
+        events = []
+        for start in range(0, len(data), FEED_SIZE):
+            events += decoder.feed(data[start:start + FEED_SIZE])   # a copy: the mmap stays closable
+        events += decoder.close()
         for event in events:
             if isinstance(event, SectionLoaded) and event.section_type in (QEMU_VM_SECTION_START,
                                                                           QEMU_VM_SECTION_FULL):

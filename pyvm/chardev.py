@@ -38,7 +38,7 @@ import termios
 import threading
 from typing import Any, Callable, ClassVar
 
-from pyvm.errors import ConfigError, DeviceError
+from pyvm.errors import ConfigError
 
 Receiver = Callable[[bytes], None]
 CanReceive = Callable[[], int]
@@ -99,6 +99,7 @@ class CharBackend:
         self._room = threading.Event()
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
+        self._warned = False
 
     # -- wiring ---------------------------------------------------------------------------
     def set_receiver(self, fn: Receiver) -> None:
@@ -147,7 +148,7 @@ class CharBackend:
         """This backend's ``query-chardev`` entry."""
         return {"label": self.label, "filename": self.filename, "frame-opened": self.is_open()}
 
-    # -- helpers for subclasses ---------------------------------------------------------------
+    # -- for subclasses -----------------------------------------------------------------------
     def _spawn(self, target: Callable[[], None], name: str) -> None:
         thread = threading.Thread(target=target, name=f"{self.label}-{name}", daemon=True)
         self._threads.append(thread)
@@ -174,6 +175,13 @@ class CharBackend:
                 continue
             receiver(data[:room])
             data = data[room:]
+
+    def _warn_once(self, problem: str) -> None:
+        """Report a host-side output failure once; the guest's output is then dropped
+        (a full disk under a serial log must not stop the VM)."""
+        if not self._warned:
+            self._warned = True
+            print(f"pyvm: {self.label}: {problem}; serial output is dropped", file=sys.stderr)
 
     def _quit_requested(self) -> None:
         if self._on_quit is not None:
@@ -221,8 +229,7 @@ class FileBackend(CharBackend):
             try:
                 _write_all(self._fd, data)
             except OSError as err:
-                raise DeviceError(f"{self.label}: write to '{self.path}' failed: "
-                                  f"{err.strerror}") from err
+                self._warn_once(f"write to '{self.path}' failed: {err.strerror}")
 
     def close(self) -> None:
         super().close()
@@ -272,9 +279,8 @@ class StdioBackend(CharBackend):
             try:
                 _write_all(self.out_fd, data)
             except OSError as err:
-                if err.errno not in (errno.EPIPE, errno.EBADF):
-                    raise DeviceError(f"{self.label}: write to stdout failed: "
-                                      f"{err.strerror}") from err
+                if err.errno not in (errno.EPIPE, errno.EBADF):   # stdout gone: drop quietly
+                    self._warn_once(f"write to stdout failed: {err.strerror}")
 
     def _reader(self) -> None:
         while not self.closed:

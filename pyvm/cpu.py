@@ -114,7 +114,10 @@ class VCpu:
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN),
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT),
             self.uc.hook_add(uc_mod.UC_HOOK_INTR, self._on_intr),
-            self.uc.hook_add(uc_mod.UC_HOOK_MEM_INVALID, self._on_invalid_mem),
+            # Only outside RAM: a memory hook covering RAM would keep every store on
+            # Unicorn's slow path (cputlb.c never marks such TLB entries dirty).
+            self.uc.hook_add(uc_mod.UC_HOOK_MEM_INVALID, self._on_invalid_mem, None,
+                             ram.total, (1 << 64) - 1),
         ]
         self._vmem_translate = _vmem_translate_fn()
         self.state = CpuState(self)
@@ -166,6 +169,19 @@ class VCpu:
     def kick(self) -> None:
         """Ask the running engine to return (any thread)."""
         self.uc.emu_stop()
+
+    def after_hlt(self) -> bool:
+        """True if the instruction just before the current pc is HLT (opcode 0xf4)."""
+        if not self.cr0 & CR0_PE:
+            base = self.get("cs") << 4
+        elif self.long_mode:
+            base = 0
+        else:
+            base = self._segment_base(self.get("cs"))
+        try:
+            return self.read_linear(base + self.pc - 1, 1) == b"\xf4"
+        except ValueError:
+            return False
 
     @property
     def pc(self) -> int:

@@ -502,7 +502,8 @@ class Machine:
         if deadline is not None:
             timeout = max(0.0, min(timeout, (deadline - self.clock.now_ns()) / 1e9))
         with self._wake:
-            if self._requests.empty() and not self._timer.take_kick() and not self.pic.has_pending():
+            deliverable = self.pic.has_pending() and self.cpus[0].interrupts_enabled()
+            if self._requests.empty() and not self._timer.take_kick() and not deliverable:
                 self._wake.wait(timeout)
 
     def _run_slice(self, cpu: VCpu, slice_s: float) -> None:
@@ -526,8 +527,9 @@ class Machine:
             return
         if cpu.stop_in_hook or stopped:
             return
-        # Returned by itself: the guest executed HLT.
-        cpu.halted = True
+        # Returned by itself: the guest executed HLT (the byte before the new pc is 0xf4).
+        if cpu.after_hlt():
+            cpu.halted = True
 
     def _guest_fault(self, cpu: VCpu, fault: GuestFault) -> None:
         report = f"pyvm: guest fault, vCPU {cpu.index} stopped: {fault}\n{cpu.report()}"

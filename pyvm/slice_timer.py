@@ -51,6 +51,8 @@ class SliceTimer:
         with self._cond:
             self._kicked = True
             cpu = self._cpu
+            if cpu is not None:
+                self._stopped_slice = True
             self._cond.notify()
         if cpu is not None:
             cpu.kick()

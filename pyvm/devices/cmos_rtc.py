@@ -18,6 +18,7 @@ Reference: Motorola MC146818A datasheet, "Address Map", "Registers A-D" and "Int
   If the run loop falls behind, missed periodic ticks merge into one interrupt.
 * Register D reads 0x80 (valid RAM and time).  Bytes 0x0e-0x7f are battery-backed RAM.
 * The divider bits of register A are stored but do not stop the clock.
+* A time set by the guest is clamped to a valid date in the years 1900-2199.
 """
 
 from __future__ import annotations
@@ -48,6 +49,8 @@ REG_D_VRT = 0x80
 ALARM_DONT_CARE = 0xC0              # alarm byte values 0xc0-0xff match any value
 
 EPOCH = datetime.datetime(1970, 1, 1)
+# Years a guest can set: what the century byte covers, and what keeps offset_ns in int64.
+YEAR_MIN, YEAR_MAX = 1900, 2199
 
 RTC_VMSD = VMStateDescription(
     name="mc146818rtc",
@@ -212,7 +215,7 @@ class CmosRtc(Device):
         hour = min(self._decode_hours(self._ram[REG_HOURS]), 23)
         minute = min(self._decode(self._ram[REG_MINUTES]), 59)
         second = min(self._decode(self._ram[REG_SECONDS]), 59)
-        year = min(max(year, 1), 9999)
+        year = min(max(year, YEAR_MIN), YEAR_MAX)
         while True:
             try:
                 t = datetime.datetime(year, month, day, hour, minute, second)

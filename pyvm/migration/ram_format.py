@@ -298,7 +298,12 @@ class RamLoader:
                         self.normal_pages += 1
                     elif kind == RAM_SAVE_FLAG_ZERO:
                         fill = buf[data]
-                        view[addr:addr + page] = _ZERO_PAGE if fill == 0 else bytes((fill,)) * page
+                        if fill:
+                            view[addr:addr + page] = bytes((fill,)) * page
+                        elif view[addr:addr + page].tobytes() != _ZERO_PAGE:
+                            # only write when needed, so untouched RAM stays unallocated
+                            # (ram.c ram_handle_zero)
+                            view[addr:addr + page] = _ZERO_PAGE
                         self.zero_pages += 1
                     elif kind == RAM_SAVE_FLAG_XBZRLE:
                         raise UnsupportedFeatureError(f"Failed to decompress XBZRLE page at {addr:x}",

@@ -6,6 +6,26 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from pyvm.vmstate import SCALAR_SIZES, VMStateDescription
+
+
+def assert_vmsd_fits(dev: object, vmsd: VMStateDescription) -> None:
+    """Every vmsd attribute of ``dev`` holds a value its field type can carry."""
+    for f in vmsd.fields:
+        value = getattr(dev, f.name)
+        items = list(value) if f.count > 1 else [value]
+        assert len(items) == f.count, f.name
+        for item in items:
+            if f.type == "buffer":
+                assert isinstance(item, bytes) and len(item) == f.size, f.name
+            elif f.type == "bool":
+                assert item in (0, 1), f.name
+            else:
+                bits = 8 * SCALAR_SIZES[f.type]
+                low, high = ((-(1 << (bits - 1)), (1 << (bits - 1)) - 1)
+                             if f.type.startswith("int") else (0, (1 << bits) - 1))
+                assert isinstance(item, int) and low <= item <= high, (f.name, item)
+
 
 @dataclass
 class ManualClock:
@@ -53,3 +73,9 @@ class FakeContext:
 @pytest.fixture
 def ctx() -> FakeContext:
     return FakeContext()
+
+
+@pytest.fixture
+def vmsd_fits():
+    """The :func:`assert_vmsd_fits` check, as a fixture (no test imports conftest)."""
+    return assert_vmsd_fits

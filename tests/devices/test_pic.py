@@ -251,11 +251,12 @@ def test_sixteen_bit_write_reaches_both_ports(ctx):
     assert p.acknowledge() == 0x32      # single mode: IR2 is an ordinary line
 
 
-def test_save_and_load_preserve_pending_and_in_service(pic, ctx):
+def test_save_and_load_preserve_pending_and_in_service(pic, ctx, vmsd_fits):
     pulse(pic, 3)
     pic.acknowledge()
     pulse(pic, 12)
     pic.pre_save()
+    vmsd_fits(pic, PIC_VMSD)
     saved = {f.name: list(getattr(pic, f.name)) for f in PIC_VMSD.fields}
     other = PicPair()
     other.attach(ctx)

@@ -51,7 +51,7 @@ def test_vmdesc_text_is_qemu_style() -> None:
 
 def test_subsection_not_needed_is_not_sent_nor_described() -> None:
     dev = sample_device()
-    dev.extra = 0
+    setattr(dev, "extra", 0)
     data, desc = _save(FAKE_VMSD, dev)
     assert data == SAMPLE_BYTES[:-len(b"\x05\x0efake-dev/extra") - 6]
     assert "subsections" not in desc

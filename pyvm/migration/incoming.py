@@ -1,0 +1,152 @@
+"""The destination side: wait for a stream, load it into the VM, start the guest.
+
+``-incoming URI`` starts listening (or opening the file / command) at start-up;
+``-incoming defer`` waits for ``migrate-incoming``.  The VM stays in ``inmigrate`` while
+the stream loads on a thread of its own: RAM pages go straight into guest RAM through the
+decoder's bounds-checked writes, device and vCPU sections into their objects.  After the
+end of the stream the guest takes the run state the source had (``globalstate``):
+``running`` runs it (unless this VM was started with ``-S``), anything else leaves it
+stopped.  A bad or cut stream prints QEMU's load errors and ends the process with status 1,
+unless ``exit-on-error`` was false, in which case the VM stays up in ``failed``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from typing import TYPE_CHECKING, Any, Callable, Collection
+
+from pyvm.errors import PyvmError
+from pyvm.migration import ram_format
+from pyvm.migration.decoder import StreamDecoder
+from pyvm.migration.errors import MigrationError
+from pyvm.migration.status import MigrationStatus, build_incoming_info
+from pyvm.runstate import RunState
+
+if TYPE_CHECKING:
+    from pyvm.machine import Machine
+    from pyvm.migration.manager import MigrationManager
+
+READ_SIZE = 1 << 20
+
+
+class MachineLoadTarget:
+    """The decoder's view of the destination VM (pyvm.migration.decoder.LoadTarget)."""
+
+    def __init__(self, machine: "Machine", manager: "MigrationManager") -> None:
+        self.machine = machine
+        self.manager = manager
+        self.loaded_runstate: str | None = None
+        self._objects = {(o.idstr, o.instance_id): o for o in machine.migratable()}
+
+    def machine_type(self) -> str | None:
+        return self.machine.machine_type
+
+    def capabilities(self) -> Collection[str] | None:
+        return self.manager.stream_capabilities()
+
+    def ram_block(self, name: str, length: int) -> ram_format.RamBlock | None:
+        block = self.machine.ram.by_name(name)
+        if block is None:
+            return None
+        ignored = self.manager.block_ignored(block)
+        return ram_format.RamBlock(block.name, block.size, block.gpa,
+                                   None if ignored else block.mem, ignored)
+
+    def device(self, idstr: str, instance_id: int) -> Any:
+        return self._objects.get((idstr, instance_id))
+
+    def set_runstate(self, runstate: str) -> None:
+        self.loaded_runstate = runstate
+
+
+class IncomingMigration:
+    """One incoming migration: a transport opener plus the load thread."""
+
+    def __init__(self, manager: "MigrationManager", machine: "Machine",
+                 open_channel: Callable[[], Any], exit_on_error: bool = True,
+                 socket_address: list[dict[str, Any]] | None = None,
+                 on_close: Callable[[], None] | None = None) -> None:
+        self.mgr = manager
+        self.machine = machine
+        self.open_channel = open_channel
+        self.exit_on_error = exit_on_error
+        self.socket_address = socket_address
+        self.on_close = on_close
+        self.status: MigrationStatus | None = None
+        self.error_desc: str | None = None
+        self.channel: Any = None
+        self.thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def query(self) -> dict[str, Any]:
+        return build_incoming_info(self.status, self.socket_address, self.error_desc)
+
+    def _set_status(self, status: MigrationStatus) -> None:
+        self.status = status
+        self.mgr.set_status(status)
+
+    def _run(self) -> None:
+        target = MachineLoadTarget(self.machine, self.mgr)
+        decoder = StreamDecoder(target)
+        try:
+            self.channel = self.open_channel()
+            self._set_status(MigrationStatus.ACTIVE)
+            buf = bytearray(READ_SIZE)
+            view = memoryview(buf)
+            while not decoder.finished:
+                n = self.channel.readinto(view)
+                if n == 0:
+                    decoder.close()
+                    break
+                decoder.feed(view[:n])
+            self._finish(target)
+        except MigrationError as err:
+            self._fail(err.report(), str(err))
+        except (PyvmError, OSError) as err:
+            text = str(err)
+            self._fail([text, "load of migration failed: Input/output error"], text)
+        finally:
+            decoder.release()
+            if self.channel is not None:
+                try:
+                    self.channel.close()
+                except Exception:  # noqa: BLE001 - the load result stands
+                    pass
+            if self.on_close is not None:
+                self.on_close()
+
+    def _finish(self, target: MachineLoadTarget) -> None:
+        m = self.machine
+        source_state = target.loaded_runstate or "running"
+
+        def start_guest() -> None:
+            if source_state == "running":
+                m.runstate.set(RunState.RUNNING if m.autostart else RunState.PAUSED)
+            else:
+                try:
+                    m.runstate.set(RunState(source_state))
+                except ValueError:
+                    m.runstate.set(RunState.PAUSED)
+        m.run_on_loop(start_guest)
+        self._set_status(MigrationStatus.COMPLETED)
+
+    def _fail(self, lines: list[str], desc: str) -> None:
+        for line in lines:
+            print(f"pyvm: {line}", file=sys.stderr, flush=True)
+        self.error_desc = desc
+        self._set_status(MigrationStatus.FAILED)
+        if self.exit_on_error:
+            self.machine.request_exit(1)
+
+
+def start_incoming_from_cli(machine: "Machine", uri: str) -> None:
+    """``-incoming URI`` / ``-incoming defer`` at start-up."""
+    from pyvm.migration.service import migration_of
+
+    mgr = migration_of(machine)
+    mgr.deferred_incoming = uri == "defer"
+    if uri != "defer":
+        mgr.start_incoming(uri=uri, channels=None, exit_on_error=True, from_cli=True)

@@ -1,0 +1,105 @@
+"""Migration state of one VM: capabilities, parameters, blockers, the current migration.
+
+The QMP commands (:mod:`pyvm.migration.qmp_commands`) call into this object; the source
+thread (:mod:`pyvm.migration.precopy`) and the destination (:mod:`pyvm.migration.incoming`)
+report status changes through :meth:`MigrationManager.set_status`, which emits
+``MIGRATION`` events when the ``events`` capability is on, as QEMU does.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Callable
+
+from pyvm.errors import PyvmError
+from pyvm.migration.blockers import BlockerRegistry
+from pyvm.migration.capabilities import Capabilities
+from pyvm.migration.parameters import Parameters
+from pyvm.migration.status import MigrationStats, MigrationStatus, build_migration_info
+from pyvm.runstate import RunState
+
+if TYPE_CHECKING:
+    from pyvm.machine import Machine
+    from pyvm.migration.incoming import IncomingMigration
+    from pyvm.migration.precopy import Precopy
+    from pyvm.ram import RamBlock
+
+#: capabilities this build implements (others are refused by name)
+IMPLEMENTED_CAPABILITIES = {"events", "pause-before-switchover", "x-ignore-shared", "rdma-pin-all",
+                            "zero-blocks", "validate-uuid", "return-path"}
+
+ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
+                 MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE}
+
+
+class MigrationCommandError(PyvmError):
+    """A migration command refused, with QEMU's text."""
+
+
+class MigrationManager:
+    def __init__(self, machine: "Machine") -> None:
+        self.machine = machine
+        self.caps = Capabilities(implemented=IMPLEMENTED_CAPABILITIES)
+        self.params = Parameters()
+        self.blockers = BlockerRegistry()
+        self.lock = threading.RLock()
+        self.status = MigrationStatus.NONE
+        self.stats = MigrationStats()
+        self.error_desc: str | None = None
+        self.precopy: "Precopy | None" = None
+        self.incoming: "IncomingMigration | None" = None
+        self.thread: threading.Thread | None = None
+        self.start_time = 0.0
+        self.setup_time_ms = 0
+        self.total_time_ms = 0
+        self.downtime_ms = 0
+        self.expected_downtime_ms = 0
+        self.runstate_at_start = RunState.RUNNING
+        self.uri_error = False
+        self.socket_address: list[dict[str, Any]] | None = None
+        self.on_status: list[Callable[[MigrationStatus], None]] = []
+
+    # -- status and events ----------------------------------------------------------------------
+    def set_status(self, status: MigrationStatus) -> None:
+        with self.lock:
+            self.status = status
+        if self.caps.enabled("events"):
+            self.machine.events.emit("MIGRATION", {"status": status.value})
+        for fn in list(self.on_status):
+            fn(status)
+
+    def emit_pass(self, n: int) -> None:
+        if self.caps.enabled("events"):
+            self.machine.events.emit("MIGRATION_PASS", {"pass": n})
+
+    @property
+    def active(self) -> bool:
+        return self.status in ACTIVE_STATES
+
+    # -- what the stream carries ----------------------------------------------------------------
+    def stream_capabilities(self) -> list[str]:
+        """Enabled capabilities that are validated by the destination (configuration section)."""
+        return [c for c in self.caps.validated_enabled()]
+
+    def block_ignored(self, block: "RamBlock") -> bool:
+        """x-ignore-shared: a shared, file-backed block is not sent (QEMU: migrate_ram_is_ignored)."""
+        return self.caps.enabled("x-ignore-shared") and block.backend.named_file
+
+    # -- query-migrate ------------------------------------------------------------------------------
+    def query(self) -> dict[str, Any]:
+        with self.lock:
+            if self.incoming is not None:
+                return self.incoming.query()
+            return build_migration_info(
+                status=self.status, stats=self.stats, setup_time=self.setup_time_ms,
+                total_time=self._total_time(), downtime=self.downtime_ms,
+                expected_downtime=self.expected_downtime_ms, error_desc=self.error_desc,
+                blocked_reasons=self.blockers.reasons(), xbzrle=self.caps.enabled("xbzrle"))
+
+    def _total_time(self) -> int:
+        import time
+        if self.status in (MigrationStatus.COMPLETED,):
+            return self.total_time_ms
+        if self.start_time:
+            return int((time.monotonic() - self.start_time) * 1000)
+        return 0

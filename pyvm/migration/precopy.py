@@ -1,0 +1,310 @@
+"""The source side of a migration: precopy on its own thread.
+
+The algorithm (QEMU's ``migration_thread`` + ``ram_save_*``, re-told):
+
+1. **setup** — header, configuration section, the ``ram`` START section (block list);
+   dirty logging starts with every page marked, so round 1 sends all of RAM.  The first
+   bitmap sync counts as pass 1.
+2. **iterate** — send the dirty pages (zero pages as ``ZERO`` records, found by the native
+   scan; others as ``PAGE`` records straight from guest RAM) in a PART section, honouring
+   ``max-bandwidth``; then sync the bitmap again.  The bandwidth measured over the round
+   and ``downtime-limit`` decide: when what is left to send fits in the allowed downtime,
+   switch over.
+3. **switchover** — stop the vCPUs (``finish-migrate``, STOP), sync once more, send the last
+   pages in the END section, every device and vCPU as a FULL section, ``globalstate``,
+   EOF and the vmdesc trailer.  The source ends in ``postmigrate``.
+
+On any error or cancel the channel is shut, dirty logging stops, and a guest that was
+running runs again; guest RAM is only ever read.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+import numpy as np
+
+from pyvm.fastpath import bitmap_to_indices, find_zero_pages
+from pyvm.migration import ram_format
+from pyvm.migration.encoder import StreamEncoder
+from pyvm.migration.status import MigrationStatus
+from pyvm.runstate import RunState
+
+if TYPE_CHECKING:
+    from pyvm.machine import Machine
+    from pyvm.migration.manager import MigrationManager
+    from pyvm.ram import RamBlock
+
+PAGE = 4096
+BATCH_PAGES = 256              # pages per encoder call / writev (1 MiB)
+RATE_WINDOW = 0.1              # seconds: QEMU's BUFFER_DELAY rate-limit window
+
+
+class MigrationCancelled(Exception):
+    """Raised inside the thread when migrate_cancel asked it to stop."""
+
+
+@dataclass
+class _Round:
+    started: float
+    bytes_before: int
+    pages: int = 0
+
+
+def zero_mask(mem: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """``mask[i]`` True when page ``indices[i]`` of ``mem`` is all zero (runs scanned natively)."""
+    mask = np.zeros(indices.size, dtype=np.uint8)
+    if indices.size == 0:
+        return mask.astype(bool)
+    breaks = np.flatnonzero(np.diff(indices) != 1) + 1
+    starts = np.concatenate(([0], breaks))
+    ends = np.concatenate((breaks, [indices.size]))
+    for s, e in zip(starts.tolist(), ends.tolist()):
+        find_zero_pages(mem, int(indices[s]), e - s, mask[s:e])
+    return mask.astype(bool)
+
+
+class Precopy:
+    """One outgoing migration; :meth:`run` is the thread body."""
+
+    def __init__(self, manager: "MigrationManager", machine: "Machine",
+                 open_channel: Callable[[], Any]) -> None:
+        self.mgr = manager
+        self.machine = machine
+        self.open_channel = open_channel
+        self.channel: Any = None
+        self.cancel_requested = threading.Event()
+        self.continue_event = threading.Event()
+        self.enc = StreamEncoder()
+        self.stats = manager.stats
+        self._window_start = 0.0
+        self._window_bytes = 0
+        self._stopped_vm = False
+        self._was_running = False
+        self.mode = manager.params.mode
+
+    # -- thread body ------------------------------------------------------------------------
+    def run(self) -> None:
+        mgr = self.mgr
+        start = time.monotonic()
+        mgr.start_time = start
+        try:
+            self.channel = self.open_channel()
+            if self.cancel_requested.is_set():
+                raise MigrationCancelled()
+            self._setup()
+            mgr.setup_time_ms = int((time.monotonic() - start) * 1000)
+            if self.mode == "cpr-reboot":
+                mgr.set_status(MigrationStatus.ACTIVE)
+                self._complete()
+            else:
+                mgr.set_status(MigrationStatus.ACTIVE)
+                self._iterate()
+                self._complete()
+            self.channel.close()
+            mgr.total_time_ms = int((time.monotonic() - start) * 1000)
+            self._finish_ok()
+        except MigrationCancelled:
+            self._abort(None)
+        except Exception as err:  # noqa: BLE001 - every failure becomes 'failed' + error-desc
+            if self.cancel_requested.is_set():
+                self._abort(None)
+            else:
+                self._abort(str(err) or type(err).__name__)
+
+    # -- phases ------------------------------------------------------------------------------
+    def _blocks(self) -> list["RamBlock"]:
+        return [b for b in self.machine.ram if not self.mgr.block_ignored(b)]
+
+    def _setup(self) -> None:
+        m = self.machine
+        caps = self.mgr.stream_capabilities()
+        self._send(self.enc.header())
+        self._send(self.enc.configuration(m.machine_type, caps))
+        ignore_shared = "x-ignore-shared" in caps
+        codec_blocks = [ram_format.RamBlock(b.name, b.size, b.gpa, b.mem, self.mgr.block_ignored(b))
+                        for b in m.ram]
+        self._codec_blocks = {b.name: cb for b, cb in zip(m.ram, codec_blocks)}
+        self._send(self.enc.ram_setup(codec_blocks, ignore_shared))
+        self.stats.total = sum(b.size for b in self._blocks())
+        if self.mode == "cpr-reboot":
+            # The VM stops first and no dirty tracking is needed: one pass over stopped RAM.
+            self._stop_vm()
+            for b in self._blocks():
+                b.dirty.fetch_and_clear()
+            return
+        m.start_dirty_log(self._blocks())
+        self._sync(first=True)
+
+    def _iterate(self) -> None:
+        params = self.mgr.params
+        while True:
+            self._check_cancel()
+            rnd = _Round(time.monotonic(), self.channel.bytes_written)
+            self._send(self.enc.ram_section_begin(final=False))
+            for block, idx in self._pending:
+                self._send_pages(block, idx, rnd)
+            self._send(self.enc.ram_eos())
+            elapsed = max(time.monotonic() - rnd.started, 1e-6)
+            sent = self.channel.bytes_written - rnd.bytes_before
+            bandwidth = sent / elapsed                                    # bytes/s
+            self.stats.mbps = bandwidth * 8 / 1e6
+            self.stats.pages_per_second = int(rnd.pages / elapsed)
+            self._sync()
+            remaining = self.stats.remaining
+            avail = params.get("avail-switchover-bandwidth") or bandwidth
+            limit_ms = params.get("downtime-limit")
+            self.mgr.expected_downtime_ms = int(remaining / max(avail, 1) * 1000)
+            if remaining <= avail * limit_ms / 1000:
+                return
+
+    def _complete(self) -> None:
+        self._stop_vm()
+        if self.mgr.caps.enabled("pause-before-switchover"):
+            self.mgr.set_status(MigrationStatus.PRE_SWITCHOVER)
+            while not self.continue_event.wait(0.1):
+                self._check_cancel()
+            self.mgr.set_status(MigrationStatus.DEVICE)
+        downtime_start = time.monotonic()
+        before = self.channel.bytes_written
+        if self.mode == "cpr-reboot":
+            self._pending = [(b, np.arange(b.npages, dtype=np.int64)) for b in self._blocks()]
+        else:
+            self._sync()
+        self._send(self.enc.ram_section_begin(final=True))
+        rnd = _Round(time.monotonic(), before)
+        for block, idx in self._pending:
+            self._send_pages(block, idx, rnd, limit=False)
+        self._send(self.enc.ram_eos())
+        self.stats.remaining = 0
+
+        def save_devices() -> list[Any]:
+            return self.enc.device_sections(
+                (obj.idstr, obj.instance_id, obj) for obj in self.machine.migratable())
+        self._send(self.machine.run_on_loop(save_devices))
+        runstate = "running" if self._was_running else self.mgr.runstate_at_start.value
+        self._send(self.enc.globalstate(runstate))
+        self._send(self.enc.eof_and_vmdesc())
+        self.channel.flush()
+        self.stats.downtime_bytes += self.channel.bytes_written - before
+        self.mgr.downtime_ms = int((time.monotonic() - downtime_start) * 1000)
+        if self._stop_time is not None:
+            self.mgr.downtime_ms = int((time.monotonic() - self._stop_time) * 1000)
+
+    # -- helpers ------------------------------------------------------------------------------
+    _stop_time: float | None = None
+
+    def _stop_vm(self) -> None:
+        def stop() -> None:
+            self._was_running = self.machine.runstate.running
+            if self._was_running:
+                self.machine.runstate.set(RunState.FINISH_MIGRATE)
+                self._stopped_vm = True
+        self.machine.run_on_loop(stop)
+        self._stop_time = time.monotonic()
+
+    def _sync(self, first: bool = False) -> None:
+        pending = []
+        total = 0
+        for block in self._blocks():
+            idx = bitmap_to_indices(block.dirty.fetch_and_clear(), block.npages)
+            if idx.size:
+                pending.append((block, idx))
+                total += idx.size
+        self._pending = pending
+        now = time.monotonic()
+        if not first and self._last_sync:
+            self.stats.dirty_pages_rate = int(total / max(now - self._last_sync, 1e-6))
+        self._last_sync = now
+        self.stats.remaining = total * PAGE
+        self.stats.dirty_sync_count += 1
+        self.mgr.emit_pass(self.stats.dirty_sync_count)
+
+    _last_sync = 0.0
+    _pending: list = []
+
+    def _send_pages(self, block: "RamBlock", indices: np.ndarray, rnd: _Round,
+                    limit: bool = True) -> None:
+        cb = self._codec_blocks[block.name]
+        for s in range(0, indices.size, BATCH_PAGES):
+            self._check_cancel()
+            idx = indices[s:s + BATCH_PAGES]
+            mask = zero_mask(block.mem, idx)
+            before = self.channel.bytes_written
+            self._send(self.enc.ram_pages(cb, idx.tolist(), mask.tolist()))
+            nzero = int(mask.sum())
+            self.stats.duplicate += nzero
+            self.stats.normal += idx.size - nzero
+            rnd.pages += idx.size
+            self.stats.remaining = max(0, self.stats.remaining - idx.size * PAGE)
+            if self.machine.runstate.running:
+                self.stats.precopy_bytes += self.channel.bytes_written - before
+            elif limit:
+                self.stats.downtime_bytes += self.channel.bytes_written - before
+            if limit:
+                self._rate_limit(self.channel.bytes_written - before)
+
+    def _rate_limit(self, nbytes: int) -> None:
+        bw = self.mgr.params.get("max-bandwidth")
+        if not bw:
+            return
+        now = time.monotonic()
+        if now - self._window_start >= RATE_WINDOW:
+            self._window_start, self._window_bytes = now, 0
+        self._window_bytes += nbytes
+        budget = bw * RATE_WINDOW
+        if self._window_bytes >= budget:
+            wait = self._window_start + RATE_WINDOW - now
+            if wait > 0 and self.cancel_requested.wait(wait):
+                raise MigrationCancelled()
+            self._window_start, self._window_bytes = time.monotonic(), 0
+
+    def _send(self, chunks: list[Any]) -> None:
+        if chunks:
+            self.channel.writev(chunks)
+            self.stats.transferred = self.channel.bytes_written
+
+    def _check_cancel(self) -> None:
+        if self.cancel_requested.is_set():
+            raise MigrationCancelled()
+
+    # -- ends ----------------------------------------------------------------------------------
+    def _finish_ok(self) -> None:
+        m = self.machine
+        if self.mode != "cpr-reboot":
+            m.stop_dirty_log()
+        m.run_on_loop(lambda: m.runstate.set(RunState.POSTMIGRATE))
+        self.mgr.set_status(MigrationStatus.COMPLETED)
+
+    def _abort(self, error: str | None) -> None:
+        m = self.machine
+        if self.channel is not None:
+            try:
+                self.channel.shutdown()
+                self.channel.close()
+            except Exception:  # noqa: BLE001 - already failing; the first error is reported
+                pass
+        try:
+            if m.dirty_logging:
+                m.stop_dirty_log()
+        finally:
+            if self._stopped_vm:
+                m.run_on_loop(lambda: m.runstate.set(RunState.RUNNING))
+            if error is None:
+                self.mgr.set_status(MigrationStatus.CANCELLED)
+            else:
+                self.mgr.error_desc = error
+                self.mgr.set_status(MigrationStatus.FAILED)
+
+    def cancel(self) -> None:
+        self.cancel_requested.set()
+        self.continue_event.set()
+        ch = self.channel
+        if ch is not None:
+            try:
+                ch.shutdown()
+            except Exception:  # noqa: BLE001 - best effort to unblock a write
+                pass

@@ -1,0 +1,400 @@
+"""Byte channels for migration: the two interfaces every transport implements, and their fd core.
+
+A transport turns an address into a byte channel and knows nothing of the stream format.  The
+source writes the stream into an :class:`OutgoingChannel`; the destination reads it from an
+:class:`IncomingChannel`.  Channels do not buffer: ``write``/``writev`` return once the kernel
+has taken every byte, so guest RAM passed as memoryviews of its mmap goes to ``sendmsg`` or
+``writev`` without a copy.
+
+Errors::
+
+    PyvmError                         (pyvm.errors)
+     +-- TransportError               a channel could not be opened, written, read or closed;
+          |                           the text is QEMU's (``Unable to write to socket: Broken
+          |                           pipe``) and ``errno`` the OS error, if any
+          +-- TransportCancelled      the operation was aborted by ``shutdown()`` or an
+          |                           :class:`AbortSignal` (``migrate_cancel``)
+          +-- TransportTimeout        an ``accept`` with a timeout saw no connection
+
+Threads: one thread does the I/O of a channel; any other thread may call ``shutdown()`` to make
+a blocked ``write``/``read``/``accept`` raise :class:`TransportCancelled` promptly.  Only the
+owning thread calls ``close()``, after its I/O has returned.  Sockets block in the kernel
+(a large ``sendmsg`` runs without the GIL) and ``shutdown()`` wakes them with the socket's own
+``shutdown(2)``; pipes and files are non-blocking and wait in ``poll`` on the descriptor and the
+channel's :class:`AbortSignal`, so a cancel never depends on a child process closing its end.
+"""
+
+from __future__ import annotations
+
+import errno as errno_codes
+import os
+import select
+import threading
+from typing import Callable, Protocol, Sequence, TypeVar, Union, runtime_checkable
+
+from pyvm.errors import PyvmError
+
+#: What a channel accepts for writing: bytes-like objects; memoryviews are never copied.
+Chunk = Union[bytes, bytearray, memoryview]
+
+# Linux refuses writev/sendmsg with more than IOV_MAX (1024, <limits.h>) buffers.
+try:
+    IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+except (ValueError, OSError):
+    IOV_MAX = 1024
+
+_T = TypeVar("_T")
+
+_POLL_IN = select.POLLIN
+_POLL_OUT = select.POLLOUT
+
+
+class TransportError(PyvmError):
+    """A migration channel failed; ``str()`` is the text QEMU reports in ``error-desc``."""
+
+    def __init__(self, message: str, errno: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno
+
+
+class TransportCancelled(TransportError):
+    """The operation was aborted from another thread (``shutdown()``, ``migrate_cancel``)."""
+
+
+class TransportTimeout(TransportError):
+    """An accept with a timeout expired."""
+
+
+def os_error(message: str, err: OSError) -> TransportError:
+    """``message: strerror`` as QEMU's ``error_setg_errno`` words it."""
+    code = err.errno if err.errno is not None else errno_codes.EIO
+    return TransportError(f"{message}: {os.strerror(code)}", errno=code)
+
+
+def cancelled_error(message: str) -> TransportCancelled:
+    return TransportCancelled(f"{message}: {os.strerror(errno_codes.ECANCELED)}",
+                              errno=errno_codes.ECANCELED)
+
+
+@runtime_checkable
+class OutgoingChannel(Protocol):
+    """Where the source writes the migration stream."""
+
+    def write(self, data: Chunk) -> None:
+        """Write all of ``data`` (blocking); :class:`TransportError` on failure."""
+
+    def writev(self, chunks: Sequence[Chunk]) -> None:
+        """Write every chunk in order without copying memoryviews (``sendmsg``/``writev``)."""
+
+    def flush(self) -> None:
+        """Nothing is buffered in pyvm; present for symmetry with buffered writers."""
+
+    def close(self) -> None:
+        """Release the channel; may report a late failure (exit status, fsync)."""
+
+    def shutdown(self) -> None:
+        """Abort a blocked or future write from any thread."""
+
+    @property
+    def bytes_written(self) -> int:
+        """Bytes the kernel accepted so far."""
+
+
+@runtime_checkable
+class IncomingChannel(Protocol):
+    """Where the destination reads the migration stream from."""
+
+    def read(self, n: int) -> bytes:
+        """At most ``n`` bytes, at least one; ``b""`` at end of input."""
+
+    def readinto(self, buf: memoryview | bytearray) -> int:
+        """Fill ``buf`` with at most ``len(buf)`` bytes; 0 at end of input."""
+
+    def close(self) -> None:
+        """Release the channel."""
+
+    def shutdown(self) -> None:
+        """Abort a blocked or future read from any thread."""
+
+
+class AbortSignal:
+    """A one-shot flag that wakes threads blocked in a channel (an eventfd under the hood).
+
+    Every channel has its own (``shutdown()`` triggers it); the orchestration may pass one to
+    :func:`~pyvm.migration.transports.socket_transport.connect_inet` to abort a slow connect.
+    Whoever created a signal closes it.
+    """
+
+    def __init__(self) -> None:
+        self._fd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        self._lock = threading.Lock()
+        self._triggered = False
+        self._closed = False
+
+    @property
+    def triggered(self) -> bool:
+        return self._triggered
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def trigger(self) -> None:
+        """Wake every waiter; later waits return at once.  Safe from any thread."""
+        with self._lock:
+            if self._triggered or self._closed:
+                self._triggered = True
+                return
+            self._triggered = True
+            os.eventfd_write(self._fd, 1)
+
+    def close(self) -> None:
+        with self._lock:
+            if not self._closed:
+                self._closed = True
+                os.close(self._fd)
+
+
+def wait_ready(fd: int, events: int, abort: AbortSignal | None,
+               timeout: float | None = None) -> bool:
+    """Block until ``fd`` has one of ``events`` (or an error/hang-up): True; False on timeout.
+
+    Raises nothing itself; the caller checks ``abort.triggered`` afterwards.
+    """
+    poller = select.poll()
+    poller.register(fd, events)
+    if abort is not None:
+        if abort.triggered:
+            return True
+        poller.register(abort.fileno(), _POLL_IN)
+    ready = poller.poll(None if timeout is None else max(0, int(timeout * 1000)))
+    return bool(ready)
+
+
+def as_views(chunks: Sequence[Chunk]) -> list[memoryview]:
+    """The chunks as flat byte memoryviews (no copy); empty chunks are dropped."""
+    views = []
+    for chunk in chunks:
+        view = chunk if isinstance(chunk, memoryview) else memoryview(chunk)
+        if view.ndim != 1 or view.format not in ("B", "b", "c"):
+            view = view.cast("B")
+        if view.nbytes:
+            views.append(view)
+    return views
+
+
+class FdOutgoing:
+    """An :class:`OutgoingChannel` over one non-blocking file descriptor.
+
+    ``kind`` names the peer in error texts as QEMU's channels do: ``socket``, ``command`` or
+    ``file`` (``Unable to write to file: No space left on device``).  Subclasses override
+    :meth:`_send`, :meth:`_on_shutdown` and :meth:`_release`.
+    """
+
+    kind = "file"
+
+    def __init__(self, fd: int, *, description: str, kernel_wakeup: bool = False) -> None:
+        # kernel_wakeup: _on_shutdown() itself wakes a blocked call (socket shutdown), so the
+        # descriptor stays blocking and a big writev waits in the kernel, not in poll rounds.
+        os.set_blocking(fd, kernel_wakeup)
+        self._fd = fd
+        self.description = description
+        self._abort = AbortSignal()
+        self._lock = threading.Lock()
+        self._released = False
+        self._error: TransportError | None = None
+        self._bytes_written = 0
+
+    # -- OutgoingChannel ---------------------------------------------------------------------
+    @property
+    def bytes_written(self) -> int:
+        return self._bytes_written
+
+    @property
+    def error(self) -> TransportError | None:
+        """The first failure of this channel (writes after it raise it again)."""
+        return self._error
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def write(self, data: Chunk) -> None:
+        self.writev((data,))
+
+    def writev(self, chunks: Sequence[Chunk]) -> None:
+        if self._error is not None:
+            raise self._error
+        if self._released:
+            raise self._fail(TransportError(f"Unable to write to {self.kind}: channel is closed",
+                                            errno=errno_codes.EBADF))
+        views = as_views(chunks)
+        index, count = 0, len(views)
+        while index < count:
+            if self._abort.triggered:
+                raise self._fail(cancelled_error(f"Unable to write to {self.kind}"))
+            try:
+                sent = self._send(views[index:index + IOV_MAX])
+            except BlockingIOError:
+                wait_ready(self._fd, _POLL_OUT, self._abort)
+                continue
+            except OSError as err:
+                if self._abort.triggered:
+                    raise self._fail(cancelled_error(f"Unable to write to {self.kind}")) from err
+                raise self._fail(os_error(f"Unable to write to {self.kind}", err)) from err
+            self._bytes_written += sent
+            # Drop what the kernel took; a partly sent view is sliced, never copied.
+            while sent:
+                size = views[index].nbytes
+                if sent >= size:
+                    sent -= size
+                    index += 1
+                else:
+                    views[index] = views[index][sent:]
+                    sent = 0
+
+    def flush(self) -> None:
+        if self._error is not None:
+            raise self._error
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._abort.trigger()
+            self._on_shutdown()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        # Outside the lock: releasing may wait (a command's exit) and shutdown() must still
+        # be able to cut that wait short.
+        try:
+            self._release()
+        finally:
+            self._abort.close()
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _send(self, views: list[memoryview]) -> int:
+        return os.writev(self._fd, views)
+
+    def _on_shutdown(self) -> None:
+        """Transport-specific abort (socket shutdown, killing a command).
+
+        Called under the lock, also after ``close()`` began (``self._released`` is then true).
+        """
+
+    def _release(self) -> None:
+        """Close the descriptor; raise :class:`TransportError` for a late failure."""
+        os.close(self._fd)
+
+    def _fail(self, error: TransportError) -> TransportError:
+        if self._error is None:
+            self._error = error
+        return self._error
+
+    @property
+    def cancelled(self) -> bool:
+        return self._abort.triggered
+
+
+class FdIncoming:
+    """An :class:`IncomingChannel` over one non-blocking file descriptor (see :class:`FdOutgoing`)."""
+
+    kind = "file"
+
+    def __init__(self, fd: int, *, description: str, kernel_wakeup: bool = False) -> None:
+        os.set_blocking(fd, kernel_wakeup)
+        self._fd = fd
+        self.description = description
+        self._abort = AbortSignal()
+        self._lock = threading.Lock()
+        self._released = False
+        self._eof = False
+        self._bytes_read = 0
+
+    @property
+    def bytes_read(self) -> int:
+        return self._bytes_read
+
+    @property
+    def at_eof(self) -> bool:
+        return self._eof
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read(self, n: int) -> bytes:
+        if n <= 0:
+            return b""
+        data = self._blocking(lambda: self._recv(n))
+        if not data:
+            self._eof = True
+        self._bytes_read += len(data)
+        return data
+
+    def readinto(self, buf: memoryview | bytearray) -> int:
+        view = buf if isinstance(buf, memoryview) else memoryview(buf)
+        if view.ndim != 1 or view.format != "B":
+            view = view.cast("B")
+        if not view.nbytes:
+            return 0
+        got = self._blocking(lambda: self._recv_into(view))
+        if not got:
+            self._eof = True
+        self._bytes_read += got
+        return got
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._abort.trigger()
+            self._on_shutdown()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        # Outside the lock: releasing may wait (a command's exit) and shutdown() must still
+        # be able to cut that wait short.
+        try:
+            self._release()
+        finally:
+            self._abort.close()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._abort.triggered
+
+    def _blocking(self, call: Callable[[], _T]) -> _T:
+        if self._released:
+            raise TransportError(f"Unable to read from {self.kind}: channel is closed",
+                                 errno=errno_codes.EBADF)
+        while True:
+            if self._abort.triggered:
+                raise cancelled_error(f"Unable to read from {self.kind}")
+            try:
+                result = call()
+            except BlockingIOError:
+                wait_ready(self._fd, _POLL_IN, self._abort)
+                continue
+            except OSError as err:
+                if self._abort.triggered:
+                    raise cancelled_error(f"Unable to read from {self.kind}") from err
+                raise os_error(f"Unable to read from {self.kind}", err) from err
+            if not result and self._abort.triggered:
+                # A socket shut down by shutdown() reads as end of input: it is a cancel.
+                raise cancelled_error(f"Unable to read from {self.kind}")
+            return result
+
+    # -- hooks ---------------------------------------------------------------------------------
+    def _recv(self, n: int) -> bytes:
+        return os.read(self._fd, n)
+
+    def _recv_into(self, view: memoryview) -> int:
+        return os.readv(self._fd, [view])
+
+    def _on_shutdown(self) -> None:
+        """Transport-specific abort; see :meth:`FdOutgoing._on_shutdown`."""
+
+    def _release(self) -> None:
+        os.close(self._fd)
+

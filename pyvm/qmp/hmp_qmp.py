@@ -1,0 +1,30 @@
+"""``human-monitor-command``: run one human-monitor line over QMP (monitor/qmp-cmds.c).
+
+Each call gets a fresh human monitor (QEMU creates one per call), optionally bound to
+``cpu-index``; the output is returned as a string with ``\\r\\n`` line ends.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyvm.qmp.context import CommandContext
+from pyvm.qmp.errors import CommandError
+from pyvm.qmp.registry import CommandTable
+
+
+def human_monitor_command(ctx: CommandContext, args: dict[str, Any]) -> str:
+    from pyvm.qmp.hmp import HmpState, default_hmp_table, run_line
+    state = HmpState()
+    if "cpu-index" in args:
+        if args["cpu-index"] not in {c["cpu-index"] for c in ctx.vm.cpus_info()}:
+            raise CommandError("Parameter 'cpu-index' expects a CPU number")
+        state.cpu_index = args["cpu-index"]
+    table = ctx.service.hmp_table if ctx.service is not None else default_hmp_table()
+    text = run_line(table, ctx, state, args["command-line"])
+    return text.replace("\n", "\r\n")
+
+
+def install(table: CommandTable) -> None:
+    table.register("human-monitor-command", {"command-line": "str", "*cpu-index": "int"},
+                   "str", human_monitor_command)
