@@ -52,8 +52,38 @@ GPR32 = ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp")
 SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
 
 
+_REG_IDS: dict[str, int] = {}
+
+
 def _reg(name: str) -> int:
-    return int(getattr(X, "UC_X86_REG_" + name.upper()))
+    rid = _REG_IDS.get(name)
+    if rid is None:
+        rid = _REG_IDS[name] = int(getattr(X, "UC_X86_REG_" + name.upper()))
+    return rid
+
+
+def _raw_reg_functions() -> tuple[Any, Any]:
+    """uc_reg_read/uc_reg_write through ctypes directly: the binding's generic path costs
+    several microseconds per register, and interrupt delivery touches a dozen."""
+    from unicorn.unicorn_py3 import unicorn as ucmod
+
+    read = ucmod.uclib.uc_reg_read
+    write = ucmod.uclib.uc_reg_write
+    return read, write
+
+
+_RAW_READ, _RAW_WRITE = _raw_reg_functions()
+
+
+class _Msr(ctypes.Structure):
+    """uc_x86_msr (unicorn/x86.h)."""
+    _fields_ = [("rid", ctypes.c_uint32), ("value", ctypes.c_uint64)]
+
+
+class _Mmr(ctypes.Structure):
+    """uc_x86_mmr (unicorn/x86.h): GDTR, IDTR, LDTR, TR."""
+    _fields_ = [("selector", ctypes.c_uint16), ("base", ctypes.c_uint64),
+                ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
 # The vCPU's saved state (QEMU's vmsd is also called "cpu"; the fields here are pyvm's).
@@ -101,6 +131,7 @@ class VCpu:
         self.ram = ram
         self.uc = uc_mod.Uc(uc_mod.UC_ARCH_X86, uc_mod.UC_MODE_64 if wide else uc_mod.UC_MODE_32)
         self.uc.ctl_set_cpu_model(X.UC_CPU_X86_QEMU64)
+        self._uch = self.uc._uch
         for block in ram:
             self.uc.mem_map_ptr(block.gpa, block.size, uc_mod.UC_PROT_ALL, block.host_address)
         self._io_read = io_read
@@ -185,18 +216,38 @@ class VCpu:
 
     @property
     def pc(self) -> int:
-        return int(self.uc.reg_read(X.UC_X86_REG_RIP if self.wide else X.UC_X86_REG_EIP))
+        return self.get("rip" if self.wide else "eip")
 
     # -- registers ---------------------------------------------------------------------------
     def get(self, name: str) -> int:
-        return int(self.uc.reg_read(_reg(name)))
+        """A scalar register (at most 64 bits) by Unicorn name: "eax", "cr0", "cs"..."""
+        buf = ctypes.c_uint64(0)
+        err = _RAW_READ(self._uch, _reg(name), ctypes.byref(buf))
+        if err:
+            raise uc_mod.UcError(err)
+        return buf.value
 
     def set(self, name: str, value: int) -> None:
-        self.uc.reg_write(_reg(name), value)
+        buf = ctypes.c_uint64(value & 0xFFFFFFFFFFFFFFFF)
+        err = _RAW_WRITE(self._uch, _reg(name), ctypes.byref(buf))
+        if err:
+            raise uc_mod.UcError(err)
 
     @property
     def efer(self) -> int:
-        return int(self.uc.msr_read(MSR_EFER))
+        msr = _Msr(MSR_EFER, 0)
+        err = _RAW_READ(self._uch, X.UC_X86_REG_MSR, ctypes.byref(msr))
+        if err:
+            raise uc_mod.UcError(err)
+        return int(msr.value)
+
+    def table_register(self, name: str) -> tuple[int, int]:
+        """(base, limit) of "gdtr" or "idtr"."""
+        mmr = _Mmr()
+        err = _RAW_READ(self._uch, _reg(name), ctypes.byref(mmr))
+        if err:
+            raise uc_mod.UcError(err)
+        return int(mmr.base), int(mmr.limit)
 
     @property
     def cr0(self) -> int:
@@ -257,7 +308,7 @@ class VCpu:
             return (selector & 0xFFFF) << 4
         if self.long_mode:
             return 0
-        _, gdt_base, gdt_limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
+        gdt_base, gdt_limit = self.table_register("gdtr")
         index = selector & ~7
         if selector & 4 or index + 7 > gdt_limit:
             return 0
@@ -289,7 +340,7 @@ class VCpu:
         return sp
 
     def _deliver_real(self, vector: int) -> None:
-        _, ivt_base, ivt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        ivt_base, ivt_limit = self.table_register("idtr")
         if vector * 4 + 3 > ivt_limit:
             raise ValueError(f"vector {vector:#x} beyond the IVT limit")
         ip, cs = struct.unpack("<HH", self.read_linear(ivt_base + vector * 4, 4))
@@ -306,7 +357,7 @@ class VCpu:
         self.set("eip", ip)
 
     def _deliver_protected(self, vector: int, error_code: int | None) -> None:
-        _, idt_base, idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        idt_base, idt_limit = self.table_register("idtr")
         if vector * 8 + 7 > idt_limit:
             raise ValueError(f"vector {vector:#x} beyond the IDT limit")
         lo, hi = struct.unpack("<II", self.read_linear(idt_base + vector * 8, 8))
@@ -325,9 +376,10 @@ class VCpu:
         words = [flags, self.get("cs"), self.get("eip")]
         if vector in ERROR_CODE_VECTORS and error_code is not None:
             words.append(error_code)
-        for w in words:
-            esp = (esp - 4) & 0xFFFFFFFF
-            self.write_linear(ss_base + esp, struct.pack("<I", w & 0xFFFFFFFF))
+        esp = (esp - 4 * len(words)) & 0xFFFFFFFF
+        # The frame, lowest address first: [error code], EIP, CS, EFLAGS.
+        frame = struct.pack(f"<{len(words)}I", *(w & 0xFFFFFFFF for w in reversed(words)))
+        self.write_linear(ss_base + esp, frame)
         self.set("esp", esp)
         new_flags = flags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
         if gate_type == 0xE:
@@ -337,7 +389,7 @@ class VCpu:
         self.set("eip", offset)
 
     def _deliver_long(self, vector: int, error_code: int | None) -> None:
-        _, idt_base, idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
+        idt_base, idt_limit = self.table_register("idtr")
         if vector * 16 + 15 > idt_limit:
             raise ValueError(f"vector {vector:#x} beyond the IDT limit")
         raw = self.read_linear(idt_base + vector * 16, 16)
@@ -358,10 +410,9 @@ class VCpu:
         frame = [self.get("ss"), rsp, flags, self.get("cs"), rip]
         if vector in ERROR_CODE_VECTORS and error_code is not None:
             frame.append(error_code)
-        sp = (rsp & ~0xF) & 0xFFFFFFFFFFFFFFFF
-        for q in frame:
-            sp -= 8
-            self.write_linear(sp, struct.pack("<Q", q & 0xFFFFFFFFFFFFFFFF))
+        sp = ((rsp & ~0xF) - 8 * len(frame)) & 0xFFFFFFFFFFFFFFFF
+        self.write_linear(sp, struct.pack(f"<{len(frame)}Q",
+                                          *(q & 0xFFFFFFFFFFFFFFFF for q in reversed(frame))))
         self.set("rsp" if w else "esp", sp)
         new_flags = flags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF)
         if gate_type == 0xE:

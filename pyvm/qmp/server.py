@@ -214,7 +214,8 @@ class _HmpConnection(_Connection):
                 break
             raw = bytes(self.buffer[:end]).rstrip(b"\r")
             del self.buffer[:end + 1]
-            self.lines.append(raw.decode("utf-8", "replace"))
+            self.lines.append(raw.decode("utf-8", "replace") if len(raw) <= MAX_HMP_LINE
+                              else "\x00too-long")
         if len(self.buffer) > MAX_HMP_LINE:
             self.buffer.clear()
             self.lines.append("\x00too-long")

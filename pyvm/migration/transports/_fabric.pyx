@@ -246,13 +246,13 @@ cdef int POLL_BATCH = 64
 class FabricError(Exception):
     """A libfabric call or a completion failed.
 
-    ``call`` names the call, ``errno`` is libfabric's positive error number and ``op`` the
+    ``str()`` is libfabric's text for the error; ``call`` names the call, ``errno`` is libfabric's positive error number and ``op`` the
     operation number a failed completion belonged to (-1 when not known).
     """
 
     def __init__(self, call, errno_, detail="", op=-1):
         text = fi_strerror(errno_).decode("utf-8", "replace")
-        message = f"{call}: {text}" + (f" ({detail})" if detail else "")
+        message = text + (f" ({detail})" if detail and detail != text else "")
         super().__init__(message)
         self.call = call
         self.errno = errno_

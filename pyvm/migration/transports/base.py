@@ -30,7 +30,7 @@ import errno as errno_codes
 import os
 import select
 import threading
-from typing import Callable, Protocol, Sequence, TypeVar, Union, runtime_checkable
+from typing import Protocol, Sequence, Union, runtime_checkable
 
 from pyvm.errors import PyvmError
 
@@ -42,8 +42,6 @@ try:
     IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
 except (ValueError, OSError):
     IOV_MAX = 1024
-
-_T = TypeVar("_T")
 
 _POLL_IN = select.POLLIN
 _POLL_OUT = select.POLLOUT
@@ -182,12 +180,31 @@ def as_views(chunks: Sequence[Chunk]) -> list[memoryview]:
     return views
 
 
+def detached(error: TransportError, cause: OSError | None = None) -> TransportError:
+    """``error`` with its cause but without frames that could pin the caller's buffers.
+
+    A traceback keeps every frame's locals alive; a channel's frames hold memoryviews of
+    guest RAM, and an error kept for ``query-migrate`` must not stop that mmap from closing.
+    """
+    if cause is not None:
+        error.__cause__ = cause.with_traceback(None)
+    return error
+
+
+def fresh(error: TransportError) -> TransportError:
+    """A new exception equal to ``error`` (the stored one is never raised, so it stays bare)."""
+    copy = type(error)(str(error), errno=error.errno)
+    copy.__cause__ = error.__cause__
+    return copy
+
+
 class FdOutgoing:
-    """An :class:`OutgoingChannel` over one non-blocking file descriptor.
+    """An :class:`OutgoingChannel` over one file descriptor.
 
     ``kind`` names the peer in error texts as QEMU's channels do: ``socket``, ``command`` or
     ``file`` (``Unable to write to file: No space left on device``).  Subclasses override
-    :meth:`_send`, :meth:`_on_shutdown` and :meth:`_release`.
+    :meth:`_send`, :meth:`_on_shutdown` and :meth:`_release`.  After the first failure every
+    write raises the same error again (:attr:`error`).
     """
 
     kind = "file"
@@ -211,8 +228,12 @@ class FdOutgoing:
 
     @property
     def error(self) -> TransportError | None:
-        """The first failure of this channel (writes after it raise it again)."""
+        """The first failure of this channel (writes after it raise an equal error)."""
         return self._error
+
+    @property
+    def cancelled(self) -> bool:
+        return self._abort.triggered
 
     def fileno(self) -> int:
         return self._fd
@@ -221,16 +242,23 @@ class FdOutgoing:
         self.writev((data,))
 
     def writev(self, chunks: Sequence[Chunk]) -> None:
+        if self._error is None:
+            if self._released:
+                self._fail(TransportError(f"Unable to write to {self.kind}: channel is closed",
+                                          errno=errno_codes.EBADF))
+            else:
+                self._write_all(as_views(chunks))
         if self._error is not None:
-            raise self._error
-        if self._released:
-            raise self._fail(TransportError(f"Unable to write to {self.kind}: channel is closed",
-                                            errno=errno_codes.EBADF))
-        views = as_views(chunks)
+            del chunks                       # keep the raised error's frames free of buffers
+            raise fresh(self._error)
+
+    def _write_all(self, views: list[memoryview]) -> None:
+        """Write every view; a failure is recorded in ``self._error``, never raised here."""
         index, count = 0, len(views)
         while index < count:
             if self._abort.triggered:
-                raise self._fail(cancelled_error(f"Unable to write to {self.kind}"))
+                self._fail(cancelled_error(f"Unable to write to {self.kind}"))
+                return
             try:
                 sent = self._send(views[index:index + IOV_MAX])
             except BlockingIOError:
@@ -238,8 +266,10 @@ class FdOutgoing:
                 continue
             except OSError as err:
                 if self._abort.triggered:
-                    raise self._fail(cancelled_error(f"Unable to write to {self.kind}")) from err
-                raise self._fail(os_error(f"Unable to write to {self.kind}", err)) from err
+                    self._fail(detached(cancelled_error(f"Unable to write to {self.kind}"), err))
+                else:
+                    self._fail(detached(os_error(f"Unable to write to {self.kind}", err), err))
+                return
             self._bytes_written += sent
             # Drop what the kernel took; a partly sent view is sliced, never copied.
             while sent:
@@ -253,7 +283,7 @@ class FdOutgoing:
 
     def flush(self) -> None:
         if self._error is not None:
-            raise self._error
+            raise fresh(self._error)
 
     def shutdown(self) -> None:
         with self._lock:
@@ -287,17 +317,14 @@ class FdOutgoing:
         os.close(self._fd)
 
     def _fail(self, error: TransportError) -> TransportError:
+        """Record the first failure; returns the recorded one."""
         if self._error is None:
             self._error = error
         return self._error
 
-    @property
-    def cancelled(self) -> bool:
-        return self._abort.triggered
-
 
 class FdIncoming:
-    """An :class:`IncomingChannel` over one non-blocking file descriptor (see :class:`FdOutgoing`)."""
+    """An :class:`IncomingChannel` over one file descriptor (see :class:`FdOutgoing`)."""
 
     kind = "file"
 
@@ -319,17 +346,31 @@ class FdIncoming:
     def at_eof(self) -> bool:
         return self._eof
 
+    @property
+    def cancelled(self) -> bool:
+        return self._abort.triggered
+
     def fileno(self) -> int:
         return self._fd
 
     def read(self, n: int) -> bytes:
         if n <= 0:
             return b""
-        data = self._blocking(lambda: self._recv(n))
-        if not data:
-            self._eof = True
-        self._bytes_read += len(data)
-        return data
+        while True:
+            failure = self._check()
+            if failure is None:
+                try:
+                    data = self._recv(n)
+                except BlockingIOError:
+                    wait_ready(self._fd, _POLL_IN, self._abort)
+                    continue
+                except OSError as err:
+                    failure = self._read_error(err)
+                else:
+                    failure = self._account(len(data))
+            if failure is not None:
+                raise failure
+            return data
 
     def readinto(self, buf: memoryview | bytearray) -> int:
         view = buf if isinstance(buf, memoryview) else memoryview(buf)
@@ -337,11 +378,44 @@ class FdIncoming:
             view = view.cast("B")
         if not view.nbytes:
             return 0
-        got = self._blocking(lambda: self._recv_into(view))
+        while True:
+            failure = self._check()
+            if failure is None:
+                try:
+                    got = self._recv_into(view)
+                except BlockingIOError:
+                    wait_ready(self._fd, _POLL_IN, self._abort)
+                    continue
+                except OSError as err:
+                    failure = self._read_error(err)
+                else:
+                    failure = self._account(got)
+            if failure is not None:
+                del buf, view                # keep the raised error's frames free of buffers
+                raise failure
+            return got
+
+    def _check(self) -> TransportError | None:
+        if self._released:
+            return TransportError(f"Unable to read from {self.kind}: channel is closed",
+                                  errno=errno_codes.EBADF)
+        if self._abort.triggered:
+            return cancelled_error(f"Unable to read from {self.kind}")
+        return None
+
+    def _read_error(self, err: OSError) -> TransportError:
+        if self._abort.triggered:
+            return detached(cancelled_error(f"Unable to read from {self.kind}"), err)
+        return detached(os_error(f"Unable to read from {self.kind}", err), err)
+
+    def _account(self, got: int) -> TransportError | None:
         if not got:
+            if self._abort.triggered:
+                # A socket shut down by shutdown() reads as end of input: it is a cancel.
+                return cancelled_error(f"Unable to read from {self.kind}")
             self._eof = True
         self._bytes_read += got
-        return got
+        return None
 
     def shutdown(self) -> None:
         with self._lock:
@@ -353,37 +427,10 @@ class FdIncoming:
             if self._released:
                 return
             self._released = True
-        # Outside the lock: releasing may wait (a command's exit) and shutdown() must still
-        # be able to cut that wait short.
         try:
             self._release()
         finally:
             self._abort.close()
-
-    @property
-    def cancelled(self) -> bool:
-        return self._abort.triggered
-
-    def _blocking(self, call: Callable[[], _T]) -> _T:
-        if self._released:
-            raise TransportError(f"Unable to read from {self.kind}: channel is closed",
-                                 errno=errno_codes.EBADF)
-        while True:
-            if self._abort.triggered:
-                raise cancelled_error(f"Unable to read from {self.kind}")
-            try:
-                result = call()
-            except BlockingIOError:
-                wait_ready(self._fd, _POLL_IN, self._abort)
-                continue
-            except OSError as err:
-                if self._abort.triggered:
-                    raise cancelled_error(f"Unable to read from {self.kind}") from err
-                raise os_error(f"Unable to read from {self.kind}", err) from err
-            if not result and self._abort.triggered:
-                # A socket shut down by shutdown() reads as end of input: it is a cancel.
-                raise cancelled_error(f"Unable to read from {self.kind}")
-            return result
 
     # -- hooks ---------------------------------------------------------------------------------
     def _recv(self, n: int) -> bytes:
@@ -397,4 +444,3 @@ class FdIncoming:
 
     def _release(self) -> None:
         os.close(self._fd)
-

@@ -20,9 +20,11 @@ import os
 import shlex
 import signal
 import subprocess
+import sys
 from typing import Sequence
 
-from pyvm.migration.transports.base import FdIncoming, FdOutgoing, TransportError, os_error
+from pyvm.migration.transports.base import (FdIncoming, FdOutgoing, TransportError, fresh,
+                                            os_error)
 
 # Pipe capacity asked for (F_SETPIPE_SZ); 1 MiB is Linux's default /proc/sys/fs/pipe-max-size.
 PIPE_SIZE = 1 << 20
@@ -57,12 +59,15 @@ class _Command:
             fcntl.fcntl(ours, fcntl.F_SETPIPE_SZ, PIPE_SIZE)
         except OSError:
             pass                             # capacity is tuning only
+        # A process group of its own: killpg() reaches every process of a pipeline.
+        group: dict[str, object] = ({"process_group": 0} if sys.version_info >= (3, 11)
+                                    else {"start_new_session": True})
         try:
             self.proc = subprocess.Popen(
                 argv,
                 stdin=theirs if writes_stdin else subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL if writes_stdin else theirs,
-                close_fds=True, process_group=0)
+                close_fds=True, **group)  # type: ignore[call-overload]
         except OSError as err:
             os.close(ours)
             raise os_error(f"Unable to run command '{self.display}'", err) from err
@@ -74,8 +79,10 @@ class _Command:
         """SIGTERM to the command's process group (no wait)."""
         self._signal(signal.SIGTERM)
 
-    def _signal(self, sig: int) -> None:
-        if self.proc.returncode is not None:
+    def _signal(self, sig: int, *, leader_gone_too: bool = False) -> None:
+        # Once the leader was reaped its pid may only be reused after the whole group is gone,
+        # so signalling the group is safe while it has members.
+        if self.proc.returncode is not None and not leader_gone_too:
             return
         try:
             os.killpg(self.proc.pid, sig)
@@ -83,13 +90,14 @@ class _Command:
             pass
 
     def stop(self) -> None:
-        """Terminate, give it a moment, then kill; always reaps."""
+        """Terminate, give it a moment, then kill what is left of the group; reaps the leader."""
         self.terminate()
         try:
             self.proc.wait(KILL_GRACE_SECONDS)
         except subprocess.TimeoutExpired:
-            self._signal(signal.SIGKILL)
-            self.proc.wait()
+            pass
+        self._signal(signal.SIGKILL, leader_gone_too=True)
+        self.proc.wait()
 
     def wait_status_error(self) -> TransportError | None:
         """Wait for the command; an error if it did not exit with status 0."""
@@ -128,13 +136,13 @@ class CommandOutgoing(FdOutgoing):
 
     def _release(self) -> None:
         os.close(self._fd)                   # EOF for the command
-        if self.cancelled:
+        if self.cancelled or self.error is not None:
+            # The stream already failed: a command still running is of no use any more.
             self._command.stop()
             return
         status = self._command.wait_status_error()
-        if status is not None and self.error is None:
-            self._fail(status)
-            raise status
+        if status is not None:
+            raise fresh(self._fail(status))
 
 
 class CommandIncoming(FdIncoming):

@@ -22,7 +22,8 @@ import errno as errno_codes
 import os
 import stat
 
-from pyvm.migration.transports.base import FdIncoming, FdOutgoing, TransportError, os_error
+from pyvm.migration.transports.base import (FdIncoming, FdOutgoing, TransportError, detached,
+                                            fresh, os_error)
 
 # fsync errors that only mean "this kind of file cannot be synced" (pipes, /dev/null, ...).
 _FSYNC_NOT_APPLICABLE = (errno_codes.EINVAL, errno_codes.EROFS, errno_codes.ENOTSUP)
@@ -42,18 +43,19 @@ class FileOutgoing(FdOutgoing):
         self.offset = offset
 
     def _release(self) -> None:
-        try:
-            if self.error is None and not self.cancelled:
-                try:
-                    os.fsync(self._fd)
-                except OSError as err:
-                    if err.errno not in _FSYNC_NOT_APPLICABLE:
-                        raise self._fail(os_error("Unable to sync file", err)) from err
-        finally:
+        failure: TransportError | None = None
+        if self.error is None and not self.cancelled:
             try:
-                os.close(self._fd)
+                os.fsync(self._fd)
             except OSError as err:
-                raise self._fail(os_error("Unable to close file", err)) from err
+                if err.errno not in _FSYNC_NOT_APPLICABLE:
+                    failure = detached(os_error("Unable to sync file", err), err)
+        try:
+            os.close(self._fd)
+        except OSError as err:
+            failure = failure or detached(os_error("Unable to close file", err), err)
+        if failure is not None and self.error is None:
+            raise fresh(self._fail(failure))
 
 
 class FileIncoming(FdIncoming):

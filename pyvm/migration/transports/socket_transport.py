@@ -33,6 +33,9 @@ UNIX_PATH_MAX = 108
 # QEMU's migration listener passes num=1 to listen() unless multifd is on.
 LISTEN_BACKLOG = 1
 
+# How often a unix connect to a listener with a full backlog is retried.
+UNIX_RETRY_SECONDS = 0.05
+
 # Send buffer asked for TCP (capped by net.core.wmem_max); loopback and LAN throughput gain
 # from more than the kernel's 16 KiB starting size.
 TCP_SNDBUF = 4 << 20
@@ -110,7 +113,8 @@ def _resolve(host: str, port: str, family: int, flags: int) -> list[tuple]:
     try:
         return socket.getaddrinfo(host or None, port or None, family, socket.SOCK_STREAM, 0, flags)
     except socket.gaierror as err:
-        raise TransportError(f"address resolution failed for {host}:{port}: {err.strerror}") from err
+        raise TransportError(f"address resolution failed for {host}:{port}: "
+                             f"{err.strerror}") from err
     except UnicodeError as err:
         raise TransportError(f"address resolution failed for {host}:{port}: {err}") from err
 
@@ -119,8 +123,8 @@ def _unix_sockaddr(path: str, abstract: bool, tight: bool) -> str | bytes:
     raw = os.fsencode(path)
     limit = UNIX_PATH_MAX - 1 if abstract else UNIX_PATH_MAX
     if len(raw) > limit:
-        raise TransportError(f"UNIX socket path '{path}' is too long "
-                             f"(must be less than {limit + 1} bytes)")
+        # QEMU adds the hint "Path must be less than %zu bytes" on a line of its own.
+        raise TransportError(f"UNIX socket path '{path}' is too long")
     if not abstract:
         return raw
     name = b"\0" + raw
@@ -174,11 +178,12 @@ def _connect(sock: socket.socket, sockaddr: tuple, abort: AbortSignal | None) ->
     """Non-blocking connect that an :class:`AbortSignal` can interrupt (error: strerror only)."""
     sock.setblocking(False)
     code = sock.connect_ex(sockaddr)
-    if code in (errno_codes.EINPROGRESS, errno_codes.EALREADY, errno_codes.EAGAIN):
+    if code in (errno_codes.EINPROGRESS, errno_codes.EALREADY):
         while True:
             wait_ready(sock.fileno(), select.POLLOUT, abort)
             if abort is not None and abort.triggered:
-                raise TransportError(os.strerror(errno_codes.ECANCELED), errno=errno_codes.ECANCELED)
+                raise TransportError(os.strerror(errno_codes.ECANCELED),
+                                     errno=errno_codes.ECANCELED)
             code = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
             if code != errno_codes.EINPROGRESS:
                 break
@@ -200,15 +205,26 @@ def _join_host_port(host: str, port: str | int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def connect_unix(path: str, *, abstract: bool = False, tight: bool = True) -> SocketOutgoing:
-    """Connect to the unix socket at ``path`` (``abstract``: Linux abstract namespace)."""
+def connect_unix(path: str, *, abstract: bool = False, tight: bool = True,
+                 abort: AbortSignal | None = None) -> SocketOutgoing:
+    """Connect to the unix socket at ``path`` (``abstract``: Linux abstract namespace).
+
+    A listener whose backlog is full makes a unix connect wait; ``abort`` interrupts that.
+    """
     address = _unix_sockaddr(path, abstract, tight)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        sock.connect(address)
-    except OSError as err:
+    sock.setblocking(False)
+    while True:
+        code = sock.connect_ex(address)
+        if code != errno_codes.EAGAIN:   # unix sockets: EAGAIN = backlog full, try again
+            break
+        wait_ready(sock.fileno(), select.POLLOUT, abort, UNIX_RETRY_SECONDS)
+        if abort is not None and abort.triggered:
+            sock.close()
+            raise cancelled_error(f"Failed to connect to '{path}'")
+    if code:
         sock.close()
-        raise os_error(f"Failed to connect to '{path}'", err) from err
+        raise TransportError(f"Failed to connect to '{path}': {os.strerror(code)}", errno=code)
     return SocketOutgoing(sock, description=f"unix:{path}")
 
 

@@ -1,0 +1,144 @@
+"""Fuzzing the monitor with hypothesis while the guest runs.
+
+- codec: any bytes, in any split, give the same items and never raise;
+- live: thousands of random and mutated requests over a socket; every complete message
+  gets exactly one reply, malformed bytes get parse errors, the guest keeps running and
+  the monitor still answers query-status at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Iterator
+
+import pytest
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from conftest import RawClient
+from fake_vm import FakeVm
+from pyvm.qmp.json_stream import JsonStreamer
+from pyvm.qmp.options import parse_monitor_options
+from pyvm.qmp.registry import build_table
+from pyvm.qmp.server import MonitorService
+from pyvm.runstate import RunState
+
+TABLE = build_table()
+# Commands that would stop the guest or write files are left out of the live fuzz.
+UNSAFE = {"stop", "quit", "pmemsave", "memsave", "human-monitor-command"}
+SAFE_NAMES = [c.name for c in TABLE.commands() if c.name not in UNSAFE]
+
+scalars = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
+           | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=12))
+values = st.recursive(scalars, lambda c: st.lists(c, max_size=4)
+                      | st.dictionaries(st.text(max_size=6), c, max_size=4), max_leaves=12)
+requests = st.fixed_dictionaries(
+    {"execute": st.sampled_from(SAFE_NAMES)},
+    optional={"arguments": st.dictionaries(
+                  st.sampled_from(["enable", "val", "size", "filename", "cpu-index",
+                                   "command-line", "x"]), values, max_size=3),
+              "id": values,
+              "extra": values})
+messages = requests | values | st.dictionaries(st.sampled_from(
+    ["execute", "arguments", "id", "exec-oob"]), values, max_size=3)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.binary(max_size=300), st.lists(st.integers(0, 300), max_size=8))
+def test_codec_split_invariance(data: bytes, cuts: list[int]) -> None:
+    whole = JsonStreamer().feed(data)
+    streamer = JsonStreamer()
+    pieces: list[Any] = []
+    last = 0
+    for cut in sorted(set(c for c in cuts if c <= len(data))) + [len(data)]:
+        pieces += streamer.feed(data[last:cut])
+        last = cut
+    assert pieces == whole
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(messages, min_size=1, max_size=6))
+def test_codec_one_item_per_complete_message(batch: list[Any]) -> None:
+    stream = b"".join(json.dumps(m).encode() + b"\n" for m in batch)
+    assert len(JsonStreamer().feed(stream)) == len(batch)
+
+
+@pytest.fixture(scope="module")
+def live() -> Iterator[tuple[FakeVm, RawClient]]:
+    vm = FakeVm()
+    vm.start_guest()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "f.sock")
+        svc = MonitorService(vm, parse_monitor_options([f"unix:{path},server=on"], [], [], []))
+        svc.start()
+        client = RawClient(path)
+        client.negotiate()
+        yield vm, client
+        assert vm.runstate.state is RunState.RUNNING
+        ticks = vm.ticks
+        assert client.cmd("query-status", id="end") == {
+            "return": {"status": "running", "singlestep": False, "running": True}, "id": "end"}
+        client.close()
+        svc.close()
+        assert vm.ticks > ticks or vm.ticks > 100
+        vm.stop_guest()
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    text = json.dumps(value)
+    return "\\ud8" in text or "\\ud9" in text or "\\uda" in text or "\\udb" in text \
+        or "\\udc" in text or "\\udd" in text or "\\ude" in text or "\\udf" in text
+
+
+@settings(max_examples=250, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(messages, min_size=1, max_size=12))
+def test_live_requests_each_get_one_reply(live: tuple[FakeVm, RawClient],
+                                          batch: list[Any]) -> None:
+    vm, client = live
+    client.send(b"".join(json.dumps(m).encode() + b"\n" for m in batch))
+    for message in batch:
+        reply = client.reply()
+        assert ("return" in reply) != ("error" in reply)
+        if isinstance(message, dict) and "id" in message and not _has_lone_surrogate(message):
+            assert reply.get("id", "missing") == message["id"] or "JSON parse error" in \
+                reply["error"]["desc"]
+    assert vm.runstate.state is RunState.RUNNING
+
+
+@st.composite
+def mutated(draw: Any) -> bytes:
+    base = bytearray(json.dumps(draw(requests)).encode())
+    for _ in range(draw(st.integers(1, 6))):
+        kind = draw(st.sampled_from(["flip", "insert", "delete", "truncate", "dup"]))
+        pos = draw(st.integers(0, max(len(base) - 1, 0)))
+        if kind == "flip" and base:
+            base[pos] = draw(st.integers(0, 255))
+        elif kind == "insert":
+            base[pos:pos] = draw(st.binary(min_size=1, max_size=4))
+        elif kind == "delete" and base:
+            del base[pos]
+        elif kind == "truncate":
+            del base[pos:]
+        elif kind == "dup":
+            base[pos:pos] = base[:pos]
+    return bytes(base)
+
+
+@settings(max_examples=250, deadline=None,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(st.lists(mutated(), min_size=1, max_size=8))
+def test_live_mutated_bytes_then_resync(live: tuple[FakeVm, RawClient],
+                                        garbage: list[bytes]) -> None:
+    vm, client = live
+    for chunk in garbage:
+        client.send(chunk)
+    # An ASCII control character resets QEMU's JSON parser (docs/interop/qmp-spec).
+    client.send(b"\x01\n{'execute': 'query-kvm', 'id': 'sync'}\n")
+    while True:
+        reply = client.reply()
+        assert ("return" in reply) != ("error" in reply)
+        if reply.get("id") == "sync" and "return" in reply:
+            break
+    assert vm.runstate.state is RunState.RUNNING
