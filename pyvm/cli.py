@@ -353,11 +353,11 @@ def run(pa: ParsedArgs) -> int:
             from pyvm.qmp.options import start_monitors
             machine.has_monitor = True
             service = start_monitors(machine, monitors)
+        _install_signals(machine)
+        machine.start()
         if cfg.incoming is not None:
             from pyvm.migration.incoming import start_incoming_from_cli
             start_incoming_from_cli(machine, cfg.incoming)
-        _install_signals(machine)
-        machine.start()
         return machine.wait()
     finally:
         if service is not None:

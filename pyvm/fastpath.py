@@ -52,3 +52,14 @@ def track_writes(uc: Any, bitmap: Any, base: int, size: int, implementation: Any
         return fastpath_py.WriteTracker(uc, bitmap, base, size)
     add, delete = _uc_functions()
     return _native.WriteTracker(uc._uch.value, add, delete, bitmap, base, size)
+
+
+def flush_tlb(uc: Any) -> None:
+    """Drop every TLB entry and translation block of engine ``uc`` (uc_ctl UC_CTL_TLB_FLUSH).
+
+    Needed after adding or removing a write hook: Unicorn decides at TLB fill time whether
+    stores to a page take the fast path, which never calls hooks.
+    """
+    from unicorn import unicorn_const as uc_const
+
+    uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)

@@ -28,7 +28,7 @@ from pyvm.cpu import CpuState, VCpu
 from pyvm.devices.base import Device
 from pyvm.errors import ConfigError, GuestFault, VmStateError
 from pyvm.events import EventBus
-from pyvm.fastpath import track_writes
+from pyvm.fastpath import flush_tlb, track_writes
 from pyvm.ioport import IoBus
 from pyvm.loader import BootImage, load_bios, load_boot_sector, load_elf
 from pyvm.log import Log
@@ -426,7 +426,7 @@ class Machine:
                 block.dirty.mark_all()
                 for cpu in self.cpus:
                     self._trackers.append(track_writes(cpu.uc, block.dirty, block.gpa, block.size))
-                    cpu.uc.ctl_flush_tb()
+                    flush_tlb(cpu.uc)   # fast-path TLB entries would skip the hook
             self.dirty_logging = True
         self.run_on_loop(attach)
 
@@ -434,6 +434,8 @@ class Machine:
         def detach() -> None:
             for t in self._trackers:
                 t.detach()
+            for cpu in self.cpus:
+                flush_tlb(cpu.uc)   # let stores take the fast path again
             self._trackers.clear()
             self.dirty_logging = False
         self.run_on_loop(detach)

@@ -20,7 +20,7 @@ import ipaddress
 import os
 import re
 import shlex
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Sequence
 
 from pyvm.migration.errors import MigrationError
@@ -36,6 +36,17 @@ MULTI_CHANNEL_REQUIRED = "Migration requires multi-channel URIs (e.g. tcp)"
 
 # -- SocketAddress (qapi/sockets.json, flat union on "type") ---------------------------------
 
+def _qapi_members(obj: Any) -> dict[str, Any]:
+    """A dataclass's set members under their QAPI names (``keep_alive`` -> ``keep-alive``)."""
+    out: dict[str, Any] = {}
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        if value is not None:
+            out[f.metadata.get("qapi", f.name.replace("_", "-"))] = (
+                list(value) if isinstance(value, tuple) else value)
+    return out
+
+
 @dataclass(frozen=True)
 class SocketAddress:
     """Base of the ``SocketAddress`` variants; ``to_qapi()`` gives the flat JSON object."""
@@ -43,10 +54,7 @@ class SocketAddress:
     type: ClassVar[str] = ""
 
     def to_qapi(self) -> dict[str, Any]:
-        raise NotImplementedError
-
-
-_INET_FLAGS = ("numeric", "to", "ipv4", "ipv6", "keep-alive", "mptcp")
+        return {"type": self.type, **_qapi_members(self)}
 
 
 @dataclass(frozen=True)
@@ -63,12 +71,8 @@ class InetSocketAddress(SocketAddress):
     keep_alive: bool | None = None
     mptcp: bool | None = None
 
-    def options(self) -> dict[str, Any]:
-        values = (self.numeric, self.to, self.ipv4, self.ipv6, self.keep_alive, self.mptcp)
-        return {k: v for k, v in zip(_INET_FLAGS, values) if v is not None}
 
-    def to_qapi(self) -> dict[str, Any]:
-        return {"type": "inet", "host": self.host, "port": self.port, **self.options()}
+_INET_OPTIONS = ("numeric", "to", "ipv4", "ipv6", "keep-alive", "mptcp")
 
 
 @dataclass(frozen=True)
@@ -78,14 +82,6 @@ class UnixSocketAddress(SocketAddress):
     abstract: bool | None = None
     tight: bool | None = None
 
-    def to_qapi(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"type": "unix", "path": self.path}
-        if self.abstract is not None:
-            out["abstract"] = self.abstract
-        if self.tight is not None:
-            out["tight"] = self.tight
-        return out
-
 
 @dataclass(frozen=True)
 class VsockSocketAddress(SocketAddress):
@@ -93,19 +89,13 @@ class VsockSocketAddress(SocketAddress):
     cid: str
     port: str
 
-    def to_qapi(self) -> dict[str, Any]:
-        return {"type": "vsock", "cid": self.cid, "port": self.port}
-
 
 @dataclass(frozen=True)
 class FdSocketAddress(SocketAddress):
     """``fd``: a decimal descriptor number or a name registered with ``getfd``."""
 
     type: ClassVar[str] = "fd"
-    name: str                      # QAPI member "str"
-
-    def to_qapi(self) -> dict[str, Any]:
-        return {"type": "fd", "str": self.name}
+    name: str = field(metadata={"qapi": "str"})
 
 
 # -- MigrationAddress (qapi/migration.json 8.2, flat union on "transport") -------------------
@@ -117,7 +107,7 @@ class MigrationAddress:
     transport: ClassVar[str] = ""
 
     def to_qapi(self) -> dict[str, Any]:
-        raise NotImplementedError
+        return {"transport": self.transport, **_qapi_members(self)}
 
 
 @dataclass(frozen=True)
@@ -136,9 +126,6 @@ class ExecMigrationAddress(MigrationAddress):
     transport: ClassVar[str] = "exec"
     args: tuple[str, ...]
 
-    def to_qapi(self) -> dict[str, Any]:
-        return {"transport": "exec", "args": list(self.args)}
-
 
 @dataclass(frozen=True)
 class RdmaMigrationAddress(MigrationAddress):
@@ -146,9 +133,7 @@ class RdmaMigrationAddress(MigrationAddress):
     inet: InetSocketAddress
 
     def to_qapi(self) -> dict[str, Any]:
-        qapi = self.inet.to_qapi()
-        del qapi["type"]
-        return {"transport": "rdma", **qapi}
+        return {"transport": "rdma", **_qapi_members(self.inet)}
 
 
 @dataclass(frozen=True)
@@ -158,9 +143,6 @@ class FileMigrationAddress(MigrationAddress):
     transport: ClassVar[str] = "file"
     filename: str
     offset: int = 0
-
-    def to_qapi(self) -> dict[str, Any]:
-        return {"transport": "file", "filename": self.filename, "offset": self.offset}
 
 
 # -- inet_parse / socket_parse (util/qemu-sockets.c) -----------------------------------------
@@ -364,7 +346,7 @@ def _member(obj: Mapping[str, Any], name: str, path: str, kind: type = str) -> A
 
 
 def _inet_from_qapi(obj: Mapping[str, Any], path: str) -> InetSocketAddress:
-    options = {flag.replace("-", "_"): obj[flag] for flag in _INET_FLAGS if flag in obj}
+    options = {flag.replace("-", "_"): obj[flag] for flag in _INET_OPTIONS if flag in obj}
     return InetSocketAddress(_member(obj, "host", path), _member(obj, "port", path), **options)
 
 

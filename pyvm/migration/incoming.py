@@ -20,7 +20,7 @@ from pyvm.errors import PyvmError
 from pyvm.migration import ram_format
 from pyvm.migration.decoder import StreamDecoder
 from pyvm.migration.errors import MigrationError
-from pyvm.migration.status import MigrationStatus, build_incoming_info
+from pyvm.migration.status import DestinationSnapshot, MigrationStatus, build_migration_info
 from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
@@ -82,7 +82,11 @@ class IncomingMigration:
         self.thread.start()
 
     def query(self) -> dict[str, Any]:
-        return build_incoming_info(self.status, self.socket_address, self.error_desc)
+        info = build_migration_info(None, DestinationSnapshot(
+            self.status or MigrationStatus.NONE, list(self.socket_address or [])))
+        if self.error_desc is not None and self.status is MigrationStatus.FAILED:
+            info["error-desc"] = self.error_desc
+        return info
 
     def _set_status(self, status: MigrationStatus) -> None:
         self.status = status
@@ -144,9 +148,13 @@ class IncomingMigration:
 
 def start_incoming_from_cli(machine: "Machine", uri: str) -> None:
     """``-incoming URI`` / ``-incoming defer`` at start-up."""
-    from pyvm.migration.service import migration_of
+    from pyvm.errors import ConfigError
+    from pyvm.migration.service import migration_of, start_incoming
 
     mgr = migration_of(machine)
     mgr.deferred_incoming = uri == "defer"
     if uri != "defer":
-        mgr.start_incoming(uri=uri, channels=None, exit_on_error=True, from_cli=True)
+        try:
+            start_incoming(machine, uri, None, exit_on_error=True, from_cli=True)
+        except PyvmError as err:
+            raise ConfigError(f"-incoming {uri}: {err}") from err

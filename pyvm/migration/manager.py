@@ -14,8 +14,9 @@ from typing import TYPE_CHECKING, Any, Callable
 from pyvm.errors import PyvmError
 from pyvm.migration.blockers import BlockerRegistry
 from pyvm.migration.capabilities import Capabilities
-from pyvm.migration.parameters import Parameters
-from pyvm.migration.status import MigrationStats, MigrationStatus, build_migration_info
+from pyvm.migration.parameters import MigrationParameters
+from pyvm.migration.status import (MigrationStats, MigrationStatus, SourceSnapshot,
+                                   build_migration_info)
 from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ class MigrationManager:
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
         self.caps = Capabilities(implemented=IMPLEMENTED_CAPABILITIES)
-        self.params = Parameters()
+        self.params = MigrationParameters()
         self.blockers = BlockerRegistry()
         self.lock = threading.RLock()
         self.status = MigrationStatus.NONE
@@ -58,18 +59,21 @@ class MigrationManager:
         self.uri_error = False
         self.socket_address: list[dict[str, Any]] | None = None
         self.on_status: list[Callable[[MigrationStatus], None]] = []
+        #: None: no -incoming; True: -incoming defer, waiting for migrate-incoming
+        self.deferred_incoming: bool | None = None
+        self.address: Any = None
 
     # -- status and events ----------------------------------------------------------------------
     def set_status(self, status: MigrationStatus) -> None:
         with self.lock:
             self.status = status
-        if self.caps.enabled("events"):
+        if self.caps["events"]:
             self.machine.events.emit("MIGRATION", {"status": status.value})
         for fn in list(self.on_status):
             fn(status)
 
     def emit_pass(self, n: int) -> None:
-        if self.caps.enabled("events"):
+        if self.caps["events"]:
             self.machine.events.emit("MIGRATION_PASS", {"pass": n})
 
     @property
@@ -79,22 +83,22 @@ class MigrationManager:
     # -- what the stream carries ----------------------------------------------------------------
     def stream_capabilities(self) -> list[str]:
         """Enabled capabilities that are validated by the destination (configuration section)."""
-        return [c for c in self.caps.validated_enabled()]
+        return self.caps.validated()
 
     def block_ignored(self, block: "RamBlock") -> bool:
         """x-ignore-shared: a shared, file-backed block is not sent (QEMU: migrate_ram_is_ignored)."""
-        return self.caps.enabled("x-ignore-shared") and block.backend.named_file
+        return self.caps["x-ignore-shared"] and block.backend.named_file
 
     # -- query-migrate ------------------------------------------------------------------------------
     def query(self) -> dict[str, Any]:
         with self.lock:
             if self.incoming is not None:
                 return self.incoming.query()
-            return build_migration_info(
-                status=self.status, stats=self.stats, setup_time=self.setup_time_ms,
-                total_time=self._total_time(), downtime=self.downtime_ms,
-                expected_downtime=self.expected_downtime_ms, error_desc=self.error_desc,
-                blocked_reasons=self.blockers.reasons(), xbzrle=self.caps.enabled("xbzrle"))
+            snap = SourceSnapshot(status=self.status, ram=self.stats, setup_time=self.setup_time_ms,
+                                  total_time=self._total_time(), downtime=self.downtime_ms,
+                                  expected_downtime=self.expected_downtime_ms,
+                                  error_desc=self.error_desc)
+            return build_migration_info(snap, None, self.blockers.reasons())
 
     def _total_time(self) -> int:
         import time

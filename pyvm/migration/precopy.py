@@ -80,11 +80,12 @@ class Precopy:
         self.continue_event = threading.Event()
         self.enc = StreamEncoder()
         self.stats = manager.stats
+        self._pending: list[tuple["RamBlock", np.ndarray]] = []
         self._window_start = 0.0
         self._window_bytes = 0
         self._stopped_vm = False
         self._was_running = False
-        self.mode = manager.params.mode
+        self.mode = manager.params.mode.value
 
     # -- thread body ------------------------------------------------------------------------
     def run(self) -> None:
@@ -147,6 +148,7 @@ class Precopy:
             self._send(self.enc.ram_section_begin(final=False))
             for block, idx in self._pending:
                 self._send_pages(block, idx, rnd)
+            self._pending = []
             self._send(self.enc.ram_eos())
             elapsed = max(time.monotonic() - rnd.started, 1e-6)
             sent = self.channel.bytes_written - rnd.bytes_before
@@ -155,15 +157,15 @@ class Precopy:
             self.stats.pages_per_second = int(rnd.pages / elapsed)
             self._sync()
             remaining = self.stats.remaining
-            avail = params.get("avail-switchover-bandwidth") or bandwidth
-            limit_ms = params.get("downtime-limit")
+            avail = params["avail-switchover-bandwidth"] or bandwidth
+            limit_ms = params.downtime_limit
             self.mgr.expected_downtime_ms = int(remaining / max(avail, 1) * 1000)
             if remaining <= avail * limit_ms / 1000:
                 return
 
     def _complete(self) -> None:
         self._stop_vm()
-        if self.mgr.caps.enabled("pause-before-switchover"):
+        if self.mgr.caps["pause-before-switchover"]:
             self.mgr.set_status(MigrationStatus.PRE_SWITCHOVER)
             while not self.continue_event.wait(0.1):
                 self._check_cancel()
@@ -207,10 +209,14 @@ class Precopy:
         self._stop_time = time.monotonic()
 
     def _sync(self, first: bool = False) -> None:
+        """Take the dirty bitmaps; pages still pending from the last sync stay pending."""
+        unsent = {block.name: idx for block, idx in self._pending}
         pending = []
         total = 0
         for block in self._blocks():
             idx = bitmap_to_indices(block.dirty.fetch_and_clear(), block.npages)
+            if block.name in unsent:
+                idx = np.union1d(idx, unsent[block.name])
             if idx.size:
                 pending.append((block, idx))
                 total += idx.size
@@ -224,7 +230,6 @@ class Precopy:
         self.mgr.emit_pass(self.stats.dirty_sync_count)
 
     _last_sync = 0.0
-    _pending: list = []
 
     def _send_pages(self, block: "RamBlock", indices: np.ndarray, rnd: _Round,
                     limit: bool = True) -> None:
@@ -238,6 +243,7 @@ class Precopy:
             nzero = int(mask.sum())
             self.stats.duplicate += nzero
             self.stats.normal += idx.size - nzero
+            self.stats.normal_bytes = self.stats.normal * PAGE
             rnd.pages += idx.size
             self.stats.remaining = max(0, self.stats.remaining - idx.size * PAGE)
             if self.machine.runstate.running:
@@ -248,7 +254,7 @@ class Precopy:
                 self._rate_limit(self.channel.bytes_written - before)
 
     def _rate_limit(self, nbytes: int) -> None:
-        bw = self.mgr.params.get("max-bandwidth")
+        bw = self.mgr.params.max_bandwidth
         if not bw:
             return
         now = time.monotonic()

@@ -24,7 +24,8 @@ Whenever ``ram`` is shown, ``xbzrle-cache`` and ``compression`` come along while
 capabilities are on, and ``cpu-throttle-percentage`` while auto-converge throttles.
 ``error-desc`` is shown in any source state but ``none`` once an error was recorded;
 ``blocked-reasons`` whenever a blocker exists.  The destination adds ``socket-address``
-while it listens on a socket and ``status`` in any state but ``none``.
+while it listens on a socket, ``status`` in any state but ``none``, and the load error
+(QEMU 9.1 with ``exit-on-error: false``); a source status other than ``none`` wins.
 """
 
 from __future__ import annotations
@@ -158,10 +159,13 @@ class SourceSnapshot:
 
 @dataclass
 class DestinationSnapshot:
-    """The incoming side: its status and the listener's ``socket-address`` entries."""
+    """The incoming side: its status, the listener's ``socket-address`` entries and the
+    load error (shown as ``error-desc`` when a failed load left the VM up: QEMU 9.1's
+    ``exit-on-error: false``, which pyvm offers at the 8.2 level)."""
 
     status: MigrationStatus = St.NONE
     socket_addresses: list[dict[str, Any]] = field(default_factory=list)
+    error_desc: str | None = None
 
 
 def build_migration_info(source: SourceSnapshot | None = None,
@@ -178,6 +182,8 @@ def build_migration_info(source: SourceSnapshot | None = None,
             members["socket-address"] = [dict(a) for a in destination.socket_addresses]
         if St(destination.status) is not St.NONE:
             members["status"] = St(destination.status).value
+            if destination.error_desc is not None:
+                members["error-desc"] = destination.error_desc
     if blocked_reasons:
         members["blocked-reasons"] = list(blocked_reasons)
     if source is not None and St(source.status) is not St.NONE:

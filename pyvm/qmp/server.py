@@ -103,6 +103,7 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.busy = False
         self.paused = False
+        self.input_done = False
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -111,6 +112,24 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.service._connections.discard(self)
+
+    def eof_received(self) -> bool:
+        """End of input: answer what was already received, then close (keep writing)."""
+        self.input_done = True
+        self.finish_if_idle()
+        return True
+
+    def finish_if_idle(self) -> None:
+        if self.input_done and not self.busy and not self.has_pending() and not self.closed:
+            self.service._spawn(self._close_after_flush())
+
+    async def _close_after_flush(self) -> None:
+        await self.flushed(2.0)
+        if self.transport is not None and not self.closed:
+            self.transport.close()
+
+    def has_pending(self) -> bool:
+        raise NotImplementedError
 
     def write(self, data: bytes) -> None:
         tr = self.transport
@@ -181,6 +200,10 @@ class _QmpConnection(_Connection):
             fut = self.service.worker.submit(run_call, step, ctx)
             fut.add_done_callback(lambda f, ctx=ctx: self._done(f, ctx))
         self.flow_control(len(self.pending))
+        self.finish_if_idle()
+
+    def has_pending(self) -> bool:
+        return bool(self.pending)
 
     def _done(self, fut: asyncio.Future[Any], ctx: CommandContext) -> None:
         self.busy = False
@@ -232,6 +255,10 @@ class _HmpConnection(_Connection):
             fut = self.service.worker.submit(self.session.execute, line)
             fut.add_done_callback(self._done)
         self.flow_control(len(self.lines))
+        self.finish_if_idle()
+
+    def has_pending(self) -> bool:
+        return bool(self.lines)
 
     def _done(self, fut: asyncio.Future[Any]) -> None:
         self.busy = False

@@ -81,8 +81,7 @@ class StdioTransport(asyncio.BaseTransport):
             except OSError:
                 data = b""
             if not data:
-                self._closing = True
-                self._call(self._protocol.connection_lost, None)
+                self._call(self._protocol.eof_received)
                 return
             if not self._call(self._protocol.data_received, data):
                 return
@@ -91,6 +90,7 @@ class StdioTransport(asyncio.BaseTransport):
         while True:
             data = self._out.get()
             if data is None:
+                self._call(self._protocol.connection_lost, None)
                 return
             view = memoryview(data)
             try:

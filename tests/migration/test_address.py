@@ -121,14 +121,16 @@ SOCKET_CHANNEL = {"channel-type": "main", "addr": {
 def test_uri_and_channels_exclusive(command: str) -> None:
     text = ("'uri' and 'channels' arguments are mutually exclusive; exactly one of the two "
             f"should be present in '{command}' qmp command ")
-    for channels in ([SOCKET_CHANNEL], []):
+    given: list[list[dict[str, Any]]] = [[SOCKET_CHANNEL], []]
+    for channels in given:
         with pytest.raises(AddressError) as info:
             resolve_address("tcp:1.2.3.4:5", channels, command)
         assert str(info.value) == text
     neither = f"neither 'uri' or 'channels' argument are specified in '{command}' qmp command "
-    for channels in (None, []):
+    absent: list[list[dict[str, Any]] | None] = [None, []]
+    for maybe in absent:
         with pytest.raises(AddressError) as info:
-            resolve_address(None, channels, command)
+            resolve_address(None, maybe, command)
         assert str(info.value) == neither
 
 

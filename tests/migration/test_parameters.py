@@ -111,7 +111,8 @@ def test_tls_null_resets_to_empty_string() -> None:
      "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
     ({"max-cpu-throttle": 19},
      "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99"),
-    ({"announce-initial": 100001}, "Parameter 'announce_initial' expects a value between 0 and 100000"),
+    ({"announce-initial": 100001},
+     "Parameter 'announce_initial' expects a value between 0 and 100000"),
     ({"announce-max": 100001}, "Parameter 'announce_max' expects a value between 0 and 100000"),
     ({"announce-rounds": 1001}, "Parameter 'announce_rounds' expects a value between 0 and 1000"),
     ({"announce-step": 0}, "Parameter 'announce_step' expects a value between 0 and 10000"),
@@ -151,8 +152,9 @@ def test_checks_use_the_merged_values() -> None:
     p = MigrationParameters()
     p.apply({"max-cpu-throttle": 30})
     # raising the initial throttle above the current maximum fails on the maximum's check
-    assert refused(p, {"cpu-throttle-initial": 40}) == (
-        "Parameter 'max_cpu_throttle' expects an integer in the range of cpu_throttle_initial to 99")
+    assert refused(p, {"cpu-throttle-initial": 40}) == ("Parameter 'max_cpu_throttle' expects "
+                                                       "an integer in the range of "
+                                                       "cpu_throttle_initial to 99")
     p.apply({"cpu-throttle-initial": 40, "max-cpu-throttle": 50})
     assert (p["cpu-throttle-initial"], p["max-cpu-throttle"]) == (40, 50)
 
@@ -271,4 +273,5 @@ def test_schema_validated_arguments_apply() -> None:
                                               "mode": "cpr-reboot", "downtime-limit": 10})
     p = MigrationParameters()
     p.apply(args)
-    assert p["max-bandwidth"] == (1 << 64) - 5 and p["tls-creds"] == "" and p["mode"] == "cpr-reboot"
+    assert p["max-bandwidth"] == (1 << 64) - 5
+    assert p["tls-creds"] == "" and p["mode"] == "cpr-reboot"

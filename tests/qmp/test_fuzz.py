@@ -1,9 +1,10 @@
 """Fuzzing the monitor with hypothesis while the guest runs.
 
 - codec: any bytes, in any split, give the same items and never raise;
-- live: thousands of random and mutated requests over a socket; every complete message
-  gets exactly one reply, malformed bytes get parse errors, the guest keeps running and
-  the monitor still answers query-status at the end.
+- live, against an in-process FakeVm and against the real ``python -m pyvm``: thousands
+  of random and mutated requests over a socket; every complete message gets exactly one
+  reply, malformed bytes get parse errors, the guest keeps running (it makes progress)
+  and the monitor still answers query-status at the end.
 """
 
 from __future__ import annotations
@@ -16,13 +17,12 @@ from typing import Any, Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import RawClient
+from conftest import RawClient, wait_for
 from fake_vm import FakeVm
 from pyvm.qmp.json_stream import JsonStreamer
 from pyvm.qmp.options import parse_monitor_options
 from pyvm.qmp.registry import build_table
 from pyvm.qmp.server import MonitorService
-from pyvm.runstate import RunState
 
 TABLE = build_table()
 # Commands that would stop the guest or write files are left out of the live fuzz.
@@ -64,25 +64,57 @@ def test_codec_one_item_per_complete_message(batch: list[Any]) -> None:
     assert len(JsonStreamer().feed(stream)) == len(batch)
 
 
-@pytest.fixture(scope="module")
-def live() -> Iterator[tuple[FakeVm, RawClient]]:
-    vm = FakeVm()
-    vm.start_guest()
+class Live:
+    """A negotiated client plus a way to see that the guest makes progress."""
+
+    def __init__(self, client: RawClient, progress: Any) -> None:
+        self.client = client
+        self.progress = progress
+
+    def assert_running(self) -> None:
+        assert self.client.cmd("query-status", id="chk") == {
+            "return": {"status": "running", "singlestep": False, "running": True}, "id": "chk"}
+
+
+def _pyvm_counter(client: RawClient) -> int:
+    reply = client.cmd("human-monitor-command", {"command-line": "xp /1xw 0x100000"})
+    return int(reply["return"].split(":")[1], 16)
+
+
+@pytest.fixture(scope="module", params=["fake-vm", "pyvm"])
+def live(request: Any) -> Iterator[Live]:
+    """The monitor under fuzz: in-process with a FakeVm, and the real pyvm process."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "f.sock")
-        svc = MonitorService(vm, parse_monitor_options([f"unix:{path},server=on"], [], [], []))
-        svc.start()
-        client = RawClient(path)
-        client.negotiate()
-        yield vm, client
-        assert vm.runstate.state is RunState.RUNNING
-        ticks = vm.ticks
-        assert client.cmd("query-status", id="end") == {
-            "return": {"status": "running", "singlestep": False, "running": True}, "id": "end"}
+        if request.param == "fake-vm":
+            vm = FakeVm()
+            vm.start_guest()
+            svc = MonitorService(vm, parse_monitor_options([f"unix:{path},server=on"],
+                                                           [], [], []))
+            svc.start()
+            client = RawClient(path)
+            client.negotiate()
+            live = Live(client, lambda: vm.ticks)
+            stop: Any = lambda: (svc.close(), vm.stop_guest())
+        else:
+            from test_pyvm_process import _pyvm_runs, start_pyvm
+            if not _pyvm_runs():
+                pytest.skip("python -m pyvm is not runnable")
+            proc = start_pyvm("-qmp", f"unix:{path},server=on,wait=off", extra=("-S",))
+            assert wait_for(lambda: os.path.exists(path) or proc.poll() is not None, 30)
+            client = RawClient(path)
+            client.negotiate()
+            loaded = _pyvm_counter(client)
+            client.cmd("cont")
+            assert wait_for(lambda: _pyvm_counter(client) not in (loaded, 0), 20)
+            live = Live(client, lambda: _pyvm_counter(client))
+            stop = lambda: (client.cmd("quit"), proc.wait(20))
+        before = live.progress()
+        yield live
+        live.assert_running()
+        assert wait_for(lambda: live.progress() > before, 10), "the guest stopped"
+        stop()
         client.close()
-        svc.close()
-        assert vm.ticks > ticks or vm.ticks > 100
-        vm.stop_guest()
 
 
 def _has_lone_surrogate(value: Any) -> bool:
@@ -94,9 +126,8 @@ def _has_lone_surrogate(value: Any) -> bool:
 @settings(max_examples=250, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.lists(messages, min_size=1, max_size=12))
-def test_live_requests_each_get_one_reply(live: tuple[FakeVm, RawClient],
-                                          batch: list[Any]) -> None:
-    vm, client = live
+def test_live_requests_each_get_one_reply(live: Live, batch: list[Any]) -> None:
+    client = live.client
     client.send(b"".join(json.dumps(m).encode() + b"\n" for m in batch))
     for message in batch:
         reply = client.reply()
@@ -104,7 +135,6 @@ def test_live_requests_each_get_one_reply(live: tuple[FakeVm, RawClient],
         if isinstance(message, dict) and "id" in message and not _has_lone_surrogate(message):
             assert reply.get("id", "missing") == message["id"] or "JSON parse error" in \
                 reply["error"]["desc"]
-    assert vm.runstate.state is RunState.RUNNING
 
 
 @st.composite
@@ -129,9 +159,8 @@ def mutated(draw: Any) -> bytes:
 @settings(max_examples=250, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(st.lists(mutated(), min_size=1, max_size=8))
-def test_live_mutated_bytes_then_resync(live: tuple[FakeVm, RawClient],
-                                        garbage: list[bytes]) -> None:
-    vm, client = live
+def test_live_mutated_bytes_then_resync(live: Live, garbage: list[bytes]) -> None:
+    client = live.client
     for chunk in garbage:
         client.send(chunk)
     # An ASCII control character resets QEMU's JSON parser (docs/interop/qmp-spec).
@@ -141,4 +170,4 @@ def test_live_mutated_bytes_then_resync(live: tuple[FakeVm, RawClient],
         assert ("return" in reply) != ("error" in reply)
         if reply.get("id") == "sync" and "return" in reply:
             break
-    assert vm.runstate.state is RunState.RUNNING
+    live.assert_running()

@@ -682,16 +682,17 @@ cdef class Connection:
             fi_shutdown(self.ep, 0)
 
     # -- memory registration ------------------------------------------------------------------
-    def register(self, buffer, size_t offset, size_t length, uint64_t access, bint remote,
+    def register(self, buffer, size_t offset, size_t length, uint64_t access, bint register,
                  bint prefault=False):
         """A :class:`MemoryRegion` for ``buffer[offset:offset+length]``.
 
-        ``remote`` ranges (targets of the peer's writes) are always registered; local
-        ranges only when the provider wants FI_MR_LOCAL.  ``prefault`` touches every page
-        first (providers with FI_MR_ALLOCATED need backed memory).
+        With ``register`` false the range is only pinned (its buffer export held) for use
+        as a local source where the provider does not want FI_MR_LOCAL registrations.
+        ``prefault`` touches every page first (providers with FI_MR_ALLOCATED need backed
+        memory) and needs a writable buffer.
         """
         cdef MemoryRegion region = MemoryRegion.__new__(MemoryRegion)
-        cdef int flags = PyBUF_SIMPLE | (PyBUF_WRITABLE if (remote or prefault) else 0)
+        cdef int flags = PyBUF_SIMPLE | (PyBUF_WRITABLE if (access & FI_REMOTE_WRITE or prefault) else 0)
         cdef int rc
         cdef uint64_t requested
         cdef void *start
@@ -707,7 +708,7 @@ cdef class Connection:
         if prefault:
             with nogil:
                 pyvm_prefault(<uint8_t *>start, length)
-        if remote or (self.mr_mode & FI_MR_LOCAL):
+        if register:
             requested = self.next_key
             self.next_key += 1
             with nogil:

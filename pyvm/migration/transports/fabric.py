@@ -202,9 +202,11 @@ class Endpoint:
         self._write_base = sizes.recv_slots + sizes.send_slots
         self._free_writes = list(range(self._write_base, sizes.max_ops))
         self.writes_in_flight = 0
+        #: Register local buffers (sources of sends and writes): the provider's FI_MR_LOCAL.
+        self.local_registration = bool(conn.mr_mode & self._binding.MR_LOCAL)
         self._region = self._call(conn.register, "registering bounce buffers", self._arena,
                                   0, total, self._binding.ACCESS_SEND | self._binding.ACCESS_RECV,
-                                  False)
+                                  self.local_registration)
 
     # -- set-up ------------------------------------------------------------------------------------
     @property

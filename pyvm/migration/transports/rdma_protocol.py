@@ -322,7 +322,8 @@ class ChunkMap(Generic[T]):
     """Which registration covers each 1 MiB chunk of one block (``None``: not registered).
 
     A registration may span several consecutive chunks; writes are split where the
-    registration changes, so no write leaves the region whose key it uses.
+    registration (compared by value: a key names one registration) changes, so no write
+    leaves the region whose key it uses.
     """
 
     def __init__(self, block_length: int) -> None:
@@ -367,7 +368,7 @@ class ChunkMap(Generic[T]):
             if value is None:
                 raise RdmaError(f"chunk {chunk} is used before it is registered")
             stop = chunk + 1
-            while stop < len(self._chunks) and self._chunks[stop] is value:
+            while stop < len(self._chunks) and self._chunks[stop] == value:
                 stop += 1
             piece = min(end, stop << RDMA_REG_CHUNK_SHIFT) - offset
             yield offset, piece, value

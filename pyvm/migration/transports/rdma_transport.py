@@ -62,6 +62,10 @@ def _check_blocks(blocks: Sequence[BlockSpec]) -> None:
 class RdmaOutgoing:
     """The source end: an :class:`OutgoingChannel` plus RDMA page writes."""
 
+    #: Register guest RAM used as a write source even when the provider does not ask for
+    #: it (FI_MR_LOCAL); lets the on-demand local registration path run on any provider.
+    register_local_memory = False
+
     def __init__(self, host: str, port: str | int, blocks: Sequence[BlockSpec],
                  pin_all: bool = False, *, provider: str | None = None,
                  timeout: float = DEFAULT_TIMEOUT, abort: AbortSignal | None = None) -> None:
@@ -110,8 +114,8 @@ class RdmaOutgoing:
             raise RdmaError(f"ram blocks mismatch (Number of blocks {len(self._blocks)} vs "
                             f"{len(dest)}): the pyvm command line parameters are probably not "
                             "identical on both the source and destination")
-        conn = self._ep.connection
-        local_registered = bool(conn.mr_mode & load_binding().MR_LOCAL)
+        local_registered = self.register_local_memory or self._ep.local_registration
+        self._local_registered = local_registered
         self._dest = dest
         self._remote: list[ChunkMap[tuple[int, int]]] = []
         self._local: list[ChunkMap[tuple[Any, int]]] = []
@@ -132,7 +136,7 @@ class RdmaOutgoing:
     def _register_local(self, buffer: Any, offset: int, length: int) -> Any:
         binding = load_binding()
         return self._ep._call(self._ep.connection.register, "registering guest RAM", buffer,
-                              offset, length, binding.ACCESS_WRITE, False)
+                              offset, length, binding.ACCESS_WRITE, self._local_registered)
 
     # -- messages ----------------------------------------------------------------------------------
     def _on_message(self, data: memoryview) -> None:

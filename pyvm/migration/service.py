@@ -1,0 +1,171 @@
+"""The migration commands' behaviour, independent of how they are called (QMP or HMP).
+
+Each function checks the VM and migration state in QEMU's order and raises
+:class:`MigrationCommandError` with QEMU 8.2's text when it refuses.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
+
+from pyvm.errors import PyvmError
+from pyvm.migration.address import (FileMigrationAddress, MigrationAddress, resolve_address)
+from pyvm.migration.channels import STREAMING, outgoing_opener, prepare_incoming
+from pyvm.migration.incoming import IncomingMigration
+from pyvm.migration.manager import MigrationCommandError, MigrationManager
+from pyvm.migration.precopy import Precopy
+from pyvm.migration.status import MigrationStats, MigrationStatus
+from pyvm.migration.transports import AbortSignal
+from pyvm.runstate import RunState
+
+if TYPE_CHECKING:
+    from pyvm.machine import Machine
+
+_LOCK = threading.Lock()
+
+
+def migration_of(machine: "Machine") -> MigrationManager:
+    """The machine's migration manager, created on first use."""
+    with _LOCK:
+        if machine.migration is None:
+            mgr = MigrationManager(machine)
+            for obj in machine.migratable():
+                if getattr(obj, "vmsd", None) is None:
+                    mgr.blockers.add(f"State blocked by non-migratable device '{obj.idstr}'")
+            for reason, modes in getattr(machine, "migration_blockers", []):
+                mgr.blockers.add(reason, modes)
+            machine.migration = mgr
+        return machine.migration
+
+
+def _refuse(text: str) -> MigrationCommandError:
+    return MigrationCommandError(text)
+
+
+def _address(uri: str | None, channels: Sequence[Mapping[str, Any]] | None,
+             command: str) -> MigrationAddress:
+    try:
+        return resolve_address(uri, channels, command)
+    except PyvmError as err:
+        raise _refuse(str(err)) from err
+
+
+def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
+    mgr = migration_of(machine)
+    state = machine.runstate.state
+    if args.get("resume"):
+        raise _refuse("Cannot resume if there is no paused migration")
+    if state is RunState.INMIGRATE:
+        raise _refuse("Guest is waiting for an incoming migration")
+    if mgr.active:
+        raise _refuse("There's a migration process in progress")
+    if state is RunState.POSTMIGRATE:
+        raise _refuse("Can't migrate the vm that was paused due to previous migration")
+    if args.get("blk") or args.get("inc"):
+        raise _refuse("pyvm has no block migration: copy disk images separately")
+    addr = _address(args.get("uri"), args.get("channels"), "migrate")
+    mode = mgr.params.mode.value
+    blocker = mgr.blockers.first_for(mode)
+    if blocker is not None:
+        raise _refuse(blocker)
+    if mode == "cpr-reboot":
+        if isinstance(addr, STREAMING):
+            raise _refuse("cpr-reboot mode saves the VM for a later restart: use a file: URI or an "
+                          "exec: command that stores the stream (tcp, unix and rdma need a live "
+                          "destination)")
+        if mgr.caps["x-ignore-shared"]:
+            for block in machine.ram:
+                if block.backend.cfg.qom_type == "memory-backend-memfd":
+                    raise _refuse(f"memory-backend-memfd '{block.name}' does not survive its process: "
+                                  "cpr-reboot with x-ignore-shared needs memory-backend-file,share=on")
+    abort = AbortSignal()
+    opener = outgoing_opener(addr, abort, lambda: list(machine.ram))
+    with mgr.lock:
+        mgr.incoming = None
+        mgr.stats = MigrationStats()
+        mgr.error_desc = None
+        mgr.setup_time_ms = mgr.total_time_ms = mgr.downtime_ms = mgr.expected_downtime_ms = 0
+        mgr.start_time = 0.0
+        mgr.runstate_at_start = state
+        mgr.address = addr
+        pre = Precopy(mgr, machine, opener)
+        pre.abort = abort         # type: ignore[attr-defined]
+        mgr.precopy = pre
+    mgr.set_status(MigrationStatus.SETUP)
+    mgr.thread = threading.Thread(target=pre.run, name="migration", daemon=True)
+    mgr.thread.start()
+
+
+def migrate_cancel(machine: "Machine") -> None:
+    mgr = migration_of(machine)
+    pre = mgr.precopy
+    if pre is None or not mgr.active or mgr.status is MigrationStatus.CANCELLING:
+        return
+    mgr.set_status(MigrationStatus.CANCELLING)
+    abort = getattr(pre, "abort", None)
+    if abort is not None:
+        abort.set()
+    pre.cancel()
+
+
+def migrate_continue(machine: "Machine", state: str) -> None:
+    mgr = migration_of(machine)
+    if mgr.status.value != state or mgr.precopy is None:
+        raise _refuse(f"Migration not in expected state: {mgr.status.value}")
+    mgr.precopy.continue_event.set()
+
+
+def migrate_incoming(machine: "Machine", args: Mapping[str, Any]) -> None:
+    mgr = migration_of(machine)
+    if mgr.deferred_incoming is None:
+        raise _refuse("'-incoming' was not specified on the command line")
+    if mgr.incoming is not None or not mgr.deferred_incoming:
+        raise _refuse("The incoming migration has already been started")
+    start_incoming(machine, args.get("uri"), args.get("channels"),
+                   exit_on_error=bool(args.get("exit-on-error", True)))
+
+
+def start_incoming(machine: "Machine", uri: str | None,
+                   channels: Sequence[Mapping[str, Any]] | None, exit_on_error: bool = True,
+                   from_cli: bool = False) -> None:
+    mgr = migration_of(machine)
+    addr = _address(uri, channels, "migrate-incoming")
+    if not from_cli:
+        mgr.set_status(MigrationStatus.SETUP)
+    try:
+        prepared = prepare_incoming(addr, lambda: list(machine.ram))
+    except PyvmError as err:
+        raise _refuse(str(err)) from err
+    inc = IncomingMigration(mgr, machine, prepared.accept, exit_on_error=exit_on_error,
+                            socket_address=prepared.socket_address, on_close=prepared.close)
+    mgr.deferred_incoming = False
+    mgr.incoming = inc
+    inc.start()
+
+
+def set_capabilities(machine: "Machine", caps: Sequence[Mapping[str, Any]]) -> None:
+    mgr = migration_of(machine)
+    if mgr.active or (mgr.incoming is not None and mgr.incoming.status is MigrationStatus.ACTIVE):
+        raise _refuse("There's a migration process in progress")
+    try:
+        mgr.caps.set_many([(c["capability"], c["state"]) for c in caps])
+    except PyvmError as err:
+        raise _refuse(str(err)) from err
+
+
+def set_parameters(machine: "Machine", params: Mapping[str, Any]) -> None:
+    mgr = migration_of(machine)
+    try:
+        mgr.params.apply(params, zero_copy_send=mgr.caps["zero-copy-send"])
+    except PyvmError as err:
+        raise _refuse(str(err)) from err
+
+
+def query_migrate(machine: "Machine") -> dict[str, Any]:
+    return migration_of(machine).query()
+
+
+__all__ = ["FileMigrationAddress", "migrate", "migrate_cancel", "migrate_continue",
+           "migrate_incoming", "migration_of", "query_migrate", "set_capabilities",
+           "set_parameters", "start_incoming"]
