@@ -347,17 +347,18 @@ def run(pa: ParsedArgs) -> int:
             cfg.serial = ["null"]
     default_guest(cfg)
     machine = Machine(cfg)
+    machine.has_monitor = bool(monitors)
     service = None
     try:
-        if monitors:
-            from pyvm.qmp.options import start_monitors
-            machine.has_monitor = True
-            service = start_monitors(machine, monitors)
         _install_signals(machine)
         machine.start()
         if cfg.incoming is not None:
             from pyvm.migration.incoming import start_incoming_from_cli
             start_incoming_from_cli(machine, cfg.incoming)
+        if monitors:
+            import pyvm.migration.qmp_commands  # noqa: F401 - installs the migration commands
+            from pyvm.qmp.options import start_monitors
+            service = start_monitors(machine, monitors)
         return machine.wait()
     finally:
         if service is not None:

@@ -185,21 +185,18 @@ class VCpu:
         return False
 
     # -- running -----------------------------------------------------------------------------
-    def emu_start(self) -> None:
-        """Run from the current instruction until HLT, a stop request or a fault."""
+    def emu_start(self, count: int) -> None:
+        """Run at most ``count`` instructions from the current one; HLT, an exception, a
+        fault or a stop requested by a hook end the run earlier."""
         pc = self.pc
         try:
-            self.uc.emu_start(pc, 1 << 62)
+            self.uc.emu_start(pc, 1 << 62, 0, count)
         except uc_mod.UcError as err:
             if self.fault is None and self.pending_exception is None:
                 self.fault = GuestFault(f"vCPU {self.index}: {err}")
         if self.hook_error is not None:
             err2, self.hook_error = self.hook_error, None
             raise err2
-
-    def kick(self) -> None:
-        """Ask the running engine to return (any thread)."""
-        self.uc.emu_stop()
 
     def after_hlt(self) -> bool:
         """True if the instruction just before the current pc is HLT (opcode 0xf4)."""

@@ -213,8 +213,13 @@ class Precopy:
         unsent = {block.name: idx for block, idx in self._pending}
         pending = []
         total = 0
-        for block in self._blocks():
-            idx = bitmap_to_indices(block.dirty.fetch_and_clear(), block.npages)
+        # Unicorn calls the write hook just *before* it performs the store.  Taking the
+        # bitmap between two time slices guarantees that every store whose mark we take
+        # has landed in RAM, so the page we then send carries it.
+        blocks = self._blocks()
+        words = self.machine.run_on_loop(lambda: [b.dirty.fetch_and_clear() for b in blocks])
+        for block, w in zip(blocks, words):
+            idx = bitmap_to_indices(w, block.npages)
             if block.name in unsent:
                 idx = np.union1d(idx, unsent[block.name])
             if idx.size:

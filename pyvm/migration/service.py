@@ -105,7 +105,7 @@ def migrate_cancel(machine: "Machine") -> None:
     mgr.set_status(MigrationStatus.CANCELLING)
     abort = getattr(pre, "abort", None)
     if abort is not None:
-        abort.set()
+        abort.trigger()
     pre.cancel()
 
 

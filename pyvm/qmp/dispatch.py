@@ -78,9 +78,11 @@ def _check_members(request: dict[str, Any]) -> str:
                 raise CommandError("QMP input member 'arguments' must be an object")
         elif key != "id":
             raise CommandError(f"QMP input member '{key}' is unexpected")
-    if "execute" not in request:
+    name = request.get("execute")
+    if name is None:
         raise CommandError("QMP input lacks member 'execute'")
-    return request["execute"]
+    assert isinstance(name, str)
+    return name
 
 
 def check_request(request: Any, table: CommandTable, state: MonitorState) -> Reply | Call:

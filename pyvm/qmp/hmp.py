@@ -169,10 +169,10 @@ def parse_args(ctx: HmpContext, cmd: HmpCommand, line: str, pos: int) -> dict[st
             end = pos
             while end < len(line) and line[end].isprintable() and not line[end].isspace():
                 end += 1
-            word = line[pos:end]
-            if word not in ("on", "off"):
+            flag = line[pos:end]
+            if flag not in ("on", "off"):
                 raise HmpError("Expected 'on' or 'off'")
-            args[key], pos = word == "on", end
+            args[key], pos = flag == "on", end
         elif kind == "/":
             count, fmt, size, pos = get_format(line, pos, ctx.state.last_format,
                                                ctx.state.last_size)

@@ -106,7 +106,9 @@ def _dump(ctx: HmpContext, args: dict[str, Any], physical: bool) -> None:
     cpu = ctx.state.cpu_index
 
     def read(a: int, n: int) -> bytes:
-        return ctx.vm.read_physical(a, n) if physical else ctx.vm.read_virtual(cpu, a, n)
+        if physical:
+            return bytes(ctx.vm.read_physical(a, n))
+        return bytes(ctx.vm.read_virtual(cpu, a, n))
 
     if args["format"] == "i":
         mode = code_mode(ctx.vm.cpu_registers(cpu), args["size"])

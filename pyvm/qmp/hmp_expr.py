@@ -75,10 +75,10 @@ class _Expr:
                 self.pos += 1
             name = self.text[start:self.pos]
             self.pos = skip_space(self.text, self.pos)
-            value = self.registers(name)
-            if value is None:
+            reg = self.registers(name)
+            if reg is None:
                 raise HmpError("unknown register")
-            return _s64(value)
+            return _s64(reg)
         if not c:
             raise HmpError("unexpected end of expression")
         return self.number()

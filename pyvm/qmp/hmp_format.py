@@ -99,7 +99,7 @@ def memory_dump(read: ReadFn, count: int, fmt: str, wsize: int, addr: int) -> st
 def disassemble(read: ReadFn, addr: int, count: int, mode: int) -> str:
     """``x/Ni``: AT&T syntax, bytes split after 8 as QEMU's capstone printer does."""
     try:
-        import capstone  # type: ignore[import-untyped]
+        import capstone
     except ImportError:  # pragma: no cover - capstone is a pyvm dependency
         return "no disassembler available\n"
     cs_mode = {16: capstone.CS_MODE_16, 32: capstone.CS_MODE_32}.get(mode, capstone.CS_MODE_64)

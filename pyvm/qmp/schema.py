@@ -78,7 +78,7 @@ NUMBER = BUILTINS["number"]
 SIZE = BUILTINS["size"]
 UINT64 = BUILTINS["uint64"]
 
-TypeRef = TUnion[QType, str, list]          # list: one-element [T] means Array(T)
+TypeRef = TUnion[QType, str, "list[Any]"]   # a one-element list [T] means Array(T)
 
 
 def resolve(ref: TypeRef) -> QType:

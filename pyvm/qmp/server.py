@@ -18,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 import queue
@@ -198,14 +199,14 @@ class _QmpConnection(_Connection):
                 continue
             self.busy = True
             fut = self.service.worker.submit(run_call, step, ctx)
-            fut.add_done_callback(lambda f, ctx=ctx: self._done(f, ctx))
+            fut.add_done_callback(functools.partial(self._done, ctx=ctx))
         self.flow_control(len(self.pending))
         self.finish_if_idle()
 
     def has_pending(self) -> bool:
         return bool(self.pending)
 
-    def _done(self, fut: asyncio.Future[Any], ctx: CommandContext) -> None:
+    def _done(self, fut: asyncio.Future[Any], *, ctx: CommandContext) -> None:
         self.busy = False
         if fut.cancelled() or self.closed:
             return

@@ -62,7 +62,7 @@ class StdioTransport(asyncio.BaseTransport):
         self._closing = False
 
     def start(self) -> None:
-        self._protocol.connection_made(self)  # type: ignore[arg-type]
+        self._protocol.connection_made(self)
         threading.Thread(target=self._reader, name="pyvm-monitor-stdin", daemon=True).start()
         threading.Thread(target=self._writer, name="pyvm-monitor-stdout", daemon=True).start()
 

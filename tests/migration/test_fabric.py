@@ -25,7 +25,10 @@ import pytest
 from pyvm.migration.transports import fabric
 from pyvm.migration.transports.base import TransportCancelled, TransportError
 from pyvm.migration.transports.fabric import FabricUnavailableError
-from pyvm.migration.transports.rdma_protocol import RdmaError
+from pyvm.migration.transports.rdma_protocol import (Compress, ControlType, RdmaError,
+                                                     RdmaProtocolError, Register,
+                                                     encode_compress, encode_message,
+                                                     encode_register_requests)
 from pyvm.migration.transports.rdma_transport import (RdmaIncoming, RdmaListener,
                                                       RdmaOutgoing)
 
@@ -173,6 +176,22 @@ def test_connect_accept_and_stream_bytes(destinations: list[Destination]) -> Non
 
 @needs_libfabric
 @pytest.mark.usefixtures("tcp_provider")
+def test_close_right_after_writing_loses_no_bytes(destinations: list[Destination]) -> None:
+    # Regression: disconnecting while the destination still sent grants reset the TCP
+    # connection and dropped the last messages; close() now waits for every grant.
+    for attempt in range(12):
+        dest = Destination([("pc.ram", bytearray(PAGE), PAGE)])
+        destinations.append(dest)
+        out = RdmaOutgoing(dest.host, dest.port, [("pc.ram", bytearray(PAGE), PAGE)])
+        payload = random.Random(attempt).randbytes(3 * MiB + attempt)
+        out.write(payload)
+        out.write(b"end")
+        out.close()
+        assert dest.join() == payload + b"end"
+
+
+@needs_libfabric
+@pytest.mark.usefixtures("tcp_provider")
 def test_read_returns_partial_data_then_eof(destinations: list[Destination]) -> None:
     dest = Destination([("pc.ram", bytearray(MiB), MiB)], read=False)
     destinations.append(dest)
@@ -186,7 +205,7 @@ def test_read_returns_partial_data_then_eof(destinations: list[Destination]) -> 
     assert dest.incoming.read(100) == b""
 
 
-# -- RDMA writes -------------------------------------------------------------------------------------
+# -- RDMA writes -----------------------------------------------------------------------------------
 def _sparse_pages(size: int, seed: int) -> list[int]:
     rng = random.Random(seed)
     pages = sorted(rng.sample(range(size // PAGE), size // PAGE // 5))
@@ -252,6 +271,35 @@ def test_pages_land_in_the_destination_block(destinations: list[Destination],
 
 @needs_libfabric
 @pytest.mark.usefixtures("tcp_provider")
+def test_zero_pages_of_unregistered_chunks_are_filled_not_registered(
+        destinations: list[Destination]) -> None:
+    size = 8 * MiB
+    src = random_block(size, 8)
+    src[2 * MiB:4 * MiB] = bytes(2 * MiB)
+    zero_in_chunk0 = [5 * PAGE, 6 * PAGE, 100 * PAGE]
+    for off in zero_in_chunk0:
+        src[off:off + PAGE] = bytes(PAGE)
+    dst = mmap.mmap(-1, size)
+    dst[:] = b"\xee" * size                     # stale memory the fills must clear
+    dest = Destination([("pc.ram", dst, size)])
+    destinations.append(dest)
+    out = RdmaOutgoing(dest.host, dest.port, [("pc.ram", src, size)])
+    data_pages = [o for o in range(0, 2 * MiB, PAGE) if o not in zero_in_chunk0]
+    out.write_pages(0, data_pages, PAGE)
+    out.write_zero_pages(0, zero_in_chunk0 + list(range(2 * MiB, 4 * MiB, PAGE)), PAGE)
+    out.round_finished()
+    out.close()
+    dest.join()
+    assert dst[:4 * MiB] == src[:4 * MiB]
+    assert dst[4 * MiB:] == b"\xee" * (4 * MiB)
+    assert out.zero_pages == 3 + 512 and out.pages_written == 512 - 3
+    # Chunks 0-1 hold data (one registration); the zero chunks 2-3 were never registered.
+    assert dest.incoming is not None and dest.incoming.registrations == 1
+    assert out.rdma_bytes == 2 * MiB
+
+
+@needs_libfabric
+@pytest.mark.usefixtures("tcp_provider")
 def test_on_demand_registration_of_local_chunks(destinations: list[Destination],
                                                 monkeypatch: pytest.MonkeyPatch) -> None:
     # Providers with FI_MR_LOCAL need the write source registered too, chunk by chunk.
@@ -292,7 +340,8 @@ def test_a_64_mib_region(destinations: list[Destination], pin_all: bool) -> None
 def test_block_mismatch_is_refused(destinations: list[Destination]) -> None:
     dest = Destination([("pc.ram", bytearray(2 * MiB), 2 * MiB)])
     destinations.append(dest)
-    with pytest.raises(RdmaError, match=r"Block pc.ram/0 has a different length 1048576 vs 2097152"):
+    with pytest.raises(RdmaError,
+                       match=r"Block pc.ram/0 has a different length 1048576 vs 2097152"):
         RdmaOutgoing(dest.host, dest.port, [("pc.ram", bytearray(MiB), MiB)])
     dest2 = Destination([("pc.ram", bytearray(MiB), MiB)])
     destinations.append(dest2)
@@ -315,7 +364,30 @@ def test_pages_outside_the_block_are_refused(destinations: list[Destination]) ->
     dest.join()
 
 
-# -- failures ------------------------------------------------------------------------------------------
+@needs_libfabric
+@pytest.mark.usefixtures("tcp_provider")
+@pytest.mark.parametrize("request_bytes, text", [
+    (encode_register_requests([Register(64 * MiB, 0, 0)]), "REGISTER_REQUEST outside block 0"),
+    (encode_register_requests([Register(0, 3, 0)]), "REGISTER_REQUEST for unknown block 3"),
+    (encode_register_requests([Register(0, 0, 1)]), "REGISTER_REQUEST outside block 0"),
+    (encode_compress([Compress(0, 0, MiB - PAGE, 2 * PAGE)]), "COMPRESS outside block 0"),
+    (encode_message(ControlType.READY), "unexpected READY from the source"),
+])
+def test_a_bad_request_fails_both_ends(destinations: list[Destination], request_bytes: bytes,
+                                       text: str) -> None:
+    block = bytearray(MiB)
+    dest = Destination([("pc.ram", block, MiB)])
+    destinations.append(dest)
+    out = RdmaOutgoing(dest.host, dest.port, [("pc.ram", bytearray(MiB), MiB)], timeout=5)
+    with pytest.raises(RdmaError, match="reported an error|closed by the peer"):
+        out._request(request_bytes, ControlType.REGISTER_RESULT, "test request")
+    with pytest.raises(RdmaProtocolError, match=text):
+        dest.join()
+    assert block == bytes(MiB)
+    out.close()
+
+
+# -- failures --------------------------------------------------------------------------------------
 def _free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -332,6 +404,41 @@ def test_refused_connection() -> None:
     assert str(info.value) == (f"RDMA ERROR: connecting to destination 127.0.0.1:{port} "
                                "failed: Connection refused")
     assert time.monotonic() - start < 5
+
+
+@needs_libfabric
+@pytest.mark.usefixtures("tcp_provider")
+def test_unresolvable_address() -> None:
+    with pytest.raises(RdmaError) as info:
+        RdmaOutgoing("nosuchhost.invalid", 4444, [("pc.ram", bytearray(PAGE), PAGE)])
+    assert str(info.value) == ("RDMA ERROR: could not resolve address nosuchhost.invalid:4444 "
+                               "(providers: tcp)")
+
+
+@needs_libfabric
+@pytest.mark.usefixtures("tcp_provider")
+def test_ipv6_loopback() -> None:
+    listener = RdmaListener("::1", 0)
+    host, port = listener.listen_address()
+    assert host == "::1" and port > 0
+    block = bytearray(MiB)
+    result: list[Any] = []
+    thread = threading.Thread(target=lambda: result.append(
+        listener.accept([("pc.ram", block, MiB)], timeout=10)))
+    thread.start()
+    src = random_block(MiB, 7)
+    out = RdmaOutgoing("::1", port, [("pc.ram", src, MiB)])
+    assert out.peer == f"[::1]:{port}"
+    out.write_pages(0, range(0, MiB, PAGE), PAGE)
+    out.round_finished()
+    out.write(b"end")
+    out.close()
+    thread.join(10)
+    incoming = result[0]
+    assert incoming.read(10) == b"end" and incoming.read(10) == b""
+    incoming.close()
+    listener.close()
+    assert block == src[:]
 
 
 @needs_libfabric
@@ -418,7 +525,9 @@ def _child(script: str, *args: object) -> subprocess.Popen[str]:
 
 def _read_line(proc: subprocess.Popen[str], timeout: float = 20) -> str:
     result: list[str] = []
-    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()))  # type: ignore[union-attr]
+    assert proc.stdout is not None
+    stdout = proc.stdout
+    reader = threading.Thread(target=lambda: result.append(stdout.readline()))
     reader.start()
     reader.join(timeout)
     assert result and result[0], "child process did not report"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import struct
 
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -11,9 +12,10 @@ from hypothesis import strategies as st
 from pyvm.migration.transports.base import TransportError
 from pyvm.migration.transports.rdma_protocol import (
     HEADER_SIZE, MAX_PAYLOAD, RDMA_CAPABILITY_PIN_ALL, RDMA_CONTROL_MAX_BUFFER,
-    RDMA_MERGE_MAX, RDMA_REG_CHUNK_SIZE, Capabilities, ChunkMap, ControlType, DestBlock,
-    RdmaError, RdmaProtocolError, Register, RegisterResult, block_base_for, decode_dest_blocks,
-    decode_message, decode_register_requests, decode_register_results, encode_dest_blocks,
+    RDMA_MERGE_MAX, RDMA_REG_CHUNK_SIZE, Capabilities, ChunkMap, Compress, ControlType,
+    DestBlock, RdmaError, RdmaProtocolError, Register, RegisterResult, block_base_for,
+    decode_compress, decode_dest_blocks, decode_message, decode_register_requests,
+    decode_register_results, encode_compress, encode_dest_blocks,
     encode_header, encode_message, encode_register_requests, encode_register_results, expect,
     merge_pages, remote_address)
 
@@ -46,7 +48,8 @@ def test_errors_are_transport_errors_with_the_prefix() -> None:
     (b"\x00" * 8, "has no header"),
     (struct.pack(">IIII", 5, 3, 1, 0) + b"abc", "does not match"),
     (struct.pack(">IIII", 0, 77, 1, 0), "unsupported control message type 77"),
-    (struct.pack(">IIII", 0, 6, 1, 0), "unsupported control message type 6"),
+    (struct.pack(">IIII", 0, 10, 1, 0), "unsupported control message type 10"),
+    (struct.pack(">IIII", 0, 6, 1, 0), "COMPRESS of 0 bytes does not hold 1 entries"),
     (struct.pack(">IIII", 0, 2, 0, 0), "repeat 0 out of range"),
     (struct.pack(">IIII", 0, 2, 4097, 0), "repeat 4097 out of range"),
     (struct.pack(">IIII", 1, 2, 1, 0) + b"x", "READY carries 1 unexpected bytes"),
@@ -108,6 +111,16 @@ def test_register_request_and_result_round_trip() -> None:
     assert decode_register_results(decode_message(encode_register_results(results))) == results
 
 
+def test_compress_round_trip() -> None:
+    fills = [Compress(0, 1, 0x10_0000, 0x10_0000), Compress(0xFF, 0, 4096, 4096)]
+    raw = encode_compress(fills)
+    assert raw[HEADER_SIZE:HEADER_SIZE + 24] == bytes.fromhex(
+        "00000000 00000001 0000000000100000 0000000000100000")
+    msg = decode_message(raw)
+    assert msg.type == ControlType.COMPRESS and msg.repeat == 2
+    assert decode_compress(msg) == fills
+
+
 def test_expect_reports_errors_and_surprises() -> None:
     ready = decode_message(encode_message(ControlType.READY, repeat=8))
     assert expect(ready, ControlType.READY) is ready
@@ -136,18 +149,32 @@ def test_merge_pages_joins_contiguous_pages_up_to_the_limit() -> None:
 
 
 @pytest.mark.parametrize("offset", [1, -4096, 8192])
-def test_merge_pages_refuses_pages_outside_the_block(offset: int) -> None:
-    with pytest.raises(ValueError):
-        list(merge_pages([offset], 4096, 8192))
+@pytest.mark.parametrize("as_array", [False, True])
+def test_merge_pages_refuses_pages_outside_the_block(offset: int, as_array: bool) -> None:
+    pages = np.array([0, offset]) if as_array else [0, offset]
+    with pytest.raises(ValueError, match="is not a page of a block"):
+        list(merge_pages(pages, 4096, 8192))
+
+
+@given(st.lists(st.integers(0, 1023), max_size=300), st.sampled_from([4096, 8192]),
+       st.sampled_from([8192, 65536, RDMA_MERGE_MAX]))
+def test_merge_pages_of_an_array_equals_the_loop(pages: list[int], page_size: int,
+                                                 limit: int) -> None:
+    offsets = [p * page_size for p in pages]
+    expected = list(merge_pages(offsets, page_size, 1024 * page_size, limit))
+    got = list(merge_pages(np.array(offsets, dtype=np.uint64), page_size, 1024 * page_size, limit))
+    assert got == expected
+    assert all(isinstance(v, int) for run in got for v in run)
 
 
 def test_chunk_map_missing_runs_and_segments() -> None:
     chunk_map: ChunkMap[tuple[int, int]] = ChunkMap(5 * MiB + 4096)
     assert len(chunk_map) == 6
-    assert chunk_map.missing_runs(MiB - 4096, 2 * MiB) == [(0, 3)]
+    assert chunk_map.missing_runs([(MiB - 4096, 2 * MiB)]) == [(0, 3)]
+    assert chunk_map.missing_runs([(0, 4096), (5 * MiB, 4096), (MiB, 4096)]) == [(0, 2), (5, 1)]
     first = (7, 0)
     chunk_map.set_range(1, 2, first)
-    assert chunk_map.missing_runs(0, 4 * MiB) == [(0, 1), (3, 1)]
+    assert chunk_map.missing_runs([(0, 4 * MiB)]) == [(0, 1), (3, 1)]
     assert chunk_map.chunk_span(5, 1) == (5 * MiB, 4096)
     second = (8, (1 << 64) - 3 * MiB)
     chunk_map.set_range(3, 1, second)

@@ -4,10 +4,10 @@
 libfabric's calls are inline functions in its headers that jump through provider tables,
 so they are called from here, not through ctypes.  Only what the transport needs is bound:
 ``getinfo`` for connected message endpoints (FI_EP_MSG) with FI_MSG|FI_RMA, a
-:class:`Listener` (passive endpoint + event queue), a :class:`Connection` (domain,
-completion queue, event queue, endpoint) made by :meth:`Connection.connect` or
-:meth:`Listener.accept`, :class:`MemoryRegion` registrations of Python buffers,
-``send``/``recv``/RMA ``write`` and completion polling.
+:class:`Listener` (passive endpoint + event queue) that yields :class:`ConnectRequest`
+objects, a :class:`Connection` (domain, completion queue, event queue, endpoint) made by
+:meth:`Connection.client` or :meth:`Connection.server`, :class:`MemoryRegion`
+registrations of Python buffers, ``send``/``recv``/RMA ``write`` and completion polling.
 
 Rules kept here:
 
@@ -25,7 +25,7 @@ Rules kept here:
 """
 
 from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
-from libc.string cimport memcpy, memset, strdup
+from libc.string cimport memset, strdup
 from libc.stdlib cimport calloc, free
 from cpython.buffer cimport (PyObject_GetBuffer, PyBuffer_Release, PyBUF_SIMPLE,
                              PyBUF_WRITABLE)
@@ -82,6 +82,7 @@ cdef extern from "rdma/fabric.h" nogil:
         size_t inject_size
         size_t size
     ctypedef struct fi_rx_attr "struct fi_rx_attr":
+        uint64_t msg_order
         size_t size
     ctypedef struct fi_ep_attr "struct fi_ep_attr":
         int type
@@ -117,6 +118,7 @@ cdef extern from "rdma/fabric.h" nogil:
     uint32_t FI_MINOR_VERSION
     uint64_t FI_MSG, FI_RMA, FI_WRITE, FI_REMOTE_WRITE, FI_SEND, FI_RECV, FI_READ
     uint64_t FI_TRANSMIT, FI_SOURCE, FI_CONTEXT, FI_CONTEXT2
+    uint64_t FI_ORDER_SAS, FI_ORDER_SAW
     int FI_MR_LOCAL, FI_MR_VIRT_ADDR, FI_MR_ALLOCATED, FI_MR_PROV_KEY, FI_MR_ENDPOINT
     int FI_EP_MSG
     int FI_RM_ENABLED
@@ -233,21 +235,24 @@ EVENT_SHUTDOWN = FI_SHUTDOWN
 COMP_SEND = FI_SEND
 COMP_RECV = FI_RECV
 COMP_WRITE = FI_WRITE
-ECANCELED = FI_ECANCELED
 
 # mr_mode bits pyvm knows how to honour (fi_mr(3)): local descriptors, virtual or offset
 # addressing, provider keys, pre-faulted memory, endpoint-bound registrations.
 cdef int SUPPORTED_MR_MODE = (FI_MR_LOCAL | FI_MR_VIRT_ADDR | FI_MR_ALLOCATED |
                               FI_MR_PROV_KEY | FI_MR_ENDPOINT)
-cdef size_t CM_DATA_MAX = 256
 cdef int POLL_BATCH = 64
+# Ordering the protocol relies on (fi_endpoint(3) msg_order): control messages arrive in the
+# order sent (send after send), and a message received after RDMA writes finds their data
+# in memory (send after write: a round's REGISTER_FINISHED covers the round's writes).
+cdef uint64_t REQUIRED_ORDER = FI_ORDER_SAS | FI_ORDER_SAW
 
 
 class FabricError(Exception):
     """A libfabric call or a completion failed.
 
-    ``str()`` is libfabric's text for the error; ``call`` names the call, ``errno`` is libfabric's positive error number and ``op`` the
-    operation number a failed completion belonged to (-1 when not known).
+    ``str()`` is libfabric's text for the error; ``call`` names the call, ``errno`` is
+    libfabric's positive error number and ``op`` the operation number a failed completion
+    belonged to (-1 when not known).
     """
 
     def __init__(self, call, errno_, detail="", op=-1):
@@ -321,7 +326,7 @@ cdef class Info:
 
 
 def getinfo(node, service, bint source, provider=None):
-    """Every fi_info for a connected message endpoint with FI_MSG|FI_RMA.
+    """Every fi_info for a connected message endpoint with FI_MSG|FI_RMA, ordered sends.
 
     ``source`` asks for local (listening) addresses; ``provider`` restricts the provider
     name.  A missing provider or address gives an empty list (FI_ENODATA).
@@ -341,6 +346,8 @@ def getinfo(node, service, bint source, provider=None):
         hints.mode = FI_CONTEXT | FI_CONTEXT2
         hints.ep_attr.type = FI_EP_MSG
         hints.domain_attr.mr_mode = SUPPORTED_MR_MODE
+        hints.tx_attr.msg_order = REQUIRED_ORDER
+        hints.rx_attr.msg_order = REQUIRED_ORDER
         if provider:
             hints.fabric_attr.prov_name = strdup(provider.encode())
         if bnode is not None:
@@ -490,8 +497,6 @@ cdef class Listener:
         if length < 0:
             return None
         if event != FI_CONNREQ:
-            if event != FI_SHUTDOWN and length >= <int>sizeof(fi_eq_cm_entry) and entry.info != NULL:
-                fi_freeinfo(entry.info)
             return None
         req = ConnectRequest.__new__(ConnectRequest)
         req.info = entry.info
@@ -692,14 +697,16 @@ cdef class Connection:
         memory) and needs a writable buffer.
         """
         cdef MemoryRegion region = MemoryRegion.__new__(MemoryRegion)
-        cdef int flags = PyBUF_SIMPLE | (PyBUF_WRITABLE if (access & FI_REMOTE_WRITE or prefault) else 0)
+        cdef bint writable = (access & FI_REMOTE_WRITE) != 0 or prefault
+        cdef int flags = PyBUF_SIMPLE | (PyBUF_WRITABLE if writable else 0)
         cdef int rc
         cdef uint64_t requested
         cdef void *start
         self._live("fi_mr_reg")
         PyObject_GetBuffer(buffer, &region.view, flags)
         region.have_view = True
-        if offset > <size_t>region.view.len or length > <size_t>region.view.len - offset or length == 0:
+        cdef size_t size = <size_t>region.view.len
+        if offset > size or length > size - offset or length == 0:
             region.close()
             raise ValueError(f"range {offset}+{length} outside a buffer of {region.view.len} bytes")
         start = <uint8_t *>region.view.buf + offset
@@ -825,7 +832,8 @@ cdef class Connection:
         if fi_cq_readerr(self.cq, &err, 0) < 0:
             return FabricError("completion", FI_EAVAIL)
         if err.op_context != NULL:
-            op = <int>((<uintptr_t>err.op_context - <uintptr_t>self.contexts) // sizeof(fi_context2))
+            op = <int>((<uintptr_t>err.op_context - <uintptr_t>self.contexts)
+                       // sizeof(fi_context2))
         detail = ""
         if err.prov_errno:
             detail = fi_cq_strerror(self.cq, err.prov_errno, err.err_data, buf,

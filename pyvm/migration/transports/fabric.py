@@ -7,8 +7,9 @@ in pyvm depends on libfabric.
 
 Provider choice: ``verbs`` (InfiniBand/RoCE NICs) when fi_getinfo finds it, else ``tcp``
 (RMA in software over TCP sockets); ``PYVM_RDMA_PROVIDER`` or the ``provider`` argument
-forces one.  Both give connected message endpoints (FI_EP_MSG) with FI_MSG and FI_RMA;
-``tcp;ofi_rxm`` is an FI_EP_RDM layering and is not used.
+forces one.  Both give connected message endpoints (FI_EP_MSG) with FI_MSG and FI_RMA and
+the ordering the protocol needs (send after send, send after write); ``tcp;ofi_rxm`` is an
+FI_EP_RDM layering and is not used.
 
 :class:`Endpoint` is the message layer both sides of the transport share: one registered
 arena of bounce buffers (receive slots and send slots), a pool of RDMA write operations,
@@ -84,6 +85,10 @@ def rdma_error(err: BaseException, what: str) -> RdmaError:
     return RdmaError(f"{what}: {err}", errno=code if isinstance(code, int) else None)
 
 
+def host_port(host: str, port: str | int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def find_info(host: str, port: str | int, *, passive: bool, provider: str | None = None) -> Any:
     """The first fi_info of the preferred provider for ``host:port``.
 
@@ -91,17 +96,19 @@ def find_info(host: str, port: str | int, *, passive: bool, provider: str | None
     """
     binding = load_binding()
     tried = providers_to_try(provider)
-    failure: BaseException | None = None
+    present = []
     for name in tried:
         try:
             infos = binding.getinfo(host or None, str(port), passive, name)
-        except binding.FabricError as err:
-            failure = err
-            continue
-        if infos:
-            return infos[0]
-    if failure is not None and len(tried) == 1:
-        raise rdma_error(failure, f"could not resolve {host}:{port} with provider {tried[0]}")
+            if infos:
+                return infos[0]
+            if binding.getinfo(None, None, False, name):
+                present.append(name)
+        except binding.FabricError:
+            present.append(name)
+    if present:
+        raise RdmaError(f"could not resolve address {host_port(host, port)} "
+                        f"(providers: {', '.join(present)})", errno=errno_codes.EADDRNOTAVAIL)
     raise FabricUnavailableError("no libfabric provider supports RMA over FI_EP_MSG here "
                                  f"(tried: {', '.join(tried)})")
 
@@ -116,36 +123,55 @@ def sockaddr_host_port(raw: bytes) -> tuple[str, int]:
 
 
 class FabricListener:
-    """A passive endpoint on ``host:port`` (port 0 picks a free one)."""
+    """A passive endpoint on ``host:port`` (port 0 picks a free one).
+
+    :meth:`close` may come from any thread; while another thread waits for a request the
+    passive endpoint is closed by that thread when its wait ends, never under it.
+    """
 
     def __init__(self, host: str, port: str | int, *, provider: str | None = None) -> None:
         binding = load_binding()
         self.info = find_info(host, port, passive=True, provider=provider)
         self.provider: str = self.info.provider
+        self._lock = threading.Lock()
+        self._waiting = False
+        self._closing = False
         try:
             self._listener = binding.Listener(self.info)
             self.address = sockaddr_host_port(self._listener.getname())
         except binding.FabricError as err:
-            raise rdma_error(err, f"listening on {host}:{port} failed") from err
+            raise rdma_error(err, f"listening on {host_port(host, port)} failed") from err
 
-    def wait_request(self, deadline: float | None, abort: AbortSignal | None,
-                     stopped: Callable[[], bool]) -> Any:
+    def wait_request(self, deadline: float | None, abort: AbortSignal | None) -> Any:
         """The next connection request; TransportCancelled/RdmaError on abort or timeout."""
         binding = load_binding()
-        while True:
-            if stopped() or (abort is not None and abort.triggered):
-                raise cancelled_error("RDMA ERROR: accepting a connection")
-            if deadline is not None and time.monotonic() >= deadline:
-                raise RdmaError("timed out waiting for a connection", errno=errno_codes.ETIMEDOUT)
-            try:
-                request = self._listener.wait_request(int(POLL_SLICE * 1000))
-            except binding.FabricError as err:
-                raise rdma_error(err, "waiting for a connection failed") from err
-            if request is not None:
-                return request
+        with self._lock:
+            if self._waiting:
+                raise RdmaError("another thread is already accepting a connection")
+            self._waiting = True
+        try:
+            while True:
+                if self._closing or (abort is not None and abort.triggered):
+                    raise cancelled_error("RDMA ERROR: accepting a connection")
+                if deadline is not None and time.monotonic() >= deadline:
+                    raise RdmaError("timed out waiting for a connection",
+                                    errno=errno_codes.ETIMEDOUT)
+                try:
+                    request = self._listener.wait_request(int(POLL_SLICE * 1000))
+                except binding.FabricError as err:
+                    raise rdma_error(err, "waiting for a connection failed") from err
+                if request is not None:
+                    return request
+        finally:
+            with self._lock:
+                self._waiting = False
+                if self._closing:
+                    self._listener.close()
 
     def reject(self, request: Any) -> None:
-        self._listener.reject(request)
+        with self._lock:
+            if not self._closing:
+                self._listener.reject(request)
 
     def connection(self, request: Any, max_ops: int) -> Any:
         binding = load_binding()
@@ -155,7 +181,10 @@ class FabricListener:
             raise rdma_error(err, "setting up the accepted connection failed") from err
 
     def close(self) -> None:
-        self._listener.close()
+        with self._lock:
+            self._closing = True
+            if not self._waiting:
+                self._listener.close()
 
 
 @dataclass(frozen=True)
@@ -204,7 +233,7 @@ class Endpoint:
         self.writes_in_flight = 0
         #: Register local buffers (sources of sends and writes): the provider's FI_MR_LOCAL.
         self.local_registration = bool(conn.mr_mode & self._binding.MR_LOCAL)
-        self._region = self._call(conn.register, "registering bounce buffers", self._arena,
+        self._region = self.call(conn.register, "registering bounce buffers", self._arena,
                                   0, total, self._binding.ACCESS_SEND | self._binding.ACCESS_RECV,
                                   self.local_registration)
 
@@ -219,16 +248,16 @@ class Endpoint:
 
     def connect(self, private_data: bytes, timeout: float, what: str) -> bytes:
         """Connect (client side) and return the peer's private data."""
-        self._call(self._conn.connect, what, private_data)
+        self.call(self._conn.connect, what, private_data)
         return self._wait_connected(timeout, what)
 
     def accept(self, private_data: bytes, timeout: float, what: str) -> bytes:
-        self._call(self._conn.accept, what, private_data)
+        self.call(self._conn.accept, what, private_data)
         return self._wait_connected(timeout, what)
 
     def _wait_connected(self, timeout: float, what: str) -> bytes:
         deadline = time.monotonic() + timeout
-        while not self._call(self._conn.wait_connected, what, int(POLL_SLICE * 1000)):
+        while not self.call(self._conn.wait_connected, what, int(POLL_SLICE * 1000)):
             self._check_cancel(what)
             if time.monotonic() >= deadline:
                 raise self._fail(RdmaError(f"{what}: timed out after {timeout:g} s",
@@ -257,7 +286,7 @@ class Endpoint:
     def sends_idle(self) -> bool:
         return len(self._free_send) == self.sizes.send_slots
 
-    # -- RDMA writes ---------------------------------------------------------------------------------
+    # -- RDMA writes -------------------------------------------------------------------------------
     def write(self, region: Any, offset: int, length: int, remote_addr: int, key: int,
               what: str) -> None:
         """RMA-write ``region[offset:offset+length]`` to the peer's ``remote_addr``."""
@@ -273,7 +302,7 @@ class Endpoint:
     def drain_writes(self, what: str) -> None:
         self.wait(lambda: self.writes_in_flight == 0, what)
 
-    # -- progress and waiting ------------------------------------------------------------------------
+    # -- progress and waiting ----------------------------------------------------------------------
     def progress(self, timeout: float) -> int:
         """Handle the completions that arrive within ``timeout`` seconds; how many there were."""
         if self._error is not None:
@@ -314,7 +343,7 @@ class Endpoint:
     def check_peer(self) -> bool:
         """Look for a disconnect event; True once the peer has shut the connection down."""
         if not self.peer_closed:
-            event = self._call(self._conn.poll_event, "connection event")
+            event = self.call(self._conn.poll_event, "connection event")
             if event == self._binding.EVENT_SHUTDOWN:
                 self.peer_closed = True
         return self.peer_closed
@@ -338,7 +367,7 @@ class Endpoint:
         if self._cancelled or (self._abort is not None and self._abort.triggered):
             raise self._fail(cancelled_error(f"RDMA ERROR: {what}"))
 
-    # -- shutdown --------------------------------------------------------------------------------------
+    # -- shutdown ----------------------------------------------------------------------------------
     @property
     def cancelled(self) -> bool:
         return self._cancelled
@@ -363,7 +392,7 @@ class Endpoint:
         self._view.release()
         self._arena.close()
 
-    # -- helpers -----------------------------------------------------------------------------------------
+    # -- helpers -----------------------------------------------------------------------------------
     def _repost(self, slot: int) -> None:
         self._post(self._conn.post_recv, "posting a receive", self._region,
                    slot * self.sizes.recv_size, self.sizes.recv_size, slot)
@@ -371,14 +400,14 @@ class Endpoint:
     def _post(self, call: Callable[..., bool], what: str, *args: Any) -> None:
         """Post an operation, making progress while the provider's queue is full."""
         deadline = time.monotonic() + self.timeout
-        while not self._call(call, what, *args):
+        while not self.call(call, what, *args):
             self._check_cancel(what)
             if time.monotonic() >= deadline:
                 raise self._fail(RdmaError(f"{what}: the send queue stayed full",
                                            errno=errno_codes.ETIMEDOUT))
             self.progress(0.001)
 
-    def _call(self, call: Callable[..., Any], what: str, *args: Any) -> Any:
+    def call(self, call: Callable[..., Any], what: str, *args: Any) -> Any:
         if self._error is not None:
             raise self._error
         try:

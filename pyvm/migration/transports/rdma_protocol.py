@@ -13,6 +13,7 @@ Wire structures (network byte order; fact sheet section 5.1)::
                        be32 key_lo, be32 key_hi
     RDMARegister       be64 current_addr, be32 current_index, u32 pad, be64 chunks
     RDMARegisterResult be32 key_lo, be32 key_hi, be64 host_addr
+    RDMACompress       be32 value, be32 block_idx, be64 offset, be64 length
 
 QEMU's keys are 32-bit ibverbs rkeys and the word after them is padding.  libfabric keys are
 64 bits wide, so pyvm carries the high half in that padding word; it is zero for 32-bit keys
@@ -31,9 +32,15 @@ requests, so the source's own receive buffers cannot be overrun.
 Errors::
 
     TransportError                  (pyvm.migration.transports.base)
-     +-- RdmaError                  every rdma failure; the text starts with "RDMA ERROR: "
+     +-- RdmaError                  every rdma failure; the text starts with "RDMA ERROR: ";
+          |                         libfabric failures keep libfabric's errno
           +-- RdmaProtocolError     a malformed or unexpected control message, or the peer
-                                    sent ERROR
+          |                         sent ERROR
+          +-- FabricUnavailableError  (fabric) libfabric missing, or no provider has RMA
+                                      over FI_EP_MSG
+
+A cancel (``shutdown()`` from another thread, an :class:`AbortSignal`) raises the base
+module's :class:`TransportCancelled` instead.
 """
 
 from __future__ import annotations
@@ -42,6 +49,8 @@ import enum
 import struct
 from dataclasses import dataclass
 from typing import Generic, Iterable, Iterator, Optional, Sequence, TypeVar
+
+import numpy as np
 
 from pyvm.migration.transports.base import TransportError
 
@@ -62,11 +71,13 @@ _HEADER = struct.Struct(">IIII")
 _DEST_BLOCK = struct.Struct(">QQQII")
 _REGISTER = struct.Struct(">QIIQ")
 _REGISTER_RESULT = struct.Struct(">IIQ")
+_COMPRESS = struct.Struct(">IIQQ")
 CAPABILITIES_SIZE = _CAPS.size                  # 8
 HEADER_SIZE = _HEADER.size                      # 16
 DEST_BLOCK_SIZE = _DEST_BLOCK.size              # 32
 REGISTER_SIZE = _REGISTER.size                  # 24
 REGISTER_RESULT_SIZE = _REGISTER_RESULT.size    # 16
+COMPRESS_SIZE = _COMPRESS.size                  # 24
 MAX_PAYLOAD = RDMA_CONTROL_MAX_BUFFER - HEADER_SIZE
 MAX_DEST_BLOCKS = MAX_PAYLOAD // DEST_BLOCK_SIZE
 _U64 = (1 << 64) - 1
@@ -124,7 +135,8 @@ class Capabilities:
         """The destination's reply: the requested flags it supports, unknown bits cleared."""
         if self.version != RDMA_CONTROL_VERSION_CURRENT:
             raise RdmaProtocolError(f"Unknown source RDMA version: {self.version}, bailing...")
-        return Capabilities(RDMA_CONTROL_VERSION_CURRENT, self.flags & supported & KNOWN_CAPABILITIES)
+        flags = self.flags & supported & KNOWN_CAPABILITIES
+        return Capabilities(RDMA_CONTROL_VERSION_CURRENT, flags)
 
 
 # -- control messages ---------------------------------------------------------------------------
@@ -157,6 +169,7 @@ _ENTRY_SIZE: dict[ControlType, Optional[int]] = {
     ControlType.QEMU_FILE: None,
     ControlType.RAM_BLOCKS_REQUEST: 0,
     ControlType.RAM_BLOCKS_RESULT: None,
+    ControlType.COMPRESS: COMPRESS_SIZE,
     ControlType.REGISTER_REQUEST: REGISTER_SIZE,
     ControlType.REGISTER_RESULT: REGISTER_RESULT_SIZE,
     ControlType.REGISTER_FINISHED: 0,
@@ -271,6 +284,31 @@ def decode_register_results(msg: ControlMessage) -> list[RegisterResult]:
             in _REGISTER_RESULT.iter_unpack(msg.payload)]
 
 
+@dataclass(frozen=True)
+class Compress:
+    """RDMACompress: fill ``length`` bytes at list-wide RAM offset ``offset`` of block
+    ``block_idx`` with ``value``; sent for zero pages of chunks not registered yet, so that
+    untouched memory need not be registered (pinned) at all."""
+
+    value: int
+    block_idx: int
+    offset: int
+    length: int
+
+    def encode(self) -> bytes:
+        return _COMPRESS.pack(self.value, self.block_idx, self.offset, self.length)
+
+
+def encode_compress(commands: Sequence[Compress]) -> bytes:
+    return encode_message(ControlType.COMPRESS, b"".join(c.encode() for c in commands),
+                          len(commands))
+
+
+def decode_compress(msg: ControlMessage) -> list[Compress]:
+    expect(msg, ControlType.COMPRESS)
+    return [Compress(*fields) for fields in _COMPRESS.iter_unpack(msg.payload)]
+
+
 def remote_address(host_addr: int, offset: int) -> int:
     """The remote address of byte ``offset`` of a block whose base is ``host_addr``."""
     return (host_addr + offset) & _U64
@@ -296,15 +334,17 @@ def merge_pages(page_offsets: Iterable[int], page_size: int, block_length: int,
     """Runs ``(offset, length)`` of contiguous pages, each at most ``limit`` bytes.
 
     Pages are taken in the order given; a page that does not follow the previous one starts
-    a new run.  Offsets must be page aligned and inside the block.
+    a new run.  Offsets must be page aligned and inside the block.  A numpy array (what a
+    dirty-bitmap scan yields) is merged with vector operations, with the same result.
     """
     if page_size <= 0 or limit < page_size:
         raise ValueError(f"page size {page_size} and merge limit {limit} do not fit")
+    if isinstance(page_offsets, np.ndarray):
+        yield from _merge_array(page_offsets, page_size, block_length, limit)
+        return
     start = end = -1
     for offset in page_offsets:
-        if offset % page_size or not 0 <= offset <= block_length - page_size:
-            raise ValueError(f"page offset 0x{offset:x} is not a page of a block of "
-                             f"0x{block_length:x} bytes")
+        _check_page(offset, page_size, block_length)
         if offset == end and end - start + page_size <= limit:
             end += page_size
             continue
@@ -313,6 +353,28 @@ def merge_pages(page_offsets: Iterable[int], page_size: int, block_length: int,
         start, end = offset, offset + page_size
     if start >= 0:
         yield start, end - start
+
+
+def _check_page(offset: int, page_size: int, block_length: int) -> None:
+    if offset % page_size or not 0 <= offset <= block_length - page_size:
+        raise ValueError(f"page offset 0x{offset:x} is not a page of a block of "
+                         f"0x{block_length:x} bytes")
+
+
+def _merge_array(offsets: np.ndarray, page_size: int, block_length: int,
+                 limit: int) -> Iterator[tuple[int, int]]:
+    pages = offsets.astype(np.int64, copy=False).ravel()
+    if not pages.size:
+        return
+    bad = (pages % page_size != 0) | (pages < 0) | (pages > block_length - page_size)
+    if bad.any():
+        _check_page(int(pages[np.flatnonzero(bad)[0]]), page_size, block_length)
+    breaks = np.flatnonzero(np.diff(pages) != page_size) + 1
+    per_run = limit // page_size
+    for first, stop in zip([0, *breaks.tolist()], [*breaks.tolist(), pages.size]):
+        base = int(pages[first])
+        for done in range(0, stop - first, per_run):
+            yield base + done * page_size, min(per_run, stop - first - done) * page_size
 
 
 T = TypeVar("T")
@@ -342,12 +404,14 @@ class ChunkMap(Generic[T]):
     def fill_all(self, value: T) -> None:
         self.set_range(0, len(self._chunks), value)
 
-    def missing_runs(self, offset: int, length: int) -> list[tuple[int, int]]:
-        """``(first_chunk, count)`` of the unregistered chunks under a range."""
+    def missing_runs(self, ranges: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+        """``(first_chunk, count)`` runs of the unregistered chunks under ``(offset, length)``
+        ranges, consecutive chunks grouped so that one registration can cover them."""
+        needed = sorted({chunk for offset, length in ranges
+                         for chunk in range(chunk_of(offset), chunk_of(offset + length - 1) + 1)
+                         if self._chunks[chunk] is None})
         runs: list[tuple[int, int]] = []
-        for chunk in range(chunk_of(offset), chunk_of(offset + length - 1) + 1):
-            if self._chunks[chunk] is not None:
-                continue
+        for chunk in needed:
             if runs and runs[-1][0] + runs[-1][1] == chunk:
                 runs[-1] = (runs[-1][0], runs[-1][1] + 1)
             else:
@@ -362,13 +426,14 @@ class ChunkMap(Generic[T]):
     def segments(self, offset: int, length: int) -> Iterator[tuple[int, int, T]]:
         """Split a registered range into ``(offset, length, registration)`` pieces."""
         end = offset + length
+        last = chunk_of(end - 1)
         while offset < end:
             chunk = chunk_of(offset)
             value = self._chunks[chunk]
             if value is None:
                 raise RdmaError(f"chunk {chunk} is used before it is registered")
             stop = chunk + 1
-            while stop < len(self._chunks) and self._chunks[stop] == value:
+            while stop <= last and self._chunks[stop] == value:
                 stop += 1
             piece = min(end, stop << RDMA_REG_CHUNK_SHIFT) - offset
             yield offset, piece, value

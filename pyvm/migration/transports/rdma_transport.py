@@ -1,4 +1,5 @@
-"""The rdma transport (``rdma:HOST:PORT``): guest RAM by one-sided RDMA writes, the rest as messages.
+"""The rdma transport (``rdma:HOST:PORT``): guest RAM by one-sided RDMA writes, the rest as
+messages.
 
 Source: :class:`RdmaOutgoing` connects, learns the destination's RAM blocks
 (RAM_BLOCKS_REQUEST/RESULT), and then offers the byte-channel interface for the ordinary
@@ -15,6 +16,12 @@ the RAM stream the source emits ``RAM_SAVE_FLAG_HOOK`` after :meth:`round_finish
 loader calls :meth:`RdmaIncoming.sync_round` on it, which returns once that round's
 REGISTER_FINISHED was processed (always already true: messages arrive in order).
 
+Every RAM page of every round goes through :meth:`RdmaOutgoing.write_pages` or
+:meth:`RdmaOutgoing.write_zero_pages`; none may also travel as a PAGE or ZERO record in the
+stream, because the loader applies stream records later than RDMA writes land, and a stale
+record would overwrite newer memory.  Pages written by RDMA bypass the destination's dirty
+bitmap and page observers.
+
 Protocol details, flow control and wire layouts: :mod:`.rdma_protocol`.
 """
 
@@ -28,13 +35,14 @@ from typing import Any, Iterable, Optional, Sequence
 
 from pyvm.migration.transports.base import AbortSignal, Chunk, as_views, cancelled_error
 from pyvm.migration.transports.fabric import (Endpoint, EndpointSizes, FabricListener,
-                                              find_info, load_binding, rdma_error)
+                                              find_info, host_port, load_binding, rdma_error)
 from pyvm.migration.transports.rdma_protocol import (
     HEADER_SIZE, MAX_DEST_BLOCKS, RDMA_CAPABILITY_PIN_ALL, RDMA_CONTROL_MAX_BUFFER,
     RDMA_CONTROL_MAX_COMMANDS_PER_MESSAGE, RDMA_MERGE_MAX, RDMA_RESOLVE_TIMEOUT_MS,
-    Capabilities, ChunkMap, ControlMessage, ControlType, DestBlock, RdmaError,
-    RdmaProtocolError, Register, RegisterResult, block_base_for, chunk_of, decode_dest_blocks,
-    decode_message, decode_register_requests, decode_register_results, encode_dest_blocks,
+    RDMA_REG_CHUNK_SHIFT, RDMA_REG_CHUNK_SIZE, Capabilities, ChunkMap, Compress, ControlMessage,
+    ControlType, DestBlock, RdmaError, RdmaProtocolError, Register, RegisterResult,
+    block_base_for, chunk_of, decode_compress, decode_dest_blocks, decode_message,
+    decode_register_requests, decode_register_results, encode_compress, encode_dest_blocks,
     encode_header, encode_message, encode_register_requests, expect, merge_pages,
     remote_address)
 
@@ -49,6 +57,7 @@ SOURCE_SEND_SLOTS = 4
 DEST_SEND_SLOTS = 4
 WRITE_SLOTS = 32                         # RDMA writes in flight
 STREAM_QUEUE_MAX = 16 << 20              # destination: stream bytes queued before credits wait
+_ZEROS = bytes(RDMA_REG_CHUNK_SIZE)
 
 
 def _check_blocks(blocks: Sequence[BlockSpec]) -> None:
@@ -71,10 +80,12 @@ class RdmaOutgoing:
                  timeout: float = DEFAULT_TIMEOUT, abort: AbortSignal | None = None) -> None:
         _check_blocks(blocks)
         binding = load_binding()
-        self.peer = f"{host}:{port}"
+        self.peer = host_port(host, port)
         info = find_info(host, port, passive=False, provider=provider)
-        sizes = EndpointSizes(DEST_RECV_SLOTS + 4, REPLY_SIZE, SOURCE_SEND_SLOTS,
-                              RDMA_CONTROL_MAX_BUFFER, max(1, min(WRITE_SLOTS, info.tx_size - SOURCE_SEND_SLOTS)))
+        # Receive buffers: every grant (READY), one reply and an ERROR can be in flight.
+        writes = max(1, min(WRITE_SLOTS, info.tx_size - SOURCE_SEND_SLOTS))
+        sizes = EndpointSizes(DEST_RECV_SLOTS + 2, REPLY_SIZE, SOURCE_SEND_SLOTS,
+                              RDMA_CONTROL_MAX_BUFFER, writes)
         try:
             conn = binding.Connection.client(info, sizes.max_ops)
         except binding.FabricError as err:
@@ -84,13 +95,15 @@ class RdmaOutgoing:
         self.provider: str = self._ep.provider
         self._blocks = list(blocks)
         self._credits = 0
+        self._window = 0                  # receive buffers the destination granted in all
         self._inbox: collections.deque[ControlMessage] = collections.deque()
         self._stream_slot: Optional[tuple[int, memoryview]] = None
         self._stream_fill = 0
         self._closed = False
         self.bytes_written = 0            # stream bytes (QEMU_FILE payloads)
         self.rdma_bytes = 0               # guest RAM bytes written by RDMA
-        self.pages_written = 0
+        self.pages_written = 0            # pages given to write_pages
+        self.zero_pages = 0               # pages given to write_zero_pages
         self.registrations = 0            # chunk runs registered on demand
         self.rounds = 0
         try:
@@ -135,7 +148,7 @@ class RdmaOutgoing:
 
     def _register_local(self, buffer: Any, offset: int, length: int) -> Any:
         binding = load_binding()
-        return self._ep._call(self._ep.connection.register, "registering guest RAM", buffer,
+        return self._ep.call(self._ep.connection.register, "registering guest RAM", buffer,
                               offset, length, binding.ACCESS_WRITE, self._local_registered)
 
     # -- messages ----------------------------------------------------------------------------------
@@ -143,6 +156,7 @@ class RdmaOutgoing:
         msg = decode_message(data)
         if msg.type == ControlType.READY:
             self._credits += msg.repeat
+            self._window = max(self._window, self._credits)
         elif msg.type in (ControlType.RAM_BLOCKS_RESULT, ControlType.REGISTER_RESULT,
                           ControlType.ERROR):
             if msg.type == ControlType.ERROR:
@@ -200,18 +214,49 @@ class RdmaOutgoing:
         self._take_credit("sending stream bytes")
         self._ep.send(slot, length, "sending stream bytes")
 
-    # -- RAM ------------------------------------------------------------------------------------------
+    # -- RAM ---------------------------------------------------------------------------------------
     def write_pages(self, block_index: int, page_offsets: Iterable[int], page_size: int) -> None:
         """RMA-write the pages at ``page_offsets`` (bytes into the block) to the destination.
 
         Contiguous pages merge into writes of up to RDMA_MERGE_MAX bytes.  The writes may
         still be in flight when this returns; :meth:`round_finished` waits for them.
         """
+        runs = self._runs(block_index, page_offsets, page_size, RDMA_MERGE_MAX)
+        self._write_runs(block_index, runs)
+        self.pages_written += sum(length for _offset, length in runs) // page_size
+
+    def write_zero_pages(self, block_index: int, page_offsets: Iterable[int],
+                         page_size: int) -> None:
+        """Pages known to be all zero: where their chunk is not registered on the destination
+        yet they are filled there (COMPRESS), so untouched memory is never registered;
+        elsewhere they are RMA-written like any page."""
+        runs = self._runs(block_index, page_offsets, page_size, self._blocks[block_index][2])
+        remote_map, base = self._remote[block_index], self._dest[block_index].offset
+        fills: list[Compress] = []
+        writes: list[tuple[int, int]] = []
+        for offset, length in runs:
+            self.zero_pages += length // page_size
+            end = offset + length
+            while offset < end:
+                stop = min(end, (chunk_of(offset) + 1) << RDMA_REG_CHUNK_SHIFT)
+                if remote_map.get(chunk_of(offset)) is None:
+                    fills.append(Compress(0, block_index, base + offset, stop - offset))
+                else:
+                    writes.append((offset, stop - offset))
+                offset = stop
+        for at in range(0, len(fills), RDMA_CONTROL_MAX_COMMANDS_PER_MESSAGE):
+            self._send(encode_compress(fills[at:at + RDMA_CONTROL_MAX_COMMANDS_PER_MESSAGE]),
+                       "COMPRESS")
+        self._write_runs(block_index, writes)
+
+    def _runs(self, block_index: int, page_offsets: Iterable[int], page_size: int,
+              limit: int) -> list[tuple[int, int]]:
         self._check_open()
         if not 0 <= block_index < len(self._blocks):
             raise RdmaError(f"RAM block index {block_index} out of range")
-        runs = list(merge_pages(page_offsets, page_size, self._blocks[block_index][2],
-                                RDMA_MERGE_MAX))
+        return list(merge_pages(page_offsets, page_size, self._blocks[block_index][2], limit))
+
+    def _write_runs(self, block_index: int, runs: list[tuple[int, int]]) -> None:
         if not runs:
             return
         self._register_remote(block_index, runs)
@@ -223,23 +268,10 @@ class RdmaOutgoing:
                     self._ep.write(region, sub - start, sub_len, remote_address(host_addr, sub),
                                    key, "writing guest RAM")
             self.rdma_bytes += length
-            self.pages_written += length // page_size
-
-    def _missing(self, chunk_map: ChunkMap[Any], runs: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        needed = sorted({c for offset, length in runs
-                         for c in range(chunk_of(offset), chunk_of(offset + length - 1) + 1)
-                         if chunk_map.get(c) is None})
-        grouped: list[tuple[int, int]] = []
-        for chunk in needed:
-            if grouped and grouped[-1][0] + grouped[-1][1] == chunk:
-                grouped[-1] = (grouped[-1][0], grouped[-1][1] + 1)
-            else:
-                grouped.append((chunk, 1))
-        return grouped
 
     def _register_remote(self, index: int, runs: list[tuple[int, int]]) -> None:
         remote_map = self._remote[index]
-        missing = self._missing(remote_map, runs)
+        missing = remote_map.missing_runs(runs)
         base = self._dest[index].offset
         for at in range(0, len(missing), RDMA_CONTROL_MAX_COMMANDS_PER_MESSAGE):
             batch = missing[at:at + RDMA_CONTROL_MAX_COMMANDS_PER_MESSAGE]
@@ -258,7 +290,7 @@ class RdmaOutgoing:
     def _register_local_chunks(self, index: int, runs: list[tuple[int, int]]) -> None:
         local_map = self._local[index]
         buffer = self._blocks[index][1]
-        for first, count in self._missing(local_map, runs):
+        for first, count in local_map.missing_runs(runs):
             start, length = local_map.chunk_span(first, count)
             local_map.set_range(first, count, (self._register_local(buffer, start, length), start))
 
@@ -269,7 +301,7 @@ class RdmaOutgoing:
         self._send(encode_message(ControlType.REGISTER_FINISHED), "REGISTER_FINISHED")
         self.rounds += 1
 
-    # -- teardown ---------------------------------------------------------------------------------------
+    # -- teardown ----------------------------------------------------------------------------------
     def _check_open(self) -> None:
         if self._closed:
             raise RdmaError("write to a closed rdma channel", errno=errno_codes.EBADF)
@@ -289,6 +321,11 @@ class RdmaOutgoing:
                     self._send_stream()
                 self._ep.drain_writes("completing RDMA writes")
                 self._ep.wait(self._ep.sends_idle, "completing sends")
+                # Every grant back means the destination processed every message and will
+                # send nothing more: disconnecting now cannot lose data in either direction
+                # (over TCP, closing with unread input resets the connection).
+                self._ep.wait(lambda: self._credits == self._window,
+                              "waiting for the destination to take the last messages")
                 self._ep.disconnect()
         finally:
             self._ep.close()
@@ -302,7 +339,6 @@ class RdmaListener:
         self._fabric = FabricListener(host, port, provider=provider)
         self.provider = self._fabric.provider
         self.timeout = timeout
-        self._closed = threading.Event()
 
     def listen_address(self) -> tuple[str, int]:
         return self._fabric.address
@@ -312,7 +348,7 @@ class RdmaListener:
         """Wait for the source and return the connected :class:`RdmaIncoming`."""
         _check_blocks(blocks)
         deadline = None if timeout is None else time.monotonic() + timeout
-        request = self._fabric.wait_request(deadline, abort, self._closed.is_set)
+        request = self._fabric.wait_request(deadline, abort)
         try:
             wanted = Capabilities.decode(request.private_data)
             answer = wanted.answer(RDMA_CAPABILITY_PIN_ALL)
@@ -324,8 +360,10 @@ class RdmaListener:
         return RdmaIncoming(conn, sizes, blocks, answer, timeout=self.timeout, abort=abort)
 
     def close(self) -> None:
-        """Stop listening (any thread; a pending accept raises TransportCancelled)."""
-        self._closed.set()
+        """Stop listening (any thread; a pending accept raises TransportCancelled).
+
+        A connection already accepted stays up: it holds its own reference to the fabric.
+        """
         self._fabric.close()
 
 
@@ -343,6 +381,7 @@ class RdmaIncoming:
         self._virtual = bool(conn.mr_mode & binding.MR_VIRT_ADDR)
         self._prefault = bool(conn.mr_mode & binding.MR_ALLOCATED)
         self._maps: list[ChunkMap[tuple[int, int]]] = [ChunkMap(b[2]) for b in blocks]
+        self._views = [memoryview(b[1]).cast("B") for b in blocks]
         self._offsets = [sum(b[2] for b in blocks[:i]) for i in range(len(blocks))]
         self._cond = threading.Condition()
         self._queue: collections.deque[bytes] = collections.deque()
@@ -371,13 +410,13 @@ class RdmaIncoming:
         self._thread = threading.Thread(target=self._serve, name="rdma-incoming", daemon=True)
         self._thread.start()
 
-    # -- service thread ------------------------------------------------------------------------------
+    # -- service thread ----------------------------------------------------------------------------
     def _serve(self) -> None:
         try:
             while not self._stop:
                 handled = self._ep.progress(0.005 if self._credits_owed else 0.1)
                 while self._work:
-                    self._answer(self._work.popleft())
+                    self._handle(self._work.popleft())
                 if self._credits_owed and self._queued <= STREAM_QUEUE_MAX:
                     owed, self._credits_owed = self._credits_owed, 0
                     self._ep.send_bytes(encode_message(ControlType.READY, repeat=owed),
@@ -386,6 +425,11 @@ class RdmaIncoming:
                     while self._ep.progress(0.05):     # messages that raced the disconnect
                         pass
                     break
+            if self._credits_owed and not self._ep.peer_closed:
+                # Closed by the reader: hand back the last grants so that a source that is
+                # closing sees every message taken.
+                self._ep.send_bytes(encode_message(ControlType.READY, repeat=self._credits_owed),
+                                    "granting receive buffers")
         except BaseException as err:  # noqa: B902 - handed to the reading thread
             self._set_error(err)
             if isinstance(err, RdmaProtocolError):
@@ -400,10 +444,17 @@ class RdmaIncoming:
                 except RdmaError:
                     pass
             self._ep.close()
+            for view in self._views:
+                view.release()
 
     def _on_message(self, data: memoryview) -> None:
-        msg = decode_message(data)
+        # Handled after the completion batch, in arrival order: a COMPRESS fill must happen
+        # before a later REGISTER_RESULT lets the source write there, and a round's
+        # REGISTER_FINISHED before the stream bytes that follow it become readable.
+        self._work.append(decode_message(data))
         self._credits_owed += 1
+
+    def _handle(self, msg: ControlMessage) -> None:
         if msg.type == ControlType.QEMU_FILE:
             if msg.payload:
                 with self._cond:
@@ -414,36 +465,52 @@ class RdmaIncoming:
             with self._cond:
                 self.rounds_finished += 1
                 self._cond.notify_all()
-        elif msg.type in (ControlType.RAM_BLOCKS_REQUEST, ControlType.REGISTER_REQUEST):
-            self._work.append(msg)          # answered outside the completion handler
-        elif msg.type == ControlType.ERROR:
-            raise RdmaError("the source reported an error")
-        else:
-            raise RdmaProtocolError(f"unexpected {msg.type.name} from the source")
-
-    def _answer(self, msg: ControlMessage) -> None:
-        if msg.type == ControlType.RAM_BLOCKS_REQUEST:
+        elif msg.type == ControlType.RAM_BLOCKS_REQUEST:
             blocks = []
             for index, (_name, _buffer, length) in enumerate(self._blocks):
                 # Key and base only when pinned; otherwise REGISTER_RESULT brings them.
                 key, base = self._maps[index].get(0) or (0, 0)
                 blocks.append(DestBlock(base, self._offsets[index], length, key))
             self._reply(ControlType.RAM_BLOCKS_RESULT, encode_dest_blocks(blocks), 1)
-            return
-        results = []
-        for req in decode_register_requests(msg):
-            results.append(self._register_request(req))
-        self._reply(ControlType.REGISTER_RESULT,
-                    b"".join(r.encode() for r in results), len(results))
+        elif msg.type == ControlType.REGISTER_REQUEST:
+            results = [self._register_request(req) for req in decode_register_requests(msg)]
+            self._reply(ControlType.REGISTER_RESULT,
+                        b"".join(r.encode() for r in results), len(results))
+        elif msg.type == ControlType.COMPRESS:
+            for fill in decode_compress(msg):
+                self._fill(fill)
+        elif msg.type == ControlType.ERROR:
+            raise RdmaError("the source reported an error")
+        else:
+            raise RdmaProtocolError(f"unexpected {msg.type.name} from the source")
+
+    def _block_range(self, what: str, index: int, list_offset: int, length: int) -> int:
+        """The offset inside block ``index`` of a list-wide range, checked to lie inside."""
+        if not 0 <= index < len(self._blocks):
+            raise RdmaProtocolError(f"{what} for unknown block {index}")
+        offset = list_offset - self._offsets[index]
+        size = self._blocks[index][2]
+        if not (0 <= offset < size and 0 < length <= size - offset):
+            raise RdmaProtocolError(f"{what} outside block {index}")
+        return offset
+
+    def _fill(self, fill: Compress) -> None:
+        offset = self._block_range("COMPRESS", fill.block_idx, fill.offset, fill.length)
+        if fill.value > 0xFF:
+            raise RdmaProtocolError(f"COMPRESS fill value {fill.value} is not a byte")
+        pattern = _ZEROS if fill.value == 0 else bytes((fill.value,)) * len(_ZEROS)
+        view = self._views[fill.block_idx]
+        end = offset + fill.length
+        while offset < end:
+            step = min(end - offset, len(pattern))
+            view[offset:offset + step] = pattern[:step]
+            offset += step
 
     def _register_request(self, req: Register) -> RegisterResult:
-        if not 0 <= req.current_index < len(self._blocks):
-            raise RdmaProtocolError(f"REGISTER_REQUEST for unknown block {req.current_index}")
+        offset = self._block_range("REGISTER_REQUEST", req.current_index, req.current_addr, 1)
         chunk_map = self._maps[req.current_index]
-        offset = req.current_addr - self._offsets[req.current_index]
-        first = chunk_of(offset) if offset >= 0 else -1
-        count = req.chunks + 1
-        if not (0 <= offset < chunk_map.block_length and first + count <= len(chunk_map)):
+        first, count = chunk_of(offset), req.chunks + 1
+        if first + count > len(chunk_map):
             raise RdmaProtocolError(f"REGISTER_REQUEST outside block {req.current_index}")
         if self.pin_all:
             entry = chunk_map.get(first)
@@ -458,7 +525,7 @@ class RdmaIncoming:
         binding = load_binding()
         chunk_map = self._maps[index]
         start, length = chunk_map.chunk_span(first, count)
-        region = self._ep._call(self._ep.connection.register, "registering guest RAM",
+        region = self._ep.call(self._ep.connection.register, "registering guest RAM",
                                 self._blocks[index][1], start, length,
                                 binding.ACCESS_REMOTE_WRITE, True, self._prefault)
         entry = (region.key, block_base_for(region.address if self._virtual else 0, start))
@@ -481,7 +548,7 @@ class RdmaIncoming:
                 self._error = err
             self._cond.notify_all()
 
-    # -- the stream (IncomingChannel) ------------------------------------------------------------------
+    # -- the stream (IncomingChannel) --------------------------------------------------------------
     def _wait_data(self) -> bool:
         """Block until stream bytes are queued (True) or the input ended (False)."""
         with self._cond:
@@ -550,4 +617,5 @@ class RdmaIncoming:
     def close(self) -> None:
         """Disconnect and release the registrations (the blocks' buffers are released too)."""
         self._stop = True
+        self._ep.shutdown()
         self._thread.join()

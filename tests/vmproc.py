@@ -1,0 +1,120 @@
+"""A real pyvm process driven over QMP with QEMU's own client library (tests only)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class VmProcess:
+    """``pyvm ARGS -qmp unix:... -serial file:...`` with helpers for tests."""
+
+    def __init__(self, tmp: Path, name: str, *args: str, serial: bool = True,
+                 env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp
+        self.name = name
+        self.sock = str(tmp / f"{name}.qmp")
+        self.serial_path = tmp / f"{name}.serial"
+        cmd = [sys.executable, "-m", "pyvm", *args, "-qmp", f"unix:{self.sock},server=on,wait=off"]
+        if serial:
+            cmd += ["-serial", f"file:{self.serial_path}"]
+        self.stderr_path = tmp / f"{name}.stderr"
+        e = dict(os.environ)
+        e.update(env or {})
+        self._stderr = open(self.stderr_path, "wb")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr,
+                                     cwd=ROOT, env=e)
+        self.qmp = self._connect()
+
+    def _connect(self) -> QEMUMonitorProtocol:
+        deadline = time.monotonic() + 20
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.stderr()}")
+            if os.path.exists(self.sock):
+                q = QEMUMonitorProtocol(self.sock)
+                try:
+                    q.connect()
+                    return q
+                except OSError:
+                    pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{self.name}: no QMP socket")
+            time.sleep(0.05)
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        """Run a command; returns the 'return' value or raises AssertionError with the error."""
+        resp = self.qmp.cmd_raw(name, args or None)
+        if "error" in resp:
+            raise QmpFailed(resp["error"]["desc"], resp["error"]["class"])
+        return resp["return"]
+
+    def hmp(self, line: str) -> str:
+        return str(self.cmd("human-monitor-command", **{"command-line": line}))
+
+    def status(self) -> str:
+        return str(self.cmd("query-status")["status"])
+
+    def wait_migration(self, states: tuple[str, ...] = ("completed", "failed", "cancelled"),
+                       timeout: float = 60) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            info = self.cmd("query-migrate")
+            if info.get("status") in states:
+                return info
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: migration still {info}")
+            time.sleep(0.05)
+
+    def wait_serial(self, text: str, timeout: float = 20) -> str:
+        deadline = time.monotonic() + timeout
+        while True:
+            out = self.serial()
+            if text in out:
+                return out
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{self.name}: {text!r} not in serial output {out[-300:]!r}")
+            time.sleep(0.05)
+
+    def serial(self) -> str:
+        try:
+            return self.serial_path.read_bytes().decode(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stderr(self) -> str:
+        self._stderr.flush()
+        return self.stderr_path.read_bytes().decode(errors="replace")
+
+    def pmem(self, size: int, name: str = "ram.bin") -> bytes:
+        path = self.tmp / f"{self.name}-{name}"
+        self.cmd("pmemsave", val=0, size=size, filename=str(path))
+        return path.read_bytes()
+
+    def wait_exit(self, timeout: float = 20) -> int:
+        return self.proc.wait(timeout)
+
+    def close(self) -> None:
+        try:
+            self.qmp.close()
+        except Exception:  # noqa: BLE001 - the VM may already be gone
+            pass
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._stderr.close()
+
+
+class QmpFailed(Exception):
+    def __init__(self, desc: str, error_class: str) -> None:
+        super().__init__(desc)
+        self.desc = desc
+        self.error_class = error_class
