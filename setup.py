@@ -1,8 +1,33 @@
-"""Build of pyvm's Cython extension; all metadata lives in pyproject.toml."""
+"""Build of pyvm's Cython extensions; all metadata lives in pyproject.toml.
+
+``pyvm._fastpath`` (dirty tracking, page scans) is always built.  The rdma transport's
+libfabric binding is built when libfabric's headers are installed (Debian: libfabric-dev);
+without them pyvm works and ``rdma:`` reports what is missing.  Set PYVM_NO_LIBFABRIC=1
+to skip it.
+"""
+
+import os
+import shlex
+import subprocess
 
 import numpy
 from Cython.Build import cythonize
 from setuptools import Extension, setup
+
+
+def libfabric_flags():
+    """(include_dirs, library_dirs) for libfabric, or None when its headers are missing."""
+    if os.environ.get("PYVM_NO_LIBFABRIC"):
+        return None
+    try:
+        flags = subprocess.run(["pkg-config", "--cflags", "--libs", "libfabric"], check=True,
+                               capture_output=True, text=True).stdout
+    except (OSError, subprocess.CalledProcessError):
+        return ([], []) if os.path.exists("/usr/include/rdma/fabric.h") else None
+    words = shlex.split(flags)
+    return ([w[2:] for w in words if w.startswith("-I")],
+            [w[2:] for w in words if w.startswith("-L")])
+
 
 extensions = [
     Extension(
@@ -13,5 +38,11 @@ extensions = [
         extra_compile_args=["-O3"],
     )
 ]
+fabric = libfabric_flags()
+if fabric is not None:
+    extensions.append(Extension("pyvm.migration.transports._fabric",
+                                ["pyvm/migration/transports/_fabric.pyx"],
+                                include_dirs=fabric[0], library_dirs=fabric[1],
+                                libraries=["fabric"], extra_compile_args=["-O2"]))
 
 setup(ext_modules=cythonize(extensions, compiler_directives={"language_level": "3"}))

@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS="python3-venv python3-dev gcc make binutils"
+DEBS="python3-venv python3-dev gcc make binutils pkg-config libfabric-dev"
 missing=""
 for p in $DEBS; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"
@@ -25,7 +25,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.pyvm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-   || [ pyvm/_fastpath.pyx -nt "$stamp" ]; then
+   || [ pyvm/_fastpath.pyx -nt "$stamp" ] || [ pyvm/migration/transports/_fabric.pyx -nt "$stamp" ]; then
     echo "setup: installing pyvm and its dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'

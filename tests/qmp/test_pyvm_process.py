@@ -10,6 +10,7 @@ import asyncio
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -39,10 +40,21 @@ pytestmark = pytest.mark.skipif(not _pyvm_runs(), reason="python -m pyvm is not 
 
 def start_pyvm(*monitor_args: str, stdin: Any = subprocess.DEVNULL,
                extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-m", "pyvm", "-display", "none", "-m", "32", "-kernel", GUEST,
+    cmd = [sys.executable, "-X", "faulthandler", "-m", "pyvm", "-display", "none", "-m", "32",
+           "-kernel", GUEST,
            "-append", "start=1 size=1", *extra, *monitor_args]
     return subprocess.Popen(cmd, cwd=ROOT, stdin=stdin, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
+
+
+def finish(proc: subprocess.Popen[bytes], timeout: float = 30) -> tuple[bytes, bytes]:
+    """Wait for pyvm to exit; on a hang, have it dump its threads and fail with that."""
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGABRT)
+        _, err = proc.communicate()
+        pytest.fail("pyvm did not exit:\n" + err.decode(errors="replace")[-8000:])
 
 
 @pytest.fixture
@@ -120,10 +132,11 @@ def test_qmp_stdio() -> None:
             b'{"return": {"enabled": false, "present": false}, "id": 1}\r\n'
         proc.stdin.write(b'{"execute": "quit"}\n')
         proc.stdin.flush()
-        lines = proc.stdout.read().splitlines()
+        out, _ = finish(proc)
+        lines = out.splitlines()
         assert lines[0] == b'{"return": {}}'
         assert any(b'"SHUTDOWN"' in line for line in lines)
-        assert proc.wait(20) == 0
+        assert proc.returncode == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -133,7 +146,10 @@ def test_hmp_stdio() -> None:
     proc = start_pyvm("-monitor", "stdio", stdin=subprocess.PIPE)
     assert proc.stdin is not None and proc.stdout is not None
     try:
-        out, _ = proc.communicate(b"info status\nquit\n", timeout=30)
+        assert proc.stdin is not None
+        proc.stdin.write(b"info status\nquit\n")
+        proc.stdin.close()
+        out, _ = finish(proc)
         text = out.decode()
         assert text.startswith("pyvm 0.1.0 monitor - type 'help' for more information\r\n")
         assert "VM status: " in text and "(qemu) " in text
