@@ -43,6 +43,17 @@ _CONT_OK = {RunState.PAUSED, RunState.PRELAUNCH, RunState.POSTMIGRATE, RunState.
             RunState.IO_ERROR, RunState.WATCHDOG, RunState.GUEST_PANICKED, RunState.SUSPENDED}
 
 
+class _DiscardWrites:
+    """A RAM layout stand-in that checks bounds but keeps nothing (incoming boots)."""
+
+    def __init__(self, ram: RamLayout) -> None:
+        self._ram = ram
+
+    def write(self, gpa: int, data: bytes) -> None:
+        if self._ram.find(gpa, len(data)) is None:
+            raise ValueError(f"guest-physical range [{gpa:#x}, +{len(data):#x}) is not RAM")
+
+
 class _DeviceContext:
     """What a device sees of the machine (pyvm.devices.base.DeviceContext)."""
 
@@ -85,10 +96,12 @@ class Machine:
         self._build_ram()
         self.iobus = IoBus(self.log)
         self.devices: list[Device] = []
+        #: (reason, modes) registered by devices and options; see pyvm.migration.blockers
+        self.migration_blockers: list[tuple[str, frozenset[str]]] = []
         self.char_backends: list[Any] = []
         self._ctx = _DeviceContext(self)
         self._build_devices()
-        self.boot: BootImage = self._load_boot()
+        self.boot: BootImage = self._load_boot(into_ram=cfg.incoming is None)
         self.cpus = [VCpu(i, self.ram, self.boot.wide, self.iobus.read, self.iobus.write)
                      for i in range(cfg.smp)]
         self.cpu_states = [CpuState(c) for c in self.cpus]
@@ -158,6 +171,13 @@ class Machine:
             d = self.cfg.drives[0]
             image = DiskImage(d.file, readonly=d.readonly, cache=d.cache)
             self.disk = AtaDisk(image)
+            if d.cache == "writeback":
+                # Dirty sectors live in this process until flushed: a second live process
+                # must not open the image (normal mode), but cpr-reboot flushes at quit first.
+                self.migration_blockers.append((
+                    f"Migration is disabled: disk '{d.file}' uses cache=writeback, whose dirty "
+                    "sectors stay in this process (use cache=writethrough, or cpr-reboot mode)",
+                    frozenset({"normal"})))
             self.add_device(self.disk)
 
     def _build_serial(self) -> None:
@@ -182,19 +202,29 @@ class Machine:
             self.iobus.register(dev, first, count, dev.idstr or type(dev).__name__)
         self.devices.append(dev)
 
-    def _load_boot(self) -> BootImage:
+    def _load_boot(self, into_ram: bool = True) -> BootImage:
+        """Load the boot image.  With ``into_ram`` false (an incoming migration) only its
+        shape is read: guest RAM comes from the stream, or is already there in a shared
+        backend (x-ignore-shared, cpr-reboot) and must not be overwritten."""
         cfg = self.cfg
+        ram: Any = self.ram if into_ram else _DiscardWrites(self.ram)
         if cfg.kernel:
-            return load_elf(self.ram, cfg.kernel, cfg.append)
+            return load_elf(ram, cfg.kernel, cfg.append)
         if cfg.bios:
-            return load_bios(self.ram, cfg.bios)
+            return load_bios(ram, cfg.bios)
         if cfg.drives:
             assert self.disk is not None
-            return load_boot_sector(self.ram, self.disk.image.read(0, 1))
+            return load_boot_sector(ram, self.disk.image.read(0, 1))
         raise ConfigError("no boot device: give -kernel, -bios or -drive")
 
     def _reset_cpus(self) -> None:
         n = len(self.cpus)
+        if self.cfg.incoming is not None and self.runstate.state is RunState.PRELAUNCH:
+            # The state comes from the stream; the entry state would need tables that
+            # an incoming boot does not write into guest RAM.
+            for cpu in self.cpus:
+                cpu.enter("real", {}, 0, runnable=False)
+            return
         gdt_limit = len(self.boot.gdt) - 1 if self.boot.gdt else 0
         for cpu in self.cpus:
             st = self.boot.entry(cpu.index, n)

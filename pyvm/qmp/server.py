@@ -105,6 +105,7 @@ class _Connection(asyncio.Protocol):
         self.busy = False
         self.paused = False
         self.input_done = False
+        self.close_on_eof = True      # sockets: yes; stdio keeps its output open
 
     def connection_made(self, transport: Any) -> None:
         self.transport = transport
@@ -115,13 +116,14 @@ class _Connection(asyncio.Protocol):
         self.service._connections.discard(self)
 
     def eof_received(self) -> bool:
-        """End of input: answer what was already received, then close (keep writing)."""
+        """End of input: answer what was already received; then a socket is closed."""
         self.input_done = True
         self.finish_if_idle()
         return True
 
     def finish_if_idle(self) -> None:
-        if self.input_done and not self.busy and not self.has_pending() and not self.closed:
+        if (self.input_done and self.close_on_eof and not self.busy and not self.has_pending()
+                and not self.closed):
             self.service._spawn(self._close_after_flush())
 
     async def _close_after_flush(self) -> None:
@@ -345,7 +347,9 @@ class MonitorService:
                     self.addresses[spec.label] = server.sockets[0].getsockname()[:2]
                 else:
                     assert isinstance(ep, StdioEndpoint)
-                    tr = StdioTransport(loop, factory())
+                    conn = factory()
+                    conn.close_on_eof = False   # stdin at EOF: events still go to stdout
+                    tr = StdioTransport(loop, conn)
                     self._stdio.append(tr)
                     tr.start()
                     self.addresses[spec.label] = "stdio"

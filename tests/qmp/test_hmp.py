@@ -224,11 +224,10 @@ def test_hmp_socket_session(vm: FakeVm, tmp_path: Any) -> None:
         assert banner == b"pyvm 0.1.0 monitor - type 'help' for more information\r\n"
 
         def prompt_reply() -> bytes:
-            data = c.buf
-            while not data.endswith(b"(qemu) "):
-                data += c.sock.recv(4096)
-            c.buf = b""
-            return data
+            while b"(qemu) " not in c.buf:
+                c.buf += c.sock.recv(4096)
+            reply, _, c.buf = c.buf.partition(b"(qemu) ")
+            return reply + b"(qemu) "
         assert prompt_reply() == b"(qemu) "
         c.send(b"info status\r\n")
         assert prompt_reply() == b"VM status: running\r\n(qemu) "

@@ -115,7 +115,8 @@ def test_qmp_client_drives_pyvm(pyvm_unix: tuple[subprocess.Popen[bytes], str]) 
             pass
 
     asyncio.run(asyncio.wait_for(session(), 60))
-    assert proc.wait(20) == 0
+    finish(proc)
+    assert proc.returncode == 0
     assert not os.path.exists(path)
 
 
@@ -148,7 +149,6 @@ def test_hmp_stdio() -> None:
     try:
         assert proc.stdin is not None
         proc.stdin.write(b"info status\nquit\n")
-        proc.stdin.close()
         out, _ = finish(proc)
         text = out.decode()
         assert text.startswith("pyvm 0.1.0 monitor - type 'help' for more information\r\n")
@@ -171,7 +171,8 @@ def test_tcp_and_long_form_monitors(tmp_path: Any) -> None:
         labels = {d["label"] for d in c.cmd("query-chardev")["return"]}
         assert {"compat_monitor0", "m1"} <= labels
         c.cmd("quit")
-        assert proc.wait(20) == 0
+        finish(proc)
+        assert proc.returncode == 0
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -224,4 +225,5 @@ def test_fuzz_real_pyvm_while_guest_runs(pyvm_unix: tuple[subprocess.Popen[bytes
     assert last > first, "the guest stopped making progress"
     assert c.cmd("query-status")["return"]["running"] is True
     c.cmd("quit")
-    assert proc.wait(20) == 0
+    finish(proc)
+    assert proc.returncode == 0

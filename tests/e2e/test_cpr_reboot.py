@@ -1,0 +1,108 @@
+"""cpr-reboot: save, quit, restart with the same arguments plus -incoming, resume."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import guest
+from tests.vmproc import QmpFailed, VmProcess
+
+
+@pytest.fixture
+def vms(tmp_path: Path):
+    started: list[VmProcess] = []
+
+    def start(name: str, *args: str, **kw) -> VmProcess:
+        vm = VmProcess(tmp_path, name, *args, **kw)
+        started.append(vm)
+        return vm
+    yield start
+    for vm in started:
+        vm.close()
+
+
+def _args(ram_path: Path, *extra: str) -> list[str]:
+    return ["-object", f"memory-backend-file,id=ram0,size=32M,mem-path={ram_path},share=on",
+            "-machine", "memory-backend=ram0", "-kernel", guest("memcheck.elf"),
+            "-append", "start=1 size=4", "-display", "none", *extra]
+
+
+@pytest.mark.parametrize("ignore_shared", [True, False])
+def test_cpr_reboot_save_quit_restart(vms, tmp_shm: Path, tmp_path: Path, ignore_shared: bool) -> None:
+    ram, state = tmp_shm / "ram", tmp_path / "vm.state"
+    src = vms("src", *_args(ram))
+    src.wait_serial("memcheck gen 2 ok")
+    caps = [{"capability": "x-ignore-shared", "state": ignore_shared}]
+    src.cmd("migrate-set-parameters", mode="cpr-reboot")
+    src.cmd("migrate-set-capabilities", capabilities=caps)
+    with pytest.raises(QmpFailed, match="cpr-reboot"):
+        src.cmd("migrate", uri="tcp:127.0.0.1:1")
+    src.cmd("migrate", uri=f"file:{state}")
+    assert src.wait_migration()["status"] == "completed"
+    assert src.status() == "postmigrate"
+    src.cmd("quit")
+    src.wait_exit()
+    size = state.stat().st_size
+    if ignore_shared:
+        assert size < 64 * 1024, size           # no guest RAM in the file
+    else:
+        assert size > 4 << 20, size             # the non-zero RAM is in the file
+    dst = vms("dst", *_args(ram, "-incoming", "defer"))
+    dst.cmd("migrate-set-parameters", mode="cpr-reboot")
+    dst.cmd("migrate-set-capabilities", capabilities=caps)
+    dst.cmd("migrate-incoming", uri=f"file:{state}")
+    dst.wait_migration(("completed",))
+    assert dst.status() == "running"
+    dst.wait_serial("ok\r\n")
+    time.sleep(1)
+    out = dst.serial()
+    assert "FAIL" not in out
+    last = int(src.serial().rstrip().splitlines()[-1].split()[2])
+    assert f"memcheck gen {last + 1} ok" in out
+
+
+def test_capability_mismatch(vms, tmp_shm: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    ram, state = tmp_shm / "ram", tmp_path / "vm.state"
+    src = vms("src", *_args(ram))
+    src.cmd("migrate-set-parameters", mode="cpr-reboot")
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    src.cmd("migrate", uri=f"file:{state}")
+    src.wait_migration()
+    src.cmd("quit")
+    src.wait_exit()
+    r = subprocess.run([sys.executable, "-m", "pyvm", *_args(ram, "-incoming", f"file:{state}")],
+                       capture_output=True, timeout=30)
+    assert r.returncode == 1
+    assert b"Capability x-ignore-shared is off, but received capability is on" in r.stderr
+    r = subprocess.run([sys.executable, "-m", "pyvm", "-m", "64M", "-kernel", guest("memcheck.elf"),
+                        "-display", "none", "-incoming", f"file:{state}"], capture_output=True, timeout=30)
+    assert r.returncode == 1 and b"load of migration failed" in r.stderr
+
+
+def test_writeback_disk_blocks_normal_not_cpr(vms, tmp_path: Path) -> None:
+    img = tmp_path / "disk.img"
+    img.write_bytes(bytes(1 << 20))
+    args = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=2",
+            "-drive", f"file={img},format=raw,cache=writeback", "-display", "none"]
+    src = vms("src", *args)
+    info = src.cmd("query-migrate")
+    assert any("cache=writeback" in r for r in info["blocked-reasons"])
+    with pytest.raises(QmpFailed, match="cache=writeback"):
+        src.cmd("migrate", uri=f"file:{tmp_path / 'x'}")
+    src.cmd("migrate-set-parameters", mode="cpr-reboot")
+    src.cmd("migrate", uri=f"file:{tmp_path / 'x'}")
+    assert src.wait_migration()["status"] == "completed"
+
+
+def test_memfd_with_ignore_shared_refused(vms, tmp_path: Path) -> None:
+    src = vms("src", "-object", "memory-backend-memfd,id=m,size=32M", "-machine", "memory-backend=m",
+              "-kernel", guest("memcheck.elf"), "-display", "none")
+    src.cmd("migrate-set-parameters", mode="cpr-reboot")
+    src.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
+    with pytest.raises(QmpFailed, match="does not survive its process"):
+        src.cmd("migrate", uri=f"file:{tmp_path / 'x'}")
