@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
+from qemu.qmp.protocol import ConnectError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -23,6 +24,8 @@ class VmProcess:
         self.name = name
         self.sock = str(tmp / f"{name}.qmp")
         self.serial_path = tmp / f"{name}.serial"
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)          # a stale socket of an earlier VM of that name
         cmd = [sys.executable, "-m", "pyvm", *args, "-qmp", f"unix:{self.sock},server=on,wait=off"]
         if serial:
             cmd += ["-serial", f"file:{self.serial_path}"]
@@ -44,7 +47,7 @@ class VmProcess:
                 try:
                     q.connect()
                     return q
-                except OSError:
+                except (OSError, ConnectError):
                     pass
             if time.monotonic() > deadline:
                 raise RuntimeError(f"{self.name}: no QMP socket")

@@ -2,7 +2,8 @@
 
 Unix sockets are created with mode 0600: on Linux, ``bind`` gives the new socket file
 the mode of the (unbound) socket inode, which is set first with ``fchmod``; the file is
-``chmod``-ed again after ``bind`` for other systems.  A stale socket file at the path is
+``chmod``-ed again after ``bind`` for other systems.  The socket appears at its path only
+once it listens.  A stale socket file at the path is
 replaced (QEMU unlinks it too); any other kind of file is left alone and reported.
 
 Standard input and output are served by two daemon threads, so a blocking terminal or
@@ -13,6 +14,7 @@ the monitor connections use.
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 import queue
 import socket
@@ -21,22 +23,39 @@ import threading
 from typing import Any
 
 
+# sockaddr_un.sun_path holds 108 bytes including the terminating NUL (Linux).
+_UNIX_PATH_MAX = 108
+
+
 def bind_unix_socket(path: str) -> socket.socket:
-    """A listening unix socket at ``path`` with mode 0600; raises OSError."""
+    """A listening unix socket at ``path`` with mode 0600; raises OSError.
+
+    The socket is bound and listening under a temporary name first and then renamed, so
+    a client that sees the path can connect at once (when the temporary name fits).
+    """
     try:
         st = os.lstat(path)
     except FileNotFoundError:
         pass
     else:
         if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(17, "File exists")
+            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
         os.unlink(path)
+    temp = f"{path}.{os.getpid()}~"
+    if len(os.fsencode(temp)) >= _UNIX_PATH_MAX:
+        temp = path
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         os.fchmod(sock.fileno(), 0o600)
-        sock.bind(path)
-        os.chmod(path, 0o600)
-        sock.listen(16)
+        sock.bind(temp)
+        try:
+            os.chmod(temp, 0o600)
+            sock.listen(16)
+            if temp != path:
+                os.rename(temp, path)
+        except BaseException:
+            os.unlink(temp)
+            raise
         sock.setblocking(False)
     except BaseException:
         sock.close()
