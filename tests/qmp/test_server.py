@@ -279,8 +279,8 @@ def test_pmemsave_and_memsave(client: RawClient, vm: FakeVm, tmp_path: Any) -> N
 
 def test_slow_reader_is_dropped_not_the_vm(vm: FakeVm, sock_path: str,
                                             monkeypatch: Any) -> None:
-    import pyvm.qmp.server as server
-    monkeypatch.setattr(server, "MAX_OUTPUT_BUFFER", 256 << 10)
+    import pyvm.qmp.connections as connections
+    monkeypatch.setattr(connections, "MAX_OUTPUT_BUFFER", 256 << 10)
     specs = parse_monitor_options([f"unix:{sock_path},server=on"], [], [], [])
     svc = MonitorService(vm, specs)
     svc.start()
@@ -290,9 +290,10 @@ def test_slow_reader_is_dropped_not_the_vm(vm: FakeVm, sock_path: str,
         lazy.negotiate()
         big = json.dumps({"execute": "query-qmp-schema"}).encode() * 400
         lazy.send(big)                      # ~400 large replies that are never read
+        assert wait_for(lambda: len(svc.connections) == 0, 10)   # the lazy one is dropped
         good = RawClient(sock_path)
         good.negotiate()
-        assert wait_for(lambda: good.cmd("query-status")["return"]["running"])
+        assert good.cmd("query-status")["return"]["running"] is True
         assert vm.runstate.state is RunState.RUNNING
     finally:
         svc.close()
