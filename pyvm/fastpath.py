@@ -12,10 +12,12 @@ from typing import Any
 
 from pyvm import fastpath_py
 
+import importlib
+
 _native: Any = None
 if os.environ.get("PYVM_PURE_PYTHON", "") not in ("1", "yes", "true"):
     try:
-        from pyvm import _fastpath as _native
+        _native = importlib.import_module("pyvm._fastpath")
     except ImportError:  # not built: the twin gives the same answers
         _native = None
 

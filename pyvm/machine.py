@@ -57,6 +57,8 @@ class _DiscardWrites:
 class _DeviceContext:
     """What a device sees of the machine (pyvm.devices.base.DeviceContext)."""
 
+    clock: Any
+
     def __init__(self, machine: "Machine") -> None:
         self._m = machine
         self.clock = machine.clock
