@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 GUEST = os.path.join(ROOT, "pyvm", "guests", "store-loop.elf")
@@ -42,19 +43,20 @@ class LineClient:
         line, _, self.buf = self.buf.partition(b"\n")
         return line
 
-    def call(self, request: bytes) -> dict:
+    def call(self, request: bytes) -> dict[str, Any]:
         self.sock.sendall(request)
         while True:
-            msg = json.loads(self.line())
+            msg: dict[str, Any] = json.loads(self.line())
             if "event" not in msg:
                 return msg
 
 
-def wait_for_path(path: str, proc: subprocess.Popen, timeout: float = 30) -> None:
+def wait_for_path(path: str, proc: subprocess.Popen[bytes], timeout: float = 30) -> None:
     deadline = time.monotonic() + timeout
     while not os.path.exists(path):
         if proc.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"server did not start: {proc.stderr.read().decode() if proc.stderr else ''}")
+            err = proc.stderr.read().decode() if proc.stderr else ""
+            raise SystemExit(f"server did not start: {err}")
         time.sleep(0.02)
 
 

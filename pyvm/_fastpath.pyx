@@ -12,7 +12,7 @@ never lost.
 """
 
 from libc.stdint cimport uint8_t, uint64_t, int64_t, uintptr_t
-from libc.string cimport memcmp
+from libc.string cimport memcmp, memcpy, memset
 from libc.stdlib cimport malloc, free
 
 import numpy as np
@@ -28,6 +28,7 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <stddef.h>
+    #include <string.h>
 
     /* What the hook needs to know about one RAM block (guest-physical range + bitmap). */
     typedef struct pyvm_track {
@@ -84,6 +85,35 @@ cdef extern from *:
         __atomic_fetch_or(word, bits, __ATOMIC_RELAXED);
     }
 
+    /* Time-slice stops.  Unicorn 2.1's asynchronous uc_emu_stop can leave the CPU one
+       instruction behind memory (a read-modify-write runs twice on restart), while a stop
+       requested from a hook on the emulating thread is exact.  So other threads only
+       raise a flag, and this block hook, run at the start of every translation block,
+       turns it into uc_emu_stop. */
+    typedef int (*pyvm_uc_emu_stop_t)(void *uc);
+    typedef struct pyvm_stopper {
+        int flag;
+        unsigned long stops;
+        uintptr_t stop_fn;
+    } pyvm_stopper;
+
+    /* uc_cb_hookcode_t: (uc, address, size, user_data) */
+    static void pyvm_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
+        pyvm_stopper *s = (pyvm_stopper *)user_data;
+        (void)address; (void)size;
+        if (__atomic_load_n(&s->flag, __ATOMIC_RELAXED)
+                && __atomic_exchange_n(&s->flag, 0, __ATOMIC_ACQ_REL)) {
+            s->stops++;
+            ((pyvm_uc_emu_stop_t)s->stop_fn)(uc);
+        }
+    }
+
+    static inline int pyvm_block_hook_add(uintptr_t fn, void *uc, size_t *hh, pyvm_stopper *s) {
+        /* UC_HOOK_BLOCK = 1 << 3 (unicorn.h, uc_hook_type); begin > end: every address */
+        return ((pyvm_uc_hook_add_t)fn)(uc, hh, 1 << 3, (void *)pyvm_block_hook, s,
+                                        (uint64_t)1, (uint64_t)0);
+    }
+
     /* 1 if the page is all zero.  OR-reduce in 8 lanes so the compiler vectorises. */
     static inline int pyvm_page_is_zero(const uint8_t *p) {
         const uint64_t *w = (const uint64_t *)p;
@@ -91,6 +121,27 @@ cdef extern from *:
         for (int i = 0; i < 512; i += 8)
             acc |= w[i] | w[i+1] | w[i+2] | w[i+3] | w[i+4] | w[i+5] | w[i+6] | w[i+7];
         return acc == 0;
+    }
+
+    /* The same answer, but stops at the first non-zero 128-byte stretch (data pages
+       usually differ from zero in their first cache lines). */
+    static inline int pyvm_page_is_zero_early(const uint8_t *p) {
+        const uint64_t *w = (const uint64_t *)p;
+        for (int i = 0; i < 512; i += 16) {
+            uint64_t acc = 0;
+            for (int j = 0; j < 16; j++)
+                acc |= w[i + j];
+            if (acc)
+                return 0;
+        }
+        return 1;
+    }
+
+    /* A big-endian 64-bit word at any alignment (migration stream records). */
+    static inline uint64_t pyvm_load_be64(const uint8_t *p) {
+        uint64_t v;
+        memcpy(&v, p, 8);
+        return __builtin_bswap64(v);
     }
     """
     ctypedef struct pyvm_track:
@@ -102,6 +153,13 @@ cdef extern from *:
     uint64_t pyvm_xchg(uint64_t *word) nogil
     void pyvm_or(uint64_t *word, uint64_t bits) nogil
     int pyvm_page_is_zero(const uint8_t *p) nogil
+    int pyvm_page_is_zero_early(const uint8_t *p) nogil
+    uint64_t pyvm_load_be64(const uint8_t *p) nogil
+    ctypedef struct pyvm_stopper:
+        int flag
+        unsigned long stops
+        uintptr_t stop_fn
+    int pyvm_block_hook_add(uintptr_t fn, void *uc, size_t *hh, pyvm_stopper *s) nogil
 
 IMPLEMENTATION = "cython"
 PAGE_SIZE = PAGE_BYTES
@@ -196,6 +254,55 @@ cdef class WriteTracker:
         free(self._track)
 
 
+cdef class SliceStopper:
+    """Ends an engine's run at the next translation block when asked, from any thread."""
+
+    cdef pyvm_stopper *_s
+    cdef size_t _hh
+    cdef uintptr_t _uc
+    cdef uintptr_t _del_fn
+    cdef readonly bint attached
+
+    def __cinit__(self, uintptr_t uc_handle, uintptr_t hook_add_fn, uintptr_t hook_del_fn,
+                  uintptr_t emu_stop_fn):
+        self._s = <pyvm_stopper *>malloc(sizeof(pyvm_stopper))
+        if self._s == NULL:
+            raise MemoryError()
+        self._s.flag = 0
+        self._s.stops = 0
+        self._s.stop_fn = emu_stop_fn
+        self._uc = uc_handle
+        self._del_fn = hook_del_fn
+        cdef int err = pyvm_block_hook_add(hook_add_fn, <void *>uc_handle, &self._hh, self._s)
+        if err != 0:
+            raise RuntimeError(f"uc_hook_add failed with Unicorn error {err}")
+        self.attached = True
+
+    def request(self):
+        """Stop the run at the next block boundary (any thread; no GIL needed)."""
+        with nogil:
+            __atomic_store_n(&self._s.flag, 1, __ATOMIC_RELEASE)
+
+    def clear(self):
+        __atomic_store_n(&self._s.flag, 0, __ATOMIC_RELEASE)
+
+    @property
+    def stops(self):
+        """How many runs this hook has ended so far."""
+        return self._s.stops
+
+    def detach(self):
+        cdef int err
+        if self.attached:
+            err = pyvm_hook_del(self._del_fn, <void *>self._uc, self._hh)
+            self.attached = False
+            if err != 0:
+                raise RuntimeError(f"uc_hook_del failed with Unicorn error {err}")
+
+    def __dealloc__(self):
+        free(self._s)
+
+
 def find_zero_pages(const uint8_t[::1] buf, Py_ssize_t first_page, Py_ssize_t npages,
                     uint8_t[::1] out):
     """out[i] = 1 if page first_page+i of ``buf`` is all zero; returns how many were."""
@@ -210,6 +317,78 @@ def find_zero_pages(const uint8_t[::1] buf, Py_ssize_t first_page, Py_ssize_t np
             out[i] = pyvm_page_is_zero(base + (first_page + i) * PAGE_BYTES)
             zeros += out[i]
     return zeros
+
+
+def find_zero_pages_at(const uint8_t[::1] buf, const int64_t[::1] indices, uint8_t[::1] out):
+    """out[i] = 1 if page indices[i] of ``buf`` is all zero; returns how many were."""
+    cdef Py_ssize_t i, n = indices.shape[0], zeros = 0
+    cdef int64_t npages = buf.shape[0] // PAGE_BYTES
+    if out.shape[0] < n:
+        raise ValueError("output too small")
+    for i in range(n):
+        if indices[i] < 0 or indices[i] >= npages:
+            raise ValueError("page index beyond the buffer")
+    if n == 0:
+        return 0
+    cdef const uint8_t *base = &buf[0]
+    with nogil:
+        for i in range(n):
+            out[i] = pyvm_page_is_zero_early(base + indices[i] * PAGE_BYTES)
+            zeros += out[i]
+    return zeros
+
+
+# RAM record flags of the migration stream (QEMU migration/ram.c RAM_SAVE_FLAG_*).
+cdef enum:
+    RAM_ZERO = 0x02
+    RAM_PAGE = 0x08
+    RAM_CONTINUE = 0x20
+
+
+def load_page_run(const uint8_t[::1] src, Py_ssize_t pos, uint8_t[::1] dest, Py_ssize_t limit):
+    """Apply the run of ``CONTINUE`` PAGE/ZERO records at ``src[pos:]`` to ``dest``.
+
+    A record is applied only when it is complete in ``src``, its offset is below
+    ``limit`` and its page lies inside ``dest``; a ZERO record clears the page unless it
+    is already zero, and only with fill byte 0.  The run stops before the first record
+    that is incomplete or anything else (named block, other flags, bad offset, non-zero
+    fill), leaving it to the caller.  Returns ``(pos, normal_pages, zero_pages)``.
+    """
+    cdef Py_ssize_t end = src.shape[0]
+    cdef Py_ssize_t normal = 0, zeros = 0
+    if pos < 0 or pos > end:
+        raise ValueError("position beyond the buffer")
+    if limit > dest.shape[0] - PAGE_BYTES + 1:
+        limit = dest.shape[0] - PAGE_BYTES + 1
+    if limit <= 0:
+        return pos, 0, 0
+    cdef const uint8_t *s = &src[0] if end else NULL
+    cdef uint8_t *d = &dest[0]
+    cdef uint64_t word, flags, addr, lim = <uint64_t>limit
+    with nogil:
+        while end - pos >= 8:
+            word = pyvm_load_be64(s + pos)
+            flags = word & (PAGE_BYTES - 1)
+            addr = word - flags
+            if addr >= lim:
+                break
+            if flags == RAM_PAGE | RAM_CONTINUE:
+                if end - pos < 8 + PAGE_BYTES:
+                    break
+                memcpy(d + addr, s + pos + 8, PAGE_BYTES)
+                pos += 8 + PAGE_BYTES
+                normal += 1
+            elif flags == RAM_ZERO | RAM_CONTINUE:
+                if end - pos < 9 or s[pos + 8] != 0:
+                    break
+                # only write when needed, so untouched RAM stays unallocated
+                if not pyvm_page_is_zero(d + addr):
+                    memset(d + addr, 0, PAGE_BYTES)
+                pos += 9
+                zeros += 1
+            else:
+                break
+    return pos, normal, zeros
 
 
 def bitmap_to_indices(const uint64_t[::1] words, Py_ssize_t npages):
@@ -247,5 +426,7 @@ def pages_equal(const uint8_t[::1] a, const uint8_t[::1] b):
 
 
 cdef extern from *:
+    int __ATOMIC_RELEASE
+    void __atomic_store_n(int *ptr, int val, int order) nogil
     int __builtin_popcountll(unsigned long long) nogil
     int __builtin_ctzll(unsigned long long) nogil

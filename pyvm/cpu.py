@@ -30,6 +30,7 @@ import unicorn as uc_mod
 from unicorn import x86_const as X
 
 from pyvm.errors import GuestFault
+from pyvm.fastpath import slice_stopper
 from pyvm.ram import RamLayout
 from pyvm.vmstate import Field, Subsection, VMStateDescription
 
@@ -151,6 +152,8 @@ class VCpu:
                              ram.total, (1 << 64) - 1),
         ]
         self._vmem_translate = _vmem_translate_fn()
+        # Exact stops between translation blocks (see pyvm/slice_timer.py).
+        self.stopper = slice_stopper(self.uc)
         self.state = CpuState(self)
 
     # -- hooks (guarded: an exception is stored and the slice ends) -----------------------
@@ -185,18 +188,24 @@ class VCpu:
         return False
 
     # -- running -----------------------------------------------------------------------------
-    def emu_start(self, count: int) -> None:
-        """Run at most ``count`` instructions from the current one; HLT, an exception, a
-        fault or a stop requested by a hook end the run earlier."""
+    def emu_start(self) -> None:
+        """Run from the current instruction until HLT, a stop request, an exception or a fault."""
         pc = self.pc
         try:
-            self.uc.emu_start(pc, 1 << 62, 0, count)
+            self.uc.emu_start(pc, 1 << 62)
         except uc_mod.UcError as err:
             if self.fault is None and self.pending_exception is None:
                 self.fault = GuestFault(f"vCPU {self.index}: {err}")
         if self.hook_error is not None:
             err2, self.hook_error = self.hook_error, None
             raise err2
+
+    def request_stop(self) -> None:
+        """End the current (or next) run at a block boundary; any thread."""
+        self.stopper.request()
+
+    def clear_stop(self) -> None:
+        self.stopper.clear()
 
     def after_hlt(self) -> bool:
         """True if the instruction just before the current pc is HLT (opcode 0xf4)."""

@@ -25,9 +25,25 @@ impl: Any = _native if _native is not None else fastpath_py
 IMPLEMENTATION: str = impl.IMPLEMENTATION
 DirtyBitmap = impl.DirtyBitmap
 find_zero_pages = impl.find_zero_pages
+find_zero_pages_at = impl.find_zero_pages_at
+load_page_run = impl.load_page_run
 bitmap_to_indices = impl.bitmap_to_indices
 pages_equal = impl.pages_equal
 PAGE_SIZE = 4096
+
+
+def slice_stopper(uc: Any) -> Any:
+    """A stopper for engine ``uc``: ``request()`` (any thread) ends the current run at the
+    next translation block, exactly; ``stops`` counts the runs it ended."""
+    if impl is fastpath_py:
+        return fastpath_py.SliceStopper(uc)
+    import ctypes
+
+    from unicorn.unicorn_py3 import unicorn as ucmod
+
+    add, delete = _uc_functions()
+    stop = ctypes.cast(ucmod.uclib.uc_emu_stop, ctypes.c_void_p).value
+    return _native.SliceStopper(uc._uch.value, add, delete, stop)
 
 
 def _uc_functions() -> tuple[int, int]:

@@ -7,6 +7,7 @@ hook here is a Python Unicorn callback, so every guest store into tracked RAM ru
 
 from __future__ import annotations
 
+import struct
 import threading
 from typing import Any
 
@@ -96,6 +97,74 @@ def find_zero_pages(buf: Any, first_page: int, npages: int, out: Any) -> int:
     return int(zero.sum())
 
 
+def find_zero_pages_at(buf: Any, indices: Any, out: Any) -> int:
+    mem = np.frombuffer(buf, dtype=np.uint8)
+    idx = np.asarray(indices, dtype=np.int64)
+    o = np.frombuffer(out, dtype=np.uint8) if not isinstance(out, np.ndarray) else out
+    if o.size < idx.size:
+        raise ValueError("output too small")
+    npages = mem.size // PAGE_SIZE
+    if idx.size and (idx.min() < 0 or idx.max() >= npages):
+        raise ValueError("page index beyond the buffer")
+    if idx.size == 0:
+        return 0
+    pages = mem[:npages * PAGE_SIZE].view(np.uint64).reshape(npages, PAGE_SIZE // 8)
+    zero = ~pages[idx].any(axis=1)
+    o[:idx.size] = zero
+    return int(zero.sum())
+
+
+# RAM record flags of the migration stream (QEMU migration/ram.c RAM_SAVE_FLAG_*).
+_RAM_ZERO = 0x02
+_RAM_PAGE = 0x08
+_RAM_CONTINUE = 0x20
+_BE64 = struct.Struct(">Q")
+_ZERO_PAGE = bytes(PAGE_SIZE)
+
+
+def load_page_run(src: Any, pos: int, dest: Any, limit: int) -> tuple[int, int, int]:
+    """See :func:`pyvm._fastpath.load_page_run`: one record at a time in Python."""
+    s = memoryview(src).cast("B")
+    d = memoryview(dest).cast("B")
+    try:
+        return _load_page_run(s, pos, d, limit)
+    finally:                  # no export of the caller's buffers may outlive the call
+        s.release()
+        d.release()
+
+
+def _load_page_run(s: memoryview, pos: int, d: memoryview, limit: int) -> tuple[int, int, int]:
+    end = s.nbytes
+    if pos < 0 or pos > end:
+        raise ValueError("position beyond the buffer")
+    limit = min(limit, d.nbytes - PAGE_SIZE + 1)
+    normal = zeros = 0
+    if limit <= 0:
+        return pos, 0, 0
+    while end - pos >= 8:
+        (word,) = _BE64.unpack_from(s, pos)
+        flags = word & (PAGE_SIZE - 1)
+        addr = word - flags
+        if addr >= limit:
+            break
+        if flags == _RAM_PAGE | _RAM_CONTINUE:
+            if end - pos < 8 + PAGE_SIZE:
+                break
+            d[addr:addr + PAGE_SIZE] = s[pos + 8:pos + 8 + PAGE_SIZE]
+            pos += 8 + PAGE_SIZE
+            normal += 1
+        elif flags == _RAM_ZERO | _RAM_CONTINUE:
+            if end - pos < 9 or s[pos + 8] != 0:
+                break
+            if d[addr:addr + PAGE_SIZE] != _ZERO_PAGE:
+                d[addr:addr + PAGE_SIZE] = _ZERO_PAGE
+            pos += 9
+            zeros += 1
+        else:
+            break
+    return pos, normal, zeros
+
+
 def bitmap_to_indices(words: Any, npages: int) -> np.ndarray:
     w = np.ascontiguousarray(words, dtype=np.uint64)
     bits = np.unpackbits(w.view(np.uint8), bitorder="little")[:npages]
@@ -104,3 +173,33 @@ def bitmap_to_indices(words: Any, npages: int) -> np.ndarray:
 
 def pages_equal(a: Any, b: Any) -> bool:
     return bytes(memoryview(a)) == bytes(memoryview(b))
+
+
+class SliceStopper:
+    """Twin of the native block-hook stopper: a Python ``UC_HOOK_BLOCK`` callback."""
+
+    def __init__(self, uc: Any) -> None:
+        self._uc = uc
+        self._flag = False
+        self.stops = 0
+
+        def hook(uc_: Any, _address: int, _size: int, _ud: Any) -> None:
+            if self._flag:
+                self._flag = False
+                self.stops += 1
+                uc_.emu_stop()
+
+        self._hook = hook
+        self._hh = uc.hook_add(1 << 3, hook)    # UC_HOOK_BLOCK
+        self.attached = True
+
+    def request(self) -> None:
+        self._flag = True
+
+    def clear(self) -> None:
+        self._flag = False
+
+    def detach(self) -> None:
+        if self.attached:
+            self._uc.hook_del(self._hh)
+            self.attached = False

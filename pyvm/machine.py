@@ -35,9 +35,6 @@ from pyvm.log import Log
 from pyvm.ram import MemoryBackend, MemoryBackendConfig, RamBlock, RamLayout
 from pyvm.runstate import RunState, RunStateMachine
 
-INITIAL_IPS = 20e6          # instructions/s before the first measurement
-MIN_SLICE_INSNS = 2000
-
 # Run states from which ``cont`` starts the guest (QEMU: qmp_cont).
 _CONT_OK = {RunState.PAUSED, RunState.PRELAUNCH, RunState.POSTMIGRATE, RunState.DEBUG,
             RunState.IO_ERROR, RunState.WATCHDOG, RunState.GUEST_PANICKED, RunState.SUSPENDED}
@@ -114,8 +111,8 @@ class Machine:
         self._exit_event = threading.Event()
         self._loop_thread: threading.Thread | None = None
         self._trackers: list[Any] = []
-        self._kicked = False
-        self._ips = INITIAL_IPS          # measured guest instructions per second
+        from pyvm.slice_timer import SliceTimer
+        self._timer = SliceTimer()
         self.dirty_logging = False
         self.loop_ident: int | None = None
         self.migration: Any = None          # set by the migration layer
@@ -245,20 +242,13 @@ class Machine:
             self.kick()
 
     def kick(self) -> None:
-        """Make the run loop look at its queues, IRQs and deadlines (any thread).
-
-        A running slice is not interrupted: Unicorn 2.1's asynchronous ``uc_emu_stop``
-        can leave the CPU state one instruction behind memory (a read-modify-write gets
-        executed twice), so slices only end at their instruction budget, at HLT, or at
-        an exception.  The kick takes effect at the next slice boundary.
-        """
+        """Make the run loop look at its queues, IRQs and deadlines now (any thread)."""
+        self._timer.kick()
         with self._wake:
-            self._kicked = True
             self._wake.notify()
 
     def _take_kick(self) -> bool:
-        k, self._kicked = self._kicked, False
-        return k
+        return self._timer.take_kick()
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -288,6 +278,7 @@ class Machine:
         self._exit_event.set()
         for cpu in self.cpus:
             cpu.stop_in_hook = True
+            cpu.request_stop()
         self.kick()
 
     def request_reset(self, reason: str) -> None:
@@ -308,6 +299,7 @@ class Machine:
         self._exit_event.set()
         if self._loop_thread and self._loop_thread is not threading.current_thread():
             self._loop_thread.join(timeout=5)
+        self._timer.close()
         for dev in self.devices:
             try:
                 dev.close()
@@ -547,16 +539,16 @@ class Machine:
                 self._wake.wait(timeout)
 
     def _run_slice(self, cpu: VCpu, slice_s: float) -> None:
-        """Run ``cpu`` for an instruction budget that lasts about ``slice_s`` (or up to the
-        next device deadline), calibrated from the measured instruction rate."""
-        budget_s = slice_s
+        limit = time.monotonic() + slice_s
         deadline = self._next_deadline_ns()
         if deadline is not None:
-            budget_s = min(budget_s, max(0, deadline - self.clock.now_ns()) / 1e9)
-        count = max(MIN_SLICE_INSNS, int(self._ips * budget_s))
-        t0 = time.perf_counter()
-        cpu.emu_start(count)
-        elapsed = time.perf_counter() - t0
+            limit = min(limit, time.monotonic() + max(0, deadline - self.clock.now_ns()) / 1e9)
+        stops = cpu.stopper.stops
+        self._timer.begin(cpu, limit)
+        try:
+            cpu.emu_start()
+        finally:
+            self._timer.end()
         if cpu.fault is not None:
             fault, cpu.fault = cpu.fault, None
             self._guest_fault(cpu, fault)
@@ -566,14 +558,11 @@ class Machine:
             self.log.log("int", f"vCPU {cpu.index}: exception/int {vector:#x}")
             self._deliver(cpu, vector, 0)
             return
-        if cpu.stop_in_hook:
+        if cpu.stop_in_hook or cpu.stopper.stops != stops:
             return
-        expected = count / self._ips
-        if elapsed < 0.5 * expected and cpu.after_hlt():
-            # Returned well before its budget with HLT just behind the pc: halted.
+        # Returned by itself, with no stop asked: the guest executed HLT.
+        if cpu.after_hlt():
             cpu.halted = True
-        elif elapsed > 0 and count >= 10 * MIN_SLICE_INSNS:
-            self._ips = 0.8 * self._ips + 0.2 * max(1e6, count / elapsed)
 
     def _guest_fault(self, cpu: VCpu, fault: GuestFault) -> None:
         report = f"pyvm: guest fault, vCPU {cpu.index} stopped: {fault}\n{cpu.report()}"

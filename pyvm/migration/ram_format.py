@@ -22,9 +22,12 @@ import struct
 from dataclasses import dataclass
 from typing import Any, Callable, Generator, Iterable, Optional
 
+import numpy as np
+
+from pyvm.fastpath import load_page_run
 from pyvm.migration.errors import (EncodeError, StreamFormatError, StreamMismatchError,
                                    UnsupportedFeatureError)
-from pyvm.migration.stream_constants import (MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
+from pyvm.migration.stream_constants import (MAX_COUNTED_STRING, MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
                                              RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
                                              RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE,
                                              RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
@@ -99,38 +102,69 @@ class RamPageWriter:
         """ZERO/PAGE records for ``page_indices``; returns (zero pages, normal pages).
 
         ``zero_mask[i]`` says whether page ``page_indices[i]`` is all zero.  Page bytes
-        are appended as memoryviews of ``block.buffer``, not copied.
+        are appended as memoryviews of ``block.buffer``, not copied.  The record headers
+        of the whole call are built at once (numpy, big-endian words) into one small
+        buffer; what lies between two page payloads goes out as one ``bytes`` chunk.
         """
         if block.ignored:
             raise EncodeError(f"RAM block {block.name!r} is not migrated (x-ignore-shared)")
-        data = memoryview(block.buffer).cast("B") if block.buffer is not None else None
-        if hasattr(page_indices, "tolist"):
-            page_indices = page_indices.tolist()
-        if hasattr(zero_mask, "tolist"):
-            zero_mask = zero_mask.tolist()
+        indices = np.asarray(page_indices if hasattr(page_indices, "__len__") else list(page_indices),
+                             dtype=np.int64).reshape(-1)
+        zero = np.asarray(zero_mask if hasattr(zero_mask, "__len__") else list(zero_mask),
+                          dtype=bool).reshape(-1)
+        count = min(indices.size, zero.size)        # as zip() pairs them
+        if count == 0:
+            return 0, 0
+        indices, zero = indices[:count], zero[:count]
         npages = block.length >> TARGET_PAGE_BITS
-        name = block.name.encode()
-        zeros = normals = 0
-        for index, zero in zip(page_indices, zero_mask):
-            if not 0 <= index < npages:
-                raise EncodeError(f"page {index} outside RAM block {block.name!r} ({npages} pages)")
-            offset = index << TARGET_PAGE_BITS
-            flags = RAM_SAVE_FLAG_ZERO if zero else RAM_SAVE_FLAG_PAGE
-            if self.last_block == block.name:
-                w.be64(offset | flags | RAM_SAVE_FLAG_CONTINUE)
-            else:
-                w.be64(offset | flags)
-                w.counted_string(name)
-                self.last_block = block.name
-            if zero:
-                w.u8(0)
-                zeros += 1
-            else:
-                if data is None:
-                    raise EncodeError(f"RAM block {block.name!r} has no buffer to send pages from")
+        outside = (indices < 0) | (indices >= npages)
+        if outside.any():
+            index = int(indices[int(np.argmax(outside))])
+            raise EncodeError(f"page {index} outside RAM block {block.name!r} ({npages} pages)")
+        normal = ~zero
+        normals = int(np.count_nonzero(normal))
+        if normals and block.buffer is None:
+            raise EncodeError(f"RAM block {block.name!r} has no buffer to send pages from")
+        name = b""
+        if self.last_block != block.name:
+            name = block.name.encode()
+            if len(name) > MAX_COUNTED_STRING:
+                raise EncodeError(f"name too long for the stream ({len(name)} > 255 bytes): "
+                                  f"{name[:40]!r}...")
+            self.last_block = block.name
+
+        # The small bytes of record i: be64 header, [counted name], [fill byte 0 if ZERO].
+        headers = (indices.astype(np.uint64) << np.uint64(TARGET_PAGE_BITS)) | np.where(
+            zero, np.uint64(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE),
+            np.uint64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE))
+        if name:
+            headers[0] &= ~np.uint64(RAM_SAVE_FLAG_CONTINUE)
+        sizes = 8 + zero.astype(np.int64)
+        if name:
+            sizes[0] += 1 + len(name)
+        ends = np.cumsum(sizes)
+        small = np.zeros(int(ends[-1]), dtype=np.uint8)
+        starts = ends - sizes
+        small[(starts[:, None] + np.arange(8)).reshape(-1)] = headers.astype(">u8").view(np.uint8)
+        if name:
+            small[8] = len(name)
+            small[9:9 + len(name)] = np.frombuffer(name, dtype=np.uint8)
+        small_bytes = small.tobytes()
+
+        if normals:
+            data = memoryview(block.buffer).cast("B")
+            cuts = ends[normal].tolist()                   # a page payload follows each cut
+            offsets = (indices[normal] << TARGET_PAGE_BITS).tolist()
+            last = 0
+            for cut, offset in zip(cuts, offsets):
+                w.raw(small_bytes[last:cut])
                 w.view(data[offset:offset + TARGET_PAGE_SIZE])
-                normals += 1
-        return zeros, normals
+                last = cut
+            if last < len(small_bytes):
+                w.raw(small_bytes[last:])
+        else:
+            w.raw(small_bytes)
+        return count - normals, normals
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -260,6 +294,13 @@ class RamLoader:
         mv = memoryview(buf)
         try:
             while True:
+                loaded = self._last
+                if loaded is not None and loaded.view is not None and loaded.block.on_page is None:
+                    # The common case in native code: CONTINUE PAGE/ZERO records of the
+                    # current block; it stops before anything else, which is parsed below.
+                    pos, normals, zeros = load_page_run(buf, pos, loaded.view, loaded.limit)
+                    self.normal_pages += normals
+                    self.zero_pages += zeros
                 if end - pos < 8:
                     r.pos = pos
                     return 8

@@ -25,7 +25,8 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import pyvm
 from pyvm.qmp.context import CommandContext, MonitorState
-from pyvm.qmp.dispatch import Call, Reply, run_call
+from pyvm.qmp.dispatch import NO_ID as _NO_ID, Call, Reply, error_msg, run_call
+from pyvm.qmp.errors import CommandError
 from pyvm.qmp.hmp import PROMPT, HmpSession, crlf
 from pyvm.qmp.options import MonitorSpec
 from pyvm.qmp.session import QmpSession
@@ -125,6 +126,9 @@ class Connection(asyncio.Protocol):
     def has_pending(self) -> bool:
         raise NotImplementedError
 
+    def pump(self) -> None:
+        raise NotImplementedError
+
     def write(self, data: bytes) -> None:
         tr = self.transport
         if self.closed or tr is None or tr.is_closing():
@@ -179,15 +183,15 @@ class QmpConnection(Connection):
         self.pump()
 
     def pump(self) -> None:
-        while self.pending and not self.busy and not self.closed:
+        while self.pending and not self.busy and not self.closed and not self.service.held:
             step = self.session.prepare(self.pending.popleft())
             if isinstance(step, Reply):
-                self.write(self.session.encode(step.msg))
+                self.send_reply(step.msg)
                 continue
             assert isinstance(step, Call)
             ctx = self.service.context(self.session.state)
             if step.command.inline:
-                self.write(self.session.encode(run_call(step, ctx)))
+                self.send_reply(run_call(step, ctx))
                 self.after_reply(ctx)
                 continue
             self.busy = True
@@ -203,9 +207,19 @@ class QmpConnection(Connection):
         self.busy = False
         if fut.cancelled() or self.closed:
             return
-        self.write(self.session.encode(fut.result()))
+        self.send_reply(fut.result())
         self.after_reply(ctx)
         self.pump()
+
+    def send_reply(self, msg: dict[str, Any]) -> None:
+        try:
+            data = self.session.encode(msg)
+        except (TypeError, ValueError) as err:   # a handler returned something not JSON
+            log.error("cannot encode a reply: %s", err)
+            fallback = error_msg(CommandError(f"internal error: the reply cannot be encoded: "
+                                              f"{err}"), msg.get("id", _NO_ID))
+            data = self.session.encode(fallback)
+        self.write(data)
 
     def send_event(self, encoded: dict[bool, bytes]) -> None:
         if not self.closed and self.session.receives_events:
@@ -239,7 +253,7 @@ class HmpConnection(Connection):
         self.pump()
 
     def pump(self) -> None:
-        while self.lines and not self.busy and not self.closed:
+        while self.lines and not self.busy and not self.closed and not self.service.held:
             line = self.lines.popleft()
             if line == "\x00too-long":
                 self.write(crlf(f"command line too long (limit {MAX_HMP_LINE} bytes)\n"

@@ -35,7 +35,8 @@ log = logging.getLogger("pyvm.qmp")
 
 _NEGOTIATION_COMMANDS = ("qmp_capabilities",)
 NEGOTIATION_TEXT = "Expecting capabilities negotiation with 'qmp_capabilities'"
-_NO_ID = object()
+NO_ID: Any = object()        # marks a request without "id"
+_NO_ID = NO_ID
 
 
 @dataclass(frozen=True)

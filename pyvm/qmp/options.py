@@ -288,9 +288,14 @@ def uses_stdio(specs: list[MonitorSpec]) -> bool:
     return any(isinstance(s.endpoint, StdioEndpoint) for s in specs)
 
 
-def start_monitors(vm: "VmApi", specs: list[MonitorSpec]) -> "MonitorService":
-    """Open every endpoint and start the monitor thread; ``.close()`` ends it."""
+def start_monitors(vm: "VmApi", specs: list[MonitorSpec], hold: bool = False
+                   ) -> "MonitorService":
+    """Open every endpoint and start the monitor thread; ``.close()`` ends it.
+
+    With ``hold=True`` clients are greeted but no command runs until ``.release()`` --
+    call it once the machine has started, so that no client sees a half-built VM.
+    """
     from pyvm.qmp.server import MonitorService
-    service = MonitorService(vm, specs)
+    service = MonitorService(vm, specs, hold=hold)
     service.start()
     return service

@@ -36,8 +36,12 @@ class MonitorService:
     """Every monitor of one VM; :meth:`start` opens them, :meth:`close` ends them."""
 
     def __init__(self, vm: VmApi, specs: list[MonitorSpec], table: CommandTable | None = None,
-                 hmp_table: HmpTable | None = None, limits: JsonLimits | None = None) -> None:
+                 hmp_table: HmpTable | None = None, limits: JsonLimits | None = None,
+                 hold: bool = False) -> None:
         self.vm = vm
+        # While held, clients are greeted and their requests read and queued, but nothing
+        # runs: QEMU runs no monitor command before the machine has started.
+        self.held = hold
         self.specs = list(specs)
         self.table = table if table is not None else default_table()
         self.hmp_table = hmp_table if hmp_table is not None else default_hmp_table()
@@ -122,6 +126,21 @@ class MonitorService:
     def _factory(self, spec: MonitorSpec) -> Callable[[], Connection]:
         cls = QmpConnection if spec.mode == "control" else HmpConnection
         return lambda: cls(self, spec)
+
+    def release(self) -> None:
+        """Start running the commands queued while the service was held."""
+        loop = self._loop
+        if loop is None or not self.held:
+            return
+
+        def go() -> None:
+            self.held = False
+            for conn in list(self.connections):
+                conn.pump()
+        try:
+            loop.call_soon_threadsafe(go)
+        except RuntimeError:
+            pass
 
     def close(self, timeout: float = 2.0) -> None:
         """Flush pending output (best effort, ``timeout`` s), close everything, join."""

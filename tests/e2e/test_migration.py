@@ -240,9 +240,10 @@ def test_split_run_equivalence(vms) -> None:
 def _assert_source_survives(src: VmProcess, ram_before: bytes | None = None) -> None:
     assert src.status() == "running"
     n = src.serial().count("ok")
-    src.wait_serial("ok", timeout=5)
-    time.sleep(0.5)
-    assert src.serial().count("ok") > n
+    deadline = time.monotonic() + 15
+    while src.serial().count("ok") <= n:          # the guest makes progress again
+        assert time.monotonic() < deadline, src.serial()[-200:]
+        time.sleep(0.1)
     assert "FAIL" not in src.serial()
 
 

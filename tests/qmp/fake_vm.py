@@ -26,7 +26,8 @@ class FakeVm:
         self.events = EventBus()
         self.name = name
         self.uuid = uuid
-        self.ram = bytearray((i * 7 + 3) & 0xFF for i in range(ram_size))
+        pattern = bytes((i * 7 + 3) & 0xFF for i in range(256))      # period 256
+        self.ram = bytearray(pattern * (ram_size // 256) + pattern[:ram_size % 256])
         self.ncpus = ncpus
         self.calls: list[str] = []
         self.quit_called = threading.Event()

@@ -19,7 +19,7 @@ def run(coro: Any) -> Any:
 
 def test_async_client(service: MonitorService, sock_path: str, vm: FakeVm) -> None:
     async def session() -> None:
-        qmp = QMPClient("pyvm-test")
+        qmp: Any = QMPClient("pyvm-test")
         await qmp.connect(sock_path)
         assert qmp.greeting is not None
         assert qmp.greeting.QMP.version["qemu"]["major"] == 8
@@ -55,7 +55,7 @@ def test_async_client(service: MonitorService, sock_path: str, vm: FakeVm) -> No
 
 def test_reconnect_with_async_client(service: MonitorService, sock_path: str) -> None:
     async def session() -> None:
-        qmp = QMPClient("again")
+        qmp: Any = QMPClient("again")
         for _ in range(5):
             await qmp.connect(sock_path)
             assert (await qmp.execute("query-kvm")) == {"enabled": False, "present": False}
@@ -68,7 +68,8 @@ def test_legacy_sync_client(service: MonitorService, sock_path: str, vm: FakeVm)
     qmp = QEMUMonitorProtocol(sock_path)
     greeting = qmp.connect(negotiate=True)
     assert greeting is not None and greeting["QMP"]["version"]["package"] == "pyvm 0.1.0"
-    assert qmp.cmd("query-status")["status"] == "running"
+    status: Any = qmp.cmd("query-status")
+    assert status["status"] == "running"
     assert qmp.cmd("stop") == {}
     event = qmp.pull_event(wait=5.0)
     assert event is not None and event["event"] == "STOP"

@@ -1,6 +1,7 @@
 """Regression: slices ended by Unicorn's asynchronous uc_emu_stop re-executed a
 read-modify-write (`incb`) on restart, so the ab guest's pages drifted apart (and a
-migrated guest diverged).  Slices now end only at an instruction budget."""
+migrated guest diverged).  Slices now end through a native block hook on the vCPU's own
+thread, which Unicorn handles exactly."""
 
 from __future__ import annotations
 

@@ -185,3 +185,15 @@ def test_handler_crash_is_an_error_reply() -> None:
     msg = run_call(step, CommandContext(FakeVm(), table, session.state))
     assert msg == {"error": {"class": "GenericError", "desc": "internal error in boom: kaput"},
                    "id": 3}
+
+
+def test_cont_from_prelaunch_starts_the_guest() -> None:
+    p = Peer()
+    p.vm.runstate.set(RunState.PRELAUNCH)
+    seen: list[str] = []
+    p.vm.events.subscribe(lambda ev: seen.append(ev.name))
+    p.one('{"execute": "qmp_capabilities"}')
+    assert p.one('{"execute": "cont"}') == {"return": {}}
+    assert p.vm.runstate.state is RunState.RUNNING and seen == ["RESUME"]
+    assert p.one('{"execute": "cont"}') == {"return": {}}
+    assert seen == ["RESUME"]                            # running: no second event

@@ -10,51 +10,16 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
-import sys
 import time
 from typing import Any, Iterator
 
 import pytest
 from qemu.qmp import QMPClient
 
-from conftest import RawClient, wait_for
+from qmp_helpers import COUNTER, RawClient, finish, pyvm_runs, start_pyvm, wait_for
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-GUEST = os.path.join(ROOT, "pyvm", "guests", "store-loop.elf")
-COUNTER = 0x100000
-
-
-def _pyvm_runs() -> bool:
-    try:
-        out = subprocess.run([sys.executable, "-m", "pyvm", "-version"], cwd=ROOT,
-                             capture_output=True, timeout=30)
-    except (OSError, subprocess.TimeoutExpired):
-        return False
-    return out.returncode == 0 and os.path.exists(GUEST)
-
-
-pytestmark = pytest.mark.skipif(not _pyvm_runs(), reason="python -m pyvm is not runnable")
-
-
-def start_pyvm(*monitor_args: str, stdin: Any = subprocess.DEVNULL,
-               extra: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
-    cmd = [sys.executable, "-X", "faulthandler", "-m", "pyvm", "-display", "none", "-m", "32",
-           "-kernel", GUEST,
-           "-append", "start=1 size=1", *extra, *monitor_args]
-    return subprocess.Popen(cmd, cwd=ROOT, stdin=stdin, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE)
-
-
-def finish(proc: subprocess.Popen[bytes], timeout: float = 30) -> tuple[bytes, bytes]:
-    """Wait for pyvm to exit; on a hang, have it dump its threads and fail with that."""
-    try:
-        return proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        proc.send_signal(signal.SIGABRT)
-        _, err = proc.communicate()
-        pytest.fail("pyvm did not exit:\n" + err.decode(errors="replace")[-8000:])
+pytestmark = pytest.mark.skipif(not pyvm_runs(), reason="python -m pyvm is not runnable")
 
 
 @pytest.fixture
@@ -77,7 +42,7 @@ def test_qmp_client_drives_pyvm(pyvm_unix: tuple[subprocess.Popen[bytes], str]) 
     assert oct(os.stat(path).st_mode & 0o777) == "0o600"
 
     async def session() -> None:
-        qmp = QMPClient("e2e")
+        qmp: Any = QMPClient("e2e")
         await qmp.connect(path)
         hmp = "human-monitor-command"
         xp = {"command-line": f"xp /1xw {COUNTER:#x}"}

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from conftest import RawClient, wait_for
+from qmp_helpers import RawClient, wait_for
 from fake_vm import FakeVm
 from pyvm.errors import ConfigError
 from pyvm.qmp.json_stream import JsonLimits
@@ -295,5 +295,44 @@ def test_slow_reader_is_dropped_not_the_vm(vm: FakeVm, sock_path: str,
         good.negotiate()
         assert good.cmd("query-status")["return"]["running"] is True
         assert vm.runstate.state is RunState.RUNNING
+    finally:
+        svc.close()
+
+
+def test_unencodable_result_is_an_error_reply(vm: FakeVm, sock_path: str) -> None:
+    table = build_table()
+    table.register("x-bad", None, "any", lambda ctx, args: {"a": object()})
+    specs = parse_monitor_options([f"unix:{sock_path},server=on"], [], [], [])
+    svc = MonitorService(vm, specs, table=table)
+    svc.start()
+    try:
+        c = RawClient(sock_path)
+        c.negotiate()
+        reply = c.cmd("x-bad", id=4)
+        assert reply["id"] == 4
+        assert reply["error"]["desc"].startswith("internal error: the reply cannot be encoded")
+        assert c.cmd("query-status")["return"]["running"] is True
+    finally:
+        svc.close()
+
+
+def test_held_service_greets_but_runs_nothing_until_released(vm: FakeVm,
+                                                              sock_path: str) -> None:
+    specs = parse_monitor_options([f"unix:{sock_path},server=on"], [], [], [])
+    svc = MonitorService(vm, specs, hold=True)
+    svc.start()
+    try:
+        c = RawClient(sock_path)
+        assert "QMP" in c.line()
+        c.send(b'{"execute": "qmp_capabilities"}{"execute": "stop", "id": 1}')
+        c.sock.settimeout(0.3)
+        with pytest.raises(socket.timeout):
+            c.raw_line()
+        assert vm.calls == []
+        c.sock.settimeout(10)
+        svc.release()
+        assert c.line() == {"return": {}}
+        assert c.reply() == {"return": {}, "id": 1}
+        assert vm.calls == ["stop"]
     finally:
         svc.close()

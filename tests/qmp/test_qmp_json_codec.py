@@ -8,12 +8,12 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
-from pyvm.qmp.json_stream import JsonLimits, JsonStreamer, Parsed, ParseError
+from pyvm.qmp.json_stream import JsonLimits, JsonStreamer, Parsed, ParseError, StreamItem
 from pyvm.qmp.json_writer import encode_line, quote, to_json
 from pyvm.qmp.key_order import qdict_order
 
 
-def feed(data: bytes, limits: JsonLimits | None = None) -> list[object]:
+def feed(data: bytes, limits: JsonLimits | None = None) -> list[StreamItem]:
     return JsonStreamer(limits).feed(data)
 
 

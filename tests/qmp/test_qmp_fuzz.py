@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from conftest import RawClient, wait_for
+from qmp_helpers import RawClient, pyvm_runs, start_pyvm, wait_for
 from fake_vm import FakeVm
 from pyvm.qmp.json_stream import JsonStreamer
 from pyvm.qmp.mutf8 import has_invalid
@@ -106,10 +106,12 @@ def live(request: Any) -> Iterator[Live]:
             client = RawClient(path)
             client.negotiate()
             live = Live(client, lambda: vm.ticks)
-            stop: Any = lambda: (svc.close(), vm.stop_guest())
+
+            def stop() -> None:
+                svc.close()
+                vm.stop_guest()
         else:
-            from test_pyvm_process import _pyvm_runs, start_pyvm
-            if not _pyvm_runs():
+            if not pyvm_runs():
                 pytest.skip("python -m pyvm is not runnable")
             proc = start_pyvm("-qmp", f"unix:{path},server=on,wait=off", extra=("-S",))
             assert wait_for(lambda: os.path.exists(path) or proc.poll() is not None, 30)
@@ -119,7 +121,10 @@ def live(request: Any) -> Iterator[Live]:
             client.cmd("cont")
             assert wait_for(lambda: _pyvm_counter(client) not in (loaded, 0), 20)
             live = Live(client, lambda: _pyvm_counter(client))
-            stop = lambda: (client.cmd("quit"), proc.wait(20))
+
+            def stop() -> None:
+                client.cmd("quit")
+                proc.wait(20)
         before = live.progress()
         yield live
         live.assert_running()

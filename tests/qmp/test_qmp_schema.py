@@ -84,8 +84,8 @@ def test_nested_full_paths() -> None:
 
 
 def test_flat_unions_with_nested_unions() -> None:
-    chan = {"channel-type": "main", "addr": {"transport": "socket", "type": "inet",
-                                            "host": "10.12.34.9"}}
+    chan: dict[str, Any] = {"channel-type": "main", "addr": {
+        "transport": "socket", "type": "inet", "host": "10.12.34.9"}}
     assert err(MIGRATE, {"channels": [chan]}) == "Parameter 'channels[0].addr.port' is missing"
     chan["addr"]["port"] = 1050
     assert err(MIGRATE, {"channels": [chan]}) == \

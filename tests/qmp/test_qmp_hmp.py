@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from conftest import RawClient
+from qmp_helpers import RawClient
 from fake_vm import VIRT_OFFSET, FakeVm
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.errors import HmpError

@@ -1,0 +1,146 @@
+"""Precopy convergence: a guest dirtying at ~1/4 of the link completes, a faster one never does.
+
+    python bench/convergence.py [--link-mib 8] [--size-mib 64] [--budget 30]
+
+Both cases live-migrate a running guest between two real pyvm processes over tcp on
+127.0.0.1 with ``max-bandwidth`` set to ``--link-mib`` MiB/s (the link) and QEMU's default
+``downtime-limit`` (300 ms).
+
+1. ``memcheck`` with ``rate=N`` (N pages per 100 Hz tick: N*100 pages/s), N chosen so the
+   dirty rate is about a quarter of the link.  It must complete with the measured
+   ``downtime`` at most ``downtime-limit``; the destination then runs on without a FAIL line.
+2. ``ab`` (one byte of every page of a ``--fast-mib`` MiB range incremented per pass, as
+   fast as the vCPU goes), dirtying faster than the link.  It must not complete within
+   ``--budget`` seconds and ``query-migrate`` must say so honestly: ``active``,
+   ``dirty-sync-count`` growing, ``expected-downtime`` above the limit.  Then
+   ``migrate_cancel``; the source guest must be running and printing again.
+
+Last line: ``ratio=<measured downtime / downtime-limit>`` of case 1 (target <= 1.0).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.stdout.reconfigure(line_buffering=True)
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from tests.vmproc import VmProcess  # noqa: E402
+
+from pyvm.guests import guest_path  # noqa: E402
+
+PAGE = 4096
+TICK_HZ = 100                 # memcheck's rate= is pages per tick of its 100 Hz PIT timer
+
+
+def pair(tmp: Path, args: list[str], link: int) -> tuple[VmProcess, VmProcess, str]:
+    """A running source and a tcp destination with the same arguments; returns the URI."""
+    dst = VmProcess(tmp, "dst", *args, "-incoming", "tcp:127.0.0.1:0")
+    port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+    src = VmProcess(tmp, "src", *args)
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": link})
+    return src, dst, f"tcp:127.0.0.1:{port}"
+
+
+def converging(tmp: Path, size_mib: int, link: int) -> float:
+    rate = max(1, round(link / PAGE / 4 / TICK_HZ))
+    dirty = rate * TICK_HZ * PAGE
+    args = ["-m", f"{size_mib}M", "-kernel", guest_path("memcheck.elf"),
+            "-append", f"start=1 size=16 rate={rate}", "-display", "none"]
+    src, dst, uri = pair(tmp, args, link)
+    try:
+        src.wait_serial("memcheck gen 1 ok", timeout=120)
+        limit = src.cmd("query-migrate-parameters")["downtime-limit"]
+        t0 = time.perf_counter()
+        src.cmd("migrate", uri=uri)
+        seen: dict[str, Any] = {}
+        while True:
+            info = src.cmd("query-migrate")
+            if info["status"] == "active":
+                seen = info
+            if info["status"] in ("completed", "failed", "cancelled"):
+                break
+            time.sleep(0.1)
+        wall = time.perf_counter() - t0
+        assert info["status"] == "completed", info
+        measured_rate = seen.get("ram", {}).get("dirty-pages-rate", 0) * PAGE
+        print(f"converging: memcheck rate={rate} ({dirty / 1e6:.2f} MB/s asked, "
+              f"{measured_rate / 1e6:.2f} MB/s measured in the last round), link {link / 1e6:.2f} MB/s "
+              f"(dirty/link {dirty / link:.2f})")
+        print(f"converging: completed in {wall:.1f} s, {info['ram']['dirty-sync-count']} syncs, "
+              f"downtime {info['downtime']} ms, downtime-limit {limit} ms")
+        dst.wait_migration(("completed",), timeout=60)
+        assert dst.status() == "running", dst.status()
+        base = dst.serial().count(" ok")
+        deadline = time.monotonic() + 60
+        while dst.serial().count(" ok") <= base and time.monotonic() < deadline:
+            time.sleep(0.1)
+        out = dst.serial()
+        assert "FAIL" not in out, out[-300:]
+        print(f"converging: destination running, memcheck carries on ({out.count(' ok')} "
+              f"generations checked there, no FAIL)")
+        return int(info["downtime"]) / limit
+    finally:
+        src.close()
+        dst.close()
+
+
+def diverging(tmp: Path, size_mib: int, fast_mib: int, link: int, budget: float) -> None:
+    args = ["-m", f"{size_mib}M", "-kernel", guest_path("ab.elf"),
+            "-append", f"start=1 size={fast_mib} passes=1", "-display", "none"]
+    src, dst, uri = pair(tmp, args, link)
+    try:
+        src.wait_serial("B", timeout=60)
+        limit = src.cmd("query-migrate-parameters")["downtime-limit"]
+        src.cmd("migrate", uri=uri)
+        t0 = time.perf_counter()
+        samples = []
+        while time.perf_counter() - t0 < budget:
+            time.sleep(budget / 6)
+            info = src.cmd("query-migrate")
+            assert info["status"] == "active", info
+            samples.append(info)
+            ram = info["ram"]
+            print(f"diverging: t={time.perf_counter() - t0:5.1f} s status {info['status']}, "
+                  f"dirty-sync-count {ram['dirty-sync-count']}, "
+                  f"dirty-pages-rate {ram['dirty-pages-rate']} ({ram['dirty-pages-rate'] * PAGE / 1e6:.1f} MB/s "
+                  f"vs link {link / 1e6:.2f} MB/s), "
+                  f"expected-downtime {info.get('expected-downtime')} ms (limit {limit} ms)")
+        syncs = [s["ram"]["dirty-sync-count"] for s in samples]
+        assert syncs[-1] > syncs[0], syncs
+        assert samples[-1]["expected-downtime"] > limit, samples[-1]
+        src.cmd("migrate_cancel")
+        info = src.wait_migration(("cancelled", "failed", "completed"), timeout=60)
+        assert info["status"] == "cancelled", info
+        before = src.serial().count("B")
+        time.sleep(2)
+        after = src.serial().count("B")
+        status = src.status()
+        assert status == "running" and after > before, (status, before, after)
+        print(f"diverging: not completed after {budget:.0f} s; migrate_cancel -> {info['status']}; "
+              f"source {status}, ab printed {after - before} more B in 2 s")
+    finally:
+        src.close()
+        dst.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--link-mib", type=float, default=8, help="max-bandwidth, MiB/s")
+    ap.add_argument("--size-mib", type=int, default=64, help="guest RAM")
+    ap.add_argument("--fast-mib", type=int, default=32, help="range the fast guest dirties")
+    ap.add_argument("--budget", type=float, default=30, help="seconds the fast case gets")
+    a = ap.parse_args()
+    link = int(a.link_mib * (1 << 20))
+    with tempfile.TemporaryDirectory(prefix="pyvm-conv-") as d:
+        ratio = converging(Path(d), a.size_mib, link)
+        diverging(Path(d), a.size_mib, a.fast_mib, link, a.budget)
+    print(f"ratio={ratio:.2f}")
+
+
+if __name__ == "__main__":
+    main()
