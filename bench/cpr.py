@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.stdout.reconfigure(line_buffering=True)
+sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress as it runs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.vmproc import VmProcess  # noqa: E402
 

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-sys.stdout.reconfigure(line_buffering=True)
+sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress as it runs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from qemu.qmp.legacy import QEMUMonitorProtocol  # noqa: E402
 from qemu.qmp.protocol import ConnectError  # noqa: E402

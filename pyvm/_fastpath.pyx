@@ -338,6 +338,28 @@ def find_zero_pages_at(const uint8_t[::1] buf, const int64_t[::1] indices, uint8
     return zeros
 
 
+def copy_pages(const uint8_t[::1] src, const int64_t[::1] indices, uint8_t[::1] dest,
+               const int64_t[::1] offsets):
+    """Copy page indices[i] of ``src`` to dest[offsets[i]:offsets[i] + 4096], for every i."""
+    cdef Py_ssize_t i, n = indices.shape[0]
+    cdef int64_t npages = src.shape[0] // PAGE_BYTES
+    cdef int64_t room = dest.shape[0] - PAGE_BYTES
+    if offsets.shape[0] != n:
+        raise ValueError("indices and offsets differ in length")
+    for i in range(n):
+        if indices[i] < 0 or indices[i] >= npages:
+            raise ValueError("page index beyond the buffer")
+        if offsets[i] < 0 or offsets[i] > room:
+            raise ValueError("destination offset beyond the buffer")
+    if n == 0:
+        return
+    cdef const uint8_t *s = &src[0]
+    cdef uint8_t *d = &dest[0]
+    with nogil:
+        for i in range(n):
+            memcpy(d + offsets[i], s + indices[i] * PAGE_BYTES, PAGE_BYTES)
+
+
 # RAM record flags of the migration stream (QEMU migration/ram.c RAM_SAVE_FLAG_*).
 cdef enum:
     RAM_ZERO = 0x02

@@ -136,7 +136,7 @@ class CharBackend:
         """Send guest output to the host (dropped by backends without output)."""
 
     def is_open(self) -> bool:
-        """QEMU's ``frame-opened``: a frontend is connected and can talk."""
+        """QEMU's ``frontend-open``: a frontend is connected and can talk."""
         return True
 
     @property
@@ -146,7 +146,7 @@ class CharBackend:
 
     def info(self) -> dict[str, Any]:
         """This backend's ``query-chardev`` entry."""
-        return {"label": self.label, "filename": self.filename, "frame-opened": self.is_open()}
+        return {"label": self.label, "filename": self.filename, "frontend-open": self.is_open()}
 
     # -- for subclasses -----------------------------------------------------------------------
     def _spawn(self, target: Callable[[], None], name: str) -> None:

@@ -27,6 +27,7 @@ DirtyBitmap = impl.DirtyBitmap
 find_zero_pages = impl.find_zero_pages
 find_zero_pages_at = impl.find_zero_pages_at
 load_page_run = impl.load_page_run
+copy_pages = impl.copy_pages
 bitmap_to_indices = impl.bitmap_to_indices
 pages_equal = impl.pages_equal
 PAGE_SIZE = 4096

@@ -114,6 +114,21 @@ def find_zero_pages_at(buf: Any, indices: Any, out: Any) -> int:
     return int(zero.sum())
 
 
+def copy_pages(src: Any, indices: Any, dest: Any, offsets: Any) -> None:
+    mem = np.frombuffer(src, dtype=np.uint8)
+    out = dest if isinstance(dest, np.ndarray) else np.frombuffer(dest, dtype=np.uint8)
+    idx = np.asarray(indices, dtype=np.int64)
+    offs = np.asarray(offsets, dtype=np.int64)
+    if offs.size != idx.size:
+        raise ValueError("indices and offsets differ in length")
+    if idx.size and (idx.min() < 0 or idx.max() >= mem.size // PAGE_SIZE):
+        raise ValueError("page index beyond the buffer")
+    if offs.size and (offs.min() < 0 or offs.max() > out.size - PAGE_SIZE):
+        raise ValueError("destination offset beyond the buffer")
+    for index, offset in zip(idx.tolist(), offs.tolist()):
+        out[offset:offset + PAGE_SIZE] = mem[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
+
+
 # RAM record flags of the migration stream (QEMU migration/ram.c RAM_SAVE_FLAG_*).
 _RAM_ZERO = 0x02
 _RAM_PAGE = 0x08

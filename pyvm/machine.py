@@ -416,7 +416,7 @@ class Machine:
 
     def cpus_info(self) -> list[dict[str, Any]]:
         return [{"cpu-index": c.index, "qom-path": f"/machine/unattached/device[{c.index}]",
-                 "thread-id": self.loop_ident or os.getpid(), "target": "x86_64",
+                 "thread-id": getattr(self, "loop_native_id", os.getpid()), "target": "x86_64",
                  "props": {"core-id": 0, "thread-id": 0, "socket-id": c.index}}
                 for c in self.cpus]
 
@@ -473,6 +473,7 @@ class Machine:
     # -- the run loop ----------------------------------------------------------------------------
     def _loop_guarded(self) -> None:
         self.loop_ident = threading.get_ident()
+        self.loop_native_id = threading.get_native_id()
         try:
             self._loop()
         except BaseException as err:  # noqa: BLE001 - a bug must not hang the process silently

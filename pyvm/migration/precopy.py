@@ -238,12 +238,24 @@ class Precopy:
     def _send_pages(self, block: "RamBlock", indices: np.ndarray, rnd: _Round,
                     limit: bool = True) -> None:
         cb = self._codec_blocks[block.name]
+        # Each pending entry is a different block, so a fresh record writer names the block
+        # in its first record exactly as the encoder would after the section header.
+        #
+        # The records of a batch are packed into one buffer, page bytes copied, and sent
+        # with a single write.  Measured on the 2-core test machine, 256 MiB of random pages
+        # over a unix socket: handing out two iovecs per page (header bytes + memoryview of
+        # guest RAM, 512 per writev) costs 0.27-0.34 s of source CPU, of which ~0.2 s is
+        # Python building and flattening the chunk lists; the copy costs 0.07-0.09 s in all.
+        records = ram_format.RamPageWriter()
+        staging = np.empty(ram_format.packed_size(BATCH_PAGES, block.name), dtype=np.uint8)
+        staged = memoryview(staging)
         for s in range(0, indices.size, BATCH_PAGES):
             self._check_cancel()
             idx = indices[s:s + BATCH_PAGES]
             mask = zero_mask(block.mem, idx)
             before = self.channel.bytes_written
-            self._send(self.enc.ram_pages(cb, idx, mask))
+            nbytes, _, _ = records.pack_pages(staging, cb, idx, mask)
+            self._send([staged[:nbytes]])
             nzero = int(np.count_nonzero(mask))
             self.stats.duplicate += nzero
             self.stats.normal += idx.size - nzero

@@ -24,7 +24,7 @@ from typing import Any, Callable, Generator, Iterable, Optional
 
 import numpy as np
 
-from pyvm.fastpath import load_page_run
+from pyvm.fastpath import copy_pages, load_page_run
 from pyvm.migration.errors import (EncodeError, StreamFormatError, StreamMismatchError,
                                    UnsupportedFeatureError)
 from pyvm.migration.stream_constants import (MAX_COUNTED_STRING, MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
@@ -87,6 +87,47 @@ def write_ram_eos(w: StreamWriter) -> None:
     w.be64(RAM_SAVE_FLAG_EOS)
 
 
+def packed_size(npages: int, name: str = "") -> int:
+    """The most bytes :meth:`RamPageWriter.pack_pages` writes for ``npages`` pages."""
+    return npages * (8 + TARGET_PAGE_SIZE) + 1 + len(name.encode())
+
+
+class _Records:
+    """The layout of one call's records: record ``i`` starts at ``starts[i]``, its header
+    (be64 word, then the counted block name for a record that names its block) ends at
+    ``body[i]``, where the fill byte (ZERO) or the page payload (PAGE) begins."""
+
+    __slots__ = ("indices", "zero", "normal", "normals", "starts", "body", "total", "name", "headers")
+
+    def __init__(self, indices: np.ndarray, zero: np.ndarray, name: bytes, page_payload: bool) -> None:
+        self.indices, self.zero, self.name = indices, zero, name
+        self.normal = ~zero
+        self.normals = int(np.count_nonzero(self.normal))
+        self.headers = (indices.astype(np.uint64) << np.uint64(TARGET_PAGE_BITS)) | np.where(
+            zero, np.uint64(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE),
+            np.uint64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE))
+        header_sizes = np.full(indices.size, 8, dtype=np.int64)
+        if name:
+            self.headers[0] &= ~np.uint64(RAM_SAVE_FLAG_CONTINUE)
+            header_sizes[0] += 1 + len(name)
+        sizes = header_sizes + zero
+        if page_payload:
+            sizes += self.normal * TARGET_PAGE_SIZE
+        ends = np.cumsum(sizes)
+        self.total = int(ends[-1])
+        self.starts = ends - sizes
+        self.body = self.starts + header_sizes
+
+    def write_small(self, out: np.ndarray) -> None:
+        """Headers, the block name and ZERO fill bytes into ``out`` (payload bytes untouched)."""
+        out[(self.starts[:, None] + np.arange(8)).reshape(-1)] = (
+            self.headers.astype(">u8").view(np.uint8))
+        if self.name:
+            out[8] = len(self.name)
+            out[9:9 + len(self.name)] = np.frombuffer(self.name, dtype=np.uint8)
+        out[self.body[self.zero]] = 0
+
+
 class RamPageWriter:
     """Writes page records, naming a block only when it changes (CONTINUE otherwise)."""
 
@@ -97,15 +138,9 @@ class RamPageWriter:
         """Forget the last block: the next record names its block (start of a section)."""
         self.last_block = None
 
-    def write_pages(self, w: StreamWriter, block: RamBlock, page_indices: Iterable[int],
-                    zero_mask: Iterable[bool]) -> tuple[int, int]:
-        """ZERO/PAGE records for ``page_indices``; returns (zero pages, normal pages).
-
-        ``zero_mask[i]`` says whether page ``page_indices[i]`` is all zero.  Page bytes
-        are appended as memoryviews of ``block.buffer``, not copied.  The record headers
-        of the whole call are built at once (numpy, big-endian words) into one small
-        buffer; what lies between two page payloads goes out as one ``bytes`` chunk.
-        """
+    def _records(self, block: RamBlock, page_indices: Iterable[int], zero_mask: Iterable[bool],
+                 page_payload: bool) -> _Records | None:
+        """Checks the request and lays out its records; None when there are none."""
         if block.ignored:
             raise EncodeError(f"RAM block {block.name!r} is not migrated (x-ignore-shared)")
         indices = np.asarray(page_indices if hasattr(page_indices, "__len__") else list(page_indices),
@@ -114,16 +149,14 @@ class RamPageWriter:
                           dtype=bool).reshape(-1)
         count = min(indices.size, zero.size)        # as zip() pairs them
         if count == 0:
-            return 0, 0
+            return None
         indices, zero = indices[:count], zero[:count]
         npages = block.length >> TARGET_PAGE_BITS
         outside = (indices < 0) | (indices >= npages)
         if outside.any():
             index = int(indices[int(np.argmax(outside))])
             raise EncodeError(f"page {index} outside RAM block {block.name!r} ({npages} pages)")
-        normal = ~zero
-        normals = int(np.count_nonzero(normal))
-        if normals and block.buffer is None:
+        if block.buffer is None and not zero.all():
             raise EncodeError(f"RAM block {block.name!r} has no buffer to send pages from")
         name = b""
         if self.last_block != block.name:
@@ -131,40 +164,57 @@ class RamPageWriter:
             if len(name) > MAX_COUNTED_STRING:
                 raise EncodeError(f"name too long for the stream ({len(name)} > 255 bytes): "
                                   f"{name[:40]!r}...")
-            self.last_block = block.name
+        records = _Records(indices, zero, name, page_payload)
+        self.last_block = block.name
+        return records
 
-        # The small bytes of record i: be64 header, [counted name], [fill byte 0 if ZERO].
-        headers = (indices.astype(np.uint64) << np.uint64(TARGET_PAGE_BITS)) | np.where(
-            zero, np.uint64(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE),
-            np.uint64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE))
-        if name:
-            headers[0] &= ~np.uint64(RAM_SAVE_FLAG_CONTINUE)
-        sizes = 8 + zero.astype(np.int64)
-        if name:
-            sizes[0] += 1 + len(name)
-        ends = np.cumsum(sizes)
-        small = np.zeros(int(ends[-1]), dtype=np.uint8)
-        starts = ends - sizes
-        small[(starts[:, None] + np.arange(8)).reshape(-1)] = headers.astype(">u8").view(np.uint8)
-        if name:
-            small[8] = len(name)
-            small[9:9 + len(name)] = np.frombuffer(name, dtype=np.uint8)
+    def write_pages(self, w: StreamWriter, block: RamBlock, page_indices: Iterable[int],
+                    zero_mask: Iterable[bool]) -> tuple[int, int]:
+        """ZERO/PAGE records for ``page_indices``; returns (zero pages, normal pages).
+
+        ``zero_mask[i]`` says whether page ``page_indices[i]`` is all zero.  Page bytes
+        are appended as memoryviews of ``block.buffer``, not copied; the headers of the
+        whole call are built at once (numpy, big-endian words), and what lies between two
+        page payloads goes out as one ``bytes`` chunk.
+        """
+        records = self._records(block, page_indices, zero_mask, page_payload=False)
+        if records is None:
+            return 0, 0
+        small = np.empty(records.total, dtype=np.uint8)
+        records.write_small(small)
         small_bytes = small.tobytes()
-
-        if normals:
+        if records.normals:
             data = memoryview(block.buffer).cast("B")
-            cuts = ends[normal].tolist()                   # a page payload follows each cut
-            offsets = (indices[normal] << TARGET_PAGE_BITS).tolist()
             last = 0
-            for cut, offset in zip(cuts, offsets):
+            for cut, index in zip(records.body[records.normal].tolist(),
+                                  records.indices[records.normal].tolist()):
                 w.raw(small_bytes[last:cut])
+                offset = index << TARGET_PAGE_BITS
                 w.view(data[offset:offset + TARGET_PAGE_SIZE])
                 last = cut
             if last < len(small_bytes):
                 w.raw(small_bytes[last:])
         else:
             w.raw(small_bytes)
-        return count - normals, normals
+        return records.indices.size - records.normals, records.normals
+
+    def pack_pages(self, out: np.ndarray, block: RamBlock, page_indices: Iterable[int],
+                   zero_mask: Iterable[bool]) -> tuple[int, int, int]:
+        """The same records as :meth:`write_pages`, page bytes copied, into ``out``.
+
+        ``out`` is a writable uint8 array of at least :func:`packed_size` bytes.  Returns
+        (bytes written, zero pages, normal pages); the records are ``out[:bytes]``.
+        """
+        records = self._records(block, page_indices, zero_mask, page_payload=True)
+        if records is None:
+            return 0, 0, 0
+        if records.total > out.size:
+            raise EncodeError(f"{records.total} bytes of page records do not fit in {out.size}")
+        records.write_small(out)
+        if records.normals:
+            copy_pages(np.frombuffer(block.buffer, dtype=np.uint8), records.indices[records.normal],
+                       out, records.body[records.normal])
+        return records.total, records.indices.size - records.normals, records.normals
 
 
 # -- loading ---------------------------------------------------------------------------------

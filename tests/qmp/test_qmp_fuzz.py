@@ -111,8 +111,7 @@ def live(request: Any) -> Iterator[Live]:
                 svc.close()
                 vm.stop_guest()
         else:
-            if not pyvm_runs():
-                pytest.skip("python -m pyvm is not runnable")
+            assert pyvm_runs(), "python -m pyvm does not run"
             proc = start_pyvm("-qmp", f"unix:{path},server=on,wait=off", extra=("-S",))
             assert wait_for(lambda: os.path.exists(path) or proc.poll() is not None, 30)
             client = RawClient(path)

@@ -63,7 +63,7 @@ def test_null_backend_info():
     backend = parse_serial("null", "serial0")
     assert isinstance(backend, NullBackend)
     backend.write(b"dropped")
-    assert backend.info() == {"label": "serial0", "filename": "null", "frame-opened": False}
+    assert backend.info() == {"label": "serial0", "filename": "null", "frontend-open": False}
 
 
 @pytest.mark.parametrize("spec,message", [
@@ -104,7 +104,7 @@ def test_file_backend_truncates_and_writes_through(tmp_path):
     backend.close()
     backend.close()
     assert path.read_bytes() == b"hello world"
-    assert backend.info() == {"label": "serial0", "filename": "file", "frame-opened": True}
+    assert backend.info() == {"label": "serial0", "filename": "file", "frontend-open": True}
 
 
 # -- escapes -----------------------------------------------------------------------------------
@@ -187,7 +187,7 @@ def test_unix_server_lifecycle(sock_path):
     assert stat.S_IMODE(os.stat(sock_path).st_mode) == 0o600
     assert backend.info() == {"label": "serial0",
                               "filename": f"disconnected:unix:{sock_path},server=on",
-                              "frame-opened": False}
+                              "frontend-open": False}
     sink = Sink()
     backend.set_receiver(sink)
     backend.start()
@@ -262,7 +262,7 @@ def test_unix_client_mode(sock_path):
     sink = Sink()
     backend.set_receiver(sink)
     backend.start()
-    assert backend.info()["frame-opened"] is True
+    assert backend.info()["frontend-open"] is True
     backend.write(b"ping")
     assert recv_until(conn, b"ping") == b"ping"
     conn.sendall(b"pong")
