@@ -28,6 +28,7 @@ cdef extern from *:
     """
     #include <stdint.h>
     #include <stddef.h>
+    #include <time.h>
     #include <string.h>
 
     /* What the hook needs to know about one RAM block (guest-physical range + bitmap). */
@@ -93,16 +94,28 @@ cdef extern from *:
     typedef int (*pyvm_uc_emu_stop_t)(void *uc);
     typedef struct pyvm_stopper {
         int flag;
+        unsigned int blocks;
         unsigned long stops;
+        uint64_t deadline;      /* CLOCK_MONOTONIC ns; the run ends after it */
         uintptr_t stop_fn;
     } pyvm_stopper;
 
-    /* uc_cb_hookcode_t: (uc, address, size, user_data) */
+    /* uc_cb_hookcode_t: (uc, address, size, user_data).  The deadline is checked every
+       256 blocks (tens of microseconds), so no timer thread is needed. */
     static void pyvm_block_hook(void *uc, uint64_t address, uint32_t size, void *user_data) {
         pyvm_stopper *s = (pyvm_stopper *)user_data;
+        int stop = 0;
         (void)address; (void)size;
         if (__atomic_load_n(&s->flag, __ATOMIC_RELAXED)
-                && __atomic_exchange_n(&s->flag, 0, __ATOMIC_ACQ_REL)) {
+                && __atomic_exchange_n(&s->flag, 0, __ATOMIC_ACQ_REL))
+            stop = 1;
+        else if ((++s->blocks & 255) == 0) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            if ((uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec >= s->deadline)
+                stop = 1;
+        }
+        if (stop) {
             s->stops++;
             ((pyvm_uc_emu_stop_t)s->stop_fn)(uc);
         }
@@ -157,7 +170,9 @@ cdef extern from *:
     uint64_t pyvm_load_be64(const uint8_t *p) nogil
     ctypedef struct pyvm_stopper:
         int flag
+        unsigned int blocks
         unsigned long stops
+        uint64_t deadline
         uintptr_t stop_fn
     int pyvm_block_hook_add(uintptr_t fn, void *uc, size_t *hh, pyvm_stopper *s) nogil
 
@@ -269,7 +284,9 @@ cdef class SliceStopper:
         if self._s == NULL:
             raise MemoryError()
         self._s.flag = 0
+        self._s.blocks = 0
         self._s.stops = 0
+        self._s.deadline = 0xFFFFFFFFFFFFFFFF
         self._s.stop_fn = emu_stop_fn
         self._uc = uc_handle
         self._del_fn = hook_del_fn
@@ -285,6 +302,10 @@ cdef class SliceStopper:
 
     def clear(self):
         __atomic_store_n(&self._s.flag, 0, __ATOMIC_RELEASE)
+
+    def set_deadline(self, uint64_t monotonic_ns):
+        """End runs once time.monotonic_ns() passes ``monotonic_ns`` (checked every 256 blocks)."""
+        self._s.deadline = monotonic_ns
 
     @property
     def stops(self):

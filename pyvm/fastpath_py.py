@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 import threading
+import time
 from typing import Any
 
 import numpy as np
@@ -196,11 +197,19 @@ class SliceStopper:
     def __init__(self, uc: Any) -> None:
         self._uc = uc
         self._flag = False
+        self._blocks = 0
+        self._deadline = 1 << 64
         self.stops = 0
 
         def hook(uc_: Any, _address: int, _size: int, _ud: Any) -> None:
+            stop = False
             if self._flag:
                 self._flag = False
+                stop = True
+            else:
+                self._blocks += 1
+                stop = self._blocks % 256 == 0 and time.monotonic_ns() >= self._deadline
+            if stop:
                 self.stops += 1
                 uc_.emu_stop()
 
@@ -213,6 +222,9 @@ class SliceStopper:
 
     def clear(self) -> None:
         self._flag = False
+
+    def set_deadline(self, monotonic_ns: int) -> None:
+        self._deadline = monotonic_ns
 
     def detach(self) -> None:
         if self.attached:

@@ -111,8 +111,8 @@ class Machine:
         self._exit_event = threading.Event()
         self._loop_thread: threading.Thread | None = None
         self._trackers: list[Any] = []
-        from pyvm.slice_timer import SliceTimer
-        self._timer = SliceTimer()
+        self._kicked = False
+        self._running: VCpu | None = None     # the vCPU inside emu_start, if any
         self.dirty_logging = False
         self.loop_ident: int | None = None
         self.migration: Any = None          # set by the migration layer
@@ -242,13 +242,22 @@ class Machine:
             self.kick()
 
     def kick(self) -> None:
-        """Make the run loop look at its queues, IRQs and deadlines now (any thread)."""
-        self._timer.kick()
+        """Make the run loop look at its queues, IRQs and deadlines now (any thread).
+
+        A running slice ends at its next translation block: the vCPU's native stopper
+        turns the request into an exact ``uc_emu_stop`` on the vCPU's own thread.
+        """
         with self._wake:
+            self._kicked = True
+            cpu = self._running
+            if cpu is not None:
+                cpu.request_stop()
             self._wake.notify()
 
     def _take_kick(self) -> bool:
-        return self._timer.take_kick()
+        with self._wake:
+            k, self._kicked = self._kicked, False
+            return k
 
     # -- life cycle ------------------------------------------------------------------------
     def start(self) -> None:
@@ -299,7 +308,6 @@ class Machine:
         self._exit_event.set()
         if self._loop_thread and self._loop_thread is not threading.current_thread():
             self._loop_thread.join(timeout=5)
-        self._timer.close()
         for dev in self.devices:
             try:
                 dev.close()
@@ -540,16 +548,22 @@ class Machine:
                 self._wake.wait(timeout)
 
     def _run_slice(self, cpu: VCpu, slice_s: float) -> None:
-        limit = time.monotonic() + slice_s
+        budget_ns = int(slice_s * 1e9)
         deadline = self._next_deadline_ns()
         if deadline is not None:
-            limit = min(limit, time.monotonic() + max(0, deadline - self.clock.now_ns()) / 1e9)
+            budget_ns = min(budget_ns, max(0, deadline - self.clock.now_ns()))
+        cpu.stopper.set_deadline(time.monotonic_ns() + budget_ns)
         stops = cpu.stopper.stops
-        self._timer.begin(cpu, limit)
+        with self._wake:
+            cpu.clear_stop()
+            if self._kicked:
+                cpu.request_stop()
+            self._running = cpu
         try:
             cpu.emu_start()
         finally:
-            self._timer.end()
+            with self._wake:
+                self._running = None
         if cpu.fault is not None:
             fault, cpu.fault = cpu.fault, None
             self._guest_fault(cpu, fault)
@@ -561,9 +575,8 @@ class Machine:
             return
         if cpu.stop_in_hook or cpu.stopper.stops != stops:
             return
-        # Returned by itself, with no stop asked: the guest executed HLT.
-        if cpu.after_hlt():
-            cpu.halted = True
+        # Returned by itself, with no stop asked for: the guest executed HLT.
+        cpu.halted = True
 
     def _guest_fault(self, cpu: VCpu, fault: GuestFault) -> None:
         report = f"pyvm: guest fault, vCPU {cpu.index} stopped: {fault}\n{cpu.report()}"

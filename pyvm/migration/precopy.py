@@ -248,7 +248,7 @@ class Precopy:
         # Python building and flattening the chunk lists; the copy costs 0.07-0.09 s in all.
         records = ram_format.RamPageWriter()
         staging = np.empty(ram_format.packed_size(BATCH_PAGES, block.name), dtype=np.uint8)
-        staged = memoryview(staging)
+        staged = memoryview(staging.data)
         for s in range(0, indices.size, BATCH_PAGES):
             self._check_cancel()
             idx = indices[s:s + BATCH_PAGES]

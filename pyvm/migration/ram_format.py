@@ -10,9 +10,13 @@ flags in the low 12 bits::
     end            be64 EOS closes every START/PART/END payload
 
 ``CONTINUE`` means "same block as the previous record", so the name is sent only when the
-block changes.  Writing hands page bytes out as memoryviews of guest RAM; loading writes
-them straight into the block buffers the destination provided, after checking that the
-offset lies inside the block.
+block changes.  Writing hands page bytes out as memoryviews of guest RAM
+(:meth:`RamPageWriter.write_pages`) or packs whole batches of records into one buffer
+(:meth:`RamPageWriter.pack_pages`, for senders where a copy is cheaper than an iovec per
+page); loading writes them straight into the block buffers the destination provided,
+after checking that the offset lies inside the block.  Runs of ``CONTINUE`` PAGE/ZERO
+records go through the native :func:`pyvm.fastpath.load_page_run`; every other record,
+and every error, is handled by the Python parser.
 """
 
 from __future__ import annotations

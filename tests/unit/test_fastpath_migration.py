@@ -86,7 +86,7 @@ def _records(rng: random.Random, npages: int, count: int) -> bytes:
         roll = rng.random()
         page = rng.randrange(npages)
         if roll < 0.45:
-            out += struct.pack(">Q", page * PAGE | PAGE_FLAG | CONTINUE) + bytes(rng.getrandbits(8) for _ in range(64)) * 64
+            out += struct.pack(">Q", page * PAGE | PAGE_FLAG | CONTINUE) + rng.randbytes(64) * 64
         elif roll < 0.85:
             out += struct.pack(">Q", page * PAGE | ZERO | CONTINUE) + b"\0"
         elif roll < 0.88:

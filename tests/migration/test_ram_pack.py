@@ -1,0 +1,99 @@
+"""Page records packed into one buffer equal the zero-copy chunks; the native loader path."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from migration_fakes import PAGE, FakeTarget, decode_stream, encode_stream, make_ram
+from pyvm.migration import RamBlock, StreamEncoder
+from pyvm.migration.errors import EncodeError, MigrationError
+from pyvm.migration.ram_format import RamLoader, RamPageWriter, packed_size
+from pyvm.migration.stream_reader import StreamReader, run_to_completion
+from pyvm.migration.stream_writer import StreamWriter, join_chunks
+
+
+def _random_ram(npages: int, rng: random.Random) -> bytearray:
+    ram = bytearray(npages * PAGE)
+    for p in range(npages):
+        if rng.random() < 0.6:
+            ram[p * PAGE:(p + 1) * PAGE] = rng.randbytes(PAGE)
+    return ram
+
+
+def test_packed_records_equal_the_chunked_records() -> None:
+    rng = random.Random(5)
+    for trial in range(40):
+        npages = rng.randint(1, 40)
+        ram = _random_ram(npages, rng)
+        block = RamBlock(rng.choice(["pc.ram", "/rom@etc/acpi/tables"]), len(ram), 0, ram)
+        idx = np.array(rng.sample(range(npages), rng.randint(0, npages)), dtype=np.int64)
+        mask = np.array([not any(ram[i * PAGE:(i + 1) * PAGE]) for i in idx.tolist()], dtype=bool)
+        chunked, packed = RamPageWriter(), RamPageWriter()
+        if rng.random() < 0.5:                   # the block was named before: CONTINUE only
+            chunked.last_block = packed.last_block = block.name
+        w = StreamWriter()
+        counts = chunked.write_pages(w, block, idx.tolist(), mask.tolist())
+        out = np.full(packed_size(idx.size, block.name), 0xEE, dtype=np.uint8)
+        nbytes, zeros, normals = packed.pack_pages(out, block, idx, mask)
+        assert (zeros, normals) == counts, trial
+        assert out[:nbytes].tobytes() == w.take_bytes(), trial
+        assert chunked.last_block == packed.last_block
+
+
+def test_pack_checks_like_write() -> None:
+    ram = make_ram(4)
+    block = RamBlock("pc.ram", len(ram), 0, ram)
+    out = np.zeros(packed_size(8), dtype=np.uint8)
+    with pytest.raises(EncodeError, match="page 4 outside RAM block 'pc.ram' \\(4 pages\\)"):
+        RamPageWriter().pack_pages(out, block, [1, 4], [False, False])
+    with pytest.raises(EncodeError, match="has no buffer"):
+        RamPageWriter().pack_pages(out, RamBlock("pc.ram", len(ram), 0, None), [1], [False])
+    with pytest.raises(EncodeError, match="do not fit"):
+        RamPageWriter().pack_pages(np.zeros(PAGE, dtype=np.uint8), block, [0], [False])
+    zero_only = RamPageWriter().pack_pages(out, RamBlock("pc.ram", len(ram), 0, None), [1, 2], [True, True])
+    assert zero_only[1:] == (2, 0)
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 4104, 4105, 65536, 0])
+def test_native_run_loads_in_any_chunking(chunk: int) -> None:
+    rng = random.Random(chunk)
+    src = _random_ram(64, rng)
+    blocks = [RamBlock("pc.ram", len(src), 0, src), RamBlock("pc.bios", 2 * PAGE, 0, _random_ram(2, rng))]
+    data = encode_stream(blocks, [], rounds=3)
+    dst = [RamBlock("pc.ram", len(src), 0, bytearray(b"\xee" * len(src))),
+           RamBlock("pc.bios", 2 * PAGE, 0, bytearray(b"\xee" * 2 * PAGE))]
+    dec = decode_stream(data, FakeTarget(dst), chunk=chunk)
+    assert dec.finished
+    assert dst[0].buffer == src and dst[1].buffer == blocks[1].buffer
+    assert dec.ram is not None
+    assert dec.ram.normal_pages + dec.ram.zero_pages == 66
+
+
+def test_bad_offset_after_a_native_run_keeps_qemu_text() -> None:
+    ram = bytearray(4 * PAGE)
+    enc = StreamEncoder()
+    block = RamBlock("pc.ram", 4 * PAGE, 0, make_ram(4))
+    enc.ram_section_begin()                 # the section header is not part of the payload
+    payload = join_chunks(enc.ram_pages(block, [0, 1, 2], [False, True, False]))
+    payload += bytes.fromhex("00000000 00004028") + bytes(PAGE)          # page 4 of 4
+    loader = RamLoader(lambda name, length: RamBlock("pc.ram", 4 * PAGE, 0, ram), False)
+    r = StreamReader()
+    r.feed(payload)
+    with pytest.raises(MigrationError) as info:
+        run_to_completion(loader.load(r, 4), r)
+    assert str(info.value) == "Illegal RAM offset 4000"
+    assert ram[:3 * PAGE] == block.buffer[:3 * PAGE]
+    assert ram[3 * PAGE:] == bytes(PAGE)
+    assert (loader.normal_pages, loader.zero_pages) == (2, 1)
+
+
+def test_observed_blocks_see_every_page() -> None:
+    src = make_ram(6)
+    seen: list[tuple[int, bool]] = []
+    dst = RamBlock("pc.ram", len(src), 0, bytearray(len(src)), on_page=lambda off, z: seen.append((off, z)))
+    decode_stream(encode_stream([RamBlock("pc.ram", len(src), 0, src)], [], rounds=1), FakeTarget([dst]))
+    assert [off for off, _ in seen] == [i * PAGE for i in range(6)]
+    assert dst.buffer == src
