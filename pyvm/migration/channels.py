@@ -34,7 +34,8 @@ def _inet_kwargs(inet: InetSocketAddress) -> dict[str, Any]:
 
 
 def outgoing_opener(addr: MigrationAddress, abort: AbortSignal,
-                    rdma_blocks: Callable[[], Any] | None = None) -> Callable[[], Any]:
+                    rdma_blocks: Callable[[], Any] | None = None,
+                    rdma_pin_all: bool = False) -> Callable[[], Any]:
     """A callable that opens the outgoing channel for ``addr`` (runs on the migration thread)."""
     if isinstance(addr, SocketMigrationAddress):
         sock = addr.socket
@@ -51,7 +52,7 @@ def outgoing_opener(addr: MigrationAddress, abort: AbortSignal,
         return lambda: file_outgoing(addr.filename, addr.offset)
     if isinstance(addr, RdmaMigrationAddress):
         from pyvm.migration.rdma_glue import rdma_outgoing_opener
-        return rdma_outgoing_opener(addr, rdma_blocks)
+        return rdma_outgoing_opener(addr, rdma_blocks, abort, rdma_pin_all)
     raise TransportError(f"unknown migration transport {addr!r}")
 
 

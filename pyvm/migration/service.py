@@ -80,7 +80,8 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
                     raise _refuse(f"memory-backend-memfd '{block.name}' does not survive its process: "
                                   "cpr-reboot with x-ignore-shared needs memory-backend-file,share=on")
     abort = AbortSignal()
-    opener = outgoing_opener(addr, abort, lambda: list(machine.ram))
+    opener = outgoing_opener(addr, abort, lambda: [b for b in machine.ram if not mgr.block_ignored(b)],
+                             mgr.caps["rdma-pin-all"])
     with mgr.lock:
         mgr.incoming = None
         mgr.stats = MigrationStats()
@@ -134,7 +135,7 @@ def start_incoming(machine: "Machine", uri: str | None,
     if not from_cli:
         mgr.set_status(MigrationStatus.SETUP)
     try:
-        prepared = prepare_incoming(addr, lambda: list(machine.ram))
+        prepared = prepare_incoming(addr, lambda: [b for b in machine.ram if not mgr.block_ignored(b)])
     except PyvmError as err:
         raise _refuse(str(err)) from err
     inc = IncomingMigration(mgr, machine, prepared.accept, exit_on_error=exit_on_error,
