@@ -147,8 +147,11 @@ class RamPageWriter:
         """Checks the request and lays out its records; None when there are none."""
         if block.ignored:
             raise EncodeError(f"RAM block {block.name!r} is not migrated (x-ignore-shared)")
-        indices = np.asarray(page_indices if hasattr(page_indices, "__len__") else list(page_indices),
-                             dtype=np.int64).reshape(-1)
+        try:
+            indices = np.asarray(page_indices if hasattr(page_indices, "__len__")
+                                 else list(page_indices), dtype=np.int64).reshape(-1)
+        except OverflowError:
+            raise EncodeError(f"a page index lies outside RAM block {block.name!r}") from None
         zero = np.asarray(zero_mask if hasattr(zero_mask, "__len__") else list(zero_mask),
                           dtype=bool).reshape(-1)
         count = min(indices.size, zero.size)        # as zip() pairs them
