@@ -48,6 +48,7 @@ OPTIONS: dict[str, tuple[bool, str]] = {
     "chardev": (True, "socket,id=ID,path=PATH|host=H,port=P,server=on,wait=off"),
     "mon": (True, "chardev=ID,mode=control|readline"),
     "incoming": (True, "URI | defer: wait for an incoming migration"),
+    "rdma-provider": (True, "NAME: libfabric provider for rdma: (verbs, tcp; default: best available)"),
 }
 
 
@@ -223,6 +224,10 @@ def _apply(pa: ParsedArgs, name: str, opt: str, value: str) -> None:
         pa.mon.append(value)
     elif name == "incoming":
         cfg.incoming = value
+    elif name == "rdma-provider":
+        if not value.replace("_", "").replace(";", "").isalnum():
+            raise ConfigError(f"{opt}: invalid provider name")
+        os.environ["PYVM_RDMA_PROVIDER"] = value
 
 
 def _parse_object(cfg: MachineConfig, opt: str, value: str) -> None:

@@ -39,6 +39,7 @@ if TYPE_CHECKING:
     from pyvm.ram import RamBlock
 
 PAGE = 4096
+RAM_HOOK_RECORD = (0x80).to_bytes(8, "big")   # RAM_SAVE_FLAG_HOOK (migration/ram.c)
 BATCH_PAGES = 256              # pages per encoder call / writev (1 MiB)
 RATE_WINDOW = 0.1              # seconds: QEMU's BUFFER_DELAY rate-limit window
 
@@ -93,6 +94,9 @@ class Precopy:
         mgr.start_time = start
         try:
             self.channel = self.open_channel()
+            provider = getattr(self.channel, "provider", None)
+            if provider:
+                self.machine.log.log("migration", f"rdma: libfabric provider {provider}")
             if self.cancel_requested.is_set():
                 raise MigrationCancelled()
             self._setup()
@@ -128,6 +132,7 @@ class Precopy:
         codec_blocks = [ram_format.RamBlock(b.name, b.size, b.gpa, b.mem, self.mgr.block_ignored(b))
                         for b in m.ram]
         self._codec_blocks = {b.name: cb for b, cb in zip(m.ram, codec_blocks)}
+        self._block_index = {b.name: i for i, b in enumerate(self._blocks())}
         self._send(self.enc.ram_setup(codec_blocks, ignore_shared))
         self.stats.total = sum(b.size for b in self._blocks())
         if self.mode == "cpr-reboot":
@@ -148,7 +153,7 @@ class Precopy:
             for block, idx in self._pending:
                 self._send_pages(block, idx, rnd)
             self._pending = []
-            self._send(self.enc.ram_eos())
+            self._end_round()
             elapsed = max(time.monotonic() - rnd.started, 1e-6)
             sent = self.channel.bytes_written - rnd.bytes_before
             bandwidth = sent / elapsed                                    # bytes/s
@@ -179,7 +184,7 @@ class Precopy:
         rnd = _Round(time.monotonic(), before)
         for block, idx in self._pending:
             self._send_pages(block, idx, rnd, limit=False)
-        self._send(self.enc.ram_eos())
+        self._end_round()
         self.stats.remaining = 0
 
         def save_devices() -> list[Any]:
@@ -249,13 +254,20 @@ class Precopy:
         records = ram_format.RamPageWriter()
         staging = np.empty(ram_format.packed_size(BATCH_PAGES, block.name), dtype=np.uint8)
         staged = memoryview(staging.data)
+        rdma = hasattr(self.channel, "write_pages")
         for s in range(0, indices.size, BATCH_PAGES):
             self._check_cancel()
             idx = indices[s:s + BATCH_PAGES]
             mask = zero_mask(block.mem, idx)
-            before = self.channel.bytes_written
-            nbytes, _, _ = records.pack_pages(staging, cb, idx, mask)
-            self._send([staged[:nbytes]])
+            before = self._transferred()
+            if rdma:
+                # One-sided RDMA writes straight into the destination's registered block;
+                # zero pages go as COMPRESS messages so unregistered memory stays untouched.
+                # No PAGE/ZERO record for these pages enters the stream.
+                self._send_rdma(block, idx, mask)
+            else:
+                nbytes, _, _ = records.pack_pages(staging, cb, idx, mask)
+                self._send([staged[:nbytes]])
             nzero = int(np.count_nonzero(mask))
             self.stats.duplicate += nzero
             self.stats.normal += idx.size - nzero
@@ -263,11 +275,31 @@ class Precopy:
             rnd.pages += idx.size
             self.stats.remaining = max(0, self.stats.remaining - idx.size * PAGE)
             if self.machine.runstate.running:
-                self.stats.precopy_bytes += self.channel.bytes_written - before
+                self.stats.precopy_bytes += self._transferred() - before
             elif limit:
-                self.stats.downtime_bytes += self.channel.bytes_written - before
+                self.stats.downtime_bytes += self._transferred() - before
             if limit:
-                self._rate_limit(self.channel.bytes_written - before)
+                self._rate_limit(self._transferred() - before)
+
+    def _send_rdma(self, block: "RamBlock", idx: np.ndarray, mask: np.ndarray) -> None:
+        index = self._block_index[block.name]
+        offsets = idx.astype(np.int64) * PAGE
+        if mask.any():
+            self.channel.write_zero_pages(index, offsets[mask], PAGE)
+        if not mask.all():
+            self.channel.write_pages(index, offsets[~mask], PAGE)
+        self.stats.transferred = self._transferred()
+
+    def _end_round(self) -> None:
+        """Close a RAM section; with rdma, first wait for the round's writes to land and
+        mark the round in the stream (RAM_SAVE_FLAG_HOOK), as QEMU's rdma does."""
+        if hasattr(self.channel, "round_finished"):
+            self.channel.round_finished()
+            self._send([RAM_HOOK_RECORD])
+        self._send(self.enc.ram_eos())
+
+    def _transferred(self) -> int:
+        return self.channel.bytes_written + getattr(self.channel, "rdma_bytes", 0)
 
     def _rate_limit(self, nbytes: int) -> None:
         bw = self.mgr.params.max_bandwidth
@@ -287,7 +319,7 @@ class Precopy:
     def _send(self, chunks: list[Any]) -> None:
         if chunks:
             self.channel.writev(chunks)
-            self.stats.transferred = self.channel.bytes_written
+            self.stats.transferred = self._transferred()
 
     def _check_cancel(self) -> None:
         if self.cancel_requested.is_set():
