@@ -6,7 +6,8 @@ For each transport it migrates a paused guest whose RAM is full of random bytes 
 private mapping of a random file: every page is a PAGE record) and one whose RAM is
 zero (idle: ZERO records), between two real pyvm processes (file and exec: save, then
 restore).  In the same run it times the raw transport moving the same number of bytes:
-a socket copy (tcp, unix), a file write + fsync (file), ``cat`` in a pipeline (exec).
+a socket copy (tcp, unix, and rdma over libfabric's tcp provider), a file write + fsync
+(file), ``cat`` in a pipeline (exec).
 Prints one line per case and ``ratio=<raw time / pyvm time>`` for fully dirty memory.
 """
 
@@ -85,7 +86,15 @@ def migrate(tmp: Path, transport: str, ram_args: list[str]) -> dict:
         uri = incoming
         if transport == "tcp":
             uri = "tcp:127.0.0.1:" + dst.cmd("query-migrate")["socket-address"][0]["port"]
-    src = VmProcess(tmp, "src", *args, serial=False)
+    elif transport == "rdma":
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        uri = f"rdma:127.0.0.1:{s.getsockname()[1]}"
+        s.close()
+        dst = VmProcess(tmp, "dst", *args, "-incoming", uri, serial=False,
+                        env={"PYVM_RDMA_PROVIDER": os.environ.get("PYVM_RDMA_PROVIDER", "tcp")})
+    src = VmProcess(tmp, "src", *args, serial=False,
+                    env={"PYVM_RDMA_PROVIDER": os.environ.get("PYVM_RDMA_PROVIDER", "tcp")})
     if transport == "file":
         uri = f"file:{state}"
     elif transport == "exec":
@@ -108,10 +117,12 @@ def migrate(tmp: Path, transport: str, ram_args: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
-    ap.add_argument("--transports", default="tcp,unix,file,exec")
+    ap.add_argument("--transports", default="tcp,unix,file,exec,rdma",
+                    help="rdma uses libfabric's provider from PYVM_RDMA_PROVIDER (default tcp)")
     a = ap.parse_args()
     size = a.size_mib << 20
     ratios = []
+    walls: dict[str, float] = {}
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         tmp = Path(d)
         rand = tmp / "random.ram"
@@ -122,7 +133,7 @@ def main() -> None:
                  "-machine", "memory-backend=r"]
         idle = ["-m", f"{a.size_mib}M"]
         for tr in a.transports.split(","):
-            if tr == "tcp":
+            if tr in ("tcp", "rdma"):
                 raw = raw_socket(socket.AF_INET, ("127.0.0.1", 0), size)
             elif tr == "unix":
                 raw = raw_socket(socket.AF_UNIX, str(tmp / "raw.sock"), size)
@@ -135,9 +146,14 @@ def main() -> None:
             r_idle = migrate(tmp, tr, idle)
             ratio = raw / r_dirty["wall"]
             ratios.append(ratio)
+            walls[tr] = r_dirty["wall"]
             print(f"{tr:>5}: dirty {r_dirty['wall']:6.2f} s ({size / r_dirty['wall'] / 1e6:7.1f} MB/s), "
                   f"idle {r_idle['wall']:5.2f} s ({r_idle['bytes'] >> 10} KiB sent), "
                   f"raw {raw:5.2f} s ({size / raw / 1e6:7.1f} MB/s), ratio {ratio:.2f}")
+    if "tcp" in walls and "rdma" in walls:
+        provider = os.environ.get("PYVM_RDMA_PROVIDER", "tcp")
+        print(f"rdma (libfabric provider {provider}) / tcp transport throughput: "
+              f"{walls['tcp'] / walls['rdma']:.2f}")
     print(f"ratio={min(ratios):.2f}")
 
 

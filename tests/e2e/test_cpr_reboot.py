@@ -106,3 +106,45 @@ def test_memfd_with_ignore_shared_refused(vms, tmp_path: Path) -> None:
     src.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-ignore-shared", "state": True}])
     with pytest.raises(QmpFailed, match="does not survive its process"):
         src.cmd("migrate", uri=f"file:{tmp_path / 'x'}")
+
+
+def test_paused_at_save_stays_paused_and_missing_file(vms, tmp_shm: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    ram, state = tmp_shm / "ram", tmp_path / "vm.state"
+    src = vms("src", *_args(ram))
+    src.wait_serial("memcheck gen 1 ok")
+    src.cmd("stop")
+    src.cmd("migrate-set-parameters", mode="cpr-reboot")
+    src.cmd("migrate", uri=f"file:{state}")
+    assert src.wait_migration()["status"] == "completed"
+    src.cmd("quit")
+    src.wait_exit()
+    dst = vms("dst", *_args(ram, "-incoming", f"file:{state}"))
+    dst.wait_migration(("completed",))
+    assert dst.status() == "paused"
+    dst.cmd("quit")
+    r = subprocess.run([sys.executable, "-m", "pyvm", *_args(ram, "-incoming", f"file:{tmp_path / 'nope'}")],
+                       capture_output=True, timeout=30)
+    assert r.returncode == 1 and b"Could not open" in r.stderr and b"Traceback" not in r.stderr
+
+
+def test_disk_written_before_save_is_there_after_restart(vms, tmp_path: Path) -> None:
+    """disk-rw writes its pattern through a write-back cache; cpr-reboot, quit (flush),
+    restart: the image holds the data."""
+    img = tmp_path / "disk.img"
+    boot = open(guest("disk-rw.img"), "rb").read()
+    img.write_bytes(boot.ljust(512, b"\0")[:512] + b"cpr disk".ljust(512, b"\0") + bytes(2048))
+    args = ["-m", "16M", "-drive", f"file={img},format=raw,cache=writeback", "-display", "none"]
+    src = vms("src", *args)
+    src.wait_serial("disk ok")
+    state = tmp_path / "vm.state"
+    src.cmd("migrate-set-parameters", mode="cpr-reboot")
+    src.cmd("migrate", uri=f"file:{state}")
+    assert src.wait_migration()["status"] == "completed"
+    src.cmd("quit")
+    src.wait_exit()
+    assert img.read_bytes()[1024:1536] == bytes(range(256)) * 2      # flushed at quit
+    dst = vms("dst", *args, "-incoming", f"file:{state}")
+    assert dst.wait_migration(("completed", "failed"))["status"] == "completed", dst.stderr()
+    assert img.read_bytes()[1024:1536] == bytes(range(256)) * 2

@@ -71,3 +71,19 @@ def test_rdma_refused(vms) -> None:
     info = src.wait_migration()
     assert info["status"] == "failed" and "RDMA" in info["error-desc"], info
     assert src.status() == "running"
+
+
+def test_rdma_destination_killed_mid_transfer(vms) -> None:
+    args = ["-m", "64M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=32",
+            "-display", "none"]
+    port = _free_port()
+    src = vms("src", *args)
+    dst = vms("dst", *args, "-incoming", f"rdma:127.0.0.1:{port}")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
+    src.cmd("migrate", uri=f"rdma:127.0.0.1:{port}")
+    src.wait_migration(("active",))
+    time.sleep(0.5)
+    dst.proc.kill()
+    info = src.wait_migration(timeout=90)
+    assert info["status"] == "failed" and info["error-desc"], info
+    assert src.status() == "running"
