@@ -42,3 +42,19 @@ def tmp_shm(tmp_path: Path):
     d = tempfile.mkdtemp(prefix="pyvm-test-", dir=base)
     yield Path(d)
     shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.fixture
+def vms(tmp_path: Path):
+    """Start real pyvm processes driven over QMP; all are killed at the end of the test."""
+    from tests.vmproc import VmProcess
+
+    started: list[VmProcess] = []
+
+    def start(name: str, *args: str, **kw) -> VmProcess:
+        vm = VmProcess(tmp_path, name, *args, **kw)
+        started.append(vm)
+        return vm
+    yield start
+    for vm in started:
+        vm.close()

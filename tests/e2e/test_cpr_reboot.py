@@ -8,20 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import guest
-from tests.vmproc import QmpFailed, VmProcess
-
-
-@pytest.fixture
-def vms(tmp_path: Path):
-    started: list[VmProcess] = []
-
-    def start(name: str, *args: str, **kw) -> VmProcess:
-        vm = VmProcess(tmp_path, name, *args, **kw)
-        started.append(vm)
-        return vm
-    yield start
-    for vm in started:
-        vm.close()
+from tests.vmproc import QmpFailed
 
 
 def _args(ram_path: Path, *extra: str) -> list[str]:

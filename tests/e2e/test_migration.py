@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import struct
 import time
 from pathlib import Path
 
@@ -15,19 +14,6 @@ from tests.vmproc import QmpFailed, VmProcess
 RAM = 32 << 20
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
             "-display", "none"]
-
-
-@pytest.fixture
-def vms(tmp_path: Path):
-    started: list[VmProcess] = []
-
-    def start(name: str, *args: str, **kw) -> VmProcess:
-        vm = VmProcess(tmp_path, name, *args, **kw)
-        started.append(vm)
-        return vm
-    yield start
-    for vm in started:
-        vm.close()
 
 
 def _check_continues(src: VmProcess, dst: VmProcess) -> None:

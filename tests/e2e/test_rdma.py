@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import socket
 import time
-from pathlib import Path
 
 import pytest
 
 from pyvm.migration.transports import fabric
 from tests.conftest import guest
-from tests.vmproc import VmProcess
 
 RAM = 32 << 20
 ARGS = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4", "-display", "none"]
@@ -30,20 +28,14 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def vms(tmp_path: Path):
-    started: list[VmProcess] = []
-
-    def start(name: str, *args: str) -> VmProcess:
-        vm = VmProcess(tmp_path, name, *args, env={"PYVM_RDMA_PROVIDER": "tcp"})
-        started.append(vm)
-        return vm
-    yield start
-    for vm in started:
-        vm.close()
+def rdma_vms(vms):
+    """VMs forced onto libfabric's tcp provider (no RDMA NIC here)."""
+    return lambda name, *args: vms(name, *args, env={"PYVM_RDMA_PROVIDER": "tcp"})
 
 
 @pytest.mark.parametrize("form,pin_all", [("uri", False), ("channels", True)])
-def test_rdma_migration(vms, form: str, pin_all: bool) -> None:
+def test_rdma_migration(rdma_vms, form: str, pin_all: bool) -> None:
+    vms = rdma_vms
     port = _free_port()
     src = vms("src", *ARGS)
     src.wait_serial("memcheck gen 1 ok")
@@ -65,7 +57,8 @@ def test_rdma_migration(vms, form: str, pin_all: bool) -> None:
     assert "FAIL" not in dst.serial()
 
 
-def test_rdma_refused(vms) -> None:
+def test_rdma_refused(rdma_vms) -> None:
+    vms = rdma_vms
     src = vms("src", *ARGS)
     src.cmd("migrate", uri=f"rdma:127.0.0.1:{_free_port()}")
     info = src.wait_migration()
@@ -73,7 +66,8 @@ def test_rdma_refused(vms) -> None:
     assert src.status() == "running"
 
 
-def test_rdma_destination_killed_mid_transfer(vms) -> None:
+def test_rdma_destination_killed_mid_transfer(rdma_vms) -> None:
+    vms = rdma_vms
     args = ["-m", "64M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=32",
             "-display", "none"]
     port = _free_port()
