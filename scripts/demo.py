@@ -45,7 +45,10 @@ def wait_for(sink: list[bytes], text: bytes, timeout: float) -> None:
 async def qmp_session(path: str) -> None:
     qmp = QMPClient("demo")
     await qmp.connect(path)
-    print(f"\n[demo] QMP greeting: pyvm speaks QEMU {qmp.greeting.QMP.version.qemu}")
+    version = qmp.greeting.QMP.version            # a dict, as QEMU sends it
+    q = version["qemu"]
+    print(f"\n[demo] QMP greeting: {version['package']} speaks QEMU "
+          f"{q['major']}.{q['minor']}.{q['micro']}'s API")
     status = await qmp.execute("query-status")
     print(f"[demo] query-status -> {status}")
     await qmp.execute("stop")
