@@ -207,19 +207,6 @@ class VCpu:
     def clear_stop(self) -> None:
         self.stopper.clear()
 
-    def after_hlt(self) -> bool:
-        """True if the instruction just before the current pc is HLT (opcode 0xf4)."""
-        if not self.cr0 & CR0_PE:
-            base = self.get("cs") << 4
-        elif self.long_mode:
-            base = 0
-        else:
-            base = self._segment_base(self.get("cs"))
-        try:
-            return self.read_linear(base + self.pc - 1, 1) == b"\xf4"
-        except ValueError:
-            return False
-
     @property
     def pc(self) -> int:
         return self.get("rip" if self.wide else "eip")
