@@ -81,3 +81,21 @@ def test_rdma_destination_killed_mid_transfer(rdma_vms) -> None:
     info = src.wait_migration(timeout=90)
     assert info["status"] == "failed" and info["error-desc"], info
     assert src.status() == "running"
+
+
+def test_rdma_idle_guest(rdma_vms) -> None:
+    """A guest that mostly sleeps (hello, 100 Hz timer): zero chunks go as COMPRESS messages."""
+    vms = rdma_vms
+    args = ["-m", "32M", "-display", "none"]            # no boot option: the hello guest
+    port = _free_port()
+    src = vms("src", *args)
+    src.wait_serial("tick 1")
+    dst = vms("dst", *args, "-incoming", f"rdma:127.0.0.1:{port}")
+    src.cmd("migrate", uri=f"rdma:127.0.0.1:{port}")
+    info = src.wait_migration()
+    assert info["status"] == "completed", info
+    assert info["ram"]["duplicate"] > info["ram"]["normal"]
+    dst.wait_migration(("completed",))
+    last = [line for line in src.serial().splitlines() if line.startswith("tick")][-1]
+    n = int(last.split()[1])
+    dst.wait_serial(f"tick {n + 1}\r\n", timeout=10)
