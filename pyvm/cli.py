@@ -211,6 +211,8 @@ def _apply(pa: ParsedArgs, name: str, opt: str, value: str) -> None:
     elif name == "device":
         _parse_device(cfg, opt, value)
     elif name == "d":
+        if value == "help":
+            pa.action = "log-help"
         cfg.log_items = value
     elif name == "D":
         cfg.log_file = value
@@ -303,7 +305,7 @@ def usage() -> str:
     for name, (takes, text) in OPTIONS.items():
         if name in ("help", "M"):
             continue
-        lines.append(f"  -{name:<11}{text}")
+        lines.append(f"  -{name:<14}{text}")
     return "\n".join(lines)
 
 
@@ -326,6 +328,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if pa.action == "version":
             print(f"pyvm version {__version__} (QEMU 8.2 API level)")
+            return 0
+        if pa.action == "log-help":
+            from pyvm.log import TOPICS
+            print("Log items (comma separated):")
+            for item, text in TOPICS.items():
+                print(f"{item:<14}{text}")
             return 0
         return run(pa)
     except ConfigError as err:
