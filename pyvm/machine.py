@@ -248,8 +248,10 @@ class Machine:
         turns the request into an exact ``uc_emu_stop`` on the vCPU's own thread.
         """
         with self._wake:
-            self._kicked = True
             cpu = self._running
+            if cpu is None and threading.get_ident() == self.loop_ident:
+                return      # the loop itself, between slices: it looks at IRQs before the next one
+            self._kicked = True
             if cpu is not None:
                 cpu.request_stop()
             self._wake.notify()
