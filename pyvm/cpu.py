@@ -270,7 +270,7 @@ class VCpu:
     def translate(self, linear: int, write: bool = False) -> int:
         """Linear -> guest-physical through the guest's page tables (identity when paging is off)."""
         if not self.cr0 & CR0_PG:
-            return linear & 0xFFFFFFFF if not self.long_mode else linear
+            return linear & 0xFFFFFFFF      # no paging, so no long mode either (SDM 9.8.5)
         phys = ctypes.c_uint64(0)
         prot = uc_mod.UC_PROT_WRITE if write else uc_mod.UC_PROT_READ
         err = self._vmem_translate(self.uc._uch, ctypes.c_uint64(linear), prot, ctypes.byref(phys))
