@@ -198,7 +198,51 @@ def fresh(error: TransportError) -> TransportError:
     return copy
 
 
-class FdOutgoing:
+class _FdChannel:
+    """What both channel directions share: the descriptor, the abort signal, and the
+    shutdown/close protocol.  Subclasses override :meth:`_on_shutdown` and :meth:`_release`."""
+
+    kind = "file"
+
+    def __init__(self, fd: int, *, description: str, kernel_wakeup: bool = False) -> None:
+        # kernel_wakeup: _on_shutdown() itself wakes a blocked call (socket shutdown), so the
+        # descriptor stays blocking and a big transfer waits in the kernel, not in poll rounds.
+        os.set_blocking(fd, kernel_wakeup)
+        self._fd = fd
+        self.description = description
+        self._abort = AbortSignal()
+        self._lock = threading.Lock()
+        self._released = False
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._abort.trigger()
+            self._on_shutdown()
+
+    def close(self) -> None:
+        with self._lock:
+            if self._released:
+                return
+            self._released = True
+        # Outside the lock: releasing may wait (a command's exit) and shutdown() must still
+        # be able to cut that wait short.
+        try:
+            self._release()
+        finally:
+            self._abort.close()
+
+    def _on_shutdown(self) -> None:
+        """Transport-specific abort (socket shutdown, killing a command).
+
+        Called under the lock, also after ``close()`` began (``self._released`` is then true).
+        """
+
+    def _release(self) -> None:
+        """Close the descriptor; raise :class:`TransportError` for a late failure."""
+        os.close(self._fd)
+
+
+class FdOutgoing(_FdChannel):
     """An :class:`OutgoingChannel` over one file descriptor.
 
     ``kind`` names the peer in error texts as QEMU's channels do: ``socket``, ``command`` or
@@ -207,17 +251,8 @@ class FdOutgoing:
     write raises the same error again (:attr:`error`).
     """
 
-    kind = "file"
-
     def __init__(self, fd: int, *, description: str, kernel_wakeup: bool = False) -> None:
-        # kernel_wakeup: _on_shutdown() itself wakes a blocked call (socket shutdown), so the
-        # descriptor stays blocking and a big writev waits in the kernel, not in poll rounds.
-        os.set_blocking(fd, kernel_wakeup)
-        self._fd = fd
-        self.description = description
-        self._abort = AbortSignal()
-        self._lock = threading.Lock()
-        self._released = False
+        super().__init__(fd, description=description, kernel_wakeup=kernel_wakeup)
         self._error: TransportError | None = None
         self._bytes_written = 0
 
@@ -285,36 +320,9 @@ class FdOutgoing:
         if self._error is not None:
             raise fresh(self._error)
 
-    def shutdown(self) -> None:
-        with self._lock:
-            self._abort.trigger()
-            self._on_shutdown()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        # Outside the lock: releasing may wait (a command's exit) and shutdown() must still
-        # be able to cut that wait short.
-        try:
-            self._release()
-        finally:
-            self._abort.close()
-
     # -- hooks ---------------------------------------------------------------------------------
     def _send(self, views: list[memoryview]) -> int:
         return os.writev(self._fd, views)
-
-    def _on_shutdown(self) -> None:
-        """Transport-specific abort (socket shutdown, killing a command).
-
-        Called under the lock, also after ``close()`` began (``self._released`` is then true).
-        """
-
-    def _release(self) -> None:
-        """Close the descriptor; raise :class:`TransportError` for a late failure."""
-        os.close(self._fd)
 
     def _fail(self, error: TransportError) -> TransportError:
         """Record the first failure; returns the recorded one."""
@@ -323,18 +331,11 @@ class FdOutgoing:
         return self._error
 
 
-class FdIncoming:
+class FdIncoming(_FdChannel):
     """An :class:`IncomingChannel` over one file descriptor (see :class:`FdOutgoing`)."""
 
-    kind = "file"
-
     def __init__(self, fd: int, *, description: str, kernel_wakeup: bool = False) -> None:
-        os.set_blocking(fd, kernel_wakeup)
-        self._fd = fd
-        self.description = description
-        self._abort = AbortSignal()
-        self._lock = threading.Lock()
-        self._released = False
+        super().__init__(fd, description=description, kernel_wakeup=kernel_wakeup)
         self._eof = False
         self._bytes_read = 0
 
@@ -417,21 +418,6 @@ class FdIncoming:
         self._bytes_read += got
         return None
 
-    def shutdown(self) -> None:
-        with self._lock:
-            self._abort.trigger()
-            self._on_shutdown()
-
-    def close(self) -> None:
-        with self._lock:
-            if self._released:
-                return
-            self._released = True
-        try:
-            self._release()
-        finally:
-            self._abort.close()
-
     # -- hooks ---------------------------------------------------------------------------------
     def _recv(self, n: int) -> bytes:
         return os.read(self._fd, n)
@@ -439,8 +425,3 @@ class FdIncoming:
     def _recv_into(self, view: memoryview) -> int:
         return os.readv(self._fd, [view])
 
-    def _on_shutdown(self) -> None:
-        """Transport-specific abort; see :meth:`FdOutgoing._on_shutdown`."""
-
-    def _release(self) -> None:
-        os.close(self._fd)

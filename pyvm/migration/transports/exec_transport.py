@@ -113,14 +113,11 @@ class _Command:
         return TransportError(f"Command '{self.display}' exited with status {code}")
 
 
-class CommandOutgoing(FdOutgoing):
-    """The source end: the stream goes to the command's standard input."""
+class _CommandChannel:
+    """What both ends of an exec channel share: the command process."""
 
     kind = "command"
-
-    def __init__(self, command: _Command) -> None:
-        self._command = command
-        super().__init__(command.fd, description=f"exec:{command.display}")
+    _command: _Command
 
     @property
     def pid(self) -> int:
@@ -134,6 +131,14 @@ class CommandOutgoing(FdOutgoing):
     def _on_shutdown(self) -> None:
         self._command.terminate()
 
+
+class CommandOutgoing(_CommandChannel, FdOutgoing):
+    """The source end: the stream goes to the command's standard input."""
+
+    def __init__(self, command: _Command) -> None:
+        self._command = command
+        super().__init__(command.fd, description=f"exec:{command.display}")
+
     def _release(self) -> None:
         os.close(self._fd)                   # EOF for the command
         if self.cancelled or self.error is not None:
@@ -145,25 +150,12 @@ class CommandOutgoing(FdOutgoing):
             raise fresh(self._fail(status))
 
 
-class CommandIncoming(FdIncoming):
+class CommandIncoming(_CommandChannel, FdIncoming):
     """The destination end: the stream comes from the command's standard output."""
-
-    kind = "command"
 
     def __init__(self, command: _Command) -> None:
         self._command = command
         super().__init__(command.fd, description=f"exec:{command.display}")
-
-    @property
-    def pid(self) -> int:
-        return self._command.proc.pid
-
-    @property
-    def exit_status(self) -> int | None:
-        return self._command.proc.returncode
-
-    def _on_shutdown(self) -> None:
-        self._command.terminate()
 
     def _release(self) -> None:
         os.close(self._fd)
