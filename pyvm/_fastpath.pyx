@@ -230,30 +230,19 @@ cdef class DirtyBitmap:
         return int(np.unpackbits(self.words.view(np.uint8)).sum())
 
 
-cdef class WriteTracker:
-    """The C write hook registered on one Unicorn engine for one RAM block."""
+cdef class _UnicornHook:
+    """A hook registered on one Unicorn engine through the C API; :meth:`detach` drops it."""
 
-    cdef pyvm_track *_track
     cdef size_t _hh
     cdef uintptr_t _uc
     cdef uintptr_t _del_fn
-    cdef readonly DirtyBitmap bitmap
     cdef readonly bint attached
 
-    def __cinit__(self, uintptr_t uc_handle, uintptr_t hook_add_fn, uintptr_t hook_del_fn,
-                  DirtyBitmap bitmap, uint64_t base, uint64_t size):
-        self._track = <pyvm_track *>malloc(sizeof(pyvm_track))
-        if self._track == NULL:
-            raise MemoryError()
-        self._track.bitmap = bitmap.data_ptr()
-        self._track.base = base
-        self._track.size = size
-        self.bitmap = bitmap            # keeps the storage alive while the hook can fire
-        self._uc = uc_handle
-        self._del_fn = hook_del_fn
-        cdef int err = pyvm_hook_add(hook_add_fn, <void *>uc_handle, &self._hh, self._track)
+    cdef _added(self, int err, uintptr_t uc_handle, uintptr_t hook_del_fn):
         if err != 0:
             raise RuntimeError(f"uc_hook_add failed with Unicorn error {err}")
+        self._uc = uc_handle
+        self._del_fn = hook_del_fn
         self.attached = True
 
     def detach(self):
@@ -264,19 +253,34 @@ cdef class WriteTracker:
             if err != 0:
                 raise RuntimeError(f"uc_hook_del failed with Unicorn error {err}")
 
+
+cdef class WriteTracker(_UnicornHook):
+    """The C write hook registered on one Unicorn engine for one RAM block."""
+
+    cdef pyvm_track *_track
+    cdef readonly DirtyBitmap bitmap
+
+    def __cinit__(self, uintptr_t uc_handle, uintptr_t hook_add_fn, uintptr_t hook_del_fn,
+                  DirtyBitmap bitmap, uint64_t base, uint64_t size):
+        self._track = <pyvm_track *>malloc(sizeof(pyvm_track))
+        if self._track == NULL:
+            raise MemoryError()
+        self._track.bitmap = bitmap.data_ptr()
+        self._track.base = base
+        self._track.size = size
+        self.bitmap = bitmap            # keeps the storage alive while the hook can fire
+        self._added(pyvm_hook_add(hook_add_fn, <void *>uc_handle, &self._hh, self._track),
+                    uc_handle, hook_del_fn)
+
     def __dealloc__(self):
         # The engine must have dropped the hook (detach) or been closed before this.
         free(self._track)
 
 
-cdef class SliceStopper:
+cdef class SliceStopper(_UnicornHook):
     """Ends an engine's run at the next translation block when asked, from any thread."""
 
     cdef pyvm_stopper *_s
-    cdef size_t _hh
-    cdef uintptr_t _uc
-    cdef uintptr_t _del_fn
-    cdef readonly bint attached
 
     def __cinit__(self, uintptr_t uc_handle, uintptr_t hook_add_fn, uintptr_t hook_del_fn,
                   uintptr_t emu_stop_fn):
@@ -288,12 +292,8 @@ cdef class SliceStopper:
         self._s.stops = 0
         self._s.deadline = 0xFFFFFFFFFFFFFFFF
         self._s.stop_fn = emu_stop_fn
-        self._uc = uc_handle
-        self._del_fn = hook_del_fn
-        cdef int err = pyvm_block_hook_add(hook_add_fn, <void *>uc_handle, &self._hh, self._s)
-        if err != 0:
-            raise RuntimeError(f"uc_hook_add failed with Unicorn error {err}")
-        self.attached = True
+        self._added(pyvm_block_hook_add(hook_add_fn, <void *>uc_handle, &self._hh, self._s),
+                    uc_handle, hook_del_fn)
 
     def request(self):
         """Stop the run at the next block boundary (any thread; no GIL needed)."""
@@ -311,14 +311,6 @@ cdef class SliceStopper:
     def stops(self):
         """How many runs this hook has ended so far."""
         return self._s.stops
-
-    def detach(self):
-        cdef int err
-        if self.attached:
-            err = pyvm_hook_del(self._del_fn, <void *>self._uc, self._hh)
-            self.attached = False
-            if err != 0:
-                raise RuntimeError(f"uc_hook_del failed with Unicorn error {err}")
 
     def __dealloc__(self):
         free(self._s)
