@@ -242,15 +242,22 @@ def test_connection_refused(vms) -> None:
     _assert_source_survives(src)
 
 
-def test_destination_killed_mid_transfer(vms) -> None:
+def _slow_live_migration(vms, bandwidth: int):
+    """A memcheck guest dirtying 16 MiB, migrating over tcp at ``bandwidth`` bytes/s: still
+    ``active`` when this returns."""
     args = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=16",
             "-display", "none"]
     src = vms("src", *args)
     dst = vms("dst", *args, "-incoming", "tcp:127.0.0.1:0")
     port = dst.cmd("query-migrate")["socket-address"][0]["port"]
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": bandwidth})
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     src.wait_migration(("active",))
+    return src, dst, port
+
+
+def test_destination_killed_mid_transfer(vms) -> None:
+    src, dst, _ = _slow_live_migration(vms, 4 << 20)
     time.sleep(0.5)
     dst.proc.kill()
     info = src.wait_migration()
@@ -277,14 +284,7 @@ def test_disk_full(vms) -> None:
 
 
 def test_cancel_resumes(vms) -> None:
-    args = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=16",
-            "-display", "none"]
-    src = vms("src", *args)
-    dst = vms("dst", *args, "-incoming", "tcp:127.0.0.1:0")
-    port = dst.cmd("query-migrate")["socket-address"][0]["port"]
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 20})
-    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-    src.wait_migration(("active",))
+    src, dst, _ = _slow_live_migration(vms, 2 << 20)
     src.cmd("migrate_cancel")
     assert src.wait_migration(("cancelled",))["status"] == "cancelled"
     _assert_source_survives(src)
@@ -366,14 +366,7 @@ def test_command_errors(vms, tmp_path: Path) -> None:
 
 
 def test_migration_in_progress_refuses_capabilities(vms) -> None:
-    args = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=16",
-            "-display", "none"]
-    src = vms("src", *args)
-    dst = vms("dst", *args, "-incoming", "tcp:127.0.0.1:0")
-    port = dst.cmd("query-migrate")["socket-address"][0]["port"]
-    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
-    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-    src.wait_migration(("active",))
+    src, dst, port = _slow_live_migration(vms, 4 << 20)
     with pytest.raises(QmpFailed, match="There's a migration process in progress"):
         src.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
     with pytest.raises(QmpFailed, match="There's a migration process in progress"):
