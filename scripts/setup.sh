@@ -32,3 +32,5 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
     touch "$stamp"
 fi
 .venv/bin/python -c "import pyvm.fastpath as f; print('setup: pyvm ready, fast path:', f.IMPLEMENTATION)"
+# QEMU's scripts/analyze-migration.py for the stream-compatibility tests (warns and goes on offline)
+.venv/bin/python scripts/fetch_qemu_analyzer.py

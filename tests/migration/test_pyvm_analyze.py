@@ -1,4 +1,5 @@
-"""pyvm-analyze (layer 7) on pyvm streams and on a hand-made QEMU-style stream."""
+"""pyvm-analyze (layer 7) on pyvm streams and on a hand-made QEMU-style stream; QEMU's own
+scripts/analyze-migration.py on pyvm streams, including a real saved guest."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -15,6 +17,7 @@ from migration_fakes import PAGE, encode_stream, make_ram, sample_device
 from pyvm import analyze
 from pyvm.migration import RamBlock, vmdesc_json
 from pyvm.migration.stream_writer import StreamWriter
+from tests.conftest import guest
 
 
 def _write_stream(path: Path, caps: tuple[str, ...] = ()) -> dict[str, bytearray]:
@@ -152,27 +155,102 @@ def test_reads_qemu_style_descriptions(tmp_path: Path, capsys: pytest.CaptureFix
 
 
 # -- QEMU's own scripts/analyze-migration.py, when it is available -----------------------------------
+#
+# scripts/setup.sh fetches it from Debian's qemu source package into .cache/qemu (see
+# scripts/fetch_qemu_analyzer.py); PYVM_QEMU_ANALYZE_MIGRATION or PATH may name another copy.
+
+ROOT = Path(__file__).resolve().parents[2]
+CACHED_ANALYZER = ROOT / ".cache" / "qemu" / "analyze-migration.py"
+
 
 def _qemu_analyzer() -> str | None:
-    path = os.environ.get("PYVM_QEMU_ANALYZE_MIGRATION") or shutil.which("analyze-migration.py")
-    return path if path and os.path.exists(path) else None
+    for path in (os.environ.get("PYVM_QEMU_ANALYZE_MIGRATION"), shutil.which("analyze-migration.py"),
+                 str(CACHED_ANALYZER)):
+        if path and os.path.isfile(path):
+            return os.path.abspath(path)
+    return None
 
 
-@pytest.mark.skipif(_qemu_analyzer() is None,
-                    reason="QEMU's analyze-migration.py not found (set PYVM_QEMU_ANALYZE_MIGRATION)")
+needs_qemu_analyzer = pytest.mark.skipif(
+    _qemu_analyzer() is None,
+    reason="QEMU's analyze-migration.py not found: run scripts/fetch_qemu_analyzer.py "
+           "(needs deb.debian.org) or set PYVM_QEMU_ANALYZE_MIGRATION")
+
+
+def _skip_unless_analyzer_reads(caps: tuple[str, ...]) -> None:
+    """Older analyzers (QEMU 7.2's, bookworm) stop at the configuration section's capability
+    subsection, on QEMU's own x-ignore-shared streams as well; they cannot judge those."""
+    script = _qemu_analyzer()
+    assert script is not None
+    text = Path(script).read_text(errors="replace")
+    for cap in caps:
+        if f"'{cap}'" not in text and f'"{cap}"' not in text:
+            pytest.skip(f"this analyze-migration.py ({script}) predates {cap} support")
+
+
+def _qemu_analyze(stream: Path, *args: str, cwd: Path | None = None) -> str:
+    script = _qemu_analyzer()
+    assert script is not None
+    r = subprocess.run([sys.executable, script, "-f", str(stream), *args], cwd=cwd,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, f"analyze-migration.py {' '.join(args)} failed on {stream}:\n{r.stderr[-2000:]}"
+    return r.stdout
+
+
+def _same_dumps(capsys: pytest.CaptureFixture[str], stream: Path) -> dict[str, Any]:
+    """QEMU's -d desc and -d state equal pyvm-analyze's (as JSON); returns the description."""
+    dumps: dict[str, Any] = {}
+    for what in ("desc", "state"):
+        theirs = json.loads(_qemu_analyze(stream, "-d", what))
+        rc, ours, err = _run(capsys, "-f", str(stream), "-d", what)
+        assert rc == 0, err
+        assert json.loads(ours) == theirs, f"-d {what} differs"
+        dumps[what] = theirs
+    return dumps["desc"]
+
+
+@needs_qemu_analyzer
 @pytest.mark.parametrize("caps", [(), ("x-ignore-shared",)])
 def test_qemu_analyze_migration_reads_pyvm_streams(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                                    caps: tuple[str, ...]) -> None:
-    script = _qemu_analyzer()
-    assert script is not None
+    _skip_unless_analyzer_reads(caps)
     rams = _write_stream(tmp_path / "s", caps)
-    for args in (["-d", "desc"], ["-d", "state"]):
-        theirs = subprocess.run([sys.executable, script, "-f", str(tmp_path / "s"), *args],
-                                capture_output=True, text=True, check=True).stdout
-        rc, ours, _ = _run(capsys, "-f", str(tmp_path / "s"), *args)
-        assert rc == 0 and json.loads(ours) == json.loads(theirs)
+    _same_dumps(capsys, tmp_path / "s")
     (tmp_path / "x").mkdir()
-    subprocess.run([sys.executable, script, "-f", str(tmp_path / "s"), "-x"], cwd=tmp_path / "x",
-                   capture_output=True, check=True)
+    _qemu_analyze(tmp_path / "s", "-x", cwd=tmp_path / "x")
     assert (tmp_path / "x" / "pc.ram").read_bytes() == rams["pc.ram"]
     assert (tmp_path / "x" / "rom@etc" / "acpi" / "tables").read_bytes() == rams["/rom@etc/acpi/tables"]
+
+
+E2E_RAM = 16 << 20
+
+
+@needs_qemu_analyzer
+@pytest.mark.parametrize("caps", [(), ("x-ignore-shared",)])
+def test_qemu_analyze_migration_reads_a_real_pyvm_save(vms, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                       caps: tuple[str, ...]) -> None:
+    """A running guest saved with ``migrate uri=file:``: QEMU's analyzer reads it like pyvm-analyze,
+    and the RAM it extracts is the guest's RAM at switchover."""
+    _skip_unless_analyzer_reads(caps)
+    src = vms("src", "-m", "16M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
+              "-display", "none")
+    src.wait_serial("memcheck gen 1 ok")                  # the guest has dirtied its RAM
+    if caps:
+        src.cmd("migrate-set-capabilities", capabilities=[{"capability": c, "state": True} for c in caps])
+    stream = tmp_path / "vm.state"
+    src.cmd("migrate", uri=f"file:{stream}")
+    done = src.wait_migration()
+    assert done["status"] == "completed", done
+    assert src.status() == "postmigrate"
+    ram = src.pmem(E2E_RAM)                              # stopped since switchover: the saved RAM
+    assert ram.count(0) < len(ram)
+
+    desc = _same_dumps(capsys, stream)
+    cap_subsections = [s["vmsd_name"] for s in desc["configuration"].get("subsections", [])]
+    # with x-ignore-shared the analyzer must learn it from the stream to read each block's GPA
+    assert ("configuration/capabilities" in cap_subsections) == bool(caps)
+
+    (tmp_path / "x").mkdir()
+    _qemu_analyze(stream, "-x", cwd=tmp_path / "x")
+    assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["desc.json", "pc.ram", "state.json"]
+    assert (tmp_path / "x" / "pc.ram").read_bytes() == ram
