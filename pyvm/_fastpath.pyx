@@ -156,6 +156,11 @@ cdef extern from *:
         memcpy(&v, p, 8);
         return __builtin_bswap64(v);
     }
+
+    static inline void pyvm_store_be64(uint8_t *p, uint64_t v) {
+        v = __builtin_bswap64(v);
+        memcpy(p, &v, 8);
+    }
     """
     ctypedef struct pyvm_track:
         uint64_t *bitmap
@@ -168,6 +173,7 @@ cdef extern from *:
     int pyvm_page_is_zero(const uint8_t *p) nogil
     int pyvm_page_is_zero_early(const uint8_t *p) nogil
     uint64_t pyvm_load_be64(const uint8_t *p) nogil
+    void pyvm_store_be64(uint8_t *p, uint64_t v) nogil
     ctypedef struct pyvm_stopper:
         int flag
         unsigned int blocks
@@ -351,28 +357,6 @@ def find_zero_pages_at(const uint8_t[::1] buf, const int64_t[::1] indices, uint8
     return zeros
 
 
-def copy_pages(const uint8_t[::1] src, const int64_t[::1] indices, uint8_t[::1] dest,
-               const int64_t[::1] offsets):
-    """Copy page indices[i] of ``src`` to dest[offsets[i]:offsets[i] + 4096], for every i."""
-    cdef Py_ssize_t i, n = indices.shape[0]
-    cdef int64_t npages = src.shape[0] // PAGE_BYTES
-    cdef int64_t room = dest.shape[0] - PAGE_BYTES
-    if offsets.shape[0] != n:
-        raise ValueError("indices and offsets differ in length")
-    for i in range(n):
-        if indices[i] < 0 or indices[i] >= npages:
-            raise ValueError("page index beyond the buffer")
-        if offsets[i] < 0 or offsets[i] > room:
-            raise ValueError("destination offset beyond the buffer")
-    if n == 0:
-        return
-    cdef const uint8_t *s = &src[0]
-    cdef uint8_t *d = &dest[0]
-    with nogil:
-        for i in range(n):
-            memcpy(d + offsets[i], s + indices[i] * PAGE_BYTES, PAGE_BYTES)
-
-
 # RAM record flags of the migration stream (QEMU migration/ram.c RAM_SAVE_FLAG_*).
 cdef enum:
     RAM_ZERO = 0x02
@@ -380,21 +364,94 @@ cdef enum:
     RAM_CONTINUE = 0x20
 
 
-def load_page_run(const uint8_t[::1] src, Py_ssize_t pos, uint8_t[::1] dest, Py_ssize_t limit):
+def pack_page_records(const uint8_t[::1] src, Py_ssize_t npages, const int64_t[::1] indices,
+                      Py_ssize_t start, const uint8_t[::1] known_zero, bint scan,
+                      const uint8_t[::1] name, uint8_t[::1] out):
+    """Pack ZERO/PAGE records for ``indices[start:]`` into ``out``, as many as fit whole.
+
+    A page is sent as ZERO when ``known_zero[i]`` is set (the array may be shorter than
+    ``indices``, even empty) or, with ``scan``, when it reads as all zero; otherwise as
+    PAGE with its bytes copied from ``src`` (the block, ``npages`` pages long).  The first
+    record names the block when ``name`` is not empty; every other record is CONTINUE.
+    Returns ``(next_start, bytes_written, zero_pages)``.
+    """
+    cdef Py_ssize_t n = indices.shape[0], nknown = known_zero.shape[0]
+    cdef Py_ssize_t i = start, pos = 0, cap = out.shape[0], zeros = 0
+    cdef Py_ssize_t namelen = name.shape[0], header, payload
+    cdef Py_ssize_t src_pages = src.shape[0] // PAGE_BYTES
+    cdef int64_t index
+    cdef int bad = 0, is_zero
+    cdef uint64_t flags
+    if start < 0 or namelen > 255:
+        raise ValueError("bad start or block name")
+    if start >= n or cap == 0:
+        return start, 0, 0
+    cdef const uint8_t *s = &src[0] if src.shape[0] else NULL
+    cdef const uint8_t *nm = &name[0] if namelen else NULL
+    cdef uint8_t *o = &out[0]
+    with nogil:
+        while i < n:
+            index = indices[i]
+            if index < 0 or index >= npages:
+                bad = 1
+                break
+            is_zero = i < nknown and known_zero[i] != 0
+            if not is_zero and index >= src_pages:
+                bad = 2
+                break
+            if not is_zero and scan:
+                is_zero = pyvm_page_is_zero_early(s + index * PAGE_BYTES)
+            header = 9 + namelen if namelen and i == start else 8
+            payload = 1 if is_zero else PAGE_BYTES
+            if pos + header + payload > cap:
+                break
+            flags = RAM_ZERO if is_zero else RAM_PAGE
+            if header == 8:
+                flags |= RAM_CONTINUE
+            pyvm_store_be64(o + pos, (<uint64_t>index << PAGE_SHIFT) | flags)
+            if header != 8:
+                o[pos + 8] = <uint8_t>namelen
+                memcpy(o + pos + 9, nm, namelen)
+            pos += header
+            if is_zero:
+                o[pos] = 0
+                zeros += 1
+            else:
+                memcpy(o + pos, s + index * PAGE_BYTES, PAGE_BYTES)
+            pos += payload
+            i += 1
+    if bad == 1:
+        raise ValueError(f"page index {indices[i]} beyond the block")
+    if bad == 2:
+        raise ValueError(f"page {indices[i]} beyond the source buffer")
+    return i, pos, zeros
+
+
+def load_page_run(const uint8_t[::1] src, Py_ssize_t pos, uint8_t[::1] dest, Py_ssize_t limit,
+                  uint8_t[::1] written=None):
     """Apply the run of ``CONTINUE`` PAGE/ZERO records at ``src[pos:]`` to ``dest``.
 
     A record is applied only when it is complete in ``src``, its offset is below
     ``limit`` and its page lies inside ``dest``; a ZERO record clears the page unless it
-    is already zero, and only with fill byte 0.  The run stops before the first record
-    that is incomplete or anything else (named block, other flags, bad offset, non-zero
-    fill), leaving it to the caller.  Returns ``(pos, normal_pages, zero_pages)``.
+    is already zero, and only with fill byte 0.  ``written``, when given, holds one byte
+    per page of ``dest``: 0 means the page is known to be zero, so a ZERO record need not
+    even read it (reading untouched memory costs a page fault); PAGE records set it, ZERO
+    records clear it.  The run stops before the first record that is incomplete or
+    anything else (named block, other flags, bad offset, non-zero fill), leaving it to the
+    caller.  Returns ``(pos, normal_pages, zero_pages)``.
     """
     cdef Py_ssize_t end = src.shape[0]
     cdef Py_ssize_t normal = 0, zeros = 0
+    cdef uint8_t *w = NULL
     if pos < 0 or pos > end:
         raise ValueError("position beyond the buffer")
     if limit > dest.shape[0] - PAGE_BYTES + 1:
         limit = dest.shape[0] - PAGE_BYTES + 1
+    if written is not None:
+        if written.shape[0] < dest.shape[0] // PAGE_BYTES:
+            raise ValueError("written map shorter than the destination")
+        if written.shape[0]:
+            w = &written[0]
     if limit <= 0:
         return pos, 0, 0
     cdef const uint8_t *s = &src[0] if end else NULL
@@ -411,14 +468,19 @@ def load_page_run(const uint8_t[::1] src, Py_ssize_t pos, uint8_t[::1] dest, Py_
                 if end - pos < 8 + PAGE_BYTES:
                     break
                 memcpy(d + addr, s + pos + 8, PAGE_BYTES)
+                if w != NULL:
+                    w[addr >> PAGE_SHIFT] = 1
                 pos += 8 + PAGE_BYTES
                 normal += 1
             elif flags == RAM_ZERO | RAM_CONTINUE:
                 if end - pos < 9 or s[pos + 8] != 0:
                     break
                 # only write when needed, so untouched RAM stays unallocated
-                if not pyvm_page_is_zero(d + addr):
-                    memset(d + addr, 0, PAGE_BYTES)
+                if w == NULL or w[addr >> PAGE_SHIFT]:
+                    if not pyvm_page_is_zero(d + addr):
+                        memset(d + addr, 0, PAGE_BYTES)
+                    if w != NULL:
+                        w[addr >> PAGE_SHIFT] = 0
                 pos += 9
                 zeros += 1
             else:

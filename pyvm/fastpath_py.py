@@ -115,21 +115,6 @@ def find_zero_pages_at(buf: Any, indices: Any, out: Any) -> int:
     return int(zero.sum())
 
 
-def copy_pages(src: Any, indices: Any, dest: Any, offsets: Any) -> None:
-    mem = np.frombuffer(src, dtype=np.uint8)
-    out = dest if isinstance(dest, np.ndarray) else np.frombuffer(dest, dtype=np.uint8)
-    idx = np.asarray(indices, dtype=np.int64)
-    offs = np.asarray(offsets, dtype=np.int64)
-    if offs.size != idx.size:
-        raise ValueError("indices and offsets differ in length")
-    if idx.size and (idx.min() < 0 or idx.max() >= mem.size // PAGE_SIZE):
-        raise ValueError("page index beyond the buffer")
-    if offs.size and (offs.min() < 0 or offs.max() > out.size - PAGE_SIZE):
-        raise ValueError("destination offset beyond the buffer")
-    for index, offset in zip(idx.tolist(), offs.tolist()):
-        out[offset:offset + PAGE_SIZE] = mem[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
-
-
 # RAM record flags of the migration stream (QEMU migration/ram.c RAM_SAVE_FLAG_*).
 _RAM_ZERO = 0x02
 _RAM_PAGE = 0x08
@@ -138,18 +123,68 @@ _BE64 = struct.Struct(">Q")
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-def load_page_run(src: Any, pos: int, dest: Any, limit: int) -> tuple[int, int, int]:
+def pack_page_records(src: Any, npages: int, indices: Any, start: int, known_zero: Any, scan: bool,
+                      name: Any, out: Any) -> tuple[int, int, int]:
+    """See :func:`pyvm._fastpath.pack_page_records`: one record at a time in Python."""
+    mem = np.frombuffer(src, dtype=np.uint8)
+    idx = np.asarray(indices, dtype=np.int64)
+    known = np.frombuffer(known_zero, dtype=np.uint8) if len(known_zero) else np.zeros(0, np.uint8)
+    nm = bytes(name)
+    o = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
+    if start < 0 or len(nm) > 255:
+        raise ValueError("bad start or block name")
+    i, pos, zeros, cap = start, 0, 0, o.size
+    src_pages = mem.size // PAGE_SIZE
+    while i < idx.size:
+        index = int(idx[i])
+        if index < 0 or index >= npages:
+            raise ValueError(f"page index {index} beyond the block")
+        is_zero = i < known.size and bool(known[i])
+        if not is_zero and index >= src_pages:
+            raise ValueError(f"page {index} beyond the source buffer")
+        page = mem[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
+        if not is_zero and scan:
+            is_zero = not page.any()
+        header = 9 + len(nm) if nm and i == start else 8
+        payload = 1 if is_zero else PAGE_SIZE
+        if pos + header + payload > cap:
+            break
+        flags = _RAM_ZERO if is_zero else _RAM_PAGE
+        if header == 8:
+            flags |= _RAM_CONTINUE
+        o[pos:pos + 8] = np.frombuffer(_BE64.pack(index << 12 | flags), dtype=np.uint8)
+        if header != 8:
+            o[pos + 8] = len(nm)
+            o[pos + 9:pos + header] = np.frombuffer(nm, dtype=np.uint8)
+        pos += header
+        if is_zero:
+            o[pos] = 0
+            zeros += 1
+        else:
+            o[pos:pos + PAGE_SIZE] = page
+        pos += payload
+        i += 1
+    return i, pos, zeros
+
+
+def load_page_run(src: Any, pos: int, dest: Any, limit: int, written: Any = None) -> tuple[int, int, int]:
     """See :func:`pyvm._fastpath.load_page_run`: one record at a time in Python."""
     s = memoryview(src).cast("B")
     d = memoryview(dest).cast("B")
+    w = None if written is None else memoryview(written).cast("B")
     try:
-        return _load_page_run(s, pos, d, limit)
+        if w is not None and w.nbytes < d.nbytes // PAGE_SIZE:
+            raise ValueError("written map shorter than the destination")
+        return _load_page_run(s, pos, d, limit, w)
     finally:                  # no export of the caller's buffers may outlive the call
         s.release()
         d.release()
+        if w is not None:
+            w.release()
 
 
-def _load_page_run(s: memoryview, pos: int, d: memoryview, limit: int) -> tuple[int, int, int]:
+def _load_page_run(s: memoryview, pos: int, d: memoryview, limit: int,
+                   w: memoryview | None) -> tuple[int, int, int]:
     end = s.nbytes
     if pos < 0 or pos > end:
         raise ValueError("position beyond the buffer")
@@ -167,13 +202,18 @@ def _load_page_run(s: memoryview, pos: int, d: memoryview, limit: int) -> tuple[
             if end - pos < 8 + PAGE_SIZE:
                 break
             d[addr:addr + PAGE_SIZE] = s[pos + 8:pos + 8 + PAGE_SIZE]
+            if w is not None:
+                w[addr >> 12] = 1
             pos += 8 + PAGE_SIZE
             normal += 1
         elif flags == _RAM_ZERO | _RAM_CONTINUE:
             if end - pos < 9 or s[pos + 8] != 0:
                 break
-            if d[addr:addr + PAGE_SIZE] != _ZERO_PAGE:
-                d[addr:addr + PAGE_SIZE] = _ZERO_PAGE
+            if w is None or w[addr >> 12]:
+                if d[addr:addr + PAGE_SIZE] != _ZERO_PAGE:
+                    d[addr:addr + PAGE_SIZE] = _ZERO_PAGE
+                if w is not None:
+                    w[addr >> 12] = 0
             pos += 9
             zeros += 1
         else:

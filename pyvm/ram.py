@@ -29,6 +29,7 @@ import numpy as np
 
 from pyvm.errors import ConfigError
 from pyvm.fastpath import PAGE_SIZE, DirtyBitmap
+from pyvm.pagemap import unpopulated_pages
 
 BACKEND_TYPES = ("memory-backend-ram", "memory-backend-memfd", "memory-backend-file")
 
@@ -105,6 +106,11 @@ class MemoryBackend:
         return self.cfg.share
 
     @property
+    def private_anonymous(self) -> bool:
+        """True for MAP_PRIVATE anonymous memory, where a never-populated page is zero."""
+        return self.cfg.qom_type == "memory-backend-ram" and not self.cfg.share
+
+    @property
     def named_file(self) -> bool:
         """True when another process can map the same memory by path (x-ignore-shared)."""
         return self.cfg.qom_type == "memory-backend-file" and self.cfg.share
@@ -147,6 +153,18 @@ class RamBlock:
 
     def contains(self, gpa: int, size: int = 1) -> bool:
         return self.gpa <= gpa and gpa + size <= self.end
+
+    def unpopulated(self, first: int = 0, count: int | None = None) -> np.ndarray | None:
+        """``mask[i]`` True when page ``first + i`` was never populated, so reads as zero
+        (:mod:`pyvm.pagemap`); None when that cannot be known (shared or file-backed
+        memory, or no pagemap).  Pages [first, first + count), to the end by default."""
+        if count is None:
+            count = self.npages - first
+        if first < 0 or count < 0 or first + count > self.npages:
+            raise ValueError(f"pages [{first}, +{count}) outside RAM block '{self.name}'")
+        if not self.backend.private_anonymous:
+            return None
+        return unpopulated_pages(self.host_address + first * PAGE_SIZE, count)
 
     def read(self, offset: int, size: int) -> bytes:
         self._check(offset, size)

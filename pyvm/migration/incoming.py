@@ -16,6 +16,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any, Callable, Collection
 
+import numpy as np
+
 from pyvm.errors import PyvmError
 from pyvm.migration import ram_format
 from pyvm.migration.decoder import StreamDecoder
@@ -50,8 +52,13 @@ class MachineLoadTarget:
         if block is None:
             return None
         ignored = self.manager.block_ignored(block)
+        # Pages this process never populated are zero: ZERO records for them need not read
+        # them.  Taken now, when the RAM section starts; from here on only the loader
+        # writes guest RAM (the vCPUs do not run while the VM is in 'inmigrate').
+        unpopulated = None if ignored else block.unpopulated()
+        written = None if unpopulated is None else (~unpopulated).view(np.uint8)
         return ram_format.RamBlock(block.name, block.size, block.gpa,
-                                   None if ignored else block.mem, ignored)
+                                   None if ignored else block.mem, ignored, written=written)
 
     def device(self, idstr: str, instance_id: int) -> Any:
         return self._objects.get((idstr, instance_id))

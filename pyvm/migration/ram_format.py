@@ -28,7 +28,7 @@ from typing import Any, Callable, Generator, Iterable, Optional
 
 import numpy as np
 
-from pyvm.fastpath import copy_pages, load_page_run
+from pyvm.fastpath import load_page_run, pack_page_records
 from pyvm.migration.errors import (EncodeError, StreamFormatError, StreamMismatchError,
                                    UnsupportedFeatureError)
 from pyvm.migration.stream_constants import (MAX_COUNTED_STRING, MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
@@ -43,6 +43,7 @@ from pyvm.migration.stream_writer import StreamWriter
 _BE64 = struct.Struct(">Q")
 _FLAG_BITS = TARGET_PAGE_SIZE - 1
 _ZERO_PAGE = bytes(TARGET_PAGE_SIZE)
+_NO_PAGES = np.zeros(0, dtype=np.uint8)
 
 #: Called for each page record a loader applies: ``(offset_in_block, is_zero)``.
 PageObserver = Callable[[int, bool], None]
@@ -58,6 +59,9 @@ class RamBlock:
     pages are not migrated); ``ignored`` marks a block x-ignore-shared leaves out (shared,
     file-backed): it is listed in the setup but no pages are sent for it.
     ``on_page`` lets an analyzer see every page record applied to the block.
+    ``written`` (destination only, optional) is a uint8 array with one entry per page, 0
+    where the page is known to be zero: a ZERO record for such a page is applied without
+    reading it.  The loader keeps it current as it writes pages.
     """
 
     name: str
@@ -66,6 +70,7 @@ class RamBlock:
     buffer: Any = None
     ignored: bool = False
     on_page: Optional[PageObserver] = None
+    written: Any = None
 
 
 # -- writing ---------------------------------------------------------------------------------
@@ -142,9 +147,9 @@ class RamPageWriter:
         """Forget the last block: the next record names its block (start of a section)."""
         self.last_block = None
 
-    def _records(self, block: RamBlock, page_indices: Iterable[int], zero_mask: Iterable[bool],
-                 page_payload: bool) -> _Records | None:
-        """Checks the request and lays out its records; None when there are none."""
+    def _checked(self, block: RamBlock, page_indices: Iterable[int],
+                 zero_mask: Iterable[bool]) -> tuple[np.ndarray, np.ndarray]:
+        """The request as (indices, zero mask) arrays, checked against the block."""
         if block.ignored:
             raise EncodeError(f"RAM block {block.name!r} is not migrated (x-ignore-shared)")
         try:
@@ -155,23 +160,33 @@ class RamPageWriter:
         zero = np.asarray(zero_mask if hasattr(zero_mask, "__len__") else list(zero_mask),
                           dtype=bool).reshape(-1)
         count = min(indices.size, zero.size)        # as zip() pairs them
-        if count == 0:
-            return None
         indices, zero = indices[:count], zero[:count]
         npages = block.length >> TARGET_PAGE_BITS
         outside = (indices < 0) | (indices >= npages)
         if outside.any():
             index = int(indices[int(np.argmax(outside))])
             raise EncodeError(f"page {index} outside RAM block {block.name!r} ({npages} pages)")
-        if block.buffer is None and not zero.all():
+        if count and block.buffer is None and not zero.all():
             raise EncodeError(f"RAM block {block.name!r} has no buffer to send pages from")
-        name = b""
-        if self.last_block != block.name:
-            name = block.name.encode()
-            if len(name) > MAX_COUNTED_STRING:
-                raise EncodeError(f"name too long for the stream ({len(name)} > 255 bytes): "
-                                  f"{name[:40]!r}...")
-        records = _Records(indices, zero, name, page_payload)
+        return indices, zero
+
+    def _name_to_send(self, block: RamBlock) -> bytes:
+        """The block name the next record carries: empty when CONTINUE will do."""
+        if self.last_block == block.name:
+            return b""
+        name = block.name.encode()
+        if len(name) > MAX_COUNTED_STRING:
+            raise EncodeError(f"name too long for the stream ({len(name)} > 255 bytes): "
+                              f"{name[:40]!r}...")
+        return name
+
+    def _records(self, block: RamBlock, page_indices: Iterable[int], zero_mask: Iterable[bool],
+                 page_payload: bool) -> _Records | None:
+        """Checks the request and lays out its records; None when there are none."""
+        indices, zero = self._checked(block, page_indices, zero_mask)
+        if indices.size == 0:
+            return None
+        records = _Records(indices, zero, self._name_to_send(block), page_payload)
         self.last_block = block.name
         return records
 
@@ -212,16 +227,39 @@ class RamPageWriter:
         ``out`` is a writable uint8 array of at least :func:`packed_size` bytes.  Returns
         (bytes written, zero pages, normal pages); the records are ``out[:bytes]``.
         """
-        records = self._records(block, page_indices, zero_mask, page_payload=True)
-        if records is None:
+        indices, zero = self._checked(block, page_indices, zero_mask)
+        if indices.size == 0:
             return 0, 0, 0
-        if records.total > out.size:
-            raise EncodeError(f"{records.total} bytes of page records do not fit in {out.size}")
-        records.write_small(out)
-        if records.normals:
-            copy_pages(np.frombuffer(block.buffer, dtype=np.uint8), records.indices[records.normal],
-                       out, records.body[records.normal])
-        return records.total, records.indices.size - records.normals, records.normals
+        end, nbytes, zeros = self._pack(out, block, indices, 0, zero.view(np.uint8), scan=False)
+        if end < indices.size:
+            raise EncodeError(f"{indices.size} page records do not fit in {out.size} bytes")
+        return nbytes, zeros, indices.size - zeros
+
+    def pack_run(self, out: np.ndarray, block: RamBlock, indices: np.ndarray, start: int,
+                 known_zero: np.ndarray | None = None) -> tuple[int, int, int]:
+        """Records for ``indices[start:]``, as many as fit in ``out``, pages copied.
+
+        A page goes as ZERO when ``known_zero[i]`` says so (pages never populated, for
+        instance) or when it reads as all zero (scanned natively while packing); else as
+        PAGE.  Returns (next start, bytes written, zero pages).
+        """
+        if block.ignored:
+            raise EncodeError(f"RAM block {block.name!r} is not migrated (x-ignore-shared)")
+        known = _NO_PAGES if known_zero is None else known_zero.view(np.uint8)
+        return self._pack(out, block, np.ascontiguousarray(indices, dtype=np.int64), start, known,
+                          scan=True)
+
+    def _pack(self, out: np.ndarray, block: RamBlock, indices: np.ndarray, start: int,
+              known: np.ndarray, scan: bool) -> tuple[int, int, int]:
+        src = _NO_PAGES if block.buffer is None else np.frombuffer(block.buffer, dtype=np.uint8)
+        try:
+            end, nbytes, zeros = pack_page_records(src, block.length >> TARGET_PAGE_BITS, indices,
+                                                   start, known, scan, self._name_to_send(block), out)
+        except ValueError as err:
+            raise EncodeError(f"RAM block {block.name!r}: {err}") from None
+        if end > start:
+            self.last_block = block.name
+        return end, nbytes, zeros
 
 
 # -- loading ---------------------------------------------------------------------------------
@@ -239,12 +277,13 @@ def _signed64(value: int) -> int:
 class _LoadedBlock:
     """A destination block checked against the stream, with a writable byte view."""
 
-    __slots__ = ("block", "view", "limit")
+    __slots__ = ("block", "view", "limit", "written")
 
     def __init__(self, block: RamBlock) -> None:
         self.block = block
         self.view: memoryview | None = None
         self.limit = 0        # first offset a page may not start at
+        self.written: np.ndarray | None = None
         if block.buffer is not None and not block.ignored:
             view = memoryview(block.buffer).cast("B")
             if view.readonly:
@@ -252,6 +291,9 @@ class _LoadedBlock:
                                           detail=f"RAM block {block.name!r} buffer is read-only")
             self.view = view
             self.limit = min(block.length, view.nbytes) - TARGET_PAGE_SIZE + 1
+            written = block.written
+            if written is not None and len(written) >= view.nbytes >> TARGET_PAGE_BITS:
+                self.written = np.frombuffer(written, dtype=np.uint8)
 
 
 class RamLoader:
@@ -355,7 +397,8 @@ class RamLoader:
                 if loaded is not None and loaded.view is not None and loaded.block.on_page is None:
                     # The common case in native code: CONTINUE PAGE/ZERO records of the
                     # current block; it stops before anything else, which is parsed below.
-                    pos, normals, zeros = load_page_run(buf, pos, loaded.view, loaded.limit)
+                    pos, normals, zeros = load_page_run(buf, pos, loaded.view, loaded.limit,
+                                                        loaded.written)
                     self.normal_pages += normals
                     self.zero_pages += zeros
                 if end - pos < 8:
@@ -391,17 +434,25 @@ class RamLoader:
                     if view is None or addr >= loaded.limit:
                         raise StreamFormatError(f"Illegal RAM offset {addr:x}")
                     data = pos + header
+                    written = loaded.written
                     if kind == RAM_SAVE_FLAG_PAGE:
                         view[addr:addr + page] = mv[data:data + page]
+                        if written is not None:
+                            written[addr >> TARGET_PAGE_BITS] = 1
                         self.normal_pages += 1
                     elif kind == RAM_SAVE_FLAG_ZERO:
                         fill = buf[data]
                         if fill:
                             view[addr:addr + page] = bytes((fill,)) * page
-                        elif view[addr:addr + page].tobytes() != _ZERO_PAGE:
+                            if written is not None:
+                                written[addr >> TARGET_PAGE_BITS] = 1
+                        elif written is None or written[addr >> TARGET_PAGE_BITS]:
                             # only write when needed, so untouched RAM stays unallocated
                             # (ram.c ram_handle_zero)
-                            view[addr:addr + page] = _ZERO_PAGE
+                            if view[addr:addr + page].tobytes() != _ZERO_PAGE:
+                                view[addr:addr + page] = _ZERO_PAGE
+                            if written is not None:
+                                written[addr >> TARGET_PAGE_BITS] = 0
                         self.zero_pages += 1
                     elif kind == RAM_SAVE_FLAG_XBZRLE:
                         raise UnsupportedFeatureError(f"Failed to decompress XBZRLE page at {addr:x}",
