@@ -26,7 +26,7 @@ OPTIONS: dict[str, tuple[bool, str]] = {
     "smp": (True, "[cpus=]N number of vCPUs (round robin on one host thread)"),
     "machine": (True, "[type=]pc[,memory-backend=ID]"),
     "M": (True, "same as -machine"),
-    "object": (True, "memory-backend-{ram,memfd,file},id=ID,size=SIZE[,share=on][,mem-path=PATH]"),
+    "object": (True, "memory-backend-{ram,memfd,file},id=ID,size=SIZE[,share=on][,prealloc=on][,mem-path=PATH]"),
     "drive": (True, "file=IMG[,format=raw][,if=ide][,cache=writethrough|writeback][,readonly=on]"),
     "hda": (True, "IMG: same as -drive file=IMG,format=raw"),
     "kernel": (True, "ELF file to boot directly (32- or 64-bit)"),

@@ -19,6 +19,7 @@ native write hook (:mod:`pyvm.fastpath`).
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import stat
@@ -32,6 +33,7 @@ from pyvm.fastpath import PAGE_SIZE, DirtyBitmap
 from pyvm.pagemap import unpopulated_pages
 
 BACKEND_TYPES = ("memory-backend-ram", "memory-backend-memfd", "memory-backend-file")
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)     # linux/mman.h, Linux 5.14
 
 
 @dataclass
@@ -67,6 +69,8 @@ class MemoryBackend:
             self.mm = self._map_file(cfg, flags)
         else:
             raise ConfigError(f"invalid object type: {cfg.qom_type}")
+        if cfg.prealloc:
+            self._preallocate()
         self.view = np.frombuffer(self.mm, dtype=np.uint8)
         # The host address Unicorn maps; the export also keeps the mmap from being closed.
         self._anchor = ctypes.c_char.from_buffer(self.mm)
@@ -100,6 +104,20 @@ class MemoryBackend:
             return mmap.mmap(fd, cfg.size, flags=flags)
         except OSError as err:
             raise ConfigError(f"unable to map backing store for guest RAM: {err.strerror}") from err
+
+    def _preallocate(self) -> None:
+        """``prealloc=on``: populate every page now, for writing, as QEMU does, so the
+        guest (or an incoming migration) never waits for a page fault on this memory."""
+        try:
+            self.mm.madvise(MADV_POPULATE_WRITE)
+            return
+        except OSError as err:
+            if err.errno not in (errno.EINVAL, errno.ENOSYS):     # before Linux 5.14: touch
+                self.mm.close()
+                raise ConfigError(f"preallocating memory failed: {err.strerror}") from err
+        pages = np.frombuffer(self.mm, dtype=np.uint8)[::PAGE_SIZE]
+        pages[:] = pages          # read and write back one byte per page: contents unchanged
+        del pages
 
     @property
     def shared(self) -> bool:

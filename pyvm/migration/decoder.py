@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import errno
 from dataclasses import dataclass
-from typing import Any, Collection, Generator, Optional, Protocol, Union
+from typing import Any, Callable, Collection, Generator, Optional, Protocol, Union
 
 from pyvm.migration.errors import (DecoderStoppedError, MigrationError, StreamFormatError,
                                    StreamMismatchError)
@@ -239,6 +239,18 @@ class StreamDecoder:
             return []
         self._reader.feed(data)
         return self._advance()
+
+    def feed_from(self, readinto: Callable[[memoryview], int], size: int) -> tuple[int, list[Event]]:
+        """Like :meth:`feed`, but the input is read by ``readinto`` straight into the
+        decoder's buffer (up to ``size`` bytes, no copy).  Returns (bytes read, events);
+        0 bytes means the transport reached its end: call :meth:`close`."""
+        if self.finished:
+            scratch = bytearray(size)
+            n = readinto(memoryview(scratch))
+            self.trailing_bytes += n
+            return n, []
+        n = self._reader.fill(readinto, size)
+        return n, (self._advance() if n else [])
 
     def close(self) -> list[Event]:
         """End of input: raises TruncatedStreamError if the stream stopped short."""

@@ -105,14 +105,11 @@ class IncomingMigration:
         try:
             self.channel = self.open_channel()
             self._set_status(MigrationStatus.ACTIVE)
-            buf = bytearray(READ_SIZE)
-            view = memoryview(buf)
             while not decoder.finished:
-                n = self.channel.readinto(view)
+                n, _ = decoder.feed_from(self.channel.readinto, READ_SIZE)
                 if n == 0:
                     decoder.close()
                     break
-                decoder.feed(view[:n])
             self._finish(target)
         except MigrationError as err:
             self._fail(err.report(), str(err))

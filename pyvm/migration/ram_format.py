@@ -387,17 +387,18 @@ class RamLoader:
         """
         buf = r.buffer
         pos = r.pos
-        end = len(buf)
+        end = r.end
         unpack = _BE64.unpack_from
         page = TARGET_PAGE_SIZE
-        mv = memoryview(buf)
+        whole = memoryview(buf)
+        mv = whole[:end]            # the native run must not read past the input
         try:
             while True:
                 loaded = self._last
                 if loaded is not None and loaded.view is not None and loaded.block.on_page is None:
                     # The common case in native code: CONTINUE PAGE/ZERO records of the
                     # current block; it stops before anything else, which is parsed below.
-                    pos, normals, zeros = load_page_run(buf, pos, loaded.view, loaded.limit,
+                    pos, normals, zeros = load_page_run(mv, pos, loaded.view, loaded.limit,
                                                         loaded.written)
                     self.normal_pages += normals
                     self.zero_pages += zeros
@@ -477,3 +478,4 @@ class RamLoader:
                     raise StreamFormatError(f"Unknown combination of migration flags: 0x{flags:x}")
         finally:
             mv.release()
+            whole.release()

@@ -16,14 +16,16 @@ bytes.  Once an error was recorded (:meth:`StreamReader.fail`) the reader is dea
 refuses more input with :class:`DecoderStoppedError` (QEMU's sticky ``QEMUFile`` error).
 
 Hot paths (RAM page records) may parse straight from :attr:`StreamReader.buffer` between
-:attr:`StreamReader.pos` and ``len(buffer)``, then move ``pos`` forward; they must not keep
-a memoryview of the buffer across a ``yield``.
+:attr:`StreamReader.pos` and :attr:`StreamReader.end`, then move ``pos`` forward; they must
+not keep a memoryview of the buffer across a ``yield``.  The buffer has room beyond ``end``
+so that a transport can read straight into it (:meth:`StreamReader.fill`): page data is
+copied once, from the buffer into guest RAM.
 """
 
 from __future__ import annotations
 
 import struct
-from typing import Generator
+from typing import Callable, Generator
 
 from pyvm.migration.errors import DecoderStoppedError, MigrationError, TruncatedStreamError
 
@@ -34,33 +36,67 @@ _BE16 = struct.Struct(">H")
 _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
-# Consumed bytes are dropped from the front of the buffer once there are this many.
-_COMPACT_AT = 1 << 20
+_INITIAL_CAPACITY = 1 << 16
 
 
 class StreamReader:
-    """Bytes fed by the caller, consumed in order by parse steps."""
+    """Bytes fed by the caller, consumed in order by parse steps.
+
+    ``buffer[pos:end]`` holds the bytes not consumed yet; ``buffer`` is longer than ``end``
+    (spare room for the next input).
+    """
 
     def __init__(self) -> None:
-        self.buffer = bytearray()
+        self.buffer = bytearray(_INITIAL_CAPACITY)
         self.pos = 0
+        self.end = 0
         self._base = 0               # stream offset of buffer[0]
         self.closed = False          # no more input will come
         self.error: MigrationError | None = None
 
     # -- input ---------------------------------------------------------------------------
-    def feed(self, data: bytes | bytearray | memoryview) -> None:
-        """Append input; refused once the reader has failed or was closed."""
+    def _check_open(self) -> None:
         if self.error is not None:
             raise DecoderStoppedError(f"migration stream decoder stopped after an error: {self.error}",
                                       errno=self.error.errno) from self.error
         if self.closed:
             raise DecoderStoppedError("migration stream input was already closed")
-        if self.pos >= _COMPACT_AT or (self.pos and self.pos == len(self.buffer)):
-            del self.buffer[:self.pos]
+
+    def _make_room(self, n: int) -> None:
+        """At least ``n`` bytes of room after ``end``: consumed bytes are dropped first
+        (the unconsumed tail moves to the front), then the buffer grows if need be."""
+        if len(self.buffer) - self.end >= n:
+            return
+        keep = self.end - self.pos
+        if self.pos:
+            self.buffer[:keep] = self.buffer[self.pos:self.end]
             self._base += self.pos
-            self.pos = 0
-        self.buffer += data
+            self.pos, self.end = 0, keep
+        if len(self.buffer) - keep < n:
+            self.buffer.extend(bytes(max(n + keep, 2 * len(self.buffer)) - len(self.buffer)))
+
+    def feed(self, data: bytes | bytearray | memoryview) -> None:
+        """Append input; refused once the reader has failed or was closed."""
+        self._check_open()
+        n = len(data) if not isinstance(data, memoryview) else data.nbytes
+        self._make_room(n)
+        self.buffer[self.end:self.end + n] = data
+        self.end += n
+
+    def fill(self, readinto: Callable[[memoryview], int], size: int) -> int:
+        """Let ``readinto`` write up to ``size`` bytes of input straight into the buffer;
+        returns what it read (0: end of input, as the transport says)."""
+        self._check_open()
+        self._make_room(size)
+        view = memoryview(self.buffer)
+        room = view[self.end:self.end + size]
+        try:
+            n = readinto(room)
+        finally:            # the buffer must not stay exported: it may have to grow
+            room.release()
+            view.release()
+        self.end += n
+        return n
 
     def close(self) -> None:
         """Mark the end of input: a step still waiting will raise TruncatedStreamError."""
@@ -74,7 +110,7 @@ class StreamReader:
     # -- position ------------------------------------------------------------------------
     @property
     def available(self) -> int:
-        return len(self.buffer) - self.pos
+        return self.end - self.pos
 
     @property
     def offset(self) -> int:
@@ -84,14 +120,14 @@ class StreamReader:
     # -- waiting -------------------------------------------------------------------------
     def wait(self, n: int, what: str) -> Generator[None, None, None]:
         """Suspend until ``n`` bytes are buffered; at end of input raise TruncatedStreamError."""
-        while len(self.buffer) - self.pos < n:
+        while self.end - self.pos < n:
             if self.closed:
                 raise TruncatedStreamError(what=what, offset=self.offset)
             yield
 
     def wait_or_end(self, n: int) -> Generator[None, None, bool]:
         """Like :meth:`wait`, but return False instead of raising at end of input (peeks)."""
-        while len(self.buffer) - self.pos < n:
+        while self.end - self.pos < n:
             if self.closed:
                 return False
             yield
@@ -131,37 +167,37 @@ class StreamReader:
 
     # -- waiting reads (parse steps: ``x = yield from reader.read_be32(...)``) -------------
     def read_u8(self, what: str) -> Generator[None, None, int]:
-        if len(self.buffer) - self.pos < 1:
+        if self.end - self.pos < 1:
             yield from self.wait(1, what)
         return self.u8()
 
     def read_be16(self, what: str) -> Generator[None, None, int]:
-        if len(self.buffer) - self.pos < 2:
+        if self.end - self.pos < 2:
             yield from self.wait(2, what)
         return self.be16()
 
     def read_be32(self, what: str) -> Generator[None, None, int]:
-        if len(self.buffer) - self.pos < 4:
+        if self.end - self.pos < 4:
             yield from self.wait(4, what)
         return self.be32()
 
     def read_be64(self, what: str) -> Generator[None, None, int]:
-        if len(self.buffer) - self.pos < 8:
+        if self.end - self.pos < 8:
             yield from self.wait(8, what)
         return self.be64()
 
     def read_bytes(self, n: int, what: str) -> Generator[None, None, bytes]:
         """``n`` raw bytes; the caller bounds ``n`` before asking."""
-        if len(self.buffer) - self.pos < n:
+        if self.end - self.pos < n:
             yield from self.wait(n, what)
         return self.take(n)
 
     def read_counted(self, what: str) -> Generator[None, None, bytes]:
         """A counted string: one length byte (so at most 255), then that many bytes."""
-        if len(self.buffer) - self.pos < 1:
+        if self.end - self.pos < 1:
             yield from self.wait(1, what)
         n = self.buffer[self.pos]
-        if len(self.buffer) - self.pos < 1 + n:
+        if self.end - self.pos < 1 + n:
             yield from self.wait(1 + n, what)
         self.pos += 1
         return self.take(n)
@@ -169,9 +205,9 @@ class StreamReader:
     def skip_bytes(self, n: int, what: str) -> Generator[None, None, None]:
         """Consume ``n`` bytes without keeping them (never buffers more than is fed)."""
         while n:
-            if len(self.buffer) == self.pos:
+            if self.end == self.pos:
                 yield from self.wait(1, what)
-            step = min(n, len(self.buffer) - self.pos)
+            step = min(n, self.end - self.pos)
             self.pos += step
             n -= step
 

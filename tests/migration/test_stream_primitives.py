@@ -105,8 +105,29 @@ def test_reader_compacts_consumed_input() -> None:
     run_to_completion(r.skip_bytes(2 << 20, "filler"), r)
     r.closed = False
     r.feed(b"\x07")
-    assert len(r.buffer) == 1 and r.offset == 2 << 20
+    assert (r.pos, r.end) == (0, 1) and r.offset == 2 << 20     # consumed bytes were dropped
     assert r.u8() == 7
+    for _ in range(20):                                          # memory stays bounded
+        r.feed(bytes(1 << 20))
+        run_to_completion(r.skip_bytes(1 << 20, "filler"), r)
+        r.closed = False
+    assert len(r.buffer) <= 4 << 20 and r.offset == (2 << 20) + 1 + (20 << 20)
+
+
+def test_reader_fill_reads_straight_into_the_buffer() -> None:
+    r = StreamReader()
+    r.feed(b"\x01\x02")
+    assert r.u8() == 1
+
+    def readinto(view: memoryview) -> int:
+        view[:3] = b"\x03\x04\x05"
+        return 3
+    assert r.fill(readinto, 1 << 20) == 3
+    assert r.available == 4 and r.take(4) == b"\x02\x03\x04\x05"
+    assert r.fill(lambda view: 0, 16) == 0 and r.available == 0
+    r.close()
+    with pytest.raises(DecoderStoppedError):
+        r.fill(readinto, 16)
 
 
 def test_wait_or_end_peeks_without_failing() -> None:
