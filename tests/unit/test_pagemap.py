@@ -50,3 +50,16 @@ def test_file_backed_memory_is_never_assumed_zero(tmp_path) -> None:
 def test_empty_range() -> None:
     assert unpopulated_pages(0, 0) is not None
     assert unpopulated_pages(0, 0).size == 0  # type: ignore[union-attr]
+
+
+def test_prealloc_populates_every_page_and_keeps_file_contents(tmp_path) -> None:
+    block = _block("memory-backend-ram", prealloc=True)
+    mask = block.unpopulated()
+    if mask is None:
+        pytest.skip("pagemap is not readable here")
+    assert not mask.any()
+    path = tmp_path / "ram"
+    data = bytes(range(256)) * (64 * PAGE // 256)
+    path.write_bytes(data)
+    private = _block("memory-backend-file", False, mem_path=str(path), prealloc=True)
+    assert private.mem.tobytes() == data
