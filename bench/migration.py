@@ -1,14 +1,27 @@
 """Migration throughput per transport, next to the raw transport moving the same bytes.
 
-    python bench/migration.py [--size-mib 1024] [--transports tcp,unix,file,exec]
+    python bench/migration.py [--size-mib 1024] [--transports tcp,unix,file,exec,rdma] [--repeat 3]
 
 For each transport it migrates a paused guest whose RAM is full of random bytes (a
 private mapping of a random file: every page is a PAGE record) and one whose RAM is
-zero (idle: ZERO records), between two real pyvm processes (file and exec: save, then
-restore).  In the same run it times the raw transport moving the same number of bytes:
-a socket copy (tcp, unix, and rdma over libfabric's tcp provider), a file write + fsync
-(file), ``cat`` in a pipeline (exec).
-Prints one line per case and ``ratio=<raw time / pyvm time>`` for fully dirty memory.
+zero (idle: ZERO records), between two real pyvm processes.  The destination is started
+first with ``-incoming defer`` and its start-up is not timed:
+
+- tcp, unix, rdma: from ``migrate`` on the source to ``completed`` on the destination;
+- file, exec: save (``migrate`` to the source's ``completed``) plus restore
+  (``migrate-incoming`` to the destination's ``completed``).
+
+The fully dirty case runs twice: with the destination's RAM fresh (each page the stream
+writes is faulted in on the way) and with ``prealloc=on`` on both sides (RAM populated at
+start-up, as a destination prepared for a migration is; the source's pages are then
+resident, as a running guest's are).
+
+In the same run it times the raw transport moving the same number of bytes: a socket
+copy (tcp, unix, and rdma over libfabric's tcp provider), a file write + fsync + read
+(file), a pipe into ``cat > FILE`` and back out of ``cat FILE`` (exec).
+Every time is the median of ``--repeat`` runs (the machines this runs on are noisy).
+Prints one line per transport and, last, ``ratio=<raw time / pyvm time>``: the smallest
+over tcp, unix, file and exec, fully dirty, preallocated (rdma's is printed on its line).
 """
 
 from __future__ import annotations
@@ -16,12 +29,14 @@ from __future__ import annotations
 import argparse
 import os
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.vmproc import VmProcess  # noqa: E402
@@ -62,56 +77,86 @@ def raw_socket(family: int, addr, nbytes: int) -> float:
 
 def raw_file(path: Path, nbytes: int) -> float:
     data = os.urandom(1 << 20)
+    buf = bytearray(1 << 20)
     t0 = time.perf_counter()
     with open(path, "wb") as f:
         for _ in range(nbytes >> 20):
             f.write(data)
         f.flush()
         os.fsync(f.fileno())
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
     return time.perf_counter() - t0
 
 
-def raw_cat(src: Path, dst: Path) -> float:
+def raw_exec(path: Path, nbytes: int) -> float:
+    data = os.urandom(1 << 20)
+    buf = bytearray(1 << 20)
     t0 = time.perf_counter()
-    subprocess.run(f"cat {src} | cat > {dst}", shell=True, check=True)
+    with subprocess.Popen(["/bin/sh", "-c", f"cat > {path}"], stdin=subprocess.PIPE) as p:
+        assert p.stdin is not None
+        for _ in range(nbytes >> 20):
+            p.stdin.write(data)
+        p.stdin.close()
+    with subprocess.Popen(["/bin/sh", "-c", f"cat {path}"], stdout=subprocess.PIPE) as p:
+        assert p.stdout is not None
+        while p.stdout.readinto(buf):
+            pass
     return time.perf_counter() - t0
 
 
-def migrate(tmp: Path, transport: str, ram_args: list[str]) -> dict:
-    args = [*ram_args, "-kernel", guest_path("memcheck.elf"), "-display", "none", "-S"]
+def wait_status(vm: VmProcess, states: tuple[str, ...], timeout: float = 600) -> dict:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = vm.cmd("query-migrate")
+        if info.get("status") in states:
+            return info
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{vm.name}: migration still {info}")
+        time.sleep(0.002)
+
+
+def migrate(tmp: Path, transport: str, src_args: list[str], dst_args: list[str]) -> dict:
+    guest = ["-kernel", guest_path("memcheck.elf"), "-display", "none", "-S"]
     state = tmp / "state"
-    if transport in ("tcp", "unix"):
-        incoming = "tcp:127.0.0.1:0" if transport == "tcp" else f"unix:{tmp / 'mig.sock'}"
-        dst = VmProcess(tmp, "dst", *args, "-incoming", incoming, serial=False)
-        uri = incoming
-        if transport == "tcp":
-            uri = "tcp:127.0.0.1:" + dst.cmd("query-migrate")["socket-address"][0]["port"]
-    elif transport == "rdma":
-        s = socket.socket()
-        s.bind(("127.0.0.1", 0))
-        uri = f"rdma:127.0.0.1:{s.getsockname()[1]}"
-        s.close()
-        dst = VmProcess(tmp, "dst", *args, "-incoming", uri, serial=False,
-                        env={"PYVM_RDMA_PROVIDER": os.environ.get("PYVM_RDMA_PROVIDER", "tcp")})
-    src = VmProcess(tmp, "src", *args, serial=False,
-                    env={"PYVM_RDMA_PROVIDER": os.environ.get("PYVM_RDMA_PROVIDER", "tcp")})
-    if transport == "file":
-        uri = f"file:{state}"
-    elif transport == "exec":
-        uri = f"exec:cat > {state}"
+    env = {"PYVM_RDMA_PROVIDER": os.environ.get("PYVM_RDMA_PROVIDER", "tcp")}
+    dst = VmProcess(tmp, "dst", *dst_args, *guest, "-incoming", "defer", serial=False, env=env)
+    src = VmProcess(tmp, "src", *src_args, *guest, serial=False, env=env)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})   # default is 128 MiB/s
-    t0 = time.perf_counter()
-    src.cmd("migrate", uri=uri)
-    info = src.wait_migration(timeout=600)
-    if transport in ("file", "exec"):
-        incoming = f"file:{state}" if transport == "file" else f"exec:cat {state}"
-        dst = VmProcess(tmp, "dst", *args, "-incoming", incoming, serial=False)
-    dst.wait_migration(("completed", "failed"), timeout=600)
-    wall = time.perf_counter() - t0
-    src.close()
-    dst.close()
-    assert info["status"] == "completed", info
-    return {"wall": wall, "total_ms": info["total-time"], "bytes": info["ram"]["transferred"]}
+    try:
+        if transport in ("tcp", "unix", "rdma"):
+            if transport == "unix":
+                uri = f"unix:{tmp / 'mig.sock'}"
+                dst.cmd("migrate-incoming", uri=uri)
+            else:
+                s = socket.socket()
+                s.bind(("127.0.0.1", 0))
+                uri = f"{transport}:127.0.0.1:{s.getsockname()[1]}"
+                s.close()
+                dst.cmd("migrate-incoming", uri=uri)
+                if transport == "tcp":
+                    uri = "tcp:127.0.0.1:" + dst.cmd("query-migrate")["socket-address"][0]["port"]
+            t0 = time.perf_counter()
+            src.cmd("migrate", uri=uri)
+            info = wait_status(src, ("completed", "failed", "cancelled"))
+            done = wait_status(dst, ("completed", "failed"))
+            wall = time.perf_counter() - t0
+        else:
+            out, back = ((f"file:{state}", f"file:{state}") if transport == "file"
+                         else (f"exec:cat > {state}", f"exec:cat {state}"))
+            t0 = time.perf_counter()
+            src.cmd("migrate", uri=out)
+            info = wait_status(src, ("completed", "failed", "cancelled"))
+            t1 = time.perf_counter()
+            dst.cmd("migrate-incoming", uri=back)
+            done = wait_status(dst, ("completed", "failed"))
+            wall = (t1 - t0) + (time.perf_counter() - t1)
+    finally:
+        src.close()
+        dst.close()
+    assert info["status"] == "completed" and done["status"] == "completed", (info, done)
+    return {"wall": wall, "bytes": info["ram"]["transferred"]}
 
 
 def main() -> None:
@@ -119,42 +164,66 @@ def main() -> None:
     ap.add_argument("--size-mib", type=int, default=1024)
     ap.add_argument("--transports", default="tcp,unix,file,exec,rdma",
                     help="rdma uses libfabric's provider from PYVM_RDMA_PROVIDER (default tcp)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median is shown")
     a = ap.parse_args()
     size = a.size_mib << 20
     ratios = []
     walls: dict[str, float] = {}
+    print(f"{a.size_mib} MiB guest; times in seconds, MB/s = RAM size / time", flush=True)
     with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
         tmp = Path(d)
         rand = tmp / "random.ram"
         with open(rand, "wb") as f:
             for _ in range(a.size_mib):
                 f.write(os.urandom(1 << 20))
-        dirty = ["-object", f"memory-backend-file,id=r,size={a.size_mib}M,mem-path={rand},share=off",
-                 "-machine", "memory-backend=r"]
-        idle = ["-m", f"{a.size_mib}M"]
+
+        def dirty(prealloc: str) -> list[str]:
+            return ["-object", f"memory-backend-file,id=r,size={a.size_mib}M,mem-path={rand},"
+                    f"share=off,prealloc={prealloc}", "-machine", "memory-backend=r"]
+
+        def fresh(prealloc: str) -> list[str]:
+            return ["-object", f"memory-backend-ram,id=r,size={a.size_mib}M,prealloc={prealloc}",
+                    "-machine", "memory-backend=r"]
+
         for tr in a.transports.split(","):
             if tr in ("tcp", "rdma"):
-                raw = raw_socket(socket.AF_INET, ("127.0.0.1", 0), size)
+                def raw_once() -> float:
+                    return raw_socket(socket.AF_INET, ("127.0.0.1", 0), size)
             elif tr == "unix":
-                raw = raw_socket(socket.AF_UNIX, str(tmp / "raw.sock"), size)
+                def raw_once() -> float:
+                    (tmp / "raw.sock").unlink(missing_ok=True)
+                    return raw_socket(socket.AF_UNIX, str(tmp / "raw.sock"), size)
             elif tr == "file":
-                raw = raw_file(tmp / "raw.bin", size)
+                def raw_once() -> float:
+                    return raw_file(tmp / "raw.bin", size)
             else:
-                raw = raw_cat(rand, tmp / "raw.bin")
+                def raw_once() -> float:
+                    return raw_exec(tmp / "raw.bin", size)
+
+            def median_of(run: Callable[[], float]) -> float:
+                return statistics.median(run() for _ in range(a.repeat))
+            raw = median_of(raw_once)
             (tmp / "raw.bin").unlink(missing_ok=True)
-            r_dirty = migrate(tmp, tr, dirty)
-            r_idle = migrate(tmp, tr, idle)
-            ratio = raw / r_dirty["wall"]
-            ratios.append(ratio)
-            walls[tr] = r_dirty["wall"]
-            print(f"{tr:>5}: dirty {r_dirty['wall']:6.2f} s ({size / r_dirty['wall'] / 1e6:7.1f} MB/s), "
-                  f"idle {r_idle['wall']:5.2f} s ({r_idle['bytes'] >> 10} KiB sent), "
-                  f"raw {raw:5.2f} s ({size / raw / 1e6:7.1f} MB/s), ratio {ratio:.2f}")
+            r_pre = median_of(lambda: migrate(tmp, tr, dirty("on"), fresh("on"))["wall"])
+            r_fresh = median_of(lambda: migrate(tmp, tr, dirty("off"), fresh("off"))["wall"])
+            idle = [migrate(tmp, tr, fresh("off"), fresh("off")) for _ in range(a.repeat)]
+            r_idle = statistics.median(run["wall"] for run in idle)
+            ratio = raw / r_pre
+            if tr != "rdma":
+                ratios.append(ratio)
+            walls[tr] = r_pre
+
+            def rate(t: float) -> str:
+                return f"{t:5.2f} ({size / t / 1e6:6.0f} MB/s)"
+            print(f"{tr:>5}: raw {rate(raw)} | dirty, prealloc {rate(r_pre)} ratio {ratio:.2f}"
+                  f" | dirty, fresh dest {rate(r_fresh)} ratio {raw / r_fresh:.2f}"
+                  f" | idle {r_idle:5.2f} ({idle[0]['bytes'] >> 10} KiB sent)", flush=True)
     if "tcp" in walls and "rdma" in walls:
         provider = os.environ.get("PYVM_RDMA_PROVIDER", "tcp")
         print(f"rdma (libfabric provider {provider}) / tcp transport throughput: "
               f"{walls['tcp'] / walls['rdma']:.2f}")
-    print(f"ratio={min(ratios):.2f}")
+    if ratios:
+        print(f"ratio={min(ratios):.2f}")
 
 
 if __name__ == "__main__":

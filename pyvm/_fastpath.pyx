@@ -17,6 +17,7 @@ from libc.stdlib cimport malloc, free
 
 import numpy as np
 cimport numpy as cnp
+from os import strerror as os_strerror
 
 cnp.import_array()
 
@@ -364,67 +365,192 @@ cdef enum:
     RAM_CONTINUE = 0x20
 
 
-def pack_page_records(const uint8_t[::1] src, Py_ssize_t npages, const int64_t[::1] indices,
-                      Py_ssize_t start, const uint8_t[::1] known_zero, bint scan,
-                      const uint8_t[::1] name, uint8_t[::1] out):
-    """Pack ZERO/PAGE records for ``indices[start:]`` into ``out``, as many as fit whole.
+cdef extern from "<sys/uio.h>" nogil:
+    struct iovec:
+        void *iov_base
+        size_t iov_len
+    ssize_t writev(int fd, const iovec *iov, int iovcnt)
 
-    A page is sent as ZERO when ``known_zero[i]`` is set (the array may be shorter than
-    ``indices``, even empty) or, with ``scan``, when it reads as all zero; otherwise as
-    PAGE with its bytes copied from ``src`` (the block, ``npages`` pages long).  The first
-    record names the block when ``name`` is not empty; every other record is CONTINUE.
-    Returns ``(next_start, bytes_written, zero_pages)``.
+cdef extern from "<sys/socket.h>" nogil:
+    struct msghdr:
+        void *msg_name
+        unsigned int msg_namelen
+        iovec *msg_iov
+        size_t msg_iovlen
+        void *msg_control
+        size_t msg_controllen
+        int msg_flags
+    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
+    int MSG_NOSIGNAL
+
+cdef extern from "<errno.h>" nogil:
+    int errno
+    int EINTR, EAGAIN, EWOULDBLOCK
+
+cdef enum:
+    IOV_LIMIT = 1024            # Linux IOV_MAX (<limits.h>)
+
+
+cdef class RecordBatch:
+    """ZERO/PAGE records ready for ``writev``/``sendmsg``, page bytes left in guest RAM.
+
+    :meth:`pack` lays out the records for a list of page indices: headers (be64 offset |
+    flags, the counted block name in the first record unless it is CONTINUE) and ZERO
+    fill bytes go into the batch's own buffer; each PAGE payload is an iovec pointing
+    into the source block.  :meth:`send` then hands the kernel as much as one system call
+    takes.  The batch holds the source buffer until it is sent or cleared, so the memory
+    cannot go away under it.
     """
-    cdef Py_ssize_t n = indices.shape[0], nknown = known_zero.shape[0]
-    cdef Py_ssize_t i = start, pos = 0, cap = out.shape[0], zeros = 0
-    cdef Py_ssize_t namelen = name.shape[0], header, payload
-    cdef Py_ssize_t src_pages = src.shape[0] // PAGE_BYTES
-    cdef int64_t index
-    cdef int bad = 0, is_zero
-    cdef uint64_t flags
-    if start < 0 or namelen > 255:
-        raise ValueError("bad start or block name")
-    if start >= n or cap == 0:
-        return start, 0, 0
-    cdef const uint8_t *s = &src[0] if src.shape[0] else NULL
-    cdef const uint8_t *nm = &name[0] if namelen else NULL
-    cdef uint8_t *o = &out[0]
-    with nogil:
-        while i < n:
-            index = indices[i]
-            if index < 0 or index >= npages:
-                bad = 1
-                break
-            is_zero = i < nknown and known_zero[i] != 0
-            if not is_zero and index >= src_pages:
-                bad = 2
-                break
-            if not is_zero and scan:
-                is_zero = pyvm_page_is_zero_early(s + index * PAGE_BYTES)
-            header = 9 + namelen if namelen and i == start else 8
-            payload = 1 if is_zero else PAGE_BYTES
-            if pos + header + payload > cap:
-                break
-            flags = RAM_ZERO if is_zero else RAM_PAGE
-            if header == 8:
-                flags |= RAM_CONTINUE
-            pyvm_store_be64(o + pos, (<uint64_t>index << PAGE_SHIFT) | flags)
-            if header != 8:
-                o[pos + 8] = <uint8_t>namelen
-                memcpy(o + pos + 9, nm, namelen)
-            pos += header
-            if is_zero:
-                o[pos] = 0
-                zeros += 1
+    cdef iovec *_iov
+    cdef uint8_t *_hdr
+    cdef Py_ssize_t _max_pages, _hdr_cap, _niov, _cur
+    cdef readonly Py_ssize_t remaining
+    cdef object _keep
+
+    def __cinit__(self, Py_ssize_t max_pages=256, Py_ssize_t header_bytes=1 << 20):
+        if max_pages < 1 or header_bytes < 512:
+            raise ValueError("batch too small")
+        self._max_pages = max_pages
+        self._hdr_cap = header_bytes
+        self._iov = <iovec *>malloc((2 * max_pages + 1) * sizeof(iovec))
+        self._hdr = <uint8_t *>malloc(header_bytes)
+        if self._iov == NULL or self._hdr == NULL:
+            raise MemoryError()
+        self._niov = self._cur = self.remaining = 0
+
+    def __dealloc__(self):
+        free(self._iov)
+        free(self._hdr)
+
+    def clear(self):
+        """Forget unsent records and let go of the source buffer."""
+        self._niov = self._cur = self.remaining = 0
+        self._keep = None
+
+    def pack(self, const uint8_t[::1] src, Py_ssize_t npages, const int64_t[::1] indices,
+             Py_ssize_t start, const uint8_t[::1] known_zero, bint scan, const uint8_t[::1] name):
+        """Records for ``indices[start:]``: at most ``max_pages`` PAGE records, and as many
+        ZERO records as the header buffer holds.
+
+        A page is sent as ZERO when ``known_zero[i]`` is set (the array may be shorter than
+        ``indices``, even empty) or, with ``scan``, when it reads as all zero; otherwise as
+        PAGE, from ``src`` (the block, ``npages`` pages long).  The first record names the
+        block when ``name`` is not empty.  Returns ``(next_start, bytes, zero_pages)``.
+        """
+        if self.remaining:
+            raise ValueError("the batch still holds unsent records")
+        cdef Py_ssize_t n = indices.shape[0], nknown = known_zero.shape[0]
+        cdef Py_ssize_t i = start, h = 0, seg = 0, pages = 0, zeros = 0, total = 0
+        cdef Py_ssize_t namelen = name.shape[0], header
+        cdef Py_ssize_t src_pages = src.shape[0] // PAGE_BYTES
+        cdef int64_t index
+        cdef int bad = 0, is_zero
+        cdef uint64_t flags
+        if start < 0 or namelen > 255:
+            raise ValueError("bad start or block name")
+        self._niov = self._cur = 0
+        if start >= n:
+            return start, 0, 0
+        cdef const uint8_t *s = &src[0] if src.shape[0] else NULL
+        cdef const uint8_t *nm = &name[0] if namelen else NULL
+        cdef uint8_t *o = self._hdr
+        cdef iovec *iov = self._iov
+        with nogil:
+            while i < n:
+                index = indices[i]
+                if index < 0 or index >= npages:
+                    bad = 1
+                    break
+                is_zero = i < nknown and known_zero[i] != 0
+                if not is_zero and index >= src_pages:
+                    bad = 2
+                    break
+                if not is_zero and scan:
+                    is_zero = pyvm_page_is_zero_early(s + index * PAGE_BYTES)
+                header = 9 + namelen if namelen and i == start else 8
+                if h + header + 1 > self._hdr_cap or (not is_zero and pages == self._max_pages):
+                    break
+                flags = RAM_ZERO if is_zero else RAM_PAGE
+                if header == 8:
+                    flags |= RAM_CONTINUE
+                pyvm_store_be64(o + h, (<uint64_t>index << PAGE_SHIFT) | flags)
+                if header != 8:
+                    o[h + 8] = <uint8_t>namelen
+                    memcpy(o + h + 9, nm, namelen)
+                h += header
+                if is_zero:
+                    o[h] = 0
+                    h += 1
+                    zeros += 1
+                else:
+                    # close the header run, then the page straight from RAM
+                    iov[self._niov].iov_base = o + seg
+                    iov[self._niov].iov_len = h - seg
+                    iov[self._niov + 1].iov_base = <void *>(s + index * PAGE_BYTES)
+                    iov[self._niov + 1].iov_len = PAGE_BYTES
+                    self._niov += 2
+                    seg = h
+                    pages += 1
+                i += 1
+            if h > seg:
+                iov[self._niov].iov_base = o + seg
+                iov[self._niov].iov_len = h - seg
+                self._niov += 1
+            total = h + pages * PAGE_BYTES
+        if bad == 1:
+            self._niov = 0
+            raise ValueError(f"page index {indices[i]} beyond the block")
+        if bad == 2:
+            self._niov = 0
+            raise ValueError(f"page {indices[i]} beyond the source buffer")
+        self.remaining = total
+        self._keep = src if pages else None
+        return i, total, zeros
+
+    def send(self, int fd, bint socket=False):
+        """One ``sendmsg`` (``socket``: with MSG_NOSIGNAL) or ``writev`` of what is left;
+        returns the bytes the kernel took.  BlockingIOError when it took none (a
+        non-blocking descriptor), OSError on failure."""
+        cdef ssize_t got
+        cdef int err = 0
+        cdef msghdr msg
+        cdef Py_ssize_t count
+        if self.remaining == 0:
+            return 0
+        memset(&msg, 0, sizeof(msg))
+        with nogil:
+            while True:
+                count = self._niov - self._cur
+                if count > IOV_LIMIT:
+                    count = IOV_LIMIT
+                if socket:
+                    msg.msg_iov = self._iov + self._cur
+                    msg.msg_iovlen = <size_t>count
+                    got = sendmsg(fd, &msg, MSG_NOSIGNAL)
+                else:
+                    got = writev(fd, self._iov + self._cur, <int>count)
+                if got >= 0:
+                    break
+                err = errno
+                if err != EINTR:
+                    break
+        if got < 0:
+            if err == EAGAIN or err == EWOULDBLOCK:
+                raise BlockingIOError(err, "write would block")
+            raise OSError(err, os_strerror(err))
+        self.remaining -= got
+        cdef Py_ssize_t left = got
+        while left and self._cur < self._niov:
+            if <size_t>left >= self._iov[self._cur].iov_len:
+                left -= self._iov[self._cur].iov_len
+                self._cur += 1
             else:
-                memcpy(o + pos, s + index * PAGE_BYTES, PAGE_BYTES)
-            pos += payload
-            i += 1
-    if bad == 1:
-        raise ValueError(f"page index {indices[i]} beyond the block")
-    if bad == 2:
-        raise ValueError(f"page {indices[i]} beyond the source buffer")
-    return i, pos, zeros
+                self._iov[self._cur].iov_base = <uint8_t *>self._iov[self._cur].iov_base + left
+                self._iov[self._cur].iov_len -= left
+                left = 0
+        if self.remaining == 0:
+            self._keep = None
+        return got
 
 
 def load_page_run(const uint8_t[::1] src, Py_ssize_t pos, uint8_t[::1] dest, Py_ssize_t limit,

@@ -7,6 +7,7 @@ hook here is a Python Unicorn callback, so every guest store into tracked RAM ru
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 import time
@@ -123,48 +124,86 @@ _BE64 = struct.Struct(">Q")
 _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
-def pack_page_records(src: Any, npages: int, indices: Any, start: int, known_zero: Any, scan: bool,
-                      name: Any, out: Any) -> tuple[int, int, int]:
-    """See :func:`pyvm._fastpath.pack_page_records`: one record at a time in Python."""
-    mem = np.frombuffer(src, dtype=np.uint8)
-    idx = np.asarray(indices, dtype=np.int64)
-    known = np.frombuffer(known_zero, dtype=np.uint8) if len(known_zero) else np.zeros(0, np.uint8)
-    nm = bytes(name)
-    o = out if isinstance(out, np.ndarray) else np.frombuffer(out, dtype=np.uint8)
-    if start < 0 or len(nm) > 255:
-        raise ValueError("bad start or block name")
-    i, pos, zeros, cap = start, 0, 0, o.size
-    src_pages = mem.size // PAGE_SIZE
-    while i < idx.size:
-        index = int(idx[i])
-        if index < 0 or index >= npages:
-            raise ValueError(f"page index {index} beyond the block")
-        is_zero = i < known.size and bool(known[i])
-        if not is_zero and index >= src_pages:
-            raise ValueError(f"page {index} beyond the source buffer")
-        page = mem[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
-        if not is_zero and scan:
-            is_zero = not page.any()
-        header = 9 + len(nm) if nm and i == start else 8
-        payload = 1 if is_zero else PAGE_SIZE
-        if pos + header + payload > cap:
-            break
-        flags = _RAM_ZERO if is_zero else _RAM_PAGE
-        if header == 8:
-            flags |= _RAM_CONTINUE
-        o[pos:pos + 8] = np.frombuffer(_BE64.pack(index << 12 | flags), dtype=np.uint8)
-        if header != 8:
-            o[pos + 8] = len(nm)
-            o[pos + 9:pos + header] = np.frombuffer(nm, dtype=np.uint8)
-        pos += header
-        if is_zero:
-            o[pos] = 0
-            zeros += 1
-        else:
-            o[pos:pos + PAGE_SIZE] = page
-        pos += payload
-        i += 1
-    return i, pos, zeros
+class RecordBatch:
+    """See :class:`pyvm._fastpath.RecordBatch`: the records as a list of byte views."""
+
+    def __init__(self, max_pages: int = 256, header_bytes: int = 1 << 20) -> None:
+        if max_pages < 1 or header_bytes < 512:
+            raise ValueError("batch too small")
+        self._max_pages = max_pages
+        self._hdr_cap = header_bytes
+        self._views: list[memoryview] = []
+        self.remaining = 0
+
+    def clear(self) -> None:
+        self._views = []
+        self.remaining = 0
+
+    def pack(self, src: Any, npages: int, indices: Any, start: int, known_zero: Any, scan: bool,
+             name: Any) -> tuple[int, int, int]:
+        if self.remaining:
+            raise ValueError("the batch still holds unsent records")
+        mem = memoryview(src).cast("B")
+        idx = np.asarray(indices, dtype=np.int64)
+        known = np.frombuffer(known_zero, dtype=np.uint8) if len(known_zero) else np.zeros(0, np.uint8)
+        nm = bytes(name)
+        if start < 0 or len(nm) > 255:
+            raise ValueError("bad start or block name")
+        self._views = []
+        header = bytearray()
+        i, used, pages, zeros, total = start, 0, 0, 0, 0
+        src_pages = mem.nbytes // PAGE_SIZE
+        while i < idx.size:
+            index = int(idx[i])
+            if index < 0 or index >= npages:
+                self._views = []
+                raise ValueError(f"page index {index} beyond the block")
+            is_zero = i < known.size and bool(known[i])
+            if not is_zero and index >= src_pages:
+                self._views = []
+                raise ValueError(f"page {index} beyond the source buffer")
+            page = mem[index * PAGE_SIZE:(index + 1) * PAGE_SIZE]
+            if not is_zero and scan:
+                is_zero = not any(page)
+            size = 9 + len(nm) if nm and i == start else 8
+            if used + size + 1 > self._hdr_cap or (not is_zero and pages == self._max_pages):
+                break
+            flags = (_RAM_ZERO if is_zero else _RAM_PAGE) | (_RAM_CONTINUE if size == 8 else 0)
+            header += _BE64.pack(index << 12 | flags)
+            if size != 8:
+                header += bytes((len(nm),)) + nm
+            used += size
+            if is_zero:
+                header.append(0)
+                used += 1
+                zeros += 1
+            else:
+                self._views += [memoryview(bytes(header)), page]
+                total += len(header) + PAGE_SIZE
+                header = bytearray()
+                pages += 1
+            i += 1
+        if header:
+            self._views.append(memoryview(bytes(header)))
+            total += len(header)
+        self.remaining = total
+        return i, total, zeros
+
+    def send(self, fd: int, socket: bool = False) -> int:
+        if not self.remaining:
+            return 0
+        sent = os.writev(fd, self._views[:1024])
+        self.remaining -= sent
+        left = sent
+        while left:
+            size = self._views[0].nbytes
+            if left >= size:
+                left -= size
+                self._views.pop(0)
+            else:
+                self._views[0] = self._views[0][left:]
+                left = 0
+        return sent
 
 
 def load_page_run(src: Any, pos: int, dest: Any, limit: int, written: Any = None) -> tuple[int, int, int]:

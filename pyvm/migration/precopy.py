@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from pyvm.fastpath import bitmap_to_indices, find_zero_pages_at
+from pyvm.fastpath import RecordBatch, bitmap_to_indices, find_zero_pages_at
 from pyvm.migration import ram_format
 from pyvm.migration.encoder import StreamEncoder
 from pyvm.migration.status import MigrationStatus
@@ -40,8 +40,7 @@ if TYPE_CHECKING:
 
 PAGE = 4096
 RAM_HOOK_RECORD = (0x80).to_bytes(8, "big")   # RAM_SAVE_FLAG_HOOK (migration/ram.c)
-BATCH_PAGES = 256              # pages per rdma write batch (1 MiB)
-STAGING_BYTES = 1 << 20        # stream bytes per write of packed page records
+BATCH_PAGES = 256              # PAGE records per write (1 MiB), pages per rdma write batch
 RATE_WINDOW = 0.1              # seconds: QEMU's BUFFER_DELAY rate-limit window
 
 
@@ -82,7 +81,7 @@ class Precopy:
         self.enc = StreamEncoder()
         self.stats = manager.stats
         self._pending: list[tuple["RamBlock", np.ndarray]] = []
-        self._staging = np.empty(STAGING_BYTES, dtype=np.uint8)
+        self._batch = RecordBatch(BATCH_PAGES)
         self._window_start = 0.0
         self._window_bytes = 0
         self._stopped_vm = False
@@ -264,18 +263,18 @@ class Precopy:
         # Each pending entry is a different block, so a fresh record writer names the block
         # in its first record exactly as the encoder would after the section header.
         #
-        # Records are packed natively into one buffer (headers, ZERO fill bytes, page
-        # bytes copied, zero pages found on the way) and sent with a single write: one
-        # call per megabyte of stream, or per ~100,000 zero pages.
+        # Records are laid out natively (zero pages found on the way), 256 PAGE records
+        # or ~100,000 ZERO records at a time, and the channel writes each batch with
+        # writev/sendmsg: headers from the batch's buffer, page bytes straight from guest
+        # RAM, no copy.
         records = ram_format.RamPageWriter()
-        staging = self._staging
-        staged = memoryview(staging.data)
         start = 0
         while start < indices.size:
             self._check_cancel()
             before = self._transferred()
-            end, nbytes, nzero = records.pack_run(staging, cb, indices, start, known_zero)
-            self._send([staged[:nbytes]])
+            end, _, nzero = records.batch_run(self._batch, cb, indices, start, known_zero)
+            self.channel.write_records(self._batch)
+            self.stats.transferred = self._transferred()
             self._account(end - start, nzero, rnd, before, limit)
             start = end
 
@@ -300,15 +299,19 @@ class Precopy:
         pages go as COMPRESS messages so unregistered memory stays untouched.  No
         PAGE/ZERO record for these pages enters the stream."""
         index = self._block_index[block.name]
+        if known_zero is not None and known_zero.any():
+            # All known-zero pages at once: their runs merge into a few COMPRESS messages.
+            self._check_cancel()
+            before = self._transferred()
+            zeros = indices[known_zero]
+            self.channel.write_zero_pages(index, zeros * PAGE, PAGE)
+            self.stats.transferred = self._transferred()
+            self._account(zeros.size, zeros.size, rnd, before, limit)
+            indices = indices[~known_zero]
         for s in range(0, indices.size, BATCH_PAGES):
             self._check_cancel()
             idx = indices[s:s + BATCH_PAGES]
-            if known_zero is None:
-                mask = zero_mask(block.mem, idx)
-            else:
-                mask = known_zero[s:s + BATCH_PAGES].copy()
-                unknown = ~mask
-                mask[unknown] = zero_mask(block.mem, idx[unknown])
+            mask = zero_mask(block.mem, idx)
             before = self._transferred()
             offsets = idx * PAGE
             if mask.any():

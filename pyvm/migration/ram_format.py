@@ -11,9 +11,9 @@ flags in the low 12 bits::
 
 ``CONTINUE`` means "same block as the previous record", so the name is sent only when the
 block changes.  Writing hands page bytes out as memoryviews of guest RAM
-(:meth:`RamPageWriter.write_pages`) or packs whole batches of records into one buffer
-(:meth:`RamPageWriter.pack_pages`, for senders where a copy is cheaper than an iovec per
-page); loading writes them straight into the block buffers the destination provided,
+(:meth:`RamPageWriter.write_pages`), or lays out a batch of records natively with the
+page bytes left in guest RAM until a descriptor channel sends them with ``writev``
+(:meth:`RamPageWriter.batch_run`); loading writes them straight into the block buffers the destination provided,
 after checking that the offset lies inside the block.  Runs of ``CONTINUE`` PAGE/ZERO
 records go through the native :func:`pyvm.fastpath.load_page_run`; every other record,
 and every error, is handled by the Python parser.
@@ -28,7 +28,7 @@ from typing import Any, Callable, Generator, Iterable, Optional
 
 import numpy as np
 
-from pyvm.fastpath import load_page_run, pack_page_records
+from pyvm.fastpath import load_page_run
 from pyvm.migration.errors import (EncodeError, StreamFormatError, StreamMismatchError,
                                    UnsupportedFeatureError)
 from pyvm.migration.stream_constants import (MAX_COUNTED_STRING, MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
@@ -94,11 +94,6 @@ def write_ram_setup(w: StreamWriter, blocks: Iterable[RamBlock], ignore_shared: 
 
 def write_ram_eos(w: StreamWriter) -> None:
     w.be64(RAM_SAVE_FLAG_EOS)
-
-
-def packed_size(npages: int, name: str = "") -> int:
-    """The most bytes :meth:`RamPageWriter.pack_pages` writes for ``npages`` pages."""
-    return npages * (8 + TARGET_PAGE_SIZE) + 1 + len(name.encode())
 
 
 class _Records:
@@ -220,41 +215,23 @@ class RamPageWriter:
             w.raw(small_bytes)
         return records.indices.size - records.normals, records.normals
 
-    def pack_pages(self, out: np.ndarray, block: RamBlock, page_indices: Iterable[int],
-                   zero_mask: Iterable[bool]) -> tuple[int, int, int]:
-        """The same records as :meth:`write_pages`, page bytes copied, into ``out``.
-
-        ``out`` is a writable uint8 array of at least :func:`packed_size` bytes.  Returns
-        (bytes written, zero pages, normal pages); the records are ``out[:bytes]``.
-        """
-        indices, zero = self._checked(block, page_indices, zero_mask)
-        if indices.size == 0:
-            return 0, 0, 0
-        end, nbytes, zeros = self._pack(out, block, indices, 0, zero.view(np.uint8), scan=False)
-        if end < indices.size:
-            raise EncodeError(f"{indices.size} page records do not fit in {out.size} bytes")
-        return nbytes, zeros, indices.size - zeros
-
-    def pack_run(self, out: np.ndarray, block: RamBlock, indices: np.ndarray, start: int,
-                 known_zero: np.ndarray | None = None) -> tuple[int, int, int]:
-        """Records for ``indices[start:]``, as many as fit in ``out``, pages copied.
+    def batch_run(self, batch: Any, block: RamBlock, indices: np.ndarray, start: int,
+                  known_zero: np.ndarray | None = None) -> tuple[int, int, int]:
+        """Records for ``indices[start:]`` into ``batch`` (a ``pyvm.fastpath.RecordBatch``),
+        as many as it holds; page bytes stay in ``block.buffer`` until it is sent.
 
         A page goes as ZERO when ``known_zero[i]`` says so (pages never populated, for
-        instance) or when it reads as all zero (scanned natively while packing); else as
-        PAGE.  Returns (next start, bytes written, zero pages).
+        instance) or when it reads as all zero (scanned natively on the way); else as
+        PAGE.  Returns (next start, bytes, zero pages).
         """
         if block.ignored:
             raise EncodeError(f"RAM block {block.name!r} is not migrated (x-ignore-shared)")
         known = _NO_PAGES if known_zero is None else known_zero.view(np.uint8)
-        return self._pack(out, block, np.ascontiguousarray(indices, dtype=np.int64), start, known,
-                          scan=True)
-
-    def _pack(self, out: np.ndarray, block: RamBlock, indices: np.ndarray, start: int,
-              known: np.ndarray, scan: bool) -> tuple[int, int, int]:
         src = _NO_PAGES if block.buffer is None else np.frombuffer(block.buffer, dtype=np.uint8)
         try:
-            end, nbytes, zeros = pack_page_records(src, block.length >> TARGET_PAGE_BITS, indices,
-                                                   start, known, scan, self._name_to_send(block), out)
+            end, nbytes, zeros = batch.pack(src, block.length >> TARGET_PAGE_BITS,
+                                            np.ascontiguousarray(indices, dtype=np.int64), start,
+                                            known, True, self._name_to_send(block))
         except ValueError as err:
             raise EncodeError(f"RAM block {block.name!r}: {err}") from None
         if end > start:

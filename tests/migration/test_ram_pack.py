@@ -1,7 +1,8 @@
-"""Page records packed into one buffer equal the zero-copy chunks; the native loader path."""
+"""Page records laid out in a native batch equal the zero-copy chunks; the native loader path."""
 
 from __future__ import annotations
 
+import os
 import random
 
 import numpy as np
@@ -10,7 +11,8 @@ import pytest
 from migration_fakes import PAGE, FakeTarget, decode_stream, encode_stream, make_ram
 from pyvm.migration import RamBlock, StreamEncoder
 from pyvm.migration.errors import EncodeError, MigrationError
-from pyvm.migration.ram_format import RamLoader, RamPageWriter, packed_size
+from pyvm.fastpath import RecordBatch
+from pyvm.migration.ram_format import RamLoader, RamPageWriter
 from pyvm.migration.stream_reader import StreamReader, run_to_completion
 from pyvm.migration.stream_writer import StreamWriter, join_chunks
 
@@ -23,7 +25,24 @@ def _random_ram(npages: int, rng: random.Random) -> bytearray:
     return ram
 
 
-def test_packed_records_equal_the_chunked_records() -> None:
+def _batch_bytes(writer: RamPageWriter, block: RamBlock, idx: np.ndarray, tmp_path) -> tuple[bytes, int]:
+    batch = RecordBatch(8)
+    out, start, zeros = bytearray(), 0, 0
+    path = tmp_path / "sent"
+    while start < idx.size:
+        start, _, z = writer.batch_run(batch, block, idx, start)
+        zeros += z
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        try:
+            while batch.remaining:
+                batch.send(fd)
+        finally:
+            os.close(fd)
+        out += path.read_bytes()
+    return bytes(out), zeros
+
+
+def test_batched_records_equal_the_chunked_records(tmp_path) -> None:
     rng = random.Random(5)
     for trial in range(40):
         npages = rng.randint(1, 40)
@@ -31,30 +50,30 @@ def test_packed_records_equal_the_chunked_records() -> None:
         block = RamBlock(rng.choice(["pc.ram", "/rom@etc/acpi/tables"]), len(ram), 0, ram)
         idx = np.array(rng.sample(range(npages), rng.randint(0, npages)), dtype=np.int64)
         mask = np.array([not any(ram[i * PAGE:(i + 1) * PAGE]) for i in idx.tolist()], dtype=bool)
-        chunked, packed = RamPageWriter(), RamPageWriter()
+        chunked, batched = RamPageWriter(), RamPageWriter()
         if rng.random() < 0.5:                   # the block was named before: CONTINUE only
-            chunked.last_block = packed.last_block = block.name
+            chunked.last_block = batched.last_block = block.name
         w = StreamWriter()
-        counts = chunked.write_pages(w, block, idx.tolist(), mask.tolist())
-        out = np.full(packed_size(idx.size, block.name), 0xEE, dtype=np.uint8)
-        nbytes, zeros, normals = packed.pack_pages(out, block, idx, mask)
-        assert (zeros, normals) == counts, trial
-        assert out[:nbytes].tobytes() == w.take_bytes(), trial
-        assert chunked.last_block == packed.last_block
+        zeros, _ = chunked.write_pages(w, block, idx.tolist(), mask.tolist())
+        data, batch_zeros = _batch_bytes(batched, block, idx, tmp_path)
+        assert batch_zeros == zeros, trial
+        assert data == w.take_bytes(), trial
+        assert chunked.last_block == batched.last_block or idx.size == 0
 
 
-def test_pack_checks_like_write() -> None:
+def test_batch_checks_like_write() -> None:
     ram = make_ram(4)
     block = RamBlock("pc.ram", len(ram), 0, ram)
-    out = np.zeros(packed_size(8), dtype=np.uint8)
-    with pytest.raises(EncodeError, match="page 4 outside RAM block 'pc.ram' \\(4 pages\\)"):
-        RamPageWriter().pack_pages(out, block, [1, 4], [False, False])
-    with pytest.raises(EncodeError, match="has no buffer"):
-        RamPageWriter().pack_pages(out, RamBlock("pc.ram", len(ram), 0, None), [1], [False])
-    with pytest.raises(EncodeError, match="do not fit"):
-        RamPageWriter().pack_pages(np.zeros(PAGE, dtype=np.uint8), block, [0], [False])
-    zero_only = RamPageWriter().pack_pages(out, RamBlock("pc.ram", len(ram), 0, None), [1, 2], [True, True])
-    assert zero_only[1:] == (2, 0)
+    batch = RecordBatch(8)
+    with pytest.raises(EncodeError, match="RAM block 'pc.ram': page index 4 beyond the block"):
+        RamPageWriter().batch_run(batch, block, np.array([1, 4]), 0)
+    with pytest.raises(EncodeError, match="beyond the source buffer"):
+        RamPageWriter().batch_run(batch, RamBlock("pc.ram", len(ram), 0, None), np.array([1]), 0)
+    with pytest.raises(EncodeError, match="not migrated"):
+        RamPageWriter().batch_run(batch, RamBlock("pc.ram", len(ram), 0, ram, ignored=True), np.array([1]), 0)
+    known = np.ones(2, dtype=bool)
+    assert RamPageWriter().batch_run(batch, RamBlock("pc.ram", len(ram), 0, None), np.array([1, 2]), 0,
+                                     known) == (2, 8 + 1 + 6 + 1 + 9, 2)
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4104, 4105, 65536, 0])

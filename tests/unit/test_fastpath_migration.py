@@ -1,8 +1,11 @@
-"""The migration kernels (zero scan by index, page-record packer and loader): both twins agree."""
+"""The migration kernels (zero scan by index, page-record batches and loader): both twins agree."""
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import socket
 import struct
 
 import numpy as np
@@ -132,7 +135,7 @@ def test_load_page_run_applies_and_stops(impl) -> None:
         impl.load_page_run(data, len(data) + 1, dest, PAGE)
 
 
-# -- the packer -------------------------------------------------------------------------------
+# -- the record batch (headers in the batch, pages from RAM) -----------------------------------
 
 def _expected_records(ram: np.ndarray, idx: list[int], zero: list[bool], name: bytes) -> bytes:
     out = bytearray()
@@ -145,51 +148,73 @@ def _expected_records(ram: np.ndarray, idx: list[int], zero: list[bool], name: b
     return bytes(out)
 
 
+def _sent(impl, batch, tmp_path) -> bytes:
+    """Everything the batch sends, written to a file with writev."""
+    path = tmp_path / "sent"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while batch.remaining:
+            assert batch.send(fd) > 0
+    finally:
+        os.close(fd)
+    return path.read_bytes()
+
+
+NONE = np.zeros(0, np.uint8)
+
+
 @pytest.mark.parametrize("impl", IMPLS)
-def test_pack_page_records_scans_and_names_the_block(impl) -> None:
+def test_record_batch_scans_and_names_the_block(impl, tmp_path) -> None:
     ram = _ram(24, 5)
     idx = np.array([3, 0, 17, 5, 23, 9], dtype=np.int64)
     scanned = [not ram[i * PAGE:(i + 1) * PAGE].any() for i in idx.tolist()]
-    out = np.full(64 * PAGE, 0xEE, dtype=np.uint8)
-    end, nbytes, zeros = impl.pack_page_records(ram, 24, idx, 0, np.zeros(0, np.uint8), True, b"pc.ram", out)
-    assert (end, zeros) == (idx.size, sum(scanned))
-    assert out[:nbytes].tobytes() == _expected_records(ram, idx.tolist(), scanned, b"pc.ram")
-    assert (out[nbytes:] == 0xEE).all()
+    batch = impl.RecordBatch(16)
+    end, nbytes, zeros = batch.pack(ram, 24, idx, 0, NONE, True, b"pc.ram")
+    assert (end, zeros) == (idx.size, sum(scanned)) and batch.remaining == nbytes
+    assert _sent(impl, batch, tmp_path) == _expected_records(ram, idx.tolist(), scanned, b"pc.ram")
     # known-zero pages are ZERO without reading them; without scan the rest go as PAGE
     known = np.array([1, 0, 0, 1, 0, 0], dtype=np.uint8)
-    end, nbytes, zeros = impl.pack_page_records(ram, 24, idx, 1, known, False, b"", out)
+    end, nbytes, zeros = batch.pack(ram, 24, idx, 1, known, False, b"")
     assert (end, zeros) == (idx.size, 1)
-    assert out[:nbytes].tobytes() == _expected_records(ram, idx.tolist()[1:], [False, False, True, False, False], b"")
+    assert _sent(impl, batch, tmp_path) == _expected_records(
+        ram, idx.tolist()[1:], [False, False, True, False, False], b"")
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_pack_page_records_stops_where_the_output_is_full(impl) -> None:
-    ram = _ram(8, 6)
-    ram[:PAGE] = 0
-    idx = np.arange(8, dtype=np.int64)
-    out = np.zeros(8 + 1 + 3 + 1 + 2 * (8 + PAGE) + 5, dtype=np.uint8)    # page 0 (named) + 2 more
-    ram[PAGE:3 * PAGE] = 7
-    end, nbytes, zeros = impl.pack_page_records(ram, 8, idx, 0, np.zeros(0, np.uint8), True, b"abc", out)
-    assert (end, nbytes, zeros) == (3, 8 + 1 + 3 + 1 + 2 * (8 + PAGE), 1)
-    assert impl.pack_page_records(ram, 8, idx, 8, np.zeros(0, np.uint8), True, b"", out) == (8, 0, 0)
+def test_record_batch_stops_at_its_page_count_and_header_room(impl, tmp_path) -> None:
+    ram = np.zeros(16 * PAGE, dtype=np.uint8)
+    ram[PAGE:4 * PAGE] = 7                     # pages 1-3 hold data, the rest is zero
+    idx = np.arange(16, dtype=np.int64)
+    batch = impl.RecordBatch(2, 512)
+    assert batch.pack(ram, 16, idx, 0, NONE, True, b"abc")[:1] == (3,)     # 0, 1, 2: two PAGE records
+    with pytest.raises(ValueError, match="unsent"):
+        batch.pack(ram, 16, idx, 3, NONE, True, b"")
+    batch.clear()
+    assert batch.remaining == 0
+    end = batch.pack(ram, 16, idx, 4, NONE, True, b"")[0]
+    assert end == 16                              # 12 ZERO records fit in 512 bytes
+    big = np.zeros(100 * PAGE, dtype=np.uint8)
+    assert batch.clear() is None and batch.pack(big, 100, np.arange(100, dtype=np.int64), 0, NONE, True,
+                                                b"")[0] == 512 // 9
+    batch.clear()
+    assert batch.pack(ram, 16, idx, 16, NONE, True, b"") == (16, 0, 0)
 
 
 @pytest.mark.parametrize("impl", IMPLS)
-def test_pack_page_records_checks_indices(impl) -> None:
+def test_record_batch_checks_indices(impl) -> None:
     ram = _ram(4, 7)
-    out = np.zeros(4 * (8 + PAGE), dtype=np.uint8)
+    batch = impl.RecordBatch(8)
     with pytest.raises(ValueError, match="beyond the block"):
-        impl.pack_page_records(ram, 4, np.array([1, 4], dtype=np.int64), 0, np.zeros(0, np.uint8), True, b"", out)
+        batch.pack(ram, 4, np.array([1, 4], dtype=np.int64), 0, NONE, True, b"")
     with pytest.raises(ValueError, match="beyond the block"):
-        impl.pack_page_records(ram, 4, np.array([-1], dtype=np.int64), 0, np.zeros(0, np.uint8), True, b"", out)
-    # a block with more pages than the buffer holds: only known-zero pages may be packed
+        batch.pack(ram, 4, np.array([-1], dtype=np.int64), 0, NONE, True, b"")
+    # a block with more pages than the buffer holds: only known-zero pages may be sent
     with pytest.raises(ValueError, match="beyond the source buffer"):
-        impl.pack_page_records(ram, 9, np.array([6], dtype=np.int64), 0, np.zeros(0, np.uint8), True, b"", out)
-    assert impl.pack_page_records(ram, 9, np.array([6], dtype=np.int64), 0,
-                                  np.ones(1, np.uint8), True, b"", out) == (1, 9, 1)
+        batch.pack(ram, 9, np.array([6], dtype=np.int64), 0, NONE, True, b"")
+    assert batch.pack(ram, 9, np.array([6], dtype=np.int64), 0, np.ones(1, np.uint8), True, b"") == (1, 9, 1)
 
 
-def test_pack_page_records_twins_agree() -> None:
+def test_record_batch_twins_agree(tmp_path) -> None:
     if _fastpath is None:
         pytest.skip("extension not built")
     rng = random.Random(12)
@@ -201,12 +226,62 @@ def test_pack_page_records_twins_agree() -> None:
         start = rng.randint(0, idx.size)
         name = rng.choice([b"", b"pc.ram"])
         scan = rng.random() < 0.7
-        cap = rng.randint(0, 6 * (8 + PAGE))
-        outs = [np.zeros(cap, dtype=np.uint8) for _ in range(2)]
-        a = fastpath_py.pack_page_records(ram, npages, idx, start, known, scan, name, outs[0])
-        b = _fastpath.pack_page_records(ram, npages, idx, start, known, scan, name, outs[1])
-        assert a == b, trial
-        assert (outs[0] == outs[1]).all(), trial
+        max_pages, room = rng.randint(1, 6), rng.randint(512, 2048)
+        a, b = fastpath_py.RecordBatch(max_pages, room), _fastpath.RecordBatch(max_pages, room)
+        assert a.pack(ram, npages, idx, start, known, scan, name) == \
+            b.pack(ram, npages, idx, start, known, scan, name), trial
+        assert _sent(fastpath_py, a, tmp_path) == _sent(_fastpath, b, tmp_path), trial
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_record_batch_resumes_after_partial_writes(impl) -> None:
+    ram = _ram(64, 8)
+    ram[5 * PAGE:6 * PAGE] = 0
+    idx = np.arange(64, dtype=np.int64)
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    got = bytearray()
+    try:
+        batch = impl.RecordBatch(64)
+        batch.pack(ram, 64, idx, 0, NONE, True, b"pc.ram")
+        blocked = 0
+        while batch.remaining:
+            try:
+                batch.send(w)
+            except BlockingIOError:               # pipe full: drain it, as poll() would wait
+                blocked += 1
+                got += os.read(r, 1 << 20)
+        os.close(w)
+        w = -1
+        while chunk := os.read(r, 1 << 20):
+            got += chunk
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
+    assert blocked > 0
+    zero = [not ram[i * PAGE:(i + 1) * PAGE].any() for i in range(64)]
+    assert bytes(got) == _expected_records(ram, list(range(64)), zero, b"pc.ram")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_record_batch_sendmsg_and_errors(impl) -> None:
+    ram = _ram(4, 9)
+    a, b = socket.socketpair()
+    with a, b:
+        batch = impl.RecordBatch(8)
+        n = batch.pack(ram, 4, np.arange(4, dtype=np.int64), 0, NONE, False, b"")[1]
+        assert batch.send(a.fileno(), True) == n
+        got = bytearray()
+        while len(got) < n:
+            got += b.recv(1 << 20)
+        assert bytes(got) == _expected_records(ram, [0, 1, 2, 3], [False] * 4, b"")
+        b.close()
+        batch.pack(ram, 4, np.arange(4, dtype=np.int64), 0, NONE, False, b"")
+        with pytest.raises(OSError) as info:
+            while batch.remaining:
+                batch.send(a.fileno(), True)
+        assert info.value.errno in (errno.EPIPE, errno.ECONNRESET)
 
 
 # -- the loader's map of pages known to be zero ------------------------------------------------

@@ -30,7 +30,7 @@ import errno as errno_codes
 import os
 import select
 import threading
-from typing import Protocol, Sequence, Union, runtime_checkable
+from typing import Callable, Protocol, Sequence, Union, runtime_checkable
 
 from pyvm.errors import PyvmError
 
@@ -72,6 +72,20 @@ def os_error(message: str, err: OSError) -> TransportError:
 def cancelled_error(message: str) -> TransportCancelled:
     return TransportCancelled(f"{message}: {os.strerror(errno_codes.ECANCELED)}",
                               errno=errno_codes.ECANCELED)
+
+
+class RecordSource(Protocol):
+    """A batch of bytes that sends itself on a descriptor (``pyvm.fastpath.RecordBatch``)."""
+
+    @property
+    def remaining(self) -> int:
+        """Bytes not sent yet."""
+
+    def send(self, fd: int, socket: bool = False) -> int:
+        """One system call's worth; BlockingIOError when nothing could be written."""
+
+    def clear(self) -> None:
+        """Drop what is left (and the memory it points into)."""
 
 
 @runtime_checkable
@@ -251,6 +265,9 @@ class FdOutgoing(_FdChannel):
     write raises the same error again (:attr:`error`).
     """
 
+    #: Page batches go out with sendmsg(MSG_NOSIGNAL) instead of writev.
+    _is_socket = False
+
     def __init__(self, fd: int, *, description: str, kernel_wakeup: bool = False) -> None:
         super().__init__(fd, description=description, kernel_wakeup=kernel_wakeup)
         self._error: TransportError | None = None
@@ -277,25 +294,50 @@ class FdOutgoing(_FdChannel):
         self.writev((data,))
 
     def writev(self, chunks: Sequence[Chunk]) -> None:
-        if self._error is None:
-            if self._released:
-                self._fail(TransportError(f"Unable to write to {self.kind}: channel is closed",
-                                          errno=errno_codes.EBADF))
-            else:
-                self._write_all(as_views(chunks))
-        if self._error is not None:
-            del chunks                       # keep the raised error's frames free of buffers
-            raise fresh(self._error)
+        views = as_views(chunks)
+        del chunks                           # keep a raised error's frames free of buffers
+        index = 0
 
-    def _write_all(self, views: list[memoryview]) -> None:
-        """Write every view; a failure is recorded in ``self._error``, never raised here."""
-        index, count = 0, len(views)
-        while index < count:
+        def send_once() -> int:
+            nonlocal index
+            sent = self._send(views[index:index + IOV_MAX])
+            done = sent
+            # Drop what the kernel took; a partly sent view is sliced, never copied.
+            while done:
+                size = views[index].nbytes
+                if done >= size:
+                    done -= size
+                    index += 1
+                else:
+                    views[index] = views[index][done:]
+                    done = 0
+            return sent
+        try:
+            self._write_all(send_once, lambda: index < len(views))
+        finally:
+            del views                        # (the closure's cell too)
+
+    def write_records(self, batch: RecordSource) -> None:
+        """Write a packed batch of page records (``pyvm.fastpath.RecordBatch``): headers
+        from the batch, page bytes straight from guest RAM, in as few system calls as the
+        kernel allows."""
+        try:
+            self._write_all(lambda: batch.send(self._fd, self._is_socket), lambda: batch.remaining > 0)
+        finally:
+            batch.clear()
+
+    def _write_all(self, send_once: Callable[[], int], pending: Callable[[], bool]) -> None:
+        """Call ``send_once`` while ``pending()``; the first failure is recorded in
+        ``self._error`` and raised (as a fresh copy) now and by every later write."""
+        if self._error is None and self._released:
+            self._fail(TransportError(f"Unable to write to {self.kind}: channel is closed",
+                                      errno=errno_codes.EBADF))
+        while self._error is None and pending():
             if self._abort.triggered:
                 self._fail(cancelled_error(f"Unable to write to {self.kind}"))
-                return
+                break
             try:
-                sent = self._send(views[index:index + IOV_MAX])
+                sent = send_once()
             except BlockingIOError:
                 wait_ready(self._fd, _POLL_OUT, self._abort)
                 continue
@@ -304,17 +346,10 @@ class FdOutgoing(_FdChannel):
                     self._fail(detached(cancelled_error(f"Unable to write to {self.kind}"), err))
                 else:
                     self._fail(detached(os_error(f"Unable to write to {self.kind}", err), err))
-                return
+                break
             self._bytes_written += sent
-            # Drop what the kernel took; a partly sent view is sliced, never copied.
-            while sent:
-                size = views[index].nbytes
-                if sent >= size:
-                    sent -= size
-                    index += 1
-                else:
-                    views[index] = views[index][sent:]
-                    sent = 0
+        if self._error is not None:
+            raise fresh(self._error)
 
     def flush(self) -> None:
         if self._error is not None:

@@ -46,6 +46,7 @@ class SocketOutgoing(FdOutgoing):
     """A connected stream socket the source writes to."""
 
     kind = "socket"
+    _is_socket = True
 
     def __init__(self, sock: socket.socket, *, description: str) -> None:
         sock.setblocking(True)
