@@ -158,6 +158,31 @@ cdef extern from *:
         return __builtin_bswap64(v);
     }
 
+    /* One 4 KiB page into guest RAM with non-temporal stores: the destination lines are
+       not read first (no read-for-ownership) and do not evict the cache, which makes
+       loading a migration stream's pages about twice as fast as memcpy into cold RAM.
+       Callers issue pyvm_store_fence() before anyone else may read the page. */
+    #if defined(__SSE2__)
+    #include <emmintrin.h>
+    static inline void pyvm_copy_page(uint8_t *d, const uint8_t *s) {
+        if (((uintptr_t)d & 15) != 0) { memcpy(d, s, 4096); return; }
+        for (int i = 0; i < 4096; i += 64) {
+            __m128i a = _mm_loadu_si128((const __m128i *)(s + i));
+            __m128i b = _mm_loadu_si128((const __m128i *)(s + i + 16));
+            __m128i c = _mm_loadu_si128((const __m128i *)(s + i + 32));
+            __m128i e = _mm_loadu_si128((const __m128i *)(s + i + 48));
+            _mm_stream_si128((__m128i *)(d + i), a);
+            _mm_stream_si128((__m128i *)(d + i + 16), b);
+            _mm_stream_si128((__m128i *)(d + i + 32), c);
+            _mm_stream_si128((__m128i *)(d + i + 48), e);
+        }
+    }
+    static inline void pyvm_store_fence(void) { _mm_sfence(); }
+    #else
+    static inline void pyvm_copy_page(uint8_t *d, const uint8_t *s) { memcpy(d, s, 4096); }
+    static inline void pyvm_store_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
+    #endif
+
     static inline void pyvm_store_be64(uint8_t *p, uint64_t v) {
         v = __builtin_bswap64(v);
         memcpy(p, &v, 8);
@@ -175,6 +200,8 @@ cdef extern from *:
     int pyvm_page_is_zero_early(const uint8_t *p) nogil
     uint64_t pyvm_load_be64(const uint8_t *p) nogil
     void pyvm_store_be64(uint8_t *p, uint64_t v) nogil
+    void pyvm_copy_page(uint8_t *d, const uint8_t *s) nogil
+    void pyvm_store_fence() nogil
     ctypedef struct pyvm_stopper:
         int flag
         unsigned int blocks
@@ -593,7 +620,7 @@ def load_page_run(const uint8_t[::1] src, Py_ssize_t pos, uint8_t[::1] dest, Py_
             if flags == RAM_PAGE | RAM_CONTINUE:
                 if end - pos < 8 + PAGE_BYTES:
                     break
-                memcpy(d + addr, s + pos + 8, PAGE_BYTES)
+                pyvm_copy_page(d + addr, s + pos + 8)
                 if w != NULL:
                     w[addr >> PAGE_SHIFT] = 1
                 pos += 8 + PAGE_BYTES
@@ -611,6 +638,7 @@ def load_page_run(const uint8_t[::1] src, Py_ssize_t pos, uint8_t[::1] dest, Py_
                 zeros += 1
             else:
                 break
+        pyvm_store_fence()
     return pos, normal, zeros
 
 
