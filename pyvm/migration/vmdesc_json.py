@@ -10,14 +10,20 @@ writes its own.
 
 from __future__ import annotations
 
+import json
+import re
 from typing import Any
 
+# Printable ASCII except '"' and '\\': written as is (nearly every vmdesc string).
+_PLAIN = re.compile(r'[ !#-\[\]-~]*')
 _SIMPLE_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\f": "\\f", "\n": "\\n",
                    "\r": "\\r", "\t": "\\t"}
 
 
 def quote(text: str) -> str:
     """``text`` as a JSON string literal, escaped as QEMU escapes it."""
+    if _PLAIN.fullmatch(text):
+        return f'"{text}"'
     out = ['"']
     for ch in text:
         cp = ord(ch)
@@ -36,6 +42,11 @@ def quote(text: str) -> str:
 
 def dumps(value: Any) -> str:
     """Serialize dicts (in insertion order), lists, str, int, bool and None."""
+    # The C encoder of the json module writes the same text whenever no string needs a
+    # \\u escape (it would use lower-case hex) and none holds 0x7F (it would not escape it).
+    text = json.dumps(value, separators=(", ", ": "), check_circular=False)
+    if "\\u" not in text and "\x7f" not in text:
+        return text
     parts: list[str] = []
     _write(value, parts)
     return "".join(parts)

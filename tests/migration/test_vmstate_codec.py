@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import random
+
 import pytest
 
 from migration_fakes import FAKE_VMSD, FakeDevice, sample_device
@@ -139,3 +141,26 @@ def test_nested_subsections_and_buffer_arrays() -> None:
 def test_json_escapes_like_qemu() -> None:
     assert vmdesc_json.dumps({"a\"\\\n": [1, True, None, "\x7f\x01é\U0001F600"]}) == (
         '{"a\\"\\\\\\n": [1, true, null, "\\u007F\\u0001\\u00E9\\uD83D\\uDE00"]}')
+
+
+def test_vmdesc_json_fast_and_exact_writers_agree() -> None:
+    rng = random.Random(3)
+    alphabet = "ab_/. -09\"\\\b\f\n\r\t\x01\x1f\x7f\x80éЖ\U0001F600u"
+    for trial in range(300):
+        def value(depth: int) -> object:
+            kind = rng.randrange(6 if depth < 3 else 4)
+            if kind == 0:
+                return "".join(rng.choice(alphabet) for _ in range(rng.randrange(6)))
+            if kind == 1:
+                return rng.randrange(-2**40, 2**40)
+            if kind == 2:
+                return rng.choice([True, False, None])
+            if kind == 3:
+                return "plain-" + str(rng.randrange(100))
+            if kind == 4:
+                return [value(depth + 1) for _ in range(rng.randrange(4))]
+            return {str(value(3)): value(depth + 1) for _ in range(rng.randrange(4))}
+        v = value(0)
+        parts: list[str] = []
+        vmdesc_json._write(v, parts)
+        assert vmdesc_json.dumps(v) == "".join(parts), (trial, v)
