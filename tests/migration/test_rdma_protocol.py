@@ -202,3 +202,17 @@ def test_segments_cover_the_range_exactly(cuts: list[int], offset: int, length: 
         last = (start + piece_len - 1) // RDMA_REG_CHUNK_SIZE
         for chunk in range(start // RDMA_REG_CHUNK_SIZE, last + 1):
             assert chunk_map.get(chunk) == reg
+
+
+def test_compress_fill_writes_only_pages_that_need_it() -> None:
+    from pyvm.migration.transports.rdma_transport import RdmaIncoming
+    page = 4096
+    ram = bytearray(8 * page)
+    ram[2 * page + 5] = 1
+    ram[7 * page] = 3
+    inc = RdmaIncoming.__new__(RdmaIncoming)     # just the block table _fill needs
+    inc._blocks, inc._views, inc._offsets = [("pc.ram", ram, len(ram))], [memoryview(ram)], [0]
+    inc._fill(Compress(0, 0, page, 6 * page))
+    assert ram[2 * page + 5] == 0 and ram[7 * page] == 3
+    inc._fill(Compress(7, 0, 0, page))
+    assert ram[:page] == b"\x07" * page and ram[page:7 * page] == bytes(6 * page)

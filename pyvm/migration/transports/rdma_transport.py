@@ -33,6 +33,9 @@ import threading
 import time
 from typing import Any, Iterable, Optional, Sequence
 
+import numpy as np
+
+from pyvm.fastpath import find_zero_pages
 from pyvm.migration.transports.base import AbortSignal, Chunk, as_views, cancelled_error
 from pyvm.migration.transports.fabric import (Endpoint, EndpointSizes, FabricListener,
                                               find_info, host_port, load_binding, rdma_error)
@@ -58,6 +61,7 @@ DEST_SEND_SLOTS = 4
 WRITE_SLOTS = 32                         # RDMA writes in flight
 STREAM_QUEUE_MAX = 16 << 20              # destination: stream bytes queued before credits wait
 _ZEROS = bytes(RDMA_REG_CHUNK_SIZE)
+PAGE = 4096                     # the pages COMPRESS ranges are made of (TARGET_PAGE_SIZE)
 
 
 def _check_blocks(blocks: Sequence[BlockSpec]) -> None:
@@ -498,9 +502,19 @@ class RdmaIncoming:
         offset = self._block_range("COMPRESS", fill.block_idx, fill.offset, fill.length)
         if fill.value > 0xFF:
             raise RdmaProtocolError(f"COMPRESS fill value {fill.value} is not a byte")
-        pattern = _ZEROS if fill.value == 0 else bytes((fill.value,)) * len(_ZEROS)
         view = self._views[fill.block_idx]
         end = offset + fill.length
+        if fill.value == 0 and offset % PAGE == 0 and end % PAGE == 0:
+            # Zero only the pages that are not zero already, so that untouched memory
+            # stays unallocated (QEMU's ram_handle_zero).
+            pages = np.frombuffer(view, dtype=np.uint8)
+            zero = np.zeros((end - offset) // PAGE, dtype=np.uint8)
+            find_zero_pages(pages, offset // PAGE, zero.size, zero)
+            for index in np.flatnonzero(zero == 0).tolist():
+                at = offset + index * PAGE
+                view[at:at + PAGE] = _ZEROS[:PAGE]
+            return
+        pattern = _ZEROS if fill.value == 0 else bytes((fill.value,)) * len(_ZEROS)
         while offset < end:
             step = min(end - offset, len(pattern))
             view[offset:offset + step] = pattern[:step]
