@@ -31,4 +31,4 @@ bench: setup
 	$(PY) bench/zero_scan.py
 
 clean:
-	rm -rf build .venv pyvm/_fastpath.c pyvm/*.so
+	rm -rf build .venv pyvm/_fastpath.c pyvm/_pagestream.c pyvm/*.so

@@ -1,6 +1,7 @@
 """Build of pyvm's Cython extensions; all metadata lives in pyproject.toml.
 
-``pyvm._fastpath`` (dirty tracking, page scans) is always built.  The rdma transport's
+``pyvm._fastpath`` (dirty tracking, page scans) and ``pyvm._pagestream`` (the migration
+stream's page records) are always built; they share ``pyvm/_kernels.h``.  The rdma transport's
 libfabric binding is built when libfabric's headers are installed (Debian: libfabric-dev);
 without them pyvm works and ``rdma:`` reports what is missing.  Set PYVM_NO_LIBFABRIC=1
 to skip it.
@@ -33,10 +34,12 @@ extensions = [
     Extension(
         "pyvm._fastpath",
         ["pyvm/_fastpath.pyx"],
-        include_dirs=[numpy.get_include()],
+        include_dirs=[numpy.get_include(), "pyvm"],
         define_macros=[("NPY_NO_DEPRECATED_API", "NPY_1_7_API_VERSION")],
         extra_compile_args=["-O3"],
-    )
+    ),
+    Extension("pyvm._pagestream", ["pyvm/_pagestream.pyx"], include_dirs=["pyvm"],
+              extra_compile_args=["-O3"]),
 ]
 fabric = libfabric_flags()
 if fabric is not None:

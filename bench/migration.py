@@ -106,15 +106,8 @@ def raw_exec(path: Path, nbytes: int) -> float:
     return time.perf_counter() - t0
 
 
-def wait_status(vm: VmProcess, states: tuple[str, ...], timeout: float = 600) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        info = vm.cmd("query-migrate")
-        if info.get("status") in states:
-            return info
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{vm.name}: migration still {info}")
-        time.sleep(0.002)
+def wait_status(vm: VmProcess, states: tuple[str, ...]) -> dict:
+    return vm.wait_migration(states, timeout=600, poll=0.002)
 
 
 def migrate(tmp: Path, transport: str, src_args: list[str], dst_args: list[str]) -> dict:

@@ -12,12 +12,11 @@ never lost.
 """
 
 from libc.stdint cimport uint8_t, uint64_t, int64_t, uintptr_t
-from libc.string cimport memcmp, memcpy, memset
+from libc.string cimport memcmp
 from libc.stdlib cimport malloc, free
 
 import numpy as np
 cimport numpy as cnp
-from os import strerror as os_strerror
 
 cnp.import_array()
 
@@ -128,65 +127,6 @@ cdef extern from *:
                                         (uint64_t)1, (uint64_t)0);
     }
 
-    /* 1 if the page is all zero.  OR-reduce in 8 lanes so the compiler vectorises. */
-    static inline int pyvm_page_is_zero(const uint8_t *p) {
-        const uint64_t *w = (const uint64_t *)p;
-        uint64_t acc = 0;
-        for (int i = 0; i < 512; i += 8)
-            acc |= w[i] | w[i+1] | w[i+2] | w[i+3] | w[i+4] | w[i+5] | w[i+6] | w[i+7];
-        return acc == 0;
-    }
-
-    /* The same answer, but stops at the first non-zero 128-byte stretch (data pages
-       usually differ from zero in their first cache lines). */
-    static inline int pyvm_page_is_zero_early(const uint8_t *p) {
-        const uint64_t *w = (const uint64_t *)p;
-        for (int i = 0; i < 512; i += 16) {
-            uint64_t acc = 0;
-            for (int j = 0; j < 16; j++)
-                acc |= w[i + j];
-            if (acc)
-                return 0;
-        }
-        return 1;
-    }
-
-    /* A big-endian 64-bit word at any alignment (migration stream records). */
-    static inline uint64_t pyvm_load_be64(const uint8_t *p) {
-        uint64_t v;
-        memcpy(&v, p, 8);
-        return __builtin_bswap64(v);
-    }
-
-    /* One 4 KiB page into guest RAM with non-temporal stores: the destination lines are
-       not read first (no read-for-ownership) and do not evict the cache, which makes
-       loading a migration stream's pages about twice as fast as memcpy into cold RAM.
-       Callers issue pyvm_store_fence() before anyone else may read the page. */
-    #if defined(__SSE2__)
-    #include <emmintrin.h>
-    static inline void pyvm_copy_page(uint8_t *d, const uint8_t *s) {
-        if (((uintptr_t)d & 15) != 0) { memcpy(d, s, 4096); return; }
-        for (int i = 0; i < 4096; i += 64) {
-            __m128i a = _mm_loadu_si128((const __m128i *)(s + i));
-            __m128i b = _mm_loadu_si128((const __m128i *)(s + i + 16));
-            __m128i c = _mm_loadu_si128((const __m128i *)(s + i + 32));
-            __m128i e = _mm_loadu_si128((const __m128i *)(s + i + 48));
-            _mm_stream_si128((__m128i *)(d + i), a);
-            _mm_stream_si128((__m128i *)(d + i + 16), b);
-            _mm_stream_si128((__m128i *)(d + i + 32), c);
-            _mm_stream_si128((__m128i *)(d + i + 48), e);
-        }
-    }
-    static inline void pyvm_store_fence(void) { _mm_sfence(); }
-    #else
-    static inline void pyvm_copy_page(uint8_t *d, const uint8_t *s) { memcpy(d, s, 4096); }
-    static inline void pyvm_store_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_CST); }
-    #endif
-
-    static inline void pyvm_store_be64(uint8_t *p, uint64_t v) {
-        v = __builtin_bswap64(v);
-        memcpy(p, &v, 8);
-    }
     """
     ctypedef struct pyvm_track:
         uint64_t *bitmap
@@ -196,12 +136,6 @@ cdef extern from *:
     int pyvm_hook_del(uintptr_t fn, void *uc, size_t hh) nogil
     uint64_t pyvm_xchg(uint64_t *word) nogil
     void pyvm_or(uint64_t *word, uint64_t bits) nogil
-    int pyvm_page_is_zero(const uint8_t *p) nogil
-    int pyvm_page_is_zero_early(const uint8_t *p) nogil
-    uint64_t pyvm_load_be64(const uint8_t *p) nogil
-    void pyvm_store_be64(uint8_t *p, uint64_t v) nogil
-    void pyvm_copy_page(uint8_t *d, const uint8_t *s) nogil
-    void pyvm_store_fence() nogil
     ctypedef struct pyvm_stopper:
         int flag
         unsigned int blocks
@@ -209,6 +143,10 @@ cdef extern from *:
         uint64_t deadline
         uintptr_t stop_fn
     int pyvm_block_hook_add(uintptr_t fn, void *uc, size_t *hh, pyvm_stopper *s) nogil
+
+cdef extern from "_kernels.h" nogil:
+    int pyvm_page_is_zero(const uint8_t *p)
+    int pyvm_page_is_zero_early(const uint8_t *p)
 
 IMPLEMENTATION = "cython"
 PAGE_SIZE = PAGE_BYTES
@@ -383,263 +321,6 @@ def find_zero_pages_at(const uint8_t[::1] buf, const int64_t[::1] indices, uint8
             out[i] = pyvm_page_is_zero_early(base + indices[i] * PAGE_BYTES)
             zeros += out[i]
     return zeros
-
-
-# RAM record flags of the migration stream (QEMU migration/ram.c RAM_SAVE_FLAG_*).
-cdef enum:
-    RAM_ZERO = 0x02
-    RAM_PAGE = 0x08
-    RAM_CONTINUE = 0x20
-
-
-cdef extern from "<sys/uio.h>" nogil:
-    struct iovec:
-        void *iov_base
-        size_t iov_len
-    ssize_t writev(int fd, const iovec *iov, int iovcnt)
-
-cdef extern from "<sys/socket.h>" nogil:
-    struct msghdr:
-        void *msg_name
-        unsigned int msg_namelen
-        iovec *msg_iov
-        size_t msg_iovlen
-        void *msg_control
-        size_t msg_controllen
-        int msg_flags
-    ssize_t sendmsg(int fd, const msghdr *msg, int flags)
-    int MSG_NOSIGNAL
-
-cdef extern from "<errno.h>" nogil:
-    int errno
-    int EINTR, EAGAIN, EWOULDBLOCK
-
-cdef enum:
-    IOV_LIMIT = 1024            # Linux IOV_MAX (<limits.h>)
-
-
-cdef class RecordBatch:
-    """ZERO/PAGE records ready for ``writev``/``sendmsg``, page bytes left in guest RAM.
-
-    :meth:`pack` lays out the records for a list of page indices: headers (be64 offset |
-    flags, the counted block name in the first record unless it is CONTINUE) and ZERO
-    fill bytes go into the batch's own buffer; each PAGE payload is an iovec pointing
-    into the source block.  :meth:`send` then hands the kernel as much as one system call
-    takes.  The batch holds the source buffer until it is sent or cleared, so the memory
-    cannot go away under it.
-    """
-    cdef iovec *_iov
-    cdef uint8_t *_hdr
-    cdef Py_ssize_t _max_pages, _hdr_cap, _niov, _cur
-    cdef readonly Py_ssize_t remaining
-    cdef object _keep
-
-    def __cinit__(self, Py_ssize_t max_pages=256, Py_ssize_t header_bytes=1 << 20):
-        if max_pages < 1 or header_bytes < 512:
-            raise ValueError("batch too small")
-        self._max_pages = max_pages
-        self._hdr_cap = header_bytes
-        self._iov = <iovec *>malloc((2 * max_pages + 1) * sizeof(iovec))
-        self._hdr = <uint8_t *>malloc(header_bytes)
-        if self._iov == NULL or self._hdr == NULL:
-            raise MemoryError()
-        self._niov = self._cur = self.remaining = 0
-
-    def __dealloc__(self):
-        free(self._iov)
-        free(self._hdr)
-
-    def clear(self):
-        """Forget unsent records and let go of the source buffer."""
-        self._niov = self._cur = self.remaining = 0
-        self._keep = None
-
-    def pack(self, const uint8_t[::1] src, Py_ssize_t npages, const int64_t[::1] indices,
-             Py_ssize_t start, const uint8_t[::1] known_zero, bint scan, const uint8_t[::1] name):
-        """Records for ``indices[start:]``: at most ``max_pages`` PAGE records, and as many
-        ZERO records as the header buffer holds.
-
-        A page is sent as ZERO when ``known_zero[i]`` is set (the array may be shorter than
-        ``indices``, even empty) or, with ``scan``, when it reads as all zero; otherwise as
-        PAGE, from ``src`` (the block, ``npages`` pages long).  The first record names the
-        block when ``name`` is not empty.  Returns ``(next_start, bytes, zero_pages)``.
-        """
-        if self.remaining:
-            raise ValueError("the batch still holds unsent records")
-        cdef Py_ssize_t n = indices.shape[0], nknown = known_zero.shape[0]
-        cdef Py_ssize_t i = start, h = 0, seg = 0, pages = 0, zeros = 0, total = 0
-        cdef Py_ssize_t namelen = name.shape[0], header
-        cdef Py_ssize_t src_pages = src.shape[0] // PAGE_BYTES
-        cdef int64_t index
-        cdef int bad = 0, is_zero
-        cdef uint64_t flags
-        if start < 0 or namelen > 255:
-            raise ValueError("bad start or block name")
-        self._niov = self._cur = 0
-        if start >= n:
-            return start, 0, 0
-        cdef const uint8_t *s = &src[0] if src.shape[0] else NULL
-        cdef const uint8_t *nm = &name[0] if namelen else NULL
-        cdef uint8_t *o = self._hdr
-        cdef iovec *iov = self._iov
-        with nogil:
-            while i < n:
-                index = indices[i]
-                if index < 0 or index >= npages:
-                    bad = 1
-                    break
-                is_zero = i < nknown and known_zero[i] != 0
-                if not is_zero and index >= src_pages:
-                    bad = 2
-                    break
-                if not is_zero and scan:
-                    is_zero = pyvm_page_is_zero_early(s + index * PAGE_BYTES)
-                header = 9 + namelen if namelen and i == start else 8
-                if h + header + 1 > self._hdr_cap or (not is_zero and pages == self._max_pages):
-                    break
-                flags = RAM_ZERO if is_zero else RAM_PAGE
-                if header == 8:
-                    flags |= RAM_CONTINUE
-                pyvm_store_be64(o + h, (<uint64_t>index << PAGE_SHIFT) | flags)
-                if header != 8:
-                    o[h + 8] = <uint8_t>namelen
-                    memcpy(o + h + 9, nm, namelen)
-                h += header
-                if is_zero:
-                    o[h] = 0
-                    h += 1
-                    zeros += 1
-                else:
-                    # close the header run, then the page straight from RAM
-                    iov[self._niov].iov_base = o + seg
-                    iov[self._niov].iov_len = h - seg
-                    iov[self._niov + 1].iov_base = <void *>(s + index * PAGE_BYTES)
-                    iov[self._niov + 1].iov_len = PAGE_BYTES
-                    self._niov += 2
-                    seg = h
-                    pages += 1
-                i += 1
-            if h > seg:
-                iov[self._niov].iov_base = o + seg
-                iov[self._niov].iov_len = h - seg
-                self._niov += 1
-            total = h + pages * PAGE_BYTES
-        if bad == 1:
-            self._niov = 0
-            raise ValueError(f"page index {indices[i]} beyond the block")
-        if bad == 2:
-            self._niov = 0
-            raise ValueError(f"page {indices[i]} beyond the source buffer")
-        self.remaining = total
-        self._keep = src if pages else None
-        return i, total, zeros
-
-    def send(self, int fd, bint socket=False):
-        """One ``sendmsg`` (``socket``: with MSG_NOSIGNAL) or ``writev`` of what is left;
-        returns the bytes the kernel took.  BlockingIOError when it took none (a
-        non-blocking descriptor), OSError on failure."""
-        cdef ssize_t got
-        cdef int err = 0
-        cdef msghdr msg
-        cdef Py_ssize_t count
-        if self.remaining == 0:
-            return 0
-        memset(&msg, 0, sizeof(msg))
-        with nogil:
-            while True:
-                count = self._niov - self._cur
-                if count > IOV_LIMIT:
-                    count = IOV_LIMIT
-                if socket:
-                    msg.msg_iov = self._iov + self._cur
-                    msg.msg_iovlen = <size_t>count
-                    got = sendmsg(fd, &msg, MSG_NOSIGNAL)
-                else:
-                    got = writev(fd, self._iov + self._cur, <int>count)
-                if got >= 0:
-                    break
-                err = errno
-                if err != EINTR:
-                    break
-        if got < 0:
-            if err == EAGAIN or err == EWOULDBLOCK:
-                raise BlockingIOError(err, "write would block")
-            raise OSError(err, os_strerror(err))
-        self.remaining -= got
-        cdef Py_ssize_t left = got
-        while left and self._cur < self._niov:
-            if <size_t>left >= self._iov[self._cur].iov_len:
-                left -= self._iov[self._cur].iov_len
-                self._cur += 1
-            else:
-                self._iov[self._cur].iov_base = <uint8_t *>self._iov[self._cur].iov_base + left
-                self._iov[self._cur].iov_len -= left
-                left = 0
-        if self.remaining == 0:
-            self._keep = None
-        return got
-
-
-def load_page_run(const uint8_t[::1] src, Py_ssize_t pos, uint8_t[::1] dest, Py_ssize_t limit,
-                  uint8_t[::1] written=None):
-    """Apply the run of ``CONTINUE`` PAGE/ZERO records at ``src[pos:]`` to ``dest``.
-
-    A record is applied only when it is complete in ``src``, its offset is below
-    ``limit`` and its page lies inside ``dest``; a ZERO record clears the page unless it
-    is already zero, and only with fill byte 0.  ``written``, when given, holds one byte
-    per page of ``dest``: 0 means the page is known to be zero, so a ZERO record need not
-    even read it (reading untouched memory costs a page fault); PAGE records set it, ZERO
-    records clear it.  The run stops before the first record that is incomplete or
-    anything else (named block, other flags, bad offset, non-zero fill), leaving it to the
-    caller.  Returns ``(pos, normal_pages, zero_pages)``.
-    """
-    cdef Py_ssize_t end = src.shape[0]
-    cdef Py_ssize_t normal = 0, zeros = 0
-    cdef uint8_t *w = NULL
-    if pos < 0 or pos > end:
-        raise ValueError("position beyond the buffer")
-    if limit > dest.shape[0] - PAGE_BYTES + 1:
-        limit = dest.shape[0] - PAGE_BYTES + 1
-    if written is not None:
-        if written.shape[0] < dest.shape[0] // PAGE_BYTES:
-            raise ValueError("written map shorter than the destination")
-        if written.shape[0]:
-            w = &written[0]
-    if limit <= 0:
-        return pos, 0, 0
-    cdef const uint8_t *s = &src[0] if end else NULL
-    cdef uint8_t *d = &dest[0]
-    cdef uint64_t word, flags, addr, lim = <uint64_t>limit
-    with nogil:
-        while end - pos >= 8:
-            word = pyvm_load_be64(s + pos)
-            flags = word & (PAGE_BYTES - 1)
-            addr = word - flags
-            if addr >= lim:
-                break
-            if flags == RAM_PAGE | RAM_CONTINUE:
-                if end - pos < 8 + PAGE_BYTES:
-                    break
-                pyvm_copy_page(d + addr, s + pos + 8)
-                if w != NULL:
-                    w[addr >> PAGE_SHIFT] = 1
-                pos += 8 + PAGE_BYTES
-                normal += 1
-            elif flags == RAM_ZERO | RAM_CONTINUE:
-                if end - pos < 9 or s[pos + 8] != 0:
-                    break
-                # only write when needed, so untouched RAM stays unallocated
-                if w == NULL or w[addr >> PAGE_SHIFT]:
-                    if not pyvm_page_is_zero(d + addr):
-                        memset(d + addr, 0, PAGE_BYTES)
-                    if w != NULL:
-                        w[addr >> PAGE_SHIFT] = 0
-                pos += 9
-                zeros += 1
-            else:
-                break
-        pyvm_store_fence()
-    return pos, normal, zeros
 
 
 def bitmap_to_indices(const uint64_t[::1] words, Py_ssize_t npages):

@@ -1,6 +1,7 @@
-"""Selects the native kernels (:mod:`pyvm._fastpath`) or their pure-Python twin.
+"""Selects the native kernels (:mod:`pyvm._fastpath`, :mod:`pyvm._pagestream`) or their
+pure-Python twins (:mod:`pyvm.fastpath_py`, :mod:`pyvm.pagestream_py`).
 
-``PYVM_PURE_PYTHON=1`` forces the twin.  Everything else in pyvm imports from here::
+``PYVM_PURE_PYTHON=1`` forces the twins.  Everything else in pyvm imports from here::
 
     from pyvm.fastpath import DirtyBitmap, find_zero_pages, track_writes
 """
@@ -10,24 +11,31 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from pyvm import fastpath_py
-
 import importlib
 
-_native: Any = None
-if os.environ.get("PYVM_PURE_PYTHON", "") not in ("1", "yes", "true"):
+from pyvm import fastpath_py, pagestream_py
+
+
+def _load(name: str) -> Any:
+    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
+        return None
     try:
-        _native = importlib.import_module("pyvm._fastpath")
+        return importlib.import_module(name)
     except ImportError:  # not built: the twin gives the same answers
-        _native = None
+        return None
+
+
+_native: Any = _load("pyvm._fastpath")
+_native_stream: Any = _load("pyvm._pagestream")
 
 impl: Any = _native if _native is not None else fastpath_py
+stream_impl: Any = _native_stream if _native_stream is not None else pagestream_py
 IMPLEMENTATION: str = impl.IMPLEMENTATION
 DirtyBitmap = impl.DirtyBitmap
 find_zero_pages = impl.find_zero_pages
 find_zero_pages_at = impl.find_zero_pages_at
-load_page_run = impl.load_page_run
-RecordBatch = impl.RecordBatch
+load_page_run = stream_impl.load_page_run
+RecordBatch = stream_impl.RecordBatch
 bitmap_to_indices = impl.bitmap_to_indices
 pages_equal = impl.pages_equal
 PAGE_SIZE = 4096

@@ -25,7 +25,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=.venv/.pyvm-installed
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stamp" ] \
-   || [ pyvm/_fastpath.pyx -nt "$stamp" ] || [ pyvm/migration/transports/_fabric.pyx -nt "$stamp" ]; then
+   || [ pyvm/_fastpath.pyx -nt "$stamp" ] || [ pyvm/_pagestream.pyx -nt "$stamp" ] \
+   || [ pyvm/_kernels.h -nt "$stamp" ] || [ pyvm/migration/transports/_fabric.pyx -nt "$stamp" ]; then
     echo "setup: installing pyvm and its dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'

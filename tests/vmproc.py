@@ -67,7 +67,7 @@ class VmProcess:
         return str(self.cmd("query-status")["status"])
 
     def wait_migration(self, states: tuple[str, ...] = ("completed", "failed", "cancelled"),
-                       timeout: float = 60) -> dict[str, Any]:
+                       timeout: float = 60, poll: float = 0.05) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         while True:
             info = self.cmd("query-migrate")
@@ -75,7 +75,7 @@ class VmProcess:
                 return info
             if time.monotonic() > deadline:
                 raise AssertionError(f"{self.name}: migration still {info}")
-            time.sleep(0.05)
+            time.sleep(poll)
 
     def wait_serial(self, text: str, timeout: float = 20) -> str:
         deadline = time.monotonic() + timeout

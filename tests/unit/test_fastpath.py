@@ -35,6 +35,8 @@ PAGE = 4096
 def test_extension_is_built() -> None:
     # The README's set-up compiles it; a missing extension is a build failure, not a skip.
     assert _fastpath is not None, "pyvm._fastpath is not built"
+    import importlib
+    assert importlib.import_module("pyvm._pagestream").IMPLEMENTATION == "cython"
 
 
 @pytest.mark.parametrize("impl", IMPLS)

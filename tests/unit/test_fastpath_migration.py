@@ -11,17 +11,19 @@ import struct
 import numpy as np
 import pytest
 
-from pyvm import fastpath_py
+from pyvm import fastpath_py, pagestream_py
 
 try:
-    from pyvm import _fastpath
+    from pyvm import _fastpath, _pagestream
 except ImportError:  # pragma: no cover - test_fastpath.py reports a missing build
-    _fastpath = None
+    _fastpath = _pagestream = None
 
 IMPLS = [pytest.param(fastpath_py, id="python"),
          pytest.param(_fastpath, id="cython",
                       marks=pytest.mark.skipif(_fastpath is None, reason="extension not built"))]
-needs_native = pytest.mark.skipif(_fastpath is None, reason="extension not built")
+STREAM_IMPLS = [pytest.param(pagestream_py, id="python"),
+                pytest.param(_pagestream, id="cython",
+                             marks=pytest.mark.skipif(_pagestream is None, reason="extension not built"))]
 
 PAGE = 4096
 ZERO, PAGE_FLAG, CONTINUE, EOS = 0x02, 0x08, 0x20, 0x10
@@ -103,7 +105,7 @@ def _run_all(impl, data: bytes, npages: int, limit: int, cut: int):
 
 
 def test_load_page_run_twins_agree_on_random_streams() -> None:
-    if _fastpath is None:
+    if _pagestream is None:
         pytest.skip("extension not built")
     rng = random.Random(11)
     for trial in range(60):
@@ -111,13 +113,13 @@ def test_load_page_run_twins_agree_on_random_streams() -> None:
         data = _records(rng, npages, rng.randint(0, 30))
         cut = rng.randint(0, len(data))
         limit = rng.choice([npages * PAGE - PAGE + 1, rng.randint(-PAGE, npages * PAGE), npages * PAGE * 4])
-        a = _run_all(fastpath_py, data, npages, limit, cut)
-        b = _run_all(_fastpath, data, npages, limit, cut)
+        a = _run_all(pagestream_py, data, npages, limit, cut)
+        b = _run_all(_pagestream, data, npages, limit, cut)
         assert a[0] == b[0], trial
         assert (a[1] == b[1]).all(), trial
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", STREAM_IMPLS)
 def test_load_page_run_applies_and_stops(impl) -> None:
     page = bytes(range(256)) * 16
     data = (struct.pack(">Q", PAGE | PAGE_FLAG | CONTINUE) + page
@@ -163,7 +165,7 @@ def _sent(impl, batch, tmp_path) -> bytes:
 NONE = np.zeros(0, np.uint8)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", STREAM_IMPLS)
 def test_record_batch_scans_and_names_the_block(impl, tmp_path) -> None:
     ram = _ram(24, 5)
     idx = np.array([3, 0, 17, 5, 23, 9], dtype=np.int64)
@@ -180,7 +182,7 @@ def test_record_batch_scans_and_names_the_block(impl, tmp_path) -> None:
         ram, idx.tolist()[1:], [False, False, True, False, False], b"")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", STREAM_IMPLS)
 def test_record_batch_stops_at_its_page_count_and_header_room(impl, tmp_path) -> None:
     ram = np.zeros(16 * PAGE, dtype=np.uint8)
     ram[PAGE:4 * PAGE] = 7                     # pages 1-3 hold data, the rest is zero
@@ -200,7 +202,7 @@ def test_record_batch_stops_at_its_page_count_and_header_room(impl, tmp_path) ->
     assert batch.pack(ram, 16, idx, 16, NONE, True, b"") == (16, 0, 0)
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", STREAM_IMPLS)
 def test_record_batch_checks_indices(impl) -> None:
     ram = _ram(4, 7)
     batch = impl.RecordBatch(8)
@@ -215,7 +217,7 @@ def test_record_batch_checks_indices(impl) -> None:
 
 
 def test_record_batch_twins_agree(tmp_path) -> None:
-    if _fastpath is None:
+    if _pagestream is None:
         pytest.skip("extension not built")
     rng = random.Random(12)
     for trial in range(40):
@@ -227,13 +229,13 @@ def test_record_batch_twins_agree(tmp_path) -> None:
         name = rng.choice([b"", b"pc.ram"])
         scan = rng.random() < 0.7
         max_pages, room = rng.randint(1, 6), rng.randint(512, 2048)
-        a, b = fastpath_py.RecordBatch(max_pages, room), _fastpath.RecordBatch(max_pages, room)
+        a, b = pagestream_py.RecordBatch(max_pages, room), _pagestream.RecordBatch(max_pages, room)
         assert a.pack(ram, npages, idx, start, known, scan, name) == \
             b.pack(ram, npages, idx, start, known, scan, name), trial
-        assert _sent(fastpath_py, a, tmp_path) == _sent(_fastpath, b, tmp_path), trial
+        assert _sent(pagestream_py, a, tmp_path) == _sent(_pagestream, b, tmp_path), trial
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", STREAM_IMPLS)
 def test_record_batch_resumes_after_partial_writes(impl) -> None:
     ram = _ram(64, 8)
     ram[5 * PAGE:6 * PAGE] = 0
@@ -264,7 +266,7 @@ def test_record_batch_resumes_after_partial_writes(impl) -> None:
     assert bytes(got) == _expected_records(ram, list(range(64)), zero, b"pc.ram")
 
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", STREAM_IMPLS)
 def test_record_batch_sendmsg_and_errors(impl) -> None:
     ram = _ram(4, 9)
     a, b = socket.socketpair()
@@ -286,7 +288,7 @@ def test_record_batch_sendmsg_and_errors(impl) -> None:
 
 # -- the loader's map of pages known to be zero ------------------------------------------------
 
-@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("impl", STREAM_IMPLS)
 def test_load_page_run_skips_pages_known_to_be_zero(impl) -> None:
     page = bytes(range(256)) * 16
     data = (struct.pack(">Q", 0 | ZERO | CONTINUE) + b"\0"
