@@ -18,7 +18,11 @@ resident, as a running guest's are).
 
 In the same run it times the raw transport moving the same number of bytes: a socket
 copy (tcp, unix, and rdma over libfabric's tcp provider), a file write + fsync + read
-(file), a pipe into ``cat > FILE`` and back out of ``cat FILE`` (exec).
+(file), a pipe into ``cat > FILE`` and back out of ``cat FILE`` (exec).  Those move the
+bytes through a small buffer that stays in the cache; a migration reads the source's RAM
+and writes the destination's.  So for the sockets it also times a copy from the random
+file's pages into fresh memory ("raw RAM to RAM", both populated first), the memory
+traffic any migration of that RAM has, and prints pyvm's throughput against it.
 Every time is the median of ``--repeat`` runs (the machines this runs on are noisy).
 Prints one line per transport and, last, ``ratio=<raw time / pyvm time>``: the smallest
 over tcp, unix, file and exec, fully dirty, preallocated (rdma's is printed on its line).
@@ -27,6 +31,7 @@ over tcp, unix, file and exec, fully dirty, preallocated (rdma's is printed on i
 from __future__ import annotations
 
 import argparse
+import mmap
 import os
 import socket
 import statistics
@@ -44,30 +49,44 @@ from tests.vmproc import VmProcess  # noqa: E402
 from pyvm.guests import guest_path  # noqa: E402
 
 
-def raw_socket(family: int, addr, nbytes: int) -> float:
+def raw_socket(family: int, addr, nbytes: int, ram: Path | None = None) -> float:
+    """A socket copy of ``nbytes`` through a 1 MiB buffer on each side; with ``ram`` (a
+    file of ``nbytes``), from that file's pages into ``nbytes`` of fresh memory instead,
+    both populated first: the memory traffic a migration cannot avoid."""
     srv = socket.socket(family, socket.SOCK_STREAM)
     srv.bind(addr)
     srv.listen(1)
     bound = srv.getsockname()
     got = [0]
+    if ram is not None:
+        with open(ram, "rb") as f:
+            source = mmap.mmap(f.fileno(), nbytes, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+        source.madvise(getattr(mmap, "MADV_POPULATE_READ", 22))
+        target = mmap.mmap(-1, nbytes)
+        target.madvise(getattr(mmap, "MADV_POPULATE_WRITE", 23))
+        data = memoryview(source)
+        chunks = [data[off:off + (1 << 20)] for off in range(0, nbytes, 1 << 20)]
+        into = memoryview(target)
+    else:
+        chunks = [memoryview(os.urandom(1 << 20))] * (nbytes >> 20)
+        into = memoryview(bytearray(1 << 20))
 
     def reader() -> None:
         c, _ = srv.accept()
-        buf = bytearray(1 << 20)
         while True:
-            n = c.recv_into(buf)
+            at = got[0] % into.nbytes
+            n = c.recv_into(into[at:at + (1 << 20)])
             if not n:
                 break
             got[0] += n
         c.close()
     t = threading.Thread(target=reader)
     t.start()
-    data = memoryview(os.urandom(1 << 20))
     t0 = time.perf_counter()
     s = socket.socket(family, socket.SOCK_STREAM)
     s.connect(bound)
-    for _ in range(nbytes >> 20):
-        s.sendall(data)
+    for chunk in chunks:
+        s.sendall(chunk)
     s.close()
     t.join()
     srv.close()
@@ -197,6 +216,14 @@ def main() -> None:
                 return statistics.median(run() for _ in range(a.repeat))
             raw = median_of(raw_once)
             (tmp / "raw.bin").unlink(missing_ok=True)
+            ram_to_ram = None
+            if tr in ("tcp", "unix"):
+                def ram_once() -> float:
+                    (tmp / "raw.sock").unlink(missing_ok=True)
+                    if tr == "tcp":
+                        return raw_socket(socket.AF_INET, ("127.0.0.1", 0), size, rand)
+                    return raw_socket(socket.AF_UNIX, str(tmp / "raw.sock"), size, rand)
+                ram_to_ram = median_of(ram_once)
             r_pre = median_of(lambda: migrate(tmp, tr, dirty("on"), fresh("on"))["wall"])
             r_fresh = median_of(lambda: migrate(tmp, tr, dirty("off"), fresh("off"))["wall"])
             idle = [migrate(tmp, tr, fresh("off"), fresh("off")) for _ in range(a.repeat)]
@@ -211,6 +238,9 @@ def main() -> None:
             print(f"{tr:>5}: raw {rate(raw)} | dirty, prealloc {rate(r_pre)} ratio {ratio:.2f}"
                   f" | dirty, fresh dest {rate(r_fresh)} ratio {raw / r_fresh:.2f}"
                   f" | idle {r_idle:5.2f} ({idle[0]['bytes'] >> 10} KiB sent)", flush=True)
+            if ram_to_ram is not None:
+                print(f"{'':>5}  raw RAM to RAM {rate(ram_to_ram)}: pyvm (prealloc) / raw RAM to RAM "
+                      f"throughput {ram_to_ram / r_pre:.2f}", flush=True)
     if "tcp" in walls and "rdma" in walls:
         provider = os.environ.get("PYVM_RDMA_PROVIDER", "tcp")
         print(f"rdma (libfabric provider {provider}) / tcp transport throughput: "
