@@ -54,7 +54,7 @@ cdef extern from "<sys/socket.h>" nogil:
 
 cdef extern from "<errno.h>" nogil:
     int errno
-    int EINTR, EAGAIN, EWOULDBLOCK
+    int EINTR, EAGAIN, EWOULDBLOCK, EINVAL
 
 cdef enum:
     IOV_LIMIT = 1024            # Linux IOV_MAX (<limits.h>)
@@ -222,6 +222,54 @@ cdef class RecordBatch:
         return got
 
 
+cdef extern from "<sys/mman.h>" nogil:
+    int madvise(void *addr, size_t length, int advice)
+
+cdef enum:
+    MADV_POPULATE_WRITE = 23    # linux/mman.h (Linux 5.14)
+
+cdef int _populate_works = 1
+
+
+cdef void _populate(uint8_t *start, size_t length) noexcept nogil:
+    global _populate_works
+    if _populate_works and madvise(start, length, MADV_POPULATE_WRITE) != 0 and errno == EINVAL:
+        _populate_works = 0         # an older kernel: the copies fault the pages in
+
+
+cdef void _populate_ahead(const uint8_t *s, Py_ssize_t pos, Py_ssize_t end, uint8_t *d,
+                          uint64_t lim, const uint8_t *w) noexcept nogil:
+    """Populate, with one madvise per contiguous stretch, the not yet written pages the
+    buffered run of PAGE records is about to fill.  Faulting them in one by one during the
+    copies costs about half as much again (1 GiB of fresh RAM on the development machine:
+    0.53 s populated per MiB, 0.8-1.0 s faulted).  Only pages the run writes are touched."""
+    cdef uint64_t word, flags, addr, first = 0, stop = 0
+    while end - pos >= 8:
+        word = pyvm_load_be64(s + pos)
+        flags = word & (PAGE_BYTES - 1)
+        addr = word - flags
+        if addr >= lim:
+            break
+        if flags == RAM_PAGE | RAM_CONTINUE:
+            if end - pos < 8 + PAGE_BYTES:
+                break
+            if w[addr >> PAGE_SHIFT] == 0:
+                if stop != addr or stop == first:
+                    if stop != first:
+                        _populate(d + first, stop - first)
+                    first = addr
+                stop = addr + PAGE_BYTES
+            pos += 8 + PAGE_BYTES
+        elif flags == RAM_ZERO | RAM_CONTINUE:
+            if end - pos < 9:
+                break
+            pos += 9
+        else:
+            break
+    if stop != first:
+        _populate(d + first, stop - first)
+
+
 def load_page_run(const uint8_t[::1] src, Py_ssize_t pos, uint8_t[::1] dest, Py_ssize_t limit,
                   uint8_t[::1] written=None):
     """Apply the run of ``CONTINUE`` PAGE/ZERO records at ``src[pos:]`` to ``dest``.
@@ -253,6 +301,8 @@ def load_page_run(const uint8_t[::1] src, Py_ssize_t pos, uint8_t[::1] dest, Py_
     cdef uint8_t *d = &dest[0]
     cdef uint64_t word, flags, addr, lim = <uint64_t>limit
     with nogil:
+        if w != NULL:
+            _populate_ahead(s, pos, end, d, lim, w)
         while end - pos >= 8:
             word = pyvm_load_be64(s + pos)
             flags = word & (PAGE_BYTES - 1)
