@@ -38,4 +38,10 @@ def prepare_rdma_incoming(addr: Any, blocks_fn: Callable[[], Any] | None) -> Any
     from pyvm.migration.transports.rdma_transport import RdmaListener
 
     listener = RdmaListener(addr.inet.host, addr.inet.port, provider=_provider())
-    return PreparedIncoming(lambda: listener.accept(_block_specs(blocks_fn)), listener.close, None)
+
+    def accept() -> Any:
+        blocks = list(blocks_fn() if blocks_fn is not None else [])
+        # Pages never populated read as zero: a zero fill need not touch them.
+        return listener.accept([(b.name, b.mem, b.size) for b in blocks],
+                               zero_hints=[b.unpopulated for b in blocks])
+    return PreparedIncoming(accept, listener.close, None)

@@ -212,7 +212,19 @@ def test_compress_fill_writes_only_pages_that_need_it() -> None:
     ram[7 * page] = 3
     inc = RdmaIncoming.__new__(RdmaIncoming)     # just the block table _fill needs
     inc._blocks, inc._views, inc._offsets = [("pc.ram", ram, len(ram))], [memoryview(ram)], [0]
+    inc._zero_hints = [None]
     inc._fill(Compress(0, 0, page, 6 * page))
     assert ram[2 * page + 5] == 0 and ram[7 * page] == 3
     inc._fill(Compress(7, 0, 0, page))
     assert ram[:page] == b"\x07" * page and ram[page:7 * page] == bytes(6 * page)
+    # pages a hint says are zero (never populated) are neither read nor written
+    ram[3 * page] = ram[4 * page] = 9
+    asked = []
+
+    def hint(first: int, count: int):
+        asked.append((first, count))
+        return np.array([i == 3 for i in range(first, first + count)])
+    inc._zero_hints = [hint]
+    inc._fill(Compress(0, 0, 2 * page, 3 * page))
+    assert asked == [(2, 3)]
+    assert ram[3 * page] == 9 and ram[4 * page] == 0

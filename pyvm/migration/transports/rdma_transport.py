@@ -31,11 +31,11 @@ import collections
 import errno as errno_codes
 import threading
 import time
-from typing import Any, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 import numpy as np
 
-from pyvm.fastpath import find_zero_pages
+from pyvm.fastpath import find_zero_pages, find_zero_pages_at
 from pyvm.migration.transports.base import AbortSignal, Chunk, as_views, cancelled_error
 from pyvm.migration.transports.fabric import (Endpoint, EndpointSizes, FabricListener,
                                               find_info, host_port, load_binding, rdma_error)
@@ -51,6 +51,8 @@ from pyvm.migration.transports.rdma_protocol import (
 
 #: A RAM block as the transport sees it: name, buffer over its memory, length in bytes.
 BlockSpec = tuple[str, Any, int]
+#: ``hint(first_page, count)``: a bool mask of the pages known to be zero, or None.
+ZeroHint = Callable[[int, int], Any]
 
 DEFAULT_TIMEOUT = 60.0                   # seconds without progress before a wait fails
 CONNECT_TIMEOUT = RDMA_RESOLVE_TIMEOUT_MS / 1000
@@ -348,8 +350,14 @@ class RdmaListener:
         return self._fabric.address
 
     def accept(self, blocks: Sequence[BlockSpec], *, timeout: float | None = None,
-               abort: AbortSignal | None = None) -> "RdmaIncoming":
-        """Wait for the source and return the connected :class:`RdmaIncoming`."""
+               abort: AbortSignal | None = None,
+               zero_hints: Sequence[ZeroHint | None] | None = None) -> "RdmaIncoming":
+        """Wait for the source and return the connected :class:`RdmaIncoming`.
+
+        ``zero_hints[i]``, when given, answers for block ``i`` which pages are known to be
+        zero without reading them: ``hint(first_page, count)`` returns a bool mask, or None
+        when it cannot tell (see :meth:`pyvm.ram.RamBlock.unpopulated`).
+        """
         _check_blocks(blocks)
         deadline = None if timeout is None else time.monotonic() + timeout
         request = self._fabric.wait_request(deadline, abort)
@@ -361,7 +369,8 @@ class RdmaListener:
             raise
         sizes = EndpointSizes(DEST_RECV_SLOTS, RDMA_CONTROL_MAX_BUFFER, DEST_SEND_SLOTS, REPLY_SIZE)
         conn = self._fabric.connection(request, sizes.max_ops)
-        return RdmaIncoming(conn, sizes, blocks, answer, timeout=self.timeout, abort=abort)
+        return RdmaIncoming(conn, sizes, blocks, answer, timeout=self.timeout, abort=abort,
+                            zero_hints=zero_hints)
 
     def close(self) -> None:
         """Stop listening (any thread; a pending accept raises TransportCancelled).
@@ -375,8 +384,10 @@ class RdmaIncoming:
     """The destination end: an :class:`IncomingChannel` whose RAM blocks take RDMA writes."""
 
     def __init__(self, conn: Any, sizes: EndpointSizes, blocks: Sequence[BlockSpec],
-                 caps: Capabilities, *, timeout: float, abort: AbortSignal | None) -> None:
+                 caps: Capabilities, *, timeout: float, abort: AbortSignal | None,
+                 zero_hints: Sequence[ZeroHint | None] | None = None) -> None:
         binding = load_binding()
+        self._zero_hints = list(zero_hints or [None] * len(blocks))
         self._ep = Endpoint(conn, sizes, self._on_message, timeout=timeout, abort=abort,
                             peer="source")
         self.provider: str = self._ep.provider
@@ -506,11 +517,22 @@ class RdmaIncoming:
         end = offset + fill.length
         if fill.value == 0 and offset % PAGE == 0 and end % PAGE == 0:
             # Zero only the pages that are not zero already, so that untouched memory
-            # stays unallocated (QEMU's ram_handle_zero).
+            # stays unallocated (QEMU's ram_handle_zero).  Pages never populated are zero
+            # without reading them (asked now: RDMA writes populate pages behind pyvm's back).
+            count = (end - offset) // PAGE
+            hint = self._zero_hints[fill.block_idx]
+            known = hint(offset // PAGE, count) if hint is not None else None
             pages = np.frombuffer(view, dtype=np.uint8)
-            zero = np.zeros((end - offset) // PAGE, dtype=np.uint8)
-            find_zero_pages(pages, offset // PAGE, zero.size, zero)
-            for index in np.flatnonzero(zero == 0).tolist():
+            if known is None:
+                zero = np.zeros(count, dtype=np.uint8)
+                find_zero_pages(pages, offset // PAGE, count, zero)
+                todo = np.flatnonzero(zero == 0)
+            else:
+                unknown = np.flatnonzero(~known)
+                zero = np.zeros(unknown.size, dtype=np.uint8)
+                find_zero_pages_at(pages, unknown + offset // PAGE, zero)
+                todo = unknown[zero == 0]
+            for index in todo.tolist():
                 at = offset + index * PAGE
                 view[at:at + PAGE] = _ZEROS[:PAGE]
             return
