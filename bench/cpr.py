@@ -21,7 +21,6 @@ for the whole size) the large size is scaled down and the bench says so.
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import statistics
 import sys

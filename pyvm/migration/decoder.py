@@ -31,7 +31,8 @@ from typing import Any, Callable, Collection, Generator, Optional, Protocol, Uni
 
 from pyvm.migration.errors import (DecoderStoppedError, MigrationError, StreamFormatError,
                                    StreamMismatchError)
-from pyvm.migration.ram_format import RamBlock, RamLoader
+from pyvm.migration.ram_format import RamBlock
+from pyvm.migration.ram_loader import RamLoader
 from pyvm.migration.sections import (GLOBALSTATE_IDSTR, GlobalState, Configuration,
                                      check_configuration, read_command, read_configuration,
                                      read_section_footer)

@@ -10,39 +10,29 @@ flags in the low 12 bits::
     end            be64 EOS closes every START/PART/END payload
 
 ``CONTINUE`` means "same block as the previous record", so the name is sent only when the
-block changes.  Writing hands page bytes out as memoryviews of guest RAM
-(:meth:`RamPageWriter.write_pages`), or lays out a batch of records natively with the
-page bytes left in guest RAM until a descriptor channel sends them with ``writev``
-(:meth:`RamPageWriter.batch_run`); loading writes them straight into the block buffers the destination provided,
-after checking that the offset lies inside the block.  Runs of ``CONTINUE`` PAGE/ZERO
-records go through the native :func:`pyvm.fastpath.load_page_run`; every other record,
-and every error, is handled by the Python parser.
+block changes.
+
+This module holds the block description both sides share (:class:`RamBlock`) and the
+writing side: :meth:`RamPageWriter.write_pages` hands page bytes out as memoryviews of
+guest RAM; :meth:`RamPageWriter.batch_run` lays out a batch of records natively with the
+page bytes left in guest RAM until a descriptor channel sends them with ``writev``.  The
+loading side is :mod:`pyvm.migration.ram_loader`.
 """
 
 from __future__ import annotations
 
-import errno
-import struct
 from dataclasses import dataclass
-from typing import Any, Callable, Generator, Iterable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 import numpy as np
 
-from pyvm.fastpath import load_page_run
-from pyvm.migration.errors import (EncodeError, StreamFormatError, StreamMismatchError,
-                                   UnsupportedFeatureError)
-from pyvm.migration.stream_constants import (MAX_COUNTED_STRING, MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
-                                             RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
-                                             RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE,
-                                             RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
-                                             RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO,
+from pyvm.migration.errors import EncodeError
+from pyvm.migration.stream_constants import (MAX_COUNTED_STRING, RAM_SAVE_FLAG_CONTINUE,
+                                             RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MEM_SIZE,
+                                             RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO,
                                              TARGET_PAGE_BITS, TARGET_PAGE_SIZE)
-from pyvm.migration.stream_reader import StreamReader
 from pyvm.migration.stream_writer import StreamWriter
 
-_BE64 = struct.Struct(">Q")
-_FLAG_BITS = TARGET_PAGE_SIZE - 1
-_ZERO_PAGE = bytes(TARGET_PAGE_SIZE)
 _NO_PAGES = np.zeros(0, dtype=np.uint8)
 
 #: Called for each page record a loader applies: ``(offset_in_block, is_zero)``.
@@ -237,222 +227,3 @@ class RamPageWriter:
         if end > start:
             self.last_block = block.name
         return end, nbytes, zeros
-
-
-# -- loading ---------------------------------------------------------------------------------
-
-BlockLookup = Callable[[str, int], Optional[RamBlock]]
-
-_EOS = object()
-_MEM_SIZE = object()
-
-
-def _signed64(value: int) -> int:
-    return value - (1 << 64) if value >= 1 << 63 else value
-
-
-class _LoadedBlock:
-    """A destination block checked against the stream, with a writable byte view."""
-
-    __slots__ = ("block", "view", "limit", "written")
-
-    def __init__(self, block: RamBlock) -> None:
-        self.block = block
-        self.view: memoryview | None = None
-        self.limit = 0        # first offset a page may not start at
-        self.written: np.ndarray | None = None
-        if block.buffer is not None and not block.ignored:
-            view = memoryview(block.buffer).cast("B")
-            if view.readonly:
-                raise StreamMismatchError(errno=errno.EACCES,
-                                          detail=f"RAM block {block.name!r} buffer is read-only")
-            self.view = view
-            self.limit = min(block.length, view.nbytes) - TARGET_PAGE_SIZE + 1
-            written = block.written
-            if written is not None and len(written) >= view.nbytes >> TARGET_PAGE_BITS:
-                self.written = np.frombuffer(written, dtype=np.uint8)
-
-
-class RamLoader:
-    """Applies ``ram`` section payloads to destination blocks (ram_load_precopy).
-
-    ``lookup(name, length)`` returns the destination's block named ``name`` (``length`` is
-    what the stream announced, 0 when a page names a block the setup did not list).
-    ``ignore_shared`` is the destination's own x-ignore-shared setting.
-    """
-
-    def __init__(self, lookup: BlockLookup, ignore_shared: bool) -> None:
-        self._lookup = lookup
-        self.ignore_shared = ignore_shared
-        self.blocks: dict[bytes, _LoadedBlock] = {}
-        self._last: _LoadedBlock | None = None
-        self._pending_total = 0
-        self.zero_pages = 0
-        self.normal_pages = 0
-
-    def release(self) -> None:
-        """Drop the views of the destination buffers (so that an mmap can be closed)."""
-        for loaded in self.blocks.values():
-            if loaded.view is not None:
-                loaded.view.release()
-                loaded.view = None
-                loaded.limit = 0
-        self._last = None
-
-    # -- one section payload -----------------------------------------------------------------
-    def load(self, r: StreamReader, version_id: int) -> Generator[None, None, None]:
-        """Read records up to and including EOS."""
-        if version_id != 4:
-            raise StreamMismatchError(detail=f"RAM section version {version_id}, pyvm reads 4")
-        while True:
-            status = self._parse_buffered(r)
-            if status is _EOS:
-                return
-            if status is _MEM_SIZE:
-                yield from self._load_block_list(r, self._pending_total)
-                continue
-            assert isinstance(status, int)
-            yield from r.wait(status, "a RAM page record")
-
-    # -- setup: the block list ---------------------------------------------------------------
-    def _load_block_list(self, r: StreamReader, total: int) -> Generator[None, None, None]:
-        count = 0
-        while total:
-            count += 1
-            if count > MAX_RAM_BLOCKS:
-                raise StreamFormatError(detail=f"more than {MAX_RAM_BLOCKS} RAM blocks listed")
-            raw = yield from r.read_counted("a RAM block name")
-            raw = raw.split(b"\0", 1)[0]
-            name = raw.decode(errors="replace")
-            length = yield from r.read_be64(f"the length of RAM block {name}")
-            block = self._lookup(name, length)
-            if block is None:
-                raise StreamMismatchError(f'Unknown ramblock "{name}", cannot accept migration')
-            if length != block.length:
-                raise StreamMismatchError(
-                    f"Size mismatch: {name}: 0x{length:x} != 0x{block.length:x}: Invalid argument")
-            if self.ignore_shared:
-                gpa = yield from r.read_be64(f"the address of RAM block {name}")
-                if block.ignored and gpa != block.gpa:
-                    raise StreamMismatchError(f"Mismatched GPAs for block {name} "
-                                              f"{_signed64(gpa)}!= {_signed64(block.gpa)}")
-            self.blocks[raw] = _LoadedBlock(block)
-            if length > total:
-                raise StreamFormatError(detail="RAM block lengths exceed the MEM_SIZE total")
-            total -= length
-
-    def _block_named(self, raw: bytes, offset: int) -> _LoadedBlock:
-        name = raw.split(b"\0", 1)[0]
-        loaded = self.blocks.get(name)
-        if loaded is None:
-            block = self._lookup(name.decode(errors="replace"), 0)
-            if block is None:
-                raise StreamMismatchError(f"Can't find block {name.decode(errors='replace')}",
-                                          f"Illegal RAM offset {offset:x}")
-            loaded = self.blocks[name] = _LoadedBlock(block)
-        if loaded.block.ignored:
-            raise StreamMismatchError(f"block {loaded.block.name} should not be migrated !",
-                                      f"Illegal RAM offset {offset:x}")
-        return loaded
-
-    # -- pages: parsed in place while whole records are buffered ----------------------------
-    def _parse_buffered(self, r: StreamReader) -> object:
-        """Apply every complete record in the buffer.
-
-        Returns ``_EOS``, ``_MEM_SIZE`` (header consumed, block list follows) or the
-        number of bytes the next record needs.
-        """
-        buf = r.buffer
-        pos = r.pos
-        end = r.end
-        unpack = _BE64.unpack_from
-        page = TARGET_PAGE_SIZE
-        whole = memoryview(buf)
-        mv = whole[:end]            # the native run must not read past the input
-        try:
-            while True:
-                loaded = self._last
-                if loaded is not None and loaded.view is not None and loaded.block.on_page is None:
-                    # The common case in native code: CONTINUE PAGE/ZERO records of the
-                    # current block; it stops before anything else, which is parsed below.
-                    pos, normals, zeros = load_page_run(mv, pos, loaded.view, loaded.limit,
-                                                        loaded.written)
-                    self.normal_pages += normals
-                    self.zero_pages += zeros
-                if end - pos < 8:
-                    r.pos = pos
-                    return 8
-                (word,) = unpack(buf, pos)
-                flags = word & _FLAG_BITS
-                addr = word - flags
-                if flags & RAM_SAVE_FLAG_COMPRESS_PAGE:
-                    raise UnsupportedFeatureError("Received an unexpected compressed page")
-                kind = flags & ~RAM_SAVE_FLAG_CONTINUE
-                if flags & (RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_XBZRLE):
-                    if flags & RAM_SAVE_FLAG_CONTINUE:
-                        header = 8
-                    elif end - pos < 9:
-                        r.pos = pos
-                        return 9
-                    else:
-                        header = 9 + buf[pos + 8]
-                    payload = 1 if kind == RAM_SAVE_FLAG_ZERO else page if kind == RAM_SAVE_FLAG_PAGE else 0
-                    if end - pos < header + payload:
-                        r.pos = pos
-                        return header + payload
-                    if header == 8:
-                        loaded = self._last
-                        if loaded is None:
-                            raise StreamFormatError("Ack, bad migration stream!",
-                                                    f"Illegal RAM offset {addr:x}")
-                    else:
-                        loaded = self._block_named(bytes(buf[pos + 9:pos + header]), addr)
-                        self._last = loaded
-                    view = loaded.view
-                    if view is None or addr >= loaded.limit:
-                        raise StreamFormatError(f"Illegal RAM offset {addr:x}")
-                    data = pos + header
-                    written = loaded.written
-                    if kind == RAM_SAVE_FLAG_PAGE:
-                        view[addr:addr + page] = mv[data:data + page]
-                        if written is not None:
-                            written[addr >> TARGET_PAGE_BITS] = 1
-                        self.normal_pages += 1
-                    elif kind == RAM_SAVE_FLAG_ZERO:
-                        fill = buf[data]
-                        if fill:
-                            view[addr:addr + page] = bytes((fill,)) * page
-                            if written is not None:
-                                written[addr >> TARGET_PAGE_BITS] = 1
-                        elif written is None or written[addr >> TARGET_PAGE_BITS]:
-                            # only write when needed, so untouched RAM stays unallocated
-                            # (ram.c ram_handle_zero)
-                            if view[addr:addr + page].tobytes() != _ZERO_PAGE:
-                                view[addr:addr + page] = _ZERO_PAGE
-                            if written is not None:
-                                written[addr >> TARGET_PAGE_BITS] = 0
-                        self.zero_pages += 1
-                    elif kind == RAM_SAVE_FLAG_XBZRLE:
-                        raise UnsupportedFeatureError(f"Failed to decompress XBZRLE page at {addr:x}",
-                                                      detail="pyvm does not implement XBZRLE")
-                    else:
-                        raise StreamFormatError(f"Unknown combination of migration flags: 0x{flags:x}")
-                    pos = data + payload
-                    observer = loaded.block.on_page
-                    if observer is not None:
-                        observer(addr, kind == RAM_SAVE_FLAG_ZERO)
-                elif kind == RAM_SAVE_FLAG_EOS:
-                    r.pos = pos + 8
-                    return _EOS
-                elif kind == RAM_SAVE_FLAG_MEM_SIZE:
-                    r.pos = pos + 8
-                    self._pending_total = addr
-                    return _MEM_SIZE
-                elif kind in (RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_HOOK):
-                    # multifd sync marker without multifd, RDMA hook without RDMA: no-ops
-                    pos += 8
-                else:
-                    raise StreamFormatError(f"Unknown combination of migration flags: 0x{flags:x}")
-        finally:
-            mv.release()
-            whole.release()

@@ -10,7 +10,6 @@ import hashlib
 import mmap
 import os
 import random
-import signal
 import socket
 import subprocess
 import sys

@@ -7,7 +7,7 @@ import pytest
 from migration_fakes import PAGE, FakeTarget, make_ram
 from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.errors import MigrationError, StreamFormatError, StreamMismatchError, UnsupportedFeatureError
-from pyvm.migration.ram_format import RamLoader
+from pyvm.migration.ram_loader import RamLoader
 from pyvm.migration.stream_reader import StreamReader, run_to_completion
 from pyvm.migration.stream_writer import join_chunks
 

@@ -11,7 +11,7 @@ from migration_fakes import (FAKE_VMSD, PAGE, FakeDevice, FakeTarget, decode_str
 from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.decoder import EndOfState, RunStateLoaded, SectionLoaded, StreamFinished, VmDescription
 from pyvm.migration.errors import (DecoderStoppedError, EncodeError, MigrationError, StreamFormatError,
-                                   StreamMismatchError, TruncatedStreamError)
+                                   TruncatedStreamError)
 from pyvm.migration.stream_writer import join_chunks
 
 

@@ -17,7 +17,7 @@ from typing import Any, Iterator
 import pytest
 from qemu.qmp import QMPClient
 
-from qmp_helpers import COUNTER, RawClient, finish, pyvm_runs, start_pyvm, wait_for
+from qmp_helpers import COUNTER, RawClient, finish, start_pyvm, wait_for
 
 # pyvm must run here: a broken build fails these tests rather than skipping them.
 

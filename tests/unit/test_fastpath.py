@@ -15,7 +15,6 @@ import threading
 import numpy as np
 import pytest
 import unicorn as U
-from unicorn import x86_const as X
 
 from pyvm import fastpath_py
 from pyvm.fastpath import track_writes

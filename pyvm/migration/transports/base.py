@@ -212,6 +212,35 @@ def fresh(error: TransportError) -> TransportError:
     return copy
 
 
+class _ViewCursor:
+    """The views a ``writev`` still has to write; what the kernel took is dropped, and a
+    partly sent view is sliced, never copied."""
+
+    __slots__ = ("views", "index")
+
+    def __init__(self, views: list[memoryview]) -> None:
+        self.views = views
+        self.index = 0
+
+    def pending(self) -> bool:
+        return self.index < len(self.views)
+
+    def next(self, limit: int) -> list[memoryview]:
+        return self.views[self.index:self.index + limit]
+
+    def advance(self, sent: int) -> int:
+        done = sent
+        while done:
+            size = self.views[self.index].nbytes
+            if done >= size:
+                done -= size
+                self.index += 1
+            else:
+                self.views[self.index] = self.views[self.index][done:]
+                done = 0
+        return sent
+
+
 class _FdChannel:
     """What both channel directions share: the descriptor, the abort signal, and the
     shutdown/close protocol.  Subclasses override :meth:`_on_shutdown` and :meth:`_release`."""
@@ -294,28 +323,12 @@ class FdOutgoing(_FdChannel):
         self.writev((data,))
 
     def writev(self, chunks: Sequence[Chunk]) -> None:
-        views = as_views(chunks)
+        cursor = _ViewCursor(as_views(chunks))
         del chunks                           # keep a raised error's frames free of buffers
-        index = 0
-
-        def send_once() -> int:
-            nonlocal index
-            sent = self._send(views[index:index + IOV_MAX])
-            done = sent
-            # Drop what the kernel took; a partly sent view is sliced, never copied.
-            while done:
-                size = views[index].nbytes
-                if done >= size:
-                    done -= size
-                    index += 1
-                else:
-                    views[index] = views[index][done:]
-                    done = 0
-            return sent
         try:
-            self._write_all(send_once, lambda: index < len(views))
+            self._write_all(lambda: cursor.advance(self._send(cursor.next(IOV_MAX))), cursor.pending)
         finally:
-            del views                        # (the closure's cell too)
+            cursor.views = []
 
     def write_records(self, batch: RecordSource) -> None:
         """Write a packed batch of page records (``pyvm.fastpath.RecordBatch``): headers
