@@ -216,9 +216,14 @@ class Machine:
             return load_boot_sector(ram, self.disk.image.read(0, 1))
         raise ConfigError("no boot device: give -kernel, -bios or -drive")
 
+    def _ram_from_stream(self) -> bool:
+        """True until an incoming migration has loaded: guest RAM is the stream's."""
+        return self.runstate.state is RunState.INMIGRATE or (
+            self.cfg.incoming is not None and self.runstate.state is RunState.PRELAUNCH)
+
     def _reset_cpus(self) -> None:
         n = len(self.cpus)
-        if self.cfg.incoming is not None and self.runstate.state is RunState.PRELAUNCH:
+        if self._ram_from_stream():
             # The state comes from the stream; the entry state would need tables that
             # an incoming boot does not write into guest RAM.
             for cpu in self.cpus:
@@ -393,7 +398,9 @@ class Machine:
     def _do_reset(self, guest: bool, reason: str) -> None:
         for dev in self.devices:
             dev.reset()
-        self.boot = self._load_boot()
+        # While a migration comes in, guest RAM belongs to the stream: reset devices and
+        # vCPUs only (the loader's map of still-zero pages would miss the boot image).
+        self.boot = self._load_boot(into_ram=not self._ram_from_stream())
         self._reset_cpus()
         self.events.emit("RESET", {"guest": guest, "reason": reason})
         if self.runstate.state in (RunState.INTERNAL_ERROR, RunState.SHUTDOWN,

@@ -387,3 +387,21 @@ def test_hmp_migration_commands(vms, tmp_path: Path) -> None:
     src.hmp(f"migrate -d file:{tmp_path / 'h.state'}")
     src.wait_migration()
     assert "Migration status: completed" in src.hmp("info migrate")
+
+
+def test_reset_while_waiting_for_a_migration_leaves_ram_to_the_stream(vms, tmp_path: Path) -> None:
+    # In 'inmigrate' guest RAM belongs to the incoming stream: system_reset resets devices
+    # and vCPUs but must not write the boot image, which the loader (whose map of pages
+    # still zero comes from the untouched RAM) would then leave where the stream has zeros.
+    state = tmp_path / "vm.state"
+    src = vms("src", *MEMCHECK)
+    src.wait_serial("memcheck gen 2 ok")
+    src.cmd("migrate", uri=f"file:{state}")
+    assert src.wait_migration()["status"] == "completed"
+    ram = src.pmem(RAM)
+    dst = vms("dst", *MEMCHECK, "-S", "-incoming", "defer")
+    dst.cmd("system_reset")
+    assert dst.pmem(RAM) == bytes(RAM)
+    dst.cmd("migrate-incoming", uri=f"file:{state}")
+    assert dst.wait_migration(("completed", "failed"))["status"] == "completed", dst.stderr()
+    assert dst.pmem(RAM) == ram
