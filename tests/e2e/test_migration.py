@@ -112,12 +112,18 @@ def test_save_and_restore(vms, tmp_path: Path, form: str) -> None:
     _check_continues(src, dst)
 
 
-def test_restore_runs_without_S(vms, tmp_path: Path) -> None:
-    state = tmp_path / "vm.state"
+def _save_running_guest(vms, state: Path, generation: int) -> VmProcess:
+    """A memcheck guest saved to ``state`` once it finished ``generation``; the source."""
     src = vms("src", *MEMCHECK)
-    src.wait_serial("memcheck gen 1 ok")
+    src.wait_serial(f"memcheck gen {generation} ok")
     src.cmd("migrate", uri=f"file:{state}")
     assert src.wait_migration()["status"] == "completed"
+    return src
+
+
+def test_restore_runs_without_S(vms, tmp_path: Path) -> None:
+    state = tmp_path / "vm.state"
+    src = _save_running_guest(vms, state, 1)
     dst = vms("dst", *MEMCHECK, "-incoming", f"file:{state}")
     dst.wait_migration(("completed",))
     assert dst.status() == "running"
@@ -394,11 +400,7 @@ def test_reset_while_waiting_for_a_migration_leaves_ram_to_the_stream(vms, tmp_p
     # and vCPUs but must not write the boot image, which the loader (whose map of pages
     # still zero comes from the untouched RAM) would then leave where the stream has zeros.
     state = tmp_path / "vm.state"
-    src = vms("src", *MEMCHECK)
-    src.wait_serial("memcheck gen 2 ok")
-    src.cmd("migrate", uri=f"file:{state}")
-    assert src.wait_migration()["status"] == "completed"
-    ram = src.pmem(RAM)
+    ram = _save_running_guest(vms, state, 2).pmem(RAM)
     dst = vms("dst", *MEMCHECK, "-S", "-incoming", "defer")
     dst.cmd("system_reset")
     assert dst.pmem(RAM) == bytes(RAM)
