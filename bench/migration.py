@@ -125,8 +125,23 @@ def raw_exec(path: Path, nbytes: int) -> float:
     return time.perf_counter() - t0
 
 
+def cpu_seconds(vm: VmProcess) -> float:
+    """User + system CPU time the process used so far (its threads included)."""
+    with open(f"/proc/{vm.proc.pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def wait_status(vm: VmProcess, states: tuple[str, ...]) -> dict:
-    return vm.wait_migration(states, timeout=600, poll=0.002)
+    """Block on the VM's MIGRATION events (capability ``events``) until one of ``states``:
+    exact, and no polling load on the processes being measured."""
+    deadline = time.monotonic() + 600
+    while True:
+        event = vm.qmp.pull_event(wait=max(0.1, deadline - time.monotonic()))
+        if event is None:
+            raise AssertionError(f"{vm.name}: no MIGRATION event in {states}")
+        if event["event"] == "MIGRATION" and event["data"]["status"] in states:
+            return vm.cmd("query-migrate")
 
 
 def migrate(tmp: Path, transport: str, src_args: list[str], dst_args: list[str]) -> dict:
@@ -136,6 +151,8 @@ def migrate(tmp: Path, transport: str, src_args: list[str], dst_args: list[str])
     dst = VmProcess(tmp, "dst", *dst_args, *guest, "-incoming", "defer", serial=False, env=env)
     src = VmProcess(tmp, "src", *src_args, *guest, serial=False, env=env)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})   # default is 128 MiB/s
+    for vm in (src, dst):
+        vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
     try:
         if transport in ("tcp", "unix", "rdma"):
             if transport == "unix":
@@ -149,12 +166,15 @@ def migrate(tmp: Path, transport: str, src_args: list[str], dst_args: list[str])
                 dst.cmd("migrate-incoming", uri=uri)
                 if transport == "tcp":
                     uri = "tcp:127.0.0.1:" + dst.cmd("query-migrate")["socket-address"][0]["port"]
+            cpu0 = cpu_seconds(src), cpu_seconds(dst)
             t0 = time.perf_counter()
             src.cmd("migrate", uri=uri)
             info = wait_status(src, ("completed", "failed", "cancelled"))
             done = wait_status(dst, ("completed", "failed"))
             wall = time.perf_counter() - t0
+            cpu = cpu_seconds(src) - cpu0[0], cpu_seconds(dst) - cpu0[1]
         else:
+            cpu = (0.0, 0.0)
             out, back = ((f"file:{state}", f"file:{state}") if transport == "file"
                          else (f"exec:cat > {state}", f"exec:cat {state}"))
             t0 = time.perf_counter()
@@ -168,7 +188,7 @@ def migrate(tmp: Path, transport: str, src_args: list[str], dst_args: list[str])
         src.close()
         dst.close()
     assert info["status"] == "completed" and done["status"] == "completed", (info, done)
-    return {"wall": wall, "bytes": info["ram"]["transferred"]}
+    return {"wall": wall, "bytes": info["ram"]["transferred"], "cpu": cpu}
 
 
 def main() -> None:
@@ -224,7 +244,8 @@ def main() -> None:
                         return raw_socket(socket.AF_INET, ("127.0.0.1", 0), size, rand)
                     return raw_socket(socket.AF_UNIX, str(tmp / "raw.sock"), size, rand)
                 ram_to_ram = median_of(ram_once)
-            r_pre = median_of(lambda: migrate(tmp, tr, dirty("on"), fresh("on"))["wall"])
+            pre = [migrate(tmp, tr, dirty("on"), fresh("on")) for _ in range(a.repeat)]
+            r_pre = statistics.median(run["wall"] for run in pre)
             r_fresh = median_of(lambda: migrate(tmp, tr, dirty("off"), fresh("off"))["wall"])
             idle = [migrate(tmp, tr, fresh("off"), fresh("off")) for _ in range(a.repeat)]
             r_idle = statistics.median(run["wall"] for run in idle)
@@ -239,8 +260,11 @@ def main() -> None:
                   f" | dirty, fresh dest {rate(r_fresh)} ratio {raw / r_fresh:.2f}"
                   f" | idle {r_idle:5.2f} ({idle[0]['bytes'] >> 10} KiB sent)", flush=True)
             if ram_to_ram is not None:
+                cpu_src = statistics.median(run["cpu"][0] for run in pre)
+                cpu_dst = statistics.median(run["cpu"][1] for run in pre)
                 print(f"{'':>5}  raw RAM to RAM {rate(ram_to_ram)}: pyvm (prealloc) / raw RAM to RAM "
-                      f"throughput {ram_to_ram / r_pre:.2f}", flush=True)
+                      f"throughput {ram_to_ram / r_pre:.2f}; pyvm CPU seconds: source {cpu_src:.2f}, "
+                      f"destination {cpu_dst:.2f}", flush=True)
     if "tcp" in walls and "rdma" in walls:
         provider = os.environ.get("PYVM_RDMA_PROVIDER", "tcp")
         print(f"rdma (libfabric provider {provider}) / tcp transport throughput: "
