@@ -29,6 +29,7 @@ mypy: setup
 bench: setup
 	$(PY) bench/dirty_tracking.py
 	$(PY) bench/zero_scan.py
+	$(PY) bench/page_load.py
 
 clean:
 	rm -rf build .venv pyvm/_fastpath.c pyvm/_pagestream.c pyvm/*.so

@@ -265,9 +265,9 @@ cdef inline int _run_record(const uint8_t *s, Py_ssize_t pos, Py_ssize_t end, ui
 cdef void _populate_ahead(const uint8_t *s, Py_ssize_t pos, Py_ssize_t end, uint8_t *d,
                           uint64_t lim, const uint8_t *w) noexcept nogil:
     """Populate, with one madvise per contiguous stretch, the not yet written pages the
-    buffered run of PAGE records is about to fill.  Faulting them in one by one during the
-    copies costs about half as much again (1 GiB of fresh RAM on the development machine:
-    0.53 s populated per MiB, 0.8-1.0 s faulted).  Only pages the run writes are touched."""
+    buffered run of PAGE records is about to fill, instead of taking a page fault per page
+    during the copies (bench/page_load.py compares the two).  Only pages the run writes
+    are touched."""
     cdef uint64_t addr = 0, first = 0, stop = 0
     cdef int kind = _run_record(s, pos, end, lim, &addr)
     while kind != RUN_END:

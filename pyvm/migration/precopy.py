@@ -227,7 +227,7 @@ class Precopy:
             idx = bitmap_to_indices(w, block.npages)
             if block.name in unsent:
                 # Merged through a page mask: cheaper than sorting, and with no first-use
-                # set-up cost (np.union1d pays ~10 ms on its first call, in the downtime).
+                # set-up cost (np.union1d pays one on its first call, which fell in the downtime).
                 mask = np.zeros(block.npages, dtype=bool)
                 mask[idx] = True
                 mask[unsent[block.name]] = True
