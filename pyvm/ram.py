@@ -114,6 +114,8 @@ class MemoryBackend:
         except OSError as err:
             if err.errno not in (errno.EINVAL, errno.ENOSYS):     # before Linux 5.14: touch
                 self.mm.close()
+                if self.fd is not None:
+                    os.close(self.fd)
                 raise ConfigError(f"preallocating memory failed: {err.strerror}") from err
         pages = np.frombuffer(self.mm, dtype=np.uint8)[::PAGE_SIZE]
         pages[:] = pages          # read and write back one byte per page: contents unchanged

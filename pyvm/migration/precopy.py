@@ -266,7 +266,7 @@ class Precopy:
         # Records are laid out natively (zero pages found on the way), 256 PAGE records
         # or ~100,000 ZERO records at a time, and the channel writes each batch with
         # writev/sendmsg: headers from the batch's buffer, page bytes straight from guest
-        # RAM, no copy.
+        # RAM, no copy.  Every channel but rdma's is a RecordChannel.
         records = ram_format.RamPageWriter()
         start = 0
         while start < indices.size:

@@ -24,7 +24,7 @@ import pytest
 
 from pyvm.errors import PyvmError
 from pyvm.migration.transports import (AbortSignal, IncomingChannel, Listener, OutgoingChannel,
-                                       TransportCancelled, TransportError, TransportTimeout,
+                                       RecordChannel, TransportCancelled, TransportError, TransportTimeout,
                                        connect_inet, connect_unix, exec_incoming, exec_outgoing,
                                        file_incoming, file_outgoing, from_fd, incoming_from_fd,
                                        shell_argv)
@@ -205,7 +205,7 @@ def test_read_returns_empty_at_eof_and_readinto_zero() -> None:
 def test_from_fd_socket_and_pipe() -> None:
     a, b = socket.socketpair()
     out = from_fd(a.detach(), require_socket=True)
-    assert isinstance(out, OutgoingChannel)
+    assert isinstance(out, OutgoingChannel) and isinstance(out, RecordChannel)
     out.write(b"over a socket")
     out.close()
     assert b.recv(100) == b"over a socket"
@@ -429,7 +429,7 @@ def test_exec_cat_both_ways(tmp_path: Path) -> None:
     target = tmp_path / "stream.bin"
     data = payload(3 * MiB + 5, seed=4)
     out = exec_outgoing(shell_argv(f"cat | cat > '{target}'"))
-    assert isinstance(out, OutgoingChannel)
+    assert isinstance(out, OutgoingChannel) and isinstance(out, RecordChannel)
     view = memoryview(data)
     out.writev([view[i:i + 65536] for i in range(0, len(view), 65536)])
     out.close()

@@ -15,7 +15,7 @@ feeds the decoder from an :class:`IncomingChannel`.
 """
 
 from pyvm.migration.transports.base import (AbortSignal, IncomingChannel, OutgoingChannel,
-                                            TransportCancelled, TransportError,
+                                            RecordChannel, TransportCancelled, TransportError,
                                             TransportTimeout)
 from pyvm.migration.transports.exec_transport import exec_incoming, exec_outgoing, shell_argv
 from pyvm.migration.transports.file_transport import file_incoming, file_outgoing
@@ -23,6 +23,6 @@ from pyvm.migration.transports.socket_transport import (ListenAddress, Listener,
                                                         connect_unix, from_fd, incoming_from_fd)
 
 __all__ = ["AbortSignal", "IncomingChannel", "ListenAddress", "Listener", "OutgoingChannel",
-           "TransportCancelled", "TransportError", "TransportTimeout", "connect_inet",
+           "RecordChannel", "TransportCancelled", "TransportError", "TransportTimeout", "connect_inet",
            "connect_unix", "exec_incoming", "exec_outgoing", "file_incoming", "file_outgoing",
            "from_fd", "incoming_from_fd", "shell_argv"]

@@ -27,6 +27,7 @@ channel's :class:`AbortSignal`, so a cancel never depends on a child process clo
 from __future__ import annotations
 
 import errno as errno_codes
+import functools
 import os
 import select
 import threading
@@ -110,6 +111,15 @@ class OutgoingChannel(Protocol):
     @property
     def bytes_written(self) -> int:
         """Bytes the kernel accepted so far."""
+
+
+@runtime_checkable
+class RecordChannel(OutgoingChannel, Protocol):
+    """An :class:`OutgoingChannel` that also writes page-record batches straight from guest
+    RAM: what precopy needs of every channel but rdma's (which moves pages by RDMA)."""
+
+    def write_records(self, batch: RecordSource) -> None:
+        """Write the whole batch (``pyvm.fastpath.RecordBatch``); it is empty afterwards."""
 
 
 @runtime_checkable
@@ -405,21 +415,14 @@ class FdIncoming(_FdChannel):
     def read(self, n: int) -> bytes:
         if n <= 0:
             return b""
-        while True:
-            failure = self._check()
-            if failure is None:
-                try:
-                    data = self._recv(n)
-                except BlockingIOError:
-                    wait_ready(self._fd, _POLL_IN, self._abort)
-                    continue
-                except OSError as err:
-                    failure = self._read_error(err)
-                else:
-                    failure = self._account(len(data))
-            if failure is not None:
-                raise failure
-            return data
+        data = b""
+
+        def recv_once() -> int:
+            nonlocal data
+            data = self._recv(n)
+            return len(data)
+        self._read_with(recv_once)
+        return data
 
     def readinto(self, buf: memoryview | bytearray) -> int:
         view = buf if isinstance(buf, memoryview) else memoryview(buf)
@@ -427,11 +430,19 @@ class FdIncoming(_FdChannel):
             view = view.cast("B")
         if not view.nbytes:
             return 0
+        try:
+            return self._read_with(functools.partial(self._recv_into, view))
+        finally:
+            del buf, view                    # keep a raised error's frames free of buffers
+
+    def _read_with(self, recv_once: Callable[[], int]) -> int:
+        """Call ``recv_once`` until it reads (0: end of input), waiting while the descriptor
+        has nothing; failures raise as QEMU words them.  Returns what it read."""
         while True:
             failure = self._check()
             if failure is None:
                 try:
-                    got = self._recv_into(view)
+                    got = recv_once()
                 except BlockingIOError:
                     wait_ready(self._fd, _POLL_IN, self._abort)
                     continue
@@ -440,7 +451,7 @@ class FdIncoming(_FdChannel):
                 else:
                     failure = self._account(got)
             if failure is not None:
-                del buf, view                # keep the raised error's frames free of buffers
+                del recv_once                # (it holds the caller's buffer)
                 raise failure
             return got
 
