@@ -11,9 +11,9 @@ Works on any stream pyvm or QEMU wrote to a file (``migrate file:...`` or
 
 How it works, for the curious: a stream ends with a JSON "vmdesc" that describes every
 device section (field names, types, sizes).  The analyzer finds it first, then runs pyvm's
-own stream decoder (:mod:`pyvm.migration.decoder`) over the file with a target that
+own stream decoder (:mod:`pyvm.migration.stream.decoder`) over the file with a target that
 accepts whatever the stream holds: RAM blocks are created as they are announced, and
-device sections are read by their description (:mod:`pyvm.migration.vmdesc_loader`).
+device sections are read by their description (:mod:`pyvm.migration.stream.vmdesc_loader`).
 The output has the same shape as QEMU's tool, so the two can be compared.
 """
 
@@ -28,13 +28,13 @@ import struct
 import sys
 from typing import Any, Sequence
 
-from pyvm.migration.decoder import SectionLoaded, StreamDecoder
+from pyvm.migration.stream.decoder import SectionLoaded, StreamDecoder
 from pyvm.migration.errors import MigrationError
-from pyvm.migration.ram_format import RamBlock
-from pyvm.migration.stream_constants import (QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
+from pyvm.migration.stream.ram_format import RamBlock
+from pyvm.migration.stream.constants import (QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
                                              QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_START,
                                              QEMU_VM_VMDESCRIPTION, RAM_SECTION_IDSTR)
-from pyvm.migration.vmdesc_loader import DescribedSection, hex_bytes
+from pyvm.migration.stream.vmdesc_loader import DescribedSection, hex_bytes
 
 FEED_SIZE = 1 << 20            # bytes handed to the decoder at a time
 MAX_VMDESC_SEARCH = 64 << 20   # how far from the end of the file the trailer may start
@@ -94,7 +94,7 @@ def safe_block_path(name: str) -> str:
 
 
 class AnalyzerTarget:
-    """A :class:`~pyvm.migration.decoder.LoadTarget` that records instead of checking."""
+    """A :class:`~pyvm.migration.stream.decoder.LoadTarget` that records instead of checking."""
 
     def __init__(self, vmdesc: dict[str, Any], dump_memory: bool, extract: bool) -> None:
         self.descriptions = {(d.get("name"), d.get("instance_id")): d for d in vmdesc["devices"]}

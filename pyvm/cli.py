@@ -367,14 +367,14 @@ def run(pa: ParsedArgs) -> int:
     service = None
     try:
         if monitors:
-            import pyvm.migration.qmp_commands  # noqa: F401 - installs the migration commands
+            import pyvm.migration.control.monitor_commands  # noqa: F401 - installs the migration commands
             from pyvm.qmp.options import start_monitors
             # Clients are greeted at once; their commands wait until the VM has started.
             service = start_monitors(machine, monitors, hold=True)
         _install_signals(machine)
         machine.start()
         if cfg.incoming is not None:
-            from pyvm.migration.incoming import start_incoming_from_cli
+            from pyvm.migration.control.incoming import start_incoming_from_cli
             start_incoming_from_cli(machine, cfg.incoming)
         if service is not None:
             service.release()

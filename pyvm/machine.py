@@ -95,7 +95,7 @@ class Machine:
         self._build_ram()
         self.iobus = IoBus(self.log)
         self.devices: list[Device] = []
-        #: (reason, modes) registered by devices and options; see pyvm.migration.blockers
+        #: (reason, modes) registered by devices and options; see pyvm.migration.control.blockers
         self.migration_blockers: list[tuple[str, frozenset[str]]] = []
         self.char_backends: list[Any] = []
         self._ctx = _DeviceContext(self)

@@ -21,10 +21,10 @@ Transports (``transports/``) only move bytes; the orchestration (``migration``) 
 the encoder and decoder.
 """
 
-from pyvm.migration.decoder import LoadTarget, StreamDecoder
-from pyvm.migration.encoder import RAM_SECTION_ID, StreamEncoder
+from pyvm.migration.stream.decoder import LoadTarget, StreamDecoder
+from pyvm.migration.stream.encoder import RAM_SECTION_ID, StreamEncoder
 from pyvm.migration.errors import MigrationError
-from pyvm.migration.ram_format import RamBlock
+from pyvm.migration.stream.ram_format import RamBlock
 
 __all__ = ["LoadTarget", "MigrationError", "RAM_SECTION_ID", "RamBlock", "StreamDecoder",
            "StreamEncoder"]

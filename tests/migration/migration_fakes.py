@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
-from pyvm.migration.stream_writer import join_chunks
+from pyvm.migration.stream.writer import join_chunks
 from pyvm.vmstate import Field, Subsection, VMStateDescription, default_value
 
 PAGE = 4096

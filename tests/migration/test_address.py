@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from pyvm.migration.address import (MULTI_CHANNEL_REQUIRED, AddressError, ExecMigrationAddress,
+from pyvm.migration.control.address import (MULTI_CHANNEL_REQUIRED, AddressError, ExecMigrationAddress,
                                     FdSocketAddress, FileMigrationAddress, InetSocketAddress,
                                     MigrationAddress, RdmaMigrationAddress,
                                     SocketMigrationAddress, UnixSocketAddress,
@@ -14,7 +14,7 @@ from pyvm.migration.address import (MULTI_CHANNEL_REQUIRED, AddressError, ExecMi
                                     parse_offset, parse_uri, resolve_address,
                                     socket_address_json, supports_multi_channels)
 from pyvm.migration.errors import MigrationError
-from pyvm.migration.schema_migration import (MIGRATE_ARGS, MIGRATE_INCOMING_ARGS,
+from pyvm.migration.control.qmp_schema import (MIGRATE_ARGS, MIGRATE_INCOMING_ARGS,
                                              MIGRATION_ADDRESS, MIGRATION_COMMANDS,
                                              MIGRATION_EVENTS)
 from pyvm.qmp.errors import ArgumentError

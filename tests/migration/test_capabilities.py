@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from pyvm.migration import stream_constants
-from pyvm.migration.capabilities import (BACKGROUND_SNAPSHOT_INCOMPATIBLE, CAPABILITY_NAMES,
+from pyvm.migration.stream import constants as stream_constants
+from pyvm.migration.control.capabilities import (BACKGROUND_SNAPSHOT_INCOMPATIBLE, CAPABILITY_NAMES,
                                          Capabilities, CapabilityContext, CapabilityError,
                                          MigrationCapability, VALIDATED_CAPABILITIES)
 from pyvm.migration.errors import MigrationError

@@ -8,9 +8,9 @@ from typing import Any
 import pytest
 
 from pyvm.migration.errors import MigrationError
-from pyvm.migration.parameters import (PARAMETER_SPECS, MigMode, MigrationParameters,
+from pyvm.migration.control.parameters import (PARAMETER_SPECS, MigMode, MigrationParameters,
                                        ParameterError)
-from pyvm.migration.schema_migration import (MIGRATE_SET_PARAMETERS, MIGRATION_PARAMETERS,
+from pyvm.migration.control.qmp_schema import (MIGRATE_SET_PARAMETERS, MIGRATION_PARAMETERS,
                                              MIG_MODE)
 from pyvm.qmp.visitor import validate
 

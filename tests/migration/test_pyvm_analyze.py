@@ -15,8 +15,9 @@ import pytest
 
 from migration_fakes import PAGE, encode_stream, make_ram, sample_device
 from pyvm import analyze
-from pyvm.migration import RamBlock, vmdesc_json
-from pyvm.migration.stream_writer import StreamWriter
+from pyvm.migration import RamBlock
+from pyvm.migration.stream import vmdesc_json
+from pyvm.migration.stream.writer import StreamWriter
 from tests.conftest import guest
 
 

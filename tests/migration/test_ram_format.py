@@ -7,9 +7,9 @@ import pytest
 from migration_fakes import PAGE, FakeTarget, make_ram
 from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.errors import MigrationError, StreamFormatError, StreamMismatchError, UnsupportedFeatureError
-from pyvm.migration.ram_loader import RamLoader
-from pyvm.migration.stream_reader import StreamReader, run_to_completion
-from pyvm.migration.stream_writer import join_chunks
+from pyvm.migration.stream.ram_loader import RamLoader
+from pyvm.migration.stream.reader import StreamReader, run_to_completion
+from pyvm.migration.stream.writer import join_chunks
 
 # QEMU 7.2, -machine pc -m 64 (fact sheet 1.8): block names and used lengths
 QEMU72_BLOCKS = [("pc.ram", 0x4000000), ("/rom@etc/acpi/tables", 0x20000), ("pc.bios", 0x40000),

@@ -12,10 +12,10 @@ from migration_fakes import PAGE, FakeTarget, decode_stream, encode_stream, make
 from pyvm.migration import RamBlock, StreamEncoder
 from pyvm.migration.errors import EncodeError, MigrationError
 from pyvm.fastpath import RecordBatch
-from pyvm.migration.ram_format import RamPageWriter
-from pyvm.migration.ram_loader import RamLoader
-from pyvm.migration.stream_reader import StreamReader, run_to_completion
-from pyvm.migration.stream_writer import StreamWriter, join_chunks
+from pyvm.migration.stream.ram_format import RamPageWriter
+from pyvm.migration.stream.ram_loader import RamLoader
+from pyvm.migration.stream.reader import StreamReader, run_to_completion
+from pyvm.migration.stream.writer import StreamWriter, join_chunks
 
 
 def _random_ram(npages: int, rng: random.Random) -> bytearray:

@@ -6,8 +6,8 @@ from dataclasses import fields
 
 import pytest
 
-from pyvm.migration.schema_migration import MIGRATION_INFO, MIGRATION_STATS, MIGRATION_STATUS
-from pyvm.migration.status import (RUNNING_STATES, CompressionStats, DestinationSnapshot,
+from pyvm.migration.control.qmp_schema import MIGRATION_INFO, MIGRATION_STATS, MIGRATION_STATUS
+from pyvm.migration.control.status import (RUNNING_STATES, CompressionStats, DestinationSnapshot,
                                    MigrationStats, MigrationStatus, SourceSnapshot,
                                    XbzrleCacheStats, build_migration_info)
 from pyvm.qmp.visitor import conform

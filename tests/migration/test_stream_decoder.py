@@ -9,10 +9,10 @@ import pytest
 from migration_fakes import (FAKE_VMSD, PAGE, FakeDevice, FakeTarget, decode_stream, encode_stream, make_ram,
                              sample_device)
 from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
-from pyvm.migration.decoder import EndOfState, RunStateLoaded, SectionLoaded, StreamFinished, VmDescription
+from pyvm.migration.stream.decoder import EndOfState, RunStateLoaded, SectionLoaded, StreamFinished, VmDescription
 from pyvm.migration.errors import (DecoderStoppedError, EncodeError, MigrationError, StreamFormatError,
                                    TruncatedStreamError)
-from pyvm.migration.stream_writer import join_chunks
+from pyvm.migration.stream.writer import join_chunks
 
 
 def _source(npages: int = 8):

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 
 from pyvm.migration.errors import DecoderStoppedError, EncodeError, StreamFormatError, TruncatedStreamError
-from pyvm.migration.stream_reader import StreamReader, run_to_completion
-from pyvm.migration.stream_writer import StreamWriter, chunks_length, join_chunks
+from pyvm.migration.stream.reader import StreamReader, run_to_completion
+from pyvm.migration.stream.writer import StreamWriter, chunks_length, join_chunks
 
 
 def test_writer_big_endian_items() -> None:

@@ -6,11 +6,11 @@ import pytest
 
 from pyvm.migration.errors import (MigrationError, StreamFormatError, StreamMismatchError,
                                    TruncatedStreamError, UnsupportedFeatureError)
-from pyvm.migration.sections import (Configuration, GlobalState, check_configuration, read_command,
+from pyvm.migration.stream.sections import (Configuration, GlobalState, check_configuration, read_command,
                                      read_configuration, read_section_footer, write_configuration,
                                      write_section_footer, write_section_header)
-from pyvm.migration.stream_reader import StreamReader, run_to_completion
-from pyvm.migration.stream_writer import StreamWriter
+from pyvm.migration.stream.reader import StreamReader, run_to_completion
+from pyvm.migration.stream.writer import StreamWriter
 
 
 def _run(step_factory, data: bytes):

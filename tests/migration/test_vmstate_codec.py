@@ -7,11 +7,11 @@ import random
 import pytest
 
 from migration_fakes import FAKE_VMSD, FakeDevice, sample_device
-from pyvm.migration import vmdesc_json
+from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.errors import EncodeError, MigrationError, StreamMismatchError, TruncatedStreamError
-from pyvm.migration.stream_reader import StreamReader, run_to_completion
-from pyvm.migration.stream_writer import StreamWriter
-from pyvm.migration.vmstate_codec import apply_loaded, load_vmstate, save_vmstate
+from pyvm.migration.stream.reader import StreamReader, run_to_completion
+from pyvm.migration.stream.writer import StreamWriter
+from pyvm.migration.stream.vmstate_codec import apply_loaded, load_vmstate, save_vmstate
 from pyvm.vmstate import Field, Subsection, VMStateDescription
 
 SAMPLE_BYTES = (bytes.fromhex("12" "00000001" "fffffffe" "7fffffff") + b"hello" + b"\x01"

@@ -22,10 +22,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pyvm.migration.capabilities import CAPABILITY_NAMES
-from pyvm.migration.parameters import (MULTIFD_COMPRESSION_VALUES, PARAMETER_SPECS, MigMode,
+from pyvm.migration.control.capabilities import CAPABILITY_NAMES
+from pyvm.migration.control.parameters import (MULTIFD_COMPRESSION_VALUES, PARAMETER_SPECS, MigMode,
                                        ParameterSpec)
-from pyvm.migration.status import MigrationStatus
+from pyvm.migration.control.status import MigrationStatus
 from pyvm.qmp.schema import Alternate, Array, Enum, QType, Struct, TypeRef, Union
 
 # -- qapi/sockets.json ------------------------------------------------------------------------

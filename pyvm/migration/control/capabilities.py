@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Iterable
 
-from pyvm.migration import stream_constants
+from pyvm.migration.stream import constants as stream_constants
 from pyvm.migration.errors import MigrationError
 
 

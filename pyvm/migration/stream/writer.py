@@ -14,7 +14,7 @@ import struct
 from typing import Union
 
 from pyvm.migration.errors import EncodeError
-from pyvm.migration.stream_constants import MAX_COUNTED_STRING
+from pyvm.migration.stream.constants import MAX_COUNTED_STRING
 
 Chunk = Union[bytes, memoryview]
 

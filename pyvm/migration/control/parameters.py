@@ -24,7 +24,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 from pyvm.migration.errors import MigrationError
-from pyvm.migration.stream_constants import TARGET_PAGE_SIZE
+from pyvm.migration.stream.constants import TARGET_PAGE_SIZE
 
 
 class ParameterError(MigrationError):

@@ -34,7 +34,7 @@ from dataclasses import dataclass, field, fields, replace
 from enum import Enum
 from typing import Any, Sequence
 
-from pyvm.migration.stream_constants import TARGET_PAGE_SIZE
+from pyvm.migration.stream.constants import TARGET_PAGE_SIZE
 
 
 class MigrationStatus(str, Enum):

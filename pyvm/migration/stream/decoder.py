@@ -31,20 +31,20 @@ from typing import Any, Callable, Collection, Generator, Optional, Protocol, Uni
 
 from pyvm.migration.errors import (DecoderStoppedError, MigrationError, StreamFormatError,
                                    StreamMismatchError)
-from pyvm.migration.ram_format import RamBlock
-from pyvm.migration.ram_loader import RamLoader
-from pyvm.migration.sections import (GLOBALSTATE_IDSTR, GlobalState, Configuration,
+from pyvm.migration.stream.ram_format import RamBlock
+from pyvm.migration.stream.ram_loader import RamLoader
+from pyvm.migration.stream.sections import (GLOBALSTATE_IDSTR, GlobalState, Configuration,
                                      check_configuration, read_command, read_configuration,
                                      read_section_footer)
-from pyvm.migration.stream_constants import (MAX_VMDESC_LEN, QEMU_VM_COMMAND,
+from pyvm.migration.stream.constants import (MAX_VMDESC_LEN, QEMU_VM_COMMAND,
                                              QEMU_VM_CONFIGURATION, QEMU_VM_EOF,
                                              QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
                                              QEMU_VM_FILE_VERSION_COMPAT, QEMU_VM_SECTION_END,
                                              QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART,
                                              QEMU_VM_SECTION_START, QEMU_VM_VMDESCRIPTION,
                                              RAM_SECTION_IDSTR, RAM_SECTION_VERSION)
-from pyvm.migration.stream_reader import StreamReader
-from pyvm.migration.vmstate_codec import apply_loaded, load_vmstate
+from pyvm.migration.stream.reader import StreamReader
+from pyvm.migration.stream.vmstate_codec import apply_loaded, load_vmstate
 
 
 class SectionLoader(Protocol):

@@ -24,9 +24,9 @@ import struct
 from typing import Any, Generator
 
 from pyvm.migration.errors import EncodeError, MigrationError, StreamMismatchError
-from pyvm.migration.stream_constants import QEMU_VM_SUBSECTION
-from pyvm.migration.stream_reader import StreamReader
-from pyvm.migration.stream_writer import StreamWriter
+from pyvm.migration.stream.constants import QEMU_VM_SUBSECTION
+from pyvm.migration.stream.reader import StreamReader
+from pyvm.migration.stream.writer import StreamWriter
 from pyvm.vmstate import Field, VMStateDescription
 
 # struct format letter of each scalar type (migration/vmstate-types.c)

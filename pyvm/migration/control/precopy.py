@@ -28,14 +28,14 @@ from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 
 from pyvm.fastpath import RecordBatch, bitmap_to_indices, find_zero_pages_at
-from pyvm.migration import ram_format
-from pyvm.migration.encoder import StreamEncoder
-from pyvm.migration.status import MigrationStatus
+from pyvm.migration.stream import ram_format
+from pyvm.migration.stream.encoder import StreamEncoder
+from pyvm.migration.control.status import MigrationStatus
 from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
     from pyvm.machine import Machine
-    from pyvm.migration.manager import MigrationManager
+    from pyvm.migration.control.manager import MigrationManager
     from pyvm.ram import RamBlock
 
 PAGE = 4096

@@ -19,21 +19,21 @@ from typing import TYPE_CHECKING, Any, Callable, Collection
 import numpy as np
 
 from pyvm.errors import PyvmError
-from pyvm.migration import ram_format
-from pyvm.migration.decoder import StreamDecoder
+from pyvm.migration.stream import ram_format
+from pyvm.migration.stream.decoder import StreamDecoder
 from pyvm.migration.errors import MigrationError
-from pyvm.migration.status import DestinationSnapshot, MigrationStatus, build_migration_info
+from pyvm.migration.control.status import DestinationSnapshot, MigrationStatus, build_migration_info
 from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
     from pyvm.machine import Machine
-    from pyvm.migration.manager import MigrationManager
+    from pyvm.migration.control.manager import MigrationManager
 
 READ_SIZE = 1 << 20
 
 
 class MachineLoadTarget:
-    """The decoder's view of the destination VM (pyvm.migration.decoder.LoadTarget)."""
+    """The decoder's view of the destination VM (pyvm.migration.stream.decoder.LoadTarget)."""
 
     def __init__(self, machine: "Machine", manager: "MigrationManager") -> None:
         self.machine = machine
@@ -153,7 +153,7 @@ class IncomingMigration:
 def start_incoming_from_cli(machine: "Machine", uri: str) -> None:
     """``-incoming URI`` / ``-incoming defer`` at start-up."""
     from pyvm.errors import ConfigError
-    from pyvm.migration.service import migration_of, start_incoming
+    from pyvm.migration.control.service import migration_of, start_incoming
 
     mgr = migration_of(machine)
     mgr.deferred_incoming = uri == "defer"

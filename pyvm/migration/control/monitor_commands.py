@@ -1,7 +1,7 @@
 """The migration commands on the QMP and human monitors.
 
-QMP argument types come from :mod:`pyvm.migration.schema_migration` (validated by the
-monitor with QEMU's visitor texts); behaviour from :mod:`pyvm.migration.service`.
+QMP argument types come from :mod:`pyvm.migration.control.qmp_schema` (validated by the
+monitor with QEMU's visitor texts); behaviour from :mod:`pyvm.migration.control.service`.
 Importing this module installs the commands on every monitor table.
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from pyvm.errors import PyvmError
-from pyvm.migration import service
-from pyvm.migration.parameters import PARAMETER_SPECS
-from pyvm.migration.schema_migration import COMMANDS_BY_NAME, MIGRATION_EVENTS
+from pyvm.migration.control import service
+from pyvm.migration.control.parameters import PARAMETER_SPECS
+from pyvm.migration.control.qmp_schema import COMMANDS_BY_NAME, MIGRATION_EVENTS
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.errors import CommandError
 from pyvm.qmp.hmp import HmpContext, HmpTable, add_hmp_installer

@@ -32,19 +32,19 @@ from __future__ import annotations
 
 from typing import Any, Collection, Iterable, Sequence
 
-from pyvm.migration import vmdesc_json
+from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.errors import EncodeError
-from pyvm.migration.ram_format import RamBlock, RamPageWriter, write_ram_eos, write_ram_setup
-from pyvm.migration.sections import (GLOBALSTATE_IDSTR, GlobalState, write_configuration,
+from pyvm.migration.stream.ram_format import RamBlock, RamPageWriter, write_ram_eos, write_ram_setup
+from pyvm.migration.stream.sections import (GLOBALSTATE_IDSTR, GlobalState, write_configuration,
                                      write_section_footer, write_section_header)
-from pyvm.migration.stream_constants import (QEMU_VM_EOF, QEMU_VM_FILE_MAGIC,
+from pyvm.migration.stream.constants import (QEMU_VM_EOF, QEMU_VM_FILE_MAGIC,
                                              QEMU_VM_FILE_VERSION, QEMU_VM_SECTION_END,
                                              QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_PART,
                                              QEMU_VM_SECTION_START, QEMU_VM_VMDESCRIPTION,
                                              RAM_SECTION_IDSTR, RAM_SECTION_VERSION,
                                              TARGET_PAGE_SIZE)
-from pyvm.migration.stream_writer import Chunk, StreamWriter
-from pyvm.migration.vmstate_codec import save_vmstate
+from pyvm.migration.stream.writer import Chunk, StreamWriter
+from pyvm.migration.stream.vmstate_codec import save_vmstate
 
 RAM_SECTION_ID = 2
 

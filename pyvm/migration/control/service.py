@@ -10,12 +10,12 @@ import threading
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from pyvm.errors import PyvmError
-from pyvm.migration.address import (FileMigrationAddress, MigrationAddress, resolve_address)
-from pyvm.migration.channels import STREAMING, outgoing_opener, prepare_incoming
-from pyvm.migration.incoming import IncomingMigration
-from pyvm.migration.manager import MigrationCommandError, MigrationManager
-from pyvm.migration.precopy import Precopy
-from pyvm.migration.status import MigrationStats, MigrationStatus
+from pyvm.migration.control.address import (FileMigrationAddress, MigrationAddress, resolve_address)
+from pyvm.migration.control.connect import STREAMING, outgoing_opener, prepare_incoming
+from pyvm.migration.control.incoming import IncomingMigration
+from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
+from pyvm.migration.control.precopy import Precopy
+from pyvm.migration.control.status import MigrationStats, MigrationStatus
 from pyvm.migration.transports import AbortSignal
 from pyvm.runstate import RunState
 

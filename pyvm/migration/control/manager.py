@@ -1,7 +1,7 @@
 """Migration state of one VM: capabilities, parameters, blockers, the current migration.
 
-The QMP commands (:mod:`pyvm.migration.qmp_commands`) call into this object; the source
-thread (:mod:`pyvm.migration.precopy`) and the destination (:mod:`pyvm.migration.incoming`)
+The QMP commands (:mod:`pyvm.migration.control.monitor_commands`) call into this object; the source
+thread (:mod:`pyvm.migration.control.precopy`) and the destination (:mod:`pyvm.migration.control.incoming`)
 report status changes through :meth:`MigrationManager.set_status`, which emits
 ``MIGRATION`` events when the ``events`` capability is on, as QEMU does.
 """
@@ -12,17 +12,17 @@ import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from pyvm.errors import PyvmError
-from pyvm.migration.blockers import BlockerRegistry
-from pyvm.migration.capabilities import Capabilities
-from pyvm.migration.parameters import MigrationParameters
-from pyvm.migration.status import (MigrationStats, MigrationStatus, SourceSnapshot,
+from pyvm.migration.control.blockers import BlockerRegistry
+from pyvm.migration.control.capabilities import Capabilities
+from pyvm.migration.control.parameters import MigrationParameters
+from pyvm.migration.control.status import (MigrationStats, MigrationStatus, SourceSnapshot,
                                    build_migration_info)
 from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
     from pyvm.machine import Machine
-    from pyvm.migration.incoming import IncomingMigration
-    from pyvm.migration.precopy import Precopy
+    from pyvm.migration.control.incoming import IncomingMigration
+    from pyvm.migration.control.precopy import Precopy
     from pyvm.ram import RamBlock
 
 #: capabilities this build implements (others are refused by name)

@@ -1,6 +1,6 @@
 """Loading the ``ram`` section (QEMU migration/ram.c ram_load_precopy; fact sheet 1.8).
 
-The record layout is described in :mod:`pyvm.migration.ram_format`.  Pages are written
+The record layout is described in :mod:`pyvm.migration.stream.ram_format`.  Pages are written
 straight into the block buffers the destination provided, after checking that the offset
 lies inside the block.  Runs of ``CONTINUE`` PAGE/ZERO records go through the native
 :func:`pyvm.fastpath.load_page_run`; every other record, and every error, is handled by
@@ -17,14 +17,14 @@ import numpy as np
 
 from pyvm.fastpath import load_page_run
 from pyvm.migration.errors import StreamFormatError, StreamMismatchError, UnsupportedFeatureError
-from pyvm.migration.ram_format import RamBlock
-from pyvm.migration.stream_constants import (MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
+from pyvm.migration.stream.ram_format import RamBlock
+from pyvm.migration.stream.constants import (MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
                                              RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
                                              RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE,
                                              RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_PAGE,
                                              RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO,
                                              TARGET_PAGE_BITS, TARGET_PAGE_SIZE)
-from pyvm.migration.stream_reader import StreamReader
+from pyvm.migration.stream.reader import StreamReader
 
 _BE64 = struct.Struct(">Q")
 _FLAG_BITS = TARGET_PAGE_SIZE - 1

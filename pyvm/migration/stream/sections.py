@@ -18,15 +18,15 @@ from typing import Any, Collection, Generator
 
 from pyvm.migration.errors import (EncodeError, MigrationError, StreamFormatError,
                                    StreamMismatchError, UnsupportedFeatureError)
-from pyvm.migration.stream_constants import (MAX_CAPABILITIES, MAX_MACHINE_TYPE_LEN,
+from pyvm.migration.stream.constants import (MAX_CAPABILITIES, MAX_MACHINE_TYPE_LEN,
                                              MIG_CMD_MAX, MIG_CMD_OPEN_RETURN_PATH, MIG_CMD_PING,
                                              MIG_COMMANDS, MIGRATION_CAPABILITIES,
                                              QEMU_VM_CONFIGURATION, QEMU_VM_SECTION_FOOTER,
                                              QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_START,
                                              QEMU_VM_SUBSECTION, TARGET_PAGE_BITS,
                                              VALIDATED_CAPABILITIES)
-from pyvm.migration.stream_reader import StreamReader
-from pyvm.migration.stream_writer import StreamWriter
+from pyvm.migration.stream.reader import StreamReader
+from pyvm.migration.stream.writer import StreamWriter
 from pyvm.runstate import RunState
 from pyvm.vmstate import Field, VMStateDescription
 

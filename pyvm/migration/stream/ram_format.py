@@ -16,7 +16,7 @@ This module holds the block description both sides share (:class:`RamBlock`) and
 writing side: :meth:`RamPageWriter.write_pages` hands page bytes out as memoryviews of
 guest RAM; :meth:`RamPageWriter.batch_run` lays out a batch of records natively with the
 page bytes left in guest RAM until a descriptor channel sends them with ``writev``.  The
-loading side is :mod:`pyvm.migration.ram_loader`.
+loading side is :mod:`pyvm.migration.stream.ram_loader`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from pyvm.migration.errors import EncodeError
-from pyvm.migration.stream_constants import (MAX_COUNTED_STRING, RAM_SAVE_FLAG_CONTINUE,
+from pyvm.migration.stream.constants import (MAX_COUNTED_STRING, RAM_SAVE_FLAG_CONTINUE,
                                              RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MEM_SIZE,
                                              RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO,
                                              TARGET_PAGE_BITS, TARGET_PAGE_SIZE)
-from pyvm.migration.stream_writer import StreamWriter
+from pyvm.migration.stream.writer import StreamWriter
 
 _NO_PAGES = np.zeros(0, dtype=np.uint8)
 

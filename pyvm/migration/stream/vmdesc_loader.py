@@ -17,8 +17,8 @@ from __future__ import annotations
 from typing import Any, Generator
 
 from pyvm.migration.errors import StreamFormatError
-from pyvm.migration.stream_constants import QEMU_VM_SUBSECTION
-from pyvm.migration.stream_reader import StreamReader
+from pyvm.migration.stream.constants import QEMU_VM_SUBSECTION
+from pyvm.migration.stream.reader import StreamReader
 
 # vmdesc type names read as integers (the analyzer's signed/unsigned tables)
 SIGNED_TYPES = frozenset({"int8", "int16", "int32", "int64", "int32 equal", "int32 le",

@@ -34,7 +34,7 @@ def rdma_outgoing_opener(addr: Any, blocks_fn: Callable[[], Any] | None,
 
 
 def prepare_rdma_incoming(addr: Any, blocks_fn: Callable[[], Any] | None) -> Any:
-    from pyvm.migration.channels import PreparedIncoming
+    from pyvm.migration.control.connect import PreparedIncoming
     from pyvm.migration.transports.rdma_transport import RdmaListener
 
     listener = RdmaListener(addr.inet.host, addr.inet.port, provider=_provider())

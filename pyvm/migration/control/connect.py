@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from pyvm.migration.address import (ExecMigrationAddress, FdSocketAddress, FileMigrationAddress,
+from pyvm.migration.control.address import (ExecMigrationAddress, FdSocketAddress, FileMigrationAddress,
                                     InetSocketAddress, MigrationAddress, RdmaMigrationAddress,
                                     SocketMigrationAddress, UnixSocketAddress, socket_address_json)
 from pyvm.migration.transports import (AbortSignal, Listener, TransportError, connect_inet,
@@ -51,7 +51,7 @@ def outgoing_opener(addr: MigrationAddress, abort: AbortSignal,
     if isinstance(addr, FileMigrationAddress):
         return lambda: file_outgoing(addr.filename, addr.offset)
     if isinstance(addr, RdmaMigrationAddress):
-        from pyvm.migration.rdma_glue import rdma_outgoing_opener
+        from pyvm.migration.control.rdma_connect import rdma_outgoing_opener
         return rdma_outgoing_opener(addr, rdma_blocks, abort, rdma_pin_all)
     raise TransportError(f"unknown migration transport {addr!r}")
 
@@ -96,7 +96,7 @@ def prepare_incoming(addr: MigrationAddress, rdma_blocks: Callable[[], Any] | No
             raise TransportError(f"Could not open '{addr.filename}': No such file or directory")
         return PreparedIncoming(lambda: file_incoming(addr.filename, addr.offset), lambda: None, None)
     if isinstance(addr, RdmaMigrationAddress):
-        from pyvm.migration.rdma_glue import prepare_rdma_incoming
+        from pyvm.migration.control.rdma_connect import prepare_rdma_incoming
         return prepare_rdma_incoming(addr, rdma_blocks)
     raise TransportError(f"unknown migration transport {addr!r}")
 

@@ -1,0 +1,1 @@
+"""The migration control side: the state machine, precopy, incoming, parameters, commands."""

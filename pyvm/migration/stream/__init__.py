@@ -1,0 +1,1 @@
+"""The migration stream format: bytes <-> objects, no I/O."""
