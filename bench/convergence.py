@@ -1,14 +1,17 @@
 """Precopy convergence: a guest dirtying at ~1/4 of the link completes, a faster one never does.
 
-    python bench/convergence.py [--link-mib 8] [--size-mib 64] [--budget 30]
+    python bench/convergence.py [--link-mib 8] [--size-mib 64] [--budget 30] [--transport tcp]
 
-Both cases live-migrate a running guest between two real pyvm processes over tcp on
+Both cases live-migrate a running guest between two real pyvm processes over tcp (or
+``--transport rdma``: libfabric, its tcp provider on a machine without an RDMA NIC) on
 127.0.0.1 with ``max-bandwidth`` set to ``--link-mib`` MiB/s (the link) and QEMU's default
 ``downtime-limit`` (300 ms).
 
 1. ``memcheck`` with ``rate=N`` (N pages per 100 Hz tick: N*100 pages/s), N chosen so the
    dirty rate is about a quarter of the link.  It must complete with the measured
    ``downtime`` at most ``downtime-limit``; the destination then runs on without a FAIL line.
+   If it is still ``active`` after ``--budget`` seconds the bench prints the last
+   ``query-migrate`` figures (``mbps``, ``transferred``) and fails.
 2. ``ab`` (one byte of every page of a ``--fast-mib`` MiB range incremented per pass, as
    fast as the vCPU goes), dirtying faster than the link.  It must not complete within
    ``--budget`` seconds and ``query-migrate`` must say so honestly: ``active``,
@@ -21,6 +24,7 @@ Last line: ``ratio=<measured downtime / downtime-limit>`` of case 1 (target <= 1
 from __future__ import annotations
 
 import argparse
+import socket
 import sys
 import tempfile
 import time
@@ -37,21 +41,32 @@ PAGE = 4096
 TICK_HZ = 100                 # memcheck's rate= is pages per tick of its 100 Hz PIT timer
 
 
-def pair(tmp: Path, args: list[str], link: int) -> tuple[VmProcess, VmProcess, str]:
-    """A running source and a tcp destination with the same arguments; returns the URI."""
-    dst = VmProcess(tmp, "dst", *args, "-incoming", "tcp:127.0.0.1:0")
-    port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def pair(tmp: Path, args: list[str], link: int,
+         transport: str = "tcp") -> tuple[VmProcess, VmProcess, str]:
+    """A running source and a destination with the same arguments; returns the URI."""
+    if transport == "rdma":
+        port = _free_port()
+        dst = VmProcess(tmp, "dst", *args, "-incoming", f"rdma:127.0.0.1:{port}")
+    else:
+        dst = VmProcess(tmp, "dst", *args, "-incoming", "tcp:127.0.0.1:0")
+        port = dst.cmd("query-migrate")["socket-address"][0]["port"]
     src = VmProcess(tmp, "src", *args)
     src.cmd("migrate-set-parameters", **{"max-bandwidth": link})
-    return src, dst, f"tcp:127.0.0.1:{port}"
+    return src, dst, f"{transport}:127.0.0.1:{port}"
 
 
-def converging(tmp: Path, size_mib: int, link: int) -> float:
+def converging(tmp: Path, size_mib: int, link: int, transport: str, budget: float) -> float:
     rate = max(1, round(link / PAGE / 4 / TICK_HZ))
     dirty = rate * TICK_HZ * PAGE
     args = ["-m", f"{size_mib}M", "-kernel", guest_path("memcheck.elf"),
             "-append", f"start=1 size=16 rate={rate}", "-display", "none"]
-    src, dst, uri = pair(tmp, args, link)
+    src, dst, uri = pair(tmp, args, link, transport)
     try:
         src.wait_serial("memcheck gen 1 ok", timeout=120)
         limit = src.cmd("query-migrate-parameters")["downtime-limit"]
@@ -64,6 +79,15 @@ def converging(tmp: Path, size_mib: int, link: int) -> float:
                 seen = info
             if info["status"] in ("completed", "failed", "cancelled"):
                 break
+            if time.perf_counter() - t0 > budget:
+                ram = info.get("ram", {})
+                print(f"converging: NOT completed after {budget:.0f} s over {transport}: status "
+                      f"{info['status']}, mbps {ram.get('mbps', 0):.3f}, transferred "
+                      f"{ram.get('transferred', 0) / 1e6:.0f} MB, dirty-sync-count "
+                      f"{ram.get('dirty-sync-count')}, expected-downtime "
+                      f"{info.get('expected-downtime')} ms")
+                src.cmd("migrate_cancel")
+                raise SystemExit(1)
             time.sleep(0.1)
         wall = time.perf_counter() - t0
         assert info["status"] == "completed", info
@@ -71,7 +95,8 @@ def converging(tmp: Path, size_mib: int, link: int) -> float:
         print(f"converging: memcheck rate={rate} ({dirty / 1e6:.2f} MB/s asked, "
               f"{measured_rate / 1e6:.2f} MB/s measured in the last round), link {link / 1e6:.2f} MB/s "
               f"(dirty/link {dirty / link:.2f})")
-        print(f"converging: completed in {wall:.1f} s, {info['ram']['dirty-sync-count']} syncs, "
+        print(f"converging: completed over {transport} in {wall:.1f} s, "
+              f"{info['ram']['dirty-sync-count']} syncs, last mbps {seen.get('ram', {}).get('mbps', 0):.1f}, "
               f"downtime {info['downtime']} ms, downtime-limit {limit} ms")
         dst.wait_migration(("completed",), timeout=60)
         assert dst.status() == "running", dst.status()
@@ -89,10 +114,11 @@ def converging(tmp: Path, size_mib: int, link: int) -> float:
         dst.close()
 
 
-def diverging(tmp: Path, size_mib: int, fast_mib: int, link: int, budget: float) -> None:
+def diverging(tmp: Path, size_mib: int, fast_mib: int, link: int, budget: float,
+              transport: str) -> None:
     args = ["-m", f"{size_mib}M", "-kernel", guest_path("ab.elf"),
             "-append", f"start=1 size={fast_mib} passes=1", "-display", "none"]
-    src, dst, uri = pair(tmp, args, link)
+    src, dst, uri = pair(tmp, args, link, transport)
     try:
         src.wait_serial("B", timeout=60)
         limit = src.cmd("query-migrate-parameters")["downtime-limit"]
@@ -133,12 +159,14 @@ def main() -> None:
     ap.add_argument("--link-mib", type=float, default=8, help="max-bandwidth, MiB/s")
     ap.add_argument("--size-mib", type=int, default=64, help="guest RAM")
     ap.add_argument("--fast-mib", type=int, default=32, help="range the fast guest dirties")
-    ap.add_argument("--budget", type=float, default=30, help="seconds the fast case gets")
+    ap.add_argument("--budget", type=float, default=30,
+                    help="seconds the fast case gets (and the slow one may take)")
+    ap.add_argument("--transport", choices=("tcp", "rdma"), default="tcp")
     a = ap.parse_args()
     link = int(a.link_mib * (1 << 20))
     with tempfile.TemporaryDirectory(prefix="pyvm-conv-") as d:
-        ratio = converging(Path(d), a.size_mib, link)
-        diverging(Path(d), a.size_mib, a.fast_mib, link, a.budget)
+        ratio = converging(Path(d), a.size_mib, link, a.transport, a.budget)
+        diverging(Path(d), a.size_mib, a.fast_mib, link, a.budget, a.transport)
     print(f"ratio={ratio:.2f}")
 
 
