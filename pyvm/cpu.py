@@ -32,6 +32,7 @@ from unicorn import x86_const as X
 from pyvm.errors import GuestFault
 from pyvm.fastpath import slice_stopper
 from pyvm.ram import RamLayout
+from pyvm.unicorn_internals import ContextAccess
 from pyvm.vmstate import Field, Subsection, VMStateDescription
 
 MSR_EFER = 0xC0000080
@@ -133,6 +134,8 @@ class VCpu:
         self.uc = uc_mod.Uc(uc_mod.UC_ARCH_X86, uc_mod.UC_MODE_64 if wide else uc_mod.UC_MODE_32)
         self.uc.ctl_set_cpu_model(X.UC_CPU_X86_QEMU64)
         self._uch = self.uc._uch
+        # State without a Unicorn register id (segment caches, hflags, TSC offset).
+        self.internals = ContextAccess(self.uc)
         for block in ram:
             self.uc.mem_map_ptr(block.gpa, block.size, uc_mod.UC_PROT_ALL, block.host_address)
         self._io_read = io_read
