@@ -328,6 +328,15 @@ def _probe_hflags(lab: ProbeLab) -> list[ContextField]:
     return [f]
 
 
+def _probe_efer(lab: ProbeLab) -> list[ContextField]:
+    """efer: WRMSR cannot clear LMA (QEMU helper_wrmsr's update_mask), so loads write it here."""
+    def put(v: int) -> None:
+        lab.uc.msr_write(0xC0000080, v)
+    f = lab.locate_delta("efer", 8, put, (0x0, 0x1, 0x100, 0x101), delta=lambda v: v)
+    lab.uc.msr_write(0xC0000080, 0)
+    return [f]
+
+
 def _probe_dr(lab: ProbeLab) -> list[ContextField]:
     """dr[7]: the anchor for the TSC-offset search (it has a public register id)."""
     def put(v: int) -> None:
@@ -370,6 +379,7 @@ def _probe_tsc_offset(lab: ProbeLab) -> list[ContextField]:
 
 
 for _name, _probe in (("segments", _probe_segments), ("hflags", _probe_hflags),
+                      ("efer", _probe_efer),
                       ("dr7", _probe_dr), ("tsc_offset", _probe_tsc_offset)):
     register_probe(_name, _probe)
 
@@ -437,5 +447,37 @@ class ContextAccess:
             f.encode_into(blob, v)
         self._ctx.restore(blob)
 
+    def read_tsc(self) -> int:
+        """The guest's TSC now (what rdtsc would return)."""
+        return (host_ticks() + self.read("tsc_offset")) & 0xFFFFFFFFFFFFFFFF
+
+    def write_tsc(self, value: int) -> None:
+        """Make the guest's TSC read ``value`` now and count on from there."""
+        self.write("tsc_offset", (value - host_ticks()) & 0xFFFFFFFFFFFFFFFF)
+
     def close(self) -> None:
         self._ctx.free()
+
+
+# -- the TSC ------------------------------------------------------------------------------------
+# Unicorn's rdtsc returns the host's cycle counter plus env->tsc_offset (hw/i386/x86.c
+# cpu_get_tsc -> cpu_get_host_ticks); no register or MSR writes it (MSR 0x10 writes go to
+# env->tsc, which rdtsc never reads).  A scratch engine with offset 0 reads that counter.
+_CLOCK_LOCK = threading.Lock()
+_CLOCK: Any = None
+
+
+def host_ticks() -> int:
+    """The counter Unicorn's rdtsc adds ``tsc_offset`` to, read now."""
+    global _CLOCK
+    with _CLOCK_LOCK:
+        if _CLOCK is None:
+            uc = uc_mod.Uc(uc_mod.UC_ARCH_X86, uc_mod.UC_MODE_32)
+            uc.mem_map(0, 0x1000)
+            uc.mem_write(0, b"\x0f\x31")                    # rdtsc
+            uc.reg_write(X.UC_X86_REG_CR0, 0x10)
+            uc.reg_write(X.UC_X86_REG_CS, 0)
+            _CLOCK = uc
+        uc = _CLOCK
+        uc.emu_start(0, 2)
+        return int((uc.reg_read(X.UC_X86_REG_EDX) << 32) | uc.reg_read(X.UC_X86_REG_EAX))

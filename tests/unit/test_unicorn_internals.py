@@ -27,7 +27,7 @@ def engine(mode: int) -> U.Uc:
 def test_calibration_finds_every_field() -> None:
     layout = ui.calibrate()
     want = {f"{s}.{p}" for s in ui.SEGMENT_NAMES for p in ui.SEGMENT_PARTS}
-    want |= {"hflags", "dr7", "tsc_offset"}
+    want |= {"hflags", "efer", "dr7", "tsc_offset"}
     assert want <= set(layout.fields)
     spans = sorted((f.offset, f.offset + f.size, f.name) for f in layout.fields.values())
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
