@@ -45,11 +45,11 @@ from typing import Any, Callable
 import unicorn as uc_mod
 from unicorn import x86_const as X
 
+from pyvm.cpu_state import CPU_VMSD, CpuState, CpuStateError, load_cpu, save_cpu  # noqa: F401 - re-exported
 from pyvm.errors import GuestFault
 from pyvm.fastpath import slice_stopper
 from pyvm.ram import RamLayout
 from pyvm.unicorn_internals import ContextAccess, ExceptionState
-from pyvm.vmstate import Field, Subsection, VMStateDescription
 
 MSR_EFER = 0xC0000080
 EFER_LMA = 1 << 10
@@ -115,32 +115,6 @@ class _Mmr(ctypes.Structure):
                 ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
-# The vCPU's saved state (QEMU's vmsd is also called "cpu"; the fields here are pyvm's).
-CPU_FPU_VMSD = VMStateDescription(
-    name="cpu/sse", version_id=1,
-    fields=(Field("xmm", "buffer", size=16 * 16), Field("mxcsr", "uint32"),
-            Field("fpcw", "uint16"), Field("fpsw", "uint16"), Field("fptag", "uint16")),
-)
-CPU_VMSD = VMStateDescription(
-    name="cpu", version_id=1, minimum_version_id=1,
-    fields=(
-        Field("regs", "uint64", count=16),
-        Field("rip", "uint64"),
-        Field("rflags", "uint64"),
-        Field("segs", "uint32", count=6),
-        Field("fs_base", "uint64"),
-        Field("gs_base", "uint64"),
-        Field("gdt_base", "uint64"), Field("gdt_limit", "uint32"),
-        Field("idt_base", "uint64"), Field("idt_limit", "uint32"),
-        Field("ldt", "uint32"), Field("tr", "uint32"),
-        Field("cr", "uint64", count=5),        # cr0, cr2, cr3, cr4, cr8
-        Field("efer", "uint64"),
-        Field("halted", "uint32"),
-        Field("wide", "bool"),                 # 64-bit engine (ELF64 boot)
-    ),
-    subsections=(Subsection(CPU_FPU_VMSD, lambda cpu: True),),
-)
-
 IoRead = Callable[[int, int], int]
 IoWrite = Callable[[int, int, int], None]
 
@@ -166,6 +140,8 @@ class VCpu:
         self.uc.ctl_exits_enabled(True)
         self.uc.ctl_set_exits([])
         self._uch = self.uc._uch
+        # State without a Unicorn register id (segment caches, hflags, TSC offset).
+        self.internals = ContextAccess(self.uc)
         for block in ram:
             self.uc.mem_map_ptr(block.gpa, block.size, uc_mod.UC_PROT_ALL, block.host_address)
         self._io_read = io_read
@@ -191,8 +167,7 @@ class VCpu:
                              ram.total, (1 << 64) - 1),
         ]
         self._vmem_translate = _vmem_translate_fn()
-        self.context = ContextAccess(self.uc)
-        self.exceptions = ExceptionState(self.context)
+        self.exceptions = ExceptionState(self.internals)
         # Exact stops between translation blocks (see pyvm/slice_timer.py).
         self.stopper = slice_stopper(self.uc)
         self.state = CpuState(self)
@@ -299,7 +274,7 @@ class VCpu:
         flags = self.get("rflags" if w else "eflags")
         kernel_cs = (star >> 32) & 0xFFFC
         if self.long_mode:
-            cs64 = bool(self.context.read("hflags") & HF_CS64)
+            cs64 = bool(self.internals.read("hflags") & HF_CS64)
             target = self.uc.msr_read(MSR_LSTAR if cs64 else MSR_CSTAR)
             self.set("rcx" if w else "ecx", self.pc)
             if w:
@@ -658,70 +633,14 @@ class VCpu:
         self.pending_exception = None
         self.fault = None
 
-    # -- saved state ---------------------------------------------------------------------------
-    def save_state(self, st: "CpuState") -> None:
+    # -- saved state (pyvm/cpu_state.py) -----------------------------------------------------
+    def save_state(self, st: CpuState) -> None:
         """Copy the live registers into the vmsd attributes of ``st``."""
-        if self.wide:
-            st.regs = [self.get(n) for n in GPR64]
-            st.rip, st.rflags = self.get("rip"), self.get("rflags")
-            st.fs_base, st.gs_base = self.get("fs_base"), self.get("gs_base")
-        else:
-            st.regs = [self.get(n) for n in GPR32] + [0] * 8
-            st.rip, st.rflags = self.get("eip"), self.get("eflags")
-            st.fs_base = st.gs_base = 0
-        st.segs = [self.get(s) for s in SEGMENTS]
-        _, st.gdt_base, st.gdt_limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
-        _, st.idt_base, st.idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
-        st.ldt = self.uc.reg_read(X.UC_X86_REG_LDTR)[0]
-        st.tr = self.uc.reg_read(X.UC_X86_REG_TR)[0]
-        st.cr = [self.get("cr0"), self.get("cr2"), self.get("cr3"), self.get("cr4"),
-                 self.get("cr8") if self.wide else 0]
-        st.efer = self.efer
-        st.halted = int(self.halted)
-        st.wide = self.wide
-        nxmm = 16 if self.wide else 8
-        st.xmm = b"".join(int(self.uc.reg_read(getattr(X, f"UC_X86_REG_XMM{i}"))).to_bytes(16, "little")
-                          for i in range(nxmm)).ljust(256, b"\0")
-        st.mxcsr = self.get("mxcsr")
-        st.fpcw, st.fpsw, st.fptag = self.get("fpcw"), self.get("fpsw"), self.get("fptag")
+        save_cpu(self, st)
 
-    def load_state(self, st: "CpuState") -> None:
+    def load_state(self, st: CpuState) -> None:
         """Apply the vmsd attributes of ``st`` to the engine (after RAM is loaded)."""
-        if bool(st.wide) != self.wide:
-            raise ValueError("vCPU register width differs: start both VMs with the same boot options")
-        cr0, cr2, cr3, cr4, cr8 = st.cr
-        # Leave paging first so that EFER and CR4 may change, then rebuild the mode.
-        if self.cr0 & CR0_PG:
-            self.set("cr0", self.cr0 & ~CR0_PG)
-        self.uc.msr_write(MSR_EFER, st.efer & ~EFER_LMA)
-        self.set("cr4", cr4)
-        self.set("cr3", cr3)
-        self.set("cr0", cr0)
-        self.set("cr2", cr2)
-        if self.wide:
-            self.set("cr8", cr8)
-        self.uc.reg_write(X.UC_X86_REG_GDTR, (0, st.gdt_base, st.gdt_limit, 0))
-        self.uc.reg_write(X.UC_X86_REG_IDTR, (0, st.idt_base, st.idt_limit, 0))
-        for name, sel in zip(SEGMENTS, st.segs):
-            self.set(name, sel)
-        if self.wide:
-            for n, v in zip(GPR64, st.regs):
-                self.set(n, v)
-            self.set("fs_base", st.fs_base)
-            self.set("gs_base", st.gs_base)
-            self.set("rflags", st.rflags)
-            self.set("rip", st.rip)
-        else:
-            for n, v in zip(GPR32, st.regs[:8]):
-                self.set(n, v & 0xFFFFFFFF)
-            self.set("eflags", st.rflags & 0xFFFFFFFF)
-            self.set("eip", st.rip & 0xFFFFFFFF)
-        for i in range(16 if self.wide else 8):
-            self.uc.reg_write(getattr(X, f"UC_X86_REG_XMM{i}"),
-                              int.from_bytes(st.xmm[16 * i:16 * i + 16], "little"))
-        self.set("mxcsr", st.mxcsr)
-        self.set("fpcw", st.fpcw)
-        self.halted = bool(st.halted)
+        load_cpu(self, st)
 
     def close(self) -> None:
         for h in self._hooks:
@@ -730,34 +649,6 @@ class VCpu:
             except uc_mod.UcError:
                 pass
         self._hooks = []
-
-
-class CpuState:
-    """The migratable view of a vCPU: the ``cpu`` vmsd's attributes (one per vCPU)."""
-
-    idstr = "cpu"
-    vmsd = CPU_VMSD
-
-    def __init__(self, cpu: VCpu) -> None:
-        self.cpu = cpu
-        self.instance_id = cpu.index
-        self.regs = [0] * 16
-        self.rip = self.rflags = self.fs_base = self.gs_base = 0
-        self.segs = [0] * 6
-        self.gdt_base = self.gdt_limit = self.idt_base = self.idt_limit = 0
-        self.ldt = self.tr = 0
-        self.cr = [0] * 5
-        self.efer = 0
-        self.halted = 0
-        self.wide = False
-        self.xmm = bytes(256)
-        self.mxcsr = self.fpcw = self.fpsw = self.fptag = 0
-
-    def pre_save(self) -> None:
-        self.cpu.save_state(self)
-
-    def post_load(self) -> None:
-        self.cpu.load_state(self)
 
 
 def _vmem_translate_fn() -> Any:
