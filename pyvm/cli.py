@@ -29,8 +29,9 @@ OPTIONS: dict[str, tuple[bool, str]] = {
     "object": (True, "memory-backend-{ram,memfd,file},id=ID,size=SIZE[,share=on][,prealloc=on][,mem-path=PATH]"),
     "drive": (True, "file=IMG[,format=raw][,if=ide][,cache=writethrough|writeback][,readonly=on]"),
     "hda": (True, "IMG: same as -drive file=IMG,format=raw"),
-    "kernel": (True, "ELF file to boot directly (32- or 64-bit)"),
-    "append": (True, "command line for -kernel (at 0x7000, address in ESI)"),
+    "kernel": (True, "Linux bzImage or vmlinux, or an ELF file (32- or 64-bit) to boot directly"),
+    "append": (True, "command line for -kernel (Linux: boot_params; ELF: at 0x7000, address in ESI)"),
+    "initrd": (True, "FILE: initial ram disk for a Linux -kernel"),
     "bios": (True, "flat image mapped below 1 MiB, started at F000:FFF0"),
     "serial": (True, "stdio|file:PATH|unix:PATH,server=on,wait=off|tcp:H:P,server=on,wait=off|null|none"),
     "nographic": (False, "no display; serial port on stdio"),
@@ -184,6 +185,8 @@ def _apply(pa: ParsedArgs, name: str, opt: str, value: str) -> None:
         cfg.kernel = value
     elif name == "append":
         cfg.append = value
+    elif name == "initrd":
+        cfg.initrd = value
     elif name == "bios":
         cfg.bios = value
     elif name == "serial":
@@ -311,6 +314,12 @@ def usage() -> str:
 
 def default_guest(cfg: MachineConfig) -> None:
     """No boot option: boot the packaged ``hello`` guest."""
+    if not cfg.kernel:
+        # QEMU's exact refusals (hw/core/machine.c / vl.c)
+        if cfg.append is not None:
+            raise ConfigError("-append only allowed with -kernel option")
+        if cfg.initrd is not None:
+            raise ConfigError("-initrd only allowed with -kernel option")
     if not (cfg.kernel or cfg.bios or cfg.drives):
         from pyvm.guests import guest_path
         cfg.kernel = guest_path("hello.elf")

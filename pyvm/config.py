@@ -35,6 +35,7 @@ class MachineConfig:
     smp: int = 1
     kernel: str | None = None
     append: str | None = None
+    initrd: str | None = None
     bios: str | None = None
     drives: list[DriveConfig] = field(default_factory=list)
     serial: list[str] = field(default_factory=list)

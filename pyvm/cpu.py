@@ -8,16 +8,32 @@ Unicorn runs guest code; pyvm adds what a PC needs around it:
   SDM Vol. 3, 6.12 "Exception and interrupt handling"): through the IVT in real mode, a
   32-bit IDT gate in protected mode, a 16-byte gate in long mode.
 - **Exceptions raised by guest code** (``int n``, #GP, #PF ...) reach ``UC_HOOK_INTR``;
-  they are delivered the same way.  A fault that cannot be delivered escalates to #DF and
-  then to a triple fault, which stops the guest with a report.
+  they are delivered the same way, with the error code the CPU pushes (read inside the
+  hook: Unicorn clears it when the instruction runs again).  A fault that cannot be
+  delivered escalates to #DF and then to a triple fault, which stops the guest with a
+  report.  Unicorn never runs QEMU's delivery, which is what clears QEMU's "exception in
+  flight" marker; pyvm clears it before the next ``emu_start`` (else the second #PF
+  would become a double fault).  An invalid opcode (``ud2``), which Unicorn reports as
+  ``UC_ERR_INSN_INVALID``, becomes #UD in the guest.
+- **Privilege changes**: an interrupt or exception taken in ring 3 switches to ring 0
+  and to the stack the TSS names (RSP0, or an IST stack in long mode; SS0:ESP0 in
+  protected mode).  ``SYSCALL`` (which Unicorn only reports) is carried out from STAR,
+  LSTAR/CSTAR and SFMASK; ``SYSRET`` and ``IRET`` run natively.  Unicorn changes the
+  CPL only when SS is loaded or on its own returns, so pyvm sets it through
+  :mod:`pyvm.unicorn_internals`.
+- **CPUID** is Unicorn's ``qemu64`` model minus what pyvm's PC does not have: no local
+  APIC, x2APIC or TSC deadline timer (leaf 1), so a guest uses the 8259 PIC and the PIT.
 - **HLT** makes ``emu_start`` return; the machine then idles the vCPU until an interrupt.
+  A return that is neither a stop request nor just after a HLT instruction is Unicorn's
+  triple fault and stops the guest with a report.
 
 Engine mode: Unicorn fixes the register view when an engine is opened.  A ``UC_MODE_32``
 engine runs real mode, protected mode and (below 4 GiB) long mode, with 32-bit register
 access; ``-kernel`` ELF64 guests get a ``UC_MODE_64`` engine with the full 64-bit view.
-Limits (documented in docs/machine.md): ring-0 only interrupt delivery (no stack switch
-through the TSS, no IST), exception error codes are pushed as 0 because Unicorn does not
-expose them.
+Limits (documented in docs/machine.md): no virtual-8086 mode delivery, no task gates,
+no gate privilege checks for ``int n`` from ring 3; the target CPL of an interrupt gate
+is taken from its selector's RPL; SYSENTER/SYSEXIT are Unicorn's own; the TSC follows
+the host clock (Unicorn cannot write it).
 """
 
 from __future__ import annotations
@@ -29,10 +45,11 @@ from typing import Any, Callable
 import unicorn as uc_mod
 from unicorn import x86_const as X
 
+from pyvm.cpu_state import CPU_VMSD, CpuState, CpuStateError, load_cpu, save_cpu  # noqa: F401 - re-exported
 from pyvm.errors import GuestFault
 from pyvm.fastpath import slice_stopper
 from pyvm.ram import RamLayout
-from pyvm.vmstate import Field, Subsection, VMStateDescription
+from pyvm.unicorn_internals import ContextAccess, ExceptionState
 
 MSR_EFER = 0xC0000080
 EFER_LMA = 1 << 10
@@ -44,6 +61,17 @@ EFLAGS_TF = 1 << 8
 EFLAGS_NT = 1 << 14
 EFLAGS_RF = 1 << 16
 EFLAGS_VM = 1 << 17
+EFER_SCE = 1 << 0
+MSR_STAR = 0xC0000081
+MSR_LSTAR = 0xC0000082
+MSR_CSTAR = 0xC0000083
+MSR_SFMASK = 0xC0000084
+HF_CS64 = 1 << 15           # QEMU target/i386/cpu.h HF_CS64_MASK: CS.L in long mode
+VECTOR_UD = 6
+HLT_OPCODE = 0xF4
+# CPUID leaf 1 bits pyvm's PC does not provide (SDM Vol. 2A, CPUID, table 3-10/3-11).
+CPUID1_EDX_HIDE = 1 << 9                     # APIC: no local APIC
+CPUID1_ECX_HIDE = (1 << 21) | (1 << 24)      # x2APIC, TSC-deadline timer
 # Exceptions that push an error code (SDM Vol. 3, table 6-1).
 ERROR_CODE_VECTORS = frozenset({8, 10, 11, 12, 13, 14, 17, 21})
 
@@ -87,32 +115,6 @@ class _Mmr(ctypes.Structure):
                 ("limit", ctypes.c_uint32), ("flags", ctypes.c_uint32)]
 
 
-# The vCPU's saved state (QEMU's vmsd is also called "cpu"; the fields here are pyvm's).
-CPU_FPU_VMSD = VMStateDescription(
-    name="cpu/sse", version_id=1,
-    fields=(Field("xmm", "buffer", size=16 * 16), Field("mxcsr", "uint32"),
-            Field("fpcw", "uint16"), Field("fpsw", "uint16"), Field("fptag", "uint16")),
-)
-CPU_VMSD = VMStateDescription(
-    name="cpu", version_id=1, minimum_version_id=1,
-    fields=(
-        Field("regs", "uint64", count=16),
-        Field("rip", "uint64"),
-        Field("rflags", "uint64"),
-        Field("segs", "uint32", count=6),
-        Field("fs_base", "uint64"),
-        Field("gs_base", "uint64"),
-        Field("gdt_base", "uint64"), Field("gdt_limit", "uint32"),
-        Field("idt_base", "uint64"), Field("idt_limit", "uint32"),
-        Field("ldt", "uint32"), Field("tr", "uint32"),
-        Field("cr", "uint64", count=5),        # cr0, cr2, cr3, cr4, cr8
-        Field("efer", "uint64"),
-        Field("halted", "uint32"),
-        Field("wide", "bool"),                 # 64-bit engine (ELF64 boot)
-    ),
-    subsections=(Subsection(CPU_FPU_VMSD, lambda cpu: True),),
-)
-
 IoRead = Callable[[int, int], int]
 IoWrite = Callable[[int, int, int], None]
 
@@ -132,13 +134,24 @@ class VCpu:
         self.ram = ram
         self.uc = uc_mod.Uc(uc_mod.UC_ARCH_X86, uc_mod.UC_MODE_64 if wide else uc_mod.UC_MODE_32)
         self.uc.ctl_set_cpu_model(X.UC_CPU_X86_QEMU64)
+        # No "until" address: Unicorn looks up the code page of emu_start's ``until``, and
+        # in long mode the #GP/#PF of that lookup (nothing maps it) is left behind as an
+        # exception in flight, so the guest's next fault would become a double fault.
+        self.uc.ctl_exits_enabled(True)
+        self.uc.ctl_set_exits([])
         self._uch = self.uc._uch
+        # State without a Unicorn register id (segment caches, hflags, TSC offset).
+        self.internals = ContextAccess(self.uc)
         for block in ram:
             self.uc.mem_map_ptr(block.gpa, block.size, uc_mod.UC_PROT_ALL, block.host_address)
         self._io_read = io_read
         self._io_write = io_write
         self.halted = False
         self.pending_exception: int | None = None
+        self.pending_error_code: int | None = None
+        self._in_flight = False          # an exception was hooked since the last emu_start
+        self._syscall = False            # SYSCALL reported by the hook, to carry out
+        self.syscalled = False           # the last emu_start ended at a SYSCALL
         self.fault: GuestFault | None = None
         self.hook_error: BaseException | None = None
         self.stop_in_hook = False
@@ -146,12 +159,15 @@ class VCpu:
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN),
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT),
             self.uc.hook_add(uc_mod.UC_HOOK_INTR, self._on_intr),
+            self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL),
+            self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID),
             # Only outside RAM: a memory hook covering RAM would keep every store on
             # Unicorn's slow path (cputlb.c never marks such TLB entries dirty).
             self.uc.hook_add(uc_mod.UC_HOOK_MEM_INVALID, self._on_invalid_mem, None,
                              ram.total, (1 << 64) - 1),
         ]
         self._vmem_translate = _vmem_translate_fn()
+        self.exceptions = ExceptionState(self.internals)
         # Exact stops between translation blocks (see pyvm/slice_timer.py).
         self.stopper = slice_stopper(self.uc)
         self.state = CpuState(self)
@@ -176,8 +192,30 @@ class VCpu:
 
     def _on_intr(self, uc: Any, intno: int, _ud: Any) -> None:
         # Deliver on the run-loop side: the hook only records it and ends the slice.
+        got = self._guard(self.exceptions.in_hook)
+        error_code, is_int = got if got is not None else (0, False)
         self.pending_exception = intno
+        self.pending_error_code = None if is_int or intno not in ERROR_CODE_VECTORS else error_code
+        self._in_flight = True
         self.uc.emu_stop()
+
+    def _on_syscall(self, uc: Any, _ud: Any) -> None:
+        # Unicorn's helper_syscall only calls hooks and steps over the instruction.
+        self._syscall = True
+        self.uc.emu_stop()
+
+    def _on_cpuid(self, uc: Any, _ud: Any) -> int:
+        # 1: skip Unicorn's CPUID (we answered), 0: let it answer (QEMU misc_helper.c).
+        return 1 if self._guard(self._cpuid) else 0
+
+    def _cpuid(self) -> bool:
+        if self.get("eax") & 0xFFFFFFFF != 1:
+            return False
+        eax, ebx, ecx, edx = _cpuid_leaf1()
+        values = (eax, ebx, ecx & ~CPUID1_ECX_HIDE, edx & ~CPUID1_EDX_HIDE)
+        for name, value in zip(("ax", "bx", "cx", "dx"), values):
+            self.set(("r" if self.wide else "e") + name, value)
+        return True
 
     def _on_invalid_mem(self, uc: Any, access: int, address: int, size: int, value: int,
                         _ud: Any) -> bool:
@@ -190,15 +228,67 @@ class VCpu:
     # -- running -----------------------------------------------------------------------------
     def emu_start(self) -> None:
         """Run from the current instruction until HLT, a stop request, an exception or a fault."""
+        if self._in_flight:
+            self.exceptions.clear_in_flight()
+            self._in_flight = False
         pc = self.pc
         try:
             self.uc.emu_start(pc, 1 << 62)
         except uc_mod.UcError as err:
-            if self.fault is None and self.pending_exception is None:
+            if err.errno == uc_mod.UC_ERR_INSN_INVALID and self.pending_exception is None \
+                    and self.fault is None:
+                self.pending_exception, self.pending_error_code = VECTOR_UD, None
+            elif self.fault is None and self.pending_exception is None:
                 self.fault = GuestFault(f"vCPU {self.index}: {err}")
         if self.hook_error is not None:
             err2, self.hook_error = self.hook_error, None
             raise err2
+        self.syscalled = self._syscall
+        if self._syscall:
+            self._syscall = False
+            self._do_syscall()
+
+    def stopped_at_hlt(self) -> bool:
+        """True when the instruction just before the current one is HLT (how Unicorn
+        leaves a vCPU that halted; its triple fault looks the same otherwise)."""
+        try:
+            return self.read_linear(self._code_base() + self.pc - 1, 1)[0] == HLT_OPCODE
+        except ValueError:
+            return False
+
+    def _code_base(self) -> int:
+        if not self.cr0 & CR0_PE:
+            return self.get("cs") << 4
+        if self.long_mode:
+            return 0
+        return self._segment_base(self.get("cs"))
+
+    def _do_syscall(self) -> None:
+        """SYSCALL (SDM Vol. 2B): Unicorn has stepped over it; do the rest."""
+        w = self.wide
+        if not self.efer & EFER_SCE:
+            self.set("rip" if w else "eip", self.pc - 2)
+            self.pending_exception, self.pending_error_code = VECTOR_UD, None
+            return
+        star = self.uc.msr_read(MSR_STAR)
+        flags = self.get("rflags" if w else "eflags")
+        kernel_cs = (star >> 32) & 0xFFFC
+        if self.long_mode:
+            cs64 = bool(self.internals.read("hflags") & HF_CS64)
+            target = self.uc.msr_read(MSR_LSTAR if cs64 else MSR_CSTAR)
+            self.set("rcx" if w else "ecx", self.pc)
+            if w:
+                self.set("r11", flags & ~EFLAGS_RF)
+            new_flags = flags & ~(self.uc.msr_read(MSR_SFMASK) | EFLAGS_RF)
+        else:
+            target = star & 0xFFFFFFFF
+            self.set("ecx", self.pc)
+            new_flags = flags & ~(EFLAGS_VM | EFLAGS_IF | EFLAGS_RF)
+        self.exceptions.set_cpl(0)
+        self.set("cs", kernel_cs)
+        self.set("ss", kernel_cs + 8)
+        self.set("rflags" if w else "eflags", new_flags)
+        self.set("rip" if w else "eip", target)
 
     def request_stop(self) -> None:
         """End the current (or next) run at a block boundary; any thread."""
@@ -314,14 +404,23 @@ class VCpu:
 
     def deliver(self, vector: int, error_code: int | None = None, depth: int = 0) -> None:
         """Vector an interrupt or exception through the IVT/IDT as the CPU would."""
+        cpl = 0
         try:
             if not self.cr0 & CR0_PE:
                 self._deliver_real(vector)
-            elif self.long_mode:
-                self._deliver_long(vector, error_code)
+                return
+            cpl = self.exceptions.cpl()
+            if cpl:
+                # The IDT, TSS and new stack are read as supervisor (SDM Vol. 3, 4.6.1
+                # "implicit supervisor-mode accesses"): page walks run at CPL 0.
+                self.exceptions.set_cpl(0)
+            if self.long_mode:
+                self._deliver_long(vector, error_code, cpl)
             else:
-                self._deliver_protected(vector, error_code)
+                self._deliver_protected(vector, error_code, cpl)
         except (ValueError, _Stop) as err:
+            if cpl:
+                self.exceptions.set_cpl(cpl)
             if depth >= 1 or vector == 8:
                 raise GuestFault(f"vCPU {self.index}: triple fault while delivering vector "
                                  f"{vector:#x}: {err}") from err
@@ -349,7 +448,7 @@ class VCpu:
         self.set("cs", cs)
         self.set("eip", ip)
 
-    def _deliver_protected(self, vector: int, error_code: int | None) -> None:
+    def _deliver_protected(self, vector: int, error_code: int | None, cpl: int) -> None:
         idt_base, idt_limit = self.table_register("idtr")
         if vector * 8 + 7 > idt_limit:
             raise ValueError(f"vector {vector:#x} beyond the IDT limit")
@@ -361,27 +460,50 @@ class VCpu:
             raise ValueError(f"IDT gate {vector:#x} has unsupported type {gate_type:#x}")
         offset = (lo & 0xFFFF) | (hi & 0xFFFF0000)
         selector = lo >> 16
-        if self.get("cs") & 3:
-            raise ValueError("interrupt from ring 3 needs a TSS stack switch (unsupported)")
         flags = self.get("eflags")
-        ss_base = self._segment_base(self.get("ss"))
-        esp = self.get("esp")
+        if flags & EFLAGS_VM:
+            raise ValueError("interrupt in virtual-8086 mode (unsupported)")
+        new_cpl = selector & 3
+        old_ss, esp = self.get("ss"), self.get("esp")
         words = [flags, self.get("cs"), self.get("eip")]
+        if new_cpl < cpl:
+            # Inner-privilege stack from the 32-bit TSS: ESPn at 4 + 8n, SSn at 8 + 8n.
+            new_ss, new_esp = self._tss32_stack(new_cpl)
+            words = [old_ss, esp] + words
+        else:
+            new_ss, new_esp = old_ss, esp
         if vector in ERROR_CODE_VECTORS and error_code is not None:
             words.append(error_code)
-        esp = (esp - 4 * len(words)) & 0xFFFFFFFF
-        # The frame, lowest address first: [error code], EIP, CS, EFLAGS.
+        new_esp = (new_esp - 4 * len(words)) & 0xFFFFFFFF
+        # The frame, lowest address first: [error code], EIP, CS, EFLAGS[, ESP, SS].
         frame = struct.pack(f"<{len(words)}I", *(w & 0xFFFFFFFF for w in reversed(words)))
-        self.write_linear(ss_base + esp, frame)
-        self.set("esp", esp)
+        self.write_linear(self._segment_base(new_ss) + new_esp, frame)
+        if new_cpl < cpl:
+            self.exceptions.set_cpl(new_cpl)
+            self.set("cs", selector)
+            self.set("ss", new_ss)
+        elif cpl:
+            self.exceptions.set_cpl(cpl)        # same privilege: back to where it was
+        self.set("esp", new_esp)
         new_flags = flags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF | EFLAGS_VM)
         if gate_type == 0xE:
             new_flags &= ~EFLAGS_IF
         self.set("eflags", new_flags)
-        self.set("cs", selector)
+        if selector != self.get("cs"):
+            self.set("cs", selector)
         self.set("eip", offset)
 
-    def _deliver_long(self, vector: int, error_code: int | None) -> None:
+    def _tss_base(self) -> int:
+        _sel, base, limit, _flags = self.uc.reg_read(X.UC_X86_REG_TR)
+        if limit < 0x67:
+            raise ValueError(f"no usable TSS for a stack switch (TR limit {limit:#x})")
+        return int(base)
+
+    def _tss32_stack(self, cpl: int) -> tuple[int, int]:
+        esp, ss = struct.unpack("<II", self.read_linear(self._tss_base() + 4 + 8 * cpl, 8))
+        return ss & 0xFFFF, esp
+
+    def _deliver_long(self, vector: int, error_code: int | None, cpl: int) -> None:
         idt_base, idt_limit = self.table_register("idtr")
         if vector * 16 + 15 > idt_limit:
             raise ValueError(f"vector {vector:#x} beyond the IDT limit")
@@ -394,18 +516,32 @@ class VCpu:
             raise ValueError(f"IDT gate {vector:#x} has unsupported type {gate_type:#x}")
         offset = (lo & 0xFFFF) | (hi & 0xFFFF0000) | (upper << 32)
         selector = lo >> 16
-        if self.get("cs") & 3:
-            raise ValueError("interrupt from ring 3 needs a TSS stack switch (unsupported)")
+        ist = hi & 7
         w = self.wide
         flags = self.get("rflags" if w else "eflags")
         rsp = self.get("rsp" if w else "esp")
         rip = self.get("rip" if w else "eip")
+        new_cpl = selector & 3
         frame = [self.get("ss"), rsp, flags, self.get("cs"), rip]
         if vector in ERROR_CODE_VECTORS and error_code is not None:
             frame.append(error_code)
-        sp = ((rsp & ~0xF) - 8 * len(frame)) & 0xFFFFFFFFFFFFFFFF
+        # 64-bit TSS (SDM Vol. 3, 7.7): RSPn at 4 + 8n, ISTn at 36 + 8(n - 1).
+        if ist:
+            new_rsp = self._tss64_word(36 + 8 * (ist - 1))
+        elif new_cpl < cpl:
+            new_rsp = self._tss64_word(4 + 8 * new_cpl)
+        else:
+            new_rsp = rsp
+        sp = ((new_rsp & ~0xF) - 8 * len(frame)) & 0xFFFFFFFFFFFFFFFF
         self.write_linear(sp, struct.pack(f"<{len(frame)}Q",
                                           *(q & 0xFFFFFFFFFFFFFFFF for q in reversed(frame))))
+        if new_cpl < cpl:
+            # CPL first: Unicorn refuses a ring-0 CS or a null SS while CPL is 3.
+            self.exceptions.set_cpl(new_cpl)
+            self.set("cs", selector)
+            self.set("ss", new_cpl)             # a null SS with RPL = new CPL
+        elif cpl:
+            self.exceptions.set_cpl(cpl)        # same privilege: back to where it was
         self.set("rsp" if w else "esp", sp)
         new_flags = flags & ~(EFLAGS_TF | EFLAGS_NT | EFLAGS_RF)
         if gate_type == 0xE:
@@ -414,6 +550,9 @@ class VCpu:
         if selector != self.get("cs"):
             self.set("cs", selector)
         self.set("rip" if w else "eip", offset)
+
+    def _tss64_word(self, offset: int) -> int:
+        return int(struct.unpack("<Q", self.read_linear(self._tss_base() + offset, 8))[0])
 
     # -- fault reports -----------------------------------------------------------------------
     def report(self) -> str:
@@ -478,9 +617,9 @@ class VCpu:
             self.set("cr4", CR4_PAE)
             self.uc.msr_write(MSR_EFER, 1 << 8)     # LME; LMA follows when paging turns on
             self.set("cr0", 0x80000011)             # PG | ET | PE
-            self.set("cs", 0x08)
+            self.set("cs", regs.get("cs", 0x08))
             for name in ("ds", "es", "fs", "gs", "ss"):
-                self.set(name, 0x10)
+                self.set(name, regs.get(name, 0x10))
         else:
             raise ValueError(f"unknown entry mode {mode!r}")
         for name, value in regs.items():
@@ -494,70 +633,14 @@ class VCpu:
         self.pending_exception = None
         self.fault = None
 
-    # -- saved state ---------------------------------------------------------------------------
-    def save_state(self, st: "CpuState") -> None:
+    # -- saved state (pyvm/cpu_state.py) -----------------------------------------------------
+    def save_state(self, st: CpuState) -> None:
         """Copy the live registers into the vmsd attributes of ``st``."""
-        if self.wide:
-            st.regs = [self.get(n) for n in GPR64]
-            st.rip, st.rflags = self.get("rip"), self.get("rflags")
-            st.fs_base, st.gs_base = self.get("fs_base"), self.get("gs_base")
-        else:
-            st.regs = [self.get(n) for n in GPR32] + [0] * 8
-            st.rip, st.rflags = self.get("eip"), self.get("eflags")
-            st.fs_base = st.gs_base = 0
-        st.segs = [self.get(s) for s in SEGMENTS]
-        _, st.gdt_base, st.gdt_limit, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
-        _, st.idt_base, st.idt_limit, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
-        st.ldt = self.uc.reg_read(X.UC_X86_REG_LDTR)[0]
-        st.tr = self.uc.reg_read(X.UC_X86_REG_TR)[0]
-        st.cr = [self.get("cr0"), self.get("cr2"), self.get("cr3"), self.get("cr4"),
-                 self.get("cr8") if self.wide else 0]
-        st.efer = self.efer
-        st.halted = int(self.halted)
-        st.wide = self.wide
-        nxmm = 16 if self.wide else 8
-        st.xmm = b"".join(int(self.uc.reg_read(getattr(X, f"UC_X86_REG_XMM{i}"))).to_bytes(16, "little")
-                          for i in range(nxmm)).ljust(256, b"\0")
-        st.mxcsr = self.get("mxcsr")
-        st.fpcw, st.fpsw, st.fptag = self.get("fpcw"), self.get("fpsw"), self.get("fptag")
+        save_cpu(self, st)
 
-    def load_state(self, st: "CpuState") -> None:
+    def load_state(self, st: CpuState) -> None:
         """Apply the vmsd attributes of ``st`` to the engine (after RAM is loaded)."""
-        if bool(st.wide) != self.wide:
-            raise ValueError("vCPU register width differs: start both VMs with the same boot options")
-        cr0, cr2, cr3, cr4, cr8 = st.cr
-        # Leave paging first so that EFER and CR4 may change, then rebuild the mode.
-        if self.cr0 & CR0_PG:
-            self.set("cr0", self.cr0 & ~CR0_PG)
-        self.uc.msr_write(MSR_EFER, st.efer & ~EFER_LMA)
-        self.set("cr4", cr4)
-        self.set("cr3", cr3)
-        self.set("cr0", cr0)
-        self.set("cr2", cr2)
-        if self.wide:
-            self.set("cr8", cr8)
-        self.uc.reg_write(X.UC_X86_REG_GDTR, (0, st.gdt_base, st.gdt_limit, 0))
-        self.uc.reg_write(X.UC_X86_REG_IDTR, (0, st.idt_base, st.idt_limit, 0))
-        for name, sel in zip(SEGMENTS, st.segs):
-            self.set(name, sel)
-        if self.wide:
-            for n, v in zip(GPR64, st.regs):
-                self.set(n, v)
-            self.set("fs_base", st.fs_base)
-            self.set("gs_base", st.gs_base)
-            self.set("rflags", st.rflags)
-            self.set("rip", st.rip)
-        else:
-            for n, v in zip(GPR32, st.regs[:8]):
-                self.set(n, v & 0xFFFFFFFF)
-            self.set("eflags", st.rflags & 0xFFFFFFFF)
-            self.set("eip", st.rip & 0xFFFFFFFF)
-        for i in range(16 if self.wide else 8):
-            self.uc.reg_write(getattr(X, f"UC_X86_REG_XMM{i}"),
-                              int.from_bytes(st.xmm[16 * i:16 * i + 16], "little"))
-        self.set("mxcsr", st.mxcsr)
-        self.set("fpcw", st.fpcw)
-        self.halted = bool(st.halted)
+        load_cpu(self, st)
 
     def close(self) -> None:
         for h in self._hooks:
@@ -568,34 +651,6 @@ class VCpu:
         self._hooks = []
 
 
-class CpuState:
-    """The migratable view of a vCPU: the ``cpu`` vmsd's attributes (one per vCPU)."""
-
-    idstr = "cpu"
-    vmsd = CPU_VMSD
-
-    def __init__(self, cpu: VCpu) -> None:
-        self.cpu = cpu
-        self.instance_id = cpu.index
-        self.regs = [0] * 16
-        self.rip = self.rflags = self.fs_base = self.gs_base = 0
-        self.segs = [0] * 6
-        self.gdt_base = self.gdt_limit = self.idt_base = self.idt_limit = 0
-        self.ldt = self.tr = 0
-        self.cr = [0] * 5
-        self.efer = 0
-        self.halted = 0
-        self.wide = False
-        self.xmm = bytes(256)
-        self.mxcsr = self.fpcw = self.fpsw = self.fptag = 0
-
-    def pre_save(self) -> None:
-        self.cpu.save_state(self)
-
-    def post_load(self) -> None:
-        self.cpu.load_state(self)
-
-
 def _vmem_translate_fn() -> Any:
     from unicorn.unicorn_py3 import unicorn as ucmod
 
@@ -603,3 +658,22 @@ def _vmem_translate_fn() -> Any:
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]
     return fn
+
+
+_CPUID1: tuple[int, int, int, int] | None = None
+
+
+def _cpuid_leaf1() -> tuple[int, int, int, int]:
+    """Leaf 1 of Unicorn's qemu64 model, asked once of a scratch engine."""
+    global _CPUID1
+    if _CPUID1 is None:
+        scratch = uc_mod.Uc(uc_mod.UC_ARCH_X86, uc_mod.UC_MODE_32)
+        scratch.ctl_set_cpu_model(X.UC_CPU_X86_QEMU64)
+        scratch.mem_map(0, 0x1000)
+        scratch.mem_write(0, b"\x0f\xa2")                # cpuid
+        scratch.reg_write(X.UC_X86_REG_EAX, 1)
+        scratch.reg_write(X.UC_X86_REG_ECX, 0)
+        scratch.emu_start(0, 2)
+        _CPUID1 = (scratch.reg_read(X.UC_X86_REG_EAX), scratch.reg_read(X.UC_X86_REG_EBX),
+                   scratch.reg_read(X.UC_X86_REG_ECX), scratch.reg_read(X.UC_X86_REG_EDX))
+    return _CPUID1

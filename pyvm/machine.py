@@ -30,7 +30,7 @@ from pyvm.errors import ConfigError, GuestFault, VmStateError
 from pyvm.events import EventBus
 from pyvm.fastpath import flush_tlb, track_writes
 from pyvm.ioport import IoBus
-from pyvm.loader import BootImage, load_bios, load_boot_sector, load_elf
+from pyvm.loader import BootImage, load_bios, load_boot_sector, load_kernel
 from pyvm.log import Log
 from pyvm.ram import MemoryBackend, MemoryBackendConfig, RamBlock, RamLayout
 from pyvm.runstate import RunState, RunStateMachine
@@ -208,7 +208,7 @@ class Machine:
         cfg = self.cfg
         ram: Any = self.ram if into_ram else _DiscardWrites(self.ram)
         if cfg.kernel:
-            return load_elf(ram, cfg.kernel, cfg.append)
+            return load_kernel(ram, cfg.kernel, cfg.append, cfg.initrd, self.ram_size)
         if cfg.bios:
             return load_bios(ram, cfg.bios)
         if cfg.drives:
@@ -579,13 +579,19 @@ class Machine:
             return
         if cpu.pending_exception is not None:
             vector, cpu.pending_exception = cpu.pending_exception, None
-            self.log.log("int", f"vCPU {cpu.index}: exception/int {vector:#x}")
-            self._deliver(cpu, vector, 0)
+            error_code, cpu.pending_error_code = cpu.pending_error_code, None
+            self.log.log("int", f"vCPU {cpu.index}: exception/int {vector:#x}"
+                         + (f" error code {error_code:#x}" if error_code is not None else ""))
+            self._deliver(cpu, vector, error_code)
             return
-        if cpu.stop_in_hook or cpu.stopper.stops != stops:
+        if cpu.stop_in_hook or cpu.syscalled or cpu.stopper.stops != stops:
             return
-        # Returned by itself, with no stop asked for: the guest executed HLT.
-        cpu.halted = True
+        # Returned by itself, with no stop asked for: HLT, or Unicorn's triple fault
+        # (QEMU target/i386/excp_helper.c check_exception returns EXCP_HLT for it).
+        if cpu.stopped_at_hlt():
+            cpu.halted = True
+        else:
+            self._guest_fault(cpu, GuestFault(f"vCPU {cpu.index}: triple fault"))
 
     def _guest_fault(self, cpu: VCpu, fault: GuestFault) -> None:
         report = f"pyvm: guest fault, vCPU {cpu.index} stopped: {fault}\n{cpu.report()}"
