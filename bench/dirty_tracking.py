@@ -1,72 +1,201 @@
 """Guest throughput with dirty tracking on vs. off, measured in one run.
 
-    python bench/dirty_tracking.py [--size-mib 8] [--iters 40]
+    python bench/dirty_tracking.py [--size-mib 8] [--iters 40] [--rounds 5] [--sync-ms 0,100,20]
+                                   [--migration] [--python-hook]
 
 Boots the ``store-loop`` guest (every pass stores to every 32-bit word of a RAM range) in
-this process three ways and times the same number of passes:
+this process and times the same number of passes per variant:
 
-  off     no write hook (the normal state outside migration)
-  native  the C-level UC_HOOK_MEM_WRITE callback of pyvm._fastpath
-  python  a Python UC_HOOK_MEM_WRITE callback (pyvm.fastpath_py), shown for comparison
+  off      no tracking (the normal state outside migration)
+  host-wp  host write-protect: userfaultfd (asynchronous) + PAGEMAP_SCAN, what migration uses
+  hook     the C-level UC_HOOK_MEM_WRITE callback of pyvm._fastpath (the fallback)
+  python   a Python UC_HOOK_MEM_WRITE callback (pyvm.fastpath_py), with --python-hook
 
-Each variant runs ``--repeat`` times and the best time counts.  The last line is
-``ratio=<native throughput / off throughput>`` (target >= 0.90).
+For each ``--sync-ms`` value a thread takes the dirty bitmap (``fetch_and_clear``, as a
+migration round does) every that many milliseconds while the guest runs; 0 = never.
+Variants are interleaved (off, host-wp, hook, off, host-wp, hook, ...) ``--rounds`` times, so
+a change in the machine's load hits all of them alike; each line gives the median and the
+spread (min-max) of the throughput, and ``ratio`` is median(tracked) / median(off).
+
+With ``--migration`` it also live-migrates a running store-loop guest between two pyvm
+processes over a unix socket, once with host write-protect and once with the write hook
+(the previous method, forced with PYVM_DIRTY_TRACKING=hook), interleaved, and prints the
+median total time and downtime of each.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import statistics
+import sys
+import threading
 import time
+from typing import Any, Callable
 
 from pyvm import fastpath_py
 from pyvm.config import DebugExitConfig, MachineConfig
-from pyvm.fastpath import IMPLEMENTATION, impl, track_writes
+from pyvm.fastpath import IMPLEMENTATION, impl, track_host_writes, track_writes
 from pyvm.guests import guest_path
 from pyvm.machine import Machine
 
 
-def run_once(mode: str, size_mib: int, iters: int) -> float:
+def run_once(mode: str, size_mib: int, iters: int, sync_ms: int) -> tuple[float, int]:
+    """Seconds for ``iters`` passes, and how many pages the syncs reported in total."""
     cfg = MachineConfig(ram_size=(size_mib + 4) << 20, kernel=guest_path("store-loop.elf"),
                         append=f"start=2 size={size_mib} iters={iters}", serial=["null"],
                         debug_exit=[DebugExitConfig(0xF4, 4)], start_paused=True)
     m = Machine(cfg)
-    trackers = []
-    if mode != "off":
-        module = impl if mode == "native" else fastpath_py
-        for block in m.ram:
-            bitmap = module.DirtyBitmap(block.npages)
-            for cpu in m.cpus:
-                trackers.append(track_writes(cpu.uc, bitmap, block.gpa, block.size, implementation=module))
+    block = next(iter(m.ram))
+    trackers: list[Any] = []
+    bitmap = block.dirty
+    if mode == "host-wp":
+        tr = track_host_writes(bitmap, block.host_address, block.size)
+        if tr is None:
+            raise SystemExit("host write-protect is not available here (userfaultfd WP_ASYNC)")
+        trackers.append(tr)
+    elif mode in ("hook", "python"):
+        module = impl if mode == "hook" else fastpath_py
+        bitmap = module.DirtyBitmap(block.npages)
+        for cpu in m.cpus:
+            trackers.append(track_writes(cpu.uc, bitmap, block.gpa, block.size, implementation=module))
+    reported = [0]
+    stop = threading.Event()
+
+    def syncer() -> None:
+        while not stop.wait(sync_ms / 1000.0):
+            reported[0] += int(impl.bitmap_to_indices(bitmap.fetch_and_clear(), block.npages).size
+                               if bitmap.__class__ is impl.DirtyBitmap else
+                               fastpath_py.bitmap_to_indices(bitmap.fetch_and_clear(), block.npages).size)
+
+    sync_thread = threading.Thread(target=syncer, name="bench-sync") if sync_ms > 0 else None
     m.start()
     t0 = time.perf_counter()
     m.cont()
+    if sync_thread:
+        sync_thread.start()
     code = m.wait()
     elapsed = time.perf_counter() - t0
+    stop.set()
+    if sync_thread:
+        sync_thread.join()
+    last = bitmap.fetch_and_clear()
+    for t in trackers:
+        t.detach()
     m.close()
     if code != 1:
         raise SystemExit(f"store-loop guest ended with status {code}")
     if mode != "off":
-        dirty = trackers[0].bitmap.count()
-        assert dirty >= size_mib * 256, "the hook missed pages"
-    return elapsed
+        pages = int(fastpath_py.bitmap_to_indices(last, block.npages).size)
+        assert reported[0] + pages >= size_mib * 256, "tracking missed pages"
+    return elapsed, reported[0]
+
+
+def summary(values: list[float]) -> str:
+    med = statistics.median(values)
+    return f"{med:7.1f} M stores/s  (spread {min(values):.1f}-{max(values):.1f}, n={len(values)})"
+
+
+def bench_guest(args: argparse.Namespace) -> None:
+    stores = args.size_mib * (1 << 20) // 4 * args.iters
+    modes = ["off", "host-wp", "hook"]
+    print(f"fast path: {IMPLEMENTATION}; store-loop over {args.size_mib} MiB, {args.iters} passes "
+          f"= {stores} stores per run; {args.rounds} interleaved rounds")
+    for sync_ms in args.sync_ms:
+        rates: dict[str, list[float]] = {m: [] for m in modes}
+        syncs: dict[str, list[int]] = {m: [] for m in modes}
+        for _ in range(args.rounds):
+            for mode in modes:
+                elapsed, rep = run_once(mode, args.size_mib, args.iters, sync_ms)
+                rates[mode].append(stores / elapsed / 1e6)
+                syncs[mode].append(rep)
+        label = f"sync every {sync_ms} ms" if sync_ms else "no sync during the run"
+        print(f"-- {label}")
+        off = statistics.median(rates["off"])
+        for mode in modes:
+            line = f"{mode:>8}: {summary(rates[mode])}"
+            if mode != "off":
+                line += f"  ratio={statistics.median(rates[mode]) / off:.3f}"
+                if sync_ms:
+                    line += f"  pages reported/run {int(statistics.median(syncs[mode]))}"
+            print(line)
+    if args.python_hook:
+        iters = max(1, args.iters // 20)
+        n = args.size_mib * (1 << 20) // 4 * iters
+        elapsed, _ = run_once("python", args.size_mib, iters, 0)
+        print(f"  python: {n / elapsed / 1e6:7.1f} M stores/s (one run, {iters} passes)")
+
+
+# -- live migration of a store-heavy guest -------------------------------------------------------
+def migrate_once(method: str, size_mib: int, tmpdir: str) -> tuple[float, float, int]:
+    """(total-time s, downtime s, dirty syncs) of one unix-socket live migration."""
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    from vmproc import VmProcess  # type: ignore[import-not-found]
+
+    env = dict(os.environ)
+    if method == "hook":
+        env["PYVM_DIRTY_TRACKING"] = "hook"
+    else:
+        env.pop("PYVM_DIRTY_TRACKING", None)
+    from pathlib import Path
+
+    ram = f"{size_mib + 64}M"
+    guest = ["-kernel", guest_path("store-loop.elf"), "-append", f"start=2 size={size_mib}"]
+    sock = os.path.join(tmpdir, f"mig-{method}.sock")
+    if os.path.exists(sock):
+        os.unlink(sock)
+    src = VmProcess(Path(tmpdir), f"src-{method}", "-m", ram, *guest, serial=False, env=env)
+    dst = VmProcess(Path(tmpdir), f"dst-{method}", "-m", ram, *guest, "-incoming", "defer",
+                    serial=False, env=env)
+    try:
+        dst.cmd("migrate-incoming", uri=f"unix:{sock}")
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40, "downtime-limit": 300})
+        time.sleep(0.5)                         # the guest is storing at full speed
+        src.cmd("migrate", uri=f"unix:{sock}")
+        info = src.wait_migration(timeout=120, poll=0.1)
+        if info.get("status") != "completed":
+            raise SystemExit(f"migration ended {info.get('status')}: {info}")
+        return (info["total-time"] / 1000.0, info["downtime"] / 1000.0,
+                int(info.get("ram", {}).get("dirty-sync-count", 0)))
+    finally:
+        src.close()
+        dst.close()
+
+
+def bench_migration(args: argparse.Namespace) -> None:
+    import tempfile
+
+    results: dict[str, list[tuple[float, float, int]]] = {"host-wp": [], "hook": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for _ in range(args.migration_rounds):
+            for method in results:
+                results[method].append(migrate_once(method, args.migration_mib, tmp))
+    print(f"-- live migration of store-loop over {args.migration_mib} MiB (unix socket, "
+          f"{args.migration_rounds} interleaved rounds)")
+    for method, rs in results.items():
+        tt = [r[0] for r in rs]
+        dt = [r[1] for r in rs]
+        print(f"{method:>8}: total {statistics.median(tt):.3f} s (spread {min(tt):.3f}-{max(tt):.3f})"
+              f"  downtime {statistics.median(dt) * 1000:.0f} ms (spread {min(dt) * 1000:.0f}-"
+              f"{max(dt) * 1000:.0f})  syncs {statistics.median([r[2] for r in rs]):.0f}")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=8)
     ap.add_argument("--iters", type=int, default=40)
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--sync-ms", type=lambda s: [int(x) for x in s.split(",")], default=[0, 100, 20])
+    ap.add_argument("--python-hook", action="store_true")
+    ap.add_argument("--migration", action="store_true")
+    ap.add_argument("--migration-mib", type=int, default=64)
+    ap.add_argument("--migration-rounds", type=int, default=3)
     args = ap.parse_args()
-    stores = args.size_mib * (1 << 20) // 4 * args.iters
-    times = {}
-    for mode, iters in (("off", args.iters), ("native", args.iters), ("python", max(1, args.iters // 20))):
-        best = min(run_once(mode, args.size_mib, iters) for _ in range(args.repeat if mode != "python" else 1))
-        n = args.size_mib * (1 << 20) // 4 * iters
-        times[mode] = n / best
-        print(f"{mode:>7}: {n / best / 1e6:8.1f} M stores/s  ({n} stores in {best:.2f} s)")
-    print(f"fast path: {IMPLEMENTATION}; {stores} stores per timed run")
-    print(f"python-hook ratio={times['python'] / times['off']:.3f}")
-    print(f"ratio={times['native'] / times['off']:.3f}")
+    run: list[Callable[[argparse.Namespace], None]] = [bench_guest]
+    if args.migration:
+        run.append(bench_migration)
+    for fn in run:
+        fn(args)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,14 @@ atomic OR; :meth:`DirtyBitmap.fetch_and_clear` takes the bitmap word by word wit
 atomic exchange, so a store racing with a sync is reported in this sync or the next,
 never lost.
 
+:class:`HostWriteTracker` is the other way to fill the bitmap, used when the kernel offers
+it: the RAM block's host pages are write-protected with userfaultfd in asynchronous mode
+(``UFFD_FEATURE_WP_ASYNC``, Linux 6.7), so the first host write to a clean page takes one
+minor fault that the kernel resolves by itself, and every later store runs at full speed.
+A sync reads and re-protects the written pages with one ``PAGEMAP_SCAN`` ioctl walk
+(Documentation/admin-guide/mm/pagemap.rst, Documentation/admin-guide/mm/userfaultfd.rst).
+It sees every writer of guest RAM: vCPUs, devices, other threads, the kernel.
+
 ``pyvm.fastpath_py`` is the pure-Python/numpy twin with the same API and results;
 ``pyvm.fastpath`` picks one.  Pages are 4 KiB (x86 TARGET_PAGE_SIZE).
 """
@@ -14,6 +22,9 @@ never lost.
 from libc.stdint cimport uint8_t, uint64_t, int64_t, uintptr_t
 from libc.string cimport memcmp
 from libc.stdlib cimport malloc, free
+
+import os
+import threading
 
 import numpy as np
 cimport numpy as cnp
@@ -127,6 +138,124 @@ cdef extern from *:
                                         (uint64_t)1, (uint64_t)0);
     }
 
+    /* ---- host write tracking: userfaultfd write-protect (async) + PAGEMAP_SCAN ---- */
+    #include <errno.h>
+    #include <fcntl.h>
+    #include <unistd.h>
+    #include <sys/ioctl.h>
+    #include <sys/syscall.h>
+    #include <linux/userfaultfd.h>
+
+    /* Newer than some installed headers: include/uapi/linux/userfaultfd.h, fs.h (6.7). */
+    #define PYVM_UFFD_FEATURE_WP_HUGETLBFS_SHMEM (1ULL << 12)
+    #define PYVM_UFFD_FEATURE_WP_UNPOPULATED (1ULL << 13)
+    #define PYVM_UFFD_FEATURE_WP_ASYNC (1ULL << 15)
+    #define PYVM_PAGE_IS_WRITTEN (1ULL << 1)
+    #define PYVM_PM_SCAN_WP_MATCHING (1ULL << 0)
+    #define PYVM_PM_SCAN_CHECK_WPASYNC (1ULL << 1)
+    typedef struct { uint64_t start, end, categories; } pyvm_page_region;
+    typedef struct {
+        uint64_t size, flags, start, end, walk_end, vec, vec_len, max_pages;
+        uint64_t category_inverted, category_mask, category_anyof_mask, return_mask;
+    } pyvm_pm_scan_arg;
+    #define PYVM_PAGEMAP_SCAN _IOWR('f', 16, pyvm_pm_scan_arg)
+    #define PYVM_WP_FEATURES (PYVM_UFFD_FEATURE_WP_ASYNC | PYVM_UFFD_FEATURE_WP_UNPOPULATED \
+                              | PYVM_UFFD_FEATURE_WP_HUGETLBFS_SHMEM)
+
+    static int pyvm_uffd_new(void) {
+        int fd = (int)syscall(SYS_userfaultfd, O_CLOEXEC | O_NONBLOCK);
+        if (fd < 0 && errno == EPERM) {
+            /* unprivileged_userfaultfd=0: the /dev/userfaultfd node (Linux 6.1) may allow it */
+            int dev = open("/dev/userfaultfd", O_RDWR | O_CLOEXEC);
+            if (dev >= 0) {
+                fd = ioctl(dev, _IO(0xAA, 0x00), O_CLOEXEC | O_NONBLOCK);   /* USERFAULTFD_IOC_NEW */
+                close(dev);
+            }
+        }
+        return fd;
+    }
+
+    static int pyvm_uffd_wp(int uffd, uint64_t addr, uint64_t len, int protect) {
+        struct uffdio_writeprotect wp;
+        wp.range.start = addr;
+        wp.range.len = len;
+        wp.mode = protect ? UFFDIO_WRITEPROTECT_MODE_WP : 0;
+        return ioctl(uffd, UFFDIO_WRITEPROTECT, &wp) < 0 ? -errno : 0;
+    }
+
+    /* Register [addr, addr+len) for asynchronous write-protect and protect all of it.
+       Returns 0 and the two descriptors, or -errno with nothing left open. */
+    static int pyvm_wp_open(uint64_t addr, uint64_t len, int *uffd_out, int *pagemap_out) {
+        struct uffdio_api api;
+        struct uffdio_register reg;
+        int err, uffd, pm;
+        uffd = pyvm_uffd_new();
+        if (uffd < 0) return -errno;
+        memset(&api, 0, sizeof api);
+        api.api = UFFD_API;
+        api.features = PYVM_WP_FEATURES;
+        if (ioctl(uffd, UFFDIO_API, &api) < 0) { err = -errno; close(uffd); return err; }
+        memset(&reg, 0, sizeof reg);
+        reg.range.start = addr;
+        reg.range.len = len;
+        reg.mode = UFFDIO_REGISTER_MODE_WP;
+        if (ioctl(uffd, UFFDIO_REGISTER, &reg) < 0) { err = -errno; close(uffd); return err; }
+        pm = open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC);
+        if (pm < 0) { err = -errno; close(uffd); return err; }
+        err = pyvm_uffd_wp(uffd, addr, len, 1);
+        if (err) { close(pm); close(uffd); return err; }
+        *uffd_out = uffd;
+        *pagemap_out = pm;
+        return 0;
+    }
+
+    static void pyvm_wp_close(int uffd, int pm, uint64_t addr, uint64_t len) {
+        struct uffdio_range range;
+        pyvm_uffd_wp(uffd, addr, len, 0);
+        range.start = addr;
+        range.len = len;
+        ioctl(uffd, UFFDIO_UNREGISTER, &range);
+        close(pm);
+        close(uffd);
+    }
+
+    /* Pages of [addr, addr+len) written since the last call: OR them into ``out`` (bit i =
+       page i) and write-protect them again, atomically per page table entry.  Returns the
+       number of pages found or -errno. */
+    static int64_t pyvm_wp_collect(int pm, uint64_t addr, uint64_t len, uint64_t *out) {
+        pyvm_page_region vec[256];
+        pyvm_pm_scan_arg arg;
+        uint64_t start = addr, end = addr + len, p, first, last;
+        int64_t found = 0;
+        long n, i;
+        while (start < end) {
+            memset(&arg, 0, sizeof arg);
+            arg.size = sizeof arg;
+            arg.flags = PYVM_PM_SCAN_WP_MATCHING | PYVM_PM_SCAN_CHECK_WPASYNC;
+            arg.start = start;
+            arg.end = end;
+            arg.vec = (uint64_t)(uintptr_t)vec;
+            arg.vec_len = 256;
+            arg.category_mask = PYVM_PAGE_IS_WRITTEN;
+            arg.return_mask = PYVM_PAGE_IS_WRITTEN;
+            n = ioctl(pm, PYVM_PAGEMAP_SCAN, &arg);
+            if (n < 0) {
+                if (errno == EINTR) continue;
+                return -errno;
+            }
+            for (i = 0; i < n; i++) {
+                first = (vec[i].start - addr) >> 12;
+                last = (vec[i].end - addr) >> 12;
+                found += (int64_t)(last - first);
+                for (p = first; p < last; p++)
+                    out[p >> 6] |= 1ULL << (p & 63);
+            }
+            if (arg.walk_end <= start) return -EIO;     /* no progress: never loop forever */
+            start = arg.walk_end;
+        }
+        return found;
+    }
+
     """
     ctypedef struct pyvm_track:
         uint64_t *bitmap
@@ -143,6 +272,9 @@ cdef extern from *:
         uint64_t deadline
         uintptr_t stop_fn
     int pyvm_block_hook_add(uintptr_t fn, void *uc, size_t *hh, pyvm_stopper *s) nogil
+    int pyvm_wp_open(uint64_t addr, uint64_t len, int *uffd_out, int *pagemap_out) nogil
+    void pyvm_wp_close(int uffd, int pm, uint64_t addr, uint64_t len) nogil
+    int64_t pyvm_wp_collect(int pm, uint64_t addr, uint64_t len, uint64_t *out) nogil
 
 cdef extern from "_kernels.h" nogil:
     int pyvm_page_is_zero(const uint8_t *p)
@@ -158,6 +290,7 @@ cdef class DirtyBitmap:
     cdef readonly object words          # numpy uint64 array, the storage
     cdef readonly Py_ssize_t npages
     cdef uint64_t *_data
+    cdef public object host_tracker     # a HostWriteTracker while one is attached
 
     def __cinit__(self, Py_ssize_t npages):
         if npages < 0:
@@ -189,13 +322,18 @@ cdef class DirtyBitmap:
             pyvm_or(&self._data[p >> 6], 1ULL << (p & 63))
 
     def fetch_and_clear(self):
-        """Return the bitmap words and clear them; each word is swapped atomically."""
+        """Return the bitmap words and clear them; each word is swapped atomically.
+
+        With a :class:`HostWriteTracker` attached, the pages written to host memory since
+        the last call are added (and write-protected again) in the same call."""
         out = np.empty(self.words.shape[0], dtype=np.uint64)
         cdef uint64_t[::1] o = out
         cdef Py_ssize_t i, n = o.shape[0]
         with nogil:
             for i in range(n):
                 o[i] = pyvm_xchg(&self._data[i])
+        if self.host_tracker is not None:
+            self.host_tracker.collect_into(out)
         return out
 
     def count(self):
@@ -247,6 +385,84 @@ cdef class WriteTracker(_UnicornHook):
     def __dealloc__(self):
         # The engine must have dropped the hook (detach) or been closed before this.
         free(self._track)
+
+
+cdef class HostWriteTracker:
+    """Tracks host writes to one RAM block with asynchronous userfaultfd write-protect.
+
+    Construction protects the whole block and attaches to ``bitmap``: from then on
+    ``bitmap.fetch_and_clear()`` also returns the pages written since the last call.
+    Raises OSError when the kernel or the memory type does not allow it (the caller then
+    uses write hooks).  :meth:`detach` unprotects the block and closes the descriptors.
+    """
+
+    cdef int _uffd
+    cdef int _pagemap
+    cdef uint64_t _addr
+    cdef uint64_t _len
+    cdef readonly DirtyBitmap bitmap
+    cdef readonly bint attached
+    cdef readonly object lock
+
+    def __cinit__(self, DirtyBitmap bitmap, uintptr_t host_address, uint64_t size):
+        cdef int err, uffd = -1, pm = -1
+        if size == 0 or size & (PAGE_BYTES - 1) or host_address & (PAGE_BYTES - 1):
+            raise ValueError("the range must be whole pages")
+        if size // PAGE_BYTES > <uint64_t>bitmap.npages:
+            raise ValueError("range beyond the bitmap")
+        if bitmap.host_tracker is not None:
+            raise ValueError("the bitmap already has a host write tracker")
+        with nogil:
+            err = pyvm_wp_open(host_address, size, &uffd, &pm)
+        if err:
+            raise OSError(-err, os.strerror(-err))
+        self._uffd, self._pagemap = uffd, pm
+        self._addr, self._len = host_address, size
+        self.bitmap = bitmap
+        self.lock = threading.Lock()    # one scan at a time (scans may come from any thread)
+        self.attached = True
+        bitmap.host_tracker = self
+
+    def collect_into(self, cnp.ndarray words):
+        """OR the pages written since the last call into ``words`` and protect them again."""
+        cdef uint64_t[::1] w = words
+        cdef int64_t r
+        if <uint64_t>w.shape[0] * 64 < self._len // PAGE_BYTES:
+            raise ValueError("output too small")
+        with self.lock:
+            if not self.attached:
+                return 0
+            with nogil:
+                r = pyvm_wp_collect(self._pagemap, self._addr, self._len, &w[0])
+        if r < 0:
+            raise OSError(-r, os.strerror(-r))
+        return r
+
+    def detach(self):
+        """Stop tracking; pages written since the last sync stay marked in the bitmap."""
+        last = np.zeros(self.bitmap.words.shape[0], dtype=np.uint64)
+        cdef uint64_t[::1] w = last
+        cdef uint64_t *data = self.bitmap.data_ptr()
+        cdef Py_ssize_t i
+        cdef int64_t r = 0
+        with self.lock:
+            if not self.attached:
+                return
+            self.attached = False
+            with nogil:
+                r = pyvm_wp_collect(self._pagemap, self._addr, self._len, &w[0])
+                pyvm_wp_close(self._uffd, self._pagemap, self._addr, self._len)
+                for i in range(w.shape[0]):
+                    if w[i]:
+                        pyvm_or(&data[i], w[i])
+        if self.bitmap.host_tracker is self:
+            self.bitmap.host_tracker = None
+        if r < 0:
+            self.bitmap.mark_all()      # the written set is unknown: never miss a page
+
+    def __dealloc__(self):
+        if self.attached:
+            pyvm_wp_close(self._uffd, self._pagemap, self._addr, self._len)
 
 
 cdef class SliceStopper(_UnicornHook):

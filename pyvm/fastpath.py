@@ -81,6 +81,25 @@ def track_writes(uc: Any, bitmap: Any, base: int, size: int, implementation: Any
     return _native.WriteTracker(uc._uch.value, add, delete, bitmap, base, size)
 
 
+def track_host_writes(bitmap: Any, host_address: int, size: int,
+                      implementation: Any = None) -> Any:
+    """Track every write to host memory [host_address, host_address+size) into ``bitmap``
+    (one RAM block), with asynchronous userfaultfd write-protect; None when this kernel,
+    this process's rights or this kind of memory do not allow it.
+
+    While attached, ``bitmap.fetch_and_clear()`` also returns the pages written since the
+    previous call; ``detach()`` ends it.  Guest stores keep TCG's fast path: only the
+    first write to a page after each sync takes a (kernel-only) minor fault.
+    """
+    chosen = implementation or impl
+    if os.environ.get("PYVM_DIRTY_TRACKING", "") == "hook":
+        return None
+    try:
+        return chosen.HostWriteTracker(bitmap, host_address, size)
+    except OSError:
+        return None
+
+
 def flush_tlb(uc: Any) -> None:
     """Drop every TLB entry and translation block of engine ``uc`` (uc_ctl UC_CTL_TLB_FLUSH).
 

@@ -7,6 +7,11 @@ hook here is a Python Unicorn callback, so every guest store into tracked RAM ru
 
 from __future__ import annotations
 
+import ctypes
+import errno
+import fcntl
+import os
+import struct
 import threading
 import time
 from typing import Any
@@ -28,6 +33,7 @@ class DirtyBitmap:
         self.npages = npages
         self.words = np.zeros(max(1, (npages + 63) // 64), dtype=np.uint64)
         self._lock = threading.Lock()
+        self.host_tracker: HostWriteTracker | None = None
 
     def _set_pages(self, first: int, last: int) -> None:
         for p in range(first, last + 1):
@@ -51,6 +57,8 @@ class DirtyBitmap:
         with self._lock:
             out = self.words.copy()
             self.words[:] = 0
+        if self.host_tracker is not None:
+            self.host_tracker.collect_into(out)
         return out
 
     def count(self) -> int:
@@ -163,3 +171,137 @@ class SliceStopper:
         if self.attached:
             self._uc.hook_del(self._hh)
             self.attached = False
+
+
+# -- host write tracking (twin of pyvm._fastpath.HostWriteTracker) ---------------------------
+# include/uapi/linux/userfaultfd.h and include/uapi/linux/fs.h (PAGEMAP_SCAN, Linux 6.7)
+_SYS_USERFAULTFD = 323                  # x86_64
+_UFFD_API = 0xAA
+_UFFD_FEATURES = (1 << 15) | (1 << 13) | (1 << 12)     # WP_ASYNC | WP_UNPOPULATED | WP_HUGETLBFS_SHMEM
+_UFFDIO_API = 0xC018AA3F                # _IOWR(0xAA, 0x3F, struct uffdio_api)
+_UFFDIO_REGISTER = 0xC020AA00           # _IOWR(0xAA, 0x00, struct uffdio_register)
+_UFFDIO_UNREGISTER = 0x8010AA01         # _IOR(0xAA, 0x01, struct uffdio_range)
+_UFFDIO_WRITEPROTECT = 0xC018AA06       # _IOWR(0xAA, 0x06, struct uffdio_writeprotect)
+_USERFAULTFD_IOC_NEW = 0xAA00           # _IO(0xAA, 0x00), on /dev/userfaultfd
+_UFFDIO_REGISTER_MODE_WP = 1 << 1
+_PAGEMAP_SCAN = 0xC0606610              # _IOWR('f', 16, struct pm_scan_arg)
+_PM_SCAN_FLAGS = (1 << 0) | (1 << 1)    # PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+_PAGE_IS_WRITTEN = 1 << 1
+_VEC_LEN = 256
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _uffd_new() -> int:
+    fd = int(_libc.syscall(_SYS_USERFAULTFD, os.O_CLOEXEC | os.O_NONBLOCK))
+    if fd < 0:
+        err = ctypes.get_errno()
+        if err == errno.EPERM:
+            try:
+                dev = os.open("/dev/userfaultfd", os.O_RDWR | os.O_CLOEXEC)
+            except OSError:
+                raise OSError(err, os.strerror(err)) from None
+            try:
+                return fcntl.ioctl(dev, _USERFAULTFD_IOC_NEW, os.O_CLOEXEC | os.O_NONBLOCK)
+            finally:
+                os.close(dev)
+        raise OSError(err, os.strerror(err))
+    return fd
+
+
+class HostWriteTracker:
+    """Asynchronous userfaultfd write-protect over one RAM block, read with PAGEMAP_SCAN."""
+
+    def __init__(self, bitmap: DirtyBitmap, host_address: int, size: int) -> None:
+        if size <= 0 or size % PAGE_SIZE or host_address % PAGE_SIZE:
+            raise ValueError("the range must be whole pages")
+        if size // PAGE_SIZE > bitmap.npages:
+            raise ValueError("range beyond the bitmap")
+        if bitmap.host_tracker is not None:
+            raise ValueError("the bitmap already has a host write tracker")
+        self._addr, self._len = host_address, size
+        uffd = _uffd_new()
+        try:
+            fcntl.ioctl(uffd, _UFFDIO_API, bytearray(struct.pack("<QQQ", _UFFD_API, _UFFD_FEATURES, 0)))
+            fcntl.ioctl(uffd, _UFFDIO_REGISTER, bytearray(
+                struct.pack("<QQQQ", host_address, size, _UFFDIO_REGISTER_MODE_WP, 0)))
+            pagemap = os.open("/proc/self/pagemap", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            os.close(uffd)
+            raise
+        try:
+            self._protect(uffd, True)
+        except OSError:
+            os.close(pagemap)
+            os.close(uffd)
+            raise
+        self._uffd, self._pagemap = uffd, pagemap
+        self._vec = (ctypes.c_uint64 * (3 * _VEC_LEN))()
+        self.bitmap = bitmap
+        self.lock = threading.Lock()
+        self.attached = True
+        bitmap.host_tracker = self
+
+    def _protect(self, uffd: int, on: bool) -> None:
+        fcntl.ioctl(uffd, _UFFDIO_WRITEPROTECT,
+                    bytearray(struct.pack("<QQQ", self._addr, self._len, 1 if on else 0)))
+
+    def _collect(self, words: np.ndarray) -> int:
+        start, end, found = self._addr, self._addr + self._len, 0
+        vec = self._vec
+        while start < end:
+            arg = bytearray(struct.pack("<12Q", 96, _PM_SCAN_FLAGS, start, end, 0,
+                                        ctypes.addressof(vec), _VEC_LEN, 0, 0,
+                                        _PAGE_IS_WRITTEN, 0, _PAGE_IS_WRITTEN))
+            try:
+                n = fcntl.ioctl(self._pagemap, _PAGEMAP_SCAN, arg)
+            except InterruptedError:
+                continue
+            for i in range(n):
+                first = (vec[3 * i] - self._addr) >> PAGE_SHIFT
+                last = (vec[3 * i + 1] - self._addr) >> PAGE_SHIFT
+                found += last - first
+                for p in range(first, last):
+                    words[p >> 6] |= np.uint64(1 << (p & 63))
+            walk_end = struct.unpack_from("<Q", arg, 32)[0]
+            if walk_end <= start:
+                raise OSError(errno.EIO, os.strerror(errno.EIO))
+            start = walk_end
+        return found
+
+    def collect_into(self, words: np.ndarray) -> int:
+        """OR the pages written since the last call into ``words`` and protect them again."""
+        if words.shape[0] * 64 < self._len // PAGE_SIZE:
+            raise ValueError("output too small")
+        with self.lock:
+            if not self.attached:
+                return 0
+            return self._collect(words)
+
+    def detach(self) -> None:
+        """Stop tracking; pages written since the last sync stay marked in the bitmap."""
+        last = np.zeros(self.bitmap.words.shape[0], dtype=np.uint64)
+        with self.lock:
+            if not self.attached:
+                return
+            self.attached = False
+            try:
+                self._collect(last)
+                failed = False
+            except OSError:
+                failed = True
+            try:
+                self._protect(self._uffd, False)
+                fcntl.ioctl(self._uffd, _UFFDIO_UNREGISTER,
+                            bytearray(struct.pack("<QQ", self._addr, self._len)))
+            except OSError:
+                pass
+            os.close(self._pagemap)
+            os.close(self._uffd)
+        if self.bitmap.host_tracker is self:
+            self.bitmap.host_tracker = None
+        if failed:
+            self.bitmap.mark_all()
+        else:
+            with self.bitmap._lock:
+                self.bitmap.words |= last

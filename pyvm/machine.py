@@ -28,7 +28,7 @@ from pyvm.cpu import CpuState, VCpu
 from pyvm.devices.base import Device
 from pyvm.errors import ConfigError, GuestFault, VmStateError
 from pyvm.events import EventBus
-from pyvm.fastpath import flush_tlb, track_writes
+from pyvm.fastpath import flush_tlb, track_host_writes, track_writes
 from pyvm.ioport import IoBus
 from pyvm.loader import BootImage, load_bios, load_boot_sector, load_kernel
 from pyvm.log import Log
@@ -464,18 +464,34 @@ class Machine:
 
     # -- dirty logging (migration) ------------------------------------------------------------
     def start_dirty_log(self, blocks: Iterable[RamBlock]) -> None:
-        """Register the native write hook on every vCPU for ``blocks`` (run-loop thread)."""
+        """Start tracking writes to ``blocks`` (run-loop thread): every page starts dirty.
+
+        Host write-protect (userfaultfd, see :func:`pyvm.fastpath.track_host_writes`) is
+        preferred: guest stores keep their fast path and device writes are seen too.
+        Where the kernel does not allow it, a native write hook goes on every vCPU.
+        """
         def attach() -> None:
             if self.dirty_logging:
                 return
             for block in blocks:
                 block.dirty.fetch_and_clear()
                 block.dirty.mark_all()
+                host = track_host_writes(block.dirty, block.host_address, block.size)
+                if host is not None:
+                    self._trackers.append(host)
+                    continue
                 for cpu in self.cpus:
                     self._trackers.append(track_writes(cpu.uc, block.dirty, block.gpa, block.size))
                     flush_tlb(cpu.uc)   # fast-path TLB entries would skip the hook
             self.dirty_logging = True
         self.run_on_loop(attach)
+
+    @property
+    def dirty_tracking_method(self) -> str | None:
+        """"host-wp", "write-hook" (or both, one per block) while dirty logging is on."""
+        kinds = sorted({"host-wp" if hasattr(t, "collect_into") else "write-hook"
+                        for t in self._trackers})
+        return "+".join(kinds) if kinds else None
 
     def stop_dirty_log(self) -> None:
         def detach() -> None:
