@@ -17,7 +17,7 @@ from pyvm.chardev import (HELP_TEXT, EscapeDecoder, FileBackend, NullBackend, So
 from pyvm.devices.base import Clock
 from pyvm.devices.uart16550 import Uart16550
 from pyvm.errors import ConfigError
-from tests.waiting import wait_blocked, wait_until
+from tests.waiting import wait_until
 
 
 
@@ -234,13 +234,15 @@ def test_wait_on_blocks_start_until_a_client_connects(sock_path, capfd):
 
     thread = threading.Thread(target=start)
     thread.start()
-    wait_blocked(thread)                    # in accept(), not past it
+    err: list[str] = []
+    # start() announces the wait, then waits: it must still be waiting
+    wait_until(lambda: err.append(capfd.readouterr().err) or "waiting for connection on:" in "".join(err))
     assert not started.is_set()
     client = socket.socket(socket.AF_UNIX)
     client.connect(sock_path)
     assert started.wait(5)
     thread.join()
-    assert "waiting for connection on: disconnected:unix:" in capfd.readouterr().err
+    assert "waiting for connection on: disconnected:unix:" in "".join(err)
     client.close()
     backend.close()
 
