@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast firmware firmware-check bench mypy clean
+.PHONY: setup demo test test-fast test-pure firmware firmware-check bench mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,9 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+test-pure: setup
+	$(PY) -m pytest -q tests/e2e/test_pure_python.py
 
 firmware:
 	$(MAKE) -C firmware

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from qemu.qmp.legacy import QEMUMonitorProtocol
 from qemu.qmp.protocol import ConnectError
+
+from tests.waiting import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,8 +41,7 @@ class VmProcess:
         self.qmp = self._connect()
 
     def _connect(self) -> QEMUMonitorProtocol:
-        deadline = time.monotonic() + 20
-        while True:
+        def connected() -> QEMUMonitorProtocol | None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.stderr()}")
             if os.path.exists(self.sock):
@@ -49,9 +51,8 @@ class VmProcess:
                     return q
                 except (OSError, ConnectError):
                     pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{self.name}: no QMP socket")
-            time.sleep(0.05)
+            return None
+        return wait_until(connected, 20, f"{self.name}: QMP socket", interval=0.05)
 
     def cmd(self, name: str, **args: Any) -> Any:
         """Run a command; returns the 'return' value or raises AssertionError with the error."""
@@ -68,24 +69,45 @@ class VmProcess:
 
     def wait_migration(self, states: tuple[str, ...] = ("completed", "failed", "cancelled"),
                        timeout: float = 60, poll: float = 0.05) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            info = self.cmd("query-migrate")
-            if info.get("status") in states:
-                return info
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: migration still {info}")
-            time.sleep(poll)
+        last: list[dict[str, Any]] = [{}]
 
-    def wait_serial(self, text: str, timeout: float = 20) -> str:
+        def reached() -> dict[str, Any] | None:
+            last[0] = self.cmd("query-migrate")
+            return last[0] if last[0].get("status") in states else None
+        try:
+            return wait_until(reached, timeout, f"{self.name}: migration in {states}", poll)
+        except AssertionError:
+            raise AssertionError(f"{self.name}: migration still {last[0]}") from None
+
+    def wait_serial(self, text: str, timeout: float = 20, count: int = 1) -> str:
+        """The serial output once it holds ``text`` at least ``count`` times."""
+        try:
+            return wait_until(lambda: (out := self.serial()).count(text) >= count and out,
+                              timeout, f"{self.name}: {text!r} x{count}", 0.05)
+        except AssertionError:
+            raise AssertionError(f"{self.name}: {text!r} not {count} times in serial output "
+                                 f"{self.serial()[-300:]!r}") from None
+
+    def events_until(self, done: Callable[[list[dict[str, Any]]], bool],
+                     timeout: float = 20) -> list[dict[str, Any]]:
+        """QMP events as they arrive, until ``done(events so far)`` holds."""
+        got: list[dict[str, Any]] = []
         deadline = time.monotonic() + timeout
-        while True:
-            out = self.serial()
-            if text in out:
-                return out
-            if time.monotonic() > deadline:
-                raise AssertionError(f"{self.name}: {text!r} not in serial output {out[-300:]!r}")
-            time.sleep(0.05)
+        while not done(got):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise AssertionError(f"{self.name}: events so far {got}")
+            try:
+                event = self.qmp.pull_event(wait=remaining)
+            except asyncio.TimeoutError:
+                continue
+            if event is not None:
+                got.append(dict(event))
+        return got
+
+    def halted(self) -> bool:
+        """Whether vCPU 0 sits in HLT (``info registers`` reports HLT=1)."""
+        return "HLT=1" in self.hmp("info registers")
 
     def serial(self) -> str:
         try:

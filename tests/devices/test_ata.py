@@ -231,38 +231,32 @@ def test_write_to_readonly_image_aborts(ctx, image_path):
     d.close()
 
 
-def test_save_between_data_reads_resumes(disk, ctx, image_path, vmsd_fits):
+def test_save_between_data_reads_resumes(disk, ctx, image_path, vmsd_fits, migrate):
     issue(disk, 0x20, lba=20, count=3)
     first = read_words(disk, 100)
     disk.pre_save()
     vmsd_fits(disk, ATA_VMSD)
-    saved = {f.name: getattr(disk, f.name) for f in ATA_VMSD.fields}
     other = AtaDisk(DiskImage(image_path))
     other.attach(ctx)
     other.reset()
-    for name, value in saved.items():
-        setattr(other, name, value)
-    other.post_load()
+    migrate(disk, other)
     rest = read_words(other, 3 * 256 - 100)
     assert first + rest == b"".join(sector_pattern(i) for i in range(20, 23))
     assert other.io_read(CMD, 1) == 0x50
     other.close()
 
 
-def test_save_between_data_writes_resumes(disk, ctx, image_path, vmsd_fits):
+def test_save_between_data_writes_resumes(disk, ctx, image_path, vmsd_fits, migrate):
     payload = bytes(reversed(range(256))) * 2
     issue(disk, 0x30, lba=30, count=1)
     for i in range(0, 200, 2):
         disk.io_write(DATA, 2, int.from_bytes(payload[i:i + 2], "little"))
     disk.pre_save()
     vmsd_fits(disk, ATA_VMSD)
-    saved = {f.name: getattr(disk, f.name) for f in ATA_VMSD.fields}
     other = AtaDisk(DiskImage(image_path))
     other.attach(ctx)
     other.reset()
-    for name, value in saved.items():
-        setattr(other, name, value)
-    other.post_load()
+    migrate(disk, other)
     for i in range(200, 512, 2):
         other.io_write(DATA, 2, int.from_bytes(payload[i:i + 2], "little"))
     assert other.io_read(CMD, 1) == 0x50

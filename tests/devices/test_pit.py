@@ -206,20 +206,17 @@ def test_control_word_stops_irq0_until_count_written(pit, ctx):
     assert pit.deadline() is None
 
 
-def test_save_and_load_resume_counting(pit, ctx, vmsd_fits):
+def test_save_and_load_resume_counting(pit, ctx, vmsd_fits, migrate):
     ctx.clock.ns = 1_000_000
     load(pit, 0, 2, 11932)              # ~100 Hz
     pit.io_write(0x43, 1, 0x00)         # a latch in progress is saved too
     pit.io_read(0x40, 1)
     pit.pre_save()
     vmsd_fits(pit, PIT_VMSD)
-    saved = {f.name: getattr(pit, f.name) for f in PIT_VMSD.fields}
     other = Pit8254()
     other.attach(ctx)
     other.reset()
-    for name, value in saved.items():
-        setattr(other, name, list(value) if isinstance(value, list) else value)
-    other.post_load()
+    migrate(pit, other)
     assert other.deadline() == pit.deadline()
     assert other.io_read(0x40, 1) == 11932 >> 8     # second byte of the latched count
     pit.io_read(0x40, 1)

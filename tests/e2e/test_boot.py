@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from tests.conftest import DEBUG_EXIT, guest, run_pyvm
+from tests.waiting import read_until
 
 
 def test_boot_sector_real_to_protected_mode() -> None:
@@ -30,15 +31,15 @@ def test_timer_interrupts_in_every_mode(image: str, flag: str, text: str) -> Non
 def test_smp2_runs_ab_on_both_vcpus() -> None:
     import subprocess
     import sys
-    import time
     proc = subprocess.Popen([sys.executable, "-m", "pyvm", "-m", "32M", "-smp", "2",
                              "-kernel", guest("ab.elf"), "-append", "start=1 size=4",
                              "-serial", "stdio"], stdout=subprocess.PIPE)
+    assert proc.stdout is not None
     try:
-        time.sleep(3)
+        out = read_until(proc.stdout, lambda o: o.count(b"B") >= 4).decode()
     finally:
         proc.terminate()
-    out = proc.communicate(timeout=10)[0].decode()
+    out += proc.communicate(timeout=10)[0].decode()
     assert out.count("A") == 2, out[:200]          # one 'A' per vCPU
     assert out.count("B") >= 4
 
@@ -81,19 +82,21 @@ def test_elf64_and_cmdline() -> None:
 def test_hello_echo() -> None:
     import subprocess
     import sys
-    import time
     proc = subprocess.Popen([sys.executable, "-m", "pyvm", "-m", "16M", "-serial", "stdio"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert proc.stdin is not None
-    time.sleep(1.5)
-    proc.stdin.write(b"echo me\r")
-    proc.stdin.flush()
-    time.sleep(1.5)
-    proc.terminate()
-    out = proc.communicate(timeout=10)[0].decode()
-    assert "pyvm hello: guest running" in out
-    assert "tick 1" in out
-    assert "echo me\r\n" in out
+    assert proc.stdin is not None and proc.stdout is not None
+    try:
+        # "tick 1": the guest has set up its interrupts, the UART's receive one included
+        out = read_until(proc.stdout, lambda o: b"tick 1" in o)
+        proc.stdin.write(b"echo me\r")
+        proc.stdin.flush()
+        out = read_until(proc.stdout, lambda o: b"echo me\r\n" in o, got=out)
+    finally:
+        proc.terminate()
+    text = out.decode() + proc.communicate(timeout=10)[0].decode()
+    assert "pyvm hello: guest running" in text
+    assert "tick 1" in text
+    assert "echo me\r\n" in text
 
 
 def test_guest_fault_report_no_traceback() -> None:
@@ -176,13 +179,12 @@ def test_help_and_version() -> None:
     assert r.returncode == 0 and b"pyvm version" in r.stdout
 
 
-def test_prelaunch_with_S_does_not_run(tmp_path) -> None:
-    import subprocess
-    import sys
-    import time
-    proc = subprocess.Popen([sys.executable, "-m", "pyvm", "-S", "-m", "16M", "-serial", "stdio"],
-                            stdout=subprocess.PIPE)
-    time.sleep(1.5)
-    proc.terminate()
-    out = proc.communicate(timeout=10)[0]
-    assert out == b""
+def test_prelaunch_with_S_does_not_run(vms) -> None:
+    vm = vms("vm", "-S", "-m", "16M")
+    assert vm.status() == "prelaunch"
+    regs = vm.hmp("info registers")
+    assert vm.serial() == ""
+    assert vm.hmp("info registers") == regs and vm.status() == "prelaunch"
+    # the same process does run the guest once told to: its output was due to -S alone
+    vm.cmd("cont")
+    vm.wait_serial("pyvm hello: guest running")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import pytest
@@ -43,9 +42,7 @@ def test_cpr_reboot_save_quit_restart(vms, tmp_shm: Path, tmp_path: Path, ignore
     dst.cmd("migrate-incoming", uri=f"file:{state}")
     dst.wait_migration(("completed",))
     assert dst.status() == "running"
-    dst.wait_serial("ok\r\n")
-    time.sleep(1)
-    out = dst.serial()
+    out = dst.wait_serial(" ok\r\n", count=2)
     assert "FAIL" not in out
     src_gens = [line for line in src.serial().split("\r\n")[:-1] if line.startswith("memcheck gen ")]
     last = int(src_gens[-1].split()[2])

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import guest
 from tests.vmproc import QmpFailed, VmProcess
+from tests.waiting import wait_until
 
 RAM = 32 << 20
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
@@ -19,9 +19,7 @@ MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 s
 def _check_continues(src: VmProcess, dst: VmProcess) -> None:
     """The destination carries on the source's generations without a FAIL line."""
     last_src = src.serial().rstrip().splitlines()[-1]
-    dst.wait_serial("ok\r\n")
-    time.sleep(1.0)
-    out = dst.serial()
+    out = dst.wait_serial(" ok\r\n", count=2)   # two generations checked on the destination
     assert "FAIL" not in out, out
     complete = out.split("\r\n")[:-1]          # the guest may be mid-line right now
     gens = [int(line.split()[2]) for line in complete if line.startswith("memcheck gen ")]
@@ -162,8 +160,7 @@ def test_ab_smp_consistency(vms) -> None:
         assert all(v == (x + 1) % 256 for v in values[:k]) and all(v == x for v in values[k:]), values[:8]
     before = dst.serial()
     dst.cmd("cont")
-    time.sleep(1)
-    assert dst.serial().count("B") > before.count("B")
+    dst.wait_serial("B", count=before.count("B") + 1)
 
 
 def test_events_and_stop_on_source(vms) -> None:
@@ -173,10 +170,13 @@ def test_events_and_stop_on_source(vms) -> None:
     for vm in (src, dst):
         vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "events", "state": True}])
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-    src.wait_migration()
-    dst.wait_migration(("completed",))
-    time.sleep(0.3)
-    ev = [(e["event"], e.get("data")) for e in src.qmp.get_events(wait=False)]
+
+    def completed(events: list[dict]) -> bool:
+        return {"event": "MIGRATION", "data": {"status": "completed"}} in [
+            {k: e.get(k) for k in ("event", "data")} for e in events]
+    src_events = src.events_until(completed)
+    dst_events = dst.events_until(completed)
+    ev = [(e["event"], e.get("data")) for e in src_events]
     names = [n for n, _ in ev]
     statuses = [d["status"] for n, d in ev if n == "MIGRATION"]
     assert statuses == ["setup", "active", "completed"], ev
@@ -184,7 +184,7 @@ def test_events_and_stop_on_source(vms) -> None:
     passes = [d["pass"] for n, d in ev if n == "MIGRATION_PASS"]
     assert passes == list(range(1, len(passes) + 1)) and len(passes) >= 2
     assert names.index("MIGRATION_PASS") < statuses.index("active") + names.index("MIGRATION") + 1
-    dev = [(e["event"], e.get("data")) for e in dst.qmp.get_events(wait=False)]
+    dev = [(e["event"], e.get("data")) for e in dst_events]
     dnames = [n for n, _ in dev]
     assert ("MIGRATION", {"status": "completed"}) in dev and "RESUME" in dnames
     assert dnames.index("RESUME") < dev.index(("MIGRATION", {"status": "completed"}))
@@ -213,8 +213,8 @@ def test_split_run_equivalence(vms) -> None:
     args = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=2 gens=30",
             "-display", "none"]
     ref = vms("ref", *args)
-    ref.wait_serial("memcheck done")
-    time.sleep(0.3)
+    ref.wait_serial("memcheck done\r\n")
+    wait_until(ref.halted, 10, "ref halted after memcheck done")
     ref_ram, ref_out = ref.pmem(RAM), ref.serial()
     src = vms("src", *args)
     src.wait_serial("memcheck gen 5 ok")
@@ -222,8 +222,8 @@ def test_split_run_equivalence(vms) -> None:
     port = dst.cmd("query-migrate")["socket-address"][0]["port"]
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     assert src.wait_migration()["status"] == "completed"
-    dst.wait_serial("memcheck done")
-    time.sleep(0.3)
+    dst.wait_serial("memcheck done\r\n")
+    wait_until(dst.halted, 10, "dst halted after memcheck done")
     assert src.serial() + dst.serial() == ref_out
     assert dst.pmem(RAM) == ref_ram
 
@@ -233,10 +233,7 @@ def test_split_run_equivalence(vms) -> None:
 def _assert_source_survives(src: VmProcess, ram_before: bytes | None = None) -> None:
     assert src.status() == "running"
     n = src.serial().count("ok")
-    deadline = time.monotonic() + 15
-    while src.serial().count("ok") <= n:          # the guest makes progress again
-        assert time.monotonic() < deadline, src.serial()[-200:]
-        time.sleep(0.1)
+    src.wait_serial("ok", timeout=15, count=n + 1)   # the guest makes progress again
     assert "FAIL" not in src.serial()
 
 
@@ -265,7 +262,9 @@ def _slow_live_migration(vms, bandwidth: int):
 
 def test_destination_killed_mid_transfer(vms) -> None:
     src, dst, _ = _slow_live_migration(vms, 4 << 20)
-    time.sleep(0.5)
+    # pages are flowing (and far from all of them: 16 MiB dirty at 4 MiB/s)
+    wait_until(lambda: src.cmd("query-migrate")["ram"]["transferred"] > 1 << 20, 20,
+               "1 MiB transferred")
     dst.proc.kill()
     info = src.wait_migration()
     assert info["status"] == "failed" and "error-desc" in info, info

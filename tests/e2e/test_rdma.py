@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import socket
-import time
 
 import pytest
 
 from pyvm.migration.transports import fabric
 from tests.conftest import guest
+from tests.waiting import wait_until
 
 RAM = 32 << 20
 ARGS = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4", "-display", "none"]
@@ -52,9 +52,7 @@ def test_rdma_migration(rdma_vms, form: str, pin_all: bool) -> None:
     assert dst.wait_migration(("completed", "failed"))["status"] == "completed", dst.stderr()
     assert src.pmem(RAM) == dst.pmem(RAM)
     dst.cmd("cont")
-    dst.wait_serial("ok\r\n")
-    time.sleep(1)
-    assert "FAIL" not in dst.serial()
+    assert "FAIL" not in dst.wait_serial(" ok\r\n", count=2)
 
 
 def test_rdma_refused(rdma_vms) -> None:
@@ -76,7 +74,8 @@ def test_rdma_destination_killed_mid_transfer(rdma_vms) -> None:
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
     src.cmd("migrate", uri=f"rdma:127.0.0.1:{port}")
     src.wait_migration(("active",))
-    time.sleep(0.5)
+    wait_until(lambda: src.cmd("query-migrate")["ram"]["transferred"] > 1 << 20, 30,
+               "1 MiB transferred")
     dst.proc.kill()
     info = src.wait_migration(timeout=90)
     assert info["status"] == "failed" and info["error-desc"], info

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Any
+import tempfile
+from typing import Any, Iterable
 
+import numpy as np
+
+from pyvm.fastpath import RecordBatch
 from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.stream.writer import join_chunks
 from pyvm.vmstate import Field, Subsection, VMStateDescription, default_value
@@ -90,9 +94,6 @@ def make_ram(npages: int, seed: int = 1) -> bytearray:
     return ram
 
 
-def zero_mask(ram: bytes | bytearray, npages: int) -> list[bool]:
-    return [not any(ram[i * PAGE:(i + 1) * PAGE]) for i in range(npages)]
-
 
 def encode_stream(blocks: list[RamBlock], devices: list[tuple[str, int, Any]],
                   runstate: str = "running", machine: str = "pc-i440fx-8.2",
@@ -108,13 +109,29 @@ def encode_stream(blocks: list[RamBlock], devices: list[tuple[str, int, Any]],
             for block in blocks:
                 if block.ignored:
                     continue
-                n = block.length // PAGE
-                out += enc.ram_pages(block, range(n), zero_mask(block.buffer, n))
+                out.append(ram_batch_bytes(enc, block, range(block.length // PAGE)))
         out += enc.ram_eos()
     out += enc.device_sections(devices)
     out += enc.globalstate(runstate)
     out += enc.eof_and_vmdesc()
     return join_chunks(out)
+
+
+def ram_batch_bytes(enc: StreamEncoder, block: RamBlock, indices: Iterable[int],
+                    known_zero: Iterable[bool] | None = None, batch_pages: int = 8) -> bytes:
+    """The page records :meth:`StreamEncoder.ram_batch` packs for ``indices``, as a channel
+    sends them: each batch written with its own ``send`` into a real file, read back."""
+    idx = np.asarray(list(indices), dtype=np.int64)
+    known = None if known_zero is None else np.asarray(list(known_zero), dtype=bool)
+    batch = RecordBatch(batch_pages)
+    with tempfile.TemporaryFile() as f:
+        start = 0
+        while start < idx.size:
+            start, _, _ = enc.ram_batch(batch, block, idx, start, known)
+            while batch.remaining:
+                batch.send(f.fileno())
+        f.seek(0)
+        return f.read()
 
 
 def decode_stream(data: bytes, target: FakeTarget, chunk: int = 0) -> StreamDecoder:

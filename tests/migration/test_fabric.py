@@ -22,6 +22,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from pyvm.migration.transports import fabric
+from tests.waiting import wait_blocked
 from pyvm.migration.transports.base import TransportCancelled, TransportError
 from pyvm.migration.transports.fabric import FabricUnavailableError
 from pyvm.migration.transports.rdma_protocol import (Compress, ControlType, RdmaError,
@@ -485,7 +486,7 @@ def test_closing_the_listener_aborts_accept() -> None:
 
     thread = threading.Thread(target=accept)
     thread.start()
-    time.sleep(0.3)
+    wait_blocked(thread)
     listener.close()
     thread.join(5)
     assert not thread.is_alive()

@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from migration_fakes import PAGE, FakeTarget, make_ram
+import numpy as np
+
+from migration_fakes import PAGE, FakeTarget, make_ram, ram_batch_bytes
+from pyvm.fastpath import RecordBatch
 from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.errors import MigrationError, StreamFormatError, StreamMismatchError, UnsupportedFeatureError
 from pyvm.migration.stream.ram_loader import RamLoader
@@ -38,8 +41,8 @@ def test_encoder_writes_qemu_7_2_setup_bytes() -> None:
     blocks = _blocks(with_buffers=True)
     data = join_chunks(enc.header() + enc.configuration("pc-i440fx-7.2") + enc.ram_setup(blocks, False))
     assert data == QEMU72_HEADER + QEMU72_RAM_START
-    part = enc.ram_section_begin() + enc.ram_pages(blocks[0], [0, 1], [True, True])
-    assert join_chunks(part) == QEMU72_PART_START
+    part = join_chunks(enc.ram_section_begin()) + ram_batch_bytes(enc, blocks[0], [0, 1])
+    assert part == QEMU72_PART_START
     assert join_chunks(enc.ram_eos()) == bytes.fromhex("00000000 00000010 7e 00000002")
     assert join_chunks(enc.ram_section_begin(final=True) + enc.ram_eos()) == QEMU72_END
 
@@ -65,14 +68,19 @@ def test_x_ignore_shared_setup_carries_gpas() -> None:
                          + bytes.fromhex("00000000 00002000 00000000 00100000 00000000 00000010 7e 00000002"))
 
 
-def test_page_payloads_are_views_of_guest_ram() -> None:
-    ram = make_ram(4)
+def test_page_payloads_are_read_from_guest_ram_when_sent(tmp_path) -> None:
+    ram = make_ram(4)                       # pages 0 and 3 hold data, 1 and 2 are zero
     block = RamBlock("pc.ram", len(ram), 0, ram)
     enc = StreamEncoder()
     enc.ram_section_begin()
-    chunks = enc.ram_pages(block, [0, 1, 3], [False, True, False])
-    views = [c for c in chunks if isinstance(c, memoryview)]
-    assert len(views) == 2 and all(v.obj is ram for v in views)
+    batch = RecordBatch(8)
+    assert enc.ram_batch(batch, block, np.array([0, 1, 3]))[0] == 3
+    ram[3 * PAGE:3 * PAGE + 5] = b"later"   # after packing, before sending: no copy was made
+    with open(tmp_path / "sent", "wb") as f:
+        while batch.remaining:
+            batch.send(f.fileno())
+    sent = (tmp_path / "sent").read_bytes()
+    assert sent.endswith(b"later" + bytes(ram[3 * PAGE + 5:4 * PAGE]))
     assert (enc.zero_pages, enc.normal_pages) == (1, 2)
 
 
@@ -133,8 +141,18 @@ def test_pages_for_an_ignored_block_are_refused() -> None:
 
 
 def test_multifd_flush_and_hook_markers_are_no_ops() -> None:
-    ram = bytearray(PAGE)
-    _load_payload(bytes.fromhex("00000000 00000200 00000000 00000080") + EOS, [RamBlock("pc.ram", PAGE, 0, ram)])
+    markers = bytes.fromhex("00000000 00000200 00000000 00000080")     # MULTIFD_FLUSH, HOOK
+    ram = bytearray(b"\x5a" * 2 * PAGE)
+    loader = _load_payload(markers + EOS, [RamBlock("pc.ram", 2 * PAGE, 0, ram)])
+    assert ram == b"\x5a" * 2 * PAGE                                  # nothing written
+    assert (loader.normal_pages, loader.zero_pages) == (0, 0)
+    # ... and the records around them still load where they say
+    page = bytes(range(256)) * (PAGE // 256)
+    loader = _load_payload(markers + bytes.fromhex("00000000 00001008 06") + b"pc.ram" + page
+                           + markers + bytes.fromhex("00000000 00000022 00") + EOS,
+                           [RamBlock("pc.ram", 2 * PAGE, 0, ram)])
+    assert ram == bytes(PAGE) + page
+    assert (loader.normal_pages, loader.zero_pages) == (1, 1)
 
 
 def test_nonzero_fill_byte_fills_the_page_as_qemu_8_2_does() -> None:

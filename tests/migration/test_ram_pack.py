@@ -1,4 +1,4 @@
-"""Page records laid out in a native batch equal the zero-copy chunks; the native loader path."""
+"""Page records laid out in a native batch follow the format; the native loader path."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import random
 import numpy as np
 import pytest
 
-from migration_fakes import PAGE, FakeTarget, decode_stream, encode_stream, make_ram
+from migration_fakes import PAGE, FakeTarget, decode_stream, encode_stream, make_ram, ram_batch_bytes
 from pyvm.migration import RamBlock, StreamEncoder
 from pyvm.migration.errors import EncodeError, MigrationError
 from pyvm.fastpath import RecordBatch
@@ -43,23 +43,38 @@ def _batch_bytes(writer: RamPageWriter, block: RamBlock, idx: np.ndarray, tmp_pa
     return bytes(out), zeros
 
 
-def test_batched_records_equal_the_chunked_records(tmp_path) -> None:
+def _reference_records(ram: bytes, idx: list[int], name: bytes) -> bytes:
+    """Page records built one by one from the format (QEMU migration/ram.c): ZERO for an
+    all-zero page, PAGE otherwise; the first record names the block unless ``name`` is
+    empty, the others CONTINUE."""
+    out = bytearray()
+    for i, index in enumerate(idx):
+        page = ram[index * PAGE:(index + 1) * PAGE]
+        zero = not any(page)
+        named = bool(name) and i == 0
+        out += ((index * PAGE) | (0x02 if zero else 0x08) | (0 if named else 0x20)).to_bytes(8, "big")
+        if named:
+            out += bytes([len(name)]) + name
+        out += b"\0" if zero else page
+    return bytes(out)
+
+
+def test_batched_records_follow_the_format(tmp_path) -> None:
     rng = random.Random(5)
     for trial in range(40):
         npages = rng.randint(1, 40)
         ram = _random_ram(npages, rng)
         block = RamBlock(rng.choice(["pc.ram", "/rom@etc/acpi/tables"]), len(ram), 0, ram)
         idx = np.array(rng.sample(range(npages), rng.randint(0, npages)), dtype=np.int64)
-        mask = np.array([not any(ram[i * PAGE:(i + 1) * PAGE]) for i in idx.tolist()], dtype=bool)
-        chunked, batched = RamPageWriter(), RamPageWriter()
-        if rng.random() < 0.5:                   # the block was named before: CONTINUE only
-            chunked.last_block = batched.last_block = block.name
-        w = StreamWriter()
-        zeros, _ = chunked.write_pages(w, block, idx.tolist(), mask.tolist())
-        data, batch_zeros = _batch_bytes(batched, block, idx, tmp_path)
-        assert batch_zeros == zeros, trial
-        assert data == w.take_bytes(), trial
-        assert chunked.last_block == batched.last_block or idx.size == 0
+        batched = RamPageWriter()
+        named = rng.random() < 0.5
+        if not named:                            # the block was named before: CONTINUE only
+            batched.last_block = block.name
+        data, zeros = _batch_bytes(batched, block, idx, tmp_path)
+        expected = _reference_records(ram, idx.tolist(), block.name.encode() if named else b"")
+        assert data == expected, trial
+        assert zeros == sum(not any(ram[i * PAGE:(i + 1) * PAGE]) for i in idx.tolist()), trial
+        assert batched.last_block == (block.name if idx.size or not named else None)
 
 
 def test_batch_checks_like_write() -> None:
@@ -97,7 +112,7 @@ def test_bad_offset_after_a_native_run_keeps_qemu_text() -> None:
     enc = StreamEncoder()
     block = RamBlock("pc.ram", 4 * PAGE, 0, make_ram(4))
     enc.ram_section_begin()                 # the section header is not part of the payload
-    payload = join_chunks(enc.ram_pages(block, [0, 1, 2], [False, True, False]))
+    payload = ram_batch_bytes(enc, block, [0, 1, 2])
     payload += bytes.fromhex("00000000 00004028") + bytes(PAGE)          # page 4 of 4
     loader = RamLoader(lambda name, length: RamBlock("pc.ram", 4 * PAGE, 0, ram), False)
     r = StreamReader()
@@ -107,7 +122,7 @@ def test_bad_offset_after_a_native_run_keeps_qemu_text() -> None:
     assert str(info.value) == "Illegal RAM offset 4000"
     assert ram[:3 * PAGE] == block.buffer[:3 * PAGE]
     assert ram[3 * PAGE:] == bytes(PAGE)
-    assert (loader.normal_pages, loader.zero_pages) == (2, 1)
+    assert (loader.normal_pages, loader.zero_pages) == (1, 2)       # make_ram: 1 and 2 are zero
 
 
 def test_observed_blocks_see_every_page() -> None:

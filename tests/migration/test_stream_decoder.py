@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from migration_fakes import (FAKE_VMSD, PAGE, FakeDevice, FakeTarget, decode_stream, encode_stream, make_ram,
                              sample_device)
+from pyvm.fastpath import RecordBatch
 from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.stream.decoder import EndOfState, RunStateLoaded, SectionLoaded, StreamFinished, VmDescription
 from pyvm.migration.errors import (DecoderStoppedError, EncodeError, MigrationError, StreamFormatError,
@@ -239,11 +241,12 @@ def test_x_ignore_shared_stream_round_trip() -> None:
 def test_encoder_rejects_misuse() -> None:
     enc = StreamEncoder()
     block = RamBlock("pc.ram", PAGE, 0, bytearray(PAGE))
-    with pytest.raises(EncodeError):
-        enc.ram_pages(block, [0], [True])
+    batch = RecordBatch(8)
+    with pytest.raises(EncodeError, match="outside a RAM section"):
+        enc.ram_batch(batch, block, np.array([0]))
     enc.ram_section_begin()
-    with pytest.raises(EncodeError):
-        enc.ram_pages(block, [1], [True])
+    with pytest.raises(EncodeError, match="page index 1 beyond the block"):
+        enc.ram_batch(batch, block, np.array([1]))
     with pytest.raises(EncodeError):
         enc.eof_and_vmdesc()
     with pytest.raises(EncodeError):

@@ -23,6 +23,7 @@ from typing import Callable
 import pytest
 
 from pyvm.errors import PyvmError
+from tests.waiting import wait_blocked, wait_until
 from pyvm.migration.transports import (AbortSignal, IncomingChannel, Listener, OutgoingChannel,
                                        RecordChannel, TransportCancelled, TransportError, TransportTimeout,
                                        connect_inet, connect_unix, exec_incoming, exec_outgoing,
@@ -323,8 +324,7 @@ def test_shutdown_from_another_thread_unblocks_a_write() -> None:
     incoming = listener.accept(timeout=5)                    # never read: the writer blocks
     writer = Thread(lambda: out.write(bytes(64 * MiB)))
     writer.start()
-    time.sleep(0.3)
-    assert writer.is_alive()
+    wait_blocked(writer)                                     # the socket buffer is full
     started = time.monotonic()
     out.shutdown()
     with pytest.raises(TransportCancelled, match="^Unable to write to socket: Operation canceled$"):
@@ -341,7 +341,7 @@ def test_shutdown_from_another_thread_unblocks_a_read() -> None:
     incoming = listener.accept(timeout=5)
     reader = Thread(lambda: incoming.read(100))
     reader.start()
-    time.sleep(0.2)
+    wait_blocked(reader)
     incoming.shutdown()
     with pytest.raises(TransportCancelled,
                        match="^Unable to read from socket: Operation canceled$"):
@@ -355,8 +355,7 @@ def test_close_from_another_thread_unblocks_an_accept(tmp_path: Path) -> None:
     listener = Listener.unix(str(path))
     acceptor = Thread(listener.accept)
     acceptor.start()
-    time.sleep(0.2)
-    assert acceptor.is_alive()
+    wait_blocked(acceptor)
     listener.close()
     with pytest.raises(TransportCancelled):
         acceptor.outcome(timeout=5)
@@ -381,12 +380,20 @@ def test_abort_signal_interrupts_a_hanging_connect() -> None:
         sock.setblocking(False)
         sock.connect_ex(("127.0.0.1", port))
         queued.append(sock)
-    time.sleep(0.1)
+
+    def established() -> bool:            # one accepted handshake fills a listen(0) queue
+        for sock in queued:
+            try:
+                sock.getpeername()
+                return True
+            except OSError:
+                pass
+        return False
+    wait_until(established, 5, "a queued connection established")
     abort = AbortSignal()
     connector = Thread(lambda: connect_inet("127.0.0.1", port, abort=abort))
     connector.start()
-    time.sleep(0.3)
-    assert connector.is_alive()
+    wait_blocked(connector)
     abort.trigger()
     with pytest.raises(TransportCancelled, match=f"^Failed to connect to '127.0.0.1:{port}'"):
         connector.outcome(timeout=5)
@@ -413,8 +420,7 @@ def test_abort_signal_interrupts_a_unix_connect_to_a_full_backlog(tmp_path: Path
     abort = AbortSignal()
     connector = Thread(lambda: connect_unix(path, abort=abort))
     connector.start()
-    time.sleep(0.3)
-    assert connector.is_alive()
+    wait_blocked(connector)
     abort.trigger()
     with pytest.raises(TransportCancelled, match=f"^Failed to connect to '{path}'"):
         connector.outcome(timeout=5)
@@ -513,25 +519,21 @@ def test_exec_shutdown_unblocks_a_write_and_kills_the_pipeline() -> None:
     out = exec_outgoing(shell_argv("sleep 30 | sleep 30"))  # never reads its input
     writer = Thread(lambda: out.write(bytes(8 * MiB)))
     writer.start()
-    time.sleep(0.3)
-    assert writer.is_alive()
+    wait_blocked(writer)                                     # the pipe is full
     out.shutdown()
     with pytest.raises(TransportCancelled,
                        match="^Unable to write to command: Operation canceled$"):
         writer.outcome(timeout=5)
     out.close()
     assert out.exit_status == -signal.SIGTERM
-    deadline = time.monotonic() + 5
-    while live_group_members(out.pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert live_group_members(out.pid) == []
+    wait_until(lambda: live_group_members(out.pid) == [], 5, "the pipeline's processes gone")
 
 
 def test_exec_shutdown_unblocks_a_read() -> None:
     inc = exec_incoming(shell_argv("sleep 30"))
     reader = Thread(lambda: inc.read(10))
     reader.start()
-    time.sleep(0.2)
+    wait_blocked(reader)
     inc.shutdown()
     with pytest.raises(TransportCancelled,
                        match="^Unable to read from command: Operation canceled$"):

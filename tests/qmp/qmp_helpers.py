@@ -8,10 +8,12 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from typing import Any
 
 import pytest
+
+from tests.waiting import wait_until
+
 
 class RawClient:
     """A plain socket speaking QMP line by line (no client library in the way)."""
@@ -69,12 +71,12 @@ class RawClient:
 
 
 def wait_for(predicate: Any, timeout: float = 5.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.005)
-    return predicate()
+    """Whether ``predicate()`` came true within ``timeout`` s (polled every 5 ms)."""
+    try:
+        wait_until(predicate, timeout, interval=0.005)
+        return True
+    except AssertionError:
+        return bool(predicate())
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -10,8 +10,6 @@ import stat
 import termios
 import threading
 import time
-from typing import Callable
-
 import pytest
 
 from pyvm.chardev import (HELP_TEXT, EscapeDecoder, FileBackend, NullBackend, SocketBackend,
@@ -19,14 +17,9 @@ from pyvm.chardev import (HELP_TEXT, EscapeDecoder, FileBackend, NullBackend, So
 from pyvm.devices.base import Clock
 from pyvm.devices.uart16550 import Uart16550
 from pyvm.errors import ConfigError
+from tests.waiting import wait_until
 
 
-def wait_until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    end = time.monotonic() + timeout
-    while not cond():
-        if time.monotonic() > end:
-            raise AssertionError("condition not reached in time")
-        time.sleep(0.01)
 
 
 class Sink:
@@ -204,10 +197,10 @@ def test_unix_server_lifecycle(sock_path):
     second = socket.socket(socket.AF_UNIX)
     second.connect(sock_path)
     second.sendall(b"+second")
-    time.sleep(0.3)
-    assert sink.get() == b"from client"
+    client.sendall(b"+more")                # sent after the second's: it arrives first
+    wait_until(lambda: sink.get() == b"from client+more")
     client.close()
-    wait_until(lambda: sink.get() == b"from client+second")
+    wait_until(lambda: sink.get() == b"from client+more+second")
     backend.write(b"to second")
     assert recv_until(second, b"to second") == b"to second"
     second.close()
@@ -241,13 +234,15 @@ def test_wait_on_blocks_start_until_a_client_connects(sock_path, capfd):
 
     thread = threading.Thread(target=start)
     thread.start()
-    time.sleep(0.3)
+    err: list[str] = []
+    # start() announces the wait, then waits: it must still be waiting
+    wait_until(lambda: err.append(capfd.readouterr().err) or "waiting for connection on:" in "".join(err))
     assert not started.is_set()
     client = socket.socket(socket.AF_UNIX)
     client.connect(sock_path)
     assert started.wait(5)
     thread.join()
-    assert "waiting for connection on: disconnected:unix:" in capfd.readouterr().err
+    assert "waiting for connection on: disconnected:unix:" in "".join(err)
     client.close()
     backend.close()
 
@@ -306,14 +301,20 @@ def test_reader_waits_for_room(sock_path):
     backend = parse_serial(f"unix:{sock_path},server=on,wait=off", "serial0")
     assert backend is not None
     room = [0]
+    asked = [0]
     sink = Sink()
     backend.set_receiver(sink)
-    backend.set_can_receive(lambda: room[0])
+
+    def can_receive() -> int:
+        asked[0] += 1
+        return room[0]
+    backend.set_can_receive(can_receive)
     backend.start()
     client = socket.socket(socket.AF_UNIX)
     client.connect(sock_path)
     client.sendall(b"0123456789")
-    time.sleep(0.3)
+    # the reader holds the input and keeps asking for room (it asks only once it has data)
+    wait_until(lambda: asked[0] >= 4)
     assert sink.get() == b""
     room[0] = 4
     backend.accept_input()

@@ -14,9 +14,9 @@ from unicorn import x86_const as X
 
 from pyvm.cpu import VCpu
 from pyvm.cpu_state import CPU_VMSD, MSRS, SEGMENTS, CpuState, CpuStateError, save_cpu
-from pyvm.migration.stream_reader import StreamReader, run_to_completion
-from pyvm.migration.stream_writer import StreamWriter
-from pyvm.migration.vmstate_codec import apply_loaded, load_vmstate, save_vmstate
+from pyvm.migration.stream.reader import StreamReader, run_to_completion
+from pyvm.migration.stream.writer import StreamWriter
+from pyvm.migration.stream.vmstate_codec import apply_loaded, load_vmstate, save_vmstate
 from pyvm.ram import RamLayout
 
 U64 = st.integers(0, (1 << 64) - 1)

@@ -260,19 +260,15 @@ class Precopy:
         if hasattr(self.channel, "write_pages"):
             self._send_rdma(block, indices, known_zero, rnd, limit)
             return
-        # Each pending entry is a different block, so a fresh record writer names the block
-        # in its first record exactly as the encoder would after the section header.
-        #
         # Records are laid out natively (zero pages found on the way), 256 PAGE records
         # or ~100,000 ZERO records at a time, and the channel writes each batch with
         # writev/sendmsg: headers from the batch's buffer, page bytes straight from guest
         # RAM, no copy.  Every channel but rdma's is a RecordChannel.
-        records = ram_format.RamPageWriter()
         start = 0
         while start < indices.size:
             self._check_cancel()
             before = self._transferred()
-            end, _, nzero = records.batch_run(self._batch, cb, indices, start, known_zero)
+            end, _, nzero = self.enc.ram_batch(self._batch, cb, indices, start, known_zero)
             self.channel.write_records(self._batch)
             self.stats.transferred = self._transferred()
             self._account(end - start, nzero, rnd, before, limit)

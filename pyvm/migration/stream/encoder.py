@@ -1,7 +1,8 @@
 """The source side: the calls precopy orchestration makes to produce a stream (sans-IO).
 
-Each method returns the bytes to send as a list of chunks (``bytes`` for headers, and
-memoryviews of guest RAM for page payloads, never copied).  A complete precopy stream is::
+Each method returns the bytes to send as a list of chunks, except
+:meth:`StreamEncoder.ram_batch`, which packs page records into a record batch whose page
+bytes stay in guest RAM (never copied) until the channel writes it.  A complete precopy stream is::
 
     enc = StreamEncoder()
     send(enc.header())
@@ -9,7 +10,9 @@ memoryviews of guest RAM for page payloads, never copied).  A complete precopy s
     send(enc.ram_setup(blocks, ignore_shared))                 # START section of "ram"
     for each round (the last one with final=True, vCPUs stopped):
         send(enc.ram_section_begin(final=...))                # PART (END for the last)
-        send(enc.ram_pages(block, page_indices, zero_mask))   # any number of calls
+        while start < len(indices):                           # any number of blocks
+            start, _, _ = enc.ram_batch(batch, block, indices, start)
+            channel.write_records(batch)                      # headers + pages, writev
         send(enc.ram_eos())                                   # EOS + footer
     send(enc.device_sections([(idstr, instance_id, device), ...]))   # FULL each
     send(enc.globalstate("running"))                          # FULL "globalstate"
@@ -31,6 +34,8 @@ shape).
 from __future__ import annotations
 
 from typing import Any, Collection, Iterable, Sequence
+
+import numpy as np
 
 from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.errors import EncodeError
@@ -61,7 +66,7 @@ class StreamEncoder:
         self._ram_open = False
         self._configuration_desc: dict[str, Any] | None = None
         self._devices_desc: list[dict[str, Any]] = []
-        #: pages written by :meth:`ram_pages` so far (query-migrate duplicate / normal)
+        #: pages packed by :meth:`ram_batch` so far (query-migrate duplicate / normal)
         self.zero_pages = 0
         self.normal_pages = 0
 
@@ -118,21 +123,24 @@ class StreamEncoder:
         self._ram_open = True
         return self._w.take_chunks()
 
-    def ram_pages(self, block: RamBlock, page_indices: Iterable[int],
-                  zero_mask: Iterable[bool]) -> list[Chunk]:
-        """Page records for ``page_indices`` of ``block``; ``zero_mask[i]`` marks zero pages.
+    def ram_batch(self, batch: Any, block: RamBlock, indices: np.ndarray, start: int = 0,
+                  known_zero: np.ndarray | None = None) -> tuple[int, int, int]:
+        """Page records for ``indices[start:]`` of ``block``, packed into ``batch`` (a
+        ``pyvm.fastpath.RecordBatch``) as far as it holds them; the caller sends the batch
+        (``channel.write_records``) before the next call.
 
-        Zero pages become ZERO records, the others PAGE records whose payload is a
-        memoryview of ``block.buffer``; the guest must not change those pages before the
-        chunks are sent (or the stream carries the newer bytes, which precopy tolerates
-        since the page is dirty again and will be resent).
+        A page goes as a ZERO record when ``known_zero[i]`` says so or when it reads as all
+        zero, else as a PAGE record whose bytes the batch takes straight from
+        ``block.buffer`` when sent: the guest must not change them before (or the stream
+        carries the newer bytes, which precopy tolerates since the page is dirty again and
+        will be resent).  Returns (next start, bytes packed, zero pages).
         """
         if not self._ram_open:
-            raise EncodeError("ram_pages() outside a RAM section; call ram_section_begin()")
-        zeros, normals = self._pages.write_pages(self._w, block, page_indices, zero_mask)
+            raise EncodeError("ram_batch() outside a RAM section; call ram_section_begin()")
+        end, nbytes, zeros = self._pages.batch_run(batch, block, indices, start, known_zero)
         self.zero_pages += zeros
-        self.normal_pages += normals
-        return self._w.take_chunks()
+        self.normal_pages += end - start - zeros
+        return end, nbytes, zeros
 
     def ram_eos(self) -> list[Chunk]:
         """EOS and the footer: closes the RAM section opened by :meth:`ram_section_begin`."""

@@ -46,8 +46,8 @@ from pyvm.migration.transports.rdma_protocol import (
     ControlType, DestBlock, RdmaError, RdmaProtocolError, Register, RegisterResult,
     block_base_for, chunk_of, decode_compress, decode_dest_blocks, decode_message,
     decode_register_requests, decode_register_results, encode_compress, encode_dest_blocks,
-    encode_header, encode_message, encode_register_requests, expect, merge_pages,
-    remote_address)
+    encode_header, encode_message, encode_register_requests, encode_register_results,
+    expect, merge_pages, remote_address)
 
 #: A RAM block as the transport sees it: name, buffer over its memory, length in bytes.
 BlockSpec = tuple[str, Any, int]
@@ -486,11 +486,11 @@ class RdmaIncoming:
                 # Key and base only when pinned; otherwise REGISTER_RESULT brings them.
                 key, base = self._maps[index].get(0) or (0, 0)
                 blocks.append(DestBlock(base, self._offsets[index], length, key))
-            self._reply(ControlType.RAM_BLOCKS_RESULT, encode_dest_blocks(blocks), 1)
+            self._reply(encode_message(ControlType.RAM_BLOCKS_RESULT, encode_dest_blocks(blocks)),
+                        ControlType.RAM_BLOCKS_RESULT)
         elif msg.type == ControlType.REGISTER_REQUEST:
             results = [self._register_request(req) for req in decode_register_requests(msg)]
-            self._reply(ControlType.REGISTER_RESULT,
-                        b"".join(r.encode() for r in results), len(results))
+            self._reply(encode_register_results(results), ControlType.REGISTER_RESULT)
         elif msg.type == ControlType.COMPRESS:
             for fill in decode_compress(msg):
                 self._fill(fill)
@@ -569,8 +569,8 @@ class RdmaIncoming:
         self.registrations += 1
         return entry
 
-    def _reply(self, ctype: ControlType, payload: bytes, repeat: int) -> None:
-        self._ep.send_bytes(encode_message(ctype, payload, repeat), f"sending {ctype.name}")
+    def _reply(self, message: bytes, ctype: ControlType) -> None:
+        self._ep.send_bytes(message, f"sending {ctype.name}")
 
     def _try_send_error(self) -> None:
         try:

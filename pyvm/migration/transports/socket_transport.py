@@ -20,6 +20,7 @@ import select
 import socket
 import stat
 import threading
+import time
 from dataclasses import dataclass
 
 from pyvm.migration.transports.base import (AbortSignal, FdIncoming, FdOutgoing, TransportError,
@@ -221,7 +222,13 @@ def connect_unix(path: str, *, abstract: bool = False, tight: bool = True,
         code = sock.connect_ex(address)
         if code != errno_codes.EAGAIN:   # unix sockets: EAGAIN = backlog full, try again
             break
-        wait_ready(sock.fileno(), select.POLLOUT, abort, UNIX_RETRY_SECONDS)
+        # Not POLLOUT: an unconnected unix socket polls writable at once (unix_poll in
+        # Linux net/unix/af_unix.c), which made this loop spin at full CPU.  Wait for the
+        # retry period, or less if aborted.
+        if abort is not None:
+            wait_ready(abort.fileno(), select.POLLIN, None, UNIX_RETRY_SECONDS)
+        else:
+            time.sleep(UNIX_RETRY_SECONDS)
         if abort is not None and abort.triggered:
             sock.close()
             raise cancelled_error(f"Failed to connect to '{path}'")
