@@ -1,6 +1,6 @@
 """Precopy convergence: a guest dirtying at ~1/4 of the link completes, a faster one never does.
 
-    python bench/convergence.py [--link-mib 8] [--size-mib 64] [--budget 30]
+    .venv/bin/python bench/convergence.py [--link-mib 8] [--size-mib 64] [--budget 30]
 
 Both cases live-migrate a running guest between two real pyvm processes over tcp on
 127.0.0.1 with ``max-bandwidth`` set to ``--link-mib`` MiB/s (the link) and QEMU's default

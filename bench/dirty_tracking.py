@@ -1,6 +1,6 @@
 """Guest throughput with dirty tracking on vs. off, measured in one run.
 
-    python bench/dirty_tracking.py [--size-mib 8] [--iters 40]
+    .venv/bin/python bench/dirty_tracking.py [--size-mib 8] [--iters 40]
 
 Boots the ``store-loop`` guest (every pass stores to every 32-bit word of a RAM range) in
 this process three ways and times the same number of passes:

@@ -209,6 +209,10 @@ class Precopy:
             f"migration: switchover: last dirty pages and device state, "
             f"{self.channel.bytes_written - before} bytes; downtime {self.mgr.downtime_ms} ms"))
 
+    def pending_pages(self) -> list[tuple["RamBlock", np.ndarray]]:
+        """Pages found dirty at the last sync, sent during the current round (a snapshot)."""
+        return list(self._pending)
+
     # -- helpers ------------------------------------------------------------------------------
     _stop_time: float | None = None
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyvm.errors import PyvmError
-from pyvm.migration import service
+from pyvm.migration import pagemap_query, service
 from pyvm.migration.parameters import PARAMETER_SPECS
 from pyvm.migration.schema_migration import COMMANDS_BY_NAME, MIGRATION_EVENTS
 from pyvm.qmp.context import CommandContext
@@ -50,6 +50,7 @@ def install(table: CommandTable) -> None:
         table.register(name, spec.args, spec.returns, _guard(fn))
     for ev in MIGRATION_EVENTS:
         table.register_event(ev.name, ev.data)
+    pagemap_query.install(table)
 
 
 # -- human monitor ------------------------------------------------------------------------------
