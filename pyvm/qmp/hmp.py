@@ -80,7 +80,7 @@ class HmpContext:
         if key == "pc":
             # monitor/hmp-target.c monitor_get_pc: env->eip + env->segs[R_CS].base
             return (int(regs.get("rip", 0)) + int(regs.get("cs_base", 0))) & ((1 << 64) - 1)
-        if len(key) == 3 and key[0] == "e" and "r" + key[1:] in regs:
+        if key[0] == "e" and "r" + key[1:] in regs:          # eax, eip, eflags
             return int(regs["r" + key[1:]]) & 0xFFFFFFFF
         return None
 
