@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from pyvm.qmp_client import ToolError, close, command, connect
+from pyvm.size import parse_size
 
 DONE = ("completed", "failed", "cancelled")
 MIB = 1 << 20
@@ -43,6 +44,10 @@ def _param_value(text: str) -> Any:
     try:
         return int(text, 0)
     except ValueError:
+        pass
+    try:
+        return parse_size(text, "")            # 4M, 512K ... as -m takes them
+    except ValueError:
         return text
 
 
@@ -58,7 +63,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--cap", action="append", default=[], type=lambda t: _kv(t, "--cap"),
                     metavar="NAME=on|off", help="set a capability on both sides (repeatable)")
     ap.add_argument("--param", action="append", default=[], type=lambda t: _kv(t, "--param"),
-                    metavar="NAME=VALUE", help="set a migration parameter (repeatable)")
+                    metavar="NAME=VALUE",
+                    help="set a migration parameter (repeatable; sizes may end in K, M, G)")
     ap.add_argument("--interval", type=float, default=0.1, help="sampling period in seconds")
     ap.add_argument("--timeout", type=float, default=0.0,
                     help="cancel the migration after this many seconds (0: never)")
