@@ -198,7 +198,7 @@ def run(args: argparse.Namespace) -> int:
     if args.history:
         Path(args.history).write_text(json.dumps(history, indent=1) + "\n")
         print(f"history: {len(history)} samples in {args.history}")
-    if args.figures and status == "completed":
+    if args.figures:
         from pyvm.migration_figures import write_figures
         for path in write_figures(history, Path(args.figures)):
             print(f"figure: {path}")

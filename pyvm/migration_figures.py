@@ -1,4 +1,4 @@
-"""PNG figures of a finished migration, drawn from ``query-migrate`` samples.
+"""PNG figures of a finished (or cancelled) migration, drawn from ``query-migrate`` samples.
 
 Each sample is QEMU's ``MigrationInfo`` plus ``t`` (seconds since ``migrate``), as
 ``pyvm-migrate --history`` records them.  Three figures:
@@ -87,7 +87,7 @@ def write_figures(history: Sequence[dict[str, Any]], directory: Path) -> list[Pa
         left += width
     ax.set_yticks([])
     ax.set_xlabel("ms")
-    ax.set_title(f"total {total} ms, downtime {down} ms")
+    ax.set_title(f"{final.get('status', '?')}: total {total} ms, downtime {down} ms")
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.45), ncol=3, frameon=False)
     fig.tight_layout()
     paths.append(directory / "timeline.png")

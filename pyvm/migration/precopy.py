@@ -354,7 +354,9 @@ class Precopy:
         self._window_bytes += nbytes
         budget = bw * RATE_WINDOW
         if self._window_bytes >= budget:
-            wait = self._window_start + RATE_WINDOW - now
+            # One batch (up to 256 pages) can exceed a whole window's budget at low
+            # bandwidths: wait as many windows as the bytes sent need, not just one.
+            wait = self._window_start + RATE_WINDOW * self._window_bytes / budget - now
             if wait > 0 and self.cancel_requested.wait(wait):
                 raise MigrationCancelled()
             self._window_start, self._window_bytes = time.monotonic(), 0
