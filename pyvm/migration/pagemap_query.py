@@ -90,9 +90,10 @@ def query_pagemap(ctx: CommandContext, args: dict[str, Any]) -> dict[str, Any]:
     cells = args.get("cells", 0)
     if not 0 <= cells <= MAX_CELLS:
         raise CommandError(f"Parameter 'cells' expects a value between 0 and {MAX_CELLS}")
-    states = page_states(ctx.vm)
+    machine: Any = ctx.vm                   # the monitor's VM is a pyvm.machine.Machine
+    states = page_states(machine)
     text, per = render(states, cells or states.size)
-    info = service.migration_of(ctx.vm).query()
+    info = service.migration_of(machine).query()
     return {"page-size": PAGE, "pages": int(states.size), "pages-per-cell": per, "map": text,
             "status": info.get("status", "none"),
             "dirty-sync-count": info.get("ram", {}).get("dirty-sync-count", 0)}
