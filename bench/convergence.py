@@ -1,6 +1,6 @@
 """Precopy convergence: a guest dirtying at ~1/4 of the link completes, a faster one never does.
 
-    python bench/convergence.py [--link-mib 8] [--size-mib 64] [--budget 30] [--transport tcp]
+    .venv/bin/python bench/convergence.py [--link-mib 8] [--size-mib 64] [--budget 30] [--transport tcp]
 
 Both cases live-migrate a running guest between two real pyvm processes over tcp (or
 ``--transport rdma``: libfabric, its tcp provider on a machine without an RDMA NIC) on

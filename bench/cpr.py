@@ -1,6 +1,6 @@
 """cpr-reboot cost at two RAM sizes, with and without x-ignore-shared.
 
-    python bench/cpr.py [--small-mib 64] [--large-mib 4096] [--repeat 3]
+    .venv/bin/python bench/cpr.py [--small-mib 64] [--large-mib 4096] [--repeat 3]
 
 A running ``memcheck`` guest (``-append "start=1 size=16"``: 16 MiB of RAM in use) with
 its RAM on ``memory-backend-file,share=on`` under /dev/shm is saved in ``cpr-reboot``

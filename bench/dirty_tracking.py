@@ -1,7 +1,7 @@
 """Guest throughput with dirty tracking on vs. off, measured in one run.
 
-    python bench/dirty_tracking.py [--size-mib 8] [--iters 40] [--rounds 5] [--sync-ms 0,100,20]
-                                   [--migration] [--python-hook]
+    .venv/bin/python bench/dirty_tracking.py [--size-mib 8] [--iters 40] [--rounds 5] [--sync-ms 0,100,20]
+                                             [--migration] [--python-hook]
 
 Boots the ``store-loop`` guest (every pass stores to every 32-bit word of a RAM range) in
 this process and times the same number of passes per variant:

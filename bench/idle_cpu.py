@@ -1,6 +1,6 @@
 """Host CPU used by an idle guest (HLT loop woken by a 100 Hz timer).
 
-    python bench/idle_cpu.py [--seconds 5] [--hz 100]
+    .venv/bin/python bench/idle_cpu.py [--seconds 5] [--hz 100]
 
 Boots the ``hello`` guest (it sleeps in HLT between PIT interrupts), lets it settle, then
 reads the pyvm process's CPU time from /proc over a window.  Prints the share of one core

@@ -1,6 +1,6 @@
 """Migration throughput per transport, next to the raw transport moving the same bytes.
 
-    python bench/migration.py [--size-mib 1024] [--transports tcp,unix,file,exec,rdma] [--repeat 3]
+    .venv/bin/python bench/migration.py [--size-mib 1024] [--transports tcp,unix,file,exec,rdma] [--repeat 3]
 
 For each transport it migrates a paused guest whose RAM is full of random bytes (a
 private mapping of a random file: every page is a PAGE record) and one whose RAM is

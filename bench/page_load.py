@@ -1,6 +1,6 @@
 """What loading a migration stream's pages into guest RAM costs, piece by piece.
 
-    python bench/page_load.py [--size-mib 256] [--repeat 3]
+    .venv/bin/python bench/page_load.py [--size-mib 256] [--repeat 3]
 
 In one process, on anonymous memory like a destination's guest RAM:
 

@@ -1,6 +1,6 @@
 """The same ab guest live-migrated over tcp by pyvm and by QEMU (TCG), in the same run.
 
-    python bench/qemu_compare.py [--size-mib 1024] [--ab-mib 16] [--repeat 1]
+    .venv/bin/python bench/qemu_compare.py [--size-mib 1024] [--ab-mib 16] [--repeat 1]
 
 Both VMs get the same RAM size and the same guest: ``ab.elf`` (its Multiboot header lets
 QEMU's ``-kernel`` boot it) with ``-append "start=1 size=AB passes=1"``, running: every

@@ -6,7 +6,7 @@ request at a time, for a fixed time.  In the same run it measures the same clien
 against a minimal asyncio server (another process) that parses each JSON line and writes
 ``{"return": ...}`` back, and prints both rates and their ratio.
 
-    python bench/qmp_latency.py [--seconds 3]
+    .venv/bin/python bench/qmp_latency.py [--seconds 3]
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Zero-page scan speed vs. memcpy of the same buffer, measured in one run.
 
-    python bench/zero_scan.py [--size-mib 1024]
+    .venv/bin/python bench/zero_scan.py [--size-mib 1024]
 
 Prints GB/s for pyvm's zero-page scan (native and, on a smaller slice, the numpy twin)
 next to numpy's memcpy (``np.copyto``) of the same buffer; the last line is

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pyvm import __version__
 from pyvm.config import MACHINE_ALIASES, DebugExitConfig, DriveConfig, MachineConfig
 from pyvm.errors import ConfigError, PyvmError
+from pyvm.guests import catalogue_text, find_guest, guest_path
 from pyvm.ram import BACKEND_TYPES, MemoryBackendConfig
 from pyvm.size import parse_size
 
@@ -28,8 +29,8 @@ OPTIONS: dict[str, tuple[bool, str]] = {
     "M": (True, "same as -machine"),
     "object": (True, "memory-backend-{ram,memfd,file},id=ID,size=SIZE[,share=on][,prealloc=on][,mem-path=PATH]"),
     "drive": (True, "file=IMG[,format=raw][,if=ide][,cache=writethrough|writeback][,readonly=on]"),
-    "hda": (True, "IMG: same as -drive file=IMG,format=raw"),
-    "kernel": (True, "Linux bzImage or vmlinux, or an ELF file (32- or 64-bit) to boot directly"),
+    "hda": (True, "IMG: same as -drive file=IMG,format=raw (or a bundled boot sector's name)"),
+    "kernel": (True, "Linux bzImage or vmlinux, an ELF file (32- or 64-bit), or a bundled guest's name (-kernel help)"),
     "append": (True, "command line for -kernel (Linux: boot_params; ELF: at 0x7000, address in ESI)"),
     "initrd": (True, "FILE: initial ram disk for a Linux -kernel"),
     "bios": (True, "flat image mapped below 1 MiB, started at F000:FFF0"),
@@ -180,9 +181,14 @@ def _apply(pa: ParsedArgs, name: str, opt: str, value: str) -> None:
     elif name == "drive":
         _parse_drive(cfg, opt, value)
     elif name == "hda":
-        cfg.drives.append(DriveConfig(file=value))
+        bundled = find_guest(value, "-hda")
+        cfg.drives.append(DriveConfig(file=guest_path(bundled.file), readonly=True)
+                          if bundled else DriveConfig(file=value))
     elif name == "kernel":
-        cfg.kernel = value
+        if value == "help":
+            pa.action = "kernel-help"
+        bundled = find_guest(value, "-kernel")
+        cfg.kernel = guest_path(bundled.file) if bundled else value
     elif name == "append":
         cfg.append = value
     elif name == "initrd":
@@ -337,6 +343,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if pa.action == "version":
             print(f"pyvm version {__version__} (QEMU 8.2 API level)")
+            return 0
+        if pa.action == "kernel-help":
+            print(catalogue_text())
             return 0
         if pa.action == "log-help":
             from pyvm.log import TOPICS

@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable
 from pyvm.clock import VirtualClock
 from pyvm.config import MACHINE_TYPE, MachineConfig
 from pyvm.cpu import CpuState, VCpu
+from pyvm.cpu_view import monitor_registers
 from pyvm.devices.base import Device
 from pyvm.errors import ConfigError, GuestFault, VmStateError
 from pyvm.events import EventBus
@@ -429,7 +430,7 @@ class Machine:
 
     def cpu_registers(self, cpu_index: int) -> dict[str, int]:
         cpu = self._cpu(cpu_index)
-        return dict(self.run_on_loop(cpu.registers))
+        return dict(self.run_on_loop(lambda: monitor_registers(cpu)))
 
     def cpus_info(self) -> list[dict[str, Any]]:
         return [{"cpu-index": c.index, "qom-path": f"/machine/unattached/device[{c.index}]",
@@ -449,6 +450,11 @@ class Machine:
 
     def chardevs(self) -> list[dict[str, Any]]:
         return [c.info() for c in self.char_backends]
+
+    def interrupt_controllers(self) -> list[tuple[str, str, list[int]]]:
+        """(type name, ``info pic`` text, per-line rising-edge counts) of each controller."""
+        pic = self.pic
+        return [("isa-i8259", self.run_on_loop(pic.print_info), list(pic.irq_count))]
 
     def mtree(self) -> str:
         lines = ["address-space: memory",

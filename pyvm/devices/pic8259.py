@@ -103,6 +103,10 @@ class PicPair(Device):
         super().__init__()
         self._int_out = False
         self._logged: set[str] = set()
+        # Rising edges per ISA line for ``info irq`` (hw/intc/i8259.c pic_stat_update_irq);
+        # statistics, not machine state: neither reset nor migrated.
+        self.irq_count = [0] * 16
+        self._irq_level = [False] * 16
         self.reset()
 
     # -- Device API -------------------------------------------------------------------
@@ -131,8 +135,21 @@ class PicPair(Device):
         """Drive ISA interrupt ``line`` (0-15) to ``level``."""
         if not 0 <= line <= 15:
             raise ValueError(f"ISA IRQ line {line} out of range 0-15")
+        if level and not self._irq_level[line]:
+            self.irq_count[line] += 1
+        self._irq_level[line] = level
         self._set_input(line >> 3, line & 7, level)
         self._update()
+
+    def print_info(self) -> str:
+        """``info pic``: one line per chip (hw/intc/i8259_common.c pic_print_info)."""
+        return "".join(
+            "pic%d: irr=%02x imr=%02x isr=%02x hprio=%d irq_base=%02x rr_sel=%d elcr=%02x "
+            "fnm=%d\n" % (chip, self.irr[chip], self.imr[chip], self.isr[chip],
+                          self.priority_add[chip], self.irq_base[chip],
+                          self.read_reg_select[chip], self.elcr[chip],
+                          self.special_fully_nested_mode[chip])
+            for chip in (MASTER, SLAVE))
 
     def has_pending(self) -> bool:
         """True when an unmasked request beats everything in service (the INT output)."""

@@ -78,8 +78,9 @@ class HmpContext:
         if key in regs:
             return int(regs[key])
         if key == "pc":
-            return int(regs.get("rip", 0))
-        if len(key) == 3 and key[0] == "e" and "r" + key[1:] in regs:
+            # monitor/hmp-target.c monitor_get_pc: env->eip + env->segs[R_CS].base
+            return (int(regs.get("rip", 0)) + int(regs.get("cs_base", 0))) & ((1 << 64) - 1)
+        if key[0] == "e" and "r" + key[1:] in regs:          # eax, eip, eflags
             return int(regs["r" + key[1:]]) & 0xFFFFFFFF
         return None
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from pyvm.qmp import hmp_inspect
 from pyvm.qmp.hmp import HmpContext, HmpTable, help_text
 from pyvm.qmp.hmp_format import code_mode, disassemble, memory_dump, printc, register_dump
 
@@ -191,3 +192,4 @@ def install(table: HmpTable) -> None:
     i("kvm", "", "", "show KVM information", hmp_info_kvm)
     i("cpus", "", "", "show infos for each CPU", hmp_info_cpus)
     i("chardev", "", "", "show the character devices", hmp_info_chardev)
+    hmp_inspect.install(table)

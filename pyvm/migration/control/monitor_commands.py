@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from pyvm.errors import PyvmError
+from pyvm.migration import pagemap_query
 from pyvm.migration.control import service
 from pyvm.migration.control.parameters import PARAMETER_SPECS
 from pyvm.migration.control.qmp_schema import COMMANDS_BY_NAME, MIGRATION_EVENTS
@@ -50,6 +51,7 @@ def install(table: CommandTable) -> None:
         table.register(name, spec.args, spec.returns, _guard(fn))
     for ev in MIGRATION_EVENTS:
         table.register_event(ev.name, ev.data)
+    pagemap_query.install(table)
 
 
 # -- human monitor ------------------------------------------------------------------------------

@@ -165,6 +165,11 @@ class Precopy:
             avail = params["avail-switchover-bandwidth"] or bandwidth
             limit_ms = params.downtime_limit
             self.mgr.expected_downtime_ms = int(remaining / max(avail, 1) * 1000)
+            self.machine.log.log("migration", (
+                f"migration: round {self.stats.dirty_sync_count - 1}: sent {sent} bytes "
+                f"({rnd.pages} pages) in {elapsed * 1000:.0f} ms, {bandwidth * 8 / 1e6:.1f} Mbps; "
+                f"dirty {remaining // PAGE} pages; expected downtime "
+                f"{self.mgr.expected_downtime_ms} ms"))
             if remaining <= avail * limit_ms / 1000:
                 return
 
@@ -200,6 +205,13 @@ class Precopy:
         self.mgr.downtime_ms = int((time.monotonic() - downtime_start) * 1000)
         if self._stop_time is not None:
             self.mgr.downtime_ms = int((time.monotonic() - self._stop_time) * 1000)
+        self.machine.log.log("migration", (
+            f"migration: switchover: last dirty pages and device state, "
+            f"{self.channel.bytes_written - before} bytes; downtime {self.mgr.downtime_ms} ms"))
+
+    def pending_pages(self) -> list[tuple["RamBlock", np.ndarray]]:
+        """Pages found dirty at the last sync, sent during the current round (a snapshot)."""
+        return list(self._pending)
 
     # -- helpers ------------------------------------------------------------------------------
     _stop_time: float | None = None
@@ -338,7 +350,9 @@ class Precopy:
         self._window_bytes += nbytes
         budget = bw * RATE_WINDOW
         if self._window_bytes >= budget:
-            wait = self._window_start + RATE_WINDOW - now
+            # One batch (up to 256 pages) can exceed a whole window's budget at low
+            # bandwidths: wait as many windows as the bytes sent need, not just one.
+            wait = self._window_start + RATE_WINDOW * self._window_bytes / budget - now
             if wait > 0 and self.cancel_requested.wait(wait):
                 raise MigrationCancelled()
             self._window_start, self._window_bytes = time.monotonic(), 0
