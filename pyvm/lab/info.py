@@ -28,8 +28,9 @@ def wws_series(trace: Trace, window: float) -> tuple[npt.NDArray[np.float64],
     table = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
     rows = trace.bitmaps[:count * per].reshape(count, per, -1)
     unions = np.bitwise_or.reduce(rows, axis=1)
-    pages = table[unions].sum(axis=1).astype(np.int64)
-    return np.arange(count) * per * trace.interval, pages
+    pages: npt.NDArray[np.int64] = table[unions].sum(axis=1).astype(np.int64)
+    starts: npt.NDArray[np.float64] = np.arange(count, dtype=np.float64) * (per * trace.interval)
+    return starts, pages
 
 
 def summary(trace: Trace, windows: Sequence[float] = DEFAULT_WINDOWS,

@@ -98,10 +98,14 @@ class TraceCursor:
         if hi - lo >= n:
             return self.all
         a, b = lo % n, hi % n
+        union: npt.NDArray[np.uint8]
         if a < b:
-            return np.bitwise_or.reduce(self.rows[a:b], axis=0)
-        head = np.bitwise_or.reduce(self.rows[a:], axis=0)
-        return head | np.bitwise_or.reduce(self.rows[:b], axis=0) if b else head
+            union = np.bitwise_or.reduce(self.rows[a:b], axis=0)
+        else:
+            union = np.bitwise_or.reduce(self.rows[a:], axis=0)
+            if b:
+                union = union | np.bitwise_or.reduce(self.rows[:b], axis=0)
+        return union
 
 
 def _readonly(a: npt.NDArray[Any]) -> npt.NDArray[Any]:

@@ -10,11 +10,12 @@ closes it at the end.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import functools
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 from pyvm.lab.errors import LabError
 from pyvm.lab.link import LinkModel
@@ -89,16 +90,16 @@ def batches(cells: Sequence[Cell], size: int) -> list[list[Cell]]:
     return [list(cells[i:i + size]) for i in range(0, len(cells), max(1, size))]
 
 
-def run_sweep(cells: Sequence[Cell], limits: Limits = Limits(), *, scheduler: str | None = None,
-              workers: int = 2, batch: int = 0, device_bytes: int = DEVICE_BYTES) -> list[
-                  dict[str, Any]]:
-    """Run ``cells`` on a Dask cluster; rows in the order of ``cells``."""
-    from distributed import Client, LocalCluster
+@contextlib.contextmanager
+def dask_client(scheduler: str | None = None, workers: int = 2) -> Iterator[Any]:
+    """A :class:`distributed.Client` of the scheduler at ``scheduler``, or of a new
+    LocalCluster of ``workers`` single-threaded processes; closed (with the cluster) on
+    exit."""
+    import distributed
 
-    if not cells:
-        return []
-    size = batch or max(1, min(200, len(cells) // (workers * 4) or 1))
-    cluster = None
+    Client: Any = distributed.Client            # untyped library: keep mypy --strict quiet
+    LocalCluster: Any = distributed.LocalCluster
+    cluster: Any = None
     try:
         if scheduler:
             client = Client(scheduler, timeout=30)
@@ -107,18 +108,35 @@ def run_sweep(cells: Sequence[Cell], limits: Limits = Limits(), *, scheduler: st
                                    dashboard_address=None)
             client = Client(cluster)
     except OSError as err:
+        if cluster is not None:
+            cluster.close()
         raise LabError(f"sweep: cannot reach the Dask scheduler: {err}") from err
     try:
-        futures = client.map(run_cells, batches(cells, size), limits=limits,
-                             device_bytes=device_bytes, pure=False)
-        rows: list[dict[str, Any]] = []
-        for part in client.gather(futures):
-            rows.extend(part)
-        return rows
+        yield client
     finally:
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def run_sweep(cells: Sequence[Cell], limits: Limits = Limits(), *, scheduler: str | None = None,
+              workers: int = 2, batch: int = 0, device_bytes: int = DEVICE_BYTES,
+              client: Any = None) -> list[dict[str, Any]]:
+    """Run ``cells`` on Dask (``client``, else :func:`dask_client`); rows in the order of
+    ``cells``."""
+    if not cells:
+        return []
+    if client is None:
+        with dask_client(scheduler, workers) as own:
+            return run_sweep(cells, limits, batch=batch, device_bytes=device_bytes, client=own)
+    nworkers = max(1, len(client.scheduler_info().get("workers", {})))
+    size = batch or max(1, min(100, len(cells) // (nworkers * 16) or 1))
+    futures = client.map(run_cells, batches(cells, size), limits=limits,
+                         device_bytes=device_bytes, pure=False)
+    rows: list[dict[str, Any]] = []
+    for part in client.gather(futures):
+        rows.extend(part)
+    return rows
 
 
 def write_table(rows: Iterable[dict[str, Any]], path: str) -> str:

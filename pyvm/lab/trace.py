@@ -87,7 +87,8 @@ class Trace:
     def counts(self) -> npt.NDArray[np.int64]:
         """Pages written in each sample (the writable working set per interval)."""
         table = np.unpackbits(np.arange(256, dtype=np.uint8)[:, None], axis=1).sum(axis=1)
-        return table[self.bitmaps].sum(axis=1).astype(np.int64)
+        out: npt.NDArray[np.int64] = table[self.bitmaps].sum(axis=1).astype(np.int64)
+        return out
 
     def header(self, payload_bytes: int) -> dict[str, Any]:
         return {

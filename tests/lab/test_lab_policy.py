@@ -172,8 +172,8 @@ def test_hot_cold_sends_cold_first_and_holds_hot_pages_back() -> None:
     for k in (1, 2):
         d = p.decide(state(k, unsent=[1, 2, 3], dirty=[1, 2] if k == 1 else [1]))
         assert d.send is not None
-    assert d.send.tolist() == [3, 2, 1]        # learning: everything, coldest first
+    assert d.send.tolist() == [3, 2, 1]        # learning: everything, coldest first  # type: ignore[union-attr]
     d3 = p.decide(state(3, unsent=[1, 2, 3, 4], dirty=[1, 4]))   # writes: 1->3, 2->1, 4->1
-    assert d3.send.tolist() == [3, 2, 4]       # page 1 (3 of 3 rounds) is held back
+    assert d3.send.tolist() == [3, 2, 4]       # page 1 (3 of 3 rounds) is held back  # type: ignore[union-attr]
     d4 = p.decide(state(4, unsent=[1], dirty=[1]))
     assert d4.stop_and_copy                    # only hot pages left
