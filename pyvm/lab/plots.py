@@ -51,6 +51,11 @@ def remaining_per_round(results: Sequence[SimResult], path: str, title: str = ""
         cut |= len(r.history) > max_rounds
         ax.plot(range(1, len(ys) + 1), ys, marker="o", ms=3, label=_label(r))
     ax.set_yscale("log")
+    from matplotlib.ticker import FuncFormatter
+
+    plain = FuncFormatter(lambda v, _pos: f"{v:g}")
+    ax.yaxis.set_major_formatter(plain)
+    ax.yaxis.set_minor_formatter(plain)
     ax.set_xlabel("round" + (f" (first {max_rounds} shown)" if cut else ""))
     ax.set_ylabel("remaining dirty MiB after the sync")
     ax.set_title(title or "Remaining dirty memory per round")
