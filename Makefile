@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast test-pure firmware firmware-check bench mypy clean
+.PHONY: setup demo test test-fast test-pure firmware firmware-check bench bench-lab mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -33,6 +33,9 @@ bench: setup
 	$(PY) bench/dirty_tracking.py
 	$(PY) bench/zero_scan.py
 	$(PY) bench/page_load.py
+
+bench-lab: setup
+	$(PY) bench/lab_sweep.py --migrations 10000
 
 clean:
 	rm -rf build .venv pyvm/_fastpath.c pyvm/_pagestream.c pyvm/*.so

@@ -285,6 +285,11 @@ class Machine:
         assert self._exit_code is not None
         return self._exit_code
 
+    @property
+    def exit_code(self) -> int | None:
+        """The status the VM ended with, or None while it runs."""
+        return self._exit_code if self._exit_event.is_set() else None
+
     def request_exit(self, code: int, reason: str | None = None) -> None:
         """End pyvm with ``code``; ``reason`` emits SHUTDOWN (host-qmp-quit, host-signal...)."""
         if self._exit_event.is_set():
