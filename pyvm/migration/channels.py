@@ -49,7 +49,7 @@ def outgoing_opener(addr: MigrationAddress, abort: AbortSignal,
     if isinstance(addr, ExecMigrationAddress):
         return lambda: exec_outgoing(list(addr.args))
     if isinstance(addr, FileMigrationAddress):
-        return lambda: file_outgoing(addr.filename, addr.offset)
+        return lambda: file_outgoing(addr.filename, addr.offset, abort=abort)
     if isinstance(addr, RdmaMigrationAddress):
         from pyvm.migration.rdma_glue import rdma_outgoing_opener
         return rdma_outgoing_opener(addr, rdma_blocks, abort, rdma_pin_all)

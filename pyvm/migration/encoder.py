@@ -34,6 +34,7 @@ from typing import Any, Collection, Iterable, Sequence
 
 from pyvm.migration import vmdesc_json
 from pyvm.migration.errors import EncodeError
+from pyvm.migration.integrity import checksum_bytes, crc32c_extend
 from pyvm.migration.ram_format import RamBlock, RamPageWriter, write_ram_eos, write_ram_setup
 from pyvm.migration.sections import (GLOBALSTATE_IDSTR, GlobalState, write_configuration,
                                      write_section_footer, write_section_header)
@@ -52,8 +53,12 @@ RAM_SECTION_ID = 2
 class StreamEncoder:
     """Builds one outgoing migration stream, piece by piece."""
 
-    def __init__(self, *, describe_configuration: bool = True) -> None:
+    def __init__(self, *, describe_configuration: bool = True, checksum: bool = False) -> None:
         self.describe_configuration = describe_configuration
+        #: x-checksum: a CRC-32C after every section footer (pyvm.migration.integrity); page
+        #: payloads are then copied when written, so the checksum matches what is sent
+        self.checksum = checksum
+        self._crc = 0
         self._w = StreamWriter()
         self._ids: dict[tuple[str, int], int] = {(RAM_SECTION_IDSTR, 0): RAM_SECTION_ID}
         self._next_id = RAM_SECTION_ID + 1
@@ -106,7 +111,7 @@ class StreamEncoder:
                              RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
         write_ram_setup(self._w, blocks, ignore_shared)
         write_section_footer(self._w, RAM_SECTION_ID)
-        return self._w.take_chunks()
+        return self._take(end_section=True)
 
     def ram_section_begin(self, final: bool = False) -> list[Chunk]:
         """Open a PART section of ``ram`` (END when ``final``) for one round of pages."""
@@ -116,7 +121,7 @@ class StreamEncoder:
                              RAM_SECTION_ID)
         self._pages.reset()
         self._ram_open = True
-        return self._w.take_chunks()
+        return self._take()
 
     def ram_pages(self, block: RamBlock, page_indices: Iterable[int],
                   zero_mask: Iterable[bool]) -> list[Chunk]:
@@ -132,7 +137,7 @@ class StreamEncoder:
         zeros, normals = self._pages.write_pages(self._w, block, page_indices, zero_mask)
         self.zero_pages += zeros
         self.normal_pages += normals
-        return self._w.take_chunks()
+        return self._take()
 
     def ram_eos(self) -> list[Chunk]:
         """EOS and the footer: closes the RAM section opened by :meth:`ram_section_begin`."""
@@ -141,7 +146,7 @@ class StreamEncoder:
         write_ram_eos(self._w)
         write_section_footer(self._w, RAM_SECTION_ID)
         self._ram_open = False
-        return self._w.take_chunks()
+        return self._take(end_section=True)
 
     # -- devices -------------------------------------------------------------------------------
     def device_section(self, idstr: str, instance_id: int, obj: Any) -> list[Chunk]:
@@ -159,7 +164,7 @@ class StreamEncoder:
         save_vmstate(self._w, vmsd, obj, desc)
         write_section_footer(self._w, section_id)
         self._devices_desc.append(desc)
-        return self._w.take_chunks()
+        return self._take(end_section=True)
 
     def device_sections(self, devices: Iterable[tuple[str, int, Any]]) -> list[Chunk]:
         """FULL sections for (idstr, instance_id, obj) in the given order."""
@@ -171,6 +176,23 @@ class StreamEncoder:
     def globalstate(self, runstate: str) -> list[Chunk]:
         """The ``globalstate`` FULL section carrying the source's run state name."""
         return self.device_section(GLOBALSTATE_IDSTR, 0, GlobalState(runstate))
+
+    # -- checksums (x-checksum) -------------------------------------------------------------------
+    def _take(self, end_section: bool = False) -> list[Chunk]:
+        """The chunks written since the last call; with x-checksum they extend the open
+        section's CRC, and ``end_section`` (after a footer) appends it and starts anew."""
+        chunks = self._w.take_chunks()
+        if not self.checksum:
+            return chunks
+        # A page view may change under a running guest before it is sent: copy it, so the
+        # bytes sent are the bytes summed.
+        chunks = [bytes(c) if isinstance(c, memoryview) else c for c in chunks]
+        for chunk in chunks:
+            self._crc = crc32c_extend(self._crc, chunk)
+        if end_section:
+            chunks.append(checksum_bytes(self._crc))
+            self._crc = 0
+        return chunks
 
     # -- end -----------------------------------------------------------------------------------
     def vmdesc(self) -> dict[str, Any]:

@@ -104,10 +104,10 @@ def migrate_cancel(machine: "Machine") -> None:
     if pre is None or not mgr.active or mgr.status is MigrationStatus.CANCELLING:
         return
     mgr.set_status(MigrationStatus.CANCELLING)
+    pre.cancel()          # first: a channel that the abort fails must read as cancelled
     abort = getattr(pre, "abort", None)
     if abort is not None:
         abort.trigger()
-    pre.cancel()
 
 
 def migrate_continue(machine: "Machine", state: str) -> None:
