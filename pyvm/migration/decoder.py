@@ -222,6 +222,7 @@ class StreamDecoder:
         self.runstate: str | None = None
         self.ram: RamLoader | None = None
         self.checksum = False            # x-checksum: a CRC-32C follows every section footer
+        self._chain = 0                  # the last section's checksum (chained CRC)
         self.warnings: list[str] = []
         self.state_complete = False      # QEMU_VM_EOF was read
         self.finished = False            # nothing more will be read
@@ -305,8 +306,8 @@ class StreamDecoder:
         self.checksum = CHECKSUM_CAPABILITY in caps
         ram_handler = _RamHandler(self.ram)
         while True:
-            if self.checksum:
-                r.begin_digest(crc32c_extend)
+            if self.checksum:     # chained over all sections so far (integrity.py)
+                r.begin_digest(crc32c_extend, self._chain)
             section_type = yield from r.read_u8("a section type")
             if section_type in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
                 yield from self._load_start_full(r, section_type, ram_handler)
@@ -412,6 +413,7 @@ class StreamDecoder:
         computed = r.end_digest()
         received = yield from r.read_be32(f"the checksum of section '{idstr}'")
         check_section_checksum(idstr, section_id, received, computed)
+        self._chain = computed
 
     def _load_trailer(self, r: StreamReader) -> Generator[None, None, None]:
         """The vmdesc trailer; as in QEMU, nothing after EOF can fail the load."""

@@ -189,9 +189,8 @@ class StreamEncoder:
         chunks = [bytes(c) if isinstance(c, memoryview) else c for c in chunks]
         for chunk in chunks:
             self._crc = crc32c_extend(self._crc, chunk)
-        if end_section:
+        if end_section:           # chained: the next section's CRC goes on from this one
             chunks.append(checksum_bytes(self._crc))
-            self._crc = 0
         return chunks
 
     # -- end -----------------------------------------------------------------------------------

@@ -19,7 +19,11 @@ stays QEMU's byte for byte).  With it on, every START/PART/END/FULL section is f
 right after its footer, by::
 
     be32 crc32c      CRC-32C (Castagnoli) of the section's bytes, from its type byte to
-                     the last byte of its footer
+                     the last byte of its footer, *chained*: the CRC starts from the
+                     previous section's checksum (0 for the first section)
+
+Chaining makes the checksum cover the order of sections too: a section dropped, repeated
+or moved breaks every checksum after it, even though each section is intact on its own.
 
 The source closes the ``ram`` section after every batch of at most 256 pages and opens a
 new PART section, so each page batch carries its own checksum (a damaged batch is found

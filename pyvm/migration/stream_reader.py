@@ -115,12 +115,13 @@ class StreamReader:
             self.error = error
 
     # -- digest of consumed bytes ------------------------------------------------------------
-    def begin_digest(self, fold: Callable[[int, memoryview], int]) -> None:
-        """Start a digest of the bytes consumed from here on; ``fold(value, bytes)``
-        extends it (e.g. a CRC).  Bytes are folded before the buffer drops them."""
+    def begin_digest(self, fold: Callable[[int, memoryview], int], initial: int = 0) -> None:
+        """Start a digest of the bytes consumed from here on, from ``initial``;
+        ``fold(value, bytes)`` extends it (e.g. a CRC).  Bytes are folded before the
+        buffer drops them."""
         self._digest = fold
         self._digest_pos = self.pos
-        self._digest_value = 0
+        self._digest_value = initial
 
     def end_digest(self) -> int:
         """The digest of the bytes consumed since :meth:`begin_digest`; stops it."""
