@@ -12,7 +12,7 @@ files do.
 from __future__ import annotations
 
 import os
-from typing import IO
+from typing import IO, TextIO, cast
 
 PRIVATE_MODE = 0o600
 
@@ -28,7 +28,7 @@ def open_private_binary(path: str) -> IO[bytes]:
     return os.fdopen(create_private(path), "wb")
 
 
-def open_private_text(path: str, *, append: bool = False, line_buffered: bool = True) -> IO[str]:
+def open_private_text(path: str, *, append: bool = False, line_buffered: bool = True) -> TextIO:
     """A text writer on a private file (logs)."""
-    return os.fdopen(create_private(path, append=append), "a" if append else "w",
-                     buffering=1 if line_buffered else -1)
+    return cast(TextIO, os.fdopen(create_private(path, append=append), "a" if append else "w",
+                                  buffering=1 if line_buffered else -1))

@@ -16,6 +16,7 @@ from pyvm.migration.incoming import IncomingMigration
 from pyvm.migration.manager import MigrationCommandError, MigrationManager
 from pyvm.migration.precopy import Precopy
 from pyvm.migration.status import MigrationStats, MigrationStatus
+from pyvm.migration.tls_glue import tls_accept, tls_upgrade
 from pyvm.migration.transports import AbortSignal
 from pyvm.runstate import RunState
 
@@ -81,7 +82,7 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
                                   "cpr-reboot with x-ignore-shared needs memory-backend-file,share=on")
     abort = AbortSignal()
     opener = outgoing_opener(addr, abort, lambda: [b for b in machine.ram if not mgr.block_ignored(b)],
-                             mgr.caps["rdma-pin-all"])
+                             mgr.caps["rdma-pin-all"], tls_upgrade(machine, mgr, addr, abort))
     with mgr.lock:
         mgr.incoming = None
         mgr.stats = MigrationStats()
@@ -138,7 +139,8 @@ def start_incoming(machine: "Machine", uri: str | None,
         prepared = prepare_incoming(addr, lambda: [b for b in machine.ram if not mgr.block_ignored(b)])
     except PyvmError as err:
         raise _refuse(str(err)) from err
-    inc = IncomingMigration(mgr, machine, prepared.accept, exit_on_error=exit_on_error,
+    inc = IncomingMigration(mgr, machine, tls_accept(machine, mgr, prepared),
+                            exit_on_error=exit_on_error,
                             socket_address=prepared.socket_address, on_close=prepared.close)
     mgr.deferred_incoming = False
     mgr.incoming = inc
