@@ -35,6 +35,7 @@ from pyvm.migration.stream.constants import (QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VE
                                              QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_START,
                                              QEMU_VM_VMDESCRIPTION, RAM_SECTION_IDSTR)
 from pyvm.migration.stream.vmdesc_loader import DescribedSection, hex_bytes
+from pyvm.private_files import PRIVATE_MODE
 
 FEED_SIZE = 1 << 20            # bytes handed to the decoder at a time
 MAX_VMDESC_SEARCH = 64 << 20   # how far from the end of the file the trailer may start
@@ -122,7 +123,8 @@ class AnalyzerTarget:
             print(name)
             if os.path.dirname(path):
                 os.makedirs(os.path.dirname(path), exist_ok=True)
-            f = open(path, "w+b")
+            f = os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                                  PRIVATE_MODE), "w+b")      # guest RAM: mode 0600
             f.truncate(length)
             self._files.append(f)
             buffer: Any = mmap.mmap(f.fileno(), length)

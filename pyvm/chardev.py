@@ -39,6 +39,7 @@ import threading
 from typing import Any, Callable, ClassVar
 
 from pyvm.errors import ConfigError
+from pyvm.private_files import create_private
 
 Receiver = Callable[[bytes], None]
 CanReceive = Callable[[], int]
@@ -217,7 +218,7 @@ class FileBackend(CharBackend):
         super().__init__(label)
         self.path = path
         try:
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o666)
+            self._fd = create_private(path)      # guest output: mode 0600 (private_files.py)
         except OSError as err:
             raise ConfigError(f"Could not open '{path}': {err.strerror}") from err
         self._lock = threading.Lock()

@@ -17,6 +17,8 @@ from pyvm.errors import ConfigError, PyvmError
 from pyvm.guests import catalogue_text, find_guest, guest_path
 from pyvm.ram import BACKEND_TYPES, MemoryBackendConfig
 from pyvm.size import parse_size
+from pyvm.tls import TLS_OBJECT_TYPES, TlsError
+from pyvm.tls import make_object as make_tls_object
 
 # option -> (takes an argument, help text)
 OPTIONS: dict[str, tuple[bool, str]] = {
@@ -27,7 +29,10 @@ OPTIONS: dict[str, tuple[bool, str]] = {
     "smp": (True, "[cpus=]N number of vCPUs (round robin on one host thread)"),
     "machine": (True, "[type=]pc[,memory-backend=ID]"),
     "M": (True, "same as -machine"),
-    "object": (True, "memory-backend-{ram,memfd,file},id=ID,size=SIZE[,share=on][,prealloc=on][,mem-path=PATH]"),
+    "object": (True, "memory-backend-{ram,memfd,file},id=ID,size=SIZE[,share=on][,prealloc=on][,mem-path=PATH]"
+                     " | tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]"
+                     " | authz-simple,id=ID,identity=DN"
+                     " | authz-list,id=ID[,policy=deny|allow][,rules.N.match=DN,rules.N.policy=allow|deny]"),
     "drive": (True, "file=IMG[,format=raw][,if=ide][,cache=writethrough|writeback][,readonly=on]"),
     "hda": (True, "IMG: same as -drive file=IMG,format=raw (or a bundled boot sector's name)"),
     "kernel": (True, "Linux bzImage or vmlinux, an ELF file (32- or 64-bit), or a bundled guest's name (-kernel help)"),
@@ -244,6 +249,9 @@ def _apply(pa: ParsedArgs, name: str, opt: str, value: str) -> None:
 def _parse_object(cfg: MachineConfig, opt: str, value: str) -> None:
     opts = split_opts(value, "qom-type")
     qom_type = opts[0][1] if opts else ""
+    if qom_type in TLS_OBJECT_TYPES:
+        _parse_tls_object(cfg, opt, qom_type, dict(opts[1:]))
+        return
     if qom_type not in BACKEND_TYPES:
         raise ConfigError(f"{opt}: invalid object type: {qom_type}")
     props = dict(opts[1:])
@@ -267,6 +275,15 @@ def _parse_object(cfg: MachineConfig, opt: str, value: str) -> None:
     cfg.backends[props["id"]] = MemoryBackendConfig(
         qom_type, props["id"], size, share=share, mem_path=props.get("mem-path"),
         prealloc=_bool(opt, "prealloc", props.get("prealloc", "off")))
+
+
+def _parse_tls_object(cfg: MachineConfig, opt: str, qom_type: str, props: dict[str, str]) -> None:
+    if "id" not in props:
+        raise ConfigError(f"{opt}: Parameter 'id' is missing")
+    try:
+        cfg.tls_objects.add(make_tls_object(qom_type, props))
+    except TlsError as err:
+        raise ConfigError(f"{opt}: {err}") from err
 
 
 def _parse_drive(cfg: MachineConfig, opt: str, value: str) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pyvm.ram import MemoryBackendConfig
+from pyvm.tls import ObjectRegistry
 
 DEFAULT_RAM = 128 << 20
 MACHINE_TYPE = "pc-pyvm-1.0"       # sent in the migration configuration section
@@ -31,6 +32,7 @@ class MachineConfig:
     ram_size: int = DEFAULT_RAM
     ram_size_given: bool = False
     backends: dict[str, MemoryBackendConfig] = field(default_factory=dict)
+    tls_objects: ObjectRegistry = field(default_factory=ObjectRegistry)   # -object tls-*/authz-*
     memory_backend: str | None = None
     smp: int = 1
     kernel: str | None = None

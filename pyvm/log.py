@@ -7,6 +7,7 @@ import threading
 from typing import TextIO
 
 from pyvm.errors import ConfigError
+from pyvm.private_files import open_private_text
 
 TOPICS = {
     "unimp": "log unimplemented device accesses (each port once)",
@@ -31,7 +32,7 @@ class Log:
         self._out: TextIO = sys.stderr
         if filename:
             try:
-                self._out = open(filename, "a", buffering=1)
+                self._out = open_private_text(filename, append=True)   # mode 0600
             except OSError as err:
                 raise ConfigError(f"-D {filename}: {err.strerror}") from err
         self._once: set[tuple[str, str]] = set()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 from typing import IO, Any, Callable
 
+from pyvm.private_files import open_private_binary
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.errors import CommandError
 from pyvm.qmp.registry import CommandTable
@@ -25,7 +26,7 @@ IO_ERROR = "An IO error has occurred"
 
 def _open(filename: str) -> IO[bytes]:
     try:
-        return open(filename, "wb")
+        return open_private_binary(filename)      # guest memory: mode 0600
     except OSError as err:
         # util/error.c error_setg_file_open
         reason = os.strerror(err.errno) if err.errno else str(err)

@@ -13,6 +13,7 @@ from typing import Any
 from pyvm.qmp import hmp_inspect
 from pyvm.qmp.hmp import HmpContext, HmpTable, help_text
 from pyvm.qmp.hmp_format import code_mode, disassemble, memory_dump, printc, register_dump
+from pyvm.qmp.limits import check_dump
 
 
 def hmp_help(ctx: HmpContext, args: dict[str, Any]) -> None:
@@ -103,6 +104,7 @@ def hmp_quit(ctx: HmpContext, args: dict[str, Any]) -> None:
 
 
 def _dump(ctx: HmpContext, args: dict[str, Any], physical: bool) -> None:
+    check_dump("xp" if physical else "x", args["count"], args["format"], args["size"])
     addr = args["addr"] & ((1 << 64) - 1)
     cpu = ctx.state.cpu_index
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Callable
 
 from pyvm.qmp.errors import HmpError
+from pyvm.qmp.limits import MAX_EXPR_DEPTH, depth_error
 
 RegisterLookup = Callable[[str], "int | None"]
 _SPACE = " \t\n\r\f\v"
@@ -33,6 +34,7 @@ class _Expr:
         self.text = text
         self.pos = pos
         self.registers = registers
+        self.depth = 0               # nesting of unary operators and parentheses
 
     def ch(self) -> str:
         return self.text[self.pos] if self.pos < len(self.text) else ""
@@ -41,6 +43,15 @@ class _Expr:
         self.pos = skip_space(self.text, self.pos + 1)
 
     def unary(self) -> int:
+        self.depth += 1
+        if self.depth > MAX_EXPR_DEPTH:
+            raise depth_error()
+        try:
+            return self._unary()
+        finally:
+            self.depth -= 1
+
+    def _unary(self) -> int:
         c = self.ch()
         if c == "+":
             self.next()

@@ -18,6 +18,9 @@ QEMU_82_CAPABILITIES = [
     "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
     "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
 ]
+# pyvm's own capabilities follow QEMU's, all x- prefixed (unstable, off by default).
+PYVM_CAPABILITIES = ["x-checksum"]
+ALL_CAPABILITIES = QEMU_82_CAPABILITIES + PYVM_CAPABILITIES
 
 
 def every() -> Capabilities:
@@ -35,14 +38,14 @@ def refused(caps: Capabilities, *names: str, ctx: CapabilityContext = Capability
 
 
 def test_enum_order_matches_qemu_82() -> None:
-    assert [c.value for c in MigrationCapability] == QEMU_82_CAPABILITIES
-    assert list(CAPABILITY_NAMES) == QEMU_82_CAPABILITIES
-    assert list(stream_constants.MIGRATION_CAPABILITIES) == QEMU_82_CAPABILITIES
+    assert [c.value for c in MigrationCapability] == ALL_CAPABILITIES
+    assert list(CAPABILITY_NAMES) == ALL_CAPABILITIES
+    assert list(stream_constants.MIGRATION_CAPABILITIES) == ALL_CAPABILITIES
 
 
 def test_query_lists_every_capability_off_in_enum_order() -> None:
     result = Capabilities({"events"}).query()
-    assert result == [{"capability": name, "state": False} for name in QEMU_82_CAPABILITIES]
+    assert result == [{"capability": name, "state": False} for name in ALL_CAPABILITIES]
 
 
 def test_set_and_query() -> None:
@@ -66,7 +69,9 @@ def test_later_entry_wins() -> None:
 
 
 def test_validated_capabilities() -> None:
-    assert [c.value for c in VALIDATED_CAPABILITIES] == ["x-ignore-shared"]
+    # QEMU 8.2 validates x-ignore-shared; pyvm's x-checksum changes the stream, so both
+    # ends must agree on it too
+    assert [c.value for c in VALIDATED_CAPABILITIES] == ["x-ignore-shared", "x-checksum"]
     caps = Capabilities({"events", "x-ignore-shared"})
     caps.set_many([("events", True)])
     assert caps.validated() == []

@@ -54,6 +54,7 @@ class MigrationCapability(str, Enum):
     POSTCOPY_PREEMPT = "postcopy-preempt"                # 7.1
     SWITCHOVER_ACK = "switchover-ack"                    # 8.1
     DIRTY_LIMIT = "dirty-limit"                          # 8.1
+    X_CHECKSUM = "x-checksum"                            # pyvm only (migration/integrity.py)
 
 
 Cap = MigrationCapability

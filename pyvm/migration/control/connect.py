@@ -35,21 +35,27 @@ def _inet_kwargs(inet: InetSocketAddress) -> dict[str, Any]:
 
 def outgoing_opener(addr: MigrationAddress, abort: AbortSignal,
                     rdma_blocks: Callable[[], Any] | None = None,
-                    rdma_pin_all: bool = False) -> Callable[[], Any]:
-    """A callable that opens the outgoing channel for ``addr`` (runs on the migration thread)."""
+                    rdma_pin_all: bool = False,
+                    upgrade: Callable[[Any], Any] | None = None) -> Callable[[], Any]:
+    """A callable that opens the outgoing channel for ``addr`` (runs on the migration thread).
+
+    ``upgrade`` (TLS, pyvm.migration.tls_glue) turns a connected tcp/unix channel into
+    the channel to use."""
+    up: Callable[[Any], Any] = upgrade or (lambda ch: ch)
     if isinstance(addr, SocketMigrationAddress):
         sock = addr.socket
         if isinstance(sock, InetSocketAddress):
-            return lambda: connect_inet(sock.host, _port(sock.port), abort=abort, **_inet_kwargs(sock))
+            return lambda: up(connect_inet(sock.host, _port(sock.port), abort=abort,
+                                           **_inet_kwargs(sock)))
         if isinstance(sock, UnixSocketAddress):
-            return lambda: connect_unix(sock.path, abort=abort)
+            return lambda: up(connect_unix(sock.path, abort=abort))
         if isinstance(sock, FdSocketAddress):
             return lambda: from_fd(_fd_number(sock))
         raise TransportError(f"socket type '{sock.type}' is not supported by pyvm")
     if isinstance(addr, ExecMigrationAddress):
         return lambda: exec_outgoing(list(addr.args))
     if isinstance(addr, FileMigrationAddress):
-        return lambda: file_outgoing(addr.filename, addr.offset)
+        return lambda: file_outgoing(addr.filename, addr.offset, abort=abort)
     if isinstance(addr, RdmaMigrationAddress):
         from pyvm.migration.control.rdma_connect import rdma_outgoing_opener
         return rdma_outgoing_opener(addr, rdma_blocks, abort, rdma_pin_all)
@@ -73,6 +79,7 @@ class PreparedIncoming:
     accept: Callable[[], Any]
     close: Callable[[], None]
     socket_address: list[dict[str, Any]] | None
+    listener: Listener | None = None        # tcp/unix: TLS accepts from it itself
 
 
 def prepare_incoming(addr: MigrationAddress, rdma_blocks: Callable[[], Any] | None = None) -> PreparedIncoming:
@@ -88,7 +95,7 @@ def prepare_incoming(addr: MigrationAddress, rdma_blocks: Callable[[], Any] | No
         else:
             raise TransportError(f"socket type '{sock.type}' is not supported by pyvm")
         listen = lst.listen_address()
-        return PreparedIncoming(lambda: lst.accept(), lst.close, [listen.to_qapi()])
+        return PreparedIncoming(lambda: lst.accept(), lst.close, [listen.to_qapi()], lst)
     if isinstance(addr, ExecMigrationAddress):
         return PreparedIncoming(lambda: exec_incoming(list(addr.args)), lambda: None, None)
     if isinstance(addr, FileMigrationAddress):

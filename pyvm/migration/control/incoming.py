@@ -66,6 +66,12 @@ class MachineLoadTarget:
     def set_runstate(self, runstate: str) -> None:
         self.loaded_runstate = runstate
 
+    def expected_sections(self) -> list[tuple[str, int]]:
+        """Every section this VM must receive exactly once (pyvm.migration.integrity)."""
+        return [("ram", 0), ("globalstate", 0),
+                *((o.idstr, o.instance_id) for o in self.machine.migratable()
+                  if getattr(o, "vmsd", None) is not None)]
+
 
 class IncomingMigration:
     """One incoming migration: a transport opener plus the load thread."""
@@ -101,7 +107,7 @@ class IncomingMigration:
 
     def _run(self) -> None:
         target = MachineLoadTarget(self.machine, self.mgr)
-        decoder = StreamDecoder(target)
+        decoder = StreamDecoder(target, expected_sections=target.expected_sections())
         try:
             self.channel = self.open_channel()
             self._set_status(MigrationStatus.ACTIVE)

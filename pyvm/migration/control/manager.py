@@ -27,7 +27,7 @@ if TYPE_CHECKING:
 
 #: capabilities this build implements (others are refused by name)
 IMPLEMENTED_CAPABILITIES = {"events", "pause-before-switchover", "x-ignore-shared", "rdma-pin-all",
-                            "zero-blocks", "validate-uuid", "return-path"}
+                            "zero-blocks", "validate-uuid", "return-path", "x-checksum"}
 
 ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
                  MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE}

@@ -16,6 +16,7 @@ from pyvm.migration.control.incoming import IncomingMigration
 from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
 from pyvm.migration.control.precopy import Precopy
 from pyvm.migration.control.status import MigrationStats, MigrationStatus
+from pyvm.migration.tls_glue import tls_accept, tls_upgrade
 from pyvm.migration.transports import AbortSignal
 from pyvm.runstate import RunState
 
@@ -81,7 +82,7 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
                                   "cpr-reboot with x-ignore-shared needs memory-backend-file,share=on")
     abort = AbortSignal()
     opener = outgoing_opener(addr, abort, lambda: [b for b in machine.ram if not mgr.block_ignored(b)],
-                             mgr.caps["rdma-pin-all"])
+                             mgr.caps["rdma-pin-all"], tls_upgrade(machine, mgr, addr, abort))
     with mgr.lock:
         mgr.incoming = None
         mgr.stats = MigrationStats()
@@ -104,10 +105,10 @@ def migrate_cancel(machine: "Machine") -> None:
     if pre is None or not mgr.active or mgr.status is MigrationStatus.CANCELLING:
         return
     mgr.set_status(MigrationStatus.CANCELLING)
+    pre.cancel()          # first: a channel that the abort fails must read as cancelled
     abort = getattr(pre, "abort", None)
     if abort is not None:
         abort.trigger()
-    pre.cancel()
 
 
 def migrate_continue(machine: "Machine", state: str) -> None:
@@ -138,7 +139,8 @@ def start_incoming(machine: "Machine", uri: str | None,
         prepared = prepare_incoming(addr, lambda: [b for b in machine.ram if not mgr.block_ignored(b)])
     except PyvmError as err:
         raise _refuse(str(err)) from err
-    inc = IncomingMigration(mgr, machine, prepared.accept, exit_on_error=exit_on_error,
+    inc = IncomingMigration(mgr, machine, tls_accept(machine, mgr, prepared),
+                            exit_on_error=exit_on_error,
                             socket_address=prepared.socket_address, on_close=prepared.close)
     mgr.deferred_incoming = False
     mgr.incoming = inc

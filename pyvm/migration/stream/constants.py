@@ -75,10 +75,11 @@ MIGRATION_CAPABILITIES: tuple[str, ...] = (
     "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
     "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
     "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
+    "x-checksum",       # pyvm only: a CRC-32C after every section (pyvm.migration.integrity)
 )
 # Capabilities both ends must agree on; the source lists the ones that are on in the
 # "configuration/capabilities" subsection (savevm.c should_validate_capability, 8.2).
-VALIDATED_CAPABILITIES: tuple[str, ...] = ("x-ignore-shared",)
+VALIDATED_CAPABILITIES: tuple[str, ...] = ("x-ignore-shared", "x-checksum")
 
 # -- limits pyvm applies to what a peer sends ------------------------------------------------
 MAX_COUNTED_STRING = 255              # one length byte

@@ -17,7 +17,7 @@ further input.  It never writes outside the block buffers the target handed out.
 
 Usage::
 
-    dec = StreamDecoder(target)
+    dec = StreamDecoder(target)  # expected_sections=[(idstr, instance), ...] to check completeness
     for chunk in transport:
         dec.feed(chunk)          # -> list of events, or raises MigrationError
     dec.close()                  # end of input: raises if the stream was cut short
@@ -31,6 +31,8 @@ from typing import Any, Callable, Collection, Generator, Optional, Protocol, Uni
 
 from pyvm.migration.errors import (DecoderStoppedError, MigrationError, StreamFormatError,
                                    StreamMismatchError)
+from pyvm.migration.integrity import (CHECKSUM_CAPABILITY, SectionTally, check_section_checksum,
+                                     crc32c_extend)
 from pyvm.migration.stream.ram_format import RamBlock
 from pyvm.migration.stream.ram_loader import RamLoader
 from pyvm.migration.stream.sections import (GLOBALSTATE_IDSTR, GlobalState, Configuration,
@@ -44,6 +46,7 @@ from pyvm.migration.stream.constants import (MAX_VMDESC_LEN, QEMU_VM_COMMAND,
                                              QEMU_VM_SECTION_START, QEMU_VM_VMDESCRIPTION,
                                              RAM_SECTION_IDSTR, RAM_SECTION_VERSION)
 from pyvm.migration.stream.reader import StreamReader
+from pyvm.migration.stream_text import shown_name
 from pyvm.migration.stream.vmstate_codec import apply_loaded, load_vmstate
 
 
@@ -102,6 +105,7 @@ class SectionLoaded:
     idstr: str
     instance_id: int
     version_id: int
+    end_offset: int = 0        # stream offset just after the section (and its checksum)
 
 
 @dataclass(frozen=True)
@@ -207,13 +211,18 @@ class StreamDecoder:
     """
 
     def __init__(self, target: LoadTarget, *, expect_configuration: bool = True,
-                 keep_vmdesc: bool = False) -> None:
+                 keep_vmdesc: bool = False,
+                 expected_sections: Collection[tuple[str, int]] | None = None) -> None:
         self.target = target
+        # None: load whatever sections come (analyzers); else each exactly once (integrity.py)
+        self.tally = None if expected_sections is None else SectionTally(expected_sections)
         self.expect_configuration = expect_configuration
         self.keep_vmdesc = keep_vmdesc
         self.configuration: Configuration | None = None
         self.runstate: str | None = None
         self.ram: RamLoader | None = None
+        self.checksum = False            # x-checksum: a CRC-32C follows every section footer
+        self._chain = 0                  # the last section's checksum (chained CRC)
         self.warnings: list[str] = []
         self.state_complete = False      # QEMU_VM_EOF was read
         self.finished = False            # nothing more will be read
@@ -294,8 +303,11 @@ class StreamDecoder:
         if caps is None:
             caps = self.configuration.capabilities if self.configuration else ()
         self.ram = RamLoader(self.target.ram_block, "x-ignore-shared" in caps)
+        self.checksum = CHECKSUM_CAPABILITY in caps
         ram_handler = _RamHandler(self.ram)
         while True:
+            if self.checksum:     # chained over all sections so far (integrity.py)
+                r.begin_digest(crc32c_extend, self._chain)
             section_type = yield from r.read_u8("a section type")
             if section_type in (QEMU_VM_SECTION_START, QEMU_VM_SECTION_FULL):
                 yield from self._load_start_full(r, section_type, ram_handler)
@@ -304,6 +316,8 @@ class StreamDecoder:
             elif section_type == QEMU_VM_COMMAND:
                 yield from read_command(r)
             elif section_type == QEMU_VM_EOF:
+                if self.tally is not None:
+                    self.tally.check_complete()
                 break
             else:
                 raise StreamFormatError(f"Unknown savevm section type {section_type}")
@@ -341,7 +355,9 @@ class StreamDecoder:
             raise StreamFormatError(f"Unable to read ID string for section {section_id}")
         instance_id = yield from r.read_be32("a section header")
         version_id = yield from r.read_be32("a section header")
-        idstr = raw.split(b"\0", 1)[0].decode(errors="replace")
+        idstr = shown_name(raw)
+        if self.tally is not None:
+            self.tally.opened(idstr, instance_id)
         handler = self._find_handler(idstr, instance_id, ram_handler)
         if handler.version_id is not None and version_id > handler.version_id:
             raise StreamMismatchError(
@@ -353,7 +369,9 @@ class StreamDecoder:
             err.add_context(f"error while loading state for instance 0x{instance_id:x} of device '{idstr}'")
             raise
         yield from read_section_footer(r, idstr, section_id)
-        self._events.append(SectionLoaded(section_type, section_id, idstr, instance_id, version_id))
+        yield from self._check_checksum(r, idstr, section_id)
+        self._events.append(SectionLoaded(section_type, section_id, idstr, instance_id, version_id,
+                                          r.offset))
 
     def _find_handler(self, idstr: str, instance_id: int, ram_handler: _RamHandler) -> _Handler:
         if idstr == RAM_SECTION_IDSTR and instance_id == 0:
@@ -383,7 +401,19 @@ class StreamDecoder:
             err.add_context(f"error while loading state section id {section_id}({handler.idstr})")
             raise
         yield from read_section_footer(r, handler.idstr, section_id)
-        self._events.append(SectionLoaded(section_type, section_id, handler.idstr, 0, version_id))
+        yield from self._check_checksum(r, handler.idstr, section_id)
+        self._events.append(SectionLoaded(section_type, section_id, handler.idstr, 0, version_id,
+                                          r.offset))
+
+    def _check_checksum(self, r: StreamReader, idstr: str,
+                        section_id: int) -> Generator[None, None, None]:
+        """x-checksum: the be32 CRC-32C after the footer covers the section's bytes."""
+        if not self.checksum:
+            return
+        computed = r.end_digest()
+        received = yield from r.read_be32(f"the checksum of section '{idstr}'")
+        check_section_checksum(idstr, section_id, received, computed)
+        self._chain = computed
 
     def _load_trailer(self, r: StreamReader) -> Generator[None, None, None]:
         """The vmdesc trailer; as in QEMU, nothing after EOF can fail the load."""

@@ -39,7 +39,7 @@ import numpy as np
 
 from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.errors import EncodeError
-from pyvm.migration.stream.ram_format import RamBlock, RamPageWriter, write_ram_eos, write_ram_setup
+from pyvm.migration.stream.ram_format import StreamBlock, RamPageWriter, write_ram_eos, write_ram_setup
 from pyvm.migration.stream.sections import (GLOBALSTATE_IDSTR, GlobalState, write_configuration,
                                      write_section_footer, write_section_header)
 from pyvm.migration.stream.constants import (QEMU_VM_EOF, QEMU_VM_FILE_MAGIC,
@@ -57,8 +57,12 @@ RAM_SECTION_ID = 2
 class StreamEncoder:
     """Builds one outgoing migration stream, piece by piece."""
 
-    def __init__(self, *, describe_configuration: bool = True) -> None:
+    def __init__(self, *, describe_configuration: bool = True, checksum: bool = False) -> None:
         self.describe_configuration = describe_configuration
+        #: x-checksum: a CRC-32C after every section footer (pyvm.migration.integrity); page
+        #: payloads are then copied when written, so the checksum matches what is sent
+        self.checksum = checksum
+        self._crc = 0
         self._w = StreamWriter()
         self._ids: dict[tuple[str, int], int] = {(RAM_SECTION_IDSTR, 0): RAM_SECTION_ID}
         self._next_id = RAM_SECTION_ID + 1
@@ -105,13 +109,13 @@ class StreamEncoder:
         return self._w.take_chunks()
 
     # -- RAM -----------------------------------------------------------------------------------
-    def ram_setup(self, blocks: Sequence[RamBlock], ignore_shared: bool) -> list[Chunk]:
+    def ram_setup(self, blocks: Sequence[StreamBlock], ignore_shared: bool) -> list[Chunk]:
         """The START section of ``ram``: the block list (with GPAs if ``ignore_shared``)."""
         write_section_header(self._w, QEMU_VM_SECTION_START, RAM_SECTION_ID,
                              RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
         write_ram_setup(self._w, blocks, ignore_shared)
         write_section_footer(self._w, RAM_SECTION_ID)
-        return self._w.take_chunks()
+        return self._take(end_section=True)
 
     def ram_section_begin(self, final: bool = False) -> list[Chunk]:
         """Open a PART section of ``ram`` (END when ``final``) for one round of pages."""
@@ -121,9 +125,9 @@ class StreamEncoder:
                              RAM_SECTION_ID)
         self._pages.reset()
         self._ram_open = True
-        return self._w.take_chunks()
+        return self._take()
 
-    def ram_batch(self, batch: Any, block: RamBlock, indices: np.ndarray, start: int = 0,
+    def ram_batch(self, batch: Any, block: StreamBlock, indices: np.ndarray, start: int = 0,
                   known_zero: np.ndarray | None = None) -> tuple[int, int, int]:
         """Page records for ``indices[start:]`` of ``block``, packed into ``batch`` (a
         ``pyvm.fastpath.RecordBatch``) as far as it holds them; the caller sends the batch
@@ -142,6 +146,19 @@ class StreamEncoder:
         self.normal_pages += end - start - zeros
         return end, nbytes, zeros
 
+    def ram_pages(self, block: StreamBlock, page_indices: Iterable[int],
+                  zero_mask: Iterable[bool]) -> list[Chunk]:
+        """Page records for ``page_indices`` of ``block`` as chunks; ``zero_mask[i]`` marks
+        zero pages.  The x-checksum path sends pages this way (each batch a section of its
+        own, summed as it is written); every other path packs with :meth:`ram_batch`.
+        """
+        if not self._ram_open:
+            raise EncodeError("ram_pages() outside a RAM section; call ram_section_begin()")
+        zeros, normals = self._pages.encode_pages(self._w, block, page_indices, zero_mask)
+        self.zero_pages += zeros
+        self.normal_pages += normals
+        return self._take()
+
     def ram_eos(self) -> list[Chunk]:
         """EOS and the footer: closes the RAM section opened by :meth:`ram_section_begin`."""
         if not self._ram_open:
@@ -149,7 +166,7 @@ class StreamEncoder:
         write_ram_eos(self._w)
         write_section_footer(self._w, RAM_SECTION_ID)
         self._ram_open = False
-        return self._w.take_chunks()
+        return self._take(end_section=True)
 
     # -- devices -------------------------------------------------------------------------------
     def device_section(self, idstr: str, instance_id: int, obj: Any) -> list[Chunk]:
@@ -167,7 +184,7 @@ class StreamEncoder:
         save_vmstate(self._w, vmsd, obj, desc)
         write_section_footer(self._w, section_id)
         self._devices_desc.append(desc)
-        return self._w.take_chunks()
+        return self._take(end_section=True)
 
     def device_sections(self, devices: Iterable[tuple[str, int, Any]]) -> list[Chunk]:
         """FULL sections for (idstr, instance_id, obj) in the given order."""
@@ -179,6 +196,22 @@ class StreamEncoder:
     def globalstate(self, runstate: str) -> list[Chunk]:
         """The ``globalstate`` FULL section carrying the source's run state name."""
         return self.device_section(GLOBALSTATE_IDSTR, 0, GlobalState(runstate))
+
+    # -- checksums (x-checksum) -------------------------------------------------------------------
+    def _take(self, end_section: bool = False) -> list[Chunk]:
+        """The chunks written since the last call; with x-checksum they extend the open
+        section's CRC, and ``end_section`` (after a footer) appends it and starts anew."""
+        chunks = self._w.take_chunks()
+        if not self.checksum:
+            return chunks
+        # A page view may change under a running guest before it is sent: copy it, so the
+        # bytes sent are the bytes summed.
+        chunks = [bytes(c) if isinstance(c, memoryview) else c for c in chunks]
+        for chunk in chunks:
+            self._crc = crc32c_extend(self._crc, chunk)
+        if end_section:           # chained: the next section's CRC goes on from this one
+            chunks.append(checksum_bytes(self._crc))
+        return chunks
 
     # -- end -----------------------------------------------------------------------------------
     def vmdesc(self) -> dict[str, Any]:

@@ -12,10 +12,11 @@ flags in the low 12 bits::
 ``CONTINUE`` means "same block as the previous record", so the name is sent only when the
 block changes.
 
-This module holds the block description both sides share (:class:`RamBlock`) and the
-writing side: :meth:`RamPageWriter.batch_run` lays out a batch of records natively with
-the page bytes left in guest RAM until a descriptor channel sends them with ``writev``.
-The loading side is :mod:`pyvm.migration.stream.ram_loader`.
+This module holds the block description both sides share (:class:`StreamBlock`) and the
+writing side: :meth:`RamPageWriter.encode_pages` hands page bytes out as memoryviews of
+guest RAM; :meth:`RamPageWriter.batch_run` lays out a batch of records natively with the
+page bytes left in guest RAM until a descriptor channel sends them with ``writev``.  The
+loading side is :mod:`pyvm.migration.stream.ram_loader`.
 """
 
 from __future__ import annotations
@@ -26,9 +27,10 @@ from typing import Any, Callable, Iterable, Optional
 import numpy as np
 
 from pyvm.migration.errors import EncodeError
-from pyvm.migration.stream.constants import (MAX_COUNTED_STRING, RAM_SAVE_FLAG_EOS,
-                                             RAM_SAVE_FLAG_MEM_SIZE, TARGET_PAGE_BITS,
-                                             TARGET_PAGE_SIZE)
+from pyvm.migration.stream.constants import (MAX_COUNTED_STRING, RAM_SAVE_FLAG_CONTINUE,
+                                             RAM_SAVE_FLAG_EOS, RAM_SAVE_FLAG_MEM_SIZE,
+                                             RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO,
+                                             TARGET_PAGE_BITS, TARGET_PAGE_SIZE)
 from pyvm.migration.stream.writer import StreamWriter
 
 _NO_PAGES = np.zeros(0, dtype=np.uint8)
@@ -38,7 +40,7 @@ PageObserver = Callable[[int, bool], None]
 
 
 @dataclass(eq=False)
-class RamBlock:
+class StreamBlock:
     """One RAM block as the stream sees it.
 
     ``length`` is QEMU's used_length (a multiple of the page size); ``gpa`` the guest
@@ -64,7 +66,7 @@ class RamBlock:
 # -- writing ---------------------------------------------------------------------------------
 
 
-def write_ram_setup(w: StreamWriter, blocks: Iterable[RamBlock], ignore_shared: bool) -> None:
+def write_ram_setup(w: StreamWriter, blocks: Iterable[StreamBlock], ignore_shared: bool) -> None:
     """The START payload: MEM_SIZE total, the block list, EOS (ram_save_setup)."""
     blocks = list(blocks)
     for block in blocks:
@@ -84,6 +86,42 @@ def write_ram_eos(w: StreamWriter) -> None:
     w.be64(RAM_SAVE_FLAG_EOS)
 
 
+class _Records:
+    """The layout of one call's records: record ``i`` starts at ``starts[i]``, its header
+    (be64 word, then the counted block name for a record that names its block) ends at
+    ``body[i]``, where the fill byte (ZERO) or the page payload (PAGE) begins."""
+
+    __slots__ = ("indices", "zero", "normal", "normals", "starts", "body", "total", "name", "headers")
+
+    def __init__(self, indices: np.ndarray, zero: np.ndarray, name: bytes, page_payload: bool) -> None:
+        self.indices, self.zero, self.name = indices, zero, name
+        self.normal = ~zero
+        self.normals = int(np.count_nonzero(self.normal))
+        self.headers = (indices.astype(np.uint64) << np.uint64(TARGET_PAGE_BITS)) | np.where(
+            zero, np.uint64(RAM_SAVE_FLAG_ZERO | RAM_SAVE_FLAG_CONTINUE),
+            np.uint64(RAM_SAVE_FLAG_PAGE | RAM_SAVE_FLAG_CONTINUE))
+        header_sizes = np.full(indices.size, 8, dtype=np.int64)
+        if name:
+            self.headers[0] &= ~np.uint64(RAM_SAVE_FLAG_CONTINUE)
+            header_sizes[0] += 1 + len(name)
+        sizes = header_sizes + zero
+        if page_payload:
+            sizes += self.normal * TARGET_PAGE_SIZE
+        ends = np.cumsum(sizes)
+        self.total = int(ends[-1])
+        self.starts = ends - sizes
+        self.body = self.starts + header_sizes
+
+    def write_small(self, out: np.ndarray) -> None:
+        """Headers, the block name and ZERO fill bytes into ``out`` (payload bytes untouched)."""
+        out[(self.starts[:, None] + np.arange(8)).reshape(-1)] = (
+            self.headers.astype(">u8").view(np.uint8))
+        if self.name:
+            out[8] = len(self.name)
+            out[9:9 + len(self.name)] = np.frombuffer(self.name, dtype=np.uint8)
+        out[self.body[self.zero]] = 0
+
+
 class RamPageWriter:
     """Writes page records, naming a block only when it changes (CONTINUE otherwise)."""
 
@@ -94,7 +132,30 @@ class RamPageWriter:
         """Forget the last block: the next record names its block (start of a section)."""
         self.last_block = None
 
-    def _name_to_send(self, block: RamBlock) -> bytes:
+    def _checked(self, block: StreamBlock, page_indices: Iterable[int],
+                 zero_mask: Iterable[bool]) -> tuple[np.ndarray, np.ndarray]:
+        """The request as (indices, zero mask) arrays, checked against the block."""
+        if block.ignored:
+            raise EncodeError(f"RAM block {block.name!r} is not migrated (x-ignore-shared)")
+        try:
+            indices = np.asarray(page_indices if hasattr(page_indices, "__len__")
+                                 else list(page_indices), dtype=np.int64).reshape(-1)
+        except OverflowError:
+            raise EncodeError(f"a page index lies outside RAM block {block.name!r}") from None
+        zero = np.asarray(zero_mask if hasattr(zero_mask, "__len__") else list(zero_mask),
+                          dtype=bool).reshape(-1)
+        count = min(indices.size, zero.size)        # as zip() pairs them
+        indices, zero = indices[:count], zero[:count]
+        npages = block.length >> TARGET_PAGE_BITS
+        outside = (indices < 0) | (indices >= npages)
+        if outside.any():
+            index = int(indices[int(np.argmax(outside))])
+            raise EncodeError(f"page {index} outside RAM block {block.name!r} ({npages} pages)")
+        if count and block.buffer is None and not zero.all():
+            raise EncodeError(f"RAM block {block.name!r} has no buffer to send pages from")
+        return indices, zero
+
+    def _name_to_send(self, block: StreamBlock) -> bytes:
         """The block name the next record carries: empty when CONTINUE will do."""
         if self.last_block == block.name:
             return b""
@@ -104,7 +165,47 @@ class RamPageWriter:
                               f"{name[:40]!r}...")
         return name
 
-    def batch_run(self, batch: Any, block: RamBlock, indices: np.ndarray, start: int,
+    def _records(self, block: StreamBlock, page_indices: Iterable[int], zero_mask: Iterable[bool],
+                 page_payload: bool) -> _Records | None:
+        """Checks the request and lays out its records; None when there are none."""
+        indices, zero = self._checked(block, page_indices, zero_mask)
+        if indices.size == 0:
+            return None
+        records = _Records(indices, zero, self._name_to_send(block), page_payload)
+        self.last_block = block.name
+        return records
+
+    def encode_pages(self, w: StreamWriter, block: StreamBlock, page_indices: Iterable[int],
+                    zero_mask: Iterable[bool]) -> tuple[int, int]:
+        """ZERO/PAGE records for ``page_indices``; returns (zero pages, normal pages).
+
+        ``zero_mask[i]`` says whether page ``page_indices[i]`` is all zero.  Page bytes
+        are appended as memoryviews of ``block.buffer``, not copied; the headers of the
+        whole call are built at once (numpy, big-endian words), and what lies between two
+        page payloads goes out as one ``bytes`` chunk.
+        """
+        records = self._records(block, page_indices, zero_mask, page_payload=False)
+        if records is None:
+            return 0, 0
+        small = np.empty(records.total, dtype=np.uint8)
+        records.write_small(small)
+        small_bytes = small.tobytes()
+        if records.normals:
+            data = memoryview(block.buffer).cast("B")
+            last = 0
+            for cut, index in zip(records.body[records.normal].tolist(),
+                                  records.indices[records.normal].tolist()):
+                w.raw(small_bytes[last:cut])
+                offset = index << TARGET_PAGE_BITS
+                w.view(data[offset:offset + TARGET_PAGE_SIZE])
+                last = cut
+            if last < len(small_bytes):
+                w.raw(small_bytes[last:])
+        else:
+            w.raw(small_bytes)
+        return records.indices.size - records.normals, records.normals
+
+    def batch_run(self, batch: Any, block: StreamBlock, indices: np.ndarray, start: int,
                   known_zero: np.ndarray | None = None) -> tuple[int, int, int]:
         """Records for ``indices[start:]`` into ``batch`` (a ``pyvm.fastpath.RecordBatch``),
         as many as it holds; page bytes stay in ``block.buffer`` until it is sent.

@@ -25,6 +25,7 @@ from pyvm.migration.stream.constants import (MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPR
                                              RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO,
                                              TARGET_PAGE_BITS, TARGET_PAGE_SIZE)
 from pyvm.migration.stream.reader import StreamReader
+from pyvm.migration.stream_text import shown
 
 _BE64 = struct.Struct(">Q")
 _FLAG_BITS = TARGET_PAGE_SIZE - 1
@@ -112,7 +113,7 @@ class RamLoader:
                 raise StreamFormatError(detail=f"more than {MAX_RAM_BLOCKS} RAM blocks listed")
             raw = yield from r.read_counted("a RAM block name")
             raw = raw.split(b"\0", 1)[0]
-            name = raw.decode(errors="replace")
+            name = shown(raw)
             length = yield from r.read_be64(f"the length of RAM block {name}")
             block = self._lookup(name, length)
             if block is None:
@@ -134,9 +135,9 @@ class RamLoader:
         name = raw.split(b"\0", 1)[0]
         loaded = self.blocks.get(name)
         if loaded is None:
-            block = self._lookup(name.decode(errors="replace"), 0)
+            block = self._lookup(shown(name), 0)
             if block is None:
-                raise StreamMismatchError(f"Can't find block {name.decode(errors='replace')}",
+                raise StreamMismatchError(f"Can't find block {shown(name)}",
                                           f"Illegal RAM offset {offset:x}")
             loaded = self.blocks[name] = _LoadedBlock(block)
         if loaded.block.ignored:

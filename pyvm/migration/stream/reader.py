@@ -53,6 +53,10 @@ class StreamReader:
         self._base = 0               # stream offset of buffer[0]
         self.closed = False          # no more input will come
         self.error: MigrationError | None = None
+        # A running digest over consumed bytes (section checksums, pyvm.migration.integrity)
+        self._digest: Callable[[int, memoryview], int] | None = None
+        self._digest_pos = 0
+        self._digest_value = 0
 
     # -- input ---------------------------------------------------------------------------
     def _check_open(self) -> None:
@@ -69,6 +73,9 @@ class StreamReader:
             return
         keep = self.end - self.pos
         if self.pos:
+            if self._digest is not None:
+                self._fold_digest()
+                self._digest_pos = 0
             self.buffer[:keep] = self.buffer[self.pos:self.end]
             self._base += self.pos
             self.pos, self.end = 0, keep
@@ -106,6 +113,32 @@ class StreamReader:
         """Record the first error; the reader refuses input from now on."""
         if self.error is None:
             self.error = error
+
+    # -- digest of consumed bytes ------------------------------------------------------------
+    def begin_digest(self, fold: Callable[[int, memoryview], int], initial: int = 0) -> None:
+        """Start a digest of the bytes consumed from here on, from ``initial``;
+        ``fold(value, bytes)`` extends it (e.g. a CRC).  Bytes are folded before the
+        buffer drops them."""
+        self._digest = fold
+        self._digest_pos = self.pos
+        self._digest_value = initial
+
+    def end_digest(self) -> int:
+        """The digest of the bytes consumed since :meth:`begin_digest`; stops it."""
+        if self._digest is None:
+            return 0
+        self._fold_digest()
+        self._digest = None
+        return self._digest_value
+
+    def _fold_digest(self) -> None:
+        assert self._digest is not None
+        if self.pos > self._digest_pos:
+            with memoryview(self.buffer) as view:
+                part = view[self._digest_pos:self.pos]
+                self._digest_value = self._digest(self._digest_value, part)
+                part.release()
+        self._digest_pos = self.pos
 
     # -- position ------------------------------------------------------------------------
     @property

@@ -26,6 +26,7 @@ from pyvm.migration.stream.constants import (MAX_CAPABILITIES, MAX_MACHINE_TYPE_
                                              QEMU_VM_SUBSECTION, TARGET_PAGE_BITS,
                                              VALIDATED_CAPABILITIES)
 from pyvm.migration.stream.reader import StreamReader
+from pyvm.migration.stream_text import shown, shown_name
 from pyvm.migration.stream.writer import StreamWriter
 from pyvm.runstate import RunState
 from pyvm.vmstate import Field, VMStateDescription
@@ -160,7 +161,7 @@ def read_configuration(r: StreamReader) -> Generator[None, None, Configuration]:
             return config
         if sub not in (SUB_PAGE_BITS, SUB_CAPABILITIES, SUB_UUID):
             raise StreamMismatchError(errno=errno.ENOENT,
-                                      detail=f"unknown subsection {sub!r} in 'configuration'")
+                                      detail=f"unknown subsection '{shown(sub)}' in 'configuration'")
         r.skip(2 + n)
         version_id = (yield from r.read_be32(f"{sub.decode()} version")) & 0xFF
         _check_sub_version(sub, version_id)
@@ -184,7 +185,7 @@ def _read_capabilities(r: StreamReader, config: Configuration) -> Generator[None
         except MigrationError as err:
             err.add_context("Failed to load configuration/capabilities:capabilities")
             raise
-        cap = raw.split(b"\0", 1)[0].decode(errors="replace")
+        cap = shown_name(raw)
         if cap not in MIGRATION_CAPABILITIES:
             raise StreamMismatchError(f"Received unknown capability {cap}",
                                       "Failed to load configuration/capabilities:capabilities")
@@ -208,8 +209,8 @@ def check_configuration(config: Configuration, machine_type: str | None,
     """The destination's configuration_post_load checks; None skips a check."""
     if machine_type is not None and not _strncmp_equal(config.machine_type, machine_type.encode(),
                                                        len(config.machine_type)):
-        shown = config.machine_type.split(b"\0", 1)[0].decode(errors="replace")
-        raise StreamMismatchError(f"Machine type received is '{shown}' and local is '{machine_type}'")
+        received = shown_name(config.machine_type)
+        raise StreamMismatchError(f"Machine type received is '{received}' and local is '{machine_type}'")
     if config.target_page_bits != TARGET_PAGE_BITS:
         raise StreamMismatchError(f"Received TARGET_PAGE_BITS is {config.target_page_bits} "
                                   f"but local is {TARGET_PAGE_BITS}")
@@ -252,7 +253,7 @@ class GlobalState:
     def runstate_name(self) -> str:
         """The loaded name, checked as QEMU's global_state_post_load does."""
         name = bytes(self.runstate)[:RUNSTATE_NAME_SIZE - 1].split(b"\0", 1)[0]
-        text = name.decode(errors="replace")
+        text = shown(name)
         if text not in _RUNSTATE_NAMES:
             raise StreamMismatchError(f"invalid parameter value: {text}")
         return text

@@ -19,6 +19,7 @@ from typing import Any, Generator
 from pyvm.migration.errors import StreamFormatError
 from pyvm.migration.stream.constants import QEMU_VM_SUBSECTION
 from pyvm.migration.stream.reader import StreamReader
+from pyvm.migration.stream_text import shown
 
 # vmdesc type names read as integers (the analyzer's signed/unsigned tables)
 SIGNED_TYPES = frozenset({"int8", "int16", "int32", "int64", "int32 equal", "int32 le",
@@ -67,7 +68,7 @@ def read_described(r: StreamReader, desc: dict[str, Any]) -> Generator[None, Non
         if marker != QEMU_VM_SUBSECTION:
             raise StreamFormatError(f"Subsection {sub.get('vmsd_name')} not found at offset "
                                     f"{r.offset:x}")
-        name = (yield from r.read_counted("a subsection name")).decode(errors="replace")
+        name = shown((yield from r.read_counted("a subsection name")))
         yield from r.read_be32("a subsection version")
         values[name] = yield from read_described(r, sub)
     return values
@@ -79,7 +80,7 @@ def _read_field(r: StreamReader, f: dict[str, Any]) -> Generator[None, None, Any
     if ftype == "struct":
         return (yield from read_described(r, f.get("struct", {})))
     if ftype == "capability":
-        return (yield from r.read_counted(what)).decode(errors="replace")
+        return shown((yield from r.read_counted(what)))
     size = int(f.get("size", 0))
     if not 0 <= size <= MAX_FIELD_SIZE:
         raise StreamFormatError(detail=f"vmdesc field {f.get('name')} has size {size}")

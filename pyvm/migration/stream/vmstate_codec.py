@@ -26,6 +26,7 @@ from typing import Any, Generator
 from pyvm.migration.errors import EncodeError, MigrationError, StreamMismatchError
 from pyvm.migration.stream.constants import QEMU_VM_SUBSECTION
 from pyvm.migration.stream.reader import StreamReader
+from pyvm.migration.stream_text import shown
 from pyvm.migration.stream.writer import StreamWriter
 from pyvm.vmstate import Field, VMStateDescription
 
@@ -188,7 +189,7 @@ def load_subsections(r: StreamReader, vmsd: VMStateDescription,
         sub = by_name.get(name)
         if sub is None:
             raise StreamMismatchError(errno=errno.ENOENT,
-                                      detail=f"unknown subsection '{name.decode(errors='replace')}'"
+                                      detail=f"unknown subsection '{shown(name)}'"
                                              f" in '{vmsd.name}'")
         r.skip(2 + n)
         # QEMU stores the be32 version in a uint8_t (vmstate.c), so only its low byte counts.

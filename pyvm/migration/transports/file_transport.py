@@ -20,16 +20,22 @@ from __future__ import annotations
 
 import errno as errno_codes
 import os
+import select
 import stat
+import time
 
-from pyvm.migration.transports.base import (FdIncoming, FdOutgoing, TransportError, detached,
-                                            fresh, os_error)
+from pyvm.migration.transports.base import (AbortSignal, FdIncoming, FdOutgoing, TransportError,
+                                            cancelled_error, detached, fresh, os_error, wait_ready)
 
 # fsync errors that only mean "this kind of file cannot be synced" (pipes, /dev/null, ...).
 _FSYNC_NOT_APPLICABLE = (errno_codes.EINVAL, errno_codes.EROFS, errno_codes.ENOTSUP)
 
 # QEMU prints the offset as a signed long long (``%lld``).
 _INT64_MAX = (1 << 63) - 1
+
+# A FIFO that nobody reads yet: open(O_WRONLY|O_NONBLOCK) fails with ENXIO (fifo(7)); it is
+# retried at this interval while the abort signal (migrate_cancel) is watched.
+FIFO_RETRY_SECONDS = 0.05
 
 
 class FileOutgoing(FdOutgoing):
@@ -98,11 +104,34 @@ def _seek(fd: int, offset: int) -> None:
                        err) from err
 
 
+def _open_for_writing(filename: str, flags: int, abort: AbortSignal | None) -> int:
+    """``open(2)`` that a cancel interrupts: a FIFO without a reader would block the
+    open for ever, so the open is non-blocking and retried until a reader comes or
+    ``abort`` fires (the channel sets its own blocking mode afterwards)."""
+    while True:
+        try:
+            return os.open(filename, flags | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        except OSError as err:
+            if err.errno != errno_codes.ENXIO:
+                raise os_error(f"Could not create '{filename}'", err) from err
+        except ValueError as err:                # a NUL byte in the name
+            raise TransportError(f"Could not open '{filename}': {err}",
+                                 errno=errno_codes.EINVAL) from err
+        if abort is None:
+            time.sleep(FIFO_RETRY_SECONDS)
+            continue
+        wait_ready(abort.fileno(), select.POLLIN, None, FIFO_RETRY_SECONDS)
+        if abort.triggered:
+            raise cancelled_error(f"Could not create '{filename}'")
+
+
 def file_outgoing(filename: str, offset: int = 0, *,
-                  preserve_prefix: bool = False) -> FileOutgoing:
-    """Create or truncate ``filename`` and return a channel writing from ``offset`` on."""
+                  preserve_prefix: bool = False, abort: AbortSignal | None = None) -> FileOutgoing:
+    """Create or truncate ``filename`` and return a channel writing from ``offset`` on.
+
+    ``abort`` (optional) interrupts the wait for a reader of a FIFO."""
     if preserve_prefix:
-        fd = _open(filename, os.O_CREAT | os.O_WRONLY, 0o600)
+        fd = _open_for_writing(filename, os.O_CREAT | os.O_WRONLY, abort)
         try:
             if stat.S_ISREG(os.fstat(fd).st_mode) and 0 <= offset <= _INT64_MAX:
                 os.ftruncate(fd, offset)
@@ -110,7 +139,7 @@ def file_outgoing(filename: str, offset: int = 0, *,
             os.close(fd)
             raise os_error(f"Unable to truncate '{filename}' to offset {offset}", err) from err
     else:
-        fd = _open(filename, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, 0o600)
+        fd = _open_for_writing(filename, os.O_CREAT | os.O_WRONLY | os.O_TRUNC, abort)
     if offset:
         _seek(fd, offset)
     return FileOutgoing(fd, filename=filename, offset=offset)

@@ -66,6 +66,13 @@ class SocketOutgoing(FdOutgoing):
     def _release(self) -> None:
         self._sock.close()
 
+    def detach(self) -> socket.socket:
+        """Give up the channel and return its socket, still open (TLS takes it over)."""
+        with self._lock:
+            self._released = True
+        self._abort.close()
+        return self._sock
+
 
 class SocketIncoming(FdIncoming):
     """A connected stream socket the destination reads from."""
@@ -89,6 +96,13 @@ class SocketIncoming(FdIncoming):
 
     def _release(self) -> None:
         self._sock.close()
+
+    def detach(self) -> socket.socket:
+        """Give up the channel and return its socket, still open (TLS takes it over)."""
+        with self._lock:
+            self._released = True
+        self._abort.close()
+        return self._sock
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
@@ -419,8 +433,9 @@ class Listener:
     def fileno(self) -> int:
         return self._sock.fileno()
 
-    def accept(self, timeout: float | None = None) -> SocketIncoming:
-        """Wait for the first connection; the listener stops listening once it is accepted."""
+    def accept(self, timeout: float | None = None, *, keep_open: bool = False) -> SocketIncoming:
+        """Wait for the first connection; the listener stops listening once it is accepted
+        (unless ``keep_open``: TLS keeps listening until a peer passes its checks)."""
         with self._lock:
             if self._closed:
                 raise cancelled_error("could not accept migration connection")
@@ -451,7 +466,8 @@ class Listener:
             description = f"tcp:{_join_host_port(peer[0], peer[1])}"
         else:
             description = str(self._address)
-        self.close()                         # QEMU accepts only the first connection
+        if not keep_open:
+            self.close()                     # QEMU accepts only the first connection
         return SocketIncoming(conn, description=description)
 
     def close(self) -> None:

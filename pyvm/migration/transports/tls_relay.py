@@ -1,0 +1,221 @@
+"""TLS on a migration socket: the handshake with QEMU's checks, then a relay thread.
+
+The channels above write page batches straight from guest RAM with ``sendmsg`` on a file
+descriptor; Python's :mod:`ssl` encrypts only through its own socket object.  So once the
+handshake succeeded, the plaintext side is one end of a ``socketpair``: the migration
+reads or writes it as it would a plain socket (the very same channel classes), and a relay
+thread owned by the channel moves the bytes between the pair and the TLS socket.  The
+channel's ``shutdown()`` (``migrate_cancel``) shuts both sockets down, which wakes the relay
+and the migration thread at once; ``close()`` joins the relay, so on the source every byte
+has been handed to TLS (and ``close_notify`` sent) before the migration counts as done.
+
+Checks after the handshake follow crypto/tlssession.c ``qcrypto_tls_session_check_certificate``
+(texts included): the peer's certificate against the CA, the host name on the client
+side, and on the server side the ``tls-authz`` object against the client's distinguished
+name (``TLS x509 authz check for %s is denied``).
+"""
+
+from __future__ import annotations
+
+import select
+import socket
+import ssl
+import threading
+import time
+
+from pyvm.migration.transports.base import (AbortSignal, TransportCancelled, TransportError,
+                                            cancelled_error, wait_ready)
+from pyvm.migration.transports.socket_transport import SocketIncoming, SocketOutgoing
+from pyvm.tls import AuthzList, AuthzSimple, TlsCredsX509, TlsError, distinguished_name
+
+#: a peer that does not finish its handshake within this time is dropped
+HANDSHAKE_TIMEOUT = 10.0
+RELAY_CHUNK = 1 << 20
+
+# OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h) and GnuTLS's wording for them
+_VERIFY_TEXTS = {
+    9: "The certificate is not yet activated",
+    10: "The certificate has expired",
+    18: "The certificate hasn't got a known issuer",
+    19: "The certificate hasn't got a known issuer",
+    20: "The certificate hasn't got a known issuer",
+    21: "The certificate hasn't got a known issuer",
+    23: "The certificate has been revoked",
+}
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+
+
+def _verify_text(err: ssl.SSLCertVerificationError, hostname: str | None) -> str:
+    if err.verify_code == _X509_V_ERR_HOSTNAME_MISMATCH:
+        return f"Certificate does not match the hostname {hostname}"
+    return _VERIFY_TEXTS.get(err.verify_code, "The certificate is not trusted")
+
+
+def _handshake(tls: ssl.SSLSocket, abort: AbortSignal | None, hostname: str | None) -> None:
+    """Non-blocking handshake that ``abort`` interrupts; QEMU's texts on failure."""
+    tls.setblocking(False)
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    while True:
+        try:
+            tls.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            events = select.POLLIN
+        except ssl.SSLWantWriteError:
+            events = select.POLLOUT
+        except ssl.SSLCertVerificationError as err:
+            raise TlsError(_verify_text(err, hostname)) from err
+        except ssl.SSLError as err:
+            reason = err.reason or str(err)
+            if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason.upper().replace(" ", "_"):
+                raise TlsError("No certificate peers") from err
+            raise TlsError(f"TLS handshake failed: {reason}") from err
+        except OSError as err:
+            raise TlsError(f"TLS handshake failed: {err.strerror or err}") from err
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TlsError("TLS handshake failed: timed out")
+        wait_ready(tls.fileno(), events, abort, min(left, 0.5))
+        if abort is not None and abort.triggered:
+            raise cancelled_error("TLS handshake")
+    tls.setblocking(True)
+
+
+class _Relay:
+    """Copies one direction between a plain socket and a TLS socket on its own thread."""
+
+    def __init__(self, name: str, tls: ssl.SSLSocket, plain: socket.socket, outgoing: bool) -> None:
+        self.tls = tls
+        self.plain = plain
+        self.outgoing = outgoing
+        self.error: str | None = None
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        buf = bytearray(RELAY_CHUNK)
+        view = memoryview(buf)
+        src, dst = (self.plain, self.tls) if self.outgoing else (self.tls, self.plain)
+        try:
+            while True:
+                try:
+                    n = src.recv_into(view)
+                except ssl.SSLZeroReturnError:
+                    n = 0
+                except ssl.SSLEOFError:        # the peer closed without close_notify
+                    n = 0
+                if n == 0:
+                    break
+                dst.sendall(view[:n])
+            if self.outgoing:
+                # close_notify says the stream ended on purpose; the destination may close
+                # without answering it, which changes nothing for bytes already sent
+                try:
+                    self.tls.unwrap()
+                except (ssl.SSLError, OSError):
+                    pass
+            else:
+                self.plain.shutdown(socket.SHUT_WR)
+        except (OSError, ValueError) as err:
+            self.error = str(err) or type(err).__name__
+            for s in (self.plain, self.tls):
+                try:
+                    s.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        finally:
+            view.release()
+
+    def stop(self) -> None:
+        """Wake the relay (cancel): both sockets are shut down."""
+        for s in (self.plain, self.tls):
+            try:
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+    def join(self) -> None:
+        self.thread.join()
+        self.tls.close()
+        self.plain.close()
+
+
+class TlsOutgoing(SocketOutgoing):
+    """The source's end of a TLS connection: plaintext into a socketpair, relayed."""
+
+    def __init__(self, tls: ssl.SSLSocket, *, description: str) -> None:
+        mine, theirs = socket.socketpair()
+        self._relay = _Relay("migration-tls-out", tls, theirs, outgoing=True)
+        super().__init__(mine, description=description)
+
+    def _on_shutdown(self) -> None:
+        super()._on_shutdown()
+        self._relay.stop()
+
+    def _release(self) -> None:
+        super()._release()               # EOF for the relay, which flushes and says goodbye
+        self._relay.join()
+        if self._relay.error is not None and not self.cancelled and self.error is None:
+            raise TransportError(f"Unable to write to socket: {self._relay.error}")
+
+
+class TlsIncoming(SocketIncoming):
+    """The destination's end: the relay decrypts into a socketpair the decoder reads."""
+
+    def __init__(self, tls: ssl.SSLSocket, *, description: str) -> None:
+        mine, theirs = socket.socketpair()
+        self._relay = _Relay("migration-tls-in", tls, theirs, outgoing=False)
+        super().__init__(mine, description=description)
+
+    def _on_shutdown(self) -> None:
+        super()._on_shutdown()
+        self._relay.stop()
+
+    def _release(self) -> None:
+        super()._release()
+        self._relay.stop()
+        self._relay.join()
+
+
+def tls_client(channel: SocketOutgoing, creds: TlsCredsX509, hostname: str | None,
+               abort: AbortSignal | None) -> TlsOutgoing:
+    """Upgrade a connected source channel to TLS (migration/tls.c
+    ``migration_tls_channel_connect``); TlsError with QEMU's text when refused."""
+    if not hostname and creds.verify_peer:
+        channel.close()
+        raise TlsError("No hostname available for TLS")
+    description = channel.description
+    sock = channel.detach()
+    try:
+        ctx = creds.context()
+        if creds.verify_peer:
+            ctx.check_hostname = True
+        tls = ctx.wrap_socket(sock, server_side=False, server_hostname=hostname or None,
+                              do_handshake_on_connect=False)
+        _handshake(tls, abort, hostname)
+    except BaseException:
+        sock.close()
+        raise
+    return TlsOutgoing(tls, description=description)
+
+
+def tls_server(channel: SocketIncoming, creds: TlsCredsX509,
+               authz: AuthzSimple | AuthzList | None, abort: AbortSignal | None) -> TlsIncoming:
+    """Upgrade an accepted destination channel to TLS and check the client
+    (``migration_tls_channel_process_incoming``); TlsError with QEMU's text when refused."""
+    description = channel.description
+    sock = channel.detach()
+    try:
+        tls = creds.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
+        _handshake(tls, abort, None)
+        if creds.verify_peer and authz is not None:
+            name = distinguished_name(tls.getpeercert() or {})
+            if not authz.is_allowed(name):
+                raise TlsError(f"TLS x509 authz check for {name} is denied")
+    except BaseException:
+        sock.close()
+        raise
+    return TlsIncoming(tls, description=description)
+
+
+__all__ = ["TlsIncoming", "TlsOutgoing", "TransportCancelled", "tls_client", "tls_server"]

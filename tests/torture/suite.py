@@ -1,0 +1,559 @@
+"""The standing adversarial suite: R1 streams, R2 monitor, R3 faults, R4 ping-pong, R5 files
+and TLS.  ``make torture`` runs it at full size and prints the figures kept in
+docs/reliability.md; ``tests/torture/test_torture.py`` runs every part at a small size in
+the normal test suite (marker ``torture``).
+
+Every part raises AssertionError on a finding and returns a dict of figures.  Network
+faults stay on loopback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pyvm.analyze import AnalyzerTarget, find_vmdesc
+from pyvm.migration.stream.decoder import StreamDecoder
+from pyvm.migration.errors import MigrationError
+from tests.conftest import guest
+from tests.stream_mutations import SplitStream, mutations, split_stream
+from tests.vmproc import QmpFailed, VmProcess
+
+MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
+            "-display", "none"]
+AB = ["-m", "32M", "-smp", "2", "-kernel", guest("ab.elf"), "-append", "start=1 size=8",
+      "-display", "none"]
+
+
+def _checksum(vm: VmProcess, on: bool = True) -> None:
+    vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-checksum", "state": on}])
+
+
+def _progress(vm: VmProcess, marker: str, timeout: float = 20) -> None:
+    n = vm.serial().count(marker)
+    deadline = time.monotonic() + timeout
+    while vm.serial().count(marker) <= n:
+        assert time.monotonic() < deadline, f"{vm.name}: no progress: {vm.serial()[-200:]!r}"
+        time.sleep(0.05)
+    assert "FAIL" not in vm.serial(), vm.serial()[-400:]
+
+
+def saved_stream(tmp: Path, checksum: bool) -> bytes:
+    """A real stream of a running memcheck guest."""
+    path = tmp / f"real-{int(checksum)}.state"
+    src = VmProcess(tmp, f"saver{int(checksum)}", *MEMCHECK)
+    try:
+        src.wait_serial("memcheck gen 1 ok")
+        if checksum:
+            _checksum(src)
+        src.cmd("migrate", uri=f"file:{path}")
+        assert src.wait_migration()["status"] == "completed"
+    finally:
+        src.close()
+    return path.read_bytes()
+
+
+# -- R1: streams ---------------------------------------------------------------------------------
+
+class _VmLikeTarget(AnalyzerTarget):
+    """The analyzer's recorder with a VM's fixed configuration: the destination's
+    capabilities and machine type, not the stream's."""
+
+    def __init__(self, vmdesc: dict[str, Any], caps: list[str], machine: str) -> None:
+        super().__init__(vmdesc, dump_memory=False, extract=False)
+        self._caps = caps
+        self._machine = machine
+
+    def capabilities(self) -> list[str]:        # type: ignore[override]
+        return self._caps
+
+    def machine_type(self) -> str:              # type: ignore[override]
+        return self._machine
+
+
+def _decode(data: bytes, vmdesc: dict[str, Any], caps: list[str], machine: str,
+            expected: list[tuple[str, int]]) -> tuple[str, Any]:
+    target = _VmLikeTarget(vmdesc, caps, machine)
+    try:
+        dec = StreamDecoder(target, expected_sections=expected)
+        for i in range(0, len(data), 1 << 20):
+            dec.feed(data[i:i + (1 << 20)])
+        dec.close()
+        state = {k: v.values for k, v in target.loaders.items()}
+        ram = {n: bytes(b.buffer) for n, b in target.blocks.items()}
+        return "loaded", (state, ram)
+    except MigrationError as err:
+        text = "\n".join(err.report())
+        assert all(line.isprintable() for line in err.report()), f"raw bytes in {text!r}"
+        return "refused", None
+    finally:
+        target.close()
+
+
+def r1_streams(tmp: Path, in_process: int, processes: int, seed: int = 16) -> dict[str, Any]:
+    """Mutations of real streams into the decoder in-process and into real -incoming VMs."""
+    rng = random.Random(seed)
+    figures: dict[str, Any] = {}
+    for checksum in (False, True):
+        data = saved_stream(tmp, checksum)
+        split = split_stream(data)
+        vmdesc = find_vmdesc(data)
+        caps = ["x-checksum"] if checksum else []
+        expected = sorted({(s.idstr, s.instance_id) for s in split.sections if s.opens})
+        machine = data[13:13 + int.from_bytes(data[9:13], "big")].decode()
+        outcome, loaded = _decode(data, vmdesc, caps, machine, expected)
+        assert outcome == "loaded" and loaded is not None
+        base_state = loaded[0]
+        counts = {"mutations": 0, "refused": 0, "loaded_page_data_only": 0,
+                  "loaded_device_state_changed": 0}
+        per_round = max(1, in_process // 2)
+        muts = list(mutations(split, rng, random_count=max(1, per_round // 4)))
+        rng.shuffle(muts)
+        for label, bad in muts[:per_round]:
+            counts["mutations"] += 1
+            outcome, loaded = _decode(bad, vmdesc, caps, machine, expected)
+            if outcome == "refused":
+                counts["refused"] += 1
+            elif loaded[0] == base_state:
+                counts["loaded_page_data_only"] += 1
+            else:
+                counts["loaded_device_state_changed"] += 1
+                assert not checksum, f"{label} loaded with x-checksum on"
+                assert label.startswith(("flip bit", "garbage", "huge length")), \
+                    f"structural mutation {label} loaded"
+            if checksum:
+                assert outcome == "refused", f"{label} loaded with x-checksum on"
+        figures[f"in_process_checksum_{'on' if checksum else 'off'}"] = counts
+        figures[f"real_processes_checksum_{'on' if checksum else 'off'}"] = \
+            _r1_processes(tmp, split, muts[per_round:per_round + processes], checksum)
+    return figures
+
+
+def _r1_processes(tmp: Path, split: SplitStream, muts: list[tuple[str, bytes]],
+                  checksum: bool) -> dict[str, int]:
+    counts = {"streams": 0, "refused": 0, "loaded": 0}
+    bad_path = tmp / "bad.state"
+    for i, (label, bad) in enumerate(muts):
+        bad_path.write_bytes(bad)
+        counts["streams"] += 1
+        dst = VmProcess(tmp, f"r1-{i}", *MEMCHECK, "-S", "-incoming", "defer")
+        try:
+            if checksum:
+                _checksum(dst)
+            dst.cmd("migrate-incoming", uri=f"file:{bad_path}", **{"exit-on-error": False})
+            info = dst.wait_migration(("completed", "failed"), timeout=60)
+            assert "Traceback" not in dst.stderr(), dst.stderr()
+            if info["status"] == "failed":
+                counts["refused"] += 1
+                assert dst.status() == "inmigrate"
+                assert info["error-desc"].isprintable()
+            else:
+                counts["loaded"] += 1
+                assert not checksum, f"{label} loaded into a VM with x-checksum on"
+        finally:
+            dst.close()
+    return counts
+
+
+# -- R2: the monitor ------------------------------------------------------------------------------
+
+_SAFE_HMP = ["xp /{n}{f} {a}", "x /{n}{f} {a}", "p {e}", "p /{f} {e}", "info status",
+             "info registers", "info mtree", "info cpus", "info chardev", "help", "help xp",
+             "info migrate", "info {w}", "{w} {w}", "xp", "p", "x /{n}i {a}"]
+_UNSAFE = {"quit", "q", "stop", "s", "cont", "c", "system_reset", "system_powerdown", "migrate",
+           "migrate-incoming", "memsave", "pmemsave", "migrate_cancel", "migrate-set-capabilities",
+           "migrate-set-parameters", "cpu", "migrate_incoming", "migrate_set_capability",
+           "migrate_set_parameter", "migrate-continue", "x-exit-preconfig", "screendump"}
+
+
+def _expr(rng: random.Random, depth: int = 0) -> str:
+    c = rng.randrange(7)
+    if depth > 70 or c == 0:
+        return rng.choice(["0", "1", "0x10", "077", "'a'", "$eax", "$pc", "18446744073709551615",
+                           "99999999999999999999999", "$nope", "'"])
+    if c == 1:
+        return "(" + _expr(rng, depth + 1) + ")"
+    if c == 2:
+        return rng.choice("-~+") + _expr(rng, depth + 1)
+    if c == 3:
+        return "(" * 80 + "1" + ")" * 80
+    return _expr(rng, depth + 1) + rng.choice(" + - * / % & | ^ ".split(" ")) + _expr(rng, depth + 1)
+
+
+def _hostile(rng: random.Random, commands: list[str]) -> bytes:
+    k = rng.randrange(12)
+    if k == 0:
+        return rng.randbytes(rng.randrange(1, 200)).replace(b"\n", b" ") + b"\n"
+    if k == 1:
+        d = rng.randrange(1, 3000)
+        return (b"[" * d + b"]" * d) + b"\n"
+    if k == 2:
+        return b'{"execute": "' + b"x" * rng.randrange(1, 100000) + b'"}\n'
+    if k == 3:
+        return rng.choice([b"{", b"}", b"{'execute': 'query-status'}", b"1e400", b'"\\ud800"',
+                           b"\xff\xfe{", b'{"execute": "query-status", "id": [[[[1]]]]}']) + b"\n"
+    if k in (4, 5, 6):
+        fmt = rng.choice(_SAFE_HMP)
+        line = fmt.format(n=rng.choice([1, 7, 64, 4096, 65536, 65537, 4000000, 0, 99999999999]),
+                          f=rng.choice(["x", "xb", "d", "uh", "ow", "cg", "i", "c", "q", "xL", ""]),
+                          a=rng.choice(["0", "0x100000", "-1", "0xfffffffffffff000", "$pc"]),
+                          e=_expr(rng), w=rng.choice(["foo", "\x1b[2J", "info", "%s%n", "é"]))
+        return json.dumps({"execute": "human-monitor-command",
+                           "arguments": {"command-line": line}}).encode() + b"\n"
+    name = rng.choice(commands + ["nope", "", "query-" + "z" * 300])
+    args: Any = rng.choice([{}, {"x": 1}, [], None, {"filename": 7}, {"val": -1, "size": 1 << 62},
+                            {"command-line": None}, {"capabilities": [{"capability": "x"}]}])
+    msg: dict[str, Any] = {"execute": name, "id": rng.randrange(1 << 31)}
+    if args is not None:
+        msg["arguments"] = args
+    return json.dumps(msg).encode() + b"\n"
+
+
+def _qmp_client(path: str) -> tuple[socket.socket, Any]:
+    s = socket.socket(socket.AF_UNIX)
+    s.connect(path)
+    f = s.makefile("rb")
+    f.readline()
+    s.sendall(b'{"execute": "qmp_capabilities"}\n')
+    f.readline()
+    return s, f
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def r2_monitor(tmp: Path, messages: int, clients: int = 4, seed: int = 2) -> dict[str, Any]:
+    vm = VmProcess(tmp, "r2", *MEMCHECK)
+    try:
+        vm.wait_serial("memcheck gen 1 ok")
+        commands = [c["name"] for c in vm.cmd("query-commands") if c["name"] not in _UNSAFE]
+        rss_before = _rss_kib(vm.proc.pid)
+        sent = [0] * clients
+        errors: list[str] = []
+        per_client = messages // clients
+
+        def client(i: int) -> None:
+            rng = random.Random(seed * 1000 + i)
+            try:
+                s, f = _qmp_client(vm.sock)
+                s.settimeout(60)
+                slow = i == clients - 1          # a slow reader: reads in bursts
+                for n in range(per_client):
+                    s.sendall(_hostile(rng, commands))
+                    sent[i] += 1
+                    if not slow or n % 50 == 49:
+                        # drain what has arrived without waiting for every reply
+                        s.setblocking(False)
+                        try:
+                            while s.recv(1 << 20):
+                                pass
+                        except (BlockingIOError, InterruptedError):
+                            pass
+                        s.setblocking(True)
+                        s.settimeout(60)
+                    if slow and n % 50 == 49:
+                        time.sleep(0.05)
+                s.close()
+            except OSError as err:               # dropped for not reading is allowed
+                if not (i == clients - 1 and isinstance(err, (BrokenPipeError, ConnectionResetError))):
+                    errors.append(f"client {i}: {err!r}")
+        start = time.monotonic()
+        threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(600)
+        elapsed = time.monotonic() - start
+        assert not errors, errors
+        assert vm.proc.poll() is None, vm.stderr()
+        t0 = time.monotonic()
+        assert vm.status() == "running"
+        latency = time.monotonic() - t0
+        _progress(vm, " ok")
+        rss_after = _rss_kib(vm.proc.pid)
+        assert "Traceback" not in vm.stderr(), vm.stderr()[-2000:]
+        assert rss_after - rss_before < 200 << 10, (rss_before, rss_after)
+        return {"messages": sum(sent), "clients": clients, "seconds": round(elapsed, 1),
+                "rss_growth_mib": round((rss_after - rss_before) / 1024, 1),
+                "query_status_after_s": round(latency, 3)}
+    finally:
+        vm.close()
+
+
+# -- R3: faults per transport ---------------------------------------------------------------------
+
+def _source(tmp: Path, name: str) -> VmProcess:
+    src = VmProcess(tmp, name, *MEMCHECK)
+    src.wait_serial("memcheck gen 1 ok")
+    return src
+
+
+def _resumes_and_migrates_again(src: VmProcess, tmp: Path) -> None:
+    info = src.cmd("query-migrate")
+    assert info["status"] in ("failed", "cancelled"), info
+    assert src.status() == "running"
+    _progress(src, " ok")
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 0})
+    src.cmd("migrate-set-capabilities",
+            capabilities=[{"capability": "pause-before-switchover", "state": False}])
+    src.cmd("migrate", uri=f"file:{tmp / 'again.state'}")
+    assert src.wait_migration()["status"] == "completed"
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        out += [int(x) for x in text]
+    return out
+
+
+def r3_faults(tmp: Path) -> dict[str, Any]:
+    results: dict[str, str] = {}
+
+    def scenario(name: str, fn: Callable[[VmProcess], None]) -> None:
+        src = _source(tmp, "r3-" + name.replace(" ", "-").replace("/", "-"))
+        try:
+            fn(src)
+            _resumes_and_migrates_again(src, tmp)
+            results[name] = "ok"
+        finally:
+            src.close()
+
+    def kill_destination(kind: str) -> Callable[[VmProcess], None]:
+        def run(src: VmProcess) -> None:
+            uri = "tcp:127.0.0.1:0" if kind == "tcp" else f"unix:{tmp / 'r3.sock'}"
+            dst = VmProcess(tmp, "r3-dst", *MEMCHECK, "-incoming", uri)
+            try:
+                if kind == "tcp":
+                    uri = f"tcp:127.0.0.1:{dst.cmd('query-migrate')['socket-address'][0]['port']}"
+                src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 20})
+                src.cmd("migrate", uri=uri)
+                src.wait_migration(("active",))
+                time.sleep(0.3)
+                dst.proc.kill()
+                assert src.wait_migration()["status"] == "failed"
+            finally:
+                dst.close()
+        return run
+
+    def kill_exec_helper(src: VmProcess) -> None:
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 20})
+        src.cmd("migrate", uri="exec:cat > /dev/null")
+        src.wait_migration(("active",))
+        deadline = time.monotonic() + 5
+        while not (kids := _children(src.proc.pid)):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        for k in kids:
+            os.kill(k, 9)
+        assert src.wait_migration()["status"] == "failed"
+
+    def disk_full(src: VmProcess) -> None:
+        src.cmd("migrate", uri="file:/dev/full")
+        assert src.wait_migration()["status"] == "failed"
+
+    def cancel_in(state: str, uri_kind: str) -> Callable[[VmProcess], None]:
+        def run(src: VmProcess) -> None:
+            keep: list[Any] = []
+            if uri_kind == "fifo":
+                fifo = tmp / f"r3-{state}.fifo"
+                if fifo.exists():
+                    fifo.unlink()
+                os.mkfifo(fifo)
+                uri = f"file:{fifo}"
+                if state == "active":
+                    keep.append(os.open(fifo, os.O_RDONLY | os.O_NONBLOCK))
+            elif uri_kind in ("tcp", "unix"):
+                if uri_kind == "tcp":
+                    lsock = socket.create_server(("127.0.0.1", 0))
+                    uri = f"tcp:127.0.0.1:{lsock.getsockname()[1]}"
+                else:
+                    path = tmp / f"r3-{state}.sock"
+                    if path.exists():
+                        path.unlink()
+                    lsock = socket.socket(socket.AF_UNIX)
+                    lsock.bind(str(path))
+                    lsock.listen()
+                    uri = f"unix:{path}"
+                lsock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+                keep.append(lsock)
+                threading.Thread(target=lambda: keep.append(lsock.accept()[0]), daemon=True).start()
+            elif uri_kind == "exec":
+                uri = "exec:sleep 30"
+            else:
+                uri = f"file:{tmp / 'r3-slow.state'}"
+            if state == "pre-switchover":
+                src.cmd("migrate-set-capabilities",
+                        capabilities=[{"capability": "pause-before-switchover", "state": True}])
+            src.cmd("migrate", uri=uri)
+            if state != "setup":
+                src.wait_migration((state,), timeout=20)
+            time.sleep(0.2)
+            t0 = time.monotonic()
+            src.cmd("migrate_cancel")
+            assert src.wait_migration(("cancelled",), timeout=5, poll=0.01)["status"] == "cancelled"
+            assert time.monotonic() - t0 < 1.0
+            for k in keep:
+                if isinstance(k, int):
+                    os.close(k)
+                else:
+                    k.close()
+        return run
+
+    scenario("destination killed/tcp", kill_destination("tcp"))
+    scenario("destination killed/unix", kill_destination("unix"))
+    scenario("exec helper killed", kill_exec_helper)
+    scenario("disk full (/dev/full)", disk_full)
+    scenario("cancel in setup/fifo without reader", cancel_in("setup", "fifo"))
+    for kind in ("fifo", "tcp", "unix", "exec"):
+        scenario(f"cancel while active/{kind} peer not reading", cancel_in("active", kind))
+    scenario("cancel in pre-switchover/file", cancel_in("pre-switchover", "file"))
+    return {"scenarios": len(results), "passed": sum(v == "ok" for v in results.values()),
+            "list": sorted(results)}
+
+
+# -- R4: ping-pong ---------------------------------------------------------------------------------
+
+def r4_pingpong(tmp: Path, hops: int) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    for label, args, marker in (("memcheck", MEMCHECK, " ok"), ("ab", AB, "B")):
+        n = hops // 2
+        src = VmProcess(tmp, f"r4-{label}-0", *args)
+        downtimes = []
+        start = time.monotonic()
+        try:
+            src.wait_serial(marker.strip())
+            for hop in range(1, n + 1):
+                dst = VmProcess(tmp, f"r4-{label}-{hop % 3}", *args, "-incoming", "tcp:127.0.0.1:0")
+                port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+                src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+                info = src.wait_migration()
+                assert info["status"] == "completed", info
+                assert dst.wait_migration(("completed", "failed"))["status"] == "completed"
+                downtimes.append(info.get("downtime", 0))
+                assert "FAIL" not in src.serial()
+                src.close()
+                src = dst
+                _progress(src, marker)
+        finally:
+            src.close()
+        downtimes.sort()
+        figures[label] = {"migrations": n, "seconds": round(time.monotonic() - start, 1),
+                          "downtime_ms_median": downtimes[len(downtimes) // 2] if downtimes else 0,
+                          "downtime_ms_max": downtimes[-1] if downtimes else 0}
+    return figures
+
+
+# -- R5: files and TLS ----------------------------------------------------------------------------
+
+def r5_private_and_tls(tmp: Path) -> dict[str, Any]:
+    from tests.pki import make_pki
+    old = os.umask(0o022)
+    try:
+        src = VmProcess(tmp, "r5", *MEMCHECK, "-d", "guest_errors", "-D", str(tmp / "r5.log"))
+    finally:
+        os.umask(old)
+    checked = {}
+    try:
+        src.wait_serial("memcheck gen 1 ok")
+        src.cmd("pmemsave", val=0, size=4096, filename=str(tmp / "r5-p.bin"))
+        src.cmd("memsave", val=0, size=4096, filename=str(tmp / "r5-v.bin"))
+        src.cmd("migrate", uri=f"file:{tmp / 'r5.state'}")
+        assert src.wait_migration()["status"] == "completed"
+        for p in (src.serial_path, tmp / "r5-p.bin", tmp / "r5-v.bin", tmp / "r5.state",
+                  tmp / "r5.log", Path(src.sock)):
+            mode = stat.S_IMODE(os.stat(p).st_mode)
+            checked[p.name] = oct(mode)
+            assert mode & 0o077 == 0, f"{p} is {oct(mode)}"
+    finally:
+        src.close()
+    old = os.umask(0o022)
+    try:
+        dst = VmProcess(tmp, "r5-dst", *MEMCHECK, "-incoming", f"unix:{tmp / 'r5-mig.sock'}")
+    finally:
+        os.umask(old)
+    try:
+        mode = stat.S_IMODE(os.stat(tmp / "r5-mig.sock").st_mode)
+        checked["migration unix socket"] = oct(mode)
+        assert mode & 0o077 == 0
+    finally:
+        dst.close()
+    pki = make_pki(Path(tempfile.mkdtemp(dir=tmp, prefix="pki")))
+    refused = 0
+    dst = VmProcess(tmp, "r5-tls", *MEMCHECK, "-S", "-incoming", "defer", "-object",
+                    f"tls-creds-x509,id=t,dir={pki['server']},endpoint=server,verify-peer=on")
+    try:
+        dst.cmd("migrate-set-parameters", **{"tls-creds": "t"})
+        dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+        port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+        for creds in ("nocert", "rogue"):
+            src = VmProcess(tmp, f"r5-{creds}", *MEMCHECK, "-object",
+                            f"tls-creds-x509,id=t,dir={pki[creds]},endpoint=client")
+            try:
+                src.cmd("migrate-set-parameters", **{"tls-creds": "t", "tls-hostname": "localhost"})
+                src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+                assert src.wait_migration()["status"] == "failed"
+                refused += 1
+            finally:
+                src.close()
+        assert dst.status() == "inmigrate"
+    finally:
+        dst.close()
+    return {"private_files": checked, "tls_clients_refused": refused}
+
+
+# -- the command ------------------------------------------------------------------------------------
+
+FULL = {"r1_in_process": 5200, "r1_processes": 100, "r2_messages": 12000, "r4_hops": 200}
+QUICK = {"r1_in_process": 120, "r1_processes": 2, "r2_messages": 600, "r4_hops": 4}
+
+
+def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for part in parts:
+        start = time.monotonic()
+        if part == "r1":
+            out[part] = r1_streams(tmp, sizes["r1_in_process"], sizes["r1_processes"] // 2)
+        elif part == "r2":
+            out[part] = r2_monitor(tmp, sizes["r2_messages"])
+        elif part == "r3":
+            out[part] = r3_faults(tmp)
+        elif part == "r4":
+            out[part] = r4_pingpong(tmp, sizes["r4_hops"])
+        elif part == "r5":
+            out[part] = r5_private_and_tls(tmp)
+        out[part]["wall_seconds"] = round(time.monotonic() - start, 1)
+        print(f"{part}: {json.dumps(out[part])}", flush=True)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description="pyvm's standing adversarial suite")
+    p.add_argument("--quick", action="store_true", help="the small sizes of make test")
+    p.add_argument("parts", nargs="*", default=["r1", "r2", "r3", "r4", "r5"])
+    args = p.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="pyvm-torture-") as d:
+        start = time.monotonic()
+        run(QUICK if args.quick else FULL, args.parts, Path(d))
+        print(f"total: {time.monotonic() - start:.0f} s", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
