@@ -8,7 +8,8 @@ import pytest
 
 from pyvm.qmp.errors import ArgumentError, SchemaError
 from pyvm.qmp.introspect import schema_info
-from pyvm.qmp.registry import CommandTable, build_table
+from pyvm.qmp.core import build_tables
+from pyvm.qmp.registry import CommandTable
 from pyvm.qmp.schema import Alternate, Array, Enum, Struct, Union
 from pyvm.qmp.visitor import conform, validate
 from pyvm.qmp.schema_core import SCHEMA_INFO
@@ -167,7 +168,7 @@ def test_conform_orders_members_by_schema() -> None:
 
 
 def test_introspection_masks_names_and_covers_types() -> None:
-    table = build_table()
+    table = build_tables().qmp
     table.register("migrate", MIGRATE, None, lambda c, a: None)
     table.register("migrate-set-parameters", PARAMS, None, lambda c, a: None)
     info = schema_info(table)

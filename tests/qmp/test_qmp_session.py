@@ -10,11 +10,11 @@ import pytest
 from fake_vm import FakeVm
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.dispatch import Call, Reply, run_call
-from pyvm.qmp.registry import build_table
+from pyvm.qmp.core import build_tables
 from pyvm.qmp.session import QmpSession
 from pyvm.runstate import RunState
 
-TABLE = build_table()
+TABLE = build_tables().qmp
 
 
 class Peer:
