@@ -24,7 +24,7 @@ the encoder and decoder.
 from pyvm.migration.stream.decoder import LoadTarget, StreamDecoder
 from pyvm.migration.stream.encoder import RAM_SECTION_ID, StreamEncoder
 from pyvm.migration.errors import MigrationError
-from pyvm.migration.stream.ram_format import RamBlock
+from pyvm.migration.stream.ram_format import StreamBlock
 
-__all__ = ["LoadTarget", "MigrationError", "RAM_SECTION_ID", "RamBlock", "StreamDecoder",
+__all__ = ["LoadTarget", "MigrationError", "RAM_SECTION_ID", "StreamBlock", "StreamDecoder",
            "StreamEncoder"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
+from pyvm.migration import StreamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.stream.writer import join_chunks
 from pyvm.vmstate import Field, Subsection, VMStateDescription, default_value
 
@@ -56,7 +56,7 @@ def sample_device() -> FakeDevice:
 class FakeTarget:
     """A destination VM: named RAM blocks and devices by (idstr, instance_id)."""
 
-    def __init__(self, blocks: list[RamBlock], devices: dict[tuple[str, int], Any] | None = None,
+    def __init__(self, blocks: list[StreamBlock], devices: dict[tuple[str, int], Any] | None = None,
                  machine: str | None = "pc-i440fx-8.2", caps: tuple[str, ...] | None = ()) -> None:
         self.blocks = {b.name: b for b in blocks}
         self.devices = devices or {}
@@ -71,7 +71,7 @@ class FakeTarget:
     def capabilities(self) -> tuple[str, ...] | None:
         return self.caps
 
-    def ram_block(self, name: str, length: int) -> RamBlock | None:
+    def ram_block(self, name: str, length: int) -> StreamBlock | None:
         self.lookups.append((name, length))
         return self.blocks.get(name)
 
@@ -94,7 +94,7 @@ def zero_mask(ram: bytes | bytearray, npages: int) -> list[bool]:
     return [not any(ram[i * PAGE:(i + 1) * PAGE]) for i in range(npages)]
 
 
-def encode_stream(blocks: list[RamBlock], devices: list[tuple[str, int, Any]],
+def encode_stream(blocks: list[StreamBlock], devices: list[tuple[str, int, Any]],
                   runstate: str = "running", machine: str = "pc-i440fx-8.2",
                   caps: tuple[str, ...] = (), rounds: int = 2,
                   encoder: StreamEncoder | None = None) -> bytes:

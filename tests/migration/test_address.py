@@ -18,6 +18,7 @@ from pyvm.migration.control.qmp_schema import (MIGRATE_ARGS, MIGRATE_INCOMING_AR
                                              MIGRATION_ADDRESS, MIGRATION_COMMANDS,
                                              MIGRATION_EVENTS)
 from pyvm.qmp.errors import ArgumentError
+from pyvm.qmp.introspect import cached_schema_info
 from pyvm.qmp.registry import CommandTable
 from pyvm.qmp.visitor import validate
 
@@ -199,7 +200,7 @@ def test_commands_register_and_introspect() -> None:
         table.register(spec.name, spec.args, spec.returns, lambda ctx, args: None)
     for ev in MIGRATION_EVENTS:
         table.register_event(ev.name, ev.data)
-    info = table.schema_info()
+    info = cached_schema_info(table)
     names = [e["name"] for e in info if e["meta-type"] in ("command", "event")]
     assert names == ["migrate", "migrate-incoming", "migrate_cancel", "migrate-continue",
                      "migrate-set-capabilities", "query-migrate-capabilities",

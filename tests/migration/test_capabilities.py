@@ -6,7 +6,7 @@ import pytest
 
 from pyvm.migration.stream import constants as stream_constants
 from pyvm.migration.control.capabilities import (BACKGROUND_SNAPSHOT_INCOMPATIBLE, CAPABILITY_NAMES,
-                                         Capabilities, CapabilityContext, CapabilityError,
+                                         MigrationCapabilities, CapabilityContext, CapabilityError,
                                          MigrationCapability, VALIDATED_CAPABILITIES)
 from pyvm.migration.errors import MigrationError
 
@@ -20,12 +20,12 @@ QEMU_82_CAPABILITIES = [
 ]
 
 
-def every() -> Capabilities:
+def every() -> MigrationCapabilities:
     """A store that implements everything, to reach QEMU's own checks."""
-    return Capabilities(CAPABILITY_NAMES)
+    return MigrationCapabilities(CAPABILITY_NAMES)
 
 
-def refused(caps: Capabilities, *names: str, ctx: CapabilityContext = CapabilityContext()) -> str:
+def refused(caps: MigrationCapabilities, *names: str, ctx: CapabilityContext = CapabilityContext()) -> str:
     before = caps.query()
     with pytest.raises(CapabilityError) as info:
         caps.set_many([(name, True) for name in names], ctx)
@@ -41,12 +41,12 @@ def test_enum_order_matches_qemu_82() -> None:
 
 
 def test_query_lists_every_capability_off_in_enum_order() -> None:
-    result = Capabilities({"events"}).query()
+    result = MigrationCapabilities({"events"}).query()
     assert result == [{"capability": name, "state": False} for name in QEMU_82_CAPABILITIES]
 
 
 def test_set_and_query() -> None:
-    caps = Capabilities({"events", "x-ignore-shared"})
+    caps = MigrationCapabilities({"events", "x-ignore-shared"})
     assert caps.set_many([("events", True)]) == []
     assert caps["events"] and caps[MigrationCapability.EVENTS]
     assert [e["capability"] for e in caps.query() if e["state"]] == ["events"]
@@ -57,7 +57,7 @@ def test_set_and_query() -> None:
 
 
 def test_later_entry_wins() -> None:
-    caps = Capabilities({"events"})
+    caps = MigrationCapabilities({"events"})
     caps.set_many([("events", True), ("events", False)])
     assert not caps["events"]
     # the final state counts: an unimplemented capability switched on then off is fine
@@ -67,7 +67,7 @@ def test_later_entry_wins() -> None:
 
 def test_validated_capabilities() -> None:
     assert [c.value for c in VALIDATED_CAPABILITIES] == ["x-ignore-shared"]
-    caps = Capabilities({"events", "x-ignore-shared"})
+    caps = MigrationCapabilities({"events", "x-ignore-shared"})
     caps.set_many([("events", True)])
     assert caps.validated() == []
     caps.set_many([("x-ignore-shared", True)])
@@ -75,7 +75,7 @@ def test_validated_capabilities() -> None:
 
 
 def test_unimplemented_capability_is_named() -> None:
-    caps = Capabilities({"events"})
+    caps = MigrationCapabilities({"events"})
     assert refused(caps, "postcopy-ram") == "Capability 'postcopy-ram' is not supported by pyvm"
     # all or nothing: the implemented one in the same request is not applied either
     assert refused(caps, "events", "xbzrle") == "Capability 'xbzrle' is not supported by pyvm"
@@ -89,7 +89,7 @@ def test_unknown_capability_name() -> None:
                                               r"value 'foo'$"):
         caps.set_many([("foo", True)])
     with pytest.raises(CapabilityError):
-        Capabilities({"no-such-thing"})
+        MigrationCapabilities({"no-such-thing"})
 
 
 @pytest.mark.parametrize("names, text", [
@@ -156,9 +156,9 @@ def test_accepted_combinations() -> None:
 
 
 def test_qemu_checks_come_before_the_unimplemented_check() -> None:
-    assert refused(Capabilities(), "dirty-limit") == (
+    assert refused(MigrationCapabilities(), "dirty-limit") == (
         "dirty-limit requires KVM with accelerator property 'dirty-ring-size' set")
-    assert refused(Capabilities({"x-ignore-shared"}), "x-ignore-shared", "postcopy-ram") == (
+    assert refused(MigrationCapabilities({"x-ignore-shared"}), "x-ignore-shared", "postcopy-ram") == (
         "Postcopy is not compatible with ignore-shared")
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from migration_fakes import PAGE, FakeTarget, make_ram
-from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
+from pyvm.migration import StreamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.errors import MigrationError, StreamFormatError, StreamMismatchError, UnsupportedFeatureError
 from pyvm.migration.stream.ram_loader import RamLoader
 from pyvm.migration.stream.reader import StreamReader, run_to_completion
@@ -29,8 +29,8 @@ QEMU72_PART_START = bytes.fromhex("02 00000002 00000000 00000002 06") + b"pc.ram
 QEMU72_END = bytes.fromhex("03 00000002 00000000 00000010 7e 00000002")
 
 
-def _blocks(with_buffers: bool = False) -> list[RamBlock]:
-    return [RamBlock(name, length, 0, bytearray(length) if with_buffers else None) for name, length in QEMU72_BLOCKS]
+def _blocks(with_buffers: bool = False) -> list[StreamBlock]:
+    return [StreamBlock(name, length, 0, bytearray(length) if with_buffers else None) for name, length in QEMU72_BLOCKS]
 
 
 def test_encoder_writes_qemu_7_2_setup_bytes() -> None:
@@ -59,7 +59,7 @@ def test_decoder_reads_qemu_7_2_stream_prefix() -> None:
 
 def test_x_ignore_shared_setup_carries_gpas() -> None:
     enc = StreamEncoder()
-    ram = RamBlock("pc.ram", 2 * PAGE, 0x100000, bytearray(2 * PAGE), ignored=True)
+    ram = StreamBlock("pc.ram", 2 * PAGE, 0x100000, bytearray(2 * PAGE), ignored=True)
     data = join_chunks(enc.ram_setup([ram], True))
     assert data[17:] == (bytes.fromhex("00000000 00002004 06") + b"pc.ram"
                          + bytes.fromhex("00000000 00002000 00000000 00100000 00000000 00000010 7e 00000002"))
@@ -67,7 +67,7 @@ def test_x_ignore_shared_setup_carries_gpas() -> None:
 
 def test_page_payloads_are_views_of_guest_ram() -> None:
     ram = make_ram(4)
-    block = RamBlock("pc.ram", len(ram), 0, ram)
+    block = StreamBlock("pc.ram", len(ram), 0, ram)
     enc = StreamEncoder()
     enc.ram_section_begin()
     chunks = enc.ram_pages(block, [0, 1, 3], [False, True, False])
@@ -76,7 +76,7 @@ def test_page_payloads_are_views_of_guest_ram() -> None:
     assert (enc.zero_pages, enc.normal_pages) == (1, 2)
 
 
-def _load_payload(payload: bytes, blocks: list[RamBlock], ignore_shared: bool = False) -> RamLoader:
+def _load_payload(payload: bytes, blocks: list[StreamBlock], ignore_shared: bool = False) -> RamLoader:
     loader = RamLoader(lambda name, length: next((b for b in blocks if b.name == name), None), ignore_shared)
     r = StreamReader()
     r.feed(payload)
@@ -106,7 +106,7 @@ def test_ram_load_errors_use_qemu_texts(payload: bytes, text: str) -> None:
     ram = bytearray(2 * PAGE)
     guard = bytes(ram)
     with pytest.raises(MigrationError) as info:
-        _load_payload(payload + EOS, [RamBlock("pc.ram", len(ram), 0, ram)])
+        _load_payload(payload + EOS, [StreamBlock("pc.ram", len(ram), 0, ram)])
     assert str(info.value) == text
     assert ram == guard
 
@@ -114,38 +114,38 @@ def test_ram_load_errors_use_qemu_texts(payload: bytes, text: str) -> None:
 def test_illegal_offset_lines_follow_qemu() -> None:
     with pytest.raises(StreamMismatchError) as info:
         _load_payload(bytes.fromhex("00000000 00001002 03") + b"foo" + b"\x00" + EOS,
-                      [RamBlock("pc.ram", PAGE, 0, bytearray(PAGE))])
+                      [StreamBlock("pc.ram", PAGE, 0, bytearray(PAGE))])
     assert info.value.lines == ["Can't find block foo", "Illegal RAM offset 1000"]
 
 
 def test_gpa_mismatch_text() -> None:
     payload = SETUP_1 + bytes.fromhex("00000000 00200000") + EOS
-    block = RamBlock("pc.ram", 2 * PAGE, 0x100000, None, ignored=True)
+    block = StreamBlock("pc.ram", 2 * PAGE, 0x100000, None, ignored=True)
     with pytest.raises(StreamMismatchError, match="^Mismatched GPAs for block pc.ram 2097152!= 1048576$"):
         _load_payload(payload, [block], ignore_shared=True)
     _load_payload(SETUP_1 + bytes.fromhex("00000000 00100000") + EOS, [block], ignore_shared=True)
 
 
 def test_pages_for_an_ignored_block_are_refused() -> None:
-    block = RamBlock("pc.ram", 2 * PAGE, 0, None, ignored=True)
+    block = StreamBlock("pc.ram", 2 * PAGE, 0, None, ignored=True)
     with pytest.raises(StreamMismatchError, match="^block pc.ram should not be migrated !$"):
         _load_payload(bytes.fromhex("00000000 00000002 06") + b"pc.ram" + b"\x00" + EOS, [block])
 
 
 def test_multifd_flush_and_hook_markers_are_no_ops() -> None:
     ram = bytearray(PAGE)
-    _load_payload(bytes.fromhex("00000000 00000200 00000000 00000080") + EOS, [RamBlock("pc.ram", PAGE, 0, ram)])
+    _load_payload(bytes.fromhex("00000000 00000200 00000000 00000080") + EOS, [StreamBlock("pc.ram", PAGE, 0, ram)])
 
 
 def test_nonzero_fill_byte_fills_the_page_as_qemu_8_2_does() -> None:
     ram = bytearray(PAGE)
-    _load_payload(bytes.fromhex("00000000 00000002 06") + b"pc.ram" + b"\xaa" + EOS, [RamBlock("pc.ram", PAGE, 0, ram)])
+    _load_payload(bytes.fromhex("00000000 00000002 06") + b"pc.ram" + b"\xaa" + EOS, [StreamBlock("pc.ram", PAGE, 0, ram)])
     assert ram == b"\xaa" * PAGE
 
 
 def test_read_only_destination_buffer_is_refused() -> None:
     with pytest.raises(StreamMismatchError):
-        _load_payload(SETUP_1 + EOS, [RamBlock("pc.ram", 2 * PAGE, 0, bytes(2 * PAGE))])
+        _load_payload(SETUP_1 + EOS, [StreamBlock("pc.ram", 2 * PAGE, 0, bytes(2 * PAGE))])
 
 
 def test_unknown_flags_beyond_known_set() -> None:

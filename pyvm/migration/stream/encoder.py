@@ -34,7 +34,7 @@ from typing import Any, Collection, Iterable, Sequence
 
 from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.errors import EncodeError
-from pyvm.migration.stream.ram_format import RamBlock, RamPageWriter, write_ram_eos, write_ram_setup
+from pyvm.migration.stream.ram_format import StreamBlock, RamPageWriter, write_ram_eos, write_ram_setup
 from pyvm.migration.stream.sections import (GLOBALSTATE_IDSTR, GlobalState, write_configuration,
                                      write_section_footer, write_section_header)
 from pyvm.migration.stream.constants import (QEMU_VM_EOF, QEMU_VM_FILE_MAGIC,
@@ -100,7 +100,7 @@ class StreamEncoder:
         return self._w.take_chunks()
 
     # -- RAM -----------------------------------------------------------------------------------
-    def ram_setup(self, blocks: Sequence[RamBlock], ignore_shared: bool) -> list[Chunk]:
+    def ram_setup(self, blocks: Sequence[StreamBlock], ignore_shared: bool) -> list[Chunk]:
         """The START section of ``ram``: the block list (with GPAs if ``ignore_shared``)."""
         write_section_header(self._w, QEMU_VM_SECTION_START, RAM_SECTION_ID,
                              RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
@@ -118,7 +118,7 @@ class StreamEncoder:
         self._ram_open = True
         return self._w.take_chunks()
 
-    def ram_pages(self, block: RamBlock, page_indices: Iterable[int],
+    def ram_pages(self, block: StreamBlock, page_indices: Iterable[int],
                   zero_mask: Iterable[bool]) -> list[Chunk]:
         """Page records for ``page_indices`` of ``block``; ``zero_mask[i]`` marks zero pages.
 
@@ -129,7 +129,7 @@ class StreamEncoder:
         """
         if not self._ram_open:
             raise EncodeError("ram_pages() outside a RAM section; call ram_section_begin()")
-        zeros, normals = self._pages.write_pages(self._w, block, page_indices, zero_mask)
+        zeros, normals = self._pages.encode_pages(self._w, block, page_indices, zero_mask)
         self.zero_pages += zeros
         self.normal_pages += normals
         return self._w.take_chunks()

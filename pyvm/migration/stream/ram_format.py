@@ -12,8 +12,8 @@ flags in the low 12 bits::
 ``CONTINUE`` means "same block as the previous record", so the name is sent only when the
 block changes.
 
-This module holds the block description both sides share (:class:`RamBlock`) and the
-writing side: :meth:`RamPageWriter.write_pages` hands page bytes out as memoryviews of
+This module holds the block description both sides share (:class:`StreamBlock`) and the
+writing side: :meth:`RamPageWriter.encode_pages` hands page bytes out as memoryviews of
 guest RAM; :meth:`RamPageWriter.batch_run` lays out a batch of records natively with the
 page bytes left in guest RAM until a descriptor channel sends them with ``writev``.  The
 loading side is :mod:`pyvm.migration.stream.ram_loader`.
@@ -40,7 +40,7 @@ PageObserver = Callable[[int, bool], None]
 
 
 @dataclass(eq=False)
-class RamBlock:
+class StreamBlock:
     """One RAM block as the stream sees it.
 
     ``length`` is QEMU's used_length (a multiple of the page size); ``gpa`` the guest
@@ -66,7 +66,7 @@ class RamBlock:
 # -- writing ---------------------------------------------------------------------------------
 
 
-def write_ram_setup(w: StreamWriter, blocks: Iterable[RamBlock], ignore_shared: bool) -> None:
+def write_ram_setup(w: StreamWriter, blocks: Iterable[StreamBlock], ignore_shared: bool) -> None:
     """The START payload: MEM_SIZE total, the block list, EOS (ram_save_setup)."""
     blocks = list(blocks)
     for block in blocks:
@@ -132,7 +132,7 @@ class RamPageWriter:
         """Forget the last block: the next record names its block (start of a section)."""
         self.last_block = None
 
-    def _checked(self, block: RamBlock, page_indices: Iterable[int],
+    def _checked(self, block: StreamBlock, page_indices: Iterable[int],
                  zero_mask: Iterable[bool]) -> tuple[np.ndarray, np.ndarray]:
         """The request as (indices, zero mask) arrays, checked against the block."""
         if block.ignored:
@@ -155,7 +155,7 @@ class RamPageWriter:
             raise EncodeError(f"RAM block {block.name!r} has no buffer to send pages from")
         return indices, zero
 
-    def _name_to_send(self, block: RamBlock) -> bytes:
+    def _name_to_send(self, block: StreamBlock) -> bytes:
         """The block name the next record carries: empty when CONTINUE will do."""
         if self.last_block == block.name:
             return b""
@@ -165,7 +165,7 @@ class RamPageWriter:
                               f"{name[:40]!r}...")
         return name
 
-    def _records(self, block: RamBlock, page_indices: Iterable[int], zero_mask: Iterable[bool],
+    def _records(self, block: StreamBlock, page_indices: Iterable[int], zero_mask: Iterable[bool],
                  page_payload: bool) -> _Records | None:
         """Checks the request and lays out its records; None when there are none."""
         indices, zero = self._checked(block, page_indices, zero_mask)
@@ -175,7 +175,7 @@ class RamPageWriter:
         self.last_block = block.name
         return records
 
-    def write_pages(self, w: StreamWriter, block: RamBlock, page_indices: Iterable[int],
+    def encode_pages(self, w: StreamWriter, block: StreamBlock, page_indices: Iterable[int],
                     zero_mask: Iterable[bool]) -> tuple[int, int]:
         """ZERO/PAGE records for ``page_indices``; returns (zero pages, normal pages).
 
@@ -205,7 +205,7 @@ class RamPageWriter:
             w.raw(small_bytes)
         return records.indices.size - records.normals, records.normals
 
-    def batch_run(self, batch: Any, block: RamBlock, indices: np.ndarray, start: int,
+    def batch_run(self, batch: Any, block: StreamBlock, indices: np.ndarray, start: int,
                   known_zero: np.ndarray | None = None) -> tuple[int, int, int]:
         """Records for ``indices[start:]`` into ``batch`` (a ``pyvm.fastpath.RecordBatch``),
         as many as it holds; page bytes stay in ``block.buffer`` until it is sent.

@@ -115,7 +115,7 @@ class ControlType(enum.IntEnum):
 
 # -- connect-time capability exchange ----------------------------------------------------------
 @dataclass(frozen=True)
-class Capabilities:
+class RdmaCapabilities:
     """RDMACapabilities, the private data of the connect request and of its acceptance."""
 
     version: int = RDMA_CONTROL_VERSION_CURRENT
@@ -125,18 +125,18 @@ class Capabilities:
         return _CAPS.pack(self.version, self.flags)
 
     @classmethod
-    def decode(cls, data: bytes) -> "Capabilities":
+    def decode(cls, data: bytes) -> "RdmaCapabilities":
         if len(data) < CAPABILITIES_SIZE:
             raise RdmaProtocolError(f"connection private data too short ({len(data)} bytes)")
         version, flags = _CAPS.unpack_from(data)
         return cls(version, flags)
 
-    def answer(self, supported: int) -> "Capabilities":
+    def answer(self, supported: int) -> "RdmaCapabilities":
         """The destination's reply: the requested flags it supports, unknown bits cleared."""
         if self.version != RDMA_CONTROL_VERSION_CURRENT:
             raise RdmaProtocolError(f"Unknown source RDMA version: {self.version}, bailing...")
         flags = self.flags & supported & KNOWN_CAPABILITIES
-        return Capabilities(RDMA_CONTROL_VERSION_CURRENT, flags)
+        return RdmaCapabilities(RDMA_CONTROL_VERSION_CURRENT, flags)
 
 
 # -- control messages ---------------------------------------------------------------------------
