@@ -122,7 +122,8 @@ class _Stop(Exception):
 
 
 class VCpu:
-    """A vCPU.  All methods except :meth:`kick` run on the vCPU (run loop) thread."""
+    """A vCPU.  Every method runs on the vCPU (run loop) thread; another thread ends a
+    run with ``stopper.request()``."""
 
     def __init__(self, index: int, ram: RamLayout, wide: bool,
                  io_read: IoRead, io_write: IoWrite) -> None:
@@ -152,9 +153,8 @@ class VCpu:
                              ram.total, (1 << 64) - 1),
         ]
         self._vmem_translate = _vmem_translate_fn()
-        # Exact stops between translation blocks (see pyvm/slice_timer.py).
+        # Exact stops between translation blocks (pyvm.fastpath.slice_stopper).
         self.stopper = slice_stopper(self.uc)
-        self.state = CpuState(self)
 
     # -- hooks (guarded: an exception is stored and the slice ends) -----------------------
     def _guard(self, fn: Callable[[], Any]) -> Any:

@@ -10,7 +10,7 @@ from pyvm.migration.control.capabilities import (BACKGROUND_SNAPSHOT_INCOMPATIBL
                                          MigrationCapability, VALIDATED_CAPABILITIES)
 from pyvm.migration.errors import MigrationError
 
-# Fact sheet 3.5, enum order at 8.2.
+# QEMU 8.2 qapi/migration.json MigrationCapability, enum order.
 QEMU_82_CAPABILITIES = [
     "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events",
     "postcopy-ram", "x-colo", "release-ram", "block", "return-path",

@@ -11,7 +11,7 @@ from pyvm.migration.stream.ram_loader import RamLoader
 from pyvm.migration.stream.reader import StreamReader, run_to_completion
 from pyvm.migration.stream.writer import join_chunks
 
-# QEMU 7.2, -machine pc -m 64 (fact sheet 1.8): block names and used lengths
+# QEMU 7.2, -machine pc -m 64 (a stream QEMU wrote): block names and used lengths
 QEMU72_BLOCKS = [("pc.ram", 0x4000000), ("/rom@etc/acpi/tables", 0x20000), ("pc.bios", 0x40000),
                  ("pc.rom", 0x20000), ("/rom@etc/table-loader", 0x1000), ("/rom@etc/acpi/rsdp", 0x1000)]
 QEMU72_HEADER = bytes.fromhex("5145564d 00000003 07 0000000d") + b"pc-i440fx-7.2"

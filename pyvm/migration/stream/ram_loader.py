@@ -1,4 +1,4 @@
-"""Loading the ``ram`` section (QEMU migration/ram.c ram_load_precopy; fact sheet 1.8).
+"""Loading the ``ram`` section (QEMU migration/ram.c ``ram_load_precopy``).
 
 The record layout is described in :mod:`pyvm.migration.stream.ram_format`.  Pages are written
 straight into the block buffers the destination provided, after checking that the offset
