@@ -175,7 +175,7 @@ def _qemu_analyzer() -> str | None:
 needs_qemu_analyzer = pytest.mark.skipif(
     _qemu_analyzer() is None,
     reason="QEMU's analyze-migration.py not found: run scripts/fetch_qemu_analyzer.py "
-           "(needs deb.debian.org) or set PYVM_QEMU_ANALYZE_MIGRATION")
+           "(needs the Debian archive apt is configured with) or set PYVM_QEMU_ANALYZE_MIGRATION")
 
 
 def _skip_unless_analyzer_reads(caps: tuple[str, ...]) -> None:
