@@ -29,8 +29,11 @@ from typing import Any, Callable
 import unicorn as uc_mod
 from unicorn import x86_const as X
 
+from unicorn.unicorn_py3 import unicorn as ucmod
+
 from pyvm.errors import GuestFault
 from pyvm.fastpath import slice_stopper
+from pyvm.loader import GDT_ADDR, PAGE_TABLES
 from pyvm.ram import RamLayout
 from pyvm.vmstate import Field, Subsection, VMStateDescription
 
@@ -66,8 +69,6 @@ def _reg(name: str) -> int:
 def _raw_reg_functions() -> tuple[Any, Any]:
     """uc_reg_read/uc_reg_write through ctypes directly: the binding's generic path costs
     several microseconds per register, and interrupt delivery touches a dozen."""
-    from unicorn.unicorn_py3 import unicorn as ucmod
-
     read = ucmod.uclib.uc_reg_read
     write = ucmod.uclib.uc_reg_write
     return read, write
@@ -431,6 +432,7 @@ class VCpu:
         return "\n".join(lines)
 
     def disassemble_at_pc(self) -> str:
+        # Deferred: capstone loads its native library, and only a fault report needs it.
         import capstone
 
         if not self.cr0 & CR0_PE:
@@ -452,8 +454,6 @@ class VCpu:
     # -- reset / boot entry ------------------------------------------------------------------
     def enter(self, mode: str, regs: dict[str, int], gdt_limit: int = 0, runnable: bool = True) -> None:
         """Put the vCPU in a boot entry state (see :mod:`pyvm.loader`)."""
-        from pyvm.loader import GDT_ADDR, PAGE_TABLES
-
         if self.cr0 & CR0_PG:
             self.set("cr0", self.cr0 & ~CR0_PG)
         self.uc.msr_write(MSR_EFER, 0)
@@ -597,8 +597,6 @@ class CpuState:
 
 
 def _vmem_translate_fn() -> Any:
-    from unicorn.unicorn_py3 import unicorn as ucmod
-
     fn = ucmod.uclib.uc_vmem_translate
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]

@@ -19,6 +19,9 @@ import struct
 from dataclasses import dataclass, field
 from typing import Callable
 
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
 from pyvm.errors import ConfigError
 from pyvm.ram import RamLayout
 
@@ -102,9 +105,6 @@ def load_bios(ram: RamLayout, path: str) -> BootImage:
 
 
 def load_elf(ram: RamLayout, path: str, append: str | None) -> BootImage:
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
     try:
         f = open(path, "rb")
     except OSError as err:

@@ -13,8 +13,9 @@ Destination: :class:`RdmaListener` accepts one connection into an :class:`RdmaIn
 whose service thread answers the control requests itself and queues QEMU_FILE bytes, so the
 stream loader reads the stream exactly as from a socket while pages land in guest RAM.  In
 the RAM stream the source emits ``RAM_SAVE_FLAG_HOOK`` after :meth:`round_finished`; the
-loader calls :meth:`RdmaIncoming.sync_round` on it, which returns once that round's
-REGISTER_FINISHED was processed (always already true: messages arrive in order).
+loader skips it, since messages arrive in order and that round's REGISTER_FINISHED was
+processed before the hook is read (:meth:`RdmaIncoming.sync_round` waits for it
+explicitly, for callers that read the stream some other way).
 
 Every RAM page of every round goes through :meth:`RdmaOutgoing.place_pages` or
 :meth:`RdmaOutgoing.place_zero_pages`; none may also travel as a PAGE or ZERO record in the
