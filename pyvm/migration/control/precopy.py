@@ -327,14 +327,16 @@ class Precopy:
         try:
             if m.dirty_logging:
                 m.stop_dirty_log()
-        finally:
             if self._stopped_vm:
                 m.run_on_loop(lambda: m.runstate.set(RunState.RUNNING))
-            if error is None:
-                self.mgr.set_status(MigrationStatus.CANCELLED)
-            else:
-                self.mgr.error_desc = error
-                self.mgr.set_status(MigrationStatus.FAILED)
+        except Exception as err:  # noqa: BLE001 - the status below must still be reported
+            if error is not None:
+                error = f"{error}; then {err or type(err).__name__}"
+        if error is None:
+            self.mgr.set_status(MigrationStatus.CANCELLED)
+        else:
+            self.mgr.error_desc = error
+            self.mgr.set_status(MigrationStatus.FAILED)
 
     def cancel(self) -> None:
         """Any thread: stop the migration (the thread ends in ``cancelled``)."""
