@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast test-pure firmware firmware-check bench bench-lab mypy clean
+.PHONY: setup demo test test-fast test-pure lint firmware firmware-check bench bench-lab mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,6 +28,12 @@ firmware-check:
 
 mypy: setup
 	$(PY) -m mypy pyvm
+
+# The static rules on their own (make test runs them too, tests/unit/test_static_checks.py):
+# mypy --strict on pyvm/ and the import contracts of pyproject.toml.
+lint: setup
+	$(PY) -m mypy pyvm
+	.venv/bin/lint-imports
 
 bench: setup
 	$(PY) bench/dirty_tracking.py

@@ -1,6 +1,7 @@
 """Precopy convergence: a guest dirtying at ~1/4 of the link completes, a faster one never does.
 
     .venv/bin/python bench/convergence.py [--link-mib 8] [--size-mib 64] [--budget 30] [--transport tcp]
+                                          [--dirty-share 0.25]
 
 Both cases live-migrate a running guest between two real pyvm processes over tcp (or
 ``--transport rdma``: libfabric, its tcp provider on a machine without an RDMA NIC) on
@@ -8,7 +9,7 @@ Both cases live-migrate a running guest between two real pyvm processes over tcp
 ``downtime-limit`` (300 ms).
 
 1. ``memcheck`` with ``rate=N`` (N pages per 100 Hz tick: N*100 pages/s), N chosen so the
-   dirty rate is about a quarter of the link.  It must complete with the measured
+   dirty rate is about ``--dirty-share`` of the link (a quarter by default).  It must complete with the measured
    ``downtime`` at most ``downtime-limit``; the destination then runs on without a FAIL line.
    If it is still ``active`` after ``--budget`` seconds the bench prints the last
    ``query-migrate`` figures (``mbps``, ``transferred``) and fails.
@@ -61,8 +62,9 @@ def pair(tmp: Path, args: list[str], link: int,
     return src, dst, f"{transport}:127.0.0.1:{port}"
 
 
-def converging(tmp: Path, size_mib: int, link: int, transport: str, budget: float) -> float:
-    rate = max(1, round(link / PAGE / 4 / TICK_HZ))
+def converging(tmp: Path, size_mib: int, link: int, transport: str, budget: float,
+               share: float = 0.25) -> float:
+    rate = max(1, round(link * share / PAGE / TICK_HZ))
     dirty = rate * TICK_HZ * PAGE
     args = ["-m", f"{size_mib}M", "-kernel", guest_path("memcheck.elf"),
             "-append", f"start=1 size=16 rate={rate}", "-display", "none"]
@@ -162,11 +164,15 @@ def main() -> None:
     ap.add_argument("--budget", type=float, default=30,
                     help="seconds the fast case gets (and the slow one may take)")
     ap.add_argument("--transport", choices=("tcp", "rdma"), default="tcp")
+    ap.add_argument("--dirty-share", type=float, default=0.25,
+                    help="the slow guest's dirty rate as a share of the link")
+    ap.add_argument("--converging-only", action="store_true", help="skip the fast guest")
     a = ap.parse_args()
     link = int(a.link_mib * (1 << 20))
     with tempfile.TemporaryDirectory(prefix="pyvm-conv-") as d:
-        ratio = converging(Path(d), a.size_mib, link, a.transport, a.budget)
-        diverging(Path(d), a.size_mib, a.fast_mib, link, a.budget, a.transport)
+        ratio = converging(Path(d), a.size_mib, link, a.transport, a.budget, a.dirty_share)
+        if not a.converging_only:
+            diverging(Path(d), a.size_mib, a.fast_mib, link, a.budget, a.transport)
     print(f"ratio={ratio:.2f}")
 
 

@@ -30,7 +30,7 @@ from typing import Any, Sequence
 
 from pyvm.migration.stream.decoder import SectionLoaded, StreamDecoder
 from pyvm.migration.errors import MigrationError
-from pyvm.migration.stream.ram_format import RamBlock
+from pyvm.migration.stream.ram_format import StreamBlock
 from pyvm.migration.stream.constants import (QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
                                              QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_START,
                                              QEMU_VM_VMDESCRIPTION, RAM_SECTION_IDSTR)
@@ -101,7 +101,7 @@ class AnalyzerTarget:
         self.descriptions = {(d.get("name"), d.get("instance_id")): d for d in vmdesc["devices"]}
         self.dump_memory = dump_memory
         self.extract = extract
-        self.blocks: dict[str, RamBlock] = {}
+        self.blocks: dict[str, StreamBlock] = {}
         self.section_sizes: dict[str, str] = {}
         self.pages: dict[str, tuple[str, int, bool]] = {}    # key -> (block, offset, zero)
         self.loaders: dict[tuple[str, int], DescribedSection] = {}
@@ -113,7 +113,7 @@ class AnalyzerTarget:
     def capabilities(self) -> None:
         return None            # adopt the stream's capabilities
 
-    def ram_block(self, name: str, length: int) -> RamBlock | None:
+    def ram_block(self, name: str, length: int) -> StreamBlock | None:
         if name in self.blocks:
             return self.blocks[name]
         if length == 0:
@@ -131,7 +131,7 @@ class AnalyzerTarget:
         else:
             buffer = mmap.mmap(-1, length)   # pages are only allocated when written
         observer = functools.partial(self._page_seen, name) if self.dump_memory else None
-        block = RamBlock(name, length, 0, buffer, on_page=observer)
+        block = StreamBlock(name, length, 0, buffer, on_page=observer)
         self.blocks[name] = block
         self.section_sizes[name] = f"0x{length:016x}"
         return block

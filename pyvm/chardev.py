@@ -32,7 +32,6 @@ import errno
 import os
 import select
 import socket
-import stat
 import sys
 import termios
 import threading
@@ -40,6 +39,7 @@ from typing import Any, Callable, ClassVar
 
 from pyvm.errors import ConfigError
 from pyvm.private_files import create_private
+from pyvm.host_sockets import UNIX_PATH_MAX, PortError, bind_unix_listener, parse_port
 
 Receiver = Callable[[bytes], None]
 CanReceive = Callable[[], int]
@@ -47,7 +47,6 @@ CanReceive = Callable[[], int]
 ESCAPE_CHAR = 0x01          # Ctrl-A, as in QEMU's multiplexer
 READ_CHUNK = 4096
 POLL_S = 0.2                # how often blocked threads look at the closed flag
-UNIX_PATH_MAX = 107         # sizeof(sockaddr_un.sun_path) - 1 on Linux
 
 HELP_TEXT = (b"\n\r"
              b"C-a h    print this help\n\r"
@@ -371,9 +370,12 @@ class SocketBackend(CharBackend):
         try:
             if self.family == socket.AF_UNIX:
                 path = self.address
-                _remove_stale_socket(path)
-                sock.bind(path)
-                os.chmod(path, 0o600)       # before listen(): nobody can connect earlier
+                sock.close()
+                try:
+                    sock = bind_unix_listener(path, 1)
+                except FileExistsError:
+                    raise ConfigError(f"Failed to bind socket to {path}: "
+                                      "Address already in use") from None
                 st = os.stat(path)
                 self._unix_inode = (st.st_dev, st.st_ino)
             else:
@@ -518,17 +520,6 @@ def _shutdown(sock: socket.socket) -> None:
         pass
 
 
-def _remove_stale_socket(path: str) -> None:
-    """Remove a leftover socket file at ``path`` (never a regular file)."""
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        return
-    if not stat.S_ISSOCK(st.st_mode):
-        raise ConfigError(f"Failed to bind socket to {path}: Address already in use")
-    os.unlink(path)
-
-
 # -- parsing --------------------------------------------------------------------------------
 _UNSUPPORTED = ("vc", "pty", "pipe", "udp", "telnet", "mon", "braille", "msmouse",
                 "chardev", "tty", "parport", "spicevmc", "spiceport", "serial")
@@ -596,10 +587,8 @@ def _parse_tcp(spec: str, rest: str) -> tuple[str, int]:
         if not sep:
             raise ConfigError(f"-serial {spec}: error parsing address '{rest}'")
     try:
-        port = int(port_text, 10)
-        if not 0 <= port <= 65535:
-            raise ValueError
-    except ValueError:
+        port = parse_port(port_text)
+    except PortError:
         raise ConfigError(f"-serial {spec}: error parsing port in address '{rest}'") from None
     return host or "127.0.0.1", port
 

@@ -9,12 +9,20 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from pyvm import __version__
 from pyvm.config import MACHINE_ALIASES, DebugExitConfig, DriveConfig, MachineConfig
 from pyvm.errors import ConfigError, PyvmError
 from pyvm.guests import catalogue_text, find_guest, guest_path
+from pyvm.log import TOPICS
+from pyvm.machine import Machine
+from pyvm.migration.control import monitor_commands
+from pyvm.migration.control import service as migration_service
+from pyvm.qmp.core import build_tables
+from pyvm.qmp.options import parse_monitor_options, uses_stdio
+from pyvm.qmp.server import start_monitors
 from pyvm.ram import BACKEND_TYPES, MemoryBackendConfig
 from pyvm.size import parse_size
 from pyvm.tls import TLS_OBJECT_TYPES, TlsError
@@ -213,7 +221,6 @@ def _apply(pa: ParsedArgs, name: str, opt: str, value: str) -> None:
     elif name == "name":
         cfg.name = dict(split_opts(value, "guest")).get("guest", value)
     elif name == "uuid":
-        import uuid as uuidlib
         try:
             cfg.uuid = str(uuidlib.UUID(value))
         except ValueError:
@@ -344,7 +351,6 @@ def default_guest(cfg: MachineConfig) -> None:
         if cfg.initrd is not None:
             raise ConfigError("-initrd only allowed with -kernel option")
     if not (cfg.kernel or cfg.bios or cfg.drives):
-        from pyvm.guests import guest_path
         cfg.kernel = guest_path("hello.elf")
         cfg.default_guest = True
     if not cfg.serial:
@@ -365,7 +371,6 @@ def main(argv: list[str] | None = None) -> int:
             print(catalogue_text())
             return 0
         if pa.action == "log-help":
-            from pyvm.log import TOPICS
             print("Log items (comma separated):")
             for item, text in TOPICS.items():
                 print(f"{item:<14}{text}")
@@ -385,12 +390,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(pa: ParsedArgs) -> int:
-    from pyvm.machine import Machine
-
     cfg = pa.cfg
     monitors = []
     if pa.qmp or pa.monitor or pa.mon or pa.chardev:
-        from pyvm.qmp.options import parse_monitor_options, uses_stdio
         monitors = parse_monitor_options(pa.qmp, pa.monitor, pa.chardev, pa.mon)
         if uses_stdio(monitors) and (cfg.nographic or "stdio" in cfg.serial):
             raise ConfigError("cannot use stdio by multiple character devices")
@@ -402,21 +404,21 @@ def run(pa: ParsedArgs) -> int:
     service = None
     try:
         if monitors:
-            import pyvm.migration.control.monitor_commands  # noqa: F401 - installs the migration commands
-            from pyvm.qmp.options import start_monitors
+            # This monitor's commands: the core ones and migration's, registered here.
+            tables = build_tables(monitor_commands.install)
             # Clients are greeted at once; their commands wait until the VM has started.
-            service = start_monitors(machine, monitors, hold=True)
+            service = start_monitors(machine, monitors, tables, hold=True)
         _install_signals(machine)
         machine.start()
         if cfg.incoming is not None:
-            from pyvm.migration.control.incoming import start_incoming_from_cli
-            start_incoming_from_cli(machine, cfg.incoming)
+            migration_service.start_incoming_from_cli(machine, cfg.incoming)
         if service is not None:
             service.release()
         return machine.wait()
     finally:
         if service is not None:
             service.close()
+        migration_service.shutdown(machine)
         machine.close()
 
 

@@ -45,9 +45,12 @@ from typing import Any, Callable
 import unicorn as uc_mod
 from unicorn import x86_const as X
 
+from unicorn.unicorn_py3 import unicorn as ucmod
+
 from pyvm.cpu_state import CPU_VMSD, CpuState, CpuStateError, load_cpu, save_cpu  # noqa: F401 - re-exported
 from pyvm.errors import GuestFault
 from pyvm.fastpath import slice_stopper
+from pyvm.loader import GDT_ADDR, PAGE_TABLES
 from pyvm.ram import RamLayout
 from pyvm.unicorn_internals import ContextAccess, ExceptionState
 
@@ -94,8 +97,6 @@ def _reg(name: str) -> int:
 def _raw_reg_functions() -> tuple[Any, Any]:
     """uc_reg_read/uc_reg_write through ctypes directly: the binding's generic path costs
     several microseconds per register, and interrupt delivery touches a dozen."""
-    from unicorn.unicorn_py3 import unicorn as ucmod
-
     read = ucmod.uclib.uc_reg_read
     write = ucmod.uclib.uc_reg_write
     return read, write
@@ -124,7 +125,8 @@ class _Stop(Exception):
 
 
 class VCpu:
-    """A vCPU.  All methods except :meth:`kick` run on the vCPU (run loop) thread."""
+    """A vCPU.  Every method runs on the vCPU (run loop) thread; another thread ends a
+    run with ``stopper.request()``."""
 
     def __init__(self, index: int, ram: RamLayout, wide: bool,
                  io_read: IoRead, io_write: IoWrite) -> None:
@@ -168,9 +170,8 @@ class VCpu:
         ]
         self._vmem_translate = _vmem_translate_fn()
         self.exceptions = ExceptionState(self.internals)
-        # Exact stops between translation blocks (see pyvm/slice_timer.py).
+        # Exact stops between translation blocks (pyvm.fastpath.slice_stopper).
         self.stopper = slice_stopper(self.uc)
-        self.state = CpuState(self)
 
     # -- hooks (guarded: an exception is stored and the slice ends) -----------------------
     def _guard(self, fn: Callable[[], Any]) -> Any:
@@ -570,6 +571,7 @@ class VCpu:
         return "\n".join(lines)
 
     def disassemble_at_pc(self) -> str:
+        # Deferred: capstone loads its native library, and only a fault report needs it.
         import capstone
 
         if not self.cr0 & CR0_PE:
@@ -591,8 +593,6 @@ class VCpu:
     # -- reset / boot entry ------------------------------------------------------------------
     def enter(self, mode: str, regs: dict[str, int], gdt_limit: int = 0, runnable: bool = True) -> None:
         """Put the vCPU in a boot entry state (see :mod:`pyvm.loader`)."""
-        from pyvm.loader import GDT_ADDR, PAGE_TABLES
-
         if self.cr0 & CR0_PG:
             self.set("cr0", self.cr0 & ~CR0_PG)
         self.uc.msr_write(MSR_EFER, 0)
@@ -652,8 +652,6 @@ class VCpu:
 
 
 def _vmem_translate_fn() -> Any:
-    from unicorn.unicorn_py3 import unicorn as ucmod
-
     fn = ucmod.uclib.uc_vmem_translate
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_int, ctypes.POINTER(ctypes.c_uint64)]

@@ -8,10 +8,10 @@ pure-Python twins (:mod:`pyvm.fastpath_py`, :mod:`pyvm.pagestream_py`).
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import os
 from typing import Any
-
-import importlib
 
 from pyvm import fastpath_py, pagestream_py
 
@@ -46,8 +46,8 @@ def slice_stopper(uc: Any) -> Any:
     next translation block, exactly; ``stops`` counts the runs it ended."""
     if impl is fastpath_py:
         return fastpath_py.SliceStopper(uc)
-    import ctypes
-
+    # Deferred (here and below): importing Unicorn loads libunicorn; the stream codec and
+    # its tests use this module's page kernels without an engine.
     from unicorn.unicorn_py3 import unicorn as ucmod
 
     add, delete = _uc_functions()
@@ -56,8 +56,6 @@ def slice_stopper(uc: Any) -> Any:
 
 
 def _uc_functions() -> tuple[int, int]:
-    import ctypes
-
     from unicorn.unicorn_py3 import unicorn as ucmod
 
     lib = ucmod.uclib
@@ -106,6 +104,6 @@ def flush_tlb(uc: Any) -> None:
     Needed after adding or removing a write hook: Unicorn decides at TLB fill time whether
     stores to a page take the fast path, which never calls hooks.
     """
-    from unicorn import unicorn_const as uc_const
+    from unicorn import unicorn_const as uc_const     # deferred: see slice_stopper
 
     uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)

@@ -17,15 +17,19 @@ Four ways in, documented in docs/machine.md (and docs/linux.md):
 
 from __future__ import annotations
 
+import io
 import struct
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from elftools.common.exceptions import ELFError
+from elftools.elf.elffile import ELFFile
+
+from pyvm import linux_boot
 from pyvm.errors import ConfigError
 from pyvm.ram import RamLayout
 
-if TYPE_CHECKING:
-    from pyvm.linux_boot import SetupHeader
+from pyvm.linux_boot import SetupHeader
 
 GDT_ADDR = 0x500
 PAGE_TABLES = 0x1000
@@ -126,11 +130,6 @@ class _Elf:
 
 
 def _load_elf_segments(ram: RamLayout, path: str, data: bytes) -> _Elf:
-    import io
-
-    from elftools.common.exceptions import ELFError
-    from elftools.elf.elffile import ELFFile
-
     try:
         elf = ELFFile(io.BytesIO(data))
         if elf["e_machine"] not in ("EM_386", "EM_X86_64"):
@@ -159,8 +158,6 @@ def _read_file(option: str, path: str) -> bytes:
 def load_kernel(ram: RamLayout, path: str, append: str | None, initrd: str | None = None,
                 ram_size: int = 0) -> BootImage:
     """``-kernel``: a Linux bzImage or vmlinux (Linux boot protocol), else any x86 ELF."""
-    from pyvm import linux_boot
-
     data = _read_file("-kernel", path)
     if linux_boot.is_bzimage(data):
         return load_linux(ram, path, data, append, initrd, ram_size)
@@ -201,8 +198,6 @@ def load_linux(ram: RamLayout, path: str, image: bytes, append: str | None,
     """A bzImage: unpack the payload on the host when Python reads its format and enter
     the ``vmlinux`` inside; otherwise load the protected-mode kernel at its preferred
     address and let its own decompressor run (64-bit entry at ``+0x200``)."""
-    from pyvm import linux_boot
-
     try:
         hdr = linux_boot.parse_setup_header(image)
         payload = linux_boot.payload(image, hdr)
@@ -225,8 +220,6 @@ def load_linux(ram: RamLayout, path: str, image: bytes, append: str | None,
 def _linux_entry(ram: RamLayout, path: str, hdr: "SetupHeader", entry_point: int, kernel_end: int,
                  append: str | None, initrd: str | None, ram_size: int, how: str) -> BootImage:
     """Zero page, command line, initrd, GDT and page tables for the 64-bit boot protocol."""
-    from pyvm import linux_boot
-
     cmdline = (append or "").encode() + b"\0"
     if len(cmdline) > hdr.cmdline_size + 1:
         raise ConfigError(f"-append: command line longer than {hdr.cmdline_size} bytes")

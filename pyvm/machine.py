@@ -20,13 +20,24 @@ import queue
 import sys
 import threading
 import time
+import traceback
 from typing import Any, Callable, Iterable
 
+from pyvm.block import DiskImage
+from pyvm.chardev import parse_serial
 from pyvm.clock import VirtualClock
 from pyvm.config import MACHINE_TYPE, MachineConfig
 from pyvm.cpu import CpuState, VCpu
 from pyvm.cpu_view import monitor_registers
+from pyvm.devices.ata_disk import AtaDisk
 from pyvm.devices.base import Device
+from pyvm.devices.cmos_rtc import CmosRtc
+from pyvm.devices.debug_exit import IsaDebugExit
+from pyvm.devices.pic8259 import PicPair
+from pyvm.devices.pit8254 import Pit8254 as Pit
+from pyvm.devices.port92 import Port92
+from pyvm.devices.post_port import PostPort
+from pyvm.devices.uart16550 import Uart16550
 from pyvm.errors import ConfigError, GuestFault, VmStateError
 from pyvm.events import EventBus
 from pyvm.fastpath import flush_tlb, track_host_writes, track_writes
@@ -145,12 +156,6 @@ class Machine:
         self.ram_size = bcfg.size
 
     def _build_devices(self) -> None:
-        from pyvm.devices.cmos_rtc import CmosRtc
-        from pyvm.devices.pic8259 import PicPair
-        from pyvm.devices.pit8254 import Pit8254 as Pit
-        from pyvm.devices.port92 import Port92
-        from pyvm.devices.post_port import PostPort
-
         self.pic = PicPair()
         self.pit = Pit()
         self.add_device(self.pic)
@@ -160,12 +165,9 @@ class Machine:
         self.add_device(PostPort())
         self._build_serial()
         for dcfg in self.cfg.debug_exit:
-            from pyvm.devices.debug_exit import IsaDebugExit
             self.add_device(IsaDebugExit(iobase=dcfg.iobase, iosize=dcfg.iosize))
         self.disk = None
         if self.cfg.drives:
-            from pyvm.block import DiskImage
-            from pyvm.devices.ata_disk import AtaDisk
             if len(self.cfg.drives) > 1:
                 raise ConfigError("only one -drive is supported (the primary IDE master)")
             d = self.cfg.drives[0]
@@ -181,9 +183,6 @@ class Machine:
             self.add_device(self.disk)
 
     def _build_serial(self) -> None:
-        from pyvm.chardev import parse_serial
-        from pyvm.devices.uart16550 import Uart16550
-
         specs = self.cfg.serial or ["null"]
         if len(specs) > 1:
             raise ConfigError("only one -serial port (COM1) is supported")
@@ -521,7 +520,6 @@ class Machine:
         try:
             self._loop()
         except BaseException as err:  # noqa: BLE001 - a bug must not hang the process silently
-            import traceback
             traceback.print_exc()
             print(f"pyvm: internal error in the vCPU loop: {err}", file=sys.stderr)
             self._exit_code = 1

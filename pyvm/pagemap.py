@@ -56,4 +56,5 @@ def unpopulated_pages(address: int, npages: int) -> np.ndarray | None:
     if len(raw) != want:
         return None
     entries = np.frombuffer(raw, dtype=np.uint64)
-    return (entries & _PRESENT_OR_SWAPPED) == 0
+    unpopulated: np.ndarray = (entries & _PRESENT_OR_SWAPPED) == 0
+    return unpopulated

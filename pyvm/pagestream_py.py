@@ -24,7 +24,7 @@ _ZERO_PAGE = bytes(PAGE_SIZE)
 
 
 class RecordBatch:
-    """See :class:`pyvm._fastpath.RecordBatch`: the records as a list of byte views."""
+    """See :class:`pyvm._pagestream.RecordBatch`: the records as a list of byte views."""
 
     def __init__(self, max_pages: int = 256, header_bytes: int = 1 << 20) -> None:
         if max_pages < 1 or header_bytes < 512:
@@ -106,7 +106,7 @@ class RecordBatch:
 
 
 def load_page_run(src: Any, pos: int, dest: Any, limit: int, written: Any = None) -> tuple[int, int, int]:
-    """See :func:`pyvm._fastpath.load_page_run`: one record at a time in Python."""
+    """See :func:`pyvm._pagestream.load_page_run`: one record at a time in Python."""
     s = memoryview(src).cast("B")
     d = memoryview(dest).cast("B")
     w = None if written is None else memoryview(written).cast("B")

@@ -18,7 +18,7 @@ a new field with a higher ``version_id`` or in a subsection instead.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Protocol
+from typing import Any, Callable
 
 # Byte size of each scalar type (migration/vmstate-types.c); all big-endian on the wire.
 SCALAR_SIZES: dict[str, int] = {
@@ -81,16 +81,6 @@ class VMStateDescription:
         names = [f.name for f in self.fields]
         if len(set(names)) != len(names):
             raise ValueError(f"vmsd {self.name!r} repeats a field name")
-
-
-class Migratable(Protocol):
-    """What the migration layer needs from an object with saved state."""
-
-    vmsd: VMStateDescription | None
-
-    def pre_save(self) -> None: ...
-
-    def post_load(self) -> None: ...
 
 
 def default_value(f: Field) -> Any:

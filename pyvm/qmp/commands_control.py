@@ -8,6 +8,7 @@ from typing import Any
 import pyvm
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.errors import COMMAND_NOT_FOUND, CommandError
+from pyvm.qmp.introspect import cached_schema_info
 from pyvm.qmp.registry import CommandTable
 from pyvm.qmp.schema_core import COMMAND_INFO, QMP_CAPABILITY, SCHEMA_INFO, VERSION_INFO
 
@@ -41,7 +42,7 @@ def query_commands(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, 
 
 
 def query_qmp_schema(ctx: CommandContext, args: dict[str, Any]) -> list[dict[str, Any]]:
-    return ctx.table.schema_info()
+    return cached_schema_info(ctx.table)
 
 
 def install(table: CommandTable) -> None:

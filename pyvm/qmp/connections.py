@@ -21,18 +21,18 @@ import logging
 import queue
 import threading
 from collections import deque
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
 import pyvm
 from pyvm.qmp.context import CommandContext, MonitorState
 from pyvm.qmp.dispatch import NO_ID as _NO_ID, Call, Reply, error_msg, run_call
 from pyvm.qmp.errors import CommandError
 from pyvm.qmp.hmp import PROMPT, HmpSession, crlf
+from pyvm.qmp.hmp_table import HmpTable
+from pyvm.qmp.json_stream import JsonLimits
 from pyvm.qmp.options import MonitorSpec
+from pyvm.qmp.registry import CommandTable
 from pyvm.qmp.session import QmpSession
-
-if TYPE_CHECKING:
-    from pyvm.qmp.server import MonitorService
 
 log = logging.getLogger("pyvm.qmp")
 
@@ -44,7 +44,7 @@ BANNER = f"pyvm {pyvm.__version__} monitor - type 'help' for more information\n"
 
 
 class CommandThread:
-    """Runs blocking command work in order on one daemon thread."""
+    """Runs blocking command work in order on one thread; :meth:`stop` ends and joins it."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -58,8 +58,12 @@ class CommandThread:
         self._queue.put((fut, fn, args))
         return fut
 
-    def stop(self) -> None:
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish the work already queued, then end the thread and join it (any thread
+        but this one)."""
         self._queue.put(None)
+        if threading.current_thread() is not self._thread:
+            self._thread.join(timeout)
 
     def _run(self) -> None:
         while True:
@@ -86,10 +90,27 @@ def _settle(fut: asyncio.Future[Any], result: Any, error: BaseException | None) 
         fut.set_result(result)
 
 
+class ConnectionHost(Protocol):
+    """What a connection needs of its monitor service (:class:`pyvm.qmp.server.MonitorService`)."""
+
+    connections: set["Connection"]
+    held: bool
+    limits: JsonLimits
+    table: CommandTable
+    hmp_table: HmpTable
+
+    @property
+    def worker(self) -> CommandThread: ...
+
+    def context(self, state: MonitorState) -> CommandContext: ...
+
+    def spawn(self, coro: Any) -> None: ...
+
+
 class Connection(asyncio.Protocol):
     """Write path, output bound, flush waiting and command sequencing of a client."""
 
-    def __init__(self, service: "MonitorService", spec: MonitorSpec) -> None:
+    def __init__(self, service: ConnectionHost, spec: MonitorSpec) -> None:
         self.service = service
         self.spec = spec
         self.transport: Any = None

@@ -9,13 +9,18 @@ actions to run once the reply has been written (``quit`` exits only after its
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable, Protocol
 
-from pyvm.qmp.errors import COMMAND_NOT_FOUND, CommandError
+from pyvm.qmp.hmp_table import HmpTable
+from pyvm.qmp.registry import CommandTable
+from pyvm.qmp.vm_api import VmApi
 
-if TYPE_CHECKING:
-    from pyvm.qmp.registry import CommandTable
-    from pyvm.qmp.vm_api import VmApi
+
+class MonitorHost(Protocol):
+    """What a command may ask of the monitor service it runs under."""
+
+    def monitor_chardevs(self) -> list[dict[str, Any]]:
+        """``query-chardev`` entries for the monitors' own character devices."""
 
 
 @dataclass
@@ -29,24 +34,15 @@ class MonitorState:
 
 @dataclass
 class CommandContext:
-    vm: "VmApi"
-    table: "CommandTable"
+    vm: VmApi
+    table: CommandTable
     monitor: MonitorState = field(default_factory=lambda: MonitorState(negotiated=True))
-    service: Any = None                   # the MonitorService, when there is one
+    service: MonitorHost | None = None    # the MonitorService, when there is one
     cpu_index: int = 0                    # the monitor's current CPU (HMP "cpu")
     after_reply: list[Callable[[], None]] = field(default_factory=list)
+    #: the human monitor's table built with ``table`` (``human-monitor-command``)
+    hmp_table: HmpTable | None = None
 
     def call_after_reply(self, action: Callable[[], None]) -> None:
         """Run ``action`` on the command thread once the reply has been flushed."""
         self.after_reply.append(action)
-
-    def execute(self, name: str, args: dict[str, Any] | None = None) -> Any:
-        """Run another command with full argument validation (used by the human monitor).
-
-        Raises :class:`CommandError` as the command would reply.
-        """
-        from pyvm.qmp.dispatch import invoke
-        cmd = self.table.lookup(name)
-        if cmd is None:
-            raise CommandError(f"The command {name} has not been found", COMMAND_NOT_FOUND)
-        return invoke(cmd, args or {}, self)

@@ -112,6 +112,17 @@ def invoke(cmd: Command, args: dict[str, Any], ctx: CommandContext) -> Any:
     return _run_handler(cmd, checked, ctx)
 
 
+def execute(ctx: CommandContext, name: str, args: dict[str, Any] | None = None) -> Any:
+    """Run another command with full argument validation (used by the human monitor).
+
+    Raises :class:`CommandError` as the command would reply.
+    """
+    cmd = ctx.table.lookup(name)
+    if cmd is None:
+        raise CommandError(f"The command {name} has not been found", COMMAND_NOT_FOUND)
+    return invoke(cmd, args or {}, ctx)
+
+
 def _run_handler(cmd: Command, args: dict[str, Any], ctx: CommandContext) -> Any:
     try:
         result = cmd.handler(ctx, args)

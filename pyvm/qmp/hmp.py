@@ -11,22 +11,23 @@ texts (an error is printed as ``Error: <desc>``).
 ``s`` word or quoted string, ``F`` file name, ``S`` rest of the line, ``i`` 32-bit and
 ``l`` 64-bit expression, ``b`` ``on``/``off``, ``/`` a ``/count-format-size`` spec
 (sets ``count``, ``format``, ``size``), ``-x`` a flag; ``?`` after the type makes it
-optional.  Other modules add commands with :func:`add_hmp_installer` or on a table.
+optional.  The tables themselves (:class:`~pyvm.qmp.hmp_table.HmpTable`) are built with
+the QMP table by whoever builds the monitor (:func:`pyvm.qmp.core.build_tables`).
 
 Output lines end in ``\\r\\n`` on the wire (:func:`crlf`), as QEMU's monitor writes them.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from pyvm.qmp.context import CommandContext
+from pyvm.qmp.dispatch import execute
 from pyvm.qmp.errors import CommandError, HmpError, SchemaError
 from pyvm.qmp.hmp_expr import get_expr, get_format, get_str, skip_space
+from pyvm.qmp.hmp_table import HmpCommand, HmpTable
 
-HmpHandler = Callable[["HmpContext", dict[str, Any]], None]
 PROMPT = "(qemu) "
 
 
@@ -37,18 +38,6 @@ class HmpState:
     cpu_index: int = 0
     last_format: str = "x"      # monitor/hmp.c default_fmt_format
     last_size: int = 4          # default_fmt_size
-
-
-@dataclass(frozen=True)
-class HmpCommand:
-    name: str                   # "cont|c": the name and its aliases
-    args_type: str
-    params: str
-    help: str
-    handler: HmpHandler
-
-    def matches(self, word: str) -> bool:
-        return word in self.name.split("|")
 
 
 class HmpContext:
@@ -69,7 +58,7 @@ class HmpContext:
 
     def qmp(self, name: str, args: dict[str, Any] | None = None) -> Any:
         self.cmd_ctx.cpu_index = self.state.cpu_index
-        return self.cmd_ctx.execute(name, args)
+        return execute(self.cmd_ctx, name, args)
 
     def register(self, name: str) -> int | None:
         """CPU register lookup for ``$name`` in expressions (QEMU's monitor_defs subset)."""
@@ -83,44 +72,6 @@ class HmpContext:
         if key[0] == "e" and "r" + key[1:] in regs:          # eax, eip, eflags
             return int(regs["r" + key[1:]]) & 0xFFFFFFFF
         return None
-
-
-class HmpTable:
-    """Top-level commands and ``info`` subcommands."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self._commands: list[HmpCommand] = []
-        self._info: list[HmpCommand] = []
-
-    def _add(self, bucket: list[HmpCommand], cmd: HmpCommand) -> HmpCommand:
-        with self._lock:
-            for alias in cmd.name.split("|"):
-                if any(other.matches(alias) for other in bucket):
-                    raise SchemaError(f"HMP command '{alias}' is registered twice")
-            bucket.append(cmd)
-            bucket.sort(key=lambda c: c.name)      # QEMU sorts its tables (sortcmdlist)
-        return cmd
-
-    def register(self, name: str, args_type: str, params: str, help: str,
-                 handler: HmpHandler) -> HmpCommand:
-        return self._add(self._commands, HmpCommand(name, args_type, params, help, handler))
-
-    def register_info(self, name: str, args_type: str, params: str, help: str,
-                      handler: HmpHandler) -> HmpCommand:
-        return self._add(self._info, HmpCommand(name, args_type, params, help, handler))
-
-    def commands(self) -> list[HmpCommand]:
-        with self._lock:
-            return list(self._commands)
-
-    def info_commands(self) -> list[HmpCommand]:
-        with self._lock:
-            return list(self._info)
-
-    @staticmethod
-    def find(cmds: list[HmpCommand], word: str) -> HmpCommand | None:
-        return next((c for c in cmds if c.matches(word)), None)
 
 
 def command_name(line: str, pos: int) -> tuple[str, int] | None:
@@ -258,43 +209,6 @@ def help_text(table: HmpTable, words: list[str]) -> str:
     if cmd is None:
         return f"unknown command: '{words[0]}'\n"
     return line(cmd, [])
-
-
-_installers: list[Callable[[HmpTable], None]] = []
-_default: HmpTable | None = None
-_default_lock = threading.Lock()
-
-
-def add_hmp_installer(install: Callable[[HmpTable], None]) -> None:
-    """Have ``install(table)`` run on every HMP table built by :func:`build_hmp_table`."""
-    with _default_lock:
-        _installers.append(install)
-        table = _default
-    if table is not None:
-        install(table)
-
-
-def build_hmp_table() -> HmpTable:
-    from pyvm.qmp.hmp_commands import install
-    table = HmpTable()
-    install(table)
-    with _default_lock:
-        extra = list(_installers)
-    for fn in extra:
-        fn(table)
-    return table
-
-
-def default_hmp_table() -> HmpTable:
-    global _default
-    with _default_lock:
-        if _default is not None:
-            return _default
-    table = build_hmp_table()
-    with _default_lock:
-        if _default is None:
-            _default = table
-        return _default
 
 
 @dataclass

@@ -2,8 +2,8 @@
 
 Each handler goes through the QMP command of the same meaning where there is one, so the
 two monitors cannot disagree.  Migration adds ``info migrate``, ``migrate``,
-``migrate_set_capability`` and ``migrate_set_parameter`` through
-:func:`pyvm.qmp.hmp.add_hmp_installer`.
+``migrate_set_capability`` and ``migrate_set_parameter`` when the monitor is built with
+its installer (:func:`pyvm.migration.control.monitor_commands.install`).
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from pyvm.qmp import hmp_inspect
-from pyvm.qmp.hmp import HmpContext, HmpTable, help_text
+from pyvm.qmp.hmp import HmpContext, help_text
+from pyvm.qmp.hmp_table import HmpTable
 from pyvm.qmp.hmp_format import code_mode, disassemble, memory_dump, printc, register_dump
 from pyvm.qmp.limits import check_dump
 

@@ -99,6 +99,7 @@ def memory_dump(read: ReadFn, count: int, fmt: str, wsize: int, addr: int) -> st
 def disassemble(read: ReadFn, addr: int, count: int, mode: int) -> str:
     """``x/Ni``: AT&T syntax, bytes split after 8 as QEMU's capstone printer does."""
     try:
+        # Deferred: capstone loads its native library, and only ``x/i`` needs it.
         import capstone
     except ImportError:  # pragma: no cover - capstone is a pyvm dependency
         return "no disassembler available\n"

@@ -10,18 +10,19 @@ from typing import Any
 
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.errors import CommandError
+from pyvm.qmp.hmp import HmpState, run_line
 from pyvm.qmp.registry import CommandTable
 
 
 def human_monitor_command(ctx: CommandContext, args: dict[str, Any]) -> str:
-    from pyvm.qmp.hmp import HmpState, default_hmp_table, run_line
     state = HmpState()
     if "cpu-index" in args:
         if args["cpu-index"] not in {c["cpu-index"] for c in ctx.vm.cpus_info()}:
             raise CommandError("Parameter 'cpu-index' expects a CPU number")
         state.cpu_index = args["cpu-index"]
-    table = ctx.service.hmp_table if ctx.service is not None else default_hmp_table()
-    text = run_line(table, ctx, state, args["command-line"])
+    if ctx.hmp_table is None:
+        raise CommandError("this monitor has no human monitor commands")
+    text = run_line(ctx.hmp_table, ctx, state, args["command-line"])
     return text.replace("\n", "\r\n")
 
 

@@ -8,12 +8,10 @@ names stay, every integer type shows as ``int`` and arrays as ``[element]``.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from pyvm.qmp.registry import CommandTable
 from pyvm.qmp.schema import BUILTINS, EMPTY, Alternate, Array, Builtin, Enum, QType, Struct, Union
-
-if TYPE_CHECKING:
-    from pyvm.qmp.registry import CommandTable
 
 
 class _Introspector:
@@ -100,3 +98,10 @@ def schema_info(table: "CommandTable") -> list[dict[str, Any]]:
         index += 1
     return out
 
+
+def cached_schema_info(table: CommandTable) -> list[dict[str, Any]]:
+    """:func:`schema_info`, kept on the table until the table changes."""
+    cached = table.schema_cache
+    if cached is None:
+        cached = table.schema_cache = schema_info(table)
+    return cached

@@ -20,13 +20,10 @@ prefixed with the option it is about.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Union
+from typing import Union
 
 from pyvm.errors import ConfigError
-
-if TYPE_CHECKING:
-    from pyvm.qmp.server import MonitorService
-    from pyvm.qmp.vm_api import VmApi
+from pyvm.host_sockets import PortError, parse_port
 
 
 @dataclass(frozen=True)
@@ -126,12 +123,11 @@ def _pairs(items: list[str]) -> list[tuple[str, str | None]]:
 
 def _port(option: str, text: str) -> int:
     try:
-        port = int(text, 10)
-    except ValueError:
-        raise ConfigError(f"{option}: invalid port '{text}'") from None
-    if not 0 <= port <= 65535:
-        raise ConfigError(f"{option}: port {port} is out of range")
-    return port
+        return parse_port(text)
+    except PortError as err:
+        if err.value is None:
+            raise ConfigError(f"{option}: invalid port '{text}'") from None
+        raise ConfigError(f"{option}: port {err.value} is out of range") from None
 
 
 def _host(text: str) -> str:
@@ -286,16 +282,3 @@ def _check_unique(specs: list[MonitorSpec]) -> None:
 
 def uses_stdio(specs: list[MonitorSpec]) -> bool:
     return any(isinstance(s.endpoint, StdioEndpoint) for s in specs)
-
-
-def start_monitors(vm: "VmApi", specs: list[MonitorSpec], hold: bool = False
-                   ) -> "MonitorService":
-    """Open every endpoint and start the monitor thread; ``.close()`` ends it.
-
-    With ``hold=True`` clients are greeted but no command runs until ``.release()`` --
-    call it once the machine has started, so that no client sees a half-built VM.
-    """
-    from pyvm.qmp.server import MonitorService
-    service = MonitorService(vm, specs, hold=hold)
-    service.start()
-    return service

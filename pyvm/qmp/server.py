@@ -18,15 +18,16 @@ from typing import Any, Callable
 
 from pyvm.errors import ConfigError
 from pyvm.events import Event
+from pyvm.host_sockets import bind_unix_listener
 from pyvm.qmp.connections import CommandThread, Connection, HmpConnection, QmpConnection
 from pyvm.qmp.context import CommandContext, MonitorState
 from pyvm.qmp.events import event_message
-from pyvm.qmp.hmp import HmpTable, default_hmp_table
+from pyvm.qmp.core import build_tables
 from pyvm.qmp.json_stream import JsonLimits
 from pyvm.qmp.json_writer import encode_line
 from pyvm.qmp.options import MonitorSpec, StdioEndpoint, TcpEndpoint, UnixEndpoint
-from pyvm.qmp.registry import CommandTable, default_table
-from pyvm.qmp.transports import StdioTransport, bind_unix_socket
+from pyvm.qmp.tables import MonitorTables
+from pyvm.qmp.transports import StdioTransport
 from pyvm.qmp.vm_api import VmApi
 
 log = logging.getLogger("pyvm.qmp")
@@ -35,16 +36,18 @@ log = logging.getLogger("pyvm.qmp")
 class MonitorService:
     """Every monitor of one VM; :meth:`start` opens them, :meth:`close` ends them."""
 
-    def __init__(self, vm: VmApi, specs: list[MonitorSpec], table: CommandTable | None = None,
-                 hmp_table: HmpTable | None = None, limits: JsonLimits | None = None,
-                 hold: bool = False) -> None:
+    def __init__(self, vm: VmApi, specs: list[MonitorSpec], tables: MonitorTables | None = None,
+                 limits: JsonLimits | None = None, hold: bool = False) -> None:
         self.vm = vm
         # While held, clients are greeted and their requests read and queued, but nothing
         # runs: QEMU runs no monitor command before the machine has started.
         self.held = hold
         self.specs = list(specs)
-        self.table = table if table is not None else default_table()
-        self.hmp_table = hmp_table if hmp_table is not None else default_hmp_table()
+        # One set of tables per service, built by the caller (the command line adds
+        # migration's commands); without one, pyvm's core commands only.
+        self.tables = tables if tables is not None else build_tables()
+        self.table = self.tables.qmp
+        self.hmp_table = self.tables.hmp
         self.limits = limits or JsonLimits()
         self.addresses: dict[str, Any] = {}       # spec label -> bound address
         self.connections: set[Connection] = set()
@@ -62,6 +65,8 @@ class MonitorService:
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
+        # Owned here: close() stops the loop and joins this thread, the command thread and
+        # the stdio threads.
         self._thread = threading.Thread(target=self._run, name="pyvm-monitor", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -99,7 +104,8 @@ class MonitorService:
             ep = spec.endpoint
             try:
                 if isinstance(ep, UnixEndpoint):
-                    sock = bind_unix_socket(ep.path)
+                    sock = bind_unix_listener(ep.path)
+                    sock.setblocking(False)
                     self._unix_paths.append(ep.path)
                     server = await loop.create_unix_server(factory, sock=sock)
                     self.addresses[spec.label] = ep.path
@@ -160,8 +166,11 @@ class MonitorService:
         except RuntimeError:
             pass
         self._thread.join(timeout + 2.0)
+        for tr in self._stdio:
+            tr.close()
+            tr.join(timeout)
         if self._worker is not None:
-            self._worker.stop()
+            self._worker.stop(timeout + 2.0)
         self._cleanup_files()
 
     async def _shutdown(self, timeout: float) -> None:
@@ -194,7 +203,7 @@ class MonitorService:
         return self._worker
 
     def context(self, state: MonitorState) -> CommandContext:
-        return CommandContext(self.vm, self.table, state, self)
+        return CommandContext(self.vm, self.table, state, self, hmp_table=self.hmp_table)
 
     def monitor_chardevs(self) -> list[dict[str, Any]]:
         return [{"label": s.label, "filename": s.filename, "frontend-open": True}
@@ -225,3 +234,15 @@ class MonitorService:
         for conn in list(self.connections):
             if isinstance(conn, QmpConnection):
                 conn.send_event(encoded)
+
+
+def start_monitors(vm: VmApi, specs: list[MonitorSpec], tables: MonitorTables,
+                   hold: bool = False) -> MonitorService:
+    """Open every endpoint and start the monitor thread; ``.close()`` ends it.
+
+    With ``hold=True`` clients are greeted but no command runs until ``.release()`` --
+    call it once the machine has started, so that no client sees a half-built VM.
+    """
+    service = MonitorService(vm, specs, tables, hold=hold)
+    service.start()
+    return service

@@ -1,66 +1,21 @@
-"""Byte pipes under the monitors: listening sockets and a threaded stdio transport.
+"""The threaded stdio transport under a monitor (listening sockets: :mod:`pyvm.host_sockets`).
 
-Unix sockets are created with mode 0600: on Linux, ``bind`` gives the new socket file
-the mode of the (unbound) socket inode, which is set first with ``fchmod``; the file is
-``chmod``-ed again after ``bind`` for other systems.  The socket appears at its path only
-once it listens.  A stale socket file at the path is
-replaced (QEMU unlinks it too); any other kind of file is left alone and reported.
+Standard input and output are served by two threads the transport owns, so a blocking
+terminal or pipe never stalls the event loop.  The reader waits in ``poll`` on standard
+input and a wake-up pipe, so :meth:`StdioTransport.close` can end it; :meth:`join` waits
+for both threads.  The transport offers the few asyncio transport methods the monitor
+connections use.
 
-Standard input and output are served by two daemon threads, so a blocking terminal or
-pipe never stalls the event loop; the transport offers the few asyncio transport methods
-the monitor connections use.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import queue
-import socket
-import stat
+import select
 import threading
 from typing import Any
-
-
-# sockaddr_un.sun_path holds 108 bytes including the terminating NUL (Linux).
-_UNIX_PATH_MAX = 108
-
-
-def bind_unix_socket(path: str) -> socket.socket:
-    """A listening unix socket at ``path`` with mode 0600; raises OSError.
-
-    The socket is bound and listening under a temporary name first and then renamed, so
-    a client that sees the path can connect at once (when the temporary name fits).
-    """
-    try:
-        st = os.lstat(path)
-    except FileNotFoundError:
-        pass
-    else:
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, os.strerror(errno.EEXIST))
-        os.unlink(path)
-    temp = f"{path}.{os.getpid()}~"
-    if len(os.fsencode(temp)) >= _UNIX_PATH_MAX:
-        temp = path
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        os.fchmod(sock.fileno(), 0o600)
-        sock.bind(temp)
-        try:
-            os.chmod(temp, 0o600)
-            sock.listen(16)
-            if temp != path:
-                os.rename(temp, path)
-        except BaseException:
-            os.unlink(temp)
-            raise
-        sock.setblocking(False)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
 
 
 class StdioTransport(asyncio.BaseTransport):
@@ -79,11 +34,29 @@ class StdioTransport(asyncio.BaseTransport):
         self._can_read = threading.Event()
         self._can_read.set()
         self._closing = False
+        self._wake_r, self._wake_w = os.pipe()
+        self._threads = [threading.Thread(target=self._reader, name="pyvm-monitor-stdin",
+                                          daemon=True),
+                         threading.Thread(target=self._writer, name="pyvm-monitor-stdout",
+                                          daemon=True)]
 
     def start(self) -> None:
         self._protocol.connection_made(self)
-        threading.Thread(target=self._reader, name="pyvm-monitor-stdin", daemon=True).start()
-        threading.Thread(target=self._writer, name="pyvm-monitor-stdout", daemon=True).start()
+        for thread in self._threads:
+            thread.start()
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for both threads (after :meth:`close`), then release the wake-up pipe."""
+        for thread in self._threads:
+            if thread.ident is not None:
+                thread.join(timeout)
+        if not any(thread.is_alive() for thread in self._threads):
+            for fd in (self._wake_r, self._wake_w):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            self._wake_r = self._wake_w = -1
 
     def _call(self, fn: Any, *args: Any) -> bool:
         try:
@@ -92,9 +65,24 @@ class StdioTransport(asyncio.BaseTransport):
             return False
         return True
 
+    def _readable(self) -> bool:
+        """Wait until stdin has input (True) or the transport closes (False)."""
+        poller = select.poll()
+        poller.register(self._fd_in, select.POLLIN)
+        poller.register(self._wake_r, select.POLLIN)
+        while not self._closing:
+            ready = dict(poller.poll())
+            if self._wake_r in ready:
+                return False
+            if ready:
+                return True
+        return False
+
     def _reader(self) -> None:
         while not self._closing:
-            self._can_read.wait()
+            self._can_read.wait()          # close() sets it too
+            if not self._readable():
+                return
             try:
                 data = os.read(self._fd_in, 65536)
             except OSError:
@@ -145,6 +133,11 @@ class StdioTransport(asyncio.BaseTransport):
         if not self._closing:
             self._closing = True
             self._out.put(None)
+            self._can_read.set()
+            try:
+                os.write(self._wake_w, b"x")
+            except OSError:
+                pass
 
     def abort(self) -> None:
         self.close()

@@ -8,7 +8,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from pyvm.fastpath import RecordBatch
-from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
+from pyvm.migration import StreamBlock, StreamDecoder, StreamEncoder
+from pyvm.migration.stream.ram_format import RamPageWriter
 from pyvm.migration.stream.writer import join_chunks
 from pyvm.vmstate import Field, Subsection, VMStateDescription, default_value
 
@@ -60,7 +61,7 @@ def sample_device() -> FakeDevice:
 class FakeTarget:
     """A destination VM: named RAM blocks and devices by (idstr, instance_id)."""
 
-    def __init__(self, blocks: list[RamBlock], devices: dict[tuple[str, int], Any] | None = None,
+    def __init__(self, blocks: list[StreamBlock], devices: dict[tuple[str, int], Any] | None = None,
                  machine: str | None = "pc-i440fx-8.2", caps: tuple[str, ...] | None = ()) -> None:
         self.blocks = {b.name: b for b in blocks}
         self.devices = devices or {}
@@ -75,7 +76,7 @@ class FakeTarget:
     def capabilities(self) -> tuple[str, ...] | None:
         return self.caps
 
-    def ram_block(self, name: str, length: int) -> RamBlock | None:
+    def ram_block(self, name: str, length: int) -> StreamBlock | None:
         self.lookups.append((name, length))
         return self.blocks.get(name)
 
@@ -95,7 +96,7 @@ def make_ram(npages: int, seed: int = 1) -> bytearray:
 
 
 
-def encode_stream(blocks: list[RamBlock], devices: list[tuple[str, int, Any]],
+def encode_stream(blocks: list[StreamBlock], devices: list[tuple[str, int, Any]],
                   runstate: str = "running", machine: str = "pc-i440fx-8.2",
                   caps: tuple[str, ...] = (), rounds: int = 2,
                   encoder: StreamEncoder | None = None) -> bytes:
@@ -117,17 +118,22 @@ def encode_stream(blocks: list[RamBlock], devices: list[tuple[str, int, Any]],
     return join_chunks(out)
 
 
-def ram_batch_bytes(enc: StreamEncoder, block: RamBlock, indices: Iterable[int],
+def ram_batch_bytes(enc: StreamEncoder, block: StreamBlock, indices: Iterable[int],
                     known_zero: Iterable[bool] | None = None, batch_pages: int = 8) -> bytes:
-    """The page records :meth:`StreamEncoder.ram_batch` packs for ``indices``, as a channel
-    sends them: each batch written with its own ``send`` into a real file, read back."""
+    """The page records a stream channel (pyvm.migration.control.channel.StreamChannel)
+    packs for ``indices`` with a fresh record writer, as it sends them: each batch written
+    with its own ``send`` into a real file, read back.  Counted in ``enc``'s page totals."""
     idx = np.asarray(list(indices), dtype=np.int64)
     known = None if known_zero is None else np.asarray(list(known_zero), dtype=bool)
     batch = RecordBatch(batch_pages)
+    records = RamPageWriter()
     with tempfile.TemporaryFile() as f:
         start = 0
         while start < idx.size:
-            start, _, _ = enc.ram_batch(batch, block, idx, start, known)
+            end, _, zeros = records.batch_run(batch, block, idx, start, known)
+            enc.zero_pages += zeros
+            enc.normal_pages += end - start - zeros
+            start = end
             while batch.remaining:
                 batch.send(f.fileno())
         f.seek(0)

@@ -6,11 +6,11 @@ import pytest
 
 from pyvm.migration.stream import constants as stream_constants
 from pyvm.migration.control.capabilities import (BACKGROUND_SNAPSHOT_INCOMPATIBLE, CAPABILITY_NAMES,
-                                         Capabilities, CapabilityContext, CapabilityError,
+                                         MigrationCapabilities, CapabilityContext, CapabilityError,
                                          MigrationCapability, VALIDATED_CAPABILITIES)
 from pyvm.migration.errors import MigrationError
 
-# Fact sheet 3.5, enum order at 8.2.
+# QEMU 8.2 qapi/migration.json MigrationCapability, enum order.
 QEMU_82_CAPABILITIES = [
     "xbzrle", "rdma-pin-all", "auto-converge", "zero-blocks", "compress", "events",
     "postcopy-ram", "x-colo", "release-ram", "block", "return-path",
@@ -23,12 +23,12 @@ PYVM_CAPABILITIES = ["x-checksum"]
 ALL_CAPABILITIES = QEMU_82_CAPABILITIES + PYVM_CAPABILITIES
 
 
-def every() -> Capabilities:
+def every() -> MigrationCapabilities:
     """A store that implements everything, to reach QEMU's own checks."""
-    return Capabilities(CAPABILITY_NAMES)
+    return MigrationCapabilities(CAPABILITY_NAMES)
 
 
-def refused(caps: Capabilities, *names: str, ctx: CapabilityContext = CapabilityContext()) -> str:
+def refused(caps: MigrationCapabilities, *names: str, ctx: CapabilityContext = CapabilityContext()) -> str:
     before = caps.query()
     with pytest.raises(CapabilityError) as info:
         caps.set_many([(name, True) for name in names], ctx)
@@ -44,12 +44,12 @@ def test_enum_order_matches_qemu_82() -> None:
 
 
 def test_query_lists_every_capability_off_in_enum_order() -> None:
-    result = Capabilities({"events"}).query()
-    assert result == [{"capability": name, "state": False} for name in ALL_CAPABILITIES]
+    result = MigrationCapabilities({"events"}).query()
+    assert result == [{"capability": name, "state": False} for name in QEMU_82_CAPABILITIES]
 
 
 def test_set_and_query() -> None:
-    caps = Capabilities({"events", "x-ignore-shared"})
+    caps = MigrationCapabilities({"events", "x-ignore-shared"})
     assert caps.set_many([("events", True)]) == []
     assert caps["events"] and caps[MigrationCapability.EVENTS]
     assert [e["capability"] for e in caps.query() if e["state"]] == ["events"]
@@ -60,7 +60,7 @@ def test_set_and_query() -> None:
 
 
 def test_later_entry_wins() -> None:
-    caps = Capabilities({"events"})
+    caps = MigrationCapabilities({"events"})
     caps.set_many([("events", True), ("events", False)])
     assert not caps["events"]
     # the final state counts: an unimplemented capability switched on then off is fine
@@ -72,7 +72,7 @@ def test_validated_capabilities() -> None:
     # QEMU 8.2 validates x-ignore-shared; pyvm's x-checksum changes the stream, so both
     # ends must agree on it too
     assert [c.value for c in VALIDATED_CAPABILITIES] == ["x-ignore-shared", "x-checksum"]
-    caps = Capabilities({"events", "x-ignore-shared"})
+    caps = MigrationCapabilities({"events", "x-ignore-shared"})
     caps.set_many([("events", True)])
     assert caps.validated() == []
     caps.set_many([("x-ignore-shared", True)])
@@ -80,7 +80,7 @@ def test_validated_capabilities() -> None:
 
 
 def test_unimplemented_capability_is_named() -> None:
-    caps = Capabilities({"events"})
+    caps = MigrationCapabilities({"events"})
     assert refused(caps, "postcopy-ram") == "Capability 'postcopy-ram' is not supported by pyvm"
     # all or nothing: the implemented one in the same request is not applied either
     assert refused(caps, "events", "xbzrle") == "Capability 'xbzrle' is not supported by pyvm"
@@ -94,7 +94,7 @@ def test_unknown_capability_name() -> None:
                                               r"value 'foo'$"):
         caps.set_many([("foo", True)])
     with pytest.raises(CapabilityError):
-        Capabilities({"no-such-thing"})
+        MigrationCapabilities({"no-such-thing"})
 
 
 @pytest.mark.parametrize("names, text", [
@@ -161,9 +161,9 @@ def test_accepted_combinations() -> None:
 
 
 def test_qemu_checks_come_before_the_unimplemented_check() -> None:
-    assert refused(Capabilities(), "dirty-limit") == (
+    assert refused(MigrationCapabilities(), "dirty-limit") == (
         "dirty-limit requires KVM with accelerator property 'dirty-ring-size' set")
-    assert refused(Capabilities({"x-ignore-shared"}), "x-ignore-shared", "postcopy-ram") == (
+    assert refused(MigrationCapabilities({"x-ignore-shared"}), "x-ignore-shared", "postcopy-ram") == (
         "Postcopy is not compatible with ignore-shared")
 
 

@@ -244,14 +244,14 @@ def test_pages_land_in_the_destination_block(destinations: list[Destination],
                        pin_all=pin_all)
     assert out.pin_all is pin_all
     offsets = _sparse_pages(size, 4)
-    out.write_pages(0, offsets, PAGE)
-    out.write_pages(1, range(0, len(small_src), PAGE), PAGE)
+    out.place_pages(0, offsets, PAGE)
+    out.place_pages(1, range(0, len(small_src), PAGE), PAGE)
     out.round_finished()
     out.write(b"HOOK")
     out.flush()
     # A second round rewrites changed pages of already registered chunks.
     src[0:PAGE] = b"\xa5" * PAGE
-    out.write_pages(0, [0], PAGE)
+    out.place_pages(0, [0], PAGE)
     out.round_finished()
     out.write(b"HOOK")
     out.close()
@@ -285,8 +285,8 @@ def test_zero_pages_of_unregistered_chunks_are_filled_not_registered(
     destinations.append(dest)
     out = RdmaOutgoing(dest.host, dest.port, [("pc.ram", src, size)])
     data_pages = [o for o in range(0, 2 * MiB, PAGE) if o not in zero_in_chunk0]
-    out.write_pages(0, data_pages, PAGE)
-    out.write_zero_pages(0, zero_in_chunk0 + list(range(2 * MiB, 4 * MiB, PAGE)), PAGE)
+    out.place_pages(0, data_pages, PAGE)
+    out.place_zero_pages(0, zero_in_chunk0 + list(range(2 * MiB, 4 * MiB, PAGE)), PAGE)
     out.round_finished()
     out.close()
     dest.join()
@@ -310,7 +310,7 @@ def test_on_demand_registration_of_local_chunks(destinations: list[Destination],
     destinations.append(dest)
     out = RdmaOutgoing(dest.host, dest.port, [("pc.ram", src, size)])
     offsets = [o for o in range(0, size, PAGE) if (o // PAGE) % 3 != 1]
-    out.write_pages(0, offsets, PAGE)
+    out.place_pages(0, offsets, PAGE)
     out.round_finished()
     out.close()
     dest.join()
@@ -328,7 +328,7 @@ def test_a_64_mib_region(destinations: list[Destination], pin_all: bool) -> None
     dest = Destination([("pc.ram", dst, size)])
     destinations.append(dest)
     out = RdmaOutgoing(dest.host, dest.port, [("pc.ram", src, size)], pin_all=pin_all)
-    out.write_pages(0, range(0, size, PAGE), PAGE)
+    out.place_pages(0, range(0, size, PAGE), PAGE)
     out.round_finished()
     out.close()
     dest.join()
@@ -357,9 +357,9 @@ def test_pages_outside_the_block_are_refused(destinations: list[Destination]) ->
     destinations.append(dest)
     out = RdmaOutgoing(dest.host, dest.port, [("pc.ram", bytearray(MiB), MiB)])
     with pytest.raises(ValueError):
-        out.write_pages(0, [MiB], PAGE)
+        out.place_pages(0, [MiB], PAGE)
     with pytest.raises(RdmaError, match="index 1 out of range"):
-        out.write_pages(1, [0], PAGE)
+        out.place_pages(1, [0], PAGE)
     out.close()
     dest.join()
 
@@ -429,7 +429,7 @@ def test_ipv6_loopback() -> None:
     src = random_block(MiB, 7)
     out = RdmaOutgoing("::1", port, [("pc.ram", src, MiB)])
     assert out.peer == f"[::1]:{port}"
-    out.write_pages(0, range(0, MiB, PAGE), PAGE)
+    out.place_pages(0, range(0, MiB, PAGE), PAGE)
     out.round_finished()
     out.write(b"end")
     out.close()
@@ -549,7 +549,7 @@ def test_destination_killed_mid_transfer() -> None:
         start = time.monotonic()
         with pytest.raises(RdmaError) as info:
             for _ in range(400):
-                out.write_pages(0, range(0, size, PAGE), PAGE)
+                out.place_pages(0, range(0, size, PAGE), PAGE)
                 out.write(bytes(MiB))
                 out.round_finished()
         assert time.monotonic() - start < 12

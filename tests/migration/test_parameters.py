@@ -14,7 +14,7 @@ from pyvm.migration.control.qmp_schema import (MIGRATE_SET_PARAMETERS, MIGRATION
                                              MIG_MODE)
 from pyvm.qmp.visitor import validate
 
-# Fact sheet 3.6: QEMU 7.2's default query-migrate-parameters result, verbatim.
+# QEMU 7.2's default query-migrate-parameters result, verbatim (defaults: migration/options.c).
 QEMU_72_DEFAULTS = json.loads(
     '{"cpu-throttle-tailslow": false, "xbzrle-cache-size": 67108864, "cpu-throttle-initial": 20,'
     ' "announce-max": 550, "decompress-threads": 2, "compress-threads": 8, "compress-level": 1,'

@@ -15,7 +15,7 @@ import pytest
 
 from migration_fakes import PAGE, encode_stream, make_ram, sample_device
 from pyvm import analyze
-from pyvm.migration import RamBlock
+from pyvm.migration import StreamBlock
 from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.stream.writer import StreamWriter
 from tests.conftest import guest
@@ -23,7 +23,7 @@ from tests.conftest import guest
 
 def _write_stream(path: Path, caps: tuple[str, ...] = ()) -> dict[str, bytearray]:
     rams = {"pc.ram": make_ram(4), "/rom@etc/acpi/tables": make_ram(2, seed=9)}
-    blocks = [RamBlock(name, len(ram), 0x1000 * i, ram) for i, (name, ram) in enumerate(rams.items())]
+    blocks = [StreamBlock(name, len(ram), 0x1000 * i, ram) for i, (name, ram) in enumerate(rams.items())]
     path.write_bytes(encode_stream(blocks, [("fake-dev", 0, sample_device())], caps=caps))
     return rams
 
@@ -106,7 +106,7 @@ def test_missing_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Non
 def test_extract_refuses_escaping_block_names(tmp_path: Path, capsys: pytest.CaptureFixture[str],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     ram = bytearray(PAGE)
-    (tmp_path / "s").write_bytes(encode_stream([RamBlock("../evil", PAGE, 0, ram)], []))
+    (tmp_path / "s").write_bytes(encode_stream([StreamBlock("../evil", PAGE, 0, ram)], []))
     (tmp_path / "out").mkdir()
     monkeypatch.chdir(tmp_path / "out")
     rc, _, err = _run(capsys, "-f", str(tmp_path / "s"), "-x")
@@ -175,7 +175,7 @@ def _qemu_analyzer() -> str | None:
 needs_qemu_analyzer = pytest.mark.skipif(
     _qemu_analyzer() is None,
     reason="QEMU's analyze-migration.py not found: run scripts/fetch_qemu_analyzer.py "
-           "(needs deb.debian.org) or set PYVM_QEMU_ANALYZE_MIGRATION")
+           "(needs the Debian archive apt is configured with) or set PYVM_QEMU_ANALYZE_MIGRATION")
 
 
 def _skip_unless_analyzer_reads(caps: tuple[str, ...]) -> None:

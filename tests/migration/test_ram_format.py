@@ -8,13 +8,14 @@ import numpy as np
 
 from migration_fakes import PAGE, FakeTarget, make_ram, ram_batch_bytes
 from pyvm.fastpath import RecordBatch
-from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
+from pyvm.migration.stream.ram_format import RamPageWriter
+from pyvm.migration import StreamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.errors import MigrationError, StreamFormatError, StreamMismatchError, UnsupportedFeatureError
 from pyvm.migration.stream.ram_loader import RamLoader
 from pyvm.migration.stream.reader import StreamReader, run_to_completion
 from pyvm.migration.stream.writer import join_chunks
 
-# QEMU 7.2, -machine pc -m 64 (fact sheet 1.8): block names and used lengths
+# QEMU 7.2, -machine pc -m 64 (a stream QEMU wrote): block names and used lengths
 QEMU72_BLOCKS = [("pc.ram", 0x4000000), ("/rom@etc/acpi/tables", 0x20000), ("pc.bios", 0x40000),
                  ("pc.rom", 0x20000), ("/rom@etc/table-loader", 0x1000), ("/rom@etc/acpi/rsdp", 0x1000)]
 QEMU72_HEADER = bytes.fromhex("5145564d 00000003 07 0000000d") + b"pc-i440fx-7.2"
@@ -32,8 +33,8 @@ QEMU72_PART_START = bytes.fromhex("02 00000002 00000000 00000002 06") + b"pc.ram
 QEMU72_END = bytes.fromhex("03 00000002 00000000 00000010 7e 00000002")
 
 
-def _blocks(with_buffers: bool = False) -> list[RamBlock]:
-    return [RamBlock(name, length, 0, bytearray(length) if with_buffers else None) for name, length in QEMU72_BLOCKS]
+def _blocks(with_buffers: bool = False) -> list[StreamBlock]:
+    return [StreamBlock(name, length, 0, bytearray(length) if with_buffers else None) for name, length in QEMU72_BLOCKS]
 
 
 def test_encoder_writes_qemu_7_2_setup_bytes() -> None:
@@ -62,7 +63,7 @@ def test_decoder_reads_qemu_7_2_stream_prefix() -> None:
 
 def test_x_ignore_shared_setup_carries_gpas() -> None:
     enc = StreamEncoder()
-    ram = RamBlock("pc.ram", 2 * PAGE, 0x100000, bytearray(2 * PAGE), ignored=True)
+    ram = StreamBlock("pc.ram", 2 * PAGE, 0x100000, bytearray(2 * PAGE), ignored=True)
     data = join_chunks(enc.ram_setup([ram], True))
     assert data[17:] == (bytes.fromhex("00000000 00002004 06") + b"pc.ram"
                          + bytes.fromhex("00000000 00002000 00000000 00100000 00000000 00000010 7e 00000002"))
@@ -70,11 +71,11 @@ def test_x_ignore_shared_setup_carries_gpas() -> None:
 
 def test_page_payloads_are_read_from_guest_ram_when_sent(tmp_path) -> None:
     ram = make_ram(4)                       # pages 0 and 3 hold data, 1 and 2 are zero
-    block = RamBlock("pc.ram", len(ram), 0, ram)
+    block = StreamBlock("pc.ram", len(ram), 0, ram)
     enc = StreamEncoder()
     enc.ram_section_begin()
     batch = RecordBatch(8)
-    assert enc.ram_batch(batch, block, np.array([0, 1, 3]))[0] == 3
+    assert RamPageWriter().batch_run(batch, block, np.array([0, 1, 3]), 0)[0] == 3
     ram[3 * PAGE:3 * PAGE + 5] = b"later"   # after packing, before sending: no copy was made
     with open(tmp_path / "sent", "wb") as f:
         while batch.remaining:
@@ -84,7 +85,7 @@ def test_page_payloads_are_read_from_guest_ram_when_sent(tmp_path) -> None:
     assert (enc.zero_pages, enc.normal_pages) == (1, 2)
 
 
-def _load_payload(payload: bytes, blocks: list[RamBlock], ignore_shared: bool = False) -> RamLoader:
+def _load_payload(payload: bytes, blocks: list[StreamBlock], ignore_shared: bool = False) -> RamLoader:
     loader = RamLoader(lambda name, length: next((b for b in blocks if b.name == name), None), ignore_shared)
     r = StreamReader()
     r.feed(payload)
@@ -114,7 +115,7 @@ def test_ram_load_errors_use_qemu_texts(payload: bytes, text: str) -> None:
     ram = bytearray(2 * PAGE)
     guard = bytes(ram)
     with pytest.raises(MigrationError) as info:
-        _load_payload(payload + EOS, [RamBlock("pc.ram", len(ram), 0, ram)])
+        _load_payload(payload + EOS, [StreamBlock("pc.ram", len(ram), 0, ram)])
     assert str(info.value) == text
     assert ram == guard
 
@@ -122,20 +123,20 @@ def test_ram_load_errors_use_qemu_texts(payload: bytes, text: str) -> None:
 def test_illegal_offset_lines_follow_qemu() -> None:
     with pytest.raises(StreamMismatchError) as info:
         _load_payload(bytes.fromhex("00000000 00001002 03") + b"foo" + b"\x00" + EOS,
-                      [RamBlock("pc.ram", PAGE, 0, bytearray(PAGE))])
+                      [StreamBlock("pc.ram", PAGE, 0, bytearray(PAGE))])
     assert info.value.lines == ["Can't find block foo", "Illegal RAM offset 1000"]
 
 
 def test_gpa_mismatch_text() -> None:
     payload = SETUP_1 + bytes.fromhex("00000000 00200000") + EOS
-    block = RamBlock("pc.ram", 2 * PAGE, 0x100000, None, ignored=True)
+    block = StreamBlock("pc.ram", 2 * PAGE, 0x100000, None, ignored=True)
     with pytest.raises(StreamMismatchError, match="^Mismatched GPAs for block pc.ram 2097152!= 1048576$"):
         _load_payload(payload, [block], ignore_shared=True)
     _load_payload(SETUP_1 + bytes.fromhex("00000000 00100000") + EOS, [block], ignore_shared=True)
 
 
 def test_pages_for_an_ignored_block_are_refused() -> None:
-    block = RamBlock("pc.ram", 2 * PAGE, 0, None, ignored=True)
+    block = StreamBlock("pc.ram", 2 * PAGE, 0, None, ignored=True)
     with pytest.raises(StreamMismatchError, match="^block pc.ram should not be migrated !$"):
         _load_payload(bytes.fromhex("00000000 00000002 06") + b"pc.ram" + b"\x00" + EOS, [block])
 
@@ -143,27 +144,27 @@ def test_pages_for_an_ignored_block_are_refused() -> None:
 def test_multifd_flush_and_hook_markers_are_no_ops() -> None:
     markers = bytes.fromhex("00000000 00000200 00000000 00000080")     # MULTIFD_FLUSH, HOOK
     ram = bytearray(b"\x5a" * 2 * PAGE)
-    loader = _load_payload(markers + EOS, [RamBlock("pc.ram", 2 * PAGE, 0, ram)])
+    loader = _load_payload(markers + EOS, [StreamBlock("pc.ram", 2 * PAGE, 0, ram)])
     assert ram == b"\x5a" * 2 * PAGE                                  # nothing written
     assert (loader.normal_pages, loader.zero_pages) == (0, 0)
     # ... and the records around them still load where they say
     page = bytes(range(256)) * (PAGE // 256)
     loader = _load_payload(markers + bytes.fromhex("00000000 00001008 06") + b"pc.ram" + page
                            + markers + bytes.fromhex("00000000 00000022 00") + EOS,
-                           [RamBlock("pc.ram", 2 * PAGE, 0, ram)])
+                           [StreamBlock("pc.ram", 2 * PAGE, 0, ram)])
     assert ram == bytes(PAGE) + page
     assert (loader.normal_pages, loader.zero_pages) == (1, 1)
 
 
 def test_nonzero_fill_byte_fills_the_page_as_qemu_8_2_does() -> None:
     ram = bytearray(PAGE)
-    _load_payload(bytes.fromhex("00000000 00000002 06") + b"pc.ram" + b"\xaa" + EOS, [RamBlock("pc.ram", PAGE, 0, ram)])
+    _load_payload(bytes.fromhex("00000000 00000002 06") + b"pc.ram" + b"\xaa" + EOS, [StreamBlock("pc.ram", PAGE, 0, ram)])
     assert ram == b"\xaa" * PAGE
 
 
 def test_read_only_destination_buffer_is_refused() -> None:
     with pytest.raises(StreamMismatchError):
-        _load_payload(SETUP_1 + EOS, [RamBlock("pc.ram", 2 * PAGE, 0, bytes(2 * PAGE))])
+        _load_payload(SETUP_1 + EOS, [StreamBlock("pc.ram", 2 * PAGE, 0, bytes(2 * PAGE))])
 
 
 def test_unknown_flags_beyond_known_set() -> None:

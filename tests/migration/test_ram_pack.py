@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from migration_fakes import PAGE, FakeTarget, decode_stream, encode_stream, make_ram, ram_batch_bytes
-from pyvm.migration import RamBlock, StreamEncoder
+from pyvm.migration import StreamBlock, StreamEncoder
 from pyvm.migration.errors import EncodeError, MigrationError
 from pyvm.fastpath import RecordBatch
 from pyvm.migration.stream.ram_format import RamPageWriter
@@ -26,7 +26,7 @@ def _random_ram(npages: int, rng: random.Random) -> bytearray:
     return ram
 
 
-def _batch_bytes(writer: RamPageWriter, block: RamBlock, idx: np.ndarray, tmp_path) -> tuple[bytes, int]:
+def _batch_bytes(writer: RamPageWriter, block: StreamBlock, idx: np.ndarray, tmp_path) -> tuple[bytes, int]:
     batch = RecordBatch(8)
     out, start, zeros = bytearray(), 0, 0
     path = tmp_path / "sent"
@@ -64,7 +64,7 @@ def test_batched_records_follow_the_format(tmp_path) -> None:
     for trial in range(40):
         npages = rng.randint(1, 40)
         ram = _random_ram(npages, rng)
-        block = RamBlock(rng.choice(["pc.ram", "/rom@etc/acpi/tables"]), len(ram), 0, ram)
+        block = StreamBlock(rng.choice(["pc.ram", "/rom@etc/acpi/tables"]), len(ram), 0, ram)
         idx = np.array(rng.sample(range(npages), rng.randint(0, npages)), dtype=np.int64)
         batched = RamPageWriter()
         named = rng.random() < 0.5
@@ -79,16 +79,16 @@ def test_batched_records_follow_the_format(tmp_path) -> None:
 
 def test_batch_checks_like_write() -> None:
     ram = make_ram(4)
-    block = RamBlock("pc.ram", len(ram), 0, ram)
+    block = StreamBlock("pc.ram", len(ram), 0, ram)
     batch = RecordBatch(8)
     with pytest.raises(EncodeError, match="RAM block 'pc.ram': page index 4 beyond the block"):
         RamPageWriter().batch_run(batch, block, np.array([1, 4]), 0)
     with pytest.raises(EncodeError, match="beyond the source buffer"):
-        RamPageWriter().batch_run(batch, RamBlock("pc.ram", len(ram), 0, None), np.array([1]), 0)
+        RamPageWriter().batch_run(batch, StreamBlock("pc.ram", len(ram), 0, None), np.array([1]), 0)
     with pytest.raises(EncodeError, match="not migrated"):
-        RamPageWriter().batch_run(batch, RamBlock("pc.ram", len(ram), 0, ram, ignored=True), np.array([1]), 0)
+        RamPageWriter().batch_run(batch, StreamBlock("pc.ram", len(ram), 0, ram, ignored=True), np.array([1]), 0)
     known = np.ones(2, dtype=bool)
-    assert RamPageWriter().batch_run(batch, RamBlock("pc.ram", len(ram), 0, None), np.array([1, 2]), 0,
+    assert RamPageWriter().batch_run(batch, StreamBlock("pc.ram", len(ram), 0, None), np.array([1, 2]), 0,
                                      known) == (2, 8 + 1 + 6 + 1 + 9, 2)
 
 
@@ -96,10 +96,10 @@ def test_batch_checks_like_write() -> None:
 def test_native_run_loads_in_any_chunking(chunk: int) -> None:
     rng = random.Random(chunk)
     src = _random_ram(64, rng)
-    blocks = [RamBlock("pc.ram", len(src), 0, src), RamBlock("pc.bios", 2 * PAGE, 0, _random_ram(2, rng))]
+    blocks = [StreamBlock("pc.ram", len(src), 0, src), StreamBlock("pc.bios", 2 * PAGE, 0, _random_ram(2, rng))]
     data = encode_stream(blocks, [], rounds=3)
-    dst = [RamBlock("pc.ram", len(src), 0, bytearray(b"\xee" * len(src))),
-           RamBlock("pc.bios", 2 * PAGE, 0, bytearray(b"\xee" * 2 * PAGE))]
+    dst = [StreamBlock("pc.ram", len(src), 0, bytearray(b"\xee" * len(src))),
+           StreamBlock("pc.bios", 2 * PAGE, 0, bytearray(b"\xee" * 2 * PAGE))]
     dec = decode_stream(data, FakeTarget(dst), chunk=chunk)
     assert dec.finished
     assert dst[0].buffer == src and dst[1].buffer == blocks[1].buffer
@@ -110,11 +110,11 @@ def test_native_run_loads_in_any_chunking(chunk: int) -> None:
 def test_bad_offset_after_a_native_run_keeps_qemu_text() -> None:
     ram = bytearray(4 * PAGE)
     enc = StreamEncoder()
-    block = RamBlock("pc.ram", 4 * PAGE, 0, make_ram(4))
+    block = StreamBlock("pc.ram", 4 * PAGE, 0, make_ram(4))
     enc.ram_section_begin()                 # the section header is not part of the payload
     payload = ram_batch_bytes(enc, block, [0, 1, 2])
     payload += bytes.fromhex("00000000 00004028") + bytes(PAGE)          # page 4 of 4
-    loader = RamLoader(lambda name, length: RamBlock("pc.ram", 4 * PAGE, 0, ram), False)
+    loader = RamLoader(lambda name, length: StreamBlock("pc.ram", 4 * PAGE, 0, ram), False)
     r = StreamReader()
     r.feed(payload)
     with pytest.raises(MigrationError) as info:
@@ -128,7 +128,7 @@ def test_bad_offset_after_a_native_run_keeps_qemu_text() -> None:
 def test_observed_blocks_see_every_page() -> None:
     src = make_ram(6)
     seen: list[tuple[int, bool]] = []
-    dst = RamBlock("pc.ram", len(src), 0, bytearray(len(src)), on_page=lambda off, z: seen.append((off, z)))
-    decode_stream(encode_stream([RamBlock("pc.ram", len(src), 0, src)], [], rounds=1), FakeTarget([dst]))
+    dst = StreamBlock("pc.ram", len(src), 0, bytearray(len(src)), on_page=lambda off, z: seen.append((off, z)))
+    decode_stream(encode_stream([StreamBlock("pc.ram", len(src), 0, src)], [], rounds=1), FakeTarget([dst]))
     assert [off for off, _ in seen] == [i * PAGE for i in range(6)]
     assert dst.buffer == src

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from pyvm.migration.transports.base import TransportError
 from pyvm.migration.transports.rdma_protocol import (
     HEADER_SIZE, MAX_PAYLOAD, RDMA_CAPABILITY_PIN_ALL, RDMA_CONTROL_MAX_BUFFER,
-    RDMA_MERGE_MAX, RDMA_REG_CHUNK_SIZE, Capabilities, ChunkMap, Compress, ControlType,
+    RDMA_MERGE_MAX, RDMA_REG_CHUNK_SIZE, RdmaCapabilities, ChunkMap, Compress, ControlType,
     DestBlock, RdmaError, RdmaProtocolError, Register, RegisterResult, block_base_for,
     decode_compress, decode_dest_blocks, decode_message, decode_register_requests,
     decode_register_results, encode_compress, encode_dest_blocks,
@@ -71,16 +71,16 @@ def test_payload_and_repeat_are_bounded_when_encoding() -> None:
 
 
 def test_capabilities_exchange() -> None:
-    wanted = Capabilities(flags=RDMA_CAPABILITY_PIN_ALL | 0x80)
+    wanted = RdmaCapabilities(flags=RDMA_CAPABILITY_PIN_ALL | 0x80)
     assert wanted.encode() == bytes.fromhex("00000001 00000081")
-    assert Capabilities.decode(wanted.encode()) == wanted
+    assert RdmaCapabilities.decode(wanted.encode()) == wanted
     # The destination answers with the flags it supports; unknown bits are cleared.
     assert wanted.answer(RDMA_CAPABILITY_PIN_ALL).flags == RDMA_CAPABILITY_PIN_ALL
     assert wanted.answer(0).flags == 0
     with pytest.raises(RdmaProtocolError, match=r"Unknown source RDMA version: 2, bailing\.\.\."):
-        Capabilities(version=2).answer(RDMA_CAPABILITY_PIN_ALL)
+        RdmaCapabilities(version=2).answer(RDMA_CAPABILITY_PIN_ALL)
     with pytest.raises(RdmaProtocolError, match="too short"):
-        Capabilities.decode(b"\x00\x00\x00\x01")
+        RdmaCapabilities.decode(b"\x00\x00\x00\x01")
 
 
 def test_dest_block_layout_carries_a_64_bit_key() -> None:

@@ -14,11 +14,11 @@ from pyvm.qmp.visitor import conform
 
 St = MigrationStatus
 
-# Fact sheet 3.3: 8.2 enum order.
+# QEMU 8.2 qapi/migration.json MigrationStatus, enum order.
 QEMU_82_STATUSES = ["none", "setup", "cancelling", "cancelled", "active", "postcopy-active",
                     "postcopy-paused", "postcopy-recover", "completed", "failed", "colo",
                     "pre-switchover", "device", "wait-unplug"]
-# Fact sheet 3.4: the ram keys observed on QEMU 7.2 (all 8.2 MigrationStats members).
+# The ram keys observed on QEMU 7.2 (all of QEMU 8.2 qapi/migration.json MigrationStats).
 OBSERVED_RAM_KEYS = {
     "total", "postcopy-requests", "dirty-sync-count", "multifd-bytes", "pages-per-second",
     "downtime-bytes", "page-size", "remaining", "postcopy-bytes", "mbps", "transferred",

@@ -10,7 +10,8 @@ import pytest
 from migration_fakes import (FAKE_VMSD, PAGE, FakeDevice, FakeTarget, decode_stream, encode_stream, make_ram,
                              sample_device)
 from pyvm.fastpath import RecordBatch
-from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
+from pyvm.migration.stream.ram_format import RamPageWriter
+from pyvm.migration import StreamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.stream.decoder import EndOfState, RunStateLoaded, SectionLoaded, StreamFinished, VmDescription
 from pyvm.migration.errors import (DecoderStoppedError, EncodeError, MigrationError, StreamFormatError,
                                    TruncatedStreamError)
@@ -19,13 +20,13 @@ from pyvm.migration.stream.writer import join_chunks
 
 def _source(npages: int = 8):
     ram = make_ram(npages)
-    return ram, [RamBlock("pc.ram", len(ram), 0, ram)], [("fake-dev", 0, sample_device())]
+    return ram, [StreamBlock("pc.ram", len(ram), 0, ram)], [("fake-dev", 0, sample_device())]
 
 
 def _destination(npages: int = 8, **kwargs):
     ram = bytearray(b"\xee" * (npages * PAGE))
     dev = FakeDevice()
-    return ram, dev, FakeTarget([RamBlock("pc.ram", len(ram), 0, ram)], {("fake-dev", 0): dev}, **kwargs)
+    return ram, dev, FakeTarget([StreamBlock("pc.ram", len(ram), 0, ram)], {("fake-dev", 0): dev}, **kwargs)
 
 
 @pytest.mark.parametrize("chunk", [0, 1, 7, 4096, 5000])
@@ -224,30 +225,30 @@ def test_a_paused_source_in_globalstate() -> None:
 def test_x_ignore_shared_stream_round_trip() -> None:
     shared = bytearray(b"S" * (2 * PAGE))
     src_ram = make_ram(4)
-    blocks = [RamBlock("pc.ram", len(src_ram), 0, src_ram),
-              RamBlock("mem0", len(shared), 0x100000000, shared, ignored=True)]
+    blocks = [StreamBlock("pc.ram", len(src_ram), 0, src_ram),
+              StreamBlock("mem0", len(shared), 0x100000000, shared, ignored=True)]
     data = encode_stream(blocks, [], caps=("x-ignore-shared",))
     dst_ram = bytearray(len(src_ram))
-    target = FakeTarget([RamBlock("pc.ram", len(dst_ram), 0, dst_ram),
-                         RamBlock("mem0", len(shared), 0x100000000, None, ignored=True)],
+    target = FakeTarget([StreamBlock("pc.ram", len(dst_ram), 0, dst_ram),
+                         StreamBlock("mem0", len(shared), 0x100000000, None, ignored=True)],
                         caps=("x-ignore-shared",))
     decode_stream(data, target)
     assert dst_ram == src_ram
-    wrong = FakeTarget([RamBlock("pc.ram", len(dst_ram), 0, bytearray(len(src_ram))),
-                        RamBlock("mem0", len(shared), 0x200000000, None, ignored=True)], caps=("x-ignore-shared",))
+    wrong = FakeTarget([StreamBlock("pc.ram", len(dst_ram), 0, bytearray(len(src_ram))),
+                        StreamBlock("mem0", len(shared), 0x200000000, None, ignored=True)], caps=("x-ignore-shared",))
     assert str(_fail(data, wrong)) == "Mismatched GPAs for block mem0 4294967296!= 8589934592"
 
 
 def test_encoder_rejects_misuse() -> None:
     enc = StreamEncoder()
-    block = RamBlock("pc.ram", PAGE, 0, bytearray(PAGE))
+    block = StreamBlock("pc.ram", PAGE, 0, bytearray(PAGE))
     batch = RecordBatch(8)
     with pytest.raises(EncodeError, match="outside a RAM section"):
-        enc.ram_batch(batch, block, np.array([0]))
+        enc.ram_pages(block, [0], [True])
     enc.ram_section_begin()
     with pytest.raises(EncodeError, match="page index 1 beyond the block"):
-        enc.ram_batch(batch, block, np.array([1]))
+        RamPageWriter().batch_run(batch, block, np.array([1]), 0)
     with pytest.raises(EncodeError):
         enc.eof_and_vmdesc()
     with pytest.raises(EncodeError):
-        enc.ram_setup([RamBlock("odd", 100, 0, bytearray(100))], False)
+        enc.ram_setup([StreamBlock("odd", 100, 0, bytearray(100))], False)

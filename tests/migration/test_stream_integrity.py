@@ -8,7 +8,7 @@ import pytest
 
 from migration_fakes import (PAGE, FakeDevice, FakeTarget, encode_stream, make_ram,
                              sample_device)
-from pyvm.migration import RamBlock, StreamDecoder, StreamEncoder
+from pyvm.migration import StreamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.errors import MigrationError, StreamMismatchError
 from pyvm.migration.stream_text import shown
 from tests.stream_mutations import mutations, split_stream
@@ -20,7 +20,7 @@ EXPECTED = [("ram", 0), ("globalstate", 0), *DEVICES]
 
 def _stream(checksum: bool = False, **kw) -> bytes:
     ram = make_ram(NPAGES)
-    blocks = [RamBlock("pc.ram", len(ram), 0, ram)]
+    blocks = [StreamBlock("pc.ram", len(ram), 0, ram)]
     devices = [(idstr, inst, sample_device()) for idstr, inst in DEVICES]
     caps = ("x-checksum",) if checksum else ()
     return encode_stream(blocks, devices, caps=caps, encoder=StreamEncoder(checksum=checksum), **kw)
@@ -28,7 +28,7 @@ def _stream(checksum: bool = False, **kw) -> bytes:
 
 def _load(data: bytes, checksum: bool = False, expected=EXPECTED, caps=None):
     ram = bytearray(NPAGES * PAGE)
-    target = FakeTarget([RamBlock("pc.ram", len(ram), 0, ram)],
+    target = FakeTarget([StreamBlock("pc.ram", len(ram), 0, ram)],
                         {key: FakeDevice() for key in DEVICES},
                         caps=(("x-checksum",) if checksum else ()) if caps is None else caps)
     dec = StreamDecoder(target, expected_sections=expected)
@@ -139,7 +139,7 @@ def test_shown_escapes_every_non_printable_byte() -> None:
 def test_hostile_names_appear_escaped_in_errors() -> None:
     ram = make_ram(NPAGES)
     evil = "dev\n\x1b]0;owned\x07"
-    data = encode_stream([RamBlock("pc.ram", len(ram), 0, ram)], [(evil, 0, sample_device())])
+    data = encode_stream([StreamBlock("pc.ram", len(ram), 0, ram)], [(evil, 0, sample_device())])
     with pytest.raises(MigrationError) as info:
         _load(data, expected=None)
     text = "\n".join(info.value.report())

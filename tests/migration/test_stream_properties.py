@@ -8,7 +8,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from migration_fakes import PAGE, FakeDevice, FakeTarget, encode_stream
-from pyvm.migration import RamBlock, StreamDecoder
+from pyvm.migration import StreamBlock, StreamDecoder
 from pyvm.migration.errors import MigrationError
 from pyvm.vmstate import Field, Subsection, VMStateDescription
 
@@ -87,11 +87,11 @@ def rams(draw: Any) -> list[bytearray]:
 @given(devs=st.lists(devices(), max_size=3), ram=rams(), runstate=st.sampled_from(["running", "paused", "prelaunch"]),
        chunk=st.sampled_from([0, 1, 13, 4097]))
 def test_random_states_round_trip(devs: list[FakeDevice], ram: list[bytearray], runstate: str, chunk: int) -> None:
-    blocks = [RamBlock(f"block{i}", len(r), 0, r) for i, r in enumerate(ram)]
+    blocks = [StreamBlock(f"block{i}", len(r), 0, r) for i, r in enumerate(ram)]
     data = encode_stream(blocks, [("dev", i, d) for i, d in enumerate(devs)], runstate=runstate)
     dst_ram = [bytearray(b"\x5a" * len(r)) for r in ram]
     dst_devs = {("dev", i): FakeDevice(d.vmsd) for i, d in enumerate(devs)}
-    target = FakeTarget([RamBlock(f"block{i}", len(r), 0, r) for i, r in enumerate(dst_ram)], dst_devs)
+    target = FakeTarget([StreamBlock(f"block{i}", len(r), 0, r) for i, r in enumerate(dst_ram)], dst_devs)
     dec = StreamDecoder(target)
     step = chunk or len(data)
     for i in range(0, len(data), step):
@@ -116,7 +116,7 @@ def _fuzz_target() -> tuple[FakeTarget, list[bytearray], list[tuple[int, int]]]:
         arena = bytearray(b"\xcc" * (GUARD + pages * PAGE + GUARD))
         arenas.append(arena)
         spans.append((GUARD, GUARD + pages * PAGE))
-        blocks.append(RamBlock(name, pages * PAGE, 0, memoryview(arena)[GUARD:GUARD + pages * PAGE]))
+        blocks.append(StreamBlock(name, pages * PAGE, 0, memoryview(arena)[GUARD:GUARD + pages * PAGE]))
     devs = {("dev", 0): FakeDevice(_FUZZ_DEV.vmsd)}
     return FakeTarget(blocks, devs), arenas, spans
 
@@ -130,7 +130,7 @@ def _valid_stream() -> bytes:
     ram = bytearray(3 * PAGE)
     ram[PAGE:PAGE + 4] = b"data"
     bios = bytearray(b"\x90" * PAGE)
-    return encode_stream([RamBlock("pc.ram", len(ram), 0, ram), RamBlock("pc.bios", len(bios), 0, bios)],
+    return encode_stream([StreamBlock("pc.ram", len(ram), 0, ram), StreamBlock("pc.bios", len(bios), 0, bios)],
                          [("dev", 0, _FUZZ_DEV)])
 
 

@@ -156,8 +156,10 @@ def test_tcp_wildcard_listener_reports_real_port() -> None:
 
 def test_unix_transfer_mode_0600_and_unlink(tmp_path: Path) -> None:
     path = tmp_path / "mig.sock"
-    path.write_text("stale file in the way")               # replaced, as QEMU does
-    listener = Listener.unix(str(path))
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))                                    # a socket file nobody serves
+    stale.close()
+    listener = Listener.unix(str(path))                      # replaces the stale socket
     assert stat.S_ISSOCK(path.stat().st_mode)
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert listener.listen_address().to_qapi() == {"type": "unix", "path": str(path)}
@@ -165,6 +167,14 @@ def test_unix_transfer_mode_0600_and_unlink(tmp_path: Path) -> None:
     assert transfer_through(listener, lambda: connect_unix(str(path)), data) == data
     assert not path.exists()                                 # unlinked once accepted
     listener.close()
+
+
+def test_unix_listener_refuses_to_replace_a_file(tmp_path: Path) -> None:
+    path = tmp_path / "mig.sock"
+    path.write_text("not a socket")
+    with pytest.raises(TransportError, match=f"^Failed to bind socket to {path}: File exists$"):
+        Listener.unix(str(path))
+    assert path.read_text() == "not a socket"
 
 
 def test_unix_listener_close_without_connection_unlinks(tmp_path: Path) -> None:

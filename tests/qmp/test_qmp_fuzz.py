@@ -22,10 +22,10 @@ from fake_vm import FakeVm
 from pyvm.qmp.json_stream import JsonStreamer
 from pyvm.qmp.mutf8 import has_invalid
 from pyvm.qmp.options import parse_monitor_options
-from pyvm.qmp.registry import build_table
+from pyvm.qmp.core import build_tables
 from pyvm.qmp.server import MonitorService
 
-TABLE = build_table()
+TABLE = build_tables().qmp
 # Commands that would stop the guest or write files are left out of the live fuzz.
 UNSAFE = {"stop", "quit", "pmemsave", "memsave", "human-monitor-command"}
 SAFE_NAMES = [c.name for c in TABLE.commands() if c.name not in UNSAFE]

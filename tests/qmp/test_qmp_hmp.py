@@ -11,20 +11,22 @@ from qmp_helpers import RawClient
 from fake_vm import VIRT_OFFSET, FakeVm
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.errors import HmpError
-from pyvm.qmp.hmp import HmpSession, HmpTable, build_hmp_table
+from pyvm.qmp.hmp import HmpSession
+from pyvm.qmp.hmp_table import HmpTable
 from pyvm.qmp.hmp_expr import get_expr, get_format
 from pyvm.qmp.hmp_format import memory_dump, register_dump
 from pyvm.qmp.options import parse_monitor_options
-from pyvm.qmp.registry import build_table
+from pyvm.qmp.core import build_tables
 from pyvm.qmp.server import MonitorService
 from pyvm.runstate import RunState
 
-TABLE = build_table()
+TABLES = build_tables()
+TABLE = TABLES.qmp
 
 
 def hmp(vm: FakeVm | None = None) -> HmpSession:
     vm = vm or FakeVm()
-    return HmpSession(build_hmp_table(), CommandContext(vm, TABLE))
+    return HmpSession(TABLES.hmp, CommandContext(vm, TABLE, hmp_table=TABLES.hmp))
 
 
 def regs(name: str) -> int | None:

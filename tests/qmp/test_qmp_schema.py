@@ -8,12 +8,13 @@ import pytest
 
 from pyvm.qmp.errors import ArgumentError, SchemaError
 from pyvm.qmp.introspect import schema_info
-from pyvm.qmp.registry import CommandTable, build_table
+from pyvm.qmp.core import build_tables
+from pyvm.qmp.registry import CommandTable
 from pyvm.qmp.schema import Alternate, Array, Enum, Struct, Union
 from pyvm.qmp.visitor import conform, validate
 from pyvm.qmp.schema_core import SCHEMA_INFO
 
-# A migration-shaped schema (fact sheet 3.5, 3.8, 3.9) to exercise nesting and unions.
+# A migration-shaped schema (QEMU qapi/migration.json) to exercise nesting and unions.
 CAPABILITY = Enum("MigrationCapability", ["xbzrle", "events", "multifd"])
 CAP_STATUS = Struct("MigrationCapabilityStatus", {"capability": CAPABILITY, "state": "bool"})
 SET_CAPS = Struct("q_obj_migrate-set-capabilities-arg", {"capabilities": [CAP_STATUS]})
@@ -68,7 +69,7 @@ def test_missing_unexpected_and_types() -> None:
 
 
 def test_nested_full_paths() -> None:
-    # Observed on QEMU 7.2 (fact sheet 2.6).
+    # Observed on QEMU 7.2 (paths as qapi/qobject-input-visitor.c full_name_nth builds them).
     assert err(SET_CAPS, {"capabilities": [{"capability": "xbzrle", "state": "yes"}]}) == \
         "Invalid parameter type for 'capabilities[0].state', expected: boolean"
     assert err(SET_CAPS, {"capabilities": [{"capability": "events", "state": True},
@@ -167,7 +168,7 @@ def test_conform_orders_members_by_schema() -> None:
 
 
 def test_introspection_masks_names_and_covers_types() -> None:
-    table = build_table()
+    table = build_tables().qmp
     table.register("migrate", MIGRATE, None, lambda c, a: None)
     table.register("migrate-set-parameters", PARAMS, None, lambda c, a: None)
     info = schema_info(table)

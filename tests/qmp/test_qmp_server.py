@@ -17,7 +17,7 @@ from fake_vm import FakeVm
 from pyvm.errors import ConfigError
 from pyvm.qmp.json_stream import JsonLimits
 from pyvm.qmp.options import parse_monitor_options
-from pyvm.qmp.registry import build_table
+from pyvm.qmp.core import build_tables
 from pyvm.qmp.server import MonitorService
 from pyvm.runstate import RunState
 
@@ -200,14 +200,15 @@ def test_several_monitors(vm: FakeVm, tmp_path: Any) -> None:
 
 def test_replies_in_order_and_guest_keeps_running(vm: FakeVm, sock_path: str) -> None:
     gate = threading.Event()
-    table = build_table()
+    tables = build_tables()
+    table = tables.qmp
 
     def slow(ctx: Any, args: Any) -> dict[str, Any]:
         gate.wait(5)
         return {"slow": True}
     table.register("x-slow", None, "any", slow)
     specs = parse_monitor_options([f"unix:{sock_path},server=on"], [], [], [])
-    svc = MonitorService(vm, specs, table=table)
+    svc = MonitorService(vm, specs, tables)
     svc.start()
     try:
         a, b = RawClient(sock_path), RawClient(sock_path)
@@ -300,10 +301,11 @@ def test_slow_reader_is_dropped_not_the_vm(vm: FakeVm, sock_path: str,
 
 
 def test_unencodable_result_is_an_error_reply(vm: FakeVm, sock_path: str) -> None:
-    table = build_table()
+    tables = build_tables()
+    table = tables.qmp
     table.register("x-bad", None, "any", lambda ctx, args: {"a": object()})
     specs = parse_monitor_options([f"unix:{sock_path},server=on"], [], [], [])
-    svc = MonitorService(vm, specs, table=table)
+    svc = MonitorService(vm, specs, tables)
     svc.start()
     try:
         c = RawClient(sock_path)

@@ -1,4 +1,4 @@
-"""The sans-IO QMP session: request checks (fact sheet 2.3-2.5) joined in memory."""
+"""The sans-IO QMP session: request checks (qapi/qmp-dispatch.c, monitor/qmp.c) joined in memory."""
 
 from __future__ import annotations
 
@@ -10,11 +10,11 @@ import pytest
 from fake_vm import FakeVm
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.dispatch import Call, Reply, run_call
-from pyvm.qmp.registry import build_table
+from pyvm.qmp.core import build_tables
 from pyvm.qmp.session import QmpSession
 from pyvm.runstate import RunState
 
-TABLE = build_table()
+TABLE = build_tables().qmp
 
 
 class Peer:
@@ -153,7 +153,7 @@ def test_query_status_key_order_matches_qemu() -> None:
         step = p.session.prepare(item)
         assert isinstance(step, Call)
         line = p.session.encode(run_call(step, CommandContext(p.vm, TABLE, p.session.state)))
-    # Observed on QEMU 7.2 (fact sheet 6.1).
+    # Observed on QEMU 7.2 (qapi/run-state.json StatusInfo, printed in QDict order).
     assert line == b'{"return": {"status": "prelaunch", "singlestep": false, "running": false}}\r\n'
 
 

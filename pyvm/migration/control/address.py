@@ -16,10 +16,8 @@ Pure data: nothing here opens a socket or a file.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import os
 import re
-import shlex
 from dataclasses import dataclass, field, fields
 from typing import Any, ClassVar, Mapping, Sequence
 
@@ -31,7 +29,6 @@ class AddressError(MigrationError):
 
 
 # migration.c migration_channels_and_transport_compatible
-MULTI_CHANNEL_REQUIRED = "Migration requires multi-channel URIs (e.g. tcp)"
 
 
 # -- SocketAddress (qapi/sockets.json, flat union on "type") ---------------------------------
@@ -404,73 +401,3 @@ def resolve_address(uri: str | None, channels: Sequence[Mapping[str, Any]] | Non
         return parse_uri(uri)
     raise AddressError("neither 'uri' or 'channels' argument are specified in "
                        f"'{command}' qmp command ")
-
-
-# -- display and query-migrate ---------------------------------------------------------------
-
-def supports_multi_channels(addr: MigrationAddress) -> bool:
-    """Whether multifd / postcopy-preempt can open extra channels to this address."""
-    return (isinstance(addr, SocketMigrationAddress)
-            and not isinstance(addr.socket, FdSocketAddress))
-
-
-def _inet_uri(inet: InetSocketAddress) -> str:
-    host = f"[{inet.host}]" if ":" in inet.host else inet.host
-    text = f"{host}:{inet.port}"
-    if inet.to is not None:
-        text += f",to={inet.to}"
-    for flag, value in (("ipv4", inet.ipv4), ("ipv6", inet.ipv6),
-                        ("keep-alive", inet.keep_alive), ("mptcp", inet.mptcp)):
-        if value is not None:
-            text += f",{flag}={'on' if value else 'off'}"
-    return text
-
-
-def address_to_uri(addr: MigrationAddress) -> str:
-    """A URI naming ``addr`` (for messages and ``info migrate``); URIs parse back equal."""
-    if isinstance(addr, SocketMigrationAddress):
-        sock = addr.socket
-        if isinstance(sock, InetSocketAddress):
-            return "tcp:" + _inet_uri(sock)
-        if isinstance(sock, UnixSocketAddress):
-            return f"unix:{sock.path}"
-        if isinstance(sock, VsockSocketAddress):
-            return f"vsock:{sock.cid}:{sock.port}"
-        assert isinstance(sock, FdSocketAddress)
-        return f"fd:{sock.name}"
-    if isinstance(addr, ExecMigrationAddress):
-        if len(addr.args) == 3 and addr.args[:2] == ("/bin/sh", "-c"):
-            return "exec:" + addr.args[2]
-        return "exec:" + shlex.join(addr.args)
-    if isinstance(addr, RdmaMigrationAddress):
-        return "rdma:" + _inet_uri(addr.inet)
-    assert isinstance(addr, FileMigrationAddress)
-    return f"file:{addr.filename}" + (f",offset={addr.offset}" if addr.offset else "")
-
-
-def socket_address_json(addr: MigrationAddress | SocketAddress, actual_port: int | None = None,
-                        bound_host: str | None = None) -> dict[str, Any] | None:
-    """One ``socket-address`` entry of the destination's ``query-migrate``.
-
-    QEMU lists the listener's local address: numeric ``host``, the real ``port`` (useful
-    when 0 was asked), and ``ipv4``/``ipv6`` for its family, e.g.
-    ``{"type": "inet", "host": "127.0.0.1", "port": "47811", "ipv4": true}``; for a unix
-    socket ``{"type": "unix", "path": ...}``.  ``bound_host`` is the listener's numeric
-    address (defaults to the host asked for).  An ``fd:`` or non-socket address lists
-    nothing (``None``), as in QEMU.
-    """
-    sock = addr.socket if isinstance(addr, SocketMigrationAddress) else addr
-    if isinstance(sock, InetSocketAddress):
-        host = bound_host if bound_host is not None else sock.host
-        port = str(actual_port) if actual_port is not None else sock.port
-        try:
-            v6 = ipaddress.ip_address(host.split("%", 1)[0]).version == 6
-        except ValueError:
-            v6 = ":" in host
-        return {"type": "inet", "host": host, "port": port, "ipv6" if v6 else "ipv4": True}
-    if isinstance(sock, UnixSocketAddress):
-        return {"type": "unix", "path": sock.path}
-    if isinstance(sock, VsockSocketAddress):
-        port = str(actual_port) if actual_port is not None else sock.port
-        return {"type": "vsock", "cid": sock.cid, "port": port}
-    return None

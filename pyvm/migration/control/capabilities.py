@@ -1,7 +1,7 @@
 """Migration capabilities: ``migrate-set-capabilities`` and ``query-migrate-capabilities``.
 
 The capability list is QEMU 8.2's ``MigrationCapability`` enum (qapi/migration.json), in
-enum order; every capability starts off.  :class:`Capabilities` holds one VM's switches and
+enum order; every capability starts off.  :class:`MigrationCapabilities` holds one VM's switches and
 applies a ``migrate-set-capabilities`` request the way QEMU does (migration/options.c
 ``qmp_migrate_set_capabilities`` and ``migrate_caps_check``): the request is merged into a
 copy, the whole new set is checked, and only then committed -- all or nothing.
@@ -158,7 +158,7 @@ def check_compatibility(new: dict[MigrationCapability, bool],
     return warnings
 
 
-class Capabilities:
+class MigrationCapabilities:
     """One VM's migration capabilities, all off at start.
 
     ``implemented`` names the capabilities this build supports; any other can be set to

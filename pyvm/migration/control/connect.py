@@ -1,25 +1,44 @@
-"""From a parsed migration address to an open byte channel (the transports' glue).
+"""From a parsed migration address to an open channel (the control side's transport glue).
 
 Outgoing: :func:`outgoing_opener` returns a callable the migration thread calls to
-connect / spawn / create.  Incoming: :func:`prepare_incoming` binds a listener at once (so
-a bad address fails the command and ``query-migrate`` can show the real port) and returns
-a callable that waits for the peer; files and commands are opened by that callable.
+connect / spawn / create; it gives a :class:`~pyvm.migration.control.channel.Channel`
+(a byte pipe wrapped in a :class:`StreamChannel`, or rdma's page placement wrapped in a
+:class:`PlacementChannel`).  Incoming: :func:`prepare_incoming` binds a listener at once
+(so a bad address fails the command and ``query-migrate`` can show the real port) and
+returns a callable that waits for the peer; files and commands are opened by that
+callable.
+
+rdma: both ends list the same RAM blocks in the same order (they run with the same
+arguments), so a block's index names it on the wire.  ``PYVM_RDMA_PROVIDER`` picks the
+libfabric provider.
 """
 
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-from pyvm.migration.control.address import (ExecMigrationAddress, FdSocketAddress, FileMigrationAddress,
-                                    InetSocketAddress, MigrationAddress, RdmaMigrationAddress,
-                                    SocketMigrationAddress, UnixSocketAddress, socket_address_json)
-from pyvm.migration.transports import (AbortSignal, Listener, TransportError, connect_inet,
-                                       connect_unix, exec_incoming, exec_outgoing, file_incoming,
-                                       file_outgoing, from_fd, incoming_from_fd)
+from pyvm.host_sockets import PortError, parse_port
+from pyvm.migration.control.address import (ExecMigrationAddress, FdSocketAddress,
+                                            FileMigrationAddress, InetSocketAddress,
+                                            MigrationAddress, RdmaMigrationAddress,
+                                            SocketMigrationAddress, UnixSocketAddress)
+from pyvm.migration.control.channel import Channel, PlacementChannel, StreamChannel
+from pyvm.migration.transports import (AbortSignal, IncomingChannel, Listener, RecordChannel,
+                                       TransportError,
+                                       connect_inet, connect_unix, exec_incoming, exec_outgoing,
+                                       file_incoming, file_outgoing, from_fd, incoming_from_fd)
+from pyvm.migration.transports.fabric import PROVIDER_ENV
+from pyvm.migration.transports.rdma_transport import BlockSpec, RdmaListener, RdmaOutgoing
+
+if TYPE_CHECKING:
+    from pyvm.ram import RamBlock
 
 STREAMING = (SocketMigrationAddress, RdmaMigrationAddress)
+
+#: The RAM blocks that are migrated, in order (called when the channel opens).
+BlockList = Callable[[], Sequence["RamBlock"]]
 
 
 def _fd_number(sock: FdSocketAddress) -> int:
@@ -33,56 +52,67 @@ def _inet_kwargs(inet: InetSocketAddress) -> dict[str, Any]:
     return {"ipv4": inet.ipv4, "ipv6": inet.ipv6}
 
 
-def outgoing_opener(addr: MigrationAddress, abort: AbortSignal,
-                    rdma_blocks: Callable[[], Any] | None = None,
+def _port(text: str) -> int:
+    try:
+        return parse_port(text)
+    except PortError as err:
+        raise TransportError(str(err)) from None
+
+
+def _provider() -> str | None:
+    return os.environ.get(PROVIDER_ENV) or None
+
+
+def _block_specs(blocks: BlockList) -> list[BlockSpec]:
+    return [(b.name, b.mem, b.size) for b in blocks()]
+
+
+def outgoing_opener(addr: MigrationAddress, abort: AbortSignal, blocks: BlockList,
                     rdma_pin_all: bool = False,
-                    upgrade: Callable[[Any], Any] | None = None) -> Callable[[], Any]:
+                    upgrade: Callable[[RecordChannel], RecordChannel] | None = None
+                    ) -> Callable[[], Channel]:
     """A callable that opens the outgoing channel for ``addr`` (runs on the migration thread).
 
-    ``upgrade`` (TLS, pyvm.migration.tls_glue) turns a connected tcp/unix channel into
-    the channel to use."""
-    up: Callable[[Any], Any] = upgrade or (lambda ch: ch)
+    ``upgrade`` (TLS, pyvm.migration.tls_glue) turns a connected tcp/unix pipe into the
+    pipe to use."""
+    up: Callable[[RecordChannel], RecordChannel] = upgrade or (lambda pipe: pipe)
     if isinstance(addr, SocketMigrationAddress):
         sock = addr.socket
         if isinstance(sock, InetSocketAddress):
-            return lambda: up(connect_inet(sock.host, _port(sock.port), abort=abort,
-                                           **_inet_kwargs(sock)))
+            return lambda: StreamChannel(connect_inet(sock.host, _port(sock.port), abort=abort,
+                                                      **_inet_kwargs(sock)))
         if isinstance(sock, UnixSocketAddress):
-            return lambda: up(connect_unix(sock.path, abort=abort))
+            return lambda: StreamChannel(up(connect_unix(sock.path, abort=abort)))
         if isinstance(sock, FdSocketAddress):
-            return lambda: from_fd(_fd_number(sock))
+            return lambda: StreamChannel(from_fd(_fd_number(sock)))
         raise TransportError(f"socket type '{sock.type}' is not supported by pyvm")
     if isinstance(addr, ExecMigrationAddress):
-        return lambda: exec_outgoing(list(addr.args))
+        return lambda: StreamChannel(exec_outgoing(list(addr.args)))
     if isinstance(addr, FileMigrationAddress):
-        return lambda: file_outgoing(addr.filename, addr.offset, abort=abort)
+        return lambda: StreamChannel(file_outgoing(addr.filename, addr.offset, abort=abort))
     if isinstance(addr, RdmaMigrationAddress):
-        from pyvm.migration.control.rdma_connect import rdma_outgoing_opener
-        return rdma_outgoing_opener(addr, rdma_blocks, abort, rdma_pin_all)
+        inet = addr.inet
+        return lambda: PlacementChannel(RdmaOutgoing(inet.host, inet.port, _block_specs(blocks),
+                                                     rdma_pin_all, provider=_provider(),
+                                                     abort=abort))
     raise TransportError(f"unknown migration transport {addr!r}")
-
-
-def _port(text: str) -> int:
-    try:
-        port = int(text, 10)
-    except ValueError:
-        raise TransportError(f"error parsing port '{text}'") from None
-    if not 0 <= port <= 65535:
-        raise TransportError(f"port {port} out of range")
-    return port
 
 
 @dataclass
 class PreparedIncoming:
     """A bound (or about to be opened) incoming channel."""
 
-    accept: Callable[[], Any]
+    accept: Callable[[], IncomingChannel]
     close: Callable[[], None]
     socket_address: list[dict[str, Any]] | None
     listener: Listener | None = None        # tcp/unix: TLS accepts from it itself
 
 
-def prepare_incoming(addr: MigrationAddress, rdma_blocks: Callable[[], Any] | None = None) -> PreparedIncoming:
+def _nothing() -> None:
+    pass
+
+
+def prepare_incoming(addr: MigrationAddress, blocks: BlockList) -> PreparedIncoming:
     if isinstance(addr, SocketMigrationAddress):
         sock = addr.socket
         if isinstance(sock, InetSocketAddress):
@@ -91,22 +121,31 @@ def prepare_incoming(addr: MigrationAddress, rdma_blocks: Callable[[], Any] | No
             lst = Listener.unix(sock.path)
         elif isinstance(sock, FdSocketAddress):
             fd = _fd_number(sock)
-            return PreparedIncoming(lambda: incoming_from_fd(fd), lambda: None, None)
+            return PreparedIncoming(lambda: incoming_from_fd(fd), _nothing, None)
         else:
             raise TransportError(f"socket type '{sock.type}' is not supported by pyvm")
         listen = lst.listen_address()
-        return PreparedIncoming(lambda: lst.accept(), lst.close, [listen.to_qapi()], lst)
+        return PreparedIncoming(lst.accept, lst.close, [listen.to_qapi()], lst)
     if isinstance(addr, ExecMigrationAddress):
-        return PreparedIncoming(lambda: exec_incoming(list(addr.args)), lambda: None, None)
+        return PreparedIncoming(lambda: exec_incoming(list(addr.args)), _nothing, None)
     if isinstance(addr, FileMigrationAddress):
         if not os.path.exists(addr.filename):
             raise TransportError(f"Could not open '{addr.filename}': No such file or directory")
-        return PreparedIncoming(lambda: file_incoming(addr.filename, addr.offset), lambda: None, None)
+        return PreparedIncoming(lambda: file_incoming(addr.filename, addr.offset), _nothing, None)
     if isinstance(addr, RdmaMigrationAddress):
-        from pyvm.migration.control.rdma_connect import prepare_rdma_incoming
-        return prepare_rdma_incoming(addr, rdma_blocks)
+        return _prepare_rdma(addr, blocks)
     raise TransportError(f"unknown migration transport {addr!r}")
 
 
-__all__ = ["PreparedIncoming", "STREAMING", "outgoing_opener", "prepare_incoming",
-           "socket_address_json"]
+def _prepare_rdma(addr: RdmaMigrationAddress, blocks: BlockList) -> PreparedIncoming:
+    listener = RdmaListener(addr.inet.host, addr.inet.port, provider=_provider())
+
+    def accept() -> IncomingChannel:
+        wanted = list(blocks())
+        # Pages never populated read as zero: a zero fill need not touch them.
+        return listener.accept([(b.name, b.mem, b.size) for b in wanted],
+                               zero_hints=[b.unpopulated for b in wanted])
+    return PreparedIncoming(accept, listener.close, None)
+
+
+__all__ = ["BlockList", "PreparedIncoming", "STREAMING", "outgoing_opener", "prepare_incoming"]

@@ -7,7 +7,12 @@ decoder's bounds-checked writes, device and vCPU sections into their objects.  A
 end of the stream the guest takes the run state the source had (``globalstate``):
 ``running`` runs it (unless this VM was started with ``-S``), anything else leaves it
 stopped.  A bad or cut stream prints QEMU's load errors and ends the process with status 1,
-unless ``exit-on-error`` was false, in which case the VM stays up in ``failed``.
+unless ``exit-on-error`` was false, in which case the VM stays up in ``failed``.  Any
+other failure of the load thread ends the same way (``failed`` with ``error-desc``,
+``exit-on-error`` honoured): the status never stays ``active``.
+
+The load thread belongs to its :class:`IncomingMigration`; the migration manager stops and
+joins it when the VM closes.
 """
 
 from __future__ import annotations
@@ -19,15 +24,16 @@ from typing import TYPE_CHECKING, Any, Callable, Collection
 import numpy as np
 
 from pyvm.errors import PyvmError
+from pyvm.migration.control.manager import MigrationManager
+from pyvm.migration.control.status import DestinationSnapshot, MigrationStatus, build_migration_info
+from pyvm.migration.errors import MigrationError
 from pyvm.migration.stream import ram_format
 from pyvm.migration.stream.decoder import StreamDecoder
-from pyvm.migration.errors import MigrationError
-from pyvm.migration.control.status import DestinationSnapshot, MigrationStatus, build_migration_info
+from pyvm.migration.transports import IncomingChannel
 from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
     from pyvm.machine import Machine
-    from pyvm.migration.control.manager import MigrationManager
 
 READ_SIZE = 1 << 20
 
@@ -35,7 +41,7 @@ READ_SIZE = 1 << 20
 class MachineLoadTarget:
     """The decoder's view of the destination VM (pyvm.migration.stream.decoder.LoadTarget)."""
 
-    def __init__(self, machine: "Machine", manager: "MigrationManager") -> None:
+    def __init__(self, machine: "Machine", manager: MigrationManager) -> None:
         self.machine = machine
         self.manager = manager
         self.loaded_runstate: str | None = None
@@ -47,7 +53,7 @@ class MachineLoadTarget:
     def capabilities(self) -> Collection[str] | None:
         return self.manager.stream_capabilities()
 
-    def ram_block(self, name: str, length: int) -> ram_format.RamBlock | None:
+    def ram_block(self, name: str, length: int) -> ram_format.StreamBlock | None:
         block = self.machine.ram.by_name(name)
         if block is None:
             return None
@@ -57,7 +63,7 @@ class MachineLoadTarget:
         # writes guest RAM (the vCPUs do not run while the VM is in 'inmigrate').
         unpopulated = None if ignored else block.unpopulated()
         written = None if unpopulated is None else (~unpopulated).view(np.uint8)
-        return ram_format.RamBlock(block.name, block.size, block.gpa,
+        return ram_format.StreamBlock(block.name, block.size, block.gpa,
                                    None if ignored else block.mem, ignored, written=written)
 
     def device(self, idstr: str, instance_id: int) -> Any:
@@ -76,8 +82,8 @@ class MachineLoadTarget:
 class IncomingMigration:
     """One incoming migration: a transport opener plus the load thread."""
 
-    def __init__(self, manager: "MigrationManager", machine: "Machine",
-                 open_channel: Callable[[], Any], exit_on_error: bool = True,
+    def __init__(self, manager: MigrationManager, machine: "Machine",
+                 open_channel: Callable[[], IncomingChannel], exit_on_error: bool = True,
                  socket_address: list[dict[str, Any]] | None = None,
                  on_close: Callable[[], None] | None = None) -> None:
         self.mgr = manager
@@ -88,11 +94,34 @@ class IncomingMigration:
         self.on_close = on_close
         self.status: MigrationStatus | None = None
         self.error_desc: str | None = None
-        self.channel: Any = None
+        self.channel: IncomingChannel | None = None
+        self._stopping = threading.Event()
+        self._close_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
 
     def start(self) -> None:
         self.thread.start()
+
+    def stop(self) -> None:
+        """Any thread: stop waiting for the peer or loading (the VM is closing)."""
+        self._stopping.set()
+        channel = self.channel
+        if channel is not None:
+            try:
+                channel.shutdown()
+            except Exception:  # noqa: BLE001 - best effort: the thread ends either way
+                pass
+        self._close_listener()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self.thread.is_alive() or self.thread.ident is not None:
+            self.thread.join(timeout)
+
+    def _close_listener(self) -> None:
+        with self._close_lock:
+            on_close, self.on_close = self.on_close, None
+        if on_close is not None:
+            on_close()
 
     def query(self) -> dict[str, Any]:
         info = build_migration_info(None, DestinationSnapshot(
@@ -109,10 +138,12 @@ class IncomingMigration:
         target = MachineLoadTarget(self.machine, self.mgr)
         decoder = StreamDecoder(target, expected_sections=target.expected_sections())
         try:
-            self.channel = self.open_channel()
+            channel = self.channel = self.open_channel()
+            if self._stopping.is_set():
+                return
             self._set_status(MigrationStatus.ACTIVE)
             while not decoder.finished:
-                n, _ = decoder.feed_from(self.channel.readinto, READ_SIZE)
+                n, _ = decoder.feed_from(channel.readinto, READ_SIZE)
                 if n == 0:
                     decoder.close()
                     break
@@ -122,6 +153,10 @@ class IncomingMigration:
         except (PyvmError, OSError) as err:
             text = str(err)
             self._fail([text, "load of migration failed: Input/output error"], text)
+        except Exception as err:  # noqa: BLE001 - any failure must end in 'failed'
+            text = f"{type(err).__name__}: {err}" if str(err) else type(err).__name__
+            self._fail([f"internal error while loading the migration stream: {text}",
+                        "load of migration failed: Input/output error"], text)
         finally:
             decoder.release()
             if self.channel is not None:
@@ -129,8 +164,7 @@ class IncomingMigration:
                     self.channel.close()
                 except Exception:  # noqa: BLE001 - the load result stands
                     pass
-            if self.on_close is not None:
-                self.on_close()
+            self._close_listener()
 
     def _finish(self, target: MachineLoadTarget) -> None:
         m = self.machine
@@ -148,23 +182,11 @@ class IncomingMigration:
         self._set_status(MigrationStatus.COMPLETED)
 
     def _fail(self, lines: list[str], desc: str) -> None:
+        if self._stopping.is_set():
+            return                 # the VM is closing: nobody is left to tell
         for line in lines:
             print(f"pyvm: {line}", file=sys.stderr, flush=True)
         self.error_desc = desc
         self._set_status(MigrationStatus.FAILED)
         if self.exit_on_error:
             self.machine.request_exit(1)
-
-
-def start_incoming_from_cli(machine: "Machine", uri: str) -> None:
-    """``-incoming URI`` / ``-incoming defer`` at start-up."""
-    from pyvm.errors import ConfigError
-    from pyvm.migration.control.service import migration_of, start_incoming
-
-    mgr = migration_of(machine)
-    mgr.deferred_incoming = uri == "defer"
-    if uri != "defer":
-        try:
-            start_incoming(machine, uri, None, exit_on_error=True, from_cli=True)
-        except PyvmError as err:
-            raise ConfigError(f"-incoming {uri}: {err}") from err

@@ -1,19 +1,26 @@
 """Migration state of one VM: capabilities, parameters, blockers, the current migration.
 
-The QMP commands (:mod:`pyvm.migration.control.monitor_commands`) call into this object; the source
-thread (:mod:`pyvm.migration.control.precopy`) and the destination (:mod:`pyvm.migration.control.incoming`)
-report status changes through :meth:`MigrationManager.set_status`, which emits
-``MIGRATION`` events when the ``events`` capability is on, as QEMU does.
+The commands (:mod:`pyvm.migration.control.service`) call into this object; the source
+thread (:mod:`pyvm.migration.control.precopy`) and the destination
+(:mod:`pyvm.migration.control.incoming`) report status changes through
+:meth:`MigrationManager.set_status`, which emits ``MIGRATION`` events when the ``events``
+capability is on, as QEMU does.
+
+The manager owns the migration threads: :meth:`MigrationManager.shutdown` stops the
+current outgoing migration (it ends ``cancelled``) and the incoming one, and joins their
+threads.  It knows them only through :class:`OutgoingJob` and :class:`IncomingJob`, so it
+sits below the modules that implement them.
 """
 
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any, Callable
+import time
+from typing import TYPE_CHECKING, Any, Callable, Protocol
 
 from pyvm.errors import PyvmError
 from pyvm.migration.control.blockers import BlockerRegistry
-from pyvm.migration.control.capabilities import Capabilities
+from pyvm.migration.control.capabilities import MigrationCapabilities
 from pyvm.migration.control.parameters import MigrationParameters
 from pyvm.migration.control.status import (MigrationStats, MigrationStatus, SourceSnapshot,
                                    build_migration_info)
@@ -21,8 +28,6 @@ from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
     from pyvm.machine import Machine
-    from pyvm.migration.control.incoming import IncomingMigration
-    from pyvm.migration.control.precopy import Precopy
     from pyvm.ram import RamBlock
 
 #: capabilities this build implements (others are refused by name)
@@ -33,22 +38,51 @@ ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.
                  MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE}
 
 
+#: seconds :meth:`MigrationManager.shutdown` waits for each thread
+JOIN_TIMEOUT = 10.0
+
+
 class MigrationCommandError(PyvmError):
     """A migration command refused, with QEMU's text."""
+
+
+class OutgoingJob(Protocol):
+    """The source side of one migration (:class:`pyvm.migration.control.precopy.Precopy`)."""
+
+    continue_event: threading.Event
+
+    def cancel(self) -> None:
+        """Any thread: make the migration thread stop; it reports ``cancelled``."""
+
+
+class IncomingJob(Protocol):
+    """One incoming migration (:class:`pyvm.migration.control.incoming.IncomingMigration`)."""
+
+    status: MigrationStatus | None
+
+    def query(self) -> dict[str, Any]:
+        """``query-migrate`` on the destination."""
+
+    def stop(self) -> None:
+        """Any thread: stop waiting or loading (the VM is going away)."""
+
+    def join(self, timeout: float | None = None) -> None:
+        """Wait for the load thread to end."""
 
 
 class MigrationManager:
     def __init__(self, machine: "Machine") -> None:
         self.machine = machine
-        self.caps = Capabilities(implemented=IMPLEMENTED_CAPABILITIES)
+        self.caps = MigrationCapabilities(implemented=IMPLEMENTED_CAPABILITIES)
         self.params = MigrationParameters()
         self.blockers = BlockerRegistry()
         self.lock = threading.RLock()
         self.status = MigrationStatus.NONE
         self.stats = MigrationStats()
         self.error_desc: str | None = None
-        self.precopy: "Precopy | None" = None
-        self.incoming: "IncomingMigration | None" = None
+        self.precopy: OutgoingJob | None = None
+        self.incoming: IncomingJob | None = None
+        #: the thread of the current (or last) outgoing migration; joined by shutdown()
         self.thread: threading.Thread | None = None
         self.start_time = 0.0
         self.setup_time_ms = 0
@@ -62,6 +96,32 @@ class MigrationManager:
         #: None: no -incoming; True: -incoming defer, waiting for migrate-incoming
         self.deferred_incoming: bool | None = None
         self.address: Any = None
+
+    # -- threads -----------------------------------------------------------------------------------
+    def start_outgoing(self, job: OutgoingJob, body: Callable[[], None]) -> None:
+        """Run ``body`` (the job's thread body) on the migration thread."""
+        previous = self.thread
+        if previous is not None:
+            # The last migration ended (commands refuse while one is active); its thread
+            # may still be returning from its final status change (which takes the lock).
+            previous.join(JOIN_TIMEOUT)
+        with self.lock:
+            self.precopy = job
+            self.thread = threading.Thread(target=body, name="migration", daemon=True)
+            self.thread.start()
+
+    def shutdown(self, timeout: float = JOIN_TIMEOUT) -> None:
+        """Stop every migration thread of this VM and join it (the VM is closing)."""
+        with self.lock:
+            job, thread, incoming = self.precopy, self.thread, self.incoming
+        if job is not None and thread is not None and thread.is_alive():
+            job.cancel()
+        if incoming is not None:
+            incoming.stop()
+        if thread is not None:
+            thread.join(timeout)
+        if incoming is not None:
+            incoming.join(timeout)
 
     # -- status and events ----------------------------------------------------------------------
     def set_status(self, status: MigrationStatus) -> None:
@@ -101,7 +161,6 @@ class MigrationManager:
             return build_migration_info(snap, None, self.blockers.reasons())
 
     def _total_time(self) -> int:
-        import time
         if self.status in (MigrationStatus.COMPLETED,):
             return self.total_time_ms
         if self.start_time:

@@ -2,12 +2,14 @@
 
 QMP argument types come from :mod:`pyvm.migration.control.qmp_schema` (validated by the
 monitor with QEMU's visitor texts); behaviour from :mod:`pyvm.migration.control.service`.
-Importing this module installs the commands on every monitor table.
+Nothing is registered on import: whoever builds a monitor passes :func:`install` to
+:func:`pyvm.qmp.core.build_tables`, which registers the QMP commands and events and the
+human-monitor commands on that monitor's tables.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 from pyvm.errors import PyvmError
 from pyvm.migration import pagemap_query
@@ -16,12 +18,18 @@ from pyvm.migration.control.parameters import PARAMETER_SPECS
 from pyvm.migration.control.qmp_schema import COMMANDS_BY_NAME, MIGRATION_EVENTS
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.errors import CommandError
-from pyvm.qmp.hmp import HmpContext, HmpTable, add_hmp_installer
-from pyvm.qmp.registry import CommandTable, add_installer
+from pyvm.qmp.hmp import HmpContext
+from pyvm.qmp.hmp_table import HmpTable
+from pyvm.qmp.registry import CommandTable
+from pyvm.qmp.tables import MonitorTables
 from pyvm.size import parse_size
 
+#: ``behaviour(machine, args)``: a command's work, from :mod:`pyvm.migration.control.service`.
+#: The monitor knows the VM as a :class:`pyvm.qmp.vm_api.VmApi`; pyvm's is the Machine.
+Behaviour = Callable[[Any, dict[str, Any]], Any]
 
-def _guard(fn: Any) -> Any:
+
+def _guard(fn: Behaviour) -> Callable[[CommandContext, dict[str, Any]], Any]:
     def handler(ctx: CommandContext, args: dict[str, Any]) -> Any:
         try:
             return fn(ctx.vm, args)
@@ -32,7 +40,7 @@ def _guard(fn: Any) -> Any:
     return handler
 
 
-HANDLERS = {
+HANDLERS: dict[str, Behaviour] = {
     "migrate": lambda vm, a: service.migrate(vm, a),
     "migrate-incoming": lambda vm, a: service.migrate_incoming(vm, a),
     "migrate_cancel": lambda vm, a: service.migrate_cancel(vm),
@@ -45,7 +53,7 @@ HANDLERS = {
 }
 
 
-def install(table: CommandTable) -> None:
+def install_qmp(table: CommandTable) -> None:
     for name, fn in HANDLERS.items():
         spec = COMMANDS_BY_NAME[name]
         table.register(name, spec.args, spec.returns, _guard(fn))
@@ -58,6 +66,10 @@ def install(table: CommandTable) -> None:
 
 def _on_off(value: bool) -> str:
     return "on" if value else "off"
+
+
+def _kbytes(value: int) -> str:
+    return f"{value >> 10} kbytes"
 
 
 def hmp_info_migrate(ctx: HmpContext, args: dict[str, Any]) -> None:
@@ -76,7 +88,7 @@ def hmp_info_migrate(ctx: HmpContext, args: dict[str, Any]) -> None:
             lines.append(f"{label}: {info[key]} ms")
     ram = info.get("ram")
     if ram:
-        kb = lambda v: f"{v >> 10} kbytes"  # noqa: E731 - a local formatter
+        kb = _kbytes
         lines += [f"transferred ram: {kb(ram['transferred'])}",
                   f"throughput: {ram['mbps']:.2f} mbps",
                   f"remaining ram: {kb(ram['remaining'])}",
@@ -194,5 +206,8 @@ def install_hmp(table: HmpTable) -> None:
       hmp_info_migrate_parameters)
 
 
-add_installer(install)
-add_hmp_installer(install_hmp)
+
+def install(tables: MonitorTables) -> None:
+    """Migration's QMP commands and events and its human-monitor commands, on one monitor."""
+    install_qmp(tables.qmp)
+    install_hmp(tables.hmp)

@@ -138,7 +138,7 @@ _TRANSFORM = {"persistent": ("bool", False)}
 _STRUCTS = {"node": _NODE_ALIAS, "bitmap": _BITMAP_ALIAS, "transform": _TRANSFORM}
 
 
-def _convert_struct(value: Any, path: str, members: Mapping[str, tuple[str, bool]]) -> dict:
+def _convert_struct(value: Any, path: str, members: Mapping[str, tuple[str, bool]]) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise _type_error(path, "object")
     out: dict[str, Any] = {}

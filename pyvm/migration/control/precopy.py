@@ -27,20 +27,21 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
 
-from pyvm.fastpath import RecordBatch, bitmap_to_indices, find_zero_pages_at
+from pyvm.fastpath import bitmap_to_indices
+from pyvm.migration.control.channel import (BATCH_PAGES, Channel, PageRun, PlacementChannel,
+                                             zero_mask)
+from pyvm.migration.control.manager import MigrationManager
+from pyvm.migration.control.status import MigrationStatus
 from pyvm.migration.stream import ram_format
 from pyvm.migration.stream.encoder import StreamEncoder
-from pyvm.migration.control.status import MigrationStatus
+from pyvm.migration.transports import AbortSignal
 from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
     from pyvm.machine import Machine
-    from pyvm.migration.control.manager import MigrationManager
     from pyvm.ram import RamBlock
 
 PAGE = 4096
-RAM_HOOK_RECORD = (0x80).to_bytes(8, "big")   # RAM_SAVE_FLAG_HOOK (migration/ram.c)
-BATCH_PAGES = 256              # PAGE records per write (1 MiB), pages per rdma write batch
 RATE_WINDOW = 0.1              # seconds: QEMU's BUFFER_DELAY rate-limit window
 
 
@@ -55,34 +56,25 @@ class _Round:
     pages: int = 0
 
 
-def zero_mask(mem: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """``mask[i]`` True when page ``indices[i]`` of ``mem`` is all zero (scanned natively).
-
-    The scan stops at a page's first non-zero bytes, so data pages cost a cache line or
-    two, not the whole page.
-    """
-    mask = np.zeros(indices.size, dtype=np.uint8)
-    if indices.size:
-        find_zero_pages_at(mem, np.ascontiguousarray(indices, dtype=np.int64), mask)
-    return mask.view(bool)
-
-
 class Precopy:
     """One outgoing migration; :meth:`run` is the thread body."""
 
-    def __init__(self, manager: "MigrationManager", machine: "Machine",
-                 open_channel: Callable[[], Any]) -> None:
+    def __init__(self, manager: MigrationManager, machine: "Machine",
+                 open_channel: Callable[[], Channel], abort: AbortSignal) -> None:
         self.mgr = manager
         self.machine = machine
         self.open_channel = open_channel
-        self.channel: Any = None
+        #: wakes a connect or a blocked write when migrate_cancel comes
+        self.abort = abort
+        self.channel: Channel | None = None
         self.cancel_requested = threading.Event()
         self.continue_event = threading.Event()
         self.enc = StreamEncoder(checksum=manager.caps["x-checksum"])
         self._final_section = False
         self.stats = manager.stats
         self._pending: list[tuple["RamBlock", np.ndarray]] = []
-        self._batch = RecordBatch(BATCH_PAGES)
+        self._codec_blocks: dict[str, ram_format.StreamBlock] = {}
+        self._block_index: dict[str, int] = {}
         self._window_start = 0.0
         self._window_bytes = 0
         self._stopped_vm = False
@@ -95,13 +87,12 @@ class Precopy:
         start = time.monotonic()
         mgr.start_time = start
         try:
-            self.channel = self.open_channel()
-            if self.enc.checksum and hasattr(self.channel, "write_pages"):
+            channel = self.channel = self.open_channel()
+            if channel.note:
+                self.machine.log.log("migration", channel.note)
+            if self.enc.checksum and isinstance(channel, PlacementChannel):
                 raise RuntimeError("x-checksum is not supported with rdma: RDMA writes "
                                    "pages outside the stream")
-            provider = getattr(self.channel, "provider", None)
-            if provider:
-                self.machine.log.log("migration", f"rdma: libfabric provider {provider}")
             if self.cancel_requested.is_set():
                 raise MigrationCancelled()
             self._setup()
@@ -113,7 +104,7 @@ class Precopy:
                 mgr.set_status(MigrationStatus.ACTIVE)
                 self._iterate()
                 self._complete()
-            self.channel.close()
+            channel.close()
             mgr.total_time_ms = int((time.monotonic() - start) * 1000)
             self._finish_ok()
         except MigrationCancelled:
@@ -134,7 +125,7 @@ class Precopy:
         self._send(self.enc.header())
         self._send(self.enc.configuration(m.machine_type, caps))
         ignore_shared = "x-ignore-shared" in caps
-        codec_blocks = [ram_format.RamBlock(b.name, b.size, b.gpa, b.mem, self.mgr.block_ignored(b))
+        codec_blocks = [ram_format.StreamBlock(b.name, b.size, b.gpa, b.mem, self.mgr.block_ignored(b))
                         for b in m.ram]
         self._codec_blocks = {b.name: cb for b, cb in zip(m.ram, codec_blocks)}
         self._block_index = {b.name: i for i, b in enumerate(self._blocks())}
@@ -153,14 +144,14 @@ class Precopy:
         params = self.mgr.params
         while True:
             self._check_cancel()
-            rnd = _Round(time.monotonic(), self.channel.bytes_written)
+            rnd = _Round(time.monotonic(), self._transferred())
             self._send(self.enc.ram_section_begin(final=False))
             for block, idx in self._pending:
                 self._send_pages(block, idx, rnd)
             self._pending = []
             self._end_round()
             elapsed = max(time.monotonic() - rnd.started, 1e-6)
-            sent = self.channel.bytes_written - rnd.bytes_before
+            sent = self._transferred() - rnd.bytes_before    # every byte moved, rdma's too
             bandwidth = sent / elapsed                                    # bytes/s
             self.stats.mbps = bandwidth * 8 / 1e6
             self.stats.pages_per_second = int(rnd.pages / elapsed)
@@ -185,7 +176,7 @@ class Precopy:
                 self._check_cancel()
             self.mgr.set_status(MigrationStatus.DEVICE)
         downtime_start = time.monotonic()
-        before = self.channel.bytes_written
+        before = self._transferred()
         if self.mode == "cpr-reboot":
             self._pending = [(b, np.arange(b.npages, dtype=np.int64)) for b in self._blocks()]
         else:
@@ -205,8 +196,8 @@ class Precopy:
         runstate = "running" if self._was_running else self.mgr.runstate_at_start.value
         self._send(self.enc.globalstate(runstate))
         self._send(self.enc.eof_and_vmdesc())
-        self.channel.flush()
-        self.stats.downtime_bytes += self.channel.bytes_written - before
+        self._channel().flush()
+        self.stats.downtime_bytes += self._transferred() - before
         self.mgr.downtime_ms = int((time.monotonic() - downtime_start) * 1000)
         if self._stop_time is not None:
             self.mgr.downtime_ms = int((time.monotonic() - self._stop_time) * 1000)
@@ -274,28 +265,18 @@ class Precopy:
             unpopulated = block.unpopulated(first, int(indices.max()) + 1 - first)
             if unpopulated is not None:
                 known_zero = unpopulated[indices - first]
-        if hasattr(self.channel, "write_pages"):
-            self._send_rdma(block, indices, known_zero, rnd, limit)
-            return
         if self.enc.checksum:
             self._send_checked_batches(block, indices, known_zero, rnd, limit)
             return
-        # Each pending entry is a different block, so a fresh record writer names the block
-        # in its first record exactly as the encoder would after the section header.
-        #
-        # Records are laid out natively (zero pages found on the way), 256 PAGE records
-        # or ~100,000 ZERO records at a time, and the channel writes each batch with
-        # writev/sendmsg: headers from the batch's buffer, page bytes straight from guest
-        # RAM, no copy.  Every channel but rdma's is a RecordChannel.
-        start = 0
-        while start < indices.size:
+        run = PageRun(cb, self._block_index[block.name], indices, known_zero)
+        channel = self._channel()
+        self._check_cancel()
+        before = self._transferred()
+        for npages, nzero in channel.send_pages(run):
+            self.stats.transferred = after = self._transferred()
+            self._account(npages, nzero, rnd, after - before, limit)
             self._check_cancel()
-            before = self._transferred()
-            end, _, nzero = self.enc.ram_batch(self._batch, cb, indices, start, known_zero)
-            self.channel.write_records(self._batch)
-            self.stats.transferred = self._transferred()
-            self._account(end - start, nzero, rnd, before, limit)
-            start = end
+            before = after
 
     def _send_checked_batches(self, block: "RamBlock", indices: np.ndarray,
                               known_zero: np.ndarray | None, rnd: _Round, limit: bool) -> None:
@@ -313,17 +294,17 @@ class Precopy:
             self._send(self.enc.ram_pages(cb, idx, mask))
             self._send(self.enc.ram_eos())
             self._send(self.enc.ram_section_begin(final=self._final_section))
-            self.stats.transferred = self._transferred()
-            self._account(idx.size, int(np.count_nonzero(mask)), rnd, before, limit)
+            self.stats.transferred = after = self._transferred()
+            self._account(idx.size, int(np.count_nonzero(mask)), rnd, after - before, limit)
 
-    def _account(self, npages: int, nzero: int, rnd: _Round, before: int, limit: bool) -> None:
-        """Statistics (and the bandwidth limit) after ``npages`` pages went out."""
+    def _account(self, npages: int, nzero: int, rnd: _Round, sent: int, limit: bool) -> None:
+        """Statistics (and the bandwidth limit) after ``npages`` pages (``sent`` bytes)
+        went out."""
         self.stats.duplicate += nzero
         self.stats.normal += npages - nzero
         self.stats.normal_bytes = self.stats.normal * PAGE
         rnd.pages += npages
         self.stats.remaining = max(0, self.stats.remaining - npages * PAGE)
-        sent = self._transferred() - before
         if self.machine.runstate.running:
             self.stats.precopy_bytes += sent
         elif limit:
@@ -331,44 +312,17 @@ class Precopy:
         if limit:
             self._rate_limit(sent)
 
-    def _send_rdma(self, block: "RamBlock", indices: np.ndarray, known_zero: np.ndarray | None,
-                   rnd: _Round, limit: bool) -> None:
-        """One-sided RDMA writes straight into the destination's registered block; zero
-        pages go as COMPRESS messages so unregistered memory stays untouched.  No
-        PAGE/ZERO record for these pages enters the stream."""
-        index = self._block_index[block.name]
-        if known_zero is not None and known_zero.any():
-            # All known-zero pages at once: their runs merge into a few COMPRESS messages.
-            self._check_cancel()
-            before = self._transferred()
-            zeros = indices[known_zero]
-            self.channel.write_zero_pages(index, zeros * PAGE, PAGE)
-            self.stats.transferred = self._transferred()
-            self._account(zeros.size, zeros.size, rnd, before, limit)
-            indices = indices[~known_zero]
-        for s in range(0, indices.size, BATCH_PAGES):
-            self._check_cancel()
-            idx = indices[s:s + BATCH_PAGES]
-            mask = zero_mask(block.mem, idx)
-            before = self._transferred()
-            offsets = idx * PAGE
-            if mask.any():
-                self.channel.write_zero_pages(index, offsets[mask], PAGE)
-            if not mask.all():
-                self.channel.write_pages(index, offsets[~mask], PAGE)
-            self.stats.transferred = self._transferred()
-            self._account(idx.size, int(np.count_nonzero(mask)), rnd, before, limit)
-
     def _end_round(self) -> None:
-        """Close a RAM section; with rdma, first wait for the round's writes to land and
-        mark the round in the stream (RAM_SAVE_FLAG_HOOK), as QEMU's rdma does."""
-        if hasattr(self.channel, "round_finished"):
-            self.channel.round_finished()
-            self._send([RAM_HOOK_RECORD])
+        """Close a RAM section once the channel says the round's pages have landed."""
+        self._channel().end_round()
         self._send(self.enc.ram_eos())
 
+    def _channel(self) -> Channel:
+        assert self.channel is not None, "the channel is opened first"
+        return self.channel
+
     def _transferred(self) -> int:
-        return self.channel.bytes_written + getattr(self.channel, "rdma_bytes", 0)
+        return self._channel().bytes_moved
 
     def _rate_limit(self, nbytes: int) -> None:
         bw = self.mgr.params.max_bandwidth
@@ -389,7 +343,7 @@ class Precopy:
 
     def _send(self, chunks: list[Any]) -> None:
         if chunks:
-            self.channel.writev(chunks)
+            self._channel().write_stream(chunks)
             self.stats.transferred = self._transferred()
 
     def _check_cancel(self) -> None:
@@ -415,18 +369,22 @@ class Precopy:
         try:
             if m.dirty_logging:
                 m.stop_dirty_log()
-        finally:
             if self._stopped_vm:
                 m.run_on_loop(lambda: m.runstate.set(RunState.RUNNING))
-            if error is None:
-                self.mgr.set_status(MigrationStatus.CANCELLED)
-            else:
-                self.mgr.error_desc = error
-                self.mgr.set_status(MigrationStatus.FAILED)
+        except Exception as err:  # noqa: BLE001 - the status below must still be reported
+            if error is not None:
+                error = f"{error}; then {err or type(err).__name__}"
+        if error is None:
+            self.mgr.set_status(MigrationStatus.CANCELLED)
+        else:
+            self.mgr.error_desc = error
+            self.mgr.set_status(MigrationStatus.FAILED)
 
     def cancel(self) -> None:
+        """Any thread: stop the migration (the thread ends in ``cancelled``)."""
         self.cancel_requested.set()
         self.continue_event.set()
+        self.abort.trigger()
         ch = self.channel
         if ch is not None:
             try:

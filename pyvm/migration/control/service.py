@@ -1,7 +1,9 @@
 """The migration commands' behaviour, independent of how they are called (QMP or HMP).
 
 Each function checks the VM and migration state in QEMU's order and raises
-:class:`MigrationCommandError` with QEMU 8.2's text when it refuses.
+:class:`MigrationCommandError` with QEMU 8.2's text when it refuses.  The monitor's
+command table (:mod:`pyvm.migration.control.monitor_commands`) and the ``-incoming``
+option (:func:`start_incoming_from_cli`) call these.
 """
 
 from __future__ import annotations
@@ -9,8 +11,8 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-from pyvm.errors import PyvmError
-from pyvm.migration.control.address import (FileMigrationAddress, MigrationAddress, resolve_address)
+from pyvm.errors import ConfigError, PyvmError
+from pyvm.migration.control.address import FileMigrationAddress, MigrationAddress, resolve_address
 from pyvm.migration.control.connect import STREAMING, outgoing_opener, prepare_incoming
 from pyvm.migration.control.incoming import IncomingMigration
 from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
@@ -22,6 +24,7 @@ from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
     from pyvm.machine import Machine
+    from pyvm.ram import RamBlock
 
 _LOCK = threading.Lock()
 
@@ -37,7 +40,12 @@ def migration_of(machine: "Machine") -> MigrationManager:
             for reason, modes in getattr(machine, "migration_blockers", []):
                 mgr.blockers.add(reason, modes)
             machine.migration = mgr
-        return machine.migration
+        found: MigrationManager = machine.migration
+        return found
+
+
+def _migrated_blocks(machine: "Machine", mgr: MigrationManager) -> list["RamBlock"]:
+    return [b for b in machine.ram if not mgr.block_ignored(b)]
 
 
 def _refuse(text: str) -> MigrationCommandError:
@@ -81,7 +89,7 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
                     raise _refuse(f"memory-backend-memfd '{block.name}' does not survive its process: "
                                   "cpr-reboot with x-ignore-shared needs memory-backend-file,share=on")
     abort = AbortSignal()
-    opener = outgoing_opener(addr, abort, lambda: [b for b in machine.ram if not mgr.block_ignored(b)],
+    opener = outgoing_opener(addr, abort, lambda: _migrated_blocks(machine, mgr),
                              mgr.caps["rdma-pin-all"], tls_upgrade(machine, mgr, addr, abort))
     with mgr.lock:
         mgr.incoming = None
@@ -91,12 +99,10 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
         mgr.start_time = 0.0
         mgr.runstate_at_start = state
         mgr.address = addr
-        pre = Precopy(mgr, machine, opener)
-        pre.abort = abort         # type: ignore[attr-defined]
+        pre = Precopy(mgr, machine, opener, abort)
         mgr.precopy = pre
     mgr.set_status(MigrationStatus.SETUP)
-    mgr.thread = threading.Thread(target=pre.run, name="migration", daemon=True)
-    mgr.thread.start()
+    mgr.start_outgoing(pre, pre.run)
 
 
 def migrate_cancel(machine: "Machine") -> None:
@@ -105,10 +111,7 @@ def migrate_cancel(machine: "Machine") -> None:
     if pre is None or not mgr.active or mgr.status is MigrationStatus.CANCELLING:
         return
     mgr.set_status(MigrationStatus.CANCELLING)
-    pre.cancel()          # first: a channel that the abort fails must read as cancelled
-    abort = getattr(pre, "abort", None)
-    if abort is not None:
-        abort.trigger()
+    pre.cancel()
 
 
 def migrate_continue(machine: "Machine", state: str) -> None:
@@ -136,7 +139,7 @@ def start_incoming(machine: "Machine", uri: str | None,
     if not from_cli:
         mgr.set_status(MigrationStatus.SETUP)
     try:
-        prepared = prepare_incoming(addr, lambda: [b for b in machine.ram if not mgr.block_ignored(b)])
+        prepared = prepare_incoming(addr, lambda: _migrated_blocks(machine, mgr))
     except PyvmError as err:
         raise _refuse(str(err)) from err
     inc = IncomingMigration(mgr, machine, tls_accept(machine, mgr, prepared),
@@ -145,6 +148,24 @@ def start_incoming(machine: "Machine", uri: str | None,
     mgr.deferred_incoming = False
     mgr.incoming = inc
     inc.start()
+
+
+def start_incoming_from_cli(machine: "Machine", uri: str) -> None:
+    """``-incoming URI`` / ``-incoming defer`` at start-up."""
+    mgr = migration_of(machine)
+    mgr.deferred_incoming = uri == "defer"
+    if uri != "defer":
+        try:
+            start_incoming(machine, uri, None, exit_on_error=True, from_cli=True)
+        except PyvmError as err:
+            raise ConfigError(f"-incoming {uri}: {err}") from err
+
+
+def shutdown(machine: "Machine") -> None:
+    """Stop and join the VM's migration threads, if it ever had a migration manager."""
+    mgr = machine.migration
+    if mgr is not None:
+        mgr.shutdown()
 
 
 def set_capabilities(machine: "Machine", caps: Sequence[Mapping[str, Any]]) -> None:
@@ -171,4 +192,4 @@ def query_migrate(machine: "Machine") -> dict[str, Any]:
 
 __all__ = ["FileMigrationAddress", "migrate", "migrate_cancel", "migrate_continue",
            "migrate_incoming", "migration_of", "query_migrate", "set_capabilities",
-           "set_parameters", "start_incoming"]
+           "set_parameters", "shutdown", "start_incoming", "start_incoming_from_cli"]

@@ -33,7 +33,7 @@ from pyvm.migration.errors import (DecoderStoppedError, MigrationError, StreamFo
                                    StreamMismatchError)
 from pyvm.migration.integrity import (CHECKSUM_CAPABILITY, SectionTally, check_section_checksum,
                                      crc32c_extend)
-from pyvm.migration.stream.ram_format import RamBlock
+from pyvm.migration.stream.ram_format import StreamBlock
 from pyvm.migration.stream.ram_loader import RamLoader
 from pyvm.migration.stream.sections import (GLOBALSTATE_IDSTR, GlobalState, Configuration,
                                      check_configuration, read_command, read_configuration,
@@ -67,7 +67,7 @@ class LoadTarget(Protocol):
     def capabilities(self) -> Collection[str] | None:
         """Migration capabilities enabled locally; None adopts the stream's (analyzers)."""
 
-    def ram_block(self, name: str, length: int) -> RamBlock | None:
+    def ram_block(self, name: str, length: int) -> StreamBlock | None:
         """The local RAM block ``name`` (with a writable ``buffer``), or None if unknown.
 
         ``length`` is the length the stream announces (0 when a page record names a block

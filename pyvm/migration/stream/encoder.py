@@ -127,25 +127,6 @@ class StreamEncoder:
         self._ram_open = True
         return self._take()
 
-    def ram_batch(self, batch: Any, block: StreamBlock, indices: np.ndarray, start: int = 0,
-                  known_zero: np.ndarray | None = None) -> tuple[int, int, int]:
-        """Page records for ``indices[start:]`` of ``block``, packed into ``batch`` (a
-        ``pyvm.fastpath.RecordBatch``) as far as it holds them; the caller sends the batch
-        (``channel.write_records``) before the next call.
-
-        A page goes as a ZERO record when ``known_zero[i]`` says so or when it reads as all
-        zero, else as a PAGE record whose bytes the batch takes straight from
-        ``block.buffer`` when sent: the guest must not change them before (or the stream
-        carries the newer bytes, which precopy tolerates since the page is dirty again and
-        will be resent).  Returns (next start, bytes packed, zero pages).
-        """
-        if not self._ram_open:
-            raise EncodeError("ram_batch() outside a RAM section; call ram_section_begin()")
-        end, nbytes, zeros = self._pages.batch_run(batch, block, indices, start, known_zero)
-        self.zero_pages += zeros
-        self.normal_pages += end - start - zeros
-        return end, nbytes, zeros
-
     def ram_pages(self, block: StreamBlock, page_indices: Iterable[int],
                   zero_mask: Iterable[bool]) -> list[Chunk]:
         """Page records for ``page_indices`` of ``block`` as chunks; ``zero_mask[i]`` marks

@@ -1,4 +1,5 @@
-"""The payload of the ``ram`` section, version 4 (QEMU migration/ram.c; fact sheet 1.8).
+"""The payload of the ``ram`` section, version 4 (QEMU migration/ram.c ``ram_save_setup``,
+``save_zero_page``, ``save_normal_page``).
 
 Every record starts with a be64 word holding a page-aligned offset inside a RAM block and
 flags in the low 12 bits::

@@ -1,4 +1,4 @@
-"""Loading the ``ram`` section (QEMU migration/ram.c ram_load_precopy; fact sheet 1.8).
+"""Loading the ``ram`` section (QEMU migration/ram.c ``ram_load_precopy``).
 
 The record layout is described in :mod:`pyvm.migration.stream.ram_format`.  Pages are written
 straight into the block buffers the destination provided, after checking that the offset
@@ -17,7 +17,7 @@ import numpy as np
 
 from pyvm.fastpath import load_page_run
 from pyvm.migration.errors import StreamFormatError, StreamMismatchError, UnsupportedFeatureError
-from pyvm.migration.stream.ram_format import RamBlock
+from pyvm.migration.stream.ram_format import StreamBlock
 from pyvm.migration.stream.constants import (MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
                                              RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
                                              RAM_SAVE_FLAG_HOOK, RAM_SAVE_FLAG_MEM_SIZE,
@@ -31,7 +31,7 @@ _BE64 = struct.Struct(">Q")
 _FLAG_BITS = TARGET_PAGE_SIZE - 1
 _ZERO_PAGE = bytes(TARGET_PAGE_SIZE)
 
-BlockLookup = Callable[[str, int], Optional[RamBlock]]
+BlockLookup = Callable[[str, int], Optional[StreamBlock]]
 
 _EOS = object()
 _MEM_SIZE = object()
@@ -46,7 +46,7 @@ class _LoadedBlock:
 
     __slots__ = ("block", "view", "limit", "written")
 
-    def __init__(self, block: RamBlock) -> None:
+    def __init__(self, block: StreamBlock) -> None:
         self.block = block
         self.view: memoryview | None = None
         self.limit = 0        # first offset a page may not start at

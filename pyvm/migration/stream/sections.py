@@ -1,13 +1,13 @@
 """Section framing and the fixed sections of a stream (QEMU migration/savevm.c).
 
-* section headers and footers (fact sheet 1.3): START/FULL carry ``be32 id, counted idstr,
+* section headers and footers (``save_section_header``, ``save_section_footer``): START/FULL carry ``be32 id, counted idstr,
   be32 instance_id, be32 version_id``; PART/END only the id; every section ends with
   ``u8 0x7e, be32 id``;
-* the configuration section (1.4): ``u8 0x07``, then the ``configuration`` vmstate
+* the configuration section (``vmstate_configuration``): ``u8 0x07``, then the ``configuration`` vmstate
   (``be32 len``, machine type name, optional subsections), and its destination checks;
-* the ``globalstate`` section (1.6): ``be32 strlen+1`` and the run state name NUL-padded
+* the ``globalstate`` section (migration/global_state.c): ``be32 strlen+1`` and the run state name NUL-padded
   to 100 bytes;
-* ``QEMU_VM_COMMAND`` records (1.5): parsed and refused, since pyvm's precopy needs none.
+* ``QEMU_VM_COMMAND`` records (``loadvm_process_command``): parsed and refused, since pyvm's precopy needs none.
 """
 
 from __future__ import annotations

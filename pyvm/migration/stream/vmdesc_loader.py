@@ -1,7 +1,7 @@
 """Reading a device section by its vmdesc description, without knowing the device.
 
-The vmdesc trailer describes every FULL section exactly as it was written (fact sheet
-1.7): each field's name, type and element size, ``array_len`` for repeated elements,
+The vmdesc trailer describes every FULL section exactly as it was written (QEMU
+migration/vmstate.c ``vmsd_desc_field_start``/``vmsd_desc_field_end``): each field's name, type and element size, ``array_len`` for repeated elements,
 nested ``struct`` descriptions and the subsections that were sent.  That is enough to
 walk any QEMU or pyvm stream and show its values, which is what the analyzer does.
 

@@ -1,7 +1,7 @@
 """Device state in the stream: encode and decode a :class:`~pyvm.vmstate.VMStateDescription`.
 
 This is pyvm's counterpart of QEMU's migration/vmstate.c for the field types pyvm devices
-use (fact sheet 1.6):
+use (``vmstate_save_state_v``/``vmstate_load_state`` and migration/vmstate-types.c):
 
 * fields go out in declaration order, each only if its ``version_id`` is not above the
   version being written; scalars big-endian, ``bool`` one byte 0/1, ``buffer`` raw bytes,
@@ -10,7 +10,8 @@ use (fact sheet 1.6):
   be32 version_id``, its fields and its own subsections;
 * while saving, the vmdesc description of what was written is built as an ordered dict
   (``vmsd_name``, ``version``, ``fields``[, ``subsections``]; fields ``name``[,
-  ``array_len``], ``type``, ``size``), fact sheet 1.7.
+  ``array_len``], ``type``, ``size``), as migration/vmstate.c ``vmsd_desc_field_start``
+  writes it.
 
 Loading reads into a plain dict of field values; the caller sets the attributes and calls
 ``post_load()`` only when the whole section was read, so a failed load leaves the device

@@ -1,8 +1,9 @@
 """Migration transports: thin byte pipes between two pyvm processes, or to a file or command.
 
 A transport opens a byte channel from plain parameters and knows nothing of the stream
-format; the orchestration writes the encoder's chunks into an :class:`OutgoingChannel` or
-feeds the decoder from an :class:`IncomingChannel`.
+format; the control side (:mod:`pyvm.migration.control.channel`) writes the encoder's
+chunks into an :class:`OutgoingChannel` or feeds the decoder from an
+:class:`IncomingChannel`.
 
 =======================  ======================================================================
 ``base``                 the two channel interfaces, :class:`AbortSignal`, the error tree
@@ -11,6 +12,10 @@ feeds the decoder from an :class:`IncomingChannel`.
                          :class:`Listener` of ``-incoming``
 ``exec_transport``       ``exec:CMDLINE`` and the ``exec`` channel's argv
 ``file_transport``       ``file:PATH[,offset=N]`` and the ``file`` channel
+``fabric``               libfabric endpoints over the ``_fabric`` extension (loaded on first use)
+``rdma_protocol``        the rdma control messages, capabilities and chunk maps (sans-IO)
+``rdma_transport``       ``rdma:HOST:PORT``: the stream as messages, guest RAM placed by
+                         one-sided writes (:class:`~.rdma_transport.RdmaOutgoing.place_pages`)
 =======================  ======================================================================
 """
 

@@ -121,12 +121,14 @@ class _CommandChannel:
 
     @property
     def pid(self) -> int:
-        return self._command.proc.pid
+        pid: int = self._command.proc.pid
+        return pid
 
     @property
     def exit_status(self) -> int | None:
         """The command's return code once it was reaped (negative: killed by that signal)."""
-        return self._command.proc.returncode
+        status: int | None = self._command.proc.returncode
+        return status
 
     def _on_shutdown(self) -> None:
         self._command.terminate()

@@ -5,7 +5,8 @@ RAM blocks; everything else travels as control messages, one message per SEND.  
 only turns those messages into bytes and back, and plans how pages become writes; it
 performs no I/O (the fabric and the threads live in ``rdma_transport``).
 
-Wire structures (network byte order; fact sheet section 5.1)::
+Wire structures (network byte order; QEMU migration/rdma.c, ``RDMAControlHeader`` and the
+structures after it, and docs/rdma.txt)::
 
     RDMACapabilities   be32 version, be32 flags                      connect private data
     RDMAControlHeader  be32 len, be32 type, be32 repeat, u32 pad     in front of every SEND
@@ -54,7 +55,7 @@ import numpy as np
 
 from pyvm.migration.transports.base import TransportError
 
-# -- constants (QEMU migration/rdma.c; fact sheet 5.1) ---------------------------------------
+# -- constants (QEMU migration/rdma.c) ------------------------------------------------------
 RDMA_CONTROL_VERSION_CURRENT = 1
 RDMA_CAPABILITY_PIN_ALL = 0x01
 KNOWN_CAPABILITIES = RDMA_CAPABILITY_PIN_ALL
@@ -115,7 +116,7 @@ class ControlType(enum.IntEnum):
 
 # -- connect-time capability exchange ----------------------------------------------------------
 @dataclass(frozen=True)
-class Capabilities:
+class RdmaCapabilities:
     """RDMACapabilities, the private data of the connect request and of its acceptance."""
 
     version: int = RDMA_CONTROL_VERSION_CURRENT
@@ -125,18 +126,18 @@ class Capabilities:
         return _CAPS.pack(self.version, self.flags)
 
     @classmethod
-    def decode(cls, data: bytes) -> "Capabilities":
+    def decode(cls, data: bytes) -> "RdmaCapabilities":
         if len(data) < CAPABILITIES_SIZE:
             raise RdmaProtocolError(f"connection private data too short ({len(data)} bytes)")
         version, flags = _CAPS.unpack_from(data)
         return cls(version, flags)
 
-    def answer(self, supported: int) -> "Capabilities":
+    def answer(self, supported: int) -> "RdmaCapabilities":
         """The destination's reply: the requested flags it supports, unknown bits cleared."""
         if self.version != RDMA_CONTROL_VERSION_CURRENT:
             raise RdmaProtocolError(f"Unknown source RDMA version: {self.version}, bailing...")
         flags = self.flags & supported & KNOWN_CAPABILITIES
-        return Capabilities(RDMA_CONTROL_VERSION_CURRENT, flags)
+        return RdmaCapabilities(RDMA_CONTROL_VERSION_CURRENT, flags)
 
 
 # -- control messages ---------------------------------------------------------------------------

@@ -3,7 +3,7 @@ messages.
 
 Source: :class:`RdmaOutgoing` connects, learns the destination's RAM blocks
 (RAM_BLOCKS_REQUEST/RESULT), and then offers the byte-channel interface for the ordinary
-stream (sent as QEMU_FILE messages) plus :meth:`RdmaOutgoing.write_pages`, which RMA-writes
+stream (sent as QEMU_FILE messages) plus :meth:`RdmaOutgoing.place_pages`, which RMA-writes
 pages straight into the destination's block.  Without pin-all, the 1 MiB chunks under a write
 are first registered on the destination with REGISTER_REQUEST/RESULT.
 :meth:`RdmaOutgoing.round_finished` waits for the round's writes to complete and sends
@@ -13,11 +13,12 @@ Destination: :class:`RdmaListener` accepts one connection into an :class:`RdmaIn
 whose service thread answers the control requests itself and queues QEMU_FILE bytes, so the
 stream loader reads the stream exactly as from a socket while pages land in guest RAM.  In
 the RAM stream the source emits ``RAM_SAVE_FLAG_HOOK`` after :meth:`round_finished`; the
-loader calls :meth:`RdmaIncoming.sync_round` on it, which returns once that round's
-REGISTER_FINISHED was processed (always already true: messages arrive in order).
+loader skips it, since messages arrive in order and that round's REGISTER_FINISHED was
+processed before the hook is read (:meth:`RdmaIncoming.sync_round` waits for it
+explicitly, for callers that read the stream some other way).
 
-Every RAM page of every round goes through :meth:`RdmaOutgoing.write_pages` or
-:meth:`RdmaOutgoing.write_zero_pages`; none may also travel as a PAGE or ZERO record in the
+Every RAM page of every round goes through :meth:`RdmaOutgoing.place_pages` or
+:meth:`RdmaOutgoing.place_zero_pages`; none may also travel as a PAGE or ZERO record in the
 stream, because the loader applies stream records later than RDMA writes land, and a stale
 record would overwrite newer memory.  Pages written by RDMA bypass the destination's dirty
 bitmap and page observers.
@@ -42,7 +43,7 @@ from pyvm.migration.transports.fabric import (Endpoint, EndpointSizes, FabricLis
 from pyvm.migration.transports.rdma_protocol import (
     HEADER_SIZE, MAX_DEST_BLOCKS, RDMA_CAPABILITY_PIN_ALL, RDMA_CONTROL_MAX_BUFFER,
     RDMA_CONTROL_MAX_COMMANDS_PER_MESSAGE, RDMA_MERGE_MAX, RDMA_RESOLVE_TIMEOUT_MS,
-    RDMA_REG_CHUNK_SHIFT, RDMA_REG_CHUNK_SIZE, Capabilities, ChunkMap, Compress, ControlMessage,
+    RDMA_REG_CHUNK_SHIFT, RDMA_REG_CHUNK_SIZE, RdmaCapabilities, ChunkMap, Compress, ControlMessage,
     ControlType, DestBlock, RdmaError, RdmaProtocolError, Register, RegisterResult,
     block_base_for, chunk_of, decode_compress, decode_dest_blocks, decode_message,
     decode_register_requests, decode_register_results, encode_compress, encode_dest_blocks,
@@ -108,14 +109,15 @@ class RdmaOutgoing:
         self._closed = False
         self.bytes_written = 0            # stream bytes (QEMU_FILE payloads)
         self.rdma_bytes = 0               # guest RAM bytes written by RDMA
-        self.pages_written = 0            # pages given to write_pages
-        self.zero_pages = 0               # pages given to write_zero_pages
+        self.control_bytes = 0            # other control messages (fills, registrations)
+        self.pages_written = 0            # pages given to place_pages
+        self.zero_pages = 0               # pages given to place_zero_pages
         self.registrations = 0            # chunk runs registered on demand
         self.rounds = 0
         try:
             self._ep.post_receives()
-            wanted = Capabilities(flags=RDMA_CAPABILITY_PIN_ALL if pin_all else 0)
-            answer = Capabilities.decode(self._ep.connect(
+            wanted = RdmaCapabilities(flags=RDMA_CAPABILITY_PIN_ALL if pin_all else 0)
+            answer = RdmaCapabilities.decode(self._ep.connect(
                 wanted.encode(), CONNECT_TIMEOUT, f"connecting to destination {self.peer} failed"))
             # The destination may refuse pin-all; chunks are then registered on demand.
             self.pin_all = bool(answer.flags & RDMA_CAPABILITY_PIN_ALL)
@@ -178,11 +180,17 @@ class RdmaOutgoing:
     def _send(self, message: bytes, what: str) -> None:
         self._take_credit(what)
         self._ep.send_bytes(message, what)
+        self.control_bytes += len(message)
 
     def _request(self, message: bytes, reply: ControlType, what: str) -> ControlMessage:
         self._send(message, what)
         self._ep.wait(lambda: bool(self._inbox), f"{what}: waiting for {reply.name}")
         return expect(self._inbox.popleft(), reply)
+
+    @property
+    def bytes_moved(self) -> int:
+        """Every byte this end sent: stream payloads, RMA-written RAM, other control messages."""
+        return self.bytes_written + self.rdma_bytes + self.control_bytes
 
     # -- the stream (OutgoingChannel) -------------------------------------------------------------
     def write(self, data: Chunk) -> None:
@@ -221,7 +229,7 @@ class RdmaOutgoing:
         self._ep.send(slot, length, "sending stream bytes")
 
     # -- RAM ---------------------------------------------------------------------------------------
-    def write_pages(self, block_index: int, page_offsets: Iterable[int], page_size: int) -> None:
+    def place_pages(self, block_index: int, page_offsets: Iterable[int], page_size: int) -> None:
         """RMA-write the pages at ``page_offsets`` (bytes into the block) to the destination.
 
         Contiguous pages merge into writes of up to RDMA_MERGE_MAX bytes.  The writes may
@@ -231,7 +239,7 @@ class RdmaOutgoing:
         self._write_runs(block_index, runs)
         self.pages_written += sum(length for _offset, length in runs) // page_size
 
-    def write_zero_pages(self, block_index: int, page_offsets: Iterable[int],
+    def place_zero_pages(self, block_index: int, page_offsets: Iterable[int],
                          page_size: int) -> None:
         """Pages known to be all zero: where their chunk is not registered on the destination
         yet they are filled there (COMPRESS), so untouched memory is never registered;
@@ -362,7 +370,7 @@ class RdmaListener:
         deadline = None if timeout is None else time.monotonic() + timeout
         request = self._fabric.wait_request(deadline, abort)
         try:
-            wanted = Capabilities.decode(request.private_data)
+            wanted = RdmaCapabilities.decode(request.private_data)
             answer = wanted.answer(RDMA_CAPABILITY_PIN_ALL)
         except RdmaError:
             self._fabric.reject(request)
@@ -384,7 +392,7 @@ class RdmaIncoming:
     """The destination end: an :class:`IncomingChannel` whose RAM blocks take RDMA writes."""
 
     def __init__(self, conn: Any, sizes: EndpointSizes, blocks: Sequence[BlockSpec],
-                 caps: Capabilities, *, timeout: float, abort: AbortSignal | None,
+                 caps: RdmaCapabilities, *, timeout: float, abort: AbortSignal | None,
                  zero_hints: Sequence[ZeroHint | None] | None = None) -> None:
         binding = load_binding()
         self._zero_hints = list(zero_hints or [None] * len(blocks))

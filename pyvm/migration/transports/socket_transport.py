@@ -22,14 +22,15 @@ import stat
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
+from pyvm.host_sockets import UNIX_PATH_MAX, bind_unix_listener
 from pyvm.migration.transports.base import (AbortSignal, FdIncoming, FdOutgoing, TransportError,
                                             TransportTimeout, cancelled_error, os_error,
                                             wait_ready)
 
-# struct sockaddr_un.sun_path is 108 bytes on Linux (<sys/un.h>); a path may fill it without
-# a terminating NUL, an abstract name has one byte less (the leading NUL).
-UNIX_PATH_MAX = 108
+# A path may fill sockaddr_un.sun_path (UNIX_PATH_MAX) without a terminating NUL; an
+# abstract name has one byte less (the leading NUL).
 
 # QEMU's migration listener passes num=1 to listen() unless multifd is on.
 LISTEN_BACKLOG = 1
@@ -126,7 +127,7 @@ def _ai_family(host: str, ipv4: bool | None, ipv6: bool | None) -> int:
     return socket.AF_UNSPEC
 
 
-def _resolve(host: str, port: str, family: int, flags: int) -> list[tuple]:
+def _resolve(host: str, port: str, family: int, flags: int) -> list[tuple[Any, ...]]:
     try:
         return socket.getaddrinfo(host or None, port or None, family, socket.SOCK_STREAM, 0, flags)
     except socket.gaierror as err:
@@ -191,7 +192,7 @@ def connect_inet(host: str, port: str | int, *, ipv4: bool | None = None,
     raise last
 
 
-def _connect(sock: socket.socket, sockaddr: tuple, abort: AbortSignal | None) -> None:
+def _connect(sock: socket.socket, sockaddr: tuple[Any, ...], abort: AbortSignal | None) -> None:
     """Non-blocking connect that an :class:`AbortSignal` can interrupt (error: strerror only)."""
     sock.setblocking(False)
     code = sock.connect_ex(sockaddr)
@@ -376,27 +377,26 @@ class Listener:
 
     @classmethod
     def unix(cls, path: str, *, abstract: bool = False, tight: bool = True) -> "Listener":
-        """Listen on a unix socket; an existing file at ``path`` is replaced, as QEMU does."""
+        """Listen on a unix socket (a stale socket file at ``path`` is replaced, any other
+        file is refused: :mod:`pyvm.host_sockets`)."""
         address = _unix_sockaddr(path, abstract, tight)
+        if not abstract:
+            try:
+                sock = bind_unix_listener(path, LISTEN_BACKLOG)
+            except OSError as err:
+                raise os_error(f"Failed to bind socket to {path}", err) from err
+            try:
+                st = os.stat(path)
+            except OSError as err:
+                sock.close()
+                raise os_error(f"Failed to bind socket to {path}", err) from err
+            return cls(sock, ListenAddress("unix", path=path), (path, st.st_dev, st.st_ino))
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            if not abstract:
-                try:
-                    os.unlink(path)
-                except FileNotFoundError:
-                    pass
-                except OSError as err:
-                    raise os_error(f"Failed to unlink socket {path}", err) from err
             try:
                 sock.bind(address)
             except OSError as err:
                 raise os_error(f"Failed to bind socket to {path}", err) from err
-            unlink = None
-            if not abstract:
-                # Nobody can connect before listen(), so tightening the mode here has no race.
-                os.chmod(path, 0o600)
-                st = os.stat(path)
-                unlink = (path, st.st_dev, st.st_ino)
             try:
                 sock.listen(LISTEN_BACKLOG)
             except OSError as err:
@@ -404,7 +404,7 @@ class Listener:
         except BaseException:
             sock.close()
             raise
-        return cls(sock, ListenAddress("unix", path=path, abstract=abstract), unlink)
+        return cls(sock, ListenAddress("unix", path=path, abstract=True), None)
 
     @classmethod
     def from_fd(cls, fd: int) -> "Listener":
@@ -501,7 +501,7 @@ class Listener:
         self.close()
 
 
-def _bind(sock: socket.socket, sockaddr: tuple, v6only: bool) -> None:
+def _bind(sock: socket.socket, sockaddr: tuple[Any, ...], v6only: bool) -> None:
     """bind(); a dual-stack IPv6 bind that collides on IPv4 retries IPv6-only (QEMU's try_bind)."""
     if sock.family != socket.AF_INET6:
         sock.bind(sockaddr)
