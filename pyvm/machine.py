@@ -27,7 +27,8 @@ from pyvm.block import DiskImage
 from pyvm.chardev import parse_serial
 from pyvm.clock import VirtualClock
 from pyvm.config import MACHINE_TYPE, MachineConfig
-from pyvm.cpu import CpuState, VCpu
+from pyvm.cpu import VCpu
+from pyvm.cpu_state import CpuState
 from pyvm.cpu_view import monitor_registers
 from pyvm.devices.ata_disk import AtaDisk
 from pyvm.devices.base import Device

@@ -7,7 +7,8 @@ from __future__ import annotations
 from typing import Any
 
 from pyvm.page_tables import mem_text, tlb_text
-from pyvm.qmp.hmp import HmpContext, HmpTable
+from pyvm.qmp.hmp import HmpContext
+from pyvm.qmp.hmp_table import HmpTable
 
 
 def _paging(ctx: HmpContext, render: Any) -> None:

@@ -18,6 +18,8 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Callable, Protocol
 
+import numpy as np
+
 from pyvm.errors import PyvmError
 from pyvm.migration.control.blockers import BlockerRegistry
 from pyvm.migration.control.capabilities import MigrationCapabilities
@@ -53,6 +55,9 @@ class OutgoingJob(Protocol):
 
     def cancel(self) -> None:
         """Any thread: make the migration thread stop; it reports ``cancelled``."""
+
+    def pending_pages(self) -> list[tuple["RamBlock", np.ndarray]]:
+        """Pages found dirty at the last sync, still being sent this round (a snapshot)."""
 
 
 class IncomingJob(Protocol):

@@ -203,7 +203,7 @@ class Precopy:
             self.mgr.downtime_ms = int((time.monotonic() - self._stop_time) * 1000)
         self.machine.log.log("migration", (
             f"migration: switchover: last dirty pages and device state, "
-            f"{self.channel.bytes_written - before} bytes; downtime {self.mgr.downtime_ms} ms"))
+            f"{self._transferred() - before} bytes; downtime {self.mgr.downtime_ms} ms"))
 
     def pending_pages(self) -> list[tuple["RamBlock", np.ndarray]]:
         """Pages found dirty at the last sync, sent during the current round (a snapshot)."""

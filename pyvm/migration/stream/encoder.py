@@ -39,6 +39,7 @@ import numpy as np
 
 from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.errors import EncodeError
+from pyvm.migration.integrity import checksum_bytes, crc32c_extend
 from pyvm.migration.stream.ram_format import StreamBlock, RamPageWriter, write_ram_eos, write_ram_setup
 from pyvm.migration.stream.sections import (GLOBALSTATE_IDSTR, GlobalState, write_configuration,
                                      write_section_footer, write_section_header)
