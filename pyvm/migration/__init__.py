@@ -25,6 +25,9 @@ Three layers, each a folder; each calls only the ones below it (the import contr
 ``stream.decoder``             :class:`StreamDecoder`, the push-style loader, and ``LoadTarget``
 ``stream.encoder``             :class:`StreamEncoder`, the calls precopy makes
 ``stream.vmdesc_loader``       sections read by their vmdesc description (the analyzer)
+``stream.text``                stream bytes shown in messages, escaped (never raw)
+``stream.integrity``           ``x-checksum`` (CRC-32C per section and page batch) and the
+                               one-section-per-device check at EOF
 **transports/** (byte pipes)   see :mod:`pyvm.migration.transports` for its own table
 ``transports.base``            the channel interfaces, :class:`AbortSignal`, the fd channel core
 ``transports.socket_transport``  tcp, unix, fd and the ``-incoming`` listener
@@ -33,6 +36,7 @@ Three layers, each a folder; each calls only the ones below it (the import contr
 ``transports.fabric``          libfabric endpoints (the ``_fabric`` extension)
 ``transports.rdma_protocol``   rdma control messages and chunk maps (sans-IO)
 ``transports.rdma_transport``  ``rdma:``: stream as messages, RAM by one-sided writes
+``transports.tls_relay``       a tcp/unix pipe through a TLS session (Python's ``ssl``)
 **control/** (orchestration)
 ``control.status``             :class:`MigrationStatus`, the statistics, query-migrate's shape
 ``control.capabilities``       :class:`MigrationCapabilities`: QEMU's capability rules
@@ -46,8 +50,11 @@ Three layers, each a folder; each calls only the ones below it (the import contr
 ``control.incoming``           the destination: the load thread and its run-state decisions
 ``control.service``            the commands' behaviour (QEMU's checks and texts)
 ``control.qmp_schema``         the commands' QMP argument and result types
+``control.tls_setup``          ``tls-creds``/``tls-hostname``/``tls-authz`` applied to channels
+``control.pagemap_query``      ``x-query-ram-pagemap``: each page's state during a migration
 ``control.monitor_commands``   the commands on a monitor's QMP and HMP tables (installed
                                explicitly by whoever builds the monitor)
+``policy``                     the migration-algorithm API of the lab (:mod:`pyvm.lab`)
 =============================  =================================================================
 """
 

@@ -10,7 +10,7 @@ from migration_fakes import (PAGE, FakeDevice, FakeTarget, encode_stream, make_r
                              sample_device)
 from pyvm.migration import StreamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.errors import MigrationError, StreamMismatchError
-from pyvm.migration.stream_text import shown
+from pyvm.migration.stream.text import shown
 from tests.stream_mutations import mutations, split_stream
 
 NPAGES = 16

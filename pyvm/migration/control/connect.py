@@ -73,7 +73,7 @@ def outgoing_opener(addr: MigrationAddress, abort: AbortSignal, blocks: BlockLis
                     ) -> Callable[[], Channel]:
     """A callable that opens the outgoing channel for ``addr`` (runs on the migration thread).
 
-    ``upgrade`` (TLS, pyvm.migration.tls_glue) turns a connected tcp/unix pipe into the
+    ``upgrade`` (TLS, pyvm.migration.control.tls_setup) turns a connected tcp/unix pipe into the
     pipe to use."""
     up: Callable[[RecordChannel], RecordChannel] = upgrade or (lambda pipe: pipe)
     if isinstance(addr, SocketMigrationAddress):

@@ -73,7 +73,7 @@ class MachineLoadTarget:
         self.loaded_runstate = runstate
 
     def expected_sections(self) -> list[tuple[str, int]]:
-        """Every section this VM must receive exactly once (pyvm.migration.integrity)."""
+        """Every section this VM must receive exactly once (pyvm.migration.stream.integrity)."""
         return [("ram", 0), ("globalstate", 0),
                 *((o.idstr, o.instance_id) for o in self.machine.migratable()
                   if getattr(o, "vmsd", None) is not None)]

@@ -281,7 +281,7 @@ class Precopy:
     def _send_checked_batches(self, block: "RamBlock", indices: np.ndarray,
                               known_zero: np.ndarray | None, rnd: _Round, limit: bool) -> None:
         """x-checksum: each batch of pages is a RAM section of its own, so that its CRC-32C
-        (pyvm.migration.integrity) is checked before the destination loads the next one.
+        (pyvm.migration.stream.integrity) is checked before the destination loads the next one.
         Pages go through the encoder, which copies them while summing."""
         cb = self._codec_blocks[block.name]
         for s in range(0, indices.size, BATCH_PAGES):

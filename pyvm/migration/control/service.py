@@ -18,7 +18,7 @@ from pyvm.migration.control.incoming import IncomingMigration
 from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
 from pyvm.migration.control.precopy import Precopy
 from pyvm.migration.control.status import MigrationStats, MigrationStatus
-from pyvm.migration.tls_glue import tls_accept, tls_upgrade
+from pyvm.migration.control.tls_setup import tls_accept, tls_upgrade
 from pyvm.migration.transports import AbortSignal
 from pyvm.runstate import RunState
 

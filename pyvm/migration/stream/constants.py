@@ -75,7 +75,7 @@ MIGRATION_CAPABILITIES: tuple[str, ...] = (
     "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
     "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
     "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
-    "x-checksum",       # pyvm only: a CRC-32C after every section (pyvm.migration.integrity)
+    "x-checksum",       # pyvm only: a CRC-32C after every section (pyvm.migration.stream.integrity)
 )
 # Capabilities both ends must agree on; the source lists the ones that are on in the
 # "configuration/capabilities" subsection (savevm.c should_validate_capability, 8.2).

@@ -31,7 +31,7 @@ from typing import Any, Callable, Collection, Generator, Optional, Protocol, Uni
 
 from pyvm.migration.errors import (DecoderStoppedError, MigrationError, StreamFormatError,
                                    StreamMismatchError)
-from pyvm.migration.integrity import (CHECKSUM_CAPABILITY, SectionTally, check_section_checksum,
+from pyvm.migration.stream.integrity import (CHECKSUM_CAPABILITY, SectionTally, check_section_checksum,
                                      crc32c_extend)
 from pyvm.migration.stream.ram_format import StreamBlock
 from pyvm.migration.stream.ram_loader import RamLoader
@@ -46,7 +46,7 @@ from pyvm.migration.stream.constants import (MAX_VMDESC_LEN, QEMU_VM_COMMAND,
                                              QEMU_VM_SECTION_START, QEMU_VM_VMDESCRIPTION,
                                              RAM_SECTION_IDSTR, RAM_SECTION_VERSION)
 from pyvm.migration.stream.reader import StreamReader
-from pyvm.migration.stream_text import shown_name
+from pyvm.migration.stream.text import shown_name
 from pyvm.migration.stream.vmstate_codec import apply_loaded, load_vmstate
 
 

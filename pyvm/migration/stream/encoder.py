@@ -39,7 +39,7 @@ import numpy as np
 
 from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.errors import EncodeError
-from pyvm.migration.integrity import checksum_bytes, crc32c_extend
+from pyvm.migration.stream.integrity import checksum_bytes, crc32c_extend
 from pyvm.migration.stream.ram_format import StreamBlock, RamPageWriter, write_ram_eos, write_ram_setup
 from pyvm.migration.stream.sections import (GLOBALSTATE_IDSTR, GlobalState, write_configuration,
                                      write_section_footer, write_section_header)
@@ -60,7 +60,7 @@ class StreamEncoder:
 
     def __init__(self, *, describe_configuration: bool = True, checksum: bool = False) -> None:
         self.describe_configuration = describe_configuration
-        #: x-checksum: a CRC-32C after every section footer (pyvm.migration.integrity); page
+        #: x-checksum: a CRC-32C after every section footer (pyvm.migration.stream.integrity); page
         #: payloads are then copied when written, so the checksum matches what is sent
         self.checksum = checksum
         self._crc = 0

@@ -25,7 +25,7 @@ from pyvm.migration.stream.constants import (MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPR
                                              RAM_SAVE_FLAG_XBZRLE, RAM_SAVE_FLAG_ZERO,
                                              TARGET_PAGE_BITS, TARGET_PAGE_SIZE)
 from pyvm.migration.stream.reader import StreamReader
-from pyvm.migration.stream_text import shown
+from pyvm.migration.stream.text import shown
 
 _BE64 = struct.Struct(">Q")
 _FLAG_BITS = TARGET_PAGE_SIZE - 1

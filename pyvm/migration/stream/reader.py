@@ -53,7 +53,7 @@ class StreamReader:
         self._base = 0               # stream offset of buffer[0]
         self.closed = False          # no more input will come
         self.error: MigrationError | None = None
-        # A running digest over consumed bytes (section checksums, pyvm.migration.integrity)
+        # A running digest over consumed bytes (section checksums, pyvm.migration.stream.integrity)
         self._digest: Callable[[int, memoryview], int] | None = None
         self._digest_pos = 0
         self._digest_value = 0

@@ -26,7 +26,7 @@ from pyvm.migration.stream.constants import (MAX_CAPABILITIES, MAX_MACHINE_TYPE_
                                              QEMU_VM_SUBSECTION, TARGET_PAGE_BITS,
                                              VALIDATED_CAPABILITIES)
 from pyvm.migration.stream.reader import StreamReader
-from pyvm.migration.stream_text import shown, shown_name
+from pyvm.migration.stream.text import shown, shown_name
 from pyvm.migration.stream.writer import StreamWriter
 from pyvm.runstate import RunState
 from pyvm.vmstate import Field, VMStateDescription

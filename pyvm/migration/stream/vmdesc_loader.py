@@ -19,7 +19,7 @@ from typing import Any, Generator
 from pyvm.migration.errors import StreamFormatError
 from pyvm.migration.stream.constants import QEMU_VM_SUBSECTION
 from pyvm.migration.stream.reader import StreamReader
-from pyvm.migration.stream_text import shown
+from pyvm.migration.stream.text import shown
 
 # vmdesc type names read as integers (the analyzer's signed/unsigned tables)
 SIGNED_TYPES = frozenset({"int8", "int16", "int32", "int64", "int32 equal", "int32 le",

@@ -27,7 +27,7 @@ from typing import Any, Generator
 from pyvm.migration.errors import EncodeError, MigrationError, StreamMismatchError
 from pyvm.migration.stream.constants import QEMU_VM_SUBSECTION
 from pyvm.migration.stream.reader import StreamReader
-from pyvm.migration.stream_text import shown
+from pyvm.migration.stream.text import shown
 from pyvm.migration.stream.writer import StreamWriter
 from pyvm.vmstate import Field, VMStateDescription
 
