@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast firmware firmware-check bench mypy clean
+.PHONY: setup demo test test-fast test-linux linux firmware firmware-check bench bench-linux mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,14 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+test-linux: setup
+	$(PY) -m pytest -q -m linux tests
+
+# Debian 12's kernel and busybox (apt-get download, cached in .cache/linux), booted on
+# this terminal: the serial console is stdio (Ctrl-A x quits).
+linux: setup
+	$(PY) scripts/linux_guest.py --boot
 
 firmware:
 	$(MAKE) -C firmware

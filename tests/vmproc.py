@@ -19,7 +19,7 @@ class VmProcess:
     """``pyvm ARGS -qmp unix:... -serial file:...`` with helpers for tests."""
 
     def __init__(self, tmp: Path, name: str, *args: str, serial: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, connect_timeout: float = 20) -> None:
         self.tmp = tmp
         self.name = name
         self.sock = str(tmp / f"{name}.qmp")
@@ -35,10 +35,10 @@ class VmProcess:
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr,
                                      cwd=ROOT, env=e)
-        self.qmp = self._connect()
+        self.qmp = self._connect(connect_timeout)
 
-    def _connect(self) -> QEMUMonitorProtocol:
-        deadline = time.monotonic() + 20
+    def _connect(self, timeout: float) -> QEMUMonitorProtocol:
+        deadline = time.monotonic() + timeout
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.stderr()}")
