@@ -31,6 +31,10 @@ firmware:
 firmware-check:
 	$(MAKE) -C firmware check
 
+# Installs Debian's qemu-system-x86 (the baseline) when missing; not part of make test.
+bench-linux: setup
+	$(PY) bench/linux_boot.py
+
 mypy: setup
 	$(PY) -m mypy pyvm
 
