@@ -5,12 +5,16 @@ register with what it recorded before the move."""
 
 from __future__ import annotations
 
+import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import DEBUG_EXIT, guest
+from tests.conftest import DEBUG_EXIT, ROOT, guest
 from tests.vmproc import VmProcess
 
 TORTURE = ["-m", "32M", "-kernel", guest("torture.elf"), "-append", "spin=3",
@@ -80,3 +84,28 @@ def test_torture_guest_passes_unmigrated(vms) -> None:
     vm = vms("solo", *TORTURE)
     assert vm.wait_exit(60) == PASS_STATUS, vm.serial()
     assert "torture: pass" in vm.serial()
+
+
+def test_qemu_analyzer_reads_the_cpu_section(vms, tmp_path: Path) -> None:
+    """QEMU's scripts/analyze-migration.py reads the cpu section through its vmdesc."""
+    script = next((p for p in (os.environ.get("PYVM_QEMU_ANALYZE_MIGRATION"),
+                               str(ROOT / ".cache" / "qemu" / "analyze-migration.py"))
+                   if p and os.path.isfile(p)), None)
+    if script is None:
+        pytest.skip("QEMU's analyze-migration.py not found: run scripts/fetch_qemu_analyzer.py")
+    src = _stopped_mid_run(vms)
+    state = tmp_path / "vm.state"
+    src.cmd("migrate", uri=f"file:{state}")
+    assert src.wait_migration()["status"] == "completed"
+    r = subprocess.run([sys.executable, script, "-f", str(state)], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    sections = json.loads(r.stdout)
+    cpu = next(v for k, v in sections.items() if k.startswith("cpu "))
+    # es cs ss ds fs gs ldtr tr: QEMU's SegmentCache order, then LDTR and TR.
+    assert [int(s.split()[0], 16) for s in cpu["seg_selector"]][:6] == [0x1234, 8, 0, 0x10, 0x28, 4]
+    assert int(cpu["seg_base"][4].split()[0], 16) == 0x123450
+    assert int(cpu["seg_limit"][4].split()[0], 16) == 0x54321
+    assert int(cpu["lstar"].split()[0], 16) == 0xFFFF800012345678
+    assert int(cpu["dr"][0].split()[0], 16) == 0x11111110
+    assert int(cpu["hflags"].split()[0], 16) & 3 == int(cpu["cpl"].split()[0], 16) == 0
