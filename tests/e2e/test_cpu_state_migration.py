@@ -109,3 +109,22 @@ def test_qemu_analyzer_reads_the_cpu_section(vms, tmp_path: Path) -> None:
     assert int(cpu["lstar"].split()[0], 16) == 0xFFFF800012345678
     assert int(cpu["dr"][0].split()[0], 16) == 0x11111110
     assert int(cpu["hflags"].split()[0], 16) & 3 == int(cpu["cpl"].split()[0], 16) == 0
+
+
+def test_a_cpu_state_that_cannot_be_applied_names_the_field(vms, tmp_path: Path) -> None:
+    """A 64-bit vCPU's state offered to a 32-bit one: the load fails naming the field and
+    the reason, on stderr and in error-desc."""
+    src = vms("src", "-m", "32M", "-kernel", guest("timer-lm.elf"), "-display", "none")
+    src.wait_serial("timer")
+    state = tmp_path / "vm.state"
+    src.cmd("migrate", uri=f"file:{state}")
+    assert src.wait_migration()["status"] == "completed"
+    dst = vms("dst", "-m", "32M", "-kernel", guest("timer-pm.elf"), "-display", "none",
+              "-incoming", "defer")
+    dst.cmd("migrate-incoming", uri=f"file:{state}", **{"exit-on-error": False})
+    info = dst.wait_migration(("failed", "completed"))
+    reason = "field 'wide': vCPU register width differs"
+    assert info["status"] == "failed" and reason in info["error-desc"], info
+    err = dst.stderr()
+    assert f"pyvm: cpu: post_load failed: {reason}" in err, err
+    assert "pyvm: error while loading state for instance 0x0 of device 'cpu'" in err, err
