@@ -2,14 +2,17 @@
 
 Unicorn's API reads and writes most of the CPU, but not all of it: the hidden part of
 CS/DS/ES/FS/GS/SS (base, limit, attributes), QEMU's ``hflags`` (CPL, CS32/SS32, the
-interrupt shadow) and the TSC offset have no register id.  For those pyvm reads and writes
+interrupt shadow) and the TSC offset have no register id, WRMSR cannot clear EFER.LMA,
+and a 32-bit engine shows neither the upper halves of the GPRs and RIP nor R8-R15 and
+XMM8-15 (it may be running long mode).  For those pyvm reads and writes
 the engine's saved context: ``uc_context_save`` copies QEMU's ``CPUX86State`` (up to
 ``end_reset_fields``) into a context, pyvm edits bytes in it, ``uc_context_restore``
 copies it back.
 
 No offset in here is written down.  At first use a **calibration probe** runs on a scratch
 engine: it writes distinctive values through the public API (segment registers in real and
-protected mode, CR0, debug registers), saves the context after each write and finds where
+protected mode, CR0, EFER, DR7, and on a 64-bit scratch engine the GPRs, RIP and XMM8-15),
+saves the context after each write and finds where
 each value landed; the TSC offset, which no register writes, is found by behaviour (a
 candidate word is set and ``rdtsc`` must move by exactly that much).  Unicorn is pinned in
 pyproject.toml to the version calibrated here; when a probe fails (another Unicorn moved
@@ -37,6 +40,8 @@ import numpy as np
 import unicorn as uc_mod
 from unicorn import x86_const as X
 
+from pyvm.errors import PyvmError
+
 # The Unicorn release these probes were written against (pyproject.toml pins it).
 CALIBRATED_UNICORN = "2.1.4"
 
@@ -60,8 +65,9 @@ DESC_S_MASK = 1 << 12
 DESC_P_MASK = 1 << 15
 
 
-class CalibrationError(RuntimeError):
-    """The probe could not find a field: this Unicorn is not the one pyvm was calibrated on."""
+class CalibrationError(PyvmError):
+    """The probe could not find a field: this Unicorn is not the one pyvm was calibrated on.
+    Raised when the first vCPU is created, so pyvm stops at start-up with this one line."""
 
     def __init__(self, field: str, detail: str) -> None:
         super().__init__(
