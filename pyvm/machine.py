@@ -429,7 +429,7 @@ class Machine:
 
     def cpu_registers(self, cpu_index: int) -> dict[str, int]:
         cpu = self._cpu(cpu_index)
-        return dict(self.run_on_loop(cpu.registers))
+        return dict(self.run_on_loop(cpu.register_state))
 
     def cpus_info(self) -> list[dict[str, Any]]:
         return [{"cpu-index": c.index, "qom-path": f"/machine/unattached/device[{c.index}]",
