@@ -32,8 +32,7 @@ engine runs real mode, protected mode and (below 4 GiB) long mode, with 32-bit r
 access; ``-kernel`` ELF64 guests get a ``UC_MODE_64`` engine with the full 64-bit view.
 Limits (documented in docs/machine.md): no virtual-8086 mode delivery, no task gates,
 no gate privilege checks for ``int n`` from ring 3; the target CPL of an interrupt gate
-is taken from its selector's RPL; SYSENTER/SYSEXIT are Unicorn's own; the TSC follows
-the host clock (Unicorn cannot write it).
+is taken from its selector's RPL; SYSENTER/SYSEXIT are Unicorn's own.
 """
 
 from __future__ import annotations
