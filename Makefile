@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast test-pure lint firmware firmware-check bench bench-lab mypy clean
+.PHONY: setup demo test test-fast test-pure test-linux linux lint firmware firmware-check bench bench-lab bench-linux mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -20,11 +20,23 @@ test-fast: setup
 test-pure: setup
 	$(PY) -m pytest -q tests/e2e/test_pure_python.py
 
+test-linux: setup
+	$(PY) -m pytest -q -m linux tests
+
+# Debian 12's kernel and busybox (apt-get download, cached in .cache/linux), booted on
+# this terminal: the serial console is stdio (Ctrl-A x quits).
+linux: setup
+	$(PY) scripts/linux_guest.py --boot
+
 firmware:
 	$(MAKE) -C firmware
 
 firmware-check:
 	$(MAKE) -C firmware check
+
+# Installs Debian's qemu-system-x86 (the baseline) when missing; not part of make test.
+bench-linux: setup
+	$(PY) bench/linux_boot.py
 
 mypy: setup
 	$(PY) -m mypy pyvm

@@ -32,8 +32,7 @@ engine runs real mode, protected mode and (below 4 GiB) long mode, with 32-bit r
 access; ``-kernel`` ELF64 guests get a ``UC_MODE_64`` engine with the full 64-bit view.
 Limits (documented in docs/machine.md): no virtual-8086 mode delivery, no task gates,
 no gate privilege checks for ``int n`` from ring 3; the target CPL of an interrupt gate
-is taken from its selector's RPL; SYSENTER/SYSEXIT are Unicorn's own; the TSC follows
-the host clock (Unicorn cannot write it).
+is taken from its selector's RPL; SYSENTER/SYSEXIT are Unicorn's own.
 """
 
 from __future__ import annotations
@@ -82,6 +81,7 @@ GPR64 = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
          "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
 GPR32 = ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp")
 SEGMENTS = ("es", "cs", "ss", "ds", "fs", "gs")
+SEGMENTS_ALL = SEGMENTS + ("ldtr", "tr")
 
 
 _REG_IDS: dict[str, int] = {}
@@ -342,7 +342,7 @@ class VCpu:
         return bool(self.efer & EFER_LMA)
 
     def registers(self) -> dict[str, int]:
-        """A name -> value map for ``info registers`` and fault reports."""
+        """A name -> value map for fault reports (the short form)."""
         out: dict[str, int] = {}
         names = GPR64 + ("rip", "rflags") if self.wide else GPR32 + ("eip", "eflags")
         for n in names:
@@ -355,6 +355,32 @@ class VCpu:
         _, gb, gl, _ = self.uc.reg_read(X.UC_X86_REG_GDTR)
         _, ib, il, _ = self.uc.reg_read(X.UC_X86_REG_IDTR)
         out.update(gdt_base=gb, gdt_limit=gl, idt_base=ib, idt_limit=il)
+        return out
+
+    def register_state(self) -> dict[str, int]:
+        """Everything ``info registers`` shows, under the names pyvm/qmp/hmp_format.py reads:
+        the saved CPU state (pyvm/cpu_state.py) with the segment caches spelt out."""
+        st = CpuState(self)
+        save_cpu(self, st)
+        out: dict[str, int] = {}
+        out.update(zip(GPR64, st.regs))         # the formatter reads 64-bit names in any mode
+        out.update(rip=st.rip, rflags=st.rflags, efer=st.efer, cpl=st.cpl, halted=st.halted,
+                   gdtr_base=st.gdt_base, gdtr_limit=st.gdt_limit,
+                   idtr_base=st.idt_base, idtr_limit=st.idt_limit,
+                   fpcw=st.fpcw, fpsw=st.fpsw, mxcsr=st.mxcsr,
+                   # QEMU shows the abridged tag: bit i set when FP(i) is not empty
+                   fptw=sum(1 << i for i in range(8) if (st.fptag >> (2 * i)) & 3 != 3))
+        for i, name in enumerate(SEGMENTS_ALL):
+            out[name] = st.seg_selector[i]
+            out[f"{name}_base"] = st.seg_base[i]
+            out[f"{name}_limit"] = st.seg_limit[i]
+            out[f"{name}_flags"] = st.seg_flags[i]
+        out.update(zip(("cr0", "cr2", "cr3", "cr4", "cr8"), st.cr))
+        out.update((f"dr{i}", v) for i, v in enumerate(st.dr))
+        for i in range(8):              # QEMU's FPRn are the physical registers, not ST(n)
+            out[f"st{i}"] = int.from_bytes(st.fpregs[10 * i:10 * i + 10], "little")
+        for i in range(16 if self.wide else 8):
+            out[f"xmm{i}"] = int.from_bytes(st.xmm[16 * i:16 * i + 16], "little")
         return out
 
     # -- guest memory through the CPU's view -------------------------------------------------------

@@ -14,7 +14,8 @@ target/i386/machine.c; the layout here is pyvm's own, described by the vmdesc):
 - DR0-DR7; the halted flag and an exception taken but not yet delivered.
 
 Read and written through Unicorn's register API, except the hidden part of the six
-segment registers, ``hflags``, the TSC offset and EFER.LMA (WRMSR cannot clear it), which only
+segment registers, ``hflags``, the TSC offset, EFER.LMA (WRMSR cannot clear it) and, on a
+32-bit engine, the upper halves of the GPRs and RIP, R8-R15 and XMM8-15, which only
 :mod:`pyvm.unicorn_internals` reaches.  Loading applies the public registers first and the
 context fields last, so that Unicorn's own segment reload (which refuses a null SS in
 protected mode) never runs; it then reads every field back and names the first one that
@@ -132,22 +133,25 @@ class CpuState:
 
 
 # -- reading --------------------------------------------------------------------------------------
-def _nxmm(cpu: "VCpu") -> int:
-    return 16 if cpu.wide else 8
+# What a 32-bit engine's register API cannot reach (pyvm/unicorn_internals.py).
+_NARROW_HIDDEN = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+                  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15", "rip",
+                  *(f"xmm{i}" for i in range(8, 16))]
 
 
 def save_cpu(cpu: "VCpu", st: CpuState, with_tsc: bool = True) -> None:
     """Copy the live vCPU into ``st``."""
     uc = cpu.uc
+    hidden = cpu.internals.read_many(
+        [f"{s}.{p}" for s in SEGMENTS for p in ("selector", "base", "limit", "flags")]
+        + ["hflags"] + ([] if cpu.wide else _NARROW_HIDDEN))
     if cpu.wide:
         st.regs = [cpu.get(n) for n in GPR64]
         st.rip, st.rflags = cpu.get("rip"), cpu.get("rflags")
     else:
-        st.regs = [cpu.get(n) for n in GPR32] + [0] * 8
-        st.rip, st.rflags = cpu.get("eip"), cpu.get("eflags")
-    hidden = cpu.internals.read_many(
-        [f"{s}.{p}" for s in SEGMENTS for p in ("selector", "base", "limit", "flags")]
-        + ["hflags"])
+        # A 32-bit engine may run long mode: its API shows only EAX..ESP and EIP.
+        st.regs = [hidden[n] for n in GPR64]
+        st.rip, st.rflags = hidden["rip"], cpu.get("eflags")
     sel = [hidden[f"{s}.selector"] for s in SEGMENTS]
     base = [hidden[f"{s}.base"] for s in SEGMENTS]
     limit = [hidden[f"{s}.limit"] for s in SEGMENTS]
@@ -173,8 +177,8 @@ def save_cpu(cpu: "VCpu", st: CpuState, with_tsc: bool = True) -> None:
         _fp80(uc.reg_read(getattr(X, f"UC_X86_REG_FP{i}"))) for i in range(8))
     st.fpcw, st.fpsw, st.fptag = cpu.get("fpcw"), cpu.get("fpsw"), cpu.get("fptag")
     st.mxcsr = cpu.get("mxcsr")
-    st.xmm = b"".join(int(uc.reg_read(getattr(X, f"UC_X86_REG_XMM{i}"))).to_bytes(16, "little")
-                      for i in range(_nxmm(cpu))).ljust(256, b"\0")
+    st.xmm = b"".join(int(uc.reg_read(getattr(X, f"UC_X86_REG_XMM{i}")) if i < 8 or cpu.wide
+                          else hidden[f"xmm{i}"]).to_bytes(16, "little") for i in range(16))
     st.dr = [cpu.get(f"dr{i}") for i in range(8)]
     st.halted = int(cpu.halted)
     st.pending_exception = NO_EXCEPTION if cpu.pending_exception is None else cpu.pending_exception
@@ -207,11 +211,8 @@ def _check_ranges(cpu: "VCpu", st: CpuState) -> None:
         if st.seg_selector[i] > 0xFFFF:
             raise CpuStateError(f"seg_selector[{i}]", f"{name} selector {st.seg_selector[i]:#x} "
                                 "is wider than 16 bits")
-    if not cpu.wide:
-        for field, value in (("rip", st.rip), ("rflags", st.rflags),
-                             *((f"regs[{i}]", v) for i, v in enumerate(st.regs))):
-            if value >> 32:
-                raise CpuStateError(field, f"{value:#x} does not fit a 32-bit vCPU")
+    if not cpu.wide and st.rflags >> 32:
+        raise CpuStateError("rflags", f"{st.rflags:#x} does not fit a 32-bit vCPU")
 
 
 def load_cpu(cpu: "VCpu", st: CpuState) -> None:
@@ -238,11 +239,11 @@ def load_cpu(cpu: "VCpu", st: CpuState) -> None:
     for i, name in enumerate(SYSTEM_SEGMENTS, start=len(SEGMENTS)):
         _put(f"seg_selector[{i}]", uc.reg_write, getattr(X, "UC_X86_REG_" + name.upper()),
              (st.seg_selector[i], st.seg_base[i], st.seg_limit[i], st.seg_flags[i]))
-    names = GPR64 if cpu.wide else GPR32
-    for i, name in enumerate(names):
-        _put(f"regs[{i}]", cpu.set, name, st.regs[i])
+    if cpu.wide:
+        for i, name in enumerate(GPR64):
+            _put(f"regs[{i}]", cpu.set, name, st.regs[i])
+        _put("rip", cpu.set, "rip", st.rip)
     _put("rflags", cpu.set, "rflags" if cpu.wide else "eflags", st.rflags)
-    _put("rip", cpu.set, "rip" if cpu.wide else "eip", st.rip)
     for i in range(8):
         raw = st.fpregs[10 * i:10 * i + 10]
         _put("fpregs", uc.reg_write, getattr(X, f"UC_X86_REG_FP{i}"),
@@ -251,13 +252,18 @@ def load_cpu(cpu: "VCpu", st: CpuState) -> None:
     _put("fpsw", cpu.set, "fpsw", st.fpsw)
     _put("fptag", cpu.set, "fptag", st.fptag)
     _put("mxcsr", cpu.set, "mxcsr", st.mxcsr)
-    for i in range(_nxmm(cpu)):
+    for i in range(16 if cpu.wide else 8):
         _put("xmm", uc.reg_write, getattr(X, f"UC_X86_REG_XMM{i}"),
              int.from_bytes(st.xmm[16 * i:16 * i + 16], "little"))
     for i in range(8):
         _put(f"dr[{i}]", cpu.set, f"dr{i}", st.dr[i])
     # Last: the hidden segment state and hflags, exactly as saved (no descriptor reload).
     hidden: dict[str, int] = {"hflags": st.hflags, "efer": st.efer}
+    if not cpu.wide:
+        hidden.update(zip(GPR64, st.regs))
+        hidden["rip"] = st.rip
+        hidden.update((f"xmm{i}", int.from_bytes(st.xmm[16 * i:16 * i + 16], "little"))
+                      for i in range(8, 16))
     for i, s in enumerate(SEGMENTS):
         hidden[f"{s}.selector"] = st.seg_selector[i]
         hidden[f"{s}.base"] = st.seg_base[i]

@@ -8,6 +8,7 @@ Every error pyvm raises on purpose derives from :class:`PyvmError`::
      |    +-- GuestFault    unmapped access, triple fault, invalid opcode...
      +-- DeviceError        a device backend failed (disk I/O, chardev)
      +-- VmStateError       a request the current run state does not allow
+     +-- CalibrationError   (pyvm.unicorn_internals) this Unicorn is not the calibrated one
 
 Causes are chained with ``raise X(...) from err``.  The CLI prints ``str(err)`` for a
 user error and never a traceback.

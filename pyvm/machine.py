@@ -29,7 +29,6 @@ from pyvm.clock import VirtualClock
 from pyvm.config import MACHINE_TYPE, MachineConfig
 from pyvm.cpu import VCpu
 from pyvm.cpu_state import CpuState
-from pyvm.cpu_view import monitor_registers
 from pyvm.devices.ata_disk import AtaDisk
 from pyvm.devices.base import Device
 from pyvm.devices.cmos_rtc import CmosRtc
@@ -435,7 +434,7 @@ class Machine:
 
     def cpu_registers(self, cpu_index: int) -> dict[str, int]:
         cpu = self._cpu(cpu_index)
-        return dict(self.run_on_loop(lambda: monitor_registers(cpu)))
+        return dict(self.run_on_loop(cpu.register_state))
 
     def cpus_info(self) -> list[dict[str, Any]]:
         return [{"cpu-index": c.index, "qom-path": f"/machine/unattached/device[{c.index}]",

@@ -2,14 +2,17 @@
 
 Unicorn's API reads and writes most of the CPU, but not all of it: the hidden part of
 CS/DS/ES/FS/GS/SS (base, limit, attributes), QEMU's ``hflags`` (CPL, CS32/SS32, the
-interrupt shadow) and the TSC offset have no register id.  For those pyvm reads and writes
+interrupt shadow) and the TSC offset have no register id, WRMSR cannot clear EFER.LMA,
+and a 32-bit engine shows neither the upper halves of the GPRs and RIP nor R8-R15 and
+XMM8-15 (it may be running long mode).  For those pyvm reads and writes
 the engine's saved context: ``uc_context_save`` copies QEMU's ``CPUX86State`` (up to
 ``end_reset_fields``) into a context, pyvm edits bytes in it, ``uc_context_restore``
 copies it back.
 
 No offset in here is written down.  At first use a **calibration probe** runs on a scratch
 engine: it writes distinctive values through the public API (segment registers in real and
-protected mode, CR0, debug registers), saves the context after each write and finds where
+protected mode, CR0, EFER, DR7, and on a 64-bit scratch engine the GPRs, RIP and XMM8-15),
+saves the context after each write and finds where
 each value landed; the TSC offset, which no register writes, is found by behaviour (a
 candidate word is set and ``rdtsc`` must move by exactly that much).  Unicorn is pinned in
 pyproject.toml to the version calibrated here; when a probe fails (another Unicorn moved
@@ -37,6 +40,8 @@ import numpy as np
 import unicorn as uc_mod
 from unicorn import x86_const as X
 
+from pyvm.errors import PyvmError
+
 # The Unicorn release these probes were written against (pyproject.toml pins it).
 CALIBRATED_UNICORN = "2.1.4"
 
@@ -60,8 +65,9 @@ DESC_S_MASK = 1 << 12
 DESC_P_MASK = 1 << 15
 
 
-class CalibrationError(RuntimeError):
-    """The probe could not find a field: this Unicorn is not the one pyvm was calibrated on."""
+class CalibrationError(PyvmError):
+    """The probe could not find a field: this Unicorn is not the one pyvm was calibrated on.
+    Raised when the first vCPU is created, so pyvm stops at start-up with this one line."""
 
     def __init__(self, field: str, detail: str) -> None:
         super().__init__(
@@ -179,16 +185,17 @@ def _words(blob: bytearray, size: int) -> Any:
 class ProbeLab:
     """What a probe works with: a scratch engine, context snapshots, and the search helpers."""
 
-    def __init__(self, mode: int) -> None:
+    def __init__(self, mode: int, ram: bool = True) -> None:
         self.mode = mode
         self.found: dict[str, ContextField] = {}
-        self.uc = self.fresh_engine()
+        self.uc = self.fresh_engine(ram)
         self.ctx = _RawContext(self.uc)
 
-    def fresh_engine(self) -> Any:
+    def fresh_engine(self, ram: bool = True) -> Any:
         uc = uc_mod.Uc(uc_mod.UC_ARCH_X86, self.mode)
         uc.ctl_set_cpu_model(X.UC_CPU_X86_QEMU64)
-        uc.mem_map(0, PROBE_RAM)
+        if ram:
+            uc.mem_map(0, PROBE_RAM)
         return uc
 
     def snapshot(self) -> bytearray:
@@ -346,6 +353,39 @@ def _probe_dr(lab: ProbeLab) -> list[ContextField]:
     return [f]
 
 
+WIDE_GPRS = ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
+             "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")
+
+
+def _probe_wide_registers(lab: ProbeLab) -> list[ContextField]:
+    """RAX-R15, RIP and XMM8-15 as a 64-bit engine writes them.  A 32-bit engine running
+    long mode holds them too, but its register API shows only the low halves of the
+    GPRs and RIP and no R8-R15 or XMM8-15."""
+    wide = ProbeLab(uc_mod.UC_MODE_64, ram=False)
+    try:
+        out = []
+        for i, name in enumerate(WIDE_GPRS + ("rip",)):
+            rid = getattr(X, "UC_X86_REG_" + name.upper())
+
+            def put(v: int, rid: int = rid) -> None:
+                wide.uc.reg_write(rid, v)
+            out.append(wide.locate(name, 8, put, [(0x5A17 + i) << 40 | k << 8 | 0x3C
+                                                   for k in (1, 2, 3)]))
+        for i in range(8, 16):
+            rid = getattr(X, f"UC_X86_REG_XMM{i}")
+
+            def put_xmm(v: int, rid: int = rid) -> None:
+                wide.uc.reg_write(rid, (0x6B00 + v) << 64 | v)
+            low = wide.locate(f"xmm{i}.low", 8, put_xmm, [(0x71C0 + i) << 32 | k for k in (1, 2)])
+            f = ContextField(f"xmm{i}", low.offset, 16)
+            if f.decode(wide.snapshot()) >> 64 != 0x6B00 + ((0x71C0 + i) << 32 | 2):
+                raise CalibrationError(f.name, "the high half does not follow the low half")
+            out.append(f)
+        return out
+    finally:
+        wide.ctx.free()
+
+
 _TSC_MARK = 1 << 60
 _TSC_WINDOW = 256           # bytes after dr[7] searched (QEMU keeps tsc_offset just after dr[])
 
@@ -379,7 +419,7 @@ def _probe_tsc_offset(lab: ProbeLab) -> list[ContextField]:
 
 
 for _name, _probe in (("segments", _probe_segments), ("hflags", _probe_hflags),
-                      ("efer", _probe_efer),
+                      ("efer", _probe_efer), ("wide_registers", _probe_wide_registers),
                       ("dr7", _probe_dr), ("tsc_offset", _probe_tsc_offset)):
     register_probe(_name, _probe)
 

@@ -22,7 +22,7 @@ class VmProcess:
     """``pyvm ARGS -qmp unix:... -serial file:...`` with helpers for tests."""
 
     def __init__(self, tmp: Path, name: str, *args: str, serial: bool = True,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, connect_timeout: float = 20) -> None:
         self.tmp = tmp
         self.name = name
         self.sock = str(tmp / f"{name}.qmp")
@@ -38,9 +38,9 @@ class VmProcess:
         self._stderr = open(self.stderr_path, "wb")
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr,
                                      cwd=ROOT, env=e)
-        self.qmp = self._connect()
+        self.qmp = self._connect(connect_timeout)
 
-    def _connect(self) -> QEMUMonitorProtocol:
+    def _connect(self, timeout: float) -> QEMUMonitorProtocol:
         def connected() -> QEMUMonitorProtocol | None:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.name} exited with {self.proc.returncode}: {self.stderr()}")
@@ -52,7 +52,7 @@ class VmProcess:
                 except (OSError, ConnectError):
                     pass
             return None
-        return wait_until(connected, 20, f"{self.name}: QMP socket", interval=0.05)
+        return wait_until(connected, timeout, f"{self.name}: QMP socket", interval=0.05)
 
     def cmd(self, name: str, **args: Any) -> Any:
         """Run a command; returns the 'return' value or raises AssertionError with the error."""

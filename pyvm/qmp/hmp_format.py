@@ -186,7 +186,7 @@ def register_dump(regs: Mapping[str, int]) -> str:
     flag_text = "".join(ch if fl & bit else "-" for ch, bit in
                         (("D", 0x400), ("O", 0x800), ("S", 0x80), ("Z", 0x40), ("A", 0x10),
                          ("P", 0x04), ("C", 0x01)))
-    cpl = (g("cs", 0) & 3) if pe else 0
+    cpl = g("cpl", (g("cs", 0) & 3) if pe else 0)
     tail = "CPL=%d II=0 A20=%d SMM=0 HLT=%d\n" % (cpl, g("a20", 1), g("halted", 0))
     out: list[str] = []
     if cs64:

@@ -9,13 +9,15 @@ import pytest
 
 from tests.linux import BOOT_TIMEOUT, PROMPT, SerialConsole, linux_args
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.linux]
+# Until QMP answers: the kernel's payload is unpacked first (about 1 s of CPU when idle).
+START_TIMEOUT = 120.0
 
 
 def _boot(vms, tmp_path: Path, name: str, *extra: str):
     sock = tmp_path / f"{name}.serial.sock"
     vm = vms(name, *linux_args(), *extra, "-serial", f"unix:{sock},server=on,wait=off",
-             serial=False)
+             serial=False, connect_timeout=START_TIMEOUT)
     return vm, SerialConsole(sock)
 
 
@@ -33,3 +35,83 @@ def test_boots_to_a_shell_and_answers(vms, tmp_path: Path) -> None:
         assert vm.status() == "running"
     finally:
         con.close()
+
+
+MIG_RAM = "256M"
+
+
+def _answers_on(con: SerialConsole) -> None:
+    con.sock.sendall(b"\r")                     # a fresh prompt from the destination
+    con.expect(PROMPT, 60, len(con.out))
+    con.run("echo $X$((6*7))", "424242")
+    con.run("cat /proc/uptime > /dev/null && echo alive", "alive")
+
+
+def _vm(vms, name: str, tmp_path: Path, *extra: str):
+    """A Linux VM with its serial port on a unix socket, and the console on it."""
+    vm = vms(name, *_linux(name, tmp_path, *extra), serial=False, connect_timeout=START_TIMEOUT)
+    return vm, SerialConsole(tmp_path / f"{name}.serial.sock")
+
+
+def _linux(name: str, tmp_path: Path, *extra: str) -> list[str]:
+    sock = tmp_path / f"{name}.serial.sock"
+    return [*linux_args(MIG_RAM), *extra, "-serial", f"unix:{sock},server=on,wait=off"]
+
+
+def test_live_migration_over_tcp_at_the_prompt(vms, tmp_path: Path) -> None:
+    src, scon = _vm(vms, "src", tmp_path)
+    scon.expect(PROMPT, BOOT_TIMEOUT)
+    scon.run("X=4242; echo set-$X", "set-4242")
+    dst, dcon = _vm(vms, "dst", tmp_path, "-incoming", "tcp:127.0.0.1:0")
+    port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    done = src.wait_migration(timeout=300)
+    assert done["status"] == "completed", done
+    assert dst.wait_migration(("completed", "failed"), timeout=60)["status"] == "completed"
+    assert src.status() == "postmigrate"
+    assert dst.status() == "running"
+    _answers_on(dcon)
+    scon.close()
+    dcon.close()
+
+
+def test_save_to_file_and_restore(vms, tmp_path: Path) -> None:
+    state = tmp_path / "linux.state"
+    src, scon = _vm(vms, "src", tmp_path)
+    scon.expect(PROMPT, BOOT_TIMEOUT)
+    scon.run("X=4242; echo set-$X", "set-4242")
+    src.cmd("migrate", uri=f"file:{state}")
+    assert src.wait_migration(timeout=300)["status"] == "completed"
+    src.cmd("quit")
+    scon.close()
+    dst, dcon = _vm(vms, "dst", tmp_path, "-incoming", f"file:{state}")
+    assert dst.wait_migration(("completed", "failed"), timeout=120)["status"] == "completed"
+    assert dst.status() == "running"
+    _answers_on(dcon)
+    dcon.close()
+
+
+def test_cpr_reboot_with_a_shared_memory_backend(vms, tmp_path: Path, tmp_shm: Path) -> None:
+    ram, state = tmp_shm / "linux.ram", tmp_path / "linux.state"
+    backend = ["-object", f"memory-backend-file,id=ram0,size={MIG_RAM},mem-path={ram},share=on",
+               "-machine", "memory-backend=ram0"]
+    caps = [{"capability": "x-ignore-shared", "state": True}]
+    src, scon = _vm(vms, "src", tmp_path, *backend)
+    scon.expect(PROMPT, BOOT_TIMEOUT)
+    scon.run("X=4242; echo set-$X", "set-4242")
+    src.cmd("migrate-set-parameters", mode="cpr-reboot")
+    src.cmd("migrate-set-capabilities", capabilities=caps)
+    src.cmd("migrate", uri=f"file:{state}")
+    assert src.wait_migration(timeout=120)["status"] == "completed"
+    src.cmd("quit")
+    src.wait_exit()
+    scon.close()
+    assert state.stat().st_size < 256 * 1024          # guest RAM stayed in the shared file
+    dst, dcon = _vm(vms, "dst", tmp_path, *backend, "-incoming", "defer")
+    dst.cmd("migrate-set-parameters", mode="cpr-reboot")
+    dst.cmd("migrate-set-capabilities", capabilities=caps)
+    dst.cmd("migrate-incoming", uri=f"file:{state}")
+    assert dst.wait_migration(("completed", "failed"), timeout=60)["status"] == "completed"
+    assert dst.status() == "running"
+    _answers_on(dcon)
+    dcon.close()

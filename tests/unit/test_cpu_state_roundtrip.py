@@ -45,8 +45,9 @@ def cpu_states(draw: Any, wide: bool) -> dict[str, Any]:
     return {
         "mode": mode, "cr0": cr0,
         "cr2": draw(word), "cr3": draw(U32) & ~0xFFF, "cr8": draw(st.integers(0, 15)),
-        "regs": draw(st.lists(word, min_size=16, max_size=16)),
-        "rip": draw(word), "rflags": 0x2 | draw(st.sampled_from([0, 0x200, 0x4D5, 0x3200, 0x40200])),
+        # full 64-bit values on a 32-bit engine too (it may run long mode)
+        "regs": draw(st.lists(U64, min_size=16, max_size=16)),
+        "rip": draw(U64), "rflags": 0x2 | draw(st.sampled_from([0, 0x200, 0x4D5, 0x3200, 0x40200])),
         "segs": draw(st.lists(st.tuples(U16, U64 if wide else U32, U32, U32), min_size=6, max_size=6)),
         "sys": draw(st.lists(st.tuples(U16, U32, U32, U32), min_size=2, max_size=2)),
         "gdt": (draw(U32), draw(U16)), "idt": (draw(U32), draw(U16)),
@@ -83,7 +84,8 @@ def _apply(cpu: VCpu, s: dict[str, Any]) -> None:
                             "r10", "r11", "r12", "r13", "r14", "r15") if w else
                            ("eax", "ebx", "ecx", "edx", "esi", "edi", "ebp", "esp"), s["regs"]):
         cpu.set(name, value)
-    cpu.set("rip" if w else "eip", s["rip"])
+    if w:
+        cpu.set("rip", s["rip"])
     cpu.set("rflags" if w else "eflags", s["rflags"])
     uc.reg_write(X.UC_X86_REG_GDTR, (0, *s["gdt"], 0))
     uc.reg_write(X.UC_X86_REG_IDTR, (0, *s["idt"], 0))
@@ -105,6 +107,11 @@ def _apply(cpu: VCpu, s: dict[str, Any]) -> None:
     for name, (sel, base, limit, flags) in zip(SEGMENTS, s["segs"]):
         hidden.update({f"{name}.selector": sel, f"{name}.base": base,
                        f"{name}.limit": limit, f"{name}.flags": flags})
+    if not w:          # what a 32-bit engine's API cannot reach
+        hidden.update(zip(("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp", "r8", "r9",
+                           "r10", "r11", "r12", "r13", "r14", "r15"), s["regs"]))
+        hidden["rip"] = s["rip"]
+        hidden.update((f"xmm{i}", s["xmm"][i]) for i in range(8, 16))
     hflags = cpu.internals.read("hflags") & ~0xB
     hidden["hflags"] = hflags | s["cpl"] | (8 if s["shadow"] else 0)
     cpu.internals.write_many(hidden)

@@ -182,3 +182,13 @@ def test_loader_user_errors(tmp_path: Path) -> None:
         elf = fake_elf()
         good.write_bytes(fake_bzimage(with_size(lzma.compress(elf, lzma.FORMAT_XZ), elf)))
         loader.load_kernel(_ram(64 * MiB), str(good), None, str(tmp_path / "missing"), 64 * MiB)
+
+
+def test_cli_refuses_initrd_and_append_without_kernel(capsys: pytest.CaptureFixture[str],
+                                                      tmp_path: Path) -> None:
+    from pyvm.cli import main
+
+    assert main(["-initrd", str(tmp_path / "x"), "-display", "none"]) == 1
+    assert capsys.readouterr().err == "pyvm: -initrd only allowed with -kernel option\n"
+    assert main(["-append", "console=ttyS0", "-display", "none"]) == 1
+    assert capsys.readouterr().err == "pyvm: -append only allowed with -kernel option\n"

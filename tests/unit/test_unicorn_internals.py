@@ -27,7 +27,8 @@ def engine(mode: int) -> U.Uc:
 def test_calibration_finds_every_field() -> None:
     layout = ui.calibrate()
     want = {f"{s}.{p}" for s in ui.SEGMENT_NAMES for p in ui.SEGMENT_PARTS}
-    want |= {"hflags", "efer", "dr7", "tsc_offset"}
+    want |= {"hflags", "efer", "dr7", "tsc_offset", "rip", *ui.WIDE_GPRS}
+    want |= {f"xmm{i}" for i in range(8, 16)}
     assert want <= set(layout.fields)
     spans = sorted((f.offset, f.offset + f.size, f.name) for f in layout.fields.values())
     for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
@@ -63,6 +64,14 @@ def test_written_fields_show_through_the_public_api(mode: int) -> None:
     if mode == U.UC_MODE_64:
         acc.write("gs.base", 0xFFFF8000DEADB000)
         assert uc.reg_read(X.UC_X86_REG_GS_BASE) == 0xFFFF8000DEADB000
+        acc.write_many({"r8": 0x0123456789ABCDEF, "rip": 0xFFFFFFFF81000000,
+                        "xmm12": (0xAAAA << 112) | 0x5555})
+        assert uc.reg_read(X.UC_X86_REG_R8) == 0x0123456789ABCDEF
+        assert uc.reg_read(X.UC_X86_REG_RIP) == 0xFFFFFFFF81000000
+        assert uc.reg_read(X.UC_X86_REG_XMM12) == (0xAAAA << 112) | 0x5555
+    else:
+        acc.write("rax", 0xFEDC_BA98_7654_3210)              # the API shows the low half
+        assert uc.reg_read(X.UC_X86_REG_EAX) == 0x7654_3210
 
 
 @pytest.mark.parametrize("mode", MODES)

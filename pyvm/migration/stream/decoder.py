@@ -170,7 +170,8 @@ class _DeviceHandler(_Handler):
         except MigrationError:
             raise
         except Exception as err:  # a device refusing its state, like a failing post_load
-            raise StreamMismatchError(detail=f"{self.idstr}: post_load failed: {err}") from err
+            # QEMU's post_load hooks error_report() their reason before the section line.
+            raise StreamMismatchError(f"{self.idstr}: post_load failed: {err}") from err
 
 
 class _LoaderHandler(_Handler):
