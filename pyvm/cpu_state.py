@@ -24,15 +24,29 @@ did not take.  The A20 gate lives in the ``port92`` section.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import unicorn as uc_mod
 from unicorn import x86_const as X
 
+from pyvm.unicorn_internals import ContextAccess
 from pyvm.vmstate import Field, VMStateDescription
 
-if TYPE_CHECKING:
-    from pyvm.cpu import VCpu
+
+class VCpu(Protocol):
+    """What saving and loading need of a vCPU (:class:`pyvm.cpu.VCpu`; named here so that
+    this module does not import the CPU module that imports it)."""
+
+    index: int
+    wide: bool
+    halted: bool
+    pending_exception: int | None
+    uc: Any
+    internals: ContextAccess
+
+    def get(self, name: str) -> int: ...
+
+    def set(self, name: str, value: int) -> None: ...
 
 MSR_EFER = 0xC0000080
 EFER_LMA = 1 << 10
@@ -97,7 +111,7 @@ class CpuState:
     idstr = "cpu"
     vmsd = CPU_VMSD
 
-    def __init__(self, cpu: "VCpu") -> None:
+    def __init__(self, cpu: VCpu) -> None:
         self.cpu = cpu
         self.instance_id = cpu.index
         self.regs = [0] * 16
@@ -139,7 +153,7 @@ _NARROW_HIDDEN = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
                   *(f"xmm{i}" for i in range(8, 16))]
 
 
-def save_cpu(cpu: "VCpu", st: CpuState, with_tsc: bool = True) -> None:
+def save_cpu(cpu: VCpu, st: CpuState, with_tsc: bool = True) -> None:
     """Copy the live vCPU into ``st``."""
     uc = cpu.uc
     hidden = cpu.internals.read_many(
@@ -198,7 +212,7 @@ def _put(field: str, write: Any, *args: Any) -> None:
         raise CpuStateError(field, f"Unicorn refused it ({err})") from err
 
 
-def _check_ranges(cpu: "VCpu", st: CpuState) -> None:
+def _check_ranges(cpu: VCpu, st: CpuState) -> None:
     if bool(st.wide) != cpu.wide:
         raise CpuStateError("wide", "vCPU register width differs: start both VMs with the "
                             "same boot options")
@@ -215,7 +229,7 @@ def _check_ranges(cpu: "VCpu", st: CpuState) -> None:
         raise CpuStateError("rflags", f"{st.rflags:#x} does not fit a 32-bit vCPU")
 
 
-def load_cpu(cpu: "VCpu", st: CpuState) -> None:
+def load_cpu(cpu: VCpu, st: CpuState) -> None:
     """Apply ``st`` to the vCPU (after RAM is loaded); CpuStateError names what failed."""
     _check_ranges(cpu, st)
     uc = cpu.uc
@@ -276,7 +290,7 @@ def load_cpu(cpu: "VCpu", st: CpuState) -> None:
     _verify(cpu, st)
 
 
-def _verify(cpu: "VCpu", st: CpuState) -> None:
+def _verify(cpu: VCpu, st: CpuState) -> None:
     """Read everything back: a field Unicorn did not take exactly is an error that names it."""
     now = CpuState(cpu)
     save_cpu(cpu, now, with_tsc=False)

@@ -101,9 +101,15 @@ def is_bzimage(image: bytes) -> bool:
 def parse_setup_header(image: bytes) -> SetupHeader:
     if not is_bzimage(image):
         raise BootProtocolError("not a Linux bzImage (no 'HdrS' setup header)")
-    u8 = lambda off: image[off]                                  # noqa: E731
-    u16 = lambda off: struct.unpack_from("<H", image, off)[0]    # noqa: E731
-    u32 = lambda off: struct.unpack_from("<I", image, off)[0]    # noqa: E731
+    def u8(off: int) -> int:
+        return image[off]
+
+    def u16(off: int) -> int:
+        return int(struct.unpack_from("<H", image, off)[0])
+
+    def u32(off: int) -> int:
+        return int(struct.unpack_from("<I", image, off)[0])
+
     version = u16(OFF_VERSION)
     if version < MIN_VERSION:
         raise BootProtocolError(f"boot protocol {version >> 8}.{version & 0xFF} is too old "
@@ -233,7 +239,10 @@ def synthetic_header() -> SetupHeader:
     """A setup header for a bare ``vmlinux`` ELF, which has none: what a 2.15 bzImage of
     a relocatable 64-bit kernel declares (boot.rst field defaults)."""
     raw = bytearray(0x268 - HDR_START)
-    at = lambda off: off - HDR_START   # noqa: E731
+
+    def at(off: int) -> int:
+        return off - HDR_START
+
     struct.pack_into("<H", raw, at(OFF_BOOT_FLAG), 0xAA55)
     struct.pack_into("<B", raw, at(OFF_JUMP + 1), 0x268 - OFF_HEADER)
     raw[at(OFF_HEADER):at(OFF_HEADER) + 4] = b"HdrS"

@@ -24,7 +24,7 @@ from pyvm.tls import TlsError
 
 if TYPE_CHECKING:
     from pyvm.machine import Machine
-    from pyvm.migration.channels import PreparedIncoming
+    from pyvm.migration.control.connect import PreparedIncoming
     from pyvm.migration.control.manager import MigrationManager
 
 
