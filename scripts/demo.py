@@ -57,7 +57,10 @@ async def qmp_session(path: str) -> None:
     print(f"[demo] after 'cont':  {await qmp.execute('query-status')}")
     print("[demo] quitting through QMP ('quit')")
     await qmp.execute("quit")
-    await qmp.disconnect()
+    try:
+        await qmp.disconnect()
+    except EOFError:
+        pass            # pyvm closed the connection first, as QEMU may after 'quit'
 
 
 def main() -> int:
