@@ -68,7 +68,12 @@ def record(kernel: str, append: str, ram_size: int, interval: float, duration: f
             late = max(late, time.monotonic() - deadline)
             if machine.exit_code is not None:
                 break               # the guest ended: keep the samples taken so far
-            words = machine.run_on_loop(take, timeout=max(5.0, 10 * interval))
+            try:
+                words = machine.run_on_loop(take, timeout=max(5.0, 10 * interval))
+            except TimeoutError:
+                if machine.exit_code is not None:
+                    break           # it ended between the check and the request
+                raise LabError("record: the guest's run loop stopped answering") from None
             taken = i + 1
             mask = np.concatenate([words_to_mask(w, b.npages) for w, b in zip(words, blocks)])
             rows[i] = np.packbits(mask)

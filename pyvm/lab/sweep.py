@@ -91,10 +91,16 @@ def batches(cells: Sequence[Cell], size: int) -> list[list[Cell]]:
 
 
 @contextlib.contextmanager
-def dask_client(scheduler: str | None = None, workers: int = 2) -> Iterator[Any]:
+def dask_client(scheduler: str | None = None, workers: int = 2,
+                timeout: float = 30) -> Iterator[Any]:
     """A :class:`distributed.Client` of the scheduler at ``scheduler``, or of a new
     LocalCluster of ``workers`` single-threaded processes; closed (with the cluster) on
     exit."""
+    if scheduler:
+        try:
+            _probe(scheduler, timeout)
+        except OSError as err:
+            raise LabError(f"sweep: cannot reach the Dask scheduler: {err}") from err
     import distributed
 
     Client: Any = distributed.Client            # untyped library: keep mypy --strict quiet
@@ -102,12 +108,12 @@ def dask_client(scheduler: str | None = None, workers: int = 2) -> Iterator[Any]
     cluster: Any = None
     try:
         if scheduler:
-            client = Client(scheduler, timeout=30)
+            client = Client(scheduler, timeout=timeout)
         else:
             cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
                                    dashboard_address=None)
             client = Client(cluster)
-    except OSError as err:
+    except (OSError, ValueError) as err:     # refused, timed out, a malformed address
         if cluster is not None:
             cluster.close()
         raise LabError(f"sweep: cannot reach the Dask scheduler: {err}") from err
@@ -117,6 +123,25 @@ def dask_client(scheduler: str | None = None, workers: int = 2) -> Iterator[Any]
         client.close()
         if cluster is not None:
             cluster.close()
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Fail fast on a tcp:// scheduler that refuses connections (Dask's client would
+    retry until its timeout)."""
+    import socket
+    from urllib.parse import urlsplit
+
+    if not address.startswith("tcp://"):
+        return
+    parts = urlsplit(address)
+    try:
+        host, port = parts.hostname, parts.port
+    except ValueError as err:
+        raise LabError(f"sweep: bad scheduler address '{address}': {err}") from None
+    if not host or not port:
+        raise LabError(f"sweep: bad scheduler address '{address}': expected tcp://HOST:PORT")
+    with socket.create_connection((host, port), timeout=timeout):
+        pass
 
 
 def run_sweep(cells: Sequence[Cell], limits: Limits = Limits(), *, scheduler: str | None = None,

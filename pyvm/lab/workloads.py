@@ -1,8 +1,9 @@
 """Synthetic dirty-page traces with known, tunable patterns.
 
-The same patterns the ``dirty.elf`` guest writes on a real VM (``firmware/dirty.s``),
-generated directly with numpy so that the simulator, tests and sweeps need no VM.  A
-workload is written ``NAME[:key=value,...]``:
+Patterns like those the ``dirty.elf`` guest writes on a real VM (``firmware/dirty.s``;
+its hot/cold pattern is two-level, where ``zipf`` here is a smooth skew), generated
+directly with numpy so that the simulator, tests and sweeps need no VM.  A workload is
+written ``NAME[:key=value,...]``:
 
 ==========  ==================================================================
 ``idle``    nothing is written

@@ -185,8 +185,10 @@ def switchover_bandwidth(setup: MigrationSetup, state: RoundState) -> float:
 
 def qemu_converged(setup: MigrationSetup, state: RoundState) -> bool:
     """QEMU's switchover rule: the pending bytes fit in ``bandwidth * downtime-limit``
-    (``migration/migration.c``: threshold_size = expected_bw_per_ms * downtime_limit;
-    migration_iteration_run completes when pending_size < threshold_size)."""
+    (``migration/migration.c``: migration_update_counters sets threshold_size =
+    expected_bw_per_ms * downtime_limit; migration_iteration_run completes when
+    pending_size < threshold_size).  pyvm's precopy has always compared with ``<=``, and
+    so does this rule, so that the default policy keeps today's streams."""
     threshold = switchover_bandwidth(setup, state) * setup.limits.downtime_limit
     return state.unsent_bytes <= threshold
 

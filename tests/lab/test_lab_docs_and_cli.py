@@ -49,6 +49,7 @@ def test_docs_example_policy_runs_as_printed(tmp_path: Path) -> None:
     assert qemu.status == "timeout"                          # the deadline made the difference
 
 
+@pytest.mark.slow            # matplotlib: several seconds on a loaded machine
 def test_simulate_json_and_plots(tmp_path: Path) -> None:
     r = lab("simulate", "--workload", "zipf:ram=8M,seconds=2,rate=4000", "--link",
             "100Mbit,rtt=5ms", "--policy", "qemu", "--policy", "hot-cold", "--json",
@@ -61,7 +62,8 @@ def test_simulate_json_and_plots(tmp_path: Path) -> None:
         assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 5000
 
 
-def test_info_and_record_errors(tmp_path: Path) -> None:
+@pytest.mark.slow
+def test_info_and_plots(tmp_path: Path) -> None:
     from pyvm.lab.trace import save
 
     path = tmp_path / "s.trace"

@@ -42,3 +42,49 @@ def test_unknown_policy_is_a_failed_row_not_a_crash() -> None:
                       Cell("qemu", WORKLOADS[0], "1Gbit", 0.0)], Limits())
     assert rows[0]["status"] == "failed" and "migration policy 'nope'" in rows[0]["error"]
     assert rows[1]["status"] == "completed"
+
+
+@pytest.mark.slow
+def test_cli_sweep_on_an_existing_scheduler(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    from distributed import LocalCluster
+
+    root = Path(__file__).resolve().parents[2]
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, protocol="tcp",
+                      host="127.0.0.1", dashboard_address=None) as cluster:
+        assert cluster.scheduler_address.startswith("tcp://127.0.0.1:")
+        out = tmp_path / "r.csv"
+        r = subprocess.run(
+            [sys.executable, "-m", "pyvm.lab.cli", "sweep", "--scheduler",
+             cluster.scheduler_address, "--policy", "qemu", "--policy", "auto-converge",
+             "--workload", WORKLOADS[0], "--link", LINKS[0], "--starts", "3",
+             "--out", str(out), "--plot", str(tmp_path)],
+            capture_output=True, text=True, timeout=120, cwd=root)
+        assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("6 simulated migrations in ")
+    rows = read_table(str(out))
+    cells = grid(["qemu", "auto-converge"], WORKLOADS[:1], LINKS[:1], starts=3)
+    local = run_cells(cells, Limits())
+    assert [(r["policy"], r["bytes_sent"], r["rounds"]) for r in rows] == \
+        [(r["policy"], r["bytes_sent"], r["rounds"]) for r in local]
+    assert (tmp_path / "times.png").stat().st_size > 5000
+
+
+def test_unreachable_scheduler_is_a_one_line_error(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:      # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[2]
+    r = subprocess.run([sys.executable, "-m", "pyvm.lab.cli", "sweep", "--scheduler",
+                        f"tcp://127.0.0.1:{port}", "--workload", "idle:ram=1M",
+                        "--out", str(tmp_path / "x.csv")],
+                       capture_output=True, text=True, timeout=120, cwd=root)
+    assert r.returncode == 1
+    assert r.stderr.startswith("pyvm-lab: sweep: cannot reach the Dask scheduler")
+    assert "Traceback" not in r.stderr
