@@ -76,6 +76,14 @@ class _DeviceContext:
         self._m.log.once(topic, message) if topic == "unimp" else self._m.log.log(topic, message)
 
 
+# VCpu.registers() names (32-bit guests: e-names) -> the monitor's names.
+_MONITOR_REGISTER_NAMES = {
+    **{f"e{r}": f"r{r}" for r in ("ax", "bx", "cx", "dx", "si", "di", "bp", "sp", "ip", "flags")},
+    "gdt_base": "gdtr_base", "gdt_limit": "gdtr_limit",
+    "idt_base": "idtr_base", "idt_limit": "idtr_limit",
+}
+
+
 class Machine:
     """A PC-like VM.  Construct, then :meth:`start`; :meth:`wait` returns the exit status."""
 
@@ -428,8 +436,16 @@ class Machine:
         return self.cpus[index]
 
     def cpu_registers(self, cpu_index: int) -> dict[str, int]:
+        """The monitor's register map (pyvm.qmp.vm_api.VmApi.cpu_registers): 64-bit names
+        in every mode, descriptor tables as ``gdtr_*``/``idtr_*``, and ``halted``."""
         cpu = self._cpu(cpu_index)
-        return dict(self.run_on_loop(cpu.registers))
+
+        def collect() -> dict[str, int]:
+            regs = dict(cpu.registers())
+            regs["halted"] = int(cpu.halted)
+            return regs
+        regs = self.run_on_loop(collect)
+        return {_MONITOR_REGISTER_NAMES.get(name, name): value for name, value in regs.items()}
 
     def cpus_info(self) -> list[dict[str, Any]]:
         return [{"cpu-index": c.index, "qom-path": f"/machine/unattached/device[{c.index}]",
