@@ -433,6 +433,8 @@ class Machine:
         return self.cpus[index]
 
     def cpu_registers(self, cpu_index: int) -> dict[str, int]:
+        """The monitor's register map (pyvm.qmp.vm_api.VmApi.cpu_registers): 64-bit names
+        in every mode, descriptor tables as ``gdtr_*``/``idtr_*``, and ``halted``."""
         cpu = self._cpu(cpu_index)
         return dict(self.run_on_loop(cpu.register_state))
 

@@ -58,3 +58,10 @@ def vms(tmp_path: Path):
     yield start
     for vm in started:
         vm.close()
+
+
+def pytest_terminal_summary(terminalreporter, config) -> None:  # type: ignore[no-untyped-def]
+    """Print pytest-randomly's seed even under -q, so a failing order can be replayed."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if isinstance(seed, int):
+        terminalreporter.write_line(f"test order: --randomly-seed={seed}")
