@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast firmware firmware-check bench mypy clean
+.PHONY: setup demo test test-fast torture firmware firmware-check bench mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# The standing adversarial suite at full size (docs/reliability.md); about 15 minutes.
+torture: setup
+	$(PY) -m tests.torture.suite
 
 firmware:
 	$(MAKE) -C firmware

@@ -10,6 +10,7 @@ from typing import Any
 
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.errors import CommandError
+from pyvm.qmp.limits import command_line_too_long
 from pyvm.qmp.registry import CommandTable
 
 
@@ -21,7 +22,8 @@ def human_monitor_command(ctx: CommandContext, args: dict[str, Any]) -> str:
             raise CommandError("Parameter 'cpu-index' expects a CPU number")
         state.cpu_index = args["cpu-index"]
     table = ctx.service.hmp_table if ctx.service is not None else default_hmp_table()
-    text = run_line(table, ctx, state, args["command-line"])
+    text = command_line_too_long(args["command-line"]) \
+        or run_line(table, ctx, state, args["command-line"])
     return text.replace("\n", "\r\n")
 
 
