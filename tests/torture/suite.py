@@ -544,7 +544,7 @@ def r5_private_and_tls(tmp: Path) -> dict[str, Any]:
 
 # -- the command ------------------------------------------------------------------------------------
 
-FULL = {"r1_in_process": 5000, "r1_processes": 40, "r2_messages": 10000, "r4_hops": 200}
+FULL = {"r1_in_process": 5000, "r1_processes": 40, "r2_messages": 11000, "r4_hops": 200}
 QUICK = {"r1_in_process": 120, "r1_processes": 2, "r2_messages": 600, "r4_hops": 4}
 
 
