@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast test-pure test-linux linux lint firmware firmware-check bench bench-lab bench-linux mypy clean
+.PHONY: setup demo test test-fast test-pure test-linux linux torture lint firmware firmware-check bench bench-lab bench-linux mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -27,6 +27,10 @@ test-linux: setup
 # this terminal: the serial console is stdio (Ctrl-A x quits).
 linux: setup
 	$(PY) scripts/linux_guest.py --boot
+
+# The standing adversarial suite at full size (docs/reliability.md); about 15 minutes.
+torture: setup
+	$(PY) -m tests.torture.suite
 
 firmware:
 	$(MAKE) -C firmware

@@ -11,6 +11,7 @@ from typing import Any
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.errors import CommandError
 from pyvm.qmp.hmp import HmpState, run_line
+from pyvm.qmp.limits import command_line_too_long
 from pyvm.qmp.registry import CommandTable
 
 
@@ -22,7 +23,8 @@ def human_monitor_command(ctx: CommandContext, args: dict[str, Any]) -> str:
         state.cpu_index = args["cpu-index"]
     if ctx.hmp_table is None:
         raise CommandError("this monitor has no human monitor commands")
-    text = run_line(ctx.hmp_table, ctx, state, args["command-line"])
+    text = command_line_too_long(args["command-line"]) \
+        or run_line(ctx.hmp_table, ctx, state, args["command-line"])
     return text.replace("\n", "\r\n")
 
 

@@ -246,10 +246,11 @@ def test_huge_memory_dump_is_refused_quickly(vms) -> None:
     start = time.monotonic()
     out = vm.hmp("xp /4000000xb 0")
     assert time.monotonic() - start < 1.0
-    assert out.strip() == "xp: at most 65536 bytes per command (asked for 4000000)"
-    assert vm.hmp("x /5000i 0").strip().startswith("x: at most 4096 instructions")
-    lines = vm.hmp("xp /65536xb 0").splitlines()
-    assert len(lines) == 8192 and lines[-1].startswith("000000000000fff8:")
+    assert out.strip() == "xp: at most 4096 values per command (asked for 4000000)"
+    assert vm.hmp("x /5000i 0").strip().startswith("x: at most 128 instructions")
+    lines = vm.hmp("xp /4096xb 0").splitlines()
+    assert len(lines) == 512 and lines[-1].startswith("0000000000000ff8:")
+    assert len(vm.hmp("xp /4096xg 0").splitlines()) == 2048
     assert _rss_kib(vm.proc.pid) - before < 64 << 10          # KiB: far below hundreds of MB
 
 
@@ -259,6 +260,11 @@ def test_deep_expressions_give_a_clear_error(vms) -> None:
     for expr in ("(" * 300 + "1" + ")" * 300, "-" * 5000 + "1", "~(" * 200 + "0" + ")" * 200):
         out = vm.hmp("p " + expr)
         assert out.splitlines()[0] == "expression nested too deeply (at most 64 levels)", out[:200]
+    big = "1+" * 40000 + "1"                         # 80 KB: beyond the command line bound
+    start = time.monotonic()
+    assert vm.hmp("p " + big).strip() == "command line too long (limit 65536 bytes)"
+    assert time.monotonic() - start < 1.0
+    assert vm.hmp("p " + "1+" * 30000 + "1").strip() == "0x7531"
     assert "Traceback" not in vm.stderr() and "internal error" not in vm.stderr()
     assert vm.status() == "running"
 
@@ -275,7 +281,7 @@ def test_a_busy_client_does_not_starve_stop(vms, tmp_path: Path) -> None:
     done = threading.Event()
     calls = [0]
     request = (json.dumps({"execute": "human-monitor-command",
-                           "arguments": {"command-line": "xp /65536xb 0"}}) + "\n").encode()
+                           "arguments": {"command-line": "xp /4096c 0"}}) + "\n").encode()
 
     def hammer() -> None:
         while not done.is_set():

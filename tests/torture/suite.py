@@ -32,6 +32,9 @@ from tests.vmproc import QmpFailed, VmProcess
 
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
             "-display", "none"]
+# R1's streams: a smaller guest (1 MiB of data), so thousands of decodes stay quick
+SMALL = ["-m", "4M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=1",
+         "-display", "none"]
 AB = ["-m", "32M", "-smp", "2", "-kernel", guest("ab.elf"), "-append", "start=1 size=8",
       "-display", "none"]
 
@@ -52,7 +55,7 @@ def _progress(vm: VmProcess, marker: str, timeout: float = 20) -> None:
 def saved_stream(tmp: Path, checksum: bool) -> bytes:
     """A real stream of a running memcheck guest."""
     path = tmp / f"real-{int(checksum)}.state"
-    src = VmProcess(tmp, f"saver{int(checksum)}", *MEMCHECK)
+    src = VmProcess(tmp, f"saver{int(checksum)}", *SMALL)
     try:
         src.wait_serial("memcheck gen 1 ok")
         if checksum:
@@ -147,7 +150,7 @@ def _r1_processes(tmp: Path, split: SplitStream, muts: list[tuple[str, bytes]],
     for i, (label, bad) in enumerate(muts):
         bad_path.write_bytes(bad)
         counts["streams"] += 1
-        dst = VmProcess(tmp, f"r1-{i}", *MEMCHECK, "-S", "-incoming", "defer")
+        dst = VmProcess(tmp, f"r1-{i}", *SMALL, "-S", "-incoming", "defer")
         try:
             if checksum:
                 _checksum(dst)
@@ -188,6 +191,8 @@ def _expr(rng: random.Random, depth: int = 0) -> str:
         return rng.choice("-~+") + _expr(rng, depth + 1)
     if c == 3:
         return "(" * 80 + "1" + ")" * 80
+    if depth > 8:                        # binary operators double the size: keep it bounded
+        return _expr(rng, depth + 1)
     return _expr(rng, depth + 1) + rng.choice(" + - * / % & | ^ ".split(" ")) + _expr(rng, depth + 1)
 
 
@@ -203,9 +208,9 @@ def _hostile(rng: random.Random, commands: list[str]) -> bytes:
     if k == 3:
         return rng.choice([b"{", b"}", b"{'execute': 'query-status'}", b"1e400", b'"\\ud800"',
                            b"\xff\xfe{", b'{"execute": "query-status", "id": [[[[1]]]]}']) + b"\n"
-    if k in (4, 5, 6):
+    if k == 4:
         fmt = rng.choice(_SAFE_HMP)
-        line = fmt.format(n=rng.choice([1, 7, 64, 4096, 65536, 65537, 4000000, 0, 99999999999]),
+        line = fmt.format(n=rng.choice([1, 7, 64, 128, 129, 4096, 4097, 4000000, 0, 99999999999]),
                           f=rng.choice(["x", "xb", "d", "uh", "ow", "cg", "i", "c", "q", "xL", ""]),
                           a=rng.choice(["0", "0x100000", "-1", "0xfffffffffffff000", "$pc"]),
                           e=_expr(rng), w=rng.choice(["foo", "\x1b[2J", "info", "%s%n", "é"]))
@@ -297,8 +302,13 @@ def r2_monitor(tmp: Path, messages: int, clients: int = 4, seed: int = 2) -> dic
 
 # -- R3: faults per transport ---------------------------------------------------------------------
 
+# R3's sources dirty 16 MiB: more than every buffer between pyvm and a peer that never reads
+BIG = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=16",
+       "-display", "none"]
+
+
 def _source(tmp: Path, name: str) -> VmProcess:
-    src = VmProcess(tmp, name, *MEMCHECK)
+    src = VmProcess(tmp, name, *BIG)
     src.wait_serial("memcheck gen 1 ok")
     return src
 
@@ -323,11 +333,16 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def r3_faults(tmp: Path) -> dict[str, Any]:
+def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
+    """Faults on every transport; ``quick`` runs one of each kind (make test)."""
     results: dict[str, str] = {}
+    quick_set = {"destination killed/tcp", "exec helper killed", "cancel in setup/fifo without reader",
+                 "cancel while active/unix peer not reading"}
 
     def scenario(name: str, fn: Callable[[VmProcess], None]) -> None:
-        src = _source(tmp, "r3-" + name.replace(" ", "-").replace("/", "-"))
+        if quick and name not in quick_set:
+            return
+        src = _source(tmp, f"r3-{len(results)}")          # unix socket paths are short
         try:
             fn(src)
             _resumes_and_migrates_again(src, tmp)
@@ -430,29 +445,38 @@ def r3_faults(tmp: Path) -> dict[str, Any]:
 
 # -- R4: ping-pong ---------------------------------------------------------------------------------
 
-def r4_pingpong(tmp: Path, hops: int) -> dict[str, Any]:
+def r4_pingpong(tmp: Path, hops: int, check_every: int = 10) -> dict[str, Any]:
+    """Live migrations hop after hop (each destination becomes the next source); the next
+    destination is started while the current hop runs.  The guests check their own memory
+    (memcheck prints FAIL, ab's vCPUs check each other's stores)."""
     figures: dict[str, Any] = {}
     for label, args, marker in (("memcheck", MEMCHECK, " ok"), ("ab", AB, "B")):
         n = hops // 2
         src = VmProcess(tmp, f"r4-{label}-0", *args)
         downtimes = []
         start = time.monotonic()
+        nxt = VmProcess(tmp, f"r4-{label}-1", *args, "-incoming", "tcp:127.0.0.1:0")
         try:
             src.wait_serial(marker.strip())
             for hop in range(1, n + 1):
-                dst = VmProcess(tmp, f"r4-{label}-{hop % 3}", *args, "-incoming", "tcp:127.0.0.1:0")
+                dst = nxt
                 port = dst.cmd("query-migrate")["socket-address"][0]["port"]
                 src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-                info = src.wait_migration()
+                if hop < n:
+                    nxt = VmProcess(tmp, f"r4-{label}-{(hop + 1) % 3}", *args,
+                                    "-incoming", "tcp:127.0.0.1:0")
+                info = src.wait_migration(poll=0.02)
                 assert info["status"] == "completed", info
-                assert dst.wait_migration(("completed", "failed"))["status"] == "completed"
+                assert dst.wait_migration(("completed", "failed"), poll=0.02)["status"] == "completed"
                 downtimes.append(info.get("downtime", 0))
                 assert "FAIL" not in src.serial()
                 src.close()
                 src = dst
-                _progress(src, marker)
+                if hop % check_every == 0 or hop == n:
+                    _progress(src, marker)
         finally:
             src.close()
+            nxt.close()
         downtimes.sort()
         figures[label] = {"migrations": n, "seconds": round(time.monotonic() - start, 1),
                           "downtime_ms_median": downtimes[len(downtimes) // 2] if downtimes else 0,
@@ -520,7 +544,7 @@ def r5_private_and_tls(tmp: Path) -> dict[str, Any]:
 
 # -- the command ------------------------------------------------------------------------------------
 
-FULL = {"r1_in_process": 5200, "r1_processes": 100, "r2_messages": 12000, "r4_hops": 200}
+FULL = {"r1_in_process": 5000, "r1_processes": 40, "r2_messages": 11000, "r4_hops": 200}
 QUICK = {"r1_in_process": 120, "r1_processes": 2, "r2_messages": 600, "r4_hops": 4}
 
 
@@ -533,7 +557,7 @@ def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
         elif part == "r2":
             out[part] = r2_monitor(tmp, sizes["r2_messages"])
         elif part == "r3":
-            out[part] = r3_faults(tmp)
+            out[part] = r3_faults(tmp, quick=sizes is QUICK)
         elif part == "r4":
             out[part] = r4_pingpong(tmp, sizes["r4_hops"])
         elif part == "r5":

@@ -35,10 +35,10 @@ rules (magic, version, machine type, capabilities); the vmdesc trailer after
 ``QEMU_VM_EOF`` is never loaded.
 
 Why CRC-32C rather than Firecracker's CRC-64: it is computed in hardware (SSE 4.2
-``crc32`` instruction, ARMv8 CRC) by the ``google-crc32c`` package at several GB/s, so
-checksumming a page batch costs far less than sending it; its Hamming distance is at least
-4 for messages up to ~2 KiB and it detects every burst error up to 32 bits at any length,
-which covers bit flips and torn writes.  It is not a MAC: against a peer that forges
+``crc32`` instruction, ARMv8 CRC) by the ``google-crc32c`` package where the CPU has it, so
+checksumming a page batch costs little next to sending it; its Hamming distance is at least
+4 for messages far longer than a section (Koopman's CRC tables) and it detects every burst
+error up to 32 bits at any length, which covers bit flips and torn writes.  It is not a MAC: against a peer that forges
 streams use TLS (``tls-creds``), not a checksum.
 """
 

@@ -181,7 +181,7 @@ def tls_client(channel: SocketOutgoing, creds: TlsCredsX509, hostname: str | Non
                abort: AbortSignal | None) -> TlsOutgoing:
     """Upgrade a connected source channel to TLS (migration/tls.c
     ``migration_tls_channel_connect``); TlsError with QEMU's text when refused."""
-    if not hostname and creds.verify_peer:
+    if not hostname:
         channel.close()
         raise TlsError("No hostname available for TLS")
     description = channel.description
