@@ -18,11 +18,7 @@ from pyvm.errors import ConfigError, PyvmError
 from pyvm.guests import catalogue_text, find_guest, guest_path
 from pyvm.log import TOPICS
 from pyvm.machine import Machine
-from pyvm.migration.control import monitor_commands
-from pyvm.migration.control import service as migration_service
-from pyvm.qmp.core import build_tables
 from pyvm.qmp.options import parse_monitor_options, uses_stdio
-from pyvm.qmp.server import start_monitors
 from pyvm.ram import BACKEND_TYPES, MemoryBackendConfig
 from pyvm.size import parse_size
 from pyvm.tls import TLS_OBJECT_TYPES, TlsError
@@ -403,11 +399,18 @@ def run(pa: ParsedArgs) -> int:
     machine.has_monitor = bool(monitors)
     service = None
     try:
-        if monitors:
-            # This monitor's commands: the core ones and migration's, registered here.
-            tables = build_tables(monitor_commands.install)
-            # Clients are greeted at once; their commands wait until the VM has started.
-            service = start_monitors(machine, monitors, tables, hold=True)
+        if monitors or cfg.incoming is not None:
+            # Deferred: the monitor (asyncio, the QMP schema tables) and migration load only
+            # when the command line asks for them, so a plain run starts without them.
+            from pyvm.migration.control import monitor_commands
+            from pyvm.migration.control import service as migration_service
+            from pyvm.qmp.core import build_tables
+            from pyvm.qmp.server import start_monitors
+            if monitors:
+                # This monitor's commands: the core ones and migration's, registered here.
+                tables = build_tables(monitor_commands.install)
+                # Clients are greeted at once; their commands wait until the VM has started.
+                service = start_monitors(machine, monitors, tables, hold=True)
         _install_signals(machine)
         machine.start()
         if cfg.incoming is not None:
@@ -418,7 +421,8 @@ def run(pa: ParsedArgs) -> int:
     finally:
         if service is not None:
             service.close()
-        migration_service.shutdown(machine)
+        if machine.migration is not None:
+            machine.migration.shutdown()      # stops and joins the migration threads
         machine.close()
 
 

@@ -37,7 +37,7 @@ def migration_of(machine: "Machine") -> MigrationManager:
             for obj in machine.migratable():
                 if getattr(obj, "vmsd", None) is None:
                     mgr.blockers.add(f"State blocked by non-migratable device '{obj.idstr}'")
-            for reason, modes in getattr(machine, "migration_blockers", []):
+            for reason, modes in machine.migration_blockers:
                 mgr.blockers.add(reason, modes)
             machine.migration = mgr
         found: MigrationManager = machine.migration
