@@ -81,19 +81,40 @@ def test_elf64_and_cmdline() -> None:
 def test_hello_echo() -> None:
     import subprocess
     import sys
+    import threading
     import time
     proc = subprocess.Popen([sys.executable, "-m", "pyvm", "-m", "16M", "-serial", "stdio"],
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
-    assert proc.stdin is not None
-    time.sleep(1.5)
-    proc.stdin.write(b"echo me\r")
-    proc.stdin.flush()
-    time.sleep(1.5)
-    proc.terminate()
-    out = proc.communicate(timeout=10)[0].decode()
-    assert "pyvm hello: guest running" in out
-    assert "tick 1" in out
-    assert "echo me\r\n" in out
+    assert proc.stdin is not None and proc.stdout is not None
+    out = bytearray()
+    stdout = proc.stdout
+
+    def reader() -> None:
+        while chunk := stdout.read1(4096):
+            out.extend(chunk)
+
+    t = threading.Thread(target=reader)
+    t.start()
+
+    def wait_for(text: bytes) -> None:
+        deadline = time.monotonic() + 30
+        while text not in out and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.02)
+
+    try:
+        # "tick 1" comes after the guest has set up the UART: typing starts then
+        wait_for(b"tick 1")
+        proc.stdin.write(b"echo me\r")
+        proc.stdin.flush()
+        wait_for(b"echo me\r\n")
+    finally:
+        proc.terminate()
+        proc.wait(10)
+        t.join(10)
+    text = out.decode()
+    assert "pyvm hello: guest running" in text
+    assert "tick 1" in text
+    assert "echo me\r\n" in text
 
 
 def test_guest_fault_report_no_traceback() -> None:
