@@ -9,10 +9,17 @@ this process and times the same number of passes per variant:
   off      no tracking (the normal state outside migration)
   host-wp  host write-protect: userfaultfd (asynchronous) + PAGEMAP_SCAN, what migration uses
   hook     the C-level UC_HOOK_MEM_WRITE callback of pyvm._fastpath (the fallback)
+  vtlb     the ceiling of the other design considered: Unicorn's virtual TLB
+           (UC_TLB_VIRTUAL) with a C UC_HOOK_TLB_FILL that grants write permission only
+           to pages already dirty and a TLB flush at each sync.  Here the fill hook maps
+           identity (store-loop runs without paging), so it shows the best that design
+           could do: a real one must also walk the guest's page tables, set their A/D bits
+           and raise #PF itself.  Built with the system's C compiler; skipped without one.
   python   a Python UC_HOOK_MEM_WRITE callback (pyvm.fastpath_py), with --python-hook
 
-For each ``--sync-ms`` value a thread takes the dirty bitmap (``fetch_and_clear``, as a
-migration round does) every that many milliseconds while the guest runs; 0 = never.
+For each ``--sync-ms`` value a thread takes the dirty bitmap every that many milliseconds
+while the guest runs, on the vCPU loop between slices as precopy does (``run_on_loop``);
+0 = never.
 Variants are interleaved (off, host-wp, hook, off, host-wp, hook, ...) ``--rounds`` times, so
 a change in the machine's load hits all of them alike; each line gives the median and the
 spread (min-max) of the throughput, and ``ratio`` is median(tracked) / median(off).
@@ -26,6 +33,7 @@ median total time and downtime of each.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import os
 import statistics
 import sys
@@ -38,6 +46,67 @@ from pyvm.config import DebugExitConfig, MachineConfig
 from pyvm.fastpath import IMPLEMENTATION, impl, track_host_writes, track_writes
 from pyvm.guests import guest_path
 from pyvm.machine import Machine
+
+
+VTLB_C = r"""
+#include <stdint.h>
+#include <stdbool.h>
+#include <stddef.h>
+typedef struct { uint64_t paddr; int perms; } tlb_entry;      /* uc_tlb_entry */
+typedef struct { uint64_t *bitmap; uint64_t base, size, fills; } state;
+typedef int (*hook_add_t)(void *, size_t *, int, void *, void *, uint64_t, uint64_t, ...);
+/* UC_PROT_READ 1, WRITE 2, EXEC 4; UC_MEM_WRITE 17 (unicorn.h) */
+static bool fill(void *uc, uint64_t vaddr, int type, tlb_entry *e, void *ud) {
+    state *s = ud;
+    uint64_t off = vaddr - s->base, page, bit, *word;
+    s->fills++;
+    e->paddr = vaddr;
+    e->perms = 1 | 4;
+    if (vaddr < s->base || off >= s->size) { e->perms |= 2; return true; }
+    page = off >> 12;
+    word = &s->bitmap[page >> 6];
+    bit = 1ULL << (page & 63);
+    if (type == 17) {
+        __atomic_fetch_or(word, bit, __ATOMIC_RELAXED);
+        e->perms |= 2;
+    } else if (__atomic_load_n(word, __ATOMIC_RELAXED) & bit) {
+        e->perms |= 2;
+    }
+    return true;
+}
+int vtlb_attach(void *hook_add, void *uc, size_t *hh, state *s) {
+    return ((hook_add_t)hook_add)(uc, hh, 1 << 17, (void *)fill, s, (uint64_t)1, (uint64_t)0);
+}
+"""
+
+
+class _VtlbState(ctypes.Structure):
+    _fields_ = [("bitmap", ctypes.c_void_p), ("base", ctypes.c_uint64), ("size", ctypes.c_uint64),
+                ("fills", ctypes.c_uint64)]
+
+
+_vtlb_lib: Any = None
+
+
+def vtlb_library() -> Any:
+    """The C fill hook, compiled once per run (None without a C compiler)."""
+    global _vtlb_lib
+    if _vtlb_lib is None:
+        import shutil
+        import subprocess
+        import tempfile
+
+        cc = shutil.which("cc") or shutil.which("gcc")
+        if cc is None:
+            _vtlb_lib = False
+            return None
+        d = tempfile.mkdtemp(prefix="pyvm-vtlb-")
+        src, lib = os.path.join(d, "vtlb.c"), os.path.join(d, "vtlb.so")
+        with open(src, "w") as f:
+            f.write(VTLB_C)
+        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", lib, src], check=True)
+        _vtlb_lib = ctypes.CDLL(lib)
+    return _vtlb_lib or None
 
 
 def run_once(mode: str, size_mib: int, iters: int, sync_ms: int) -> tuple[float, int]:
@@ -54,6 +123,21 @@ def run_once(mode: str, size_mib: int, iters: int, sync_ms: int) -> tuple[float,
         if tr is None:
             raise SystemExit("host write-protect is not available here (userfaultfd WP_ASYNC)")
         trackers.append(tr)
+    elif mode == "vtlb":
+        from unicorn import unicorn_const as uc_const
+        from unicorn.unicorn_py3 import unicorn as ucmod
+
+        lib = vtlb_library()
+        st = _VtlbState(bitmap.words.ctypes.data, block.gpa, block.size, 0)
+        hook_add = ctypes.cast(ucmod.uclib.uc_hook_add, ctypes.c_void_p)
+        for cpu in m.cpus:
+            cpu.uc.ctl_set_tlb_mode(uc_const.UC_TLB_VIRTUAL)
+            hh = ctypes.c_size_t(0)
+            if lib.vtlb_attach(hook_add, cpu.uc._uch, ctypes.byref(hh), ctypes.byref(st)) != 0:
+                raise SystemExit("uc_hook_add(UC_HOOK_TLB_FILL) failed")
+        trackers.append(st)             # keeps the state alive while the hook may run
+        flush = [lambda c=cpu: c.uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
+                 for cpu in m.cpus]
     elif mode in ("hook", "python"):
         module = impl if mode == "hook" else fastpath_py
         bitmap = module.DirtyBitmap(block.npages)
@@ -62,11 +146,20 @@ def run_once(mode: str, size_mib: int, iters: int, sync_ms: int) -> tuple[float,
     reported = [0]
     stop = threading.Event()
 
+    def take() -> Any:
+        words = bitmap.fetch_and_clear()
+        if mode == "vtlb":
+            for f in flush:
+                f()     # the next store to any page fills its TLB entry again
+        return words
+
     def syncer() -> None:
         while not stop.wait(sync_ms / 1000.0):
-            reported[0] += int(impl.bitmap_to_indices(bitmap.fetch_and_clear(), block.npages).size
-                               if bitmap.__class__ is impl.DirtyBitmap else
-                               fastpath_py.bitmap_to_indices(bitmap.fetch_and_clear(), block.npages).size)
+            try:
+                words = m.run_on_loop(take, timeout=2)
+            except TimeoutError:
+                continue
+            reported[0] += int(fastpath_py.bitmap_to_indices(words, block.npages).size)
 
     sync_thread = threading.Thread(target=syncer, name="bench-sync") if sync_ms > 0 else None
     m.start()
@@ -81,7 +174,8 @@ def run_once(mode: str, size_mib: int, iters: int, sync_ms: int) -> tuple[float,
         sync_thread.join()
     last = bitmap.fetch_and_clear()
     for t in trackers:
-        t.detach()
+        if hasattr(t, "detach"):
+            t.detach()
     m.close()
     if code != 1:
         raise SystemExit(f"store-loop guest ended with status {code}")
@@ -98,7 +192,7 @@ def summary(values: list[float]) -> str:
 
 def bench_guest(args: argparse.Namespace) -> None:
     stores = args.size_mib * (1 << 20) // 4 * args.iters
-    modes = ["off", "host-wp", "hook"]
+    modes = ["off", "host-wp", "hook"] + (["vtlb"] if vtlb_library() is not None else [])
     print(f"fast path: {IMPLEMENTATION}; store-loop over {args.size_mib} MiB, {args.iters} passes "
           f"= {stores} stores per run; {args.rounds} interleaved rounds")
     for sync_ms in args.sync_ms:

@@ -1,22 +1,30 @@
 """Host CPU used by an idle guest (HLT loop woken by a 100 Hz timer).
 
-    .venv/bin/python bench/idle_cpu.py [--seconds 5] [--hz 100]
+    .venv/bin/python bench/idle_cpu.py [--seconds 10] [--windows 5] [--hz 100] [--baseline TREE]
 
 Boots the ``hello`` guest (it sleeps in HLT between PIT interrupts), lets it settle, then
-reads the pyvm process's CPU time from /proc over a window.  Prints the share of one core
-(target < 5%) and, for scale, the same for a guest that never halts (store-loop) in the
-same run: ``ratio=<idle/busy>``.
+reads the pyvm process's CPU time (utime + stime from /proc) over ``--windows`` equal
+windows spanning ``--seconds``, and prints the median and spread (min-max) of the share
+of one core (target <= 2%).  For scale, a guest that never halts (store-loop) is measured
+the same way in the same run.
+
+``--baseline TREE`` also runs the pyvm of another checkout (e.g. a worktree of the
+previous commit, with its extensions built), interleaved with this one (baseline, this
+tree, baseline, this tree ...), and prints ``ratio=<this tree / baseline>``.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import subprocess
 import sys
 import time
 
 from pyvm.guests import guest_path
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_seconds(pid: int) -> float:
@@ -26,31 +34,58 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks       # utime + stime
 
 
-def measure(args: list[str], settle: float, seconds: float) -> float:
-    proc = subprocess.Popen([sys.executable, "-m", "pyvm", *args], stdout=subprocess.DEVNULL)
+def measure(tree: str, args: list[str], settle: float, seconds: float, windows: int) -> list[float]:
+    """Share of one core per window, for ``python -m pyvm ARGS`` run from ``tree``."""
+    env = dict(os.environ, PYTHONPATH=tree)
+    proc = subprocess.Popen([sys.executable, "-m", "pyvm", *args], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, cwd=tree, env=env)
+    shares = []
     try:
         time.sleep(settle)
+        step = seconds / windows
         c0, t0 = cpu_seconds(proc.pid), time.monotonic()
-        time.sleep(seconds)
-        c1, t1 = cpu_seconds(proc.pid), time.monotonic()
+        for _ in range(windows):
+            time.sleep(step)
+            c1, t1 = cpu_seconds(proc.pid), time.monotonic()
+            shares.append((c1 - c0) / (t1 - t0))
+            c0, t0 = c1, t1
     finally:
         proc.terminate()
         proc.wait(10)
-    return (c1 - c0) / (t1 - t0)
+    if proc.returncode not in (0, -15, 143):
+        raise SystemExit(f"pyvm ended with status {proc.returncode}")
+    return shares
+
+
+def fmt(shares: list[float]) -> str:
+    return (f"{statistics.median(shares) * 100:5.2f}% of a core (spread {min(shares) * 100:.2f}-"
+            f"{max(shares) * 100:.2f}%, {len(shares)} windows)")
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=5.0)
+    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=10.0)
+    ap.add_argument("--windows", type=int, default=5)
     ap.add_argument("--hz", type=int, default=100)
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds with --baseline")
+    ap.add_argument("--baseline", help="another checkout of pyvm to compare with")
     a = ap.parse_args()
-    idle = measure(["-m", "32M", "-kernel", guest_path("hello.elf"), "-append", f"hz={a.hz}",
-                    "-serial", "null"], 2.0, a.seconds)
-    busy = measure(["-m", "32M", "-kernel", guest_path("store-loop.elf"), "-append", "start=2 size=4",
-                    "-serial", "null"], 2.0, a.seconds)
-    print(f"idle guest (HLT, {a.hz} Hz timer): {idle * 100:5.1f}% of a core")
-    print(f"busy guest (store loop):        {busy * 100:5.1f}% of a core")
-    print(f"ratio={idle / busy:.3f}")
+    idle_args = ["-m", "32M", "-kernel", guest_path("hello.elf"), "-append", f"hz={a.hz}",
+                 "-serial", "null"]
+    trees = [("this tree", ROOT)]
+    if a.baseline:
+        trees.insert(0, ("baseline", os.path.abspath(a.baseline)))
+    idle: dict[str, list[float]] = {name: [] for name, _ in trees}
+    for _ in range(a.rounds if a.baseline else 1):
+        for name, tree in trees:
+            idle[name] += measure(tree, idle_args, 2.0, a.seconds, a.windows)
+    busy = measure(ROOT, ["-m", "32M", "-kernel", guest_path("store-loop.elf"), "-append",
+                          "start=2 size=4", "-serial", "null"], 2.0, a.seconds / 2, a.windows)
+    for name, _ in trees:
+        print(f"idle guest (HLT, {a.hz} Hz timer), {name}: {fmt(idle[name])}")
+    print(f"busy guest (store loop), this tree:   {fmt(busy)}")
+    if a.baseline:
+        print(f"ratio={statistics.median(idle['this tree']) / statistics.median(idle['baseline']):.3f}")
 
 
 if __name__ == "__main__":

@@ -261,8 +261,9 @@ class HostWriteTracker:
                 first = (vec[3 * i] - self._addr) >> PAGE_SHIFT
                 last = (vec[3 * i + 1] - self._addr) >> PAGE_SHIFT
                 found += last - first
-                for p in range(first, last):
-                    words[p >> 6] |= np.uint64(1 << (p & 63))
+                pages = np.arange(first, last, dtype=np.uint64)
+                np.bitwise_or.at(words, (pages >> np.uint64(6)).astype(np.intp),
+                                 np.left_shift(np.uint64(1), pages & np.uint64(63)))
             walk_end = struct.unpack_from("<Q", arg, 32)[0]
             if walk_end <= start:
                 raise OSError(errno.EIO, os.strerror(errno.EIO))

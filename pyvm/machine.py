@@ -123,6 +123,7 @@ class Machine:
         self._exit_event = threading.Event()
         self._loop_thread: threading.Thread | None = None
         self._trackers: list[Any] = []
+        self._timer_devs: tuple[list[Device], list[Device]] | None = None
         self._kicked = False
         self._running: VCpu | None = None     # the vCPU inside emu_start, if any
         self.dirty_logging = False
@@ -350,6 +351,8 @@ class Machine:
         return box[0] if box else None
 
     def _drain_requests(self) -> None:
+        if self._requests.empty():
+            return
         while True:
             try:
                 fn, done, box = self._requests.get_nowait()
@@ -538,32 +541,53 @@ class Machine:
                     if self._requests.empty() and not self._exit_event.is_set():
                         self._wake.wait(0.5)
                 continue
-            self._run_timers()
+            deadline = self._run_timers()
             self._deliver_interrupts()
             runnable = [c for c in self.cpus if not c.halted]
             if not runnable:
-                self._idle()
+                self._idle(deadline)
                 continue
             cpu = runnable[rr % len(runnable)]
             rr += 1
-            self._run_slice(cpu, slice_s)
+            self._run_slice(cpu, slice_s, deadline)
+
+    def _timer_devices(self) -> list[Device]:
+        """The devices that have timers at all (override :meth:`Device.deadline`)."""
+        if self._timer_devs is None or len(self._timer_devs[0]) != len(self.devices):
+            devs = [d for d in self.devices if type(d).deadline is not Device.deadline]
+            self._timer_devs = (list(self.devices), devs)
+        return self._timer_devs[1]
 
     def _next_deadline_ns(self) -> int | None:
-        deadlines = [d for d in (dev.deadline() for dev in self.devices) if d is not None]
+        deadlines = [d for d in (dev.deadline() for dev in self._timer_devices()) if d is not None]
         return min(deadlines) if deadlines else None
 
-    def _run_timers(self) -> None:
+    def _run_timers(self) -> int | None:
+        """Run the device timers that are due; return the earliest deadline left (or None).
+
+        Nothing ticks: each device reports when it next needs the loop, and the loop
+        sleeps or runs the guest until the earliest of those."""
         now = self.clock.now_ns()
-        for dev in self.devices:
+        earliest: int | None = None
+        for dev in self._timer_devices():
             d = dev.deadline()
-            if d is not None and d <= now:
+            if d is None:
+                continue
+            if d <= now:
                 dev.run_timers(now)
+                d = dev.deadline()
+                if d is None:
+                    continue
+            if earliest is None or d < earliest:
+                earliest = d
+        return earliest
 
     def _deliver_interrupts(self) -> None:
         cpu0 = self.cpus[0]
         if self.pic.has_pending() and cpu0.interrupts_enabled():
             vector = self.pic.acknowledge()
-            self.log.log("int", f"vCPU 0: IRQ vector {vector:#x}")
+            if self.log.on("int"):
+                self.log.log("int", f"vCPU 0: IRQ vector {vector:#x}")
             self._deliver(cpu0, vector, None)
             cpu0.halted = False
 
@@ -573,19 +597,23 @@ class Machine:
         except GuestFault as fault:
             self._guest_fault(cpu, fault)
 
-    def _idle(self) -> None:
-        deadline = self._next_deadline_ns()
+    def _idle(self, deadline: int | None) -> None:
+        """Every vCPU is halted: block until the next device deadline or an event (a kick:
+        an IRQ, a request from another thread).  No polling in between."""
         timeout = 0.5
         if deadline is not None:
             timeout = max(0.0, min(timeout, (deadline - self.clock.now_ns()) / 1e9))
         with self._wake:
-            deliverable = self.pic.has_pending() and self.cpus[0].interrupts_enabled()
-            if self._requests.empty() and not self._take_kick() and not deliverable:
+            if self._kicked or not self._requests.empty():
+                self._kicked = False
+                return
+            if self.pic.has_pending() and self.cpus[0].interrupts_enabled():
+                return
+            if timeout > 0:
                 self._wake.wait(timeout)
 
-    def _run_slice(self, cpu: VCpu, slice_s: float) -> None:
+    def _run_slice(self, cpu: VCpu, slice_s: float, deadline: int | None) -> None:
         budget_ns = int(slice_s * 1e9)
-        deadline = self._next_deadline_ns()
         if deadline is not None:
             budget_ns = min(budget_ns, max(0, deadline - self.clock.now_ns()))
         cpu.stopper.set_deadline(time.monotonic_ns() + budget_ns)
@@ -607,8 +635,9 @@ class Machine:
         if cpu.pending_exception is not None:
             vector, cpu.pending_exception = cpu.pending_exception, None
             error_code, cpu.pending_error_code = cpu.pending_error_code, None
-            self.log.log("int", f"vCPU {cpu.index}: exception/int {vector:#x}"
-                         + (f" error code {error_code:#x}" if error_code is not None else ""))
+            if self.log.on("int"):
+                self.log.log("int", f"vCPU {cpu.index}: exception/int {vector:#x}"
+                             + (f" error code {error_code:#x}" if error_code is not None else ""))
             self._deliver(cpu, vector, error_code)
             return
         if cpu.stop_in_hook or cpu.syscalled or cpu.stopper.stops != stops:

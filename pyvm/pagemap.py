@@ -7,6 +7,12 @@ the shared zero page, which is present), so it reads as zero.  Migration uses th
 skip the page faults that reading untouched guest RAM costs: the source sends such pages
 as ZERO without reading them, and the destination knows which of its pages are still zero.
 
+A page that was never populated but is write-protected with userfaultfd (dirty tracking,
+:class:`pyvm.fastpath.HostWriteTracker`) holds a *pte marker* instead of nothing, and
+pagemap shows it as "swapped" with bit 57 (uffd-wp) set and swap type 31 / offset 1
+(``SWP_PTE_MARKER``, ``PTE_MARKER_UFFD_WP`` in include/linux/swapops.h): that exact entry
+also means "never populated".
+
 For any other mapping (shared, or backed by a file) an absent page may hold data, so
 callers must only ask about private anonymous memory.  Where pagemap cannot be read
 (not Linux, or /proc hidden), the answer is None and callers read the memory instead.
@@ -21,6 +27,9 @@ import numpy as np
 
 PAGE_SHIFT = 12
 _PRESENT_OR_SWAPPED = np.uint64(0b11 << 62)
+# PM_SWAP | PM_UFFD_WP | swap type 31 (bits 0-4) | offset 1 (bits 5-54): a uffd-wp marker
+_UFFD_WP_MARKER = np.uint64((1 << 62) | (1 << 57) | 31 | (1 << 5))
+_MARKER_MASK = np.uint64((1 << 63) | (1 << 62) | (1 << 57) | ((1 << 55) - 1))
 
 _lock = threading.Lock()
 _fd: int | None = None
@@ -56,5 +65,6 @@ def unpopulated_pages(address: int, npages: int) -> np.ndarray | None:
     if len(raw) != want:
         return None
     entries = np.frombuffer(raw, dtype=np.uint64)
-    unpopulated: np.ndarray = (entries & _PRESENT_OR_SWAPPED) == 0
+    unpopulated: np.ndarray = ((entries & _PRESENT_OR_SWAPPED) == 0) | (
+        (entries & _MARKER_MASK) == _UFFD_WP_MARKER)
     return unpopulated

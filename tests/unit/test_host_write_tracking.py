@@ -356,3 +356,31 @@ def test_machine_falls_back_to_the_write_hook(monkeypatch: pytest.MonkeyPatch) -
         m.request_exit(0)
         m.close()
         m.ram.close()
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_protected_pages_never_populated_still_read_as_unpopulated(impl) -> None:
+    """Write-protect puts markers into empty page table entries; the migration's zero-page
+    shortcut (pagemap) must still see those pages as never populated."""
+    from pyvm.ram import RamBlock
+
+    block = RamBlock("pc.ram", 0, MemoryBackend(MemoryBackendConfig("memory-backend-ram", "r", 64 * PAGE)))
+    try:
+        block.mem[3 * PAGE] = 1
+        if block.unpopulated() is None:
+            pytest.skip("pagemap is not readable here")
+        bm = impl.DirtyBitmap(64)
+        t = impl.HostWriteTracker(bm, block.host_address, block.size)
+        try:
+            mask = block.unpopulated()
+            assert mask is not None
+            assert [i for i in range(64) if not mask[i]] == [3]
+            block.mem[10 * PAGE] = 1
+            bm.fetch_and_clear()
+            mask = block.unpopulated()
+            assert mask is not None
+            assert [i for i in range(64) if not mask[i]] == [3, 10]
+        finally:
+            t.detach()
+    finally:
+        block.backend.close()
