@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.linux import BOOT_TIMEOUT, PROMPT, SerialConsole, linux_args
+from tests.linux import BOOT_TIMEOUT, PROMPT, SerialConsole, linux_args, linux_files
 
 pytestmark = [pytest.mark.slow, pytest.mark.linux]
 # Until QMP answers: the kernel's payload is unpacked first (about 1 s of CPU when idle).
@@ -26,9 +26,14 @@ def test_boots_to_a_shell_and_answers(vms, tmp_path: Path) -> None:
     try:
         con.expect(PROMPT, BOOT_TIMEOUT)
         assert "Linux version 6.1" in con.out
+        # The kernel saw the e820 map and the initrd where pyvm put them.
+        assert "BIOS-e820: [mem 0x0000000000100000-0x000000001fffffff] usable" in con.out
+        initrd_size = linux_files()[1].stat().st_size
+        top = ((512 << 20) - initrd_size) & ~0xFFF
+        assert f"RAMDISK: [mem {top:#010x}-0x1fffffff]" in con.out
         a, b = random.randint(100, 999), random.randint(100, 999)
         con.run(f"echo $(({a}*{b}))", str(a * b))
-        # The kernel saw what pyvm gave it: the e820 RAM, the initrd, no local APIC.
+        # One processor, no local APIC (CPUID hides it), the -append command line.
         con.run("grep -c ^processor /proc/cpuinfo", "1")
         con.run("grep -q ' apic ' /proc/cpuinfo || echo no-apic", "no-apic")
         con.run("cat /proc/cmdline", "console=ttyS0")
