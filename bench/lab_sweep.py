@@ -1,6 +1,6 @@
 """Simulated migrations per second: a pyvm-lab sweep on Dask vs. one core in-process.
 
-    python bench/lab_sweep.py [--migrations 10000] [--workers 2] [--baseline 1000]
+    .venv/bin/python bench/lab_sweep.py [--migrations 10000] [--workers 2] [--baseline 1000]
 
 Builds a grid of the five shipped policies x four synthetic 32 MiB workloads x five
 links x start times, enough cells for ``--migrations`` simulated migrations.  First, as
