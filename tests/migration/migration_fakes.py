@@ -95,7 +95,6 @@ def make_ram(npages: int, seed: int = 1) -> bytearray:
     return ram
 
 
-
 def encode_stream(blocks: list[StreamBlock], devices: list[tuple[str, int, Any]],
                   runstate: str = "running", machine: str = "pc-i440fx-8.2",
                   caps: tuple[str, ...] = (), rounds: int = 2,
@@ -110,7 +109,13 @@ def encode_stream(blocks: list[StreamBlock], devices: list[tuple[str, int, Any]]
             for block in blocks:
                 if block.ignored:
                     continue
-                out.append(ram_batch_bytes(enc, block, range(block.length // PAGE)))
+                pages = range(block.length // PAGE)
+                if enc.checksum:        # precopy's x-checksum path: pages summed as written
+                    data = bytes(block.buffer)
+                    zero = [not any(data[i * PAGE:(i + 1) * PAGE]) for i in pages]
+                    out += enc.ram_pages(block, pages, zero)
+                else:
+                    out.append(ram_batch_bytes(enc, block, pages))
         out += enc.ram_eos()
     out += enc.device_sections(devices)
     out += enc.globalstate(runstate)
