@@ -79,8 +79,8 @@ def outgoing_opener(addr: MigrationAddress, abort: AbortSignal, blocks: BlockLis
     if isinstance(addr, SocketMigrationAddress):
         sock = addr.socket
         if isinstance(sock, InetSocketAddress):
-            return lambda: StreamChannel(connect_inet(sock.host, _port(sock.port), abort=abort,
-                                                      **_inet_kwargs(sock)))
+            return lambda: StreamChannel(up(connect_inet(sock.host, _port(sock.port), abort=abort,
+                                                         **_inet_kwargs(sock))))
         if isinstance(sock, UnixSocketAddress):
             return lambda: StreamChannel(up(connect_unix(sock.path, abort=abort)))
         if isinstance(sock, FdSocketAddress):
