@@ -36,7 +36,8 @@ def test_smp2_runs_ab_on_both_vcpus() -> None:
                              "-serial", "stdio"], stdout=subprocess.PIPE)
     assert proc.stdout is not None
     try:
-        out = read_until(proc.stdout, lambda o: o.count(b"B") >= 4).decode()
+        # vCPU 1 prints its A some slices after vCPU 0 started printing B
+        out = read_until(proc.stdout, lambda o: o.count(b"A") >= 2 and o.count(b"B") >= 4).decode()
     finally:
         proc.terminate()
     out += proc.communicate(timeout=10)[0].decode()

@@ -42,9 +42,9 @@ def test_timer_guest_finishes_when_kicks_end_slices_inside_its_handler(monkeypat
             armed[0] = False
             cpu.request_stop()
 
-    def counting_slice(machine: Machine, cpu: VCpu, slice_s: float) -> None:
+    def counting_slice(machine: Machine, cpu: VCpu, slice_s: float, deadline: int | None) -> None:
         stops = cpu.stopper.stops
-        run_slice(machine, cpu, slice_s)
+        run_slice(machine, cpu, slice_s, deadline)
         if cpu.stopper.stops != stops and not cpu.interrupts_enabled():
             ended_with_if_off[0] += 1
 
