@@ -3,8 +3,7 @@ Unicorn exposes and every calibrated context field comes back exactly."""
 
 from __future__ import annotations
 
-import os
-from typing import Any
+from typing import Any, Iterator
 
 import pytest
 import unicorn as U
@@ -31,9 +30,10 @@ def _vcpu(wide: bool) -> VCpu:
 
 
 @pytest.fixture(scope="module")
-def pairs() -> dict[bool, tuple[VCpu, VCpu]]:
-    os.environ["UC_IGNORE_REG_BREAK"] = "1"   # silence Unicorn's notes on no-op register ids
-    return {w: (_vcpu(w), _vcpu(w)) for w in (False, True)}
+def pairs() -> Iterator[dict[bool, tuple[VCpu, VCpu]]]:
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("UC_IGNORE_REG_BREAK", "1")   # silence Unicorn's notes on no-op register ids
+        yield {w: (_vcpu(w), _vcpu(w)) for w in (False, True)}
 
 
 @st.composite
