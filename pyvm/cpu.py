@@ -120,6 +120,9 @@ IoRead = Callable[[int, int], int]
 IoWrite = Callable[[int, int, int], None]
 
 
+REAL_MODE_CS_FLAGS = 0x9B00
+
+
 class _Stop(Exception):
     """Internal: raised in a hook to end the slice with a reason."""
 
@@ -631,6 +634,10 @@ class VCpu:
         if mode == "real":
             for name in SEGMENTS:
                 self.set(name, regs.get(name, 0))
+            # x86's reset state: CS holds a code segment's access byte (QEMU
+            # target/i386/cpu.c x86_cpu_reset_hold: P|S|CS|R|A = 0x9b); loading a
+            # selector in real mode gives data flags (0x93), as QEMU's helper_ljmp does.
+            self.internals.write("cs.flags", REAL_MODE_CS_FLAGS)
         elif mode == "protected":
             self.set("cr0", 0x11)                   # PE | ET
             self.set("cs", 0x08)

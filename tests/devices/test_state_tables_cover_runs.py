@@ -38,6 +38,9 @@ NOT_MIGRATED: dict[str, dict[str, str]] = {
     },
     "PicPair": {
         "_int_out": "the INT line last signalled, recomputed from irr/isr/imr",
+        "irq_count": "info irq's statistics; QEMU's vmstate_pic_common (hw/intc/i8259_common.c) "
+                     "does not carry them either",
+        "_irq_level": "each line's level seen last, only to count rising edges for irq_count",
     },
     "CmosRtc": {
         "_ram": "the live CMOS RAM: pre_save copies it into cmos_data, post_load back",

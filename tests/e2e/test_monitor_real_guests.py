@@ -45,8 +45,9 @@ def test_real_mode_registers_segments_and_pc(real_mode: VmProcess) -> None:
     eip = _reg(regs, "EIP")
     assert 0x7C00 <= eip < 0x7E00, regs            # inside the boot sector, not 0
     assert _reg(regs, "ESP") == 0x7C00                  # the sector sets SP = 0x7c00
-    # the vCPU's own segment cache: Unicorn's reset leaves CS with a data-type access
-    # byte (0x93; QEMU's x86_cpu_reset_hold gives 0x9b), and real mode never reloads it
+    # the vCPU's own segment cache: CS starts as x86's reset leaves it (0x9b), but every
+    # real-mode reload (the timer's interrupts and their IRET) gives data flags (0x93),
+    # as QEMU's real-mode segment loads do
     assert "CS =0000 00000000 0000ffff 00009300" in regs
     assert "DS =0000 00000000 0000ffff 00009300" in regs
     assert "CR0=00000010" in regs and "EFER=0000000000000000" in regs
