@@ -67,10 +67,15 @@ def test_tls_migration_with_authz_simple(vms, pki) -> None:
 
 
 def _refused(src: VmProcess, dst: VmProcess, port: str) -> dict:
+    """The destination refuses; the source usually fails too, but with TLS 1.3 a server
+    checks the client's certificate after the client's side of the handshake is done, and
+    a stream that fits in the socket buffers may be "sent" before the refusal arrives (a
+    known limit, docs/migration.md).  What must hold is the destination's side."""
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     info = src.wait_migration(("completed", "failed"))
-    assert info["status"] == "failed", info
-    assert src.status() == "running"
+    if info["status"] == "failed":
+        assert src.status() == "running"
+    assert dst.status() == "inmigrate"
     return info
 
 
@@ -108,7 +113,9 @@ def test_tls_client_checks_the_server_name(vms, pki) -> None:
     dst, port = _destination(vms, pki)
     src = _source(vms, pki, "client", hostname="pyvm.invalid")
     info = _refused(src, dst, port)
+    assert info["status"] == "failed"               # the client's own check: always fails
     assert info["error-desc"] == "Certificate does not match the hostname pyvm.invalid"
+    assert src.status() == "running"
 
 
 def test_authz_list_and_credential_errors(vms, pki, tmp_path: Path) -> None:
