@@ -38,6 +38,9 @@ NOT_MIGRATED: dict[str, dict[str, str]] = {
     },
     "PicPair": {
         "_int_out": "the INT line last signalled, recomputed from irr/isr/imr",
+        "irq_count": "rising edges per line for info irq: statistics, as in QEMU's i8259 "
+                     "(hw/intc/i8259.c), neither reset nor migrated",
+        "_irq_level": "the level last seen per line, only to count rising edges for irq_count",
     },
     "CmosRtc": {
         "_ram": "the live CMOS RAM: pre_save copies it into cmos_data, post_load back",
