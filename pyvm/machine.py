@@ -88,6 +88,25 @@ class _DeviceContext:
         self._m.log.once(topic, message) if topic == "unimp" else self._m.log.log(topic, message)
 
 
+def cmos_memory_sizes(ram_size: int) -> list[tuple[int, bytes]]:
+    """The CMOS bytes that tell a guest how much RAM it has, as QEMU's PC machine presets
+    them (``hw/i386/pc.c``, ``pc_cmos_init``): (offset, little-endian bytes) pairs.
+
+    pyvm's RAM is one block from address 0, so everything up to 4 GiB is below 4 GiB.
+    """
+    below_4g = min(ram_size, 4 << 30)
+    above_4g = ram_size - below_4g
+    base_kib = min(below_4g >> 10, 640)                             # 0x15/0x16
+    ext_kib = min(max(below_4g - (1 << 20), 0) >> 10, 0xFFFF)       # 0x17/0x18 and 0x30/0x31
+    above_16m = min(max(below_4g - (16 << 20), 0) >> 16, 0xFFFF)    # 64 KiB units, 0x34/0x35
+    high = above_4g >> 16                                           # 64 KiB units, 0x5b-0x5d
+    return [(0x15, base_kib.to_bytes(2, "little")),
+            (0x17, ext_kib.to_bytes(2, "little")),
+            (0x30, ext_kib.to_bytes(2, "little")),
+            (0x34, above_16m.to_bytes(2, "little")),
+            (0x5B, (high & 0xFFFFFF).to_bytes(3, "little"))]
+
+
 class Machine:
     """A PC-like VM.  Construct, then :meth:`start`; :meth:`wait` returns the exit status."""
 
@@ -161,7 +180,10 @@ class Machine:
         self.pit = Pit()
         self.add_device(self.pic)
         self.add_device(self.pit)
-        self.add_device(CmosRtc())
+        rtc = CmosRtc()
+        for offset, data in cmos_memory_sizes(self.ram_size):
+            rtc.write_nvram(offset, data)
+        self.add_device(rtc)
         self.add_device(Port92())
         self.add_device(PostPort())
         self._build_serial()

@@ -165,7 +165,7 @@ class CmosRtc(Device):
 
     # -- machine API ----------------------------------------------------------------------
     def write_nvram(self, offset: int, data: bytes) -> None:
-        """Preset CMOS RAM bytes (0x0e-0x7f), e.g. a memory size for the guest."""
+        """Preset CMOS RAM bytes (0x0e-0x7f); the machine writes the RAM size there."""
         if offset < 0x0E or offset + len(data) > 128:
             raise ValueError("CMOS RAM spans bytes 0x0e-0x7f")
         self._ram[offset:offset + len(data)] = data

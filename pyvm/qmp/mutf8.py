@@ -19,7 +19,6 @@ _NONCHAR = re.compile("[\ufdd0-\ufdef\ufffe\uffff\U0001fffe\U0001ffff\U0002fffe\
                       "\U0009fffe\U0009ffff\U000afffe\U000affff\U000bfffe\U000bffff"
                       "\U000cfffe\U000cffff\U000dfffe\U000dffff\U000efffe\U000effff"
                       "\U000ffffe\U000fffff\U0010fffe\U0010ffff]")
-_SURROGATE_OR_NONCHAR = re.compile("[\ud800-\udfff]|" + _NONCHAR.pattern)
 
 
 def is_valid_codepoint(cp: int) -> bool:
@@ -95,8 +94,3 @@ def decode_lossy(data: bytes) -> str:
         cp, pos = codepoint(data, pos, end)
         out.append("\ufffd" if cp < 0 else chr(cp))
     return "".join(out)
-
-
-def has_invalid(text: str) -> bool:
-    """True when ``text`` holds a surrogate or noncharacter (printed as U+FFFD)."""
-    return _SURROGATE_OR_NONCHAR.search(text) is not None

@@ -10,8 +10,8 @@ import pytest
 
 from pyvm.config import MACHINE_TYPE
 from pyvm.migration import StreamDecoder, StreamEncoder
-from pyvm.migration.stream.writer import join_chunks
 from pyvm.vmstate import SCALAR_SIZES, VMStateDescription
+from tests.stream_in_memory import join_chunks
 
 
 def assert_vmsd_fits(dev: object, vmsd: VMStateDescription) -> None:

@@ -7,7 +7,10 @@ import calendar
 
 import pytest
 
+from pyvm.config import MachineConfig
 from pyvm.devices.cmos_rtc import RTC_VMSD, CmosRtc, periodic_rate_hz
+from pyvm.guests import guest_path
+from pyvm.machine import Machine, cmos_memory_sizes
 
 NS = 1_000_000_000
 # Thursday 2024-02-29 23:59:58 UTC
@@ -104,6 +107,8 @@ def test_nvram_and_nmi_mask(rtc):
     assert rtc.io_read(0x70, 1) == 0xFF        # the index port is write-only
     rtc.write_nvram(0x7E, b"\x01\x02")
     assert reg(rtc, 0x7F) == 0x02
+    with pytest.raises(ValueError):
+        rtc.write_nvram(0x0D, b"\x00")         # register D is not RAM
 
 
 def test_periodic_rates():
@@ -188,3 +193,40 @@ def test_guest_set_year_is_clamped_so_state_stays_saveable(rtc, ctx, vmsd_fits):
     assert (reg(rtc, 0x32), reg(rtc, 0x09)) == (21, 99)
     rtc.pre_save()
     vmsd_fits(rtc, RTC_VMSD)
+
+
+def _cmos_word(m: Machine, low: int, width: int = 2) -> int:
+    value = 0
+    for i in range(width):
+        m.iobus.write(0x70, 1, low + i)
+        value |= m.iobus.read(0x71, 1) << (8 * i)
+    return value
+
+
+@pytest.mark.parametrize("mib", [8, 48, 300])
+def test_machine_presets_memory_sizes_like_qemu(mib: int) -> None:
+    """A guest (or its firmware) reading CMOS through ports 0x70/0x71 sees its RAM size, in
+    the bytes QEMU's PC machine writes (hw/i386/pc.c, pc_cmos_init)."""
+    size = mib << 20
+    m = Machine(MachineConfig(ram_size=size, kernel=guest_path("hello.elf"), serial=["null"],
+                              start_paused=True))
+    try:
+        assert _cmos_word(m, 0x15) == 640                           # base memory, KiB
+        extended = min((size - (1 << 20)) // 1024, 65535)           # above 1 MiB, KiB, capped
+        assert _cmos_word(m, 0x17) == _cmos_word(m, 0x30) == extended
+        assert _cmos_word(m, 0x34) == max(size - (16 << 20), 0) // 65536
+        assert _cmos_word(m, 0x5B, 3) == 0                          # nothing above 4 GiB
+    finally:
+        m.close()
+        m.ram.close()
+
+
+def test_memory_size_bytes_cap_and_reach_above_4g() -> None:
+    sizes = dict(cmos_memory_sizes((6 << 30) + (576 << 10)))
+    assert sizes[0x15] == (640).to_bytes(2, "little")
+    assert sizes[0x17] == sizes[0x30] == b"\xff\xff"                 # capped at 65535 KiB
+    assert sizes[0x34] == ((4 << 30) - (16 << 20) >> 16).to_bytes(2, "little")   # 64 KiB units
+    assert sizes[0x5B] == (((2 << 30) >> 16) + 9).to_bytes(3, "little")  # 2 GiB + 9 x 64 KiB
+    small = dict(cmos_memory_sizes(512 << 10))                         # below 1 MiB
+    assert small[0x15] == (512).to_bytes(2, "little")
+    assert small[0x17] == small[0x34] == b"\x00\x00"

@@ -10,8 +10,8 @@ import numpy as np
 from pyvm.fastpath import RecordBatch
 from pyvm.migration import StreamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.stream.ram_format import RamPageWriter
-from pyvm.migration.stream.writer import join_chunks
 from pyvm.vmstate import Field, Subsection, VMStateDescription, default_value
+from tests.stream_in_memory import join_chunks
 
 PAGE = 4096
 

@@ -18,6 +18,7 @@ from pyvm import analyze
 from pyvm.migration import StreamBlock
 from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.stream.writer import StreamWriter
+from tests.stream_in_memory import writer_bytes
 from tests.conftest import guest
 
 
@@ -141,7 +142,7 @@ def _qemu_style_stream() -> bytes:
              {"name": "on", "type": "bool", "size": 1}]}]}]}
     text = vmdesc_json.dumps(desc).encode()
     w.u8(0x06); w.be32(len(text)); w.raw(text)
-    return w.take_bytes()
+    return writer_bytes(w)
 
 
 def test_reads_qemu_style_descriptions(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -12,8 +12,8 @@ from pyvm.migration.stream.ram_format import RamPageWriter
 from pyvm.migration import StreamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.errors import MigrationError, StreamFormatError, StreamMismatchError, UnsupportedFeatureError
 from pyvm.migration.stream.ram_loader import RamLoader
-from pyvm.migration.stream.reader import StreamReader, run_to_completion
-from pyvm.migration.stream.writer import join_chunks
+from pyvm.migration.stream.reader import StreamReader
+from tests.stream_in_memory import join_chunks, run_to_completion
 
 # QEMU 7.2, -machine pc -m 64 (a stream QEMU wrote): block names and used lengths
 QEMU72_BLOCKS = [("pc.ram", 0x4000000), ("/rom@etc/acpi/tables", 0x20000), ("pc.bios", 0x40000),

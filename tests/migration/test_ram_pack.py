@@ -14,8 +14,9 @@ from pyvm.migration.errors import EncodeError, MigrationError
 from pyvm.fastpath import RecordBatch
 from pyvm.migration.stream.ram_format import RamPageWriter
 from pyvm.migration.stream.ram_loader import RamLoader
-from pyvm.migration.stream.reader import StreamReader, run_to_completion
-from pyvm.migration.stream.writer import StreamWriter, join_chunks
+from pyvm.migration.stream.reader import StreamReader
+from pyvm.migration.stream.writer import StreamWriter
+from tests.stream_in_memory import join_chunks, run_to_completion
 
 
 def _random_ram(npages: int, rng: random.Random) -> bytearray:

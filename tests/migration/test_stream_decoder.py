@@ -15,7 +15,7 @@ from pyvm.migration import StreamBlock, StreamDecoder, StreamEncoder
 from pyvm.migration.stream.decoder import EndOfState, RunStateLoaded, SectionLoaded, StreamFinished, VmDescription
 from pyvm.migration.errors import (DecoderStoppedError, EncodeError, MigrationError, StreamFormatError,
                                    TruncatedStreamError)
-from pyvm.migration.stream.writer import join_chunks
+from tests.stream_in_memory import join_chunks
 
 
 def _source(npages: int = 8):
@@ -199,6 +199,29 @@ def test_stream_without_vmdesc_only_warns() -> None:
     _, _, target = _destination()
     dec = decode_stream(data[:eof + 1], target)
     assert dec.finished and dec.warnings == ["Expected vmdescription section, but got 0"]
+
+
+@pytest.mark.parametrize("chunk", [0, 3])
+def test_vmdesc_is_skipped_unless_kept(chunk: int) -> None:
+    data = _good_stream()
+    eof = data.index(b"\x00\x06", len(data) - 2000)
+    length = int.from_bytes(data[eof + 2:eof + 6], "big")
+    _, _, target = _destination()
+    dec = StreamDecoder(target)
+    pieces = [data[i:i + chunk] for i in range(0, len(data), chunk)] if chunk else [data]
+    events = [e for piece in pieces for e in dec.feed(piece)] + dec.close()
+    assert VmDescription(length, None) in events and dec.finished and not dec.warnings
+
+
+def test_truncated_vmdesc_ends_the_load_quietly() -> None:
+    """A trailer cut short (here: one that claims 1 GiB) cannot fail a finished load."""
+    data = _good_stream()
+    eof = data.index(b"\x00\x06", len(data) - 2000)
+    data = data[:eof + 2] + (1 << 30).to_bytes(4, "big") + bytes(4096)
+    _, _, target = _destination()
+    dec = StreamDecoder(target)
+    events = dec.feed(data) + dec.close()
+    assert dec.finished and not any(isinstance(e, VmDescription) for e in events)
 
 
 def test_bytes_after_the_stream_are_ignored() -> None:

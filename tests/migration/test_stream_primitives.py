@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 
 from pyvm.migration.errors import DecoderStoppedError, EncodeError, StreamFormatError, TruncatedStreamError
-from pyvm.migration.stream.reader import StreamReader, run_to_completion
-from pyvm.migration.stream.writer import StreamWriter, chunks_length, join_chunks
+from pyvm.migration.stream.reader import StreamReader
+from pyvm.migration.stream.writer import StreamWriter
+from tests.stream_in_memory import join_chunks, run_to_completion, writer_bytes
 
 
 def test_writer_big_endian_items() -> None:
@@ -18,14 +19,14 @@ def test_writer_big_endian_items() -> None:
     w.counted_string("ram")
     w.raw(b"xy")
     assert w.size == 1 + 2 + 4 + 8 + 4 + 2
-    assert w.take_bytes() == bytes.fromhex("01 0203 04050607 08090a0b0c0d0e0f 03") + b"ramxy"
+    assert writer_bytes(w) == bytes.fromhex("01 0203 04050607 08090a0b0c0d0e0f 03") + b"ramxy"
     assert w.size == 0
 
 
 def test_counted_string_limit() -> None:
     w = StreamWriter()
     w.counted_string("x" * 255)
-    assert len(w.take_bytes()) == 256
+    assert len(writer_bytes(w)) == 256
     with pytest.raises(EncodeError):
         w.counted_string("x" * 256)
 
@@ -36,9 +37,10 @@ def test_views_are_chunks_not_copies() -> None:
     w.be64(1)
     w.view(memoryview(ram)[4096:8192])
     w.u8(7)
+    assert w.size == 8 + 4096 + 1
     chunks = w.take_chunks()
     assert [type(c) for c in chunks] == [bytes, memoryview, bytes]
-    assert chunks_length(chunks) == 8 + 4096 + 1
+    assert w.size == 0
     ram[4096] = ord("B")            # the chunk is a window on guest RAM, not a copy
     assert bytes(chunks[1][:1]) == b"B"
     assert join_chunks(chunks)[8:9] == b"B"
@@ -57,7 +59,7 @@ def _read_all(r: StreamReader):
 def test_reader_waits_for_input_byte_by_byte() -> None:
     w = StreamWriter()
     w.u8(9); w.be16(0x1234); w.be32(0xDEADBEEF); w.be64(1 << 63); w.counted_string("pc.ram"); w.raw(b"end")
-    data = w.take_bytes()
+    data = writer_bytes(w)
     r = StreamReader()
     step = _read_all(r)
     next(step)                          # nothing buffered: waits
@@ -102,16 +104,37 @@ def test_reader_refuses_input_after_close() -> None:
 def test_reader_compacts_consumed_input() -> None:
     r = StreamReader()
     r.feed(bytes(2 << 20))
-    run_to_completion(r.skip_bytes(2 << 20, "filler"), r)
+    assert run_to_completion(r.skip_or_end(2 << 20), r) is True
     r.closed = False
     r.feed(b"\x07")
     assert (r.pos, r.end) == (0, 1) and r.offset == 2 << 20     # consumed bytes were dropped
     assert r.u8() == 7
     for _ in range(20):                                          # memory stays bounded
         r.feed(bytes(1 << 20))
-        run_to_completion(r.skip_bytes(1 << 20, "filler"), r)
+        assert run_to_completion(r.skip_or_end(1 << 20), r) is True
         r.closed = False
     assert len(r.buffer) <= 4 << 20 and r.offset == (2 << 20) + 1 + (20 << 20)
+
+
+def test_skip_or_end_consumes_as_input_arrives() -> None:
+    r = StreamReader()
+    step = r.skip_or_end(3 << 20)
+    next(step)                                                   # nothing fed yet: waits
+    for _ in range(2):
+        r.feed(bytes(1 << 20))
+        next(step)                                               # consumed, waits for more
+        assert r.available == 0 and len(r.buffer) <= 2 << 20     # nothing piles up
+    r.feed(bytes(1 << 20) + b"\x09")
+    with pytest.raises(StopIteration) as done:
+        next(step)
+    assert done.value.value is True and r.u8() == 9 and r.offset == (3 << 20) + 1
+
+
+def test_skip_or_end_reports_the_end_of_input() -> None:
+    r = StreamReader()
+    r.feed(bytes(10))
+    assert run_to_completion(r.skip_or_end(11), r) is False
+    assert r.offset == 10
 
 
 def test_reader_fill_reads_straight_into_the_buffer() -> None:

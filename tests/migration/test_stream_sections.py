@@ -9,8 +9,9 @@ from pyvm.migration.errors import (MigrationError, StreamFormatError, StreamMism
 from pyvm.migration.stream.sections import (Configuration, GlobalState, check_configuration, read_command,
                                      read_configuration, read_section_footer, write_configuration,
                                      write_section_footer, write_section_header)
-from pyvm.migration.stream.reader import StreamReader, run_to_completion
+from pyvm.migration.stream.reader import StreamReader
 from pyvm.migration.stream.writer import StreamWriter
+from tests.stream_in_memory import run_to_completion, writer_bytes
 
 
 def _run(step_factory, data: bytes):
@@ -24,7 +25,7 @@ def test_section_headers() -> None:
     write_section_header(w, 0x01, 2, "ram", 0, 4)
     write_section_header(w, 0x02, 2)
     write_section_footer(w, 2)
-    assert w.take_bytes() == bytes.fromhex("01 00000002 03") + b"ram" + bytes.fromhex(
+    assert writer_bytes(w) == bytes.fromhex("01 00000002 03") + b"ram" + bytes.fromhex(
         "00000000 00000004" "02 00000002" "7e 00000002")
 
 
@@ -45,7 +46,7 @@ def test_footer_texts() -> None:
 def test_configuration_bytes_as_observed_on_qemu_7_2() -> None:
     w = StreamWriter()
     desc = write_configuration(w, "pc-i440fx-7.2")
-    assert w.take_bytes() == bytes.fromhex("07 0000000d") + b"pc-i440fx-7.2"
+    assert writer_bytes(w) == bytes.fromhex("07 0000000d") + b"pc-i440fx-7.2"
     assert desc == {"vmsd_name": "configuration", "version": 1, "fields": [
         {"name": "len", "type": "uint32", "size": 4}, {"name": "name", "type": "buffer", "size": 13}]}
 
@@ -53,7 +54,7 @@ def test_configuration_bytes_as_observed_on_qemu_7_2() -> None:
 def test_configuration_with_x_ignore_shared() -> None:
     w = StreamWriter()
     desc = write_configuration(w, "pc-q35-8.2", ["events", "x-ignore-shared"])
-    data = w.take_bytes()
+    data = writer_bytes(w)
     assert data == (bytes.fromhex("07 0000000a") + b"pc-q35-8.2" + b"\x05\x1a" + b"configuration/capabilities"
                     + bytes.fromhex("00000001 00000001 0f") + b"x-ignore-shared")
     assert desc["subsections"] == [{"vmsd_name": "configuration/capabilities", "version": 1, "fields": [

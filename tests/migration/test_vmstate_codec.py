@@ -9,10 +9,11 @@ import pytest
 from migration_fakes import FAKE_VMSD, FakeDevice, sample_device
 from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.errors import EncodeError, MigrationError, StreamMismatchError, TruncatedStreamError
-from pyvm.migration.stream.reader import StreamReader, run_to_completion
+from pyvm.migration.stream.reader import StreamReader
 from pyvm.migration.stream.writer import StreamWriter
 from pyvm.migration.stream.vmstate_codec import apply_loaded, load_vmstate, save_vmstate
 from pyvm.vmstate import Field, Subsection, VMStateDescription
+from tests.stream_in_memory import run_to_completion, writer_bytes
 
 SAMPLE_BYTES = (bytes.fromhex("12" "00000001" "fffffffe" "7fffffff") + b"hello" + b"\x01"
                 + b"\x05\x0efake-dev/extra" + bytes.fromhex("00000001" "0007"))
@@ -22,7 +23,7 @@ def _save(vmsd: VMStateDescription, obj: object) -> tuple[bytes, dict]:
     w = StreamWriter()
     desc: dict = {}
     save_vmstate(w, vmsd, obj, desc)
-    return w.take_bytes(), desc
+    return writer_bytes(w), desc
 
 
 def _load(vmsd: VMStateDescription, data: bytes, version: int) -> dict:

@@ -15,6 +15,14 @@ import pytest
 from tests.waiting import wait_until
 
 
+def has_invalid_text(text: str) -> bool:
+    """True when ``text`` holds a surrogate or one of Unicode's 66 noncharacters
+    (U+FDD0..U+FDEF, U+xxFFFE, U+xxFFFF): QEMU's JSON parser rejects such a string and its
+    writer prints U+FFFD instead (util/unicode.c)."""
+    return any(0xD800 <= cp <= 0xDFFF or 0xFDD0 <= cp <= 0xFDEF or cp & 0xFFFE == 0xFFFE
+               for cp in map(ord, text))
+
+
 class RawClient:
     """A plain socket speaking QMP line by line (no client library in the way)."""
 

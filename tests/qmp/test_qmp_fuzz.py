@@ -17,10 +17,9 @@ from typing import Any, Iterator
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
-from qmp_helpers import RawClient, pyvm_runs, start_pyvm, wait_for
+from qmp_helpers import RawClient, has_invalid_text, pyvm_runs, start_pyvm, wait_for
 from fake_vm import FakeVm
 from pyvm.qmp.json_stream import JsonStreamer
-from pyvm.qmp.mutf8 import has_invalid
 from pyvm.qmp.options import parse_monitor_options
 from pyvm.qmp.core import build_tables
 from pyvm.qmp.server import MonitorService
@@ -148,7 +147,7 @@ def as_qemu_reads_it(value: Any) -> Any:
 def _has_invalid_text(value: Any) -> bool:
     """Strings QEMU's parser rejects (surrogates, noncharacters): the message fails to parse."""
     if isinstance(value, str):
-        return has_invalid(value)
+        return has_invalid_text(value)
     if isinstance(value, list):
         return any(_has_invalid_text(v) for v in value)
     if isinstance(value, dict):

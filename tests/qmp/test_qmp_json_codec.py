@@ -8,6 +8,7 @@ import math
 import pytest
 from hypothesis import given, settings, strategies as st
 
+from qmp_helpers import has_invalid_text
 from pyvm.qmp.json_stream import JsonLimits, JsonStreamer, Parsed, ParseError, StreamItem
 from pyvm.qmp.json_writer import encode_line, quote, to_json
 from pyvm.qmp.key_order import qdict_order
@@ -133,9 +134,8 @@ json_values = st.recursive(
 
 
 def _valid_text(value: object) -> bool:
-    from pyvm.qmp.mutf8 import has_invalid
     if isinstance(value, str):
-        return not has_invalid(value)
+        return not has_invalid_text(value)
     if isinstance(value, list):
         return all(_valid_text(v) for v in value)
     if isinstance(value, dict):

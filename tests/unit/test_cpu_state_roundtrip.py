@@ -13,10 +13,11 @@ from unicorn import x86_const as X
 
 from pyvm.cpu import VCpu
 from pyvm.cpu_state import CPU_VMSD, MSRS, SEGMENTS, CpuState, CpuStateError, save_cpu
-from pyvm.migration.stream.reader import StreamReader, run_to_completion
+from pyvm.migration.stream.reader import StreamReader
 from pyvm.migration.stream.writer import StreamWriter
 from pyvm.migration.stream.vmstate_codec import apply_loaded, load_vmstate, save_vmstate
 from pyvm.ram import RamLayout
+from tests.stream_in_memory import run_to_completion, writer_bytes
 
 U64 = st.integers(0, (1 << 64) - 1)
 U32 = st.integers(0, (1 << 32) - 1)
@@ -141,7 +142,7 @@ def _migrate(src: VCpu, dst: VCpu) -> CpuState:
     w = StreamWriter()
     save_vmstate(w, CPU_VMSD, st_src, {})
     r = StreamReader()
-    r.feed(w.take_bytes())
+    r.feed(writer_bytes(w))
     values: dict[str, Any] = {}
     run_to_completion(load_vmstate(r, CPU_VMSD, CPU_VMSD.version_id, values), r)
     assert r.available == 0

@@ -427,16 +427,12 @@ class StreamDecoder:
             return
         if not (yield from r.wait_or_end(4)):
             return
-        length = total = r.be32()
+        length = r.be32()
         if self.keep_vmdesc and length <= MAX_VMDESC_LEN:
             if not (yield from r.wait_or_end(length)):
                 return
             self._events.append(VmDescription(length, r.take(length)))
             return
-        while length:
-            if not (yield from r.wait_or_end(1)):
-                return
-            step = min(length, r.available)
-            r.skip(step)
-            length -= step
-        self._events.append(VmDescription(total, None))
+        if not (yield from r.skip_or_end(length)):
+            return
+        self._events.append(VmDescription(length, None))

@@ -235,25 +235,16 @@ class StreamReader:
         self.pos += 1
         return self.take(n)
 
-    def skip_bytes(self, n: int, what: str) -> Generator[None, None, None]:
-        """Consume ``n`` bytes without keeping them (never buffers more than is fed)."""
+    def skip_or_end(self, n: int) -> Generator[None, None, bool]:
+        """Consume ``n`` bytes as they arrive, never buffering more than is fed; False when
+        the input ends first (a trailer nothing depends on)."""
         while n:
             if self.end == self.pos:
-                yield from self.wait(1, what)
+                if self.closed:
+                    return False
+                yield
+                continue
             step = min(n, self.end - self.pos)
             self.pos += step
             n -= step
-
-
-def run_to_completion(step: Generator[None, None, object], reader: StreamReader) -> object:
-    """Drive ``step`` over input that is already complete (tests, files read whole).
-
-    The reader is closed first, so a step that needs more than is buffered raises
-    :class:`TruncatedStreamError` instead of waiting.
-    """
-    reader.close()
-    try:
-        while True:
-            next(step)
-    except StopIteration as done:
-        return done.value
+        return True

@@ -23,16 +23,6 @@ _BE32 = struct.Struct(">I")
 _BE64 = struct.Struct(">Q")
 
 
-def chunks_length(chunks: list[Chunk]) -> int:
-    """Total number of bytes in ``chunks``."""
-    return sum(len(c) if isinstance(c, bytes) else c.nbytes for c in chunks)
-
-
-def join_chunks(chunks: list[Chunk]) -> bytes:
-    """The chunks as one bytes object (tests and small streams; copies everything)."""
-    return b"".join(chunks)
-
-
 class StreamWriter:
     """Appends stream items to an in-memory list of chunks."""
 
@@ -93,7 +83,3 @@ class StreamWriter:
         chunks, self._chunks = self._chunks, []
         self._flushed_bytes = 0
         return chunks
-
-    def take_bytes(self) -> bytes:
-        """Everything written so far as one bytes object (copies page views)."""
-        return join_chunks(self.take_chunks())

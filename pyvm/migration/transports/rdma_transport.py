@@ -13,9 +13,9 @@ Destination: :class:`RdmaListener` accepts one connection into an :class:`RdmaIn
 whose service thread answers the control requests itself and queues QEMU_FILE bytes, so the
 stream loader reads the stream exactly as from a socket while pages land in guest RAM.  In
 the RAM stream the source emits ``RAM_SAVE_FLAG_HOOK`` after :meth:`round_finished`; the
-loader skips it, since messages arrive in order and that round's REGISTER_FINISHED was
-processed before the hook is read (:meth:`RdmaIncoming.sync_round` waits for it
-explicitly, for callers that read the stream some other way).
+loader skips it, since messages are handled in arrival order: that round's
+REGISTER_FINISHED was processed (:attr:`RdmaIncoming.rounds_finished` counts it) before
+the stream bytes that follow it become readable.
 
 Every RAM page of every round goes through :meth:`RdmaOutgoing.place_pages` or
 :meth:`RdmaOutgoing.place_zero_pages`; none may also travel as a PAGE or ZERO record in the
@@ -416,7 +416,6 @@ class RdmaIncoming:
         self._work: collections.deque[ControlMessage] = collections.deque()
         self._credits_owed = 0
         self.rounds_finished = 0
-        self._rounds_synced = 0
         self.bytes_read = 0
         self.registrations = 0
         try:
@@ -634,18 +633,6 @@ class RdmaIncoming:
         if self._head == len(self._queue[0]):
             self._queue.popleft()
             self._head = 0
-
-    def sync_round(self) -> None:
-        """The loader met RAM_SAVE_FLAG_HOOK: wait until that round's writes are complete."""
-        self._rounds_synced += 1
-        deadline = time.monotonic() + self._ep.timeout
-        with self._cond:
-            while self.rounds_finished < self._rounds_synced:
-                if self._error is not None:
-                    raise self._error
-                if self._eof or time.monotonic() >= deadline:
-                    raise RdmaError("RAM_SAVE_FLAG_HOOK without a finished RDMA round")
-                self._cond.wait(0.1)
 
     @property
     def at_eof(self) -> bool:
