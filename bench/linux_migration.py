@@ -53,6 +53,7 @@ def one_run(tmp: Path, which: str, ram: str, files: tuple[Path, Path]) -> dict[s
         boot = time.monotonic() - t0
         scon.run("X=42; echo set-$X", "set-42")
         dst, dcon = start(tmp, f"{which}-dst", [*argv, "-incoming", f"tcp:127.0.0.1:{port}"])
+        params = src.cmd("query-migrate-parameters")
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         while (info := src.cmd("query-migrate"))["status"] not in ("completed", "failed",
                                                                      "cancelled"):
@@ -70,7 +71,8 @@ def one_run(tmp: Path, which: str, ram: str, files: tuple[Path, Path]) -> dict[s
         dcon.expect(linux_guest.PROMPT, 120, mark)
         dcon.run(f"echo $X-$(({a}*{b}))", f"42-{a * b}", 120)
         return {"total": info["total-time"] / 1000, "downtime": info["downtime"] / 1000,
-                "mb": info["ram"]["transferred"] / 1e6, "boot": boot}
+                "mb": info["ram"]["transferred"] / 1e6, "boot": boot,
+                "bw": params["max-bandwidth"] / (1 << 20), "limit": params["downtime-limit"]}
     finally:
         for con in (scon, dcon):
             if con is not None:
@@ -103,14 +105,15 @@ def main() -> int:
             for v in variants if i % 2 == 0 else variants[::-1]:      # interleaved
                 try:
                     r = one_run(Path(d), v, args.ram, files)
-                except (RuntimeError, AssertionError, OSError) as err:
+                except Exception as err:  # noqa: BLE001 - a failed run is reported, the rest go on
                     failures[v].append(str(err))
                     print(f"run {i + 1} {v:5s} FAILED: {err}", flush=True)
                     continue
                 results[v].append(r)
                 print(f"run {i + 1} {v:5s} prompt after {r['boot']:6.1f} s; total-time "
                       f"{r['total']:.3f} s, downtime {1000 * r['downtime']:.0f} ms, "
-                      f"{r['mb']:.1f} MB sent; the destination answered", flush=True)
+                      f"{r['mb']:.1f} MB sent; the destination answered (max-bandwidth "
+                      f"{r['bw']:.0f} MiB/s, downtime-limit {r['limit']:.0f} ms)", flush=True)
     print(f"\nkernel {(linux_guest.DEFAULT_DIR / 'VERSION').read_text().strip()}, -m {args.ram}, "
           f"tcp 127.0.0.1, default migration parameters; median (min..max) of the runs")
     if qemu:
