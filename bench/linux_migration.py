@@ -89,9 +89,9 @@ def summary(xs: list[float], scale: float = 1.0, fmt: str = ".3f") -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3, help="migrations per program (default 3)")
     ap.add_argument("--ram", default=linux_boot.RAM, help="-m for both programs (default 512M)")
-    ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--no-qemu", action="store_true", help="pyvm only, no QEMU baseline")
     args = ap.parse_args()
     files = linux_guest.fetch(linux_guest.DEFAULT_DIR)
     qemu = None if args.no_qemu else linux_boot.ensure_qemu()
