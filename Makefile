@@ -41,6 +41,7 @@ firmware-check:
 # Installs Debian's qemu-system-x86 (the baseline) when missing; not part of make test.
 bench-linux: setup
 	$(PY) bench/linux_boot.py
+	$(PY) bench/linux_migration.py
 
 mypy: setup
 	$(PY) -m mypy pyvm

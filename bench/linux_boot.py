@@ -44,9 +44,12 @@ def ensure_qemu() -> str | None:
     return out.splitlines()[0] if out else path
 
 
-def command(which: str, kernel: Path, initrd: Path) -> list[str]:
-    common = ["-m", RAM, "-kernel", str(kernel), "-initrd", str(initrd),
-              "-append", linux_guest.CMDLINE, "-display", "none", "-serial", "stdio"]
+def command(which: str, kernel: Path, initrd: Path, ram: str = RAM,
+            serial: str | None = "stdio") -> list[str]:
+    """The pyvm or QEMU command line booting the guest; ``serial=None`` leaves out -serial."""
+    common = ["-m", ram, "-kernel", str(kernel), "-initrd", str(initrd),
+              "-append", linux_guest.CMDLINE, "-display", "none"]
+    common += ["-serial", serial] if serial else []
     if which == "pyvm":
         return [str(ROOT / ".venv" / "bin" / "python"), "-m", "pyvm", *common]
     return [QEMU, "-accel", "tcg", "-monitor", "none", "-no-reboot", *common]

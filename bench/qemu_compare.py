@@ -64,9 +64,10 @@ def free_port() -> int:
 
 
 class Vm:
-    """A pyvm or QEMU process with a QMP socket and COM1 in a file."""
+    """A pyvm or QEMU process with a QMP socket and COM1 in a file (or on ``serial``)."""
 
-    def __init__(self, tmp: Path, name: str, argv: list[str]) -> None:
+    def __init__(self, tmp: Path, name: str, argv: list[str], serial: str | None = None,
+                 connect_timeout: float = 30) -> None:
         self.name = name
         self.sock = tmp / f"{name}.qmp"
         self.serial_path = tmp / f"{name}.serial"
@@ -74,9 +75,9 @@ class Vm:
         self.serial_path.unlink(missing_ok=True)
         self.err = open(tmp / f"{name}.stderr", "w+b")
         cmd = [*argv, "-qmp", f"unix:{self.sock},server=on,wait=off",
-               "-serial", f"file:{self.serial_path}"]
+               "-serial", serial or f"file:{self.serial_path}"]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.err, cwd=ROOT)
-        deadline = time.monotonic() + 30
+        deadline = time.monotonic() + connect_timeout
         while True:
             if self.proc.poll() is not None:
                 self.err.seek(0)
