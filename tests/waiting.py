@@ -37,6 +37,21 @@ def wait_until(cond: Callable[[], T], timeout: float = 10.0, what: str = "condit
         pause.wait(interval)
 
 
+def wait_stalled(value: Callable[[], T], timeout: float = 10.0, what: str = "progress",
+                 interval: float = 0.1) -> T:
+    """Wait until ``value()`` stops changing: the same in two looks ``interval`` s apart
+    (a migration whose writes are blocked, say); returns that value."""
+    last: list[T] = [value()]
+
+    def same() -> bool:
+        now = value()
+        unchanged = now == last[0]
+        last[0] = now
+        return unchanged
+    wait_until(same, timeout, what, interval)
+    return last[0]
+
+
 def _syscall_of(tid: int) -> int | None:
     """The number of the system call thread ``tid`` sleeps in; None when it runs."""
     try:

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import guest
+from tests.waiting import wait_stalled, wait_until
 from tests.stream_mutations import flip, page_data_offsets, split_stream
 from tests.vmproc import VmProcess
 
@@ -139,7 +140,9 @@ def test_cancel_of_a_migration_into_a_fifo_nobody_reads(vms, tmp_path: Path) -> 
     os.mkfifo(fifo)
     src = vms("src", *MEMCHECK)
     src.cmd("migrate", uri=f"file:{fifo}")
-    time.sleep(0.3)                      # the migration thread is waiting for a reader
+    # the migration thread waits for a reader: nothing is ever sent, the status stays setup
+    wait_stalled(lambda: src.cmd("query-migrate")["status"], what="a migration waiting for a reader",
+                 interval=0.3)
     assert src.cmd("query-migrate")["status"] == "setup"
     _cancel_within_bound(src)
     _progresses(src)
@@ -200,8 +203,9 @@ def test_cancel_of_a_blocked_write_on_every_transport(vms, tmp_path: Path, kind:
     try:
         src.cmd("migrate", uri=sink.uri)
         src.wait_migration(("active",), timeout=10)
-        # the writes fill every buffer on the way and block
-        time.sleep(0.5)
+        # the writes fill every buffer on the way and block: the byte count stops moving
+        wait_stalled(lambda: src.cmd("query-migrate")["ram"]["transferred"],
+                     what="writes blocked by a peer that never reads", interval=0.3)
         assert src.cmd("query-migrate")["status"] == "active"
         _cancel_within_bound(src)
     finally:
@@ -293,8 +297,7 @@ def test_a_busy_client_does_not_starve_stop(vms, tmp_path: Path) -> None:
     t = threading.Thread(target=hammer)
     t.start()
     try:
-        while calls[0] < 2:
-            time.sleep(0.01)
+        wait_until(lambda: calls[0] >= 2, what="the busy client's first dumps")
         latencies = []
         for _ in range(5):
             start = time.monotonic()

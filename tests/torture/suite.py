@@ -29,6 +29,7 @@ from pyvm.migration.errors import MigrationError
 from tests.conftest import guest
 from tests.stream_mutations import SplitStream, mutations, split_stream
 from tests.vmproc import QmpFailed, VmProcess
+from tests.waiting import wait_stalled, wait_until
 
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
             "-display", "none"]
@@ -360,7 +361,8 @@ def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
                 src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 20})
                 src.cmd("migrate", uri=uri)
                 src.wait_migration(("active",))
-                time.sleep(0.3)
+                wait_until(lambda: src.cmd("query-migrate")["ram"]["transferred"] > 0,
+                           what="pages on the wire before the destination dies")
                 dst.proc.kill()
                 assert src.wait_migration()["status"] == "failed"
             finally:
@@ -375,7 +377,11 @@ def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
         while not (kids := _children(src.proc.pid)):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        for k in kids:
+        # the helper is ``sh -c``, which forks ``cat``: both hold the pipe, both die
+        family = list(kids)
+        for k in family:
+            family += _children(k)
+        for k in family:
             os.kill(k, 9)
         assert src.wait_migration()["status"] == "failed"
 
@@ -419,7 +425,9 @@ def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
             src.cmd("migrate", uri=uri)
             if state != "setup":
                 src.wait_migration((state,), timeout=20)
-            time.sleep(0.2)
+            if state == "active":       # cancel once the writes are blocked (or done)
+                wait_stalled(lambda: src.cmd("query-migrate").get("ram", {}).get("transferred"),
+                             what="a migration into a slow peer", interval=0.2)
             t0 = time.monotonic()
             src.cmd("migrate_cancel")
             assert src.wait_migration(("cancelled",), timeout=5, poll=0.01)["status"] == "cancelled"
