@@ -28,7 +28,7 @@ test-linux: setup
 linux: setup
 	$(PY) scripts/linux_guest.py --boot
 
-# The standing adversarial suite at full size (docs/reliability.md); about 15 minutes.
+# The standing adversarial suite at full size (docs/reliability.md); about 22 minutes on 2 cores.
 torture: setup
 	$(PY) -m tests.torture.suite
 
