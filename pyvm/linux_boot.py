@@ -154,7 +154,7 @@ def payload_format(data: bytes) -> str:
 
 def _zstd_decompress(data: bytes) -> bytes | None:
     try:
-        import zstandard
+        import zstandard    # deferred: only a zstd-compressed kernel needs it
     except ImportError:
         return None
     dobj = zstandard.ZstdDecompressor().decompressobj()

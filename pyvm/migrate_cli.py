@@ -11,6 +11,9 @@ downtime, drawn with ``rich``); otherwise one line per round.  ``--pagemap`` sho
 source's RAM as a map of pages (``x-query-ram-pagemap``).  The final statistics are the
 source's ``info migrate``.  ``--history`` keeps every sample as JSON and ``--figures``
 draws them (:mod:`pyvm.migration_figures`).  Exit status 0 when the migration completed.
+
+``rich`` and the figure module (matplotlib) are imported where they are used, deferred on
+purpose: a plain run on a pipe or without ``--figures`` never loads them.
 """
 
 from __future__ import annotations

@@ -45,7 +45,7 @@ def throughput(history: Sequence[dict[str, Any]]) -> list[tuple[float, float]]:
 
 
 def write_figures(history: Sequence[dict[str, Any]], directory: Path) -> list[Path]:
-    import matplotlib
+    import matplotlib       # deferred: heavy, and only --figures draws
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

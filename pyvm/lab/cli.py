@@ -6,6 +6,9 @@
     pyvm-lab sweep    --policy P... (--trace F | --workload S)... --link L... --out results.csv
 
 User errors print one line and exit 1; no traceback.
+
+Each subcommand imports what it needs when it runs (deferred on purpose: the sweep
+brings Dask, the plots matplotlib, and ``pyvm-lab --help`` should not wait for either).
 """
 
 from __future__ import annotations

@@ -8,6 +8,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from pyvm.lab.info import wws_series
 from pyvm.lab.simulate import SimResult
 from pyvm.lab.trace import Trace
 
@@ -15,6 +16,7 @@ MiB = float(1 << 20)
 
 
 def _pyplot() -> Any:
+    # deferred: matplotlib takes a second to import, and only drawing needs it
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,7 +159,6 @@ def heatmap(trace: Trace, path: str, bins: int = 256, title: str = "") -> str:
 def working_set(trace: Trace, path: str, windows: Sequence[float], title: str = "") -> str:
     """Pages written per window (the writable working set) over time, one line per window
     length, as Clark et al. plot it."""
-    from pyvm.lab.info import wws_series
 
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(7, 4))

@@ -14,13 +14,16 @@ import contextlib
 import csv
 import functools
 import os
+import socket
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
+from urllib.parse import urlsplit
 
 from pyvm.lab.errors import LabError
 from pyvm.lab.link import LinkModel
 from pyvm.lab.simulate import DEVICE_BYTES, simulate_safely
 from pyvm.lab.trace import Trace, load
+from pyvm.lab.workloads import synthesize
 from pyvm.migration.policy import Limits, PolicyError, load_policy
 
 COLUMNS = ["policy", "trace", "link", "start", "status", "rounds", "pages_sent",
@@ -43,7 +46,6 @@ def open_trace(ref: str) -> Trace:
     """The trace a sweep names: a file if one exists at ``ref``, else a workload spec."""
     if os.path.exists(ref):
         return load(ref)
-    from pyvm.lab.workloads import synthesize
 
     return synthesize(ref)
 
@@ -101,7 +103,7 @@ def dask_client(scheduler: str | None = None, workers: int = 2,
             _probe(scheduler, timeout)
         except OSError as err:
             raise LabError(f"sweep: cannot reach the Dask scheduler: {err}") from err
-    import distributed
+    import distributed      # deferred: Dask is heavy, and only a sweep needs it
 
     Client: Any = distributed.Client            # untyped library: keep mypy --strict quiet
     LocalCluster: Any = distributed.LocalCluster
@@ -128,9 +130,6 @@ def dask_client(scheduler: str | None = None, workers: int = 2,
 def _probe(address: str, timeout: float) -> None:
     """Fail fast on a tcp:// scheduler that refuses connections (Dask's client would
     retry until its timeout)."""
-    import socket
-    from urllib.parse import urlsplit
-
     if not address.startswith("tcp://"):
         return
     parts = urlsplit(address)
@@ -170,7 +169,7 @@ def write_table(rows: Iterable[dict[str, Any]], path: str) -> str:
     if path.endswith(".parquet"):
         try:
             import pyarrow as pa
-            import pyarrow.parquet as pq
+            import pyarrow.parquet as pq      # optional: Parquet only when pyarrow is installed
         except ImportError:
             raise LabError("sweep: writing Parquet needs pyarrow; install it or write .csv") \
                 from None

@@ -102,7 +102,7 @@ class Trace:
 
 def dumps(trace: Trace, level: int = 9) -> bytes:
     """The file bytes of ``trace``."""
-    import zstandard
+    import zstandard        # deferred: only reading or writing a trace needs it
 
     payload = zstandard.ZstdCompressor(level=level).compress(
         np.ascontiguousarray(trace.bitmaps).tobytes())
@@ -157,7 +157,7 @@ def loads(data: bytes, where: str = "trace") -> Trace:
     size = samples * ((npages + 7) // 8)
     if size > MAX_PAYLOAD:
         raise TraceError(f"{where}: {size} bytes of bitmaps exceed the {MAX_PAYLOAD} limit")
-    import zstandard
+    import zstandard        # deferred: only reading or writing a trace needs it
 
     payload = data[_PREFIX.size + hlen:]
     try:
