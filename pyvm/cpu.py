@@ -237,7 +237,7 @@ class VCpu:
             self._in_flight = False
         pc = self.pc
         try:
-            self.uc.emu_start(pc, 1 << 62)
+            self.uc.emu_start(pc, 1 << 62)     # exits mode (see __init__): no end address is set
         except uc_mod.UcError as err:
             if err.errno == uc_mod.UC_ERR_INSN_INVALID and self.pending_exception is None \
                     and self.fault is None:
