@@ -23,6 +23,7 @@ from typing import Callable
 import pytest
 
 from pyvm.errors import PyvmError
+from tests.full_backlog import full_unix_listener
 from tests.waiting import wait_blocked, wait_until
 from pyvm.migration.transports import (AbortSignal, IncomingChannel, Listener, OutgoingChannel,
                                        RecordChannel, TransportCancelled, TransportError, TransportTimeout,
@@ -415,18 +416,7 @@ def test_abort_signal_interrupts_a_hanging_connect() -> None:
 
 def test_abort_signal_interrupts_a_unix_connect_to_a_full_backlog(tmp_path: Path) -> None:
     path = str(tmp_path / "full.sock")
-    full = socket.socket(socket.AF_UNIX)
-    full.bind(path)
-    full.listen(0)
-    queued = []
-    for _ in range(8):                                       # fill the backlog
-        sock = socket.socket(socket.AF_UNIX)
-        sock.setblocking(False)
-        code = sock.connect_ex(path)
-        queued.append(sock)
-        if code == errno.EAGAIN:
-            break
-    assert code == errno.EAGAIN
+    full, queued = full_unix_listener(path)
     abort = AbortSignal()
     connector = Thread(lambda: connect_unix(path, abort=abort))
     connector.start()

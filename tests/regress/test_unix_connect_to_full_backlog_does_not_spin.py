@@ -5,7 +5,6 @@ It now waits out each retry period, or less if aborted."""
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
 import threading
@@ -14,6 +13,7 @@ from pathlib import Path
 
 from pyvm.migration.transports import AbortSignal
 from pyvm.migration.transports.socket_transport import UNIX_RETRY_SECONDS, connect_unix
+from tests.full_backlog import full_unix_listener
 from tests.waiting import wait_until
 
 RETRIES_OBSERVED = 10                 # the window spans this many retry periods
@@ -27,18 +27,7 @@ def _thread_cpu_seconds(thread: threading.Thread) -> float:
 
 def test_connecting_thread_sleeps_while_the_backlog_is_full(tmp_path: Path, monkeypatch) -> None:
     path = str(tmp_path / "full.sock")
-    full = socket.socket(socket.AF_UNIX)
-    full.bind(path)
-    full.listen(0)
-    queued = []
-    for _ in range(8):                                       # fill the backlog
-        sock = socket.socket(socket.AF_UNIX)
-        sock.setblocking(False)
-        code = sock.connect_ex(path)
-        queued.append(sock)
-        if code == errno.EAGAIN:
-            break
-    assert code == errno.EAGAIN                              # the situation: backlog full
+    full, queued = full_unix_listener(path)
     abort = AbortSignal()
     attempts = [0]
     outcome: list[BaseException] = []
