@@ -23,10 +23,10 @@ test-pure: setup
 test-linux: setup
 	$(PY) -m pytest -q -m linux tests
 
-# Debian 12's kernel and busybox (apt-get download, cached in .cache/linux), booted on
+# Debian 12's kernel and busybox (apt-get download, cached in ~/.cache/pyvm/linux), booted on
 # this terminal: the serial console is stdio (Ctrl-A x quits).
 linux: setup
-	$(PY) scripts/linux_guest.py --boot
+	.venv/bin/pyvm-linux-guest --boot
 
 # The standing adversarial suite at full size (docs/reliability.md); about 22 minutes on 2 cores.
 torture: setup

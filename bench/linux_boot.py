@@ -3,7 +3,7 @@
 
     bench/linux_boot.py [--runs N] [--idle SECONDS] [--no-qemu]
 
-Boots Debian 12's kernel and the initramfs of scripts/linux_guest.py with
+Boots Debian 12's kernel and the initramfs of pyvm-linux-guest (pyvm/linux_guest.py) with
 ``-m 512M -append console=ttyS0`` in pyvm and in Debian's ``qemu-system-x86_64 -accel
 tcg`` (package qemu-system-x86, installed here with apt-get when missing), alternating the
 two, N times each.  For each run: wall-clock seconds from process start to the prompt on
@@ -23,8 +23,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "scripts"))
-import linux_guest  # noqa: E402
+sys.path.insert(0, str(ROOT))
+from pyvm import linux_guest  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 RAM = "512M"

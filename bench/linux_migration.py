@@ -3,7 +3,7 @@
 
     bench/linux_migration.py [--runs N] [--ram 512M] [--no-qemu]
 
-Debian 12's kernel with the busybox initramfs of scripts/linux_guest.py and
+Debian 12's kernel with the busybox initramfs of pyvm-linux-guest and
 ``-append console=ttyS0``, the same RAM size on both sides, in pyvm and in Debian's
 ``qemu-system-x86_64 -accel tcg`` (installed with apt-get when missing, as
 bench/linux_boot.py does), alternating the two, N runs each.  Each run: the source boots

@@ -638,6 +638,12 @@ class Machine:
         budget_ns = int(slice_s * 1e9)
         if deadline is not None:
             budget_ns = min(budget_ns, max(0, deadline - self.clock.now_ns()))
+        if cpu.index == 0 and self.pic.has_pending() and not cpu.interrupts_enabled():
+            # An IRQ waits for IF=1 (an "interrupt window", as KVM calls it).  Slices that
+            # end at a SYSCALL or an exception end with IF=0, so a guest that makes system
+            # calls faster than the slice length would never see the IRQ: stop at the
+            # stopper's next check (every 256 blocks) instead, and look again.
+            budget_ns = 0
         cpu.stopper.set_deadline(time.monotonic_ns() + budget_ns)
         stops = cpu.stopper.stops
         with self._wake:

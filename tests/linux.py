@@ -1,22 +1,15 @@
-"""Debian's Linux + busybox guest for tests: fetched once (scripts/linux_guest.py) and a
+"""Debian's Linux + busybox guest for tests: fetched once (pyvm.linux_guest) and a
 serial console to type on."""
 
 from __future__ import annotations
 
-import importlib.util
 import socket
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
-
-_SCRIPT = ROOT / "scripts" / "linux_guest.py"
-_spec = importlib.util.spec_from_file_location("linux_guest", _SCRIPT)
-assert _spec is not None and _spec.loader is not None
-linux_guest = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(linux_guest)
+from pyvm import linux_guest
 
 PROMPT: str = linux_guest.PROMPT
 CMDLINE: str = linux_guest.CMDLINE

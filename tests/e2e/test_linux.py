@@ -37,6 +37,11 @@ def test_boots_to_a_shell_and_answers(vms, tmp_path: Path) -> None:
         con.run("grep -c ^processor /proc/cpuinfo", "1")
         con.run("grep -q ' apic ' /proc/cpuinfo || echo no-apic", "no-apic")
         con.run("cat /proc/cmdline", "console=ttyS0")
+        # A background loop that makes system calls without pause: every time slice ends
+        # at a SYSCALL with IF=0, and the serial IRQ must still reach the shell.
+        con.run("while :; do date > /tmp/clock; done & echo started", "started")
+        con.run(f"echo $(({b}*{a}+1))", str(a * b + 1), timeout=120)
+        con.run("kill %1; echo stopped", "stopped", timeout=120)
         assert vm.status() == "running"
     finally:
         con.close()

@@ -1,15 +1,16 @@
-#!/usr/bin/env python3
-"""Fetch Debian's stock kernel and busybox, build a small initramfs, print the paths.
+"""``pyvm-linux-guest``: fetch Debian's stock kernel and busybox, build a small initramfs.
 
-    scripts/linux_guest.py [--boot] [--dir DIR]
+    pyvm-linux-guest            fetch once, print the kernel's and the initramfs's paths
+    pyvm-linux-guest --args     print the pyvm options that boot them
+    pyvm-linux-guest --boot     boot them in pyvm, serial console on this terminal
 
 Downloads ``linux-image-amd64`` (the kernel package it depends on) and ``busybox-static``
 with ``apt-get download``, so the machine's apt sources decide where they come from;
 extracts the vmlinuz with ``dpkg-deb``; writes an initramfs (a "newc" cpio archive, see
 Documentation/driver-api/early-userspace/buffer-format.rst) whose ``/init`` mounts proc,
 sysfs and devtmpfs, prints ``pyvm-linux: init done`` and starts a busybox shell on the
-console with the prompt ``pyvm-linux:/# ``.  Everything is cached under ``.cache/linux/``;
-a second run only prints the paths.  ``--boot`` then boots it in pyvm on this terminal.
+console with the prompt ``pyvm-linux:/# ``.  Everything is cached in one directory per
+user (:func:`default_cache_dir`); a second run only prints the paths.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -24,8 +26,19 @@ import sys
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-DEFAULT_DIR = ROOT / ".cache" / "linux"
+
+
+def default_cache_dir() -> Path:
+    """``$PYVM_CACHE_DIR/linux``, else ``$XDG_CACHE_HOME/pyvm/linux`` (``~/.cache/pyvm/linux``):
+    one copy per user, shared by ``make linux``, the tests, the benches and the labs."""
+    explicit = os.environ.get("PYVM_CACHE_DIR")
+    if explicit:
+        return Path(explicit) / "linux"
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "pyvm" / "linux"
+
+
+DEFAULT_DIR = default_cache_dir()
 KERNEL_META = "linux-image-amd64"
 BUSYBOX = "busybox-static"
 PROMPT = "pyvm-linux:/# "
@@ -92,7 +105,7 @@ def build_initramfs(busybox: bytes) -> bytes:
 def _run(cmd: list[str], cwd: Path) -> str:
     res = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
     if res.returncode != 0:
-        raise SystemExit(f"linux_guest: {' '.join(cmd)} failed:\n{res.stderr.strip()}")
+        raise SystemExit(f"pyvm-linux-guest: {' '.join(cmd)} failed:\n{res.stderr.strip()}")
     return res.stdout
 
 
@@ -103,7 +116,7 @@ def _kernel_package(work: Path) -> str:
         line = line.strip()
         if line.startswith("Depends:") and "linux-image-" in line:
             return line.split(":", 1)[1].strip()
-    raise SystemExit(f"linux_guest: apt-cache knows no kernel package behind {KERNEL_META}")
+    raise SystemExit(f"pyvm-linux-guest: apt-cache knows no kernel package behind {KERNEL_META}")
 
 
 def _extract(deb: Path, member_glob: str, into: Path) -> None:
@@ -112,7 +125,7 @@ def _extract(deb: Path, member_glob: str, into: Path) -> None:
                          capture_output=True, text=True)
     tar.wait()
     if tar.returncode != 0 or res.returncode != 0:
-        raise SystemExit(f"linux_guest: extracting {member_glob} from {deb.name} failed: "
+        raise SystemExit(f"pyvm-linux-guest: extracting {member_glob} from {deb.name} failed: "
                          f"{res.stderr.strip()}")
 
 
@@ -127,7 +140,7 @@ def fetch(cache: Path) -> tuple[Path, Path]:
         with tempfile.TemporaryDirectory(dir=cache) as tmp:
             work = Path(tmp)
             image_pkg = _kernel_package(work)
-            print(f"linux_guest: apt-get download {image_pkg} {BUSYBOX}", file=sys.stderr)
+            print(f"pyvm-linux-guest: apt-get download {image_pkg} {BUSYBOX}", file=sys.stderr)
             _run(["apt-get", "download", image_pkg, BUSYBOX], work)
             debs = {p.name.split("_")[0]: p for p in work.glob("*.deb")}
             _extract(debs[image_pkg], "./boot/vmlinuz-*", work)
@@ -143,18 +156,30 @@ def fetch(cache: Path) -> tuple[Path, Path]:
     return kernel, initrd
 
 
-def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR, help="cache directory")
-    ap.add_argument("--boot", action="store_true", help="boot it in pyvm (serial on stdio)")
+def boot_options(kernel: Path, initrd: Path) -> list[str]:
+    """The pyvm options that boot the guest (RAM size and serial port are the caller's)."""
+    return ["-kernel", str(kernel), "-initrd", str(initrd), "-append", CMDLINE]
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="pyvm-linux-guest", description=__doc__.splitlines()[0])
+    ap.add_argument("--dir", type=Path, default=DEFAULT_DIR,
+                    help=f"cache directory (default {DEFAULT_DIR})")
+    what = ap.add_mutually_exclusive_group()
+    what.add_argument("--args", action="store_true",
+                      help="print the pyvm options that boot the guest, on one line")
+    what.add_argument("--boot", action="store_true", help="boot it in pyvm (serial on stdio)")
     ap.add_argument("-m", default="512M", help="guest RAM for --boot")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     kernel, initrd = fetch(args.dir)
+    if args.args:
+        print(" ".join(shlex.quote(a) for a in boot_options(kernel, initrd)))
+        return 0
     print(f"kernel {kernel}\ninitrd {initrd}")
     if args.boot:
-        cmd = [sys.executable, "-m", "pyvm", "-m", args.m, "-kernel", str(kernel),
-               "-initrd", str(initrd), "-append", CMDLINE, "-serial", "stdio"]
-        print("linux_guest: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
+        cmd = [sys.executable, "-m", "pyvm", "-m", args.m, *boot_options(kernel, initrd),
+               "-serial", "stdio"]
+        print("pyvm-linux-guest: " + " ".join(cmd[1:]), file=sys.stderr, flush=True)
         os.execv(sys.executable, cmd)
     return 0
 
