@@ -29,6 +29,7 @@ from pyvm.clock import VirtualClock
 from pyvm.config import MACHINE_TYPE, MachineConfig
 from pyvm.cpu import VCpu
 from pyvm.cpu_state import CpuState
+from pyvm.cpu_throttle import CpuThrottle
 from pyvm.devices.ata_disk import AtaDisk
 from pyvm.devices.base import Device
 from pyvm.devices.cmos_rtc import CmosRtc
@@ -135,6 +136,8 @@ class Machine:
         self.cpus = [VCpu(i, self.ram, self.boot.wide, self.iobus.read, self.iobus.write)
                      for i in range(cfg.smp)]
         self.cpu_states = [CpuState(c) for c in self.cpus]
+        #: vCPU sleep shares (auto-converge, dirty limits); see pyvm.cpu_throttle
+        self.throttle = CpuThrottle(len(self.cpus))
         self._requests: "queue.SimpleQueue[tuple[Callable[[], Any], threading.Event, list[Any]]]" = \
             queue.SimpleQueue()
         self._wake = threading.Condition()
@@ -499,6 +502,23 @@ class Machine:
                              f"{dev.idstr or type(dev).__name__}")
         return "\n".join(lines) + "\n"
 
+    # -- throttling (auto-converge, dirty limits) -------------------------------------------------
+    @property
+    def cpu_throttle(self) -> int:
+        """The VM-wide vCPU throttle in percent (0: off)."""
+        return self.throttle.percentage
+
+    def set_cpu_throttle(self, pct: int) -> None:
+        """Throttle every vCPU to sleep ``pct`` percent of the time (0 removes it; others
+        are clamped to 1..99 as QEMU's ``cpu_throttle_set`` does).  Any thread."""
+        self.throttle.set_percentage(pct)
+        self.kick()
+
+    def set_vcpu_throttle(self, index: int, pct: int) -> None:
+        """Throttle one vCPU (the dirty-page-rate limit's control).  Any thread."""
+        self.throttle.set_vcpu_percentage(self._cpu(index).index, pct)
+        self.kick()
+
     # -- dirty logging (migration) ------------------------------------------------------------
     def start_dirty_log(self, blocks: Iterable[RamBlock]) -> None:
         """Start tracking writes to ``blocks`` (run-loop thread): every page starts dirty.
@@ -569,6 +589,10 @@ class Machine:
             if not runnable:
                 self._idle(deadline)
                 continue
+            if self.throttle.active:
+                runnable = self._awake(runnable, deadline)
+                if not runnable:
+                    continue
             cpu = runnable[rr % len(runnable)]
             rr += 1
             self._run_slice(cpu, slice_s, deadline)
@@ -619,10 +643,23 @@ class Machine:
         except GuestFault as fault:
             self._guest_fault(cpu, fault)
 
-    def _idle(self, deadline: int | None) -> None:
-        """Every vCPU is halted: block until the next device deadline or an event (a kick:
-        an IRQ, a request from another thread).  No polling in between."""
+    def _awake(self, runnable: list[VCpu], deadline: int | None) -> list[VCpu]:
+        """The runnable vCPUs that do not owe throttle sleep; when none, wait in the idle
+        wait (timers, kicks and monitor work still run) until the first wakes."""
+        now = time.monotonic_ns()
+        wakes = [self.throttle.wake_ns(c.index) for c in runnable]
+        awake = [c for c, w in zip(runnable, wakes) if w <= now]
+        if not awake:
+            self._idle(deadline, until_ns=min(wakes))
+        return awake
+
+    def _idle(self, deadline: int | None, until_ns: int | None = None) -> None:
+        """Every vCPU is halted (or sleeps off its throttle until ``until_ns``, monotonic):
+        block until the next device deadline or an event (a kick: an IRQ, a request from
+        another thread).  No polling in between."""
         timeout = 0.5
+        if until_ns is not None:
+            timeout = max(0.0, min(timeout, (until_ns - time.monotonic_ns()) / 1e9))
         if deadline is not None:
             timeout = max(0.0, min(timeout, (deadline - self.clock.now_ns()) / 1e9))
         with self._wake:
@@ -645,11 +682,15 @@ class Machine:
             if self._kicked:
                 cpu.request_stop()
             self._running = cpu
+        started = time.monotonic_ns()
         try:
             cpu.emu_start()
         finally:
             with self._wake:
                 self._running = None
+        if self.throttle.active:
+            now = time.monotonic_ns()
+            self.throttle.charge(cpu.index, now - started, now)
         if cpu.fault is not None:
             fault, cpu.fault = cpu.fault, None
             self._guest_fault(cpu, fault)
