@@ -138,6 +138,9 @@ class Machine:
         self.cpu_states = [CpuState(c) for c in self.cpus]
         #: vCPU sleep shares (auto-converge, dirty limits); see pyvm.cpu_throttle
         self.throttle = CpuThrottle(len(self.cpus))
+        #: nanoseconds each vCPU spent inside emu_start (dirty-page attribution, pyvm.dirty_meter)
+        self.cpu_run_ns = [0] * len(self.cpus)
+        self._dirty_clients: set[str] = set()
         self._requests: "queue.SimpleQueue[tuple[Callable[[], Any], threading.Event, list[Any]]]" = \
             queue.SimpleQueue()
         self._wake = threading.Condition()
@@ -520,15 +523,23 @@ class Machine:
         self.kick()
 
     # -- dirty logging (migration) ------------------------------------------------------------
-    def start_dirty_log(self, blocks: Iterable[RamBlock]) -> None:
+    def start_dirty_log(self, blocks: Iterable[RamBlock], client: str = "migration") -> None:
         """Start tracking writes to ``blocks`` (run-loop thread): every page starts dirty.
+
+        Several clients may want the log (``migration``; ``dirty-rate`` for the dirty-page
+        meter, pyvm.dirty_meter): it is attached once and detached when the last one
+        stops.  A migration joining a log that is already on still finds every page dirty.
 
         Host write-protect (userfaultfd, see :func:`pyvm.fastpath.track_host_writes`) is
         preferred: guest stores keep their fast path and device writes are seen too.
         Where the kernel does not allow it, a native write hook goes on every vCPU.
         """
         def attach() -> None:
+            self._dirty_clients.add(client)
             if self.dirty_logging:
+                if client == "migration":
+                    for block in blocks:
+                        block.dirty.mark_all()
                 return
             for block in blocks:
                 block.dirty.fetch_and_clear()
@@ -543,6 +554,10 @@ class Machine:
             self.dirty_logging = True
         self.run_on_loop(attach)
 
+    def dirty_log_clients(self) -> frozenset[str]:
+        """Who keeps the dirty log on (see :meth:`start_dirty_log`)."""
+        return frozenset(self._dirty_clients)
+
     @property
     def dirty_tracking_method(self) -> str | None:
         """"host-wp", "write-hook" (or both, one per block) while dirty logging is on."""
@@ -550,8 +565,11 @@ class Machine:
                         for t in self._trackers})
         return "+".join(kinds) if kinds else None
 
-    def stop_dirty_log(self) -> None:
+    def stop_dirty_log(self, client: str = "migration") -> None:
         def detach() -> None:
+            self._dirty_clients.discard(client)
+            if self._dirty_clients:
+                return
             for t in self._trackers:
                 t.detach()
             for cpu in self.cpus:
@@ -688,8 +706,9 @@ class Machine:
         finally:
             with self._wake:
                 self._running = None
+        now = time.monotonic_ns()
+        self.cpu_run_ns[cpu.index] += now - started
         if self.throttle.active:
-            now = time.monotonic_ns()
             self.throttle.charge(cpu.index, now - started, now)
         if cpu.fault is not None:
             fault, cpu.fault = cpu.fault, None
