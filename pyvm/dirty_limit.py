@@ -86,7 +86,8 @@ class DirtyLimitController:
         q = set(self.quota)
         return q.pop() if len(q) == 1 else None
 
-    def _index(self, index: int | None) -> list[int]:
+    def check_index(self, index: int | None) -> list[int]:
+        """The vCPUs ``index`` names (None: all); QEMU's text for a bad one."""
         if index is None:
             return list(range(len(self.quota)))
         if not 0 <= index < len(self.quota):
@@ -96,7 +97,7 @@ class DirtyLimitController:
     # -- commands ------------------------------------------------------------------------
     def set_limit(self, index: int | None, quota: int, period_ms: int | None = None) -> None:
         """``set-vcpu-dirty-limit``: ``index`` None means every vCPU; quota 0 cancels."""
-        targets = self._index(index)
+        targets = self.check_index(index)
         if not quota:
             self.cancel_limit(index)
             return
@@ -115,7 +116,7 @@ class DirtyLimitController:
 
     def cancel_limit(self, index: int | None) -> None:
         """``cancel-vcpu-dirty-limit``."""
-        targets = self._index(index)
+        targets = self.check_index(index)
         with self._lock:
             for i in targets:
                 self.quota[i] = 0

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
 
 PAGE_SIZE = 4096
 CLIENT = "dirty-rate"
+#: seconds a read waits for the vCPU loop (it answers between two time slices)
+READ_TIMEOUT = 5.0
 
 
 def popcount(words: np.ndarray) -> int:
@@ -59,7 +61,8 @@ class DirtyMeter:
     def stop(self) -> None:
         if self.started:
             self.started = False
-            self.machine.stop_dirty_log(client=CLIENT)
+            if self.machine.exit_code is None:      # an ended VM's log goes with it
+                self.machine.stop_dirty_log(client=CLIENT)
 
     def read(self) -> tuple[int, list[int]]:
         """(pages dirtied since the last read, nanoseconds each vCPU ran since then)."""
@@ -88,7 +91,9 @@ class DirtyMeter:
                     self._prev_words[block.name] = words
             return total, list(m.cpu_run_ns)
 
-        pages, run = m.run_on_loop(take)
+        if m.exit_code is not None:
+            raise RuntimeError("the VM has ended")
+        pages, run = m.run_on_loop(take, timeout=READ_TIMEOUT)
         delta = [now - before for now, before in zip(run, self._prev_run)]
         self._prev_run = run
         return pages, delta
