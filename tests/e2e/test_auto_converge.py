@@ -79,6 +79,7 @@ def test_throttle_is_removed_when_the_migration_is_cancelled(tmp_path: Path) -> 
             return bool(info.get("cpu-throttle-percentage", 0) >= 70)
         wait_until(throttling, 90, "the throttle to start", interval=0.1)
         throttled = progress_rate(src, 1.5)
+        assert "\ncpu throttle percentage: " in src.hmp("info migrate").replace("\r\n", "\n")
         src.cmd("migrate_cancel")
         info = src.wait_migration(timeout=60)
         assert info["status"] == "cancelled", info

@@ -104,6 +104,8 @@ def hmp_info_migrate(ctx: HmpContext, args: dict[str, Any]) -> None:
                   f"dirty pages rate: {ram['dirty-pages-rate']} pages",
                   f"precopy ram: {kb(ram['precopy-bytes'])}",
                   f"downtime ram: {kb(ram['downtime-bytes'])}"]
+    if "cpu-throttle-percentage" in info:
+        lines.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
     if "error-desc" in info:
         lines.append(f"Error: {info['error-desc']}")
     ctx.print("".join(line + "\n" for line in lines))
