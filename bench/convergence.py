@@ -57,7 +57,7 @@ sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progr
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent))
 from tests.vmproc import VmProcess  # noqa: E402
-from tests.hot_guest import HOT_ARGS, HOT_MIB, RAM_MIB, words_stored  # noqa: E402
+from tests.hot_guest import HOT_ARGS, HOT_MIB, ONE_PASS, RAM_MIB, words_stored  # noqa: E402
 
 from pyvm.guests import guest_path  # noqa: E402
 
@@ -244,8 +244,8 @@ def _hot_run(tmp: Path, impl: str, label: str, link: int, budget: float,
             src.cmd("migrate-set-capabilities",
                     capabilities=[{"capability": c, "state": True} for c in caps])
         mon = _Hmp(src)
-        deadline = time.monotonic() + 60
-        while words_stored(mon) == 0 and time.monotonic() < deadline:
+        deadline = time.monotonic() + 120
+        while words_stored(mon) <= ONE_PASS and time.monotonic() < deadline:   # all 32 MiB written
             time.sleep(0.1)
         t0, w0 = time.monotonic(), words_stored(mon)
         time.sleep(2)

@@ -16,6 +16,8 @@ from pyvm.guests import guest_path
 
 HOT_MIB = 32
 RAM_MIB = 64
+#: words stored by one whole pass over the range
+ONE_PASS = HOT_MIB * (1 << 20) // 4
 HOT_ARGS = ["-m", f"{RAM_MIB}M", "-kernel", guest_path("store-loop.elf"),
             "-append", f"start=1 size={HOT_MIB}", "-display", "none"]
 

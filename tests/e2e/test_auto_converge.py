@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from tests.hot_guest import HOT_ARGS, progress_rate, words_stored
+from tests.hot_guest import HOT_ARGS, ONE_PASS, progress_rate, words_stored
 from tests.vmproc import VmProcess
 from tests.waiting import wait_until
 
@@ -31,7 +31,8 @@ def _pair(tmp: Path, **params: Any) -> tuple[VmProcess, VmProcess, str]:
 
 
 def _started(vm: VmProcess) -> None:
-    wait_until(lambda: words_stored(vm) > 0, 30, "store-loop running")
+    """One whole pass done: all 32 MiB are non-zero, so none goes as a cheap zero page."""
+    wait_until(lambda: words_stored(vm) > ONE_PASS, 60, "store-loop's first pass", interval=0.2)
 
 
 def test_hot_guest_completes_with_auto_converge(tmp_path: Path) -> None:

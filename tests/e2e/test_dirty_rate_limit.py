@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from pyvm.guests import guest_path
-from tests.hot_guest import HOT_ARGS, progress_rate, words_stored
+from tests.hot_guest import HOT_ARGS, ONE_PASS, progress_rate, words_stored
 from tests.vmproc import QmpFailed, VmProcess
 from tests.waiting import wait_until
 
@@ -143,7 +143,8 @@ def test_hot_guest_completes_with_the_dirty_limit_capability(tmp_path: Path) -> 
                                              "x-vcpu-dirty-limit-period": 500})
         src.cmd("migrate-set-capabilities",
                 capabilities=[{"capability": "dirty-limit", "state": True}])
-        wait_until(lambda: words_stored(src) > 0, 30, "store-loop running")
+        wait_until(lambda: words_stored(src) > ONE_PASS, 60, "store-loop's first pass",
+                   interval=0.2)
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         limited, t0 = [], time.monotonic()
         while True:
