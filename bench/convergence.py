@@ -24,7 +24,23 @@ Both cases live-migrate a running guest between two real pyvm processes over tcp
    It must complete (the estimate of the bandwidth has to be real for that: with none,
    the few pages always dirty never fit), within ``--budget`` seconds.
 
-Last line: ``ratio=<measured downtime / downtime-limit>`` of case 1 (target <= 1.0).
+4. With ``--hot``, instead: what makes a guest that precopy cannot move finish.  The hot
+   guest is ``store-loop`` rewriting 32 MiB of a 64 MiB VM word by word (tests/hot_guest.py:
+   CPU-bound, so throttling its vCPU slows its writes; its progress counter is in its
+   registers), migrated at ``--link-mib``.  One function per case (``HOT_CASES``):
+
+   * ``plain``: precopy alone; cancelled after ``--budget`` s if still active;
+   * ``auto-converge``: the capability with QEMU's default parameters;
+   * ``dirty-limit``: the capability with ``vcpu-dirty-limit`` 1 MB/s (pyvm only: QEMU
+     offers it on KVM with a dirty ring, not on TCG);
+
+   each for pyvm and, in the same run, QEMU 7.2 TCG (Debian's qemu-system-x86) running
+   the same guest image, unless ``--no-qemu``.  Printed per case: status, total time,
+   downtime, the peak ``cpu-throttle-percentage`` seen, and the guest slowdown: 1 - the
+   guest's progress rate during the migration / its rate measured just before.
+
+Last line: ``ratio=<measured downtime / downtime-limit>`` of case 1 (target <= 1.0); with
+``--hot``: ``ratio=<pyvm auto-converge total time / QEMU auto-converge total time>``.
 """
 
 from __future__ import annotations
@@ -39,7 +55,9 @@ from typing import Any
 
 sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]  # progress as it runs
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent))
 from tests.vmproc import VmProcess  # noqa: E402
+from tests.hot_guest import HOT_ARGS, HOT_MIB, ONE_PASS, RAM_MIB, words_stored  # noqa: E402
 
 from pyvm.guests import guest_path  # noqa: E402
 
@@ -190,6 +208,120 @@ def diverging(tmp: Path, size_mib: int, fast_mib: int, link: int, budget: float,
         dst.close()
 
 
+# -- 4. the hot guest: plain precopy, auto-converge, dirty-limit, pyvm and QEMU ------------------
+
+class _Hmp:
+    """words_stored() for either monitor: QEMU's and pyvm's ``info registers`` agree."""
+
+    def __init__(self, vm: Any) -> None:
+        self.vm = vm
+
+    def hmp(self, line: str) -> str:
+        return str(self.vm.cmd("human-monitor-command", **{"command-line": line}))
+
+
+def _hot_pair(tmp: Path, impl: str, label: str) -> tuple[Any, Any, str]:
+    from qemu_compare import Vm, ensure_qemu, free_port   # bench/ sits on sys.path
+    port = free_port()
+    if impl == "qemu":
+        argv = [ensure_qemu(), "-machine", "pc", "-accel", "tcg", "-nodefaults",
+                "-m", f"{RAM_MIB}M", "-kernel", guest_path("store-loop.elf"),
+                "-append", f"start=1 size={HOT_MIB}", "-display", "none"]
+    else:
+        argv = [sys.executable, "-m", "pyvm", *HOT_ARGS]
+    dst = Vm(tmp, f"{impl}-{label}-dst", [*argv, "-incoming", f"tcp:127.0.0.1:{port}"])
+    src = Vm(tmp, f"{impl}-{label}-src", argv)
+    return src, dst, f"tcp:127.0.0.1:{port}"
+
+
+def _hot_run(tmp: Path, impl: str, label: str, link: int, budget: float,
+             caps: list[str], params: dict[str, Any]) -> dict[str, Any]:
+    """Migrate the hot guest with ``caps`` and ``params``; the figures of the run."""
+    src, dst, uri = _hot_pair(tmp, impl, label)
+    try:
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": link, **params})
+        if caps:
+            src.cmd("migrate-set-capabilities",
+                    capabilities=[{"capability": c, "state": True} for c in caps])
+        mon = _Hmp(src)
+        deadline = time.monotonic() + 120
+        while words_stored(mon) <= ONE_PASS and time.monotonic() < deadline:   # all 32 MiB written
+            time.sleep(0.1)
+        t0, w0 = time.monotonic(), words_stored(mon)
+        time.sleep(2)
+        free = (words_stored(mon) - w0) / (time.monotonic() - t0)
+        t0, w0 = time.monotonic(), words_stored(mon)
+        src.cmd("migrate", uri=uri)
+        peak = 0
+        while True:
+            info = src.cmd("query-migrate")
+            peak = max(peak, info.get("cpu-throttle-percentage", 0))
+            if info["status"] not in ("setup", "active", "device", "pre-switchover"):
+                break
+            if time.monotonic() - t0 > budget:
+                w1, t1 = words_stored(mon), time.monotonic()
+                src.cmd("migrate_cancel")
+                info = {**info, "status": f"{info['status']} after {budget:.0f} s (cancelled)"}
+                break
+            time.sleep(0.2)
+        if info["status"] == "completed":
+            # the source's vCPU stopped at switchover: its registers hold the final count
+            w1 = words_stored(mon)
+            t1 = t0 + (info["total-time"] - info["downtime"]) / 1000
+        elif "cancelled" not in info["status"]:
+            w1, t1 = words_stored(mon), time.monotonic()
+        during = (w1 - w0) / max(t1 - t0, 1e-3)
+        return {"status": info["status"], "total_s": info.get("total-time", (t1 - t0) * 1000) / 1000,
+                "downtime_ms": info.get("downtime"), "peak_throttle": peak,
+                "slowdown": 1 - during / free if free > 0 else float("nan"),
+                "free_mib_s": free * 4 / (1 << 20)}
+    finally:
+        src.close()
+        dst.close()
+
+
+def hot_plain(tmp: Path, impl: str, link: int, budget: float) -> dict[str, Any]:
+    return _hot_run(tmp, impl, "plain", link, budget, [], {})
+
+
+def hot_auto_converge(tmp: Path, impl: str, link: int, budget: float) -> dict[str, Any]:
+    return _hot_run(tmp, impl, "ac", link, max(budget, 240), ["auto-converge"], {})
+
+
+def hot_dirty_limit(tmp: Path, impl: str, link: int, budget: float) -> dict[str, Any] | None:
+    if impl == "qemu":
+        return None       # QEMU: KVM with dirty-ring-size only
+    return _hot_run(tmp, impl, "dl", link, max(budget, 240), ["dirty-limit"],
+                    {"vcpu-dirty-limit": 1})
+
+
+# Add a case here (a function with the same signature): the postcopy one goes after
+# dirty-limit, returning the same dict.
+HOT_CASES = {"plain": hot_plain, "auto-converge": hot_auto_converge,
+             "dirty-limit": hot_dirty_limit}
+
+
+def hot(tmp: Path, link: int, budget: float, qemu: bool) -> float:
+    impls = ["pyvm", "qemu"] if qemu else ["pyvm"]
+    results: dict[tuple[str, str], dict[str, Any] | None] = {}
+    print(f"hot guest: store-loop over {HOT_MIB} MiB of {RAM_MIB} MiB, link {link / (1 << 20):.1f} MiB/s, "
+          f"downtime-limit 300 ms")
+    for case, fn in HOT_CASES.items():
+        for impl in impls:                   # interleaved: both see the same machine load
+            r = results[(case, impl)] = fn(tmp, impl, link, budget)
+            if r is None:
+                print(f"{case:14s} {impl:5s} n/a")
+                continue
+            dt = "-" if r["downtime_ms"] is None else f"{r['downtime_ms']} ms"
+            print(f"{case:14s} {impl:5s} {r['status']}: total {r['total_s']:.1f} s, downtime {dt}, "
+                  f"peak throttle {r['peak_throttle']}%, guest slowdown {r['slowdown'] * 100:.0f}% "
+                  f"(free rate {r['free_mib_s']:.1f} MiB/s)")
+    ours, theirs = results.get(("auto-converge", "pyvm")), results.get(("auto-converge", "qemu"))
+    if ours and theirs and ours["status"] == theirs["status"] == "completed":
+        return float(ours["total_s"] / theirs["total_s"])
+    return float("nan")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--link-mib", type=float, default=8, help="max-bandwidth, MiB/s")
@@ -203,9 +335,15 @@ def main() -> None:
     ap.add_argument("--converging-only", action="store_true", help="skip the fast guest")
     ap.add_argument("--small-mib", type=int, default=0,
                     help="run only case 3: ab re-dirtying this many MiB")
+    ap.add_argument("--hot", action="store_true",
+                    help="run only case 4: the hot guest plain / auto-converge / dirty-limit")
+    ap.add_argument("--no-qemu", action="store_true", help="case 4 without QEMU")
     a = ap.parse_args()
     link = int(a.link_mib * (1 << 20))
     with tempfile.TemporaryDirectory(prefix="pyvm-conv-") as d:
+        if a.hot:
+            print(f"ratio={hot(Path(d), link, a.budget, not a.no_qemu):.2f}")
+            return
         if a.small_mib:
             small_working_set(Path(d), a.size_mib, a.small_mib, link, a.budget, a.transport)
             return

@@ -421,8 +421,10 @@ def run(pa: ParsedArgs) -> int:
     finally:
         if service is not None:
             service.close()
-        if machine.migration is not None:
-            machine.migration.shutdown()      # stops and joins the migration threads
+        if monitors or cfg.incoming is not None:
+            # stops and joins the migration, dirty-rate and dirty-limit threads
+            from pyvm.migration.control import service as migration_service
+            migration_service.shutdown(machine)
         machine.close()
 
 

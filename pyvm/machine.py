@@ -29,6 +29,7 @@ from pyvm.clock import VirtualClock
 from pyvm.config import MACHINE_TYPE, MachineConfig
 from pyvm.cpu import VCpu
 from pyvm.cpu_state import CpuState
+from pyvm.cpu_throttle import CpuThrottle
 from pyvm.devices.ata_disk import AtaDisk
 from pyvm.devices.base import Device
 from pyvm.devices.cmos_rtc import CmosRtc
@@ -135,6 +136,11 @@ class Machine:
         self.cpus = [VCpu(i, self.ram, self.boot.wide, self.iobus.read, self.iobus.write)
                      for i in range(cfg.smp)]
         self.cpu_states = [CpuState(c) for c in self.cpus]
+        #: vCPU sleep shares (auto-converge, dirty limits); see pyvm.cpu_throttle
+        self.throttle = CpuThrottle(len(self.cpus))
+        #: nanoseconds each vCPU spent inside emu_start (dirty-page attribution, pyvm.dirty_meter)
+        self.cpu_run_ns = [0] * len(self.cpus)
+        self._dirty_clients: set[str] = set()
         self._requests: "queue.SimpleQueue[tuple[Callable[[], Any], threading.Event, list[Any]]]" = \
             queue.SimpleQueue()
         self._wake = threading.Condition()
@@ -499,16 +505,41 @@ class Machine:
                              f"{dev.idstr or type(dev).__name__}")
         return "\n".join(lines) + "\n"
 
+    # -- throttling (auto-converge, dirty limits) -------------------------------------------------
+    @property
+    def cpu_throttle(self) -> int:
+        """The VM-wide vCPU throttle in percent (0: off)."""
+        return self.throttle.percentage
+
+    def set_cpu_throttle(self, pct: int) -> None:
+        """Throttle every vCPU to sleep ``pct`` percent of the time (0 removes it; others
+        are clamped to 1..99 as QEMU's ``cpu_throttle_set`` does).  Any thread."""
+        self.throttle.set_percentage(pct)
+        self.kick()
+
+    def set_vcpu_throttle(self, index: int, pct: int) -> None:
+        """Throttle one vCPU (the dirty-page-rate limit's control).  Any thread."""
+        self.throttle.set_vcpu_percentage(self._cpu(index).index, pct)
+        self.kick()
+
     # -- dirty logging (migration) ------------------------------------------------------------
-    def start_dirty_log(self, blocks: Iterable[RamBlock]) -> None:
+    def start_dirty_log(self, blocks: Iterable[RamBlock], client: str = "migration") -> None:
         """Start tracking writes to ``blocks`` (run-loop thread): every page starts dirty.
+
+        Several clients may want the log (``migration``; ``dirty-rate`` for the dirty-page
+        meter, pyvm.dirty_meter): it is attached once and detached when the last one
+        stops.  A migration joining a log that is already on still finds every page dirty.
 
         Host write-protect (userfaultfd, see :func:`pyvm.fastpath.track_host_writes`) is
         preferred: guest stores keep their fast path and device writes are seen too.
         Where the kernel does not allow it, a native write hook goes on every vCPU.
         """
         def attach() -> None:
+            self._dirty_clients.add(client)
             if self.dirty_logging:
+                if client == "migration":
+                    for block in blocks:
+                        block.dirty.mark_all()
                 return
             for block in blocks:
                 block.dirty.fetch_and_clear()
@@ -523,6 +554,10 @@ class Machine:
             self.dirty_logging = True
         self.run_on_loop(attach)
 
+    def dirty_log_clients(self) -> frozenset[str]:
+        """Who keeps the dirty log on (see :meth:`start_dirty_log`)."""
+        return frozenset(self._dirty_clients)
+
     @property
     def dirty_tracking_method(self) -> str | None:
         """"host-wp", "write-hook" (or both, one per block) while dirty logging is on."""
@@ -530,8 +565,11 @@ class Machine:
                         for t in self._trackers})
         return "+".join(kinds) if kinds else None
 
-    def stop_dirty_log(self) -> None:
+    def stop_dirty_log(self, client: str = "migration") -> None:
         def detach() -> None:
+            self._dirty_clients.discard(client)
+            if self._dirty_clients:
+                return
             for t in self._trackers:
                 t.detach()
             for cpu in self.cpus:
@@ -569,6 +607,10 @@ class Machine:
             if not runnable:
                 self._idle(deadline)
                 continue
+            if self.throttle.active:
+                runnable = self._awake(runnable, deadline)
+                if not runnable:
+                    continue
             cpu = runnable[rr % len(runnable)]
             rr += 1
             self._run_slice(cpu, slice_s, deadline)
@@ -619,10 +661,23 @@ class Machine:
         except GuestFault as fault:
             self._guest_fault(cpu, fault)
 
-    def _idle(self, deadline: int | None) -> None:
-        """Every vCPU is halted: block until the next device deadline or an event (a kick:
-        an IRQ, a request from another thread).  No polling in between."""
+    def _awake(self, runnable: list[VCpu], deadline: int | None) -> list[VCpu]:
+        """The runnable vCPUs that do not owe throttle sleep; when none, wait in the idle
+        wait (timers, kicks and monitor work still run) until the first wakes."""
+        now = time.monotonic_ns()
+        wakes = [self.throttle.wake_ns(c.index) for c in runnable]
+        awake = [c for c, w in zip(runnable, wakes) if w <= now]
+        if not awake:
+            self._idle(deadline, until_ns=min(wakes))
+        return awake
+
+    def _idle(self, deadline: int | None, until_ns: int | None = None) -> None:
+        """Every vCPU is halted (or sleeps off its throttle until ``until_ns``, monotonic):
+        block until the next device deadline or an event (a kick: an IRQ, a request from
+        another thread).  No polling in between."""
         timeout = 0.5
+        if until_ns is not None:
+            timeout = max(0.0, min(timeout, (until_ns - time.monotonic_ns()) / 1e9))
         if deadline is not None:
             timeout = max(0.0, min(timeout, (deadline - self.clock.now_ns()) / 1e9))
         with self._wake:
@@ -651,11 +706,16 @@ class Machine:
             if self._kicked:
                 cpu.request_stop()
             self._running = cpu
+        started = time.monotonic_ns()
         try:
             cpu.emu_start()
         finally:
             with self._wake:
                 self._running = None
+        now = time.monotonic_ns()
+        self.cpu_run_ns[cpu.index] += now - started
+        if self.throttle.active:
+            self.throttle.charge(cpu.index, now - started, now)
         if cpu.fault is not None:
             fault, cpu.fault = cpu.fault, None
             self._guest_fault(cpu, fault)

@@ -152,7 +152,9 @@ def _round_line(info: dict[str, Any]) -> str:
             f"transferred {ram.get('transferred', 0) / MIB:.1f} MiB, "
             f"remaining {ram.get('remaining', 0) / MIB:.1f} MiB, "
             f"{ram.get('mbps', 0.0):.0f} Mbps, "
-            f"expected downtime {info.get('expected-downtime', 0)} ms")
+            f"expected downtime {info.get('expected-downtime', 0)} ms"
+            + (f", cpu throttle {info['cpu-throttle-percentage']}%"
+               if "cpu-throttle-percentage" in info else ""))
 
 
 def run(args: argparse.Namespace) -> int:

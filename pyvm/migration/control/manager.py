@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 #: capabilities this build implements (others are refused by name)
 IMPLEMENTED_CAPABILITIES = {"events", "pause-before-switchover", "x-ignore-shared", "rdma-pin-all",
-                            "zero-blocks", "validate-uuid", "return-path", "x-checksum"}
+                            "zero-blocks", "validate-uuid", "return-path", "x-checksum",
+                            "auto-converge", "dirty-limit"}
 
 ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
                  MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE}
@@ -162,7 +163,8 @@ class MigrationManager:
             snap = SourceSnapshot(status=self.status, ram=self.stats, setup_time=self.setup_time_ms,
                                   total_time=self._total_time(), downtime=self.downtime_ms,
                                   expected_downtime=self.expected_downtime_ms,
-                                  error_desc=self.error_desc)
+                                  error_desc=self.error_desc,
+                                  cpu_throttle_percentage=self.machine.cpu_throttle or None)
             return build_migration_info(snap, None, self.blockers.reasons())
 
     def _total_time(self) -> int:

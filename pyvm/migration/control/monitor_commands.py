@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from pyvm.errors import PyvmError
-from pyvm.migration.control import pagemap_query
+from pyvm.migration.control import dirty_commands, pagemap_query
 from pyvm.migration.control import service
 from pyvm.migration.control.parameters import PARAMETER_SPECS
 from pyvm.migration.control.qmp_schema import COMMANDS_BY_NAME, MIGRATION_EVENTS
@@ -104,6 +104,8 @@ def hmp_info_migrate(ctx: HmpContext, args: dict[str, Any]) -> None:
                   f"dirty pages rate: {ram['dirty-pages-rate']} pages",
                   f"precopy ram: {kb(ram['precopy-bytes'])}",
                   f"downtime ram: {kb(ram['downtime-bytes'])}"]
+    if "cpu-throttle-percentage" in info:
+        lines.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
     if "error-desc" in info:
         lines.append(f"Error: {info['error-desc']}")
     ctx.print("".join(line + "\n" for line in lines))
@@ -211,3 +213,4 @@ def install(tables: MonitorTables) -> None:
     """Migration's QMP commands and events and its human-monitor commands, on one monitor."""
     install_qmp(tables.qmp)
     install_hmp(tables.hmp)
+    dirty_commands.install(tables)

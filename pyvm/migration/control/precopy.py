@@ -30,6 +30,7 @@ import numpy as np
 from pyvm.fastpath import bitmap_to_indices
 from pyvm.migration.control.channel import (BATCH_PAGES, Channel, PageRun, PlacementChannel,
                                              zero_mask)
+from pyvm.migration.control import guest_slowdown
 from pyvm.migration.control.manager import MigrationManager
 from pyvm.migration.control.status import MigrationStatus
 from pyvm.migration.stream import ram_format
@@ -80,6 +81,9 @@ class Precopy:
         self._stopped_vm = False
         self._was_running = False
         self.mode = manager.params.mode.value
+        #: auto-converge / dirty-limit state (pyvm.migration.control.guest_slowdown)
+        self.slowdown: guest_slowdown.GuestSlowdown | None = None
+        self._new_dirty_pages = 0
 
     # -- thread body ------------------------------------------------------------------------
     def run(self) -> None:
@@ -139,6 +143,7 @@ class Precopy:
             return
         m.start_dirty_log(self._blocks())
         self._sync(first=True)
+        self.slowdown = guest_slowdown.start(self.mgr, m, self._transferred())
 
     def _iterate(self) -> None:
         params = self.mgr.params
@@ -156,6 +161,8 @@ class Precopy:
             self.stats.mbps = bandwidth * 8 / 1e6
             self.stats.pages_per_second = int(rnd.pages / elapsed)
             self._sync()
+            if self.slowdown is not None:
+                self.slowdown.after_sync(self._new_dirty_pages, self._transferred())
             remaining = self.stats.remaining
             avail = params["avail-switchover-bandwidth"] or bandwidth
             limit_ms = params.downtime_limit
@@ -244,6 +251,7 @@ class Precopy:
                 pending.append((block, idx))
                 total += idx.size
         self._pending = pending
+        self._new_dirty_pages = total - sum(int(idx.size) for idx in unsent.values())
         now = time.monotonic()
         if not first and self._last_sync:
             self.stats.dirty_pages_rate = int(total / max(now - self._last_sync, 1e-6))
@@ -353,6 +361,8 @@ class Precopy:
     # -- ends ----------------------------------------------------------------------------------
     def _finish_ok(self) -> None:
         m = self.machine
+        if self.slowdown is not None:
+            self.slowdown.stop()
         if self.mode != "cpr-reboot":
             m.stop_dirty_log()
         m.run_on_loop(lambda: m.runstate.set(RunState.POSTMIGRATE))
@@ -367,6 +377,8 @@ class Precopy:
             except Exception:  # noqa: BLE001 - already failing; the first error is reported
                 pass
         try:
+            if self.slowdown is not None:
+                self.slowdown.stop()
             if m.dirty_logging:
                 m.stop_dirty_log()
             if self._stopped_vm:

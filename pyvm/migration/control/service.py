@@ -11,6 +11,7 @@ from __future__ import annotations
 import threading
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
+from pyvm import dirty_limit, dirty_rate
 from pyvm.errors import ConfigError, PyvmError
 from pyvm.migration.control.address import FileMigrationAddress, MigrationAddress, resolve_address
 from pyvm.migration.control.connect import STREAMING, outgoing_opener, prepare_incoming
@@ -166,6 +167,8 @@ def shutdown(machine: "Machine") -> None:
     mgr = machine.migration
     if mgr is not None:
         mgr.shutdown()
+    dirty_limit.shutdown(machine)
+    dirty_rate.shutdown(machine)
 
 
 def set_capabilities(machine: "Machine", caps: Sequence[Mapping[str, Any]]) -> None:
