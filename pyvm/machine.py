@@ -28,6 +28,7 @@ from pyvm.chardev import parse_serial
 from pyvm.clock import VirtualClock
 from pyvm.config import MACHINE_TYPE, MachineConfig
 from pyvm.cpu import VCpu
+from pyvm.cpu_throttle import CpuThrottle
 from pyvm.cpu_state import CpuState
 from pyvm.devices.ata_disk import AtaDisk
 from pyvm.devices.base import Device
@@ -146,6 +147,7 @@ class Machine:
         self._kicked = False
         self._running: VCpu | None = None     # the vCPU inside emu_start, if any
         self.dirty_logging = False
+        self.throttle = CpuThrottle()       # migration's vCPU throttle (pyvm.cpu_throttle)
         self.loop_ident: int | None = None
         self.migration: Any = None          # set by the migration layer
         self.has_monitor = False
@@ -540,6 +542,12 @@ class Machine:
             self.dirty_logging = False
         self.run_on_loop(detach)
 
+    def set_cpu_throttle(self, pct: int) -> None:
+        """Any thread: take ``pct`` percent (0..99) of vCPU time away (0: none); see
+        :mod:`pyvm.cpu_throttle`."""
+        self.throttle.set(pct)
+        self.kick()
+
     # -- the run loop ----------------------------------------------------------------------------
     def _loop_guarded(self) -> None:
         self.loop_ident = threading.get_ident()
@@ -569,9 +577,17 @@ class Machine:
             if not runnable:
                 self._idle(deadline)
                 continue
+            pause = self.throttle.pause_left()
+            if pause > 0:
+                with self._wake:    # throttled: sleep, but still serve requests
+                    if self._requests.empty() and not self._exit_event.is_set():
+                        self._wake.wait(pause)
+                continue
             cpu = runnable[rr % len(runnable)]
             rr += 1
+            ran = time.monotonic()
             self._run_slice(cpu, slice_s, deadline)
+            self.throttle.charge(time.monotonic() - ran)
 
     def _timer_devices(self) -> list[Device]:
         """The devices that have timers at all (override :meth:`Device.deadline`)."""
