@@ -5,6 +5,7 @@
     pyvm-lab simulate (--trace FILE | --workload SPEC) --policy P [--policy P...] --link L
     pyvm-lab sweep    --policy P... (--trace F | --workload S)... --link L... --out results.csv
     pyvm-lab validate -kernel dirty.elf -append ARGS --policy P --max-bandwidth 20MB
+    pyvm-lab compare  scenarios.toml --out DIR [--wan rate=100Mbit,delay=10ms,loss=0.001]
 
 User errors print one line and exit 1; no traceback.
 
@@ -183,6 +184,28 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     return 1 if any(v.measured.status != "completed" for v in results) else 0
 
 
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pyvm.lab.compare import load_plan, run_scenario, summary_table, write_summary
+
+    plan = load_plan(args.file, args.wan)
+    rows: list[dict[str, Any]] = []
+    for sc in plan.scenarios:
+        print(f"scenario {sc.name}: {len(plan.policies)} migration(s)"
+              + (f" over WAN {sc.wan}" if sc.wan else ""), flush=True)
+        rows += run_scenario(sc, plan.policies, os.path.join(args.out, sc.name))
+        for name in ("remaining", "throughput", "times", "progress", "heatmap"):
+            path = os.path.join(args.out, sc.name, name + ".png")
+            if os.path.exists(path):
+                print(f"wrote {path}")
+    summary = os.path.join(args.out, "summary.csv")
+    write_summary(rows, summary)
+    from rich.console import Console   # deferred: only this command prints a rich table
+
+    Console(width=120).print(summary_table(rows))
+    print(f"wrote {summary}")
+    return 1 if any(r["status"] != "completed" for r in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pyvm-lab", description="pyvm's migration lab: record dirty-page traces of real "
@@ -256,6 +279,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", default="0.5s", help="guest run time before both start")
     p.add_argument("--json", action="store_true", help="also print the rows as JSON")
     p.set_defaults(fn=_cmd_validate)
+
+    p = sub.add_parser("compare", help="scenarios x policies on real VMs, with figures")
+    p.add_argument("file", help="a TOML file of scenarios and policies (see docs/lab.md)")
+    p.add_argument("--out", default="compare-out", help="output folder (default compare-out)")
+    p.add_argument("--wan", default="", metavar="rate=R,delay=T,loss=F",
+                   help="migrate over two network namespaces shaped like this (needs root)")
+    p.set_defaults(fn=_cmd_compare)
     return ap
 
 

@@ -11,16 +11,21 @@ For ``dirty.elf`` (``firmware/dirty.s``: every write increments the first 32-bit
 a page of its range) the guest's own progress is read with ``pmemsave`` of that range:
 the sum of those words is the number of writes done so far.
 
+``workdir`` keeps the processes' stderr; the QMP and migration sockets go to a short
+temporary folder (a Unix socket path holds at most 108 bytes), removed at the end.
+
 Processes may be started under a command prefix (``ip netns exec NS``, for the WAN
-harness); the QMP sockets are files in ``workdir``, reachable from any namespace.
+harness); the QMP sockets are files, reachable from any network namespace.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -59,6 +64,7 @@ class RealResult:
     downtime: float = math.nan
     setup_time: float = 0.0
     bytes_sent: int = 0
+    downtime_bytes: int = 0
     rounds: int = 0
     samples: list[tuple[float, int, int, int]] = field(default_factory=list)
     progress: list[tuple[float, int]] = field(default_factory=list)
@@ -70,7 +76,9 @@ class RealResult:
         """The same figures in the simulator's result type (for tables and plots)."""
         return SimResult(self.policy, trace, link, self.status, rounds=self.rounds,
                          pages_sent=0, bytes_sent=self.bytes_sent, total_time=self.total_time,
-                         downtime=self.downtime, error=self.error, history=list(self.history))
+                         downtime=self.downtime, error=self.error, history=list(self.history),
+                         precopy_time=self.total_time - self.downtime
+                         if not math.isnan(self.downtime) else self.total_time)
 
 
 def rounds_from_samples(samples: Sequence[tuple[float, int, int, int]]) -> list[RoundRecord]:
@@ -90,11 +98,11 @@ def rounds_from_samples(samples: Sequence[tuple[float, int, int, int]]) -> list[
 class _Vm:
     """One ``python -m pyvm`` process with a QMP socket in ``workdir``."""
 
-    def __init__(self, workdir: str, name: str, args: Sequence[str],
+    def __init__(self, workdir: str, sockdir: str, name: str, args: Sequence[str],
                  prefix: Sequence[str] = ()) -> None:
         from pyvm import qmp_client
 
-        self.sock = os.path.join(workdir, f"{name}.qmp")
+        self.sock = os.path.join(sockdir, f"{name}.qmp")
         if os.path.exists(self.sock):
             os.unlink(self.sock)
         self.log_path = os.path.join(workdir, f"{name}.stderr")
@@ -160,16 +168,18 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
     both processes are killed before it returns, whatever happened.
     """
     os.makedirs(workdir, exist_ok=True)
+    # Unix socket paths are short (108 bytes): the sockets live in a fresh short folder.
+    sockdir = tempfile.mkdtemp(prefix="pyvm-lab-")
     if not uri:
-        path = os.path.join(workdir, "migrate.sock")
+        path = os.path.join(sockdir, "migrate.sock")
         uri = incoming = f"unix:{path}"
     guest = ["-m", ram, "-kernel", kernel, "-append", append]
     scratch = os.path.join(workdir, "progress.bin")
     rng = dirty_range(append)
     src = dst = None
     try:
-        src = _Vm(workdir, "src", guest, src_prefix)
-        dst = _Vm(workdir, "dst", [*guest, "-S", "-incoming", incoming], dst_prefix)
+        src = _Vm(workdir, sockdir, "src", guest, src_prefix)
+        dst = _Vm(workdir, sockdir, "dst", [*guest, "-S", "-incoming", incoming], dst_prefix)
         time.sleep(warmup)      # the guest's own start-up, as 'record --warmup' waits
         src.cmd("migrate-set-parameters", **{
             "x-policy": policy, "downtime-limit": downtime_limit_ms,
@@ -178,7 +188,7 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
         if zero_scan:
             src.cmd("pmemsave", val=0, size=parse_size(ram), filename=scratch)
             pages = np.fromfile(scratch, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
-            res.zero = ~pages.any(axis=1)
+            res.zero = np.logical_not(pages.any(axis=1))
         t0 = time.monotonic()
         if progress:
             res.progress.append((0.0, guest_writes(src, rng, scratch)))
@@ -200,6 +210,7 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
                     if "downtime" in info else math.nan
                 res.setup_time = info.get("setup-time", 0) / 1e3
                 res.bytes_sent = int(ram_info.get("transferred", 0))
+                res.downtime_bytes = int(ram_info.get("downtime-bytes", 0))
                 res.rounds = max(0, int(ram_info.get("dirty-sync-count", 2)) - 2)
                 break
             if t > timeout:
@@ -215,3 +226,4 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
         for vm in (src, dst):
             if vm is not None:
                 vm.kill()
+        shutil.rmtree(sockdir, ignore_errors=True)

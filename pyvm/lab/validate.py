@@ -11,7 +11,7 @@
    goes at ``link``, the rate of the real channel, since the rate limit does not apply
    in the downtime.  By default that rate is measured first, like a link before an
    experiment: one calibration migration of the same guest without ``max-bandwidth``,
-   its bytes over its time;
+   the bytes of its final copy over its downtime;
 4. compare total time, bytes, downtime and rounds: error = predicted / measured - 1.
 """
 
@@ -88,9 +88,9 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
         if link == "measure":
             cal = migrate(kernel, append, ram, "qemu", workdir=os.path.join(workdir or tmp, "cal"),
                           warmup=warmup, progress=False)
-            if cal.status != "completed" or not cal.total_time > cal.setup_time:
+            if cal.status != "completed" or not cal.downtime > 0:
                 raise LabError(f"validate: the calibration migration {cal.status}: {cal.error}")
-            link = f"{cal.bytes_sent / (cal.total_time - cal.setup_time):.0f}B"
+            link = f"{cal.downtime_bytes / cal.downtime:.0f}B"
         measured = migrate(kernel, append, ram, policy, workdir=workdir or tmp,
                            max_bandwidth=max_bandwidth, downtime_limit_ms=downtime_limit_ms,
                            warmup=warmup, zero_scan=True)
