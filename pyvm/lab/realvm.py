@@ -20,9 +20,11 @@ harness); the QMP sockets are files, reachable from any network namespace.
 
 from __future__ import annotations
 
+import ctypes
 import math
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +40,7 @@ from pyvm.lab.workloads import parse_size
 from pyvm.migration.policy import PAGE_SIZE, RoundRecord
 
 POLL = 0.05
+PR_SET_PDEATHSIG = 1            # linux/prctl.h
 
 
 def parse_append(append: str) -> dict[str, str]:
@@ -95,6 +98,12 @@ def rounds_from_samples(samples: Sequence[tuple[float, int, int, int]]) -> list[
     return out
 
 
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the lab process dies (prctl(2)
+    PR_SET_PDEATHSIG), so a killed lab run leaves no VM behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
 class _Vm:
     """One ``python -m pyvm`` process with a QMP socket in ``workdir``."""
 
@@ -109,7 +118,8 @@ class _Vm:
         cmd = [*prefix, sys.executable, "-m", "pyvm", *args, "-display", "none",
                "-serial", "null", "-qmp", f"unix:{self.sock},server=on,wait=off"]
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log)
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                         preexec_fn=_die_with_parent)
         try:
             deadline = time.monotonic() + 30
             while not os.path.exists(self.sock):
@@ -194,6 +204,7 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
             res.progress.append((0.0, guest_writes(src, rng, scratch)))
         src.cmd("migrate", uri=uri)
         next_progress = t0 + 4 * poll
+        cancelled_at = 0.0
         while True:
             info = src.cmd("query-migrate")
             t = time.monotonic() - t0
@@ -202,7 +213,8 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
                                 int(ram_info.get("remaining", 0)),
                                 int(ram_info.get("dirty-sync-count", 0))))
             status = info.get("status", "")
-            if status in ("completed", "failed", "cancelled"):
+            if status in ("completed", "failed", "cancelled") or \
+                    (cancelled_at and t > cancelled_at + 10):
                 res.status = status
                 res.error = info.get("error-desc", "")
                 res.total_time = info.get("total-time", 0) / 1e3
@@ -212,10 +224,14 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
                 res.bytes_sent = int(ram_info.get("transferred", 0))
                 res.downtime_bytes = int(ram_info.get("downtime-bytes", 0))
                 res.rounds = max(0, int(ram_info.get("dirty-sync-count", 2)) - 2)
+                if status != "completed" and res.samples[:-1]:
+                    # no statistics after a cancel or failure: the last poll's, then
+                    t, moved, _, sync = max(res.samples, key=lambda s: s[1])
+                    res.total_time, res.bytes_sent, res.rounds = t, moved, max(0, sync - 1)
                 break
-            if t > timeout:
-                src.cmd("migrate_cancel")
-                break
+            if t > timeout and not cancelled_at:
+                src.cmd("migrate_cancel")       # the guest keeps running on the source
+                cancelled_at = t
             if progress and status == "active" and time.monotonic() >= next_progress:
                 res.progress.append((time.monotonic() - t0, guest_writes(src, rng, scratch)))
                 next_progress = time.monotonic() + 4 * poll
