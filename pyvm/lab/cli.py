@@ -4,6 +4,8 @@
     pyvm-lab info     TRACE [--plot DIR]
     pyvm-lab simulate (--trace FILE | --workload SPEC) --policy P [--policy P...] --link L
     pyvm-lab sweep    --policy P... (--trace F | --workload S)... --link L... --out results.csv
+    pyvm-lab validate -kernel dirty.elf -append ARGS --policy P --max-bandwidth 20MB
+    pyvm-lab compare  scenarios.toml --out DIR [--wan rate=100Mbit,delay=10ms,loss=0.001]
 
 User errors print one line and exit 1; no traceback.
 
@@ -162,6 +164,48 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_validate(args: argparse.Namespace) -> int:
+    from pyvm.guests import guest_path
+    from pyvm.lab.link import parse_rate, parse_time
+    from pyvm.lab.validate import report, validate
+
+    kernel = args.kernel if os.sep in args.kernel else guest_path(args.kernel)
+    results = []
+    for spec in args.policy or ["qemu"]:
+        v = validate(kernel, args.append, args.m, spec, int(parse_rate(args.max_bandwidth)),
+                     downtime_limit_ms=int(args.downtime_limit),
+                     interval=parse_time(args.interval), duration=parse_time(args.duration),
+                     warmup=parse_time(args.warmup), link=args.link)
+        print(report(v))
+        results.append(v)
+    if args.json:
+        print(json.dumps([{"policy": v.measured.policy, "rows": v.rows()} for v in results],
+                         indent=1))
+    return 1 if any(v.measured.status != "completed" for v in results) else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from pyvm.lab.compare import load_plan, run_scenario, summary_table, write_summary
+
+    plan = load_plan(args.file, args.wan)
+    rows: list[dict[str, Any]] = []
+    for sc in plan.scenarios:
+        print(f"scenario {sc.name}: {len(plan.policies)} migration(s)"
+              + (f" over WAN {sc.wan}" if sc.wan else ""), flush=True)
+        rows += run_scenario(sc, plan.policies, os.path.join(args.out, sc.name))
+        for name in ("remaining", "throughput", "times", "progress", "heatmap"):
+            path = os.path.join(args.out, sc.name, name + ".png")
+            if os.path.exists(path):
+                print(f"wrote {path}")
+    summary = os.path.join(args.out, "summary.csv")
+    write_summary(rows, summary)
+    from rich.console import Console   # deferred: only this command prints a rich table
+
+    Console(width=120).print(summary_table(rows))
+    print(f"wrote {summary}")
+    return 1 if any(r["status"] != "completed" for r in rows) else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="pyvm-lab", description="pyvm's migration lab: record dirty-page traces of real "
@@ -215,6 +259,33 @@ def build_parser() -> argparse.ArgumentParser:
     _add_limits(p)
     p.add_argument("--plot", metavar="DIR", help="write times.png")
     p.set_defaults(fn=_cmd_sweep)
+
+    p = sub.add_parser("validate", help="migrate a real guest and compare with the "
+                       "simulation of its trace")
+    p.add_argument("-kernel", "--kernel", default="dirty.elf",
+                   help="guest image: a path or a packaged name (default dirty.elf)")
+    p.add_argument("-append", "--append", default="start=2 size=16 pattern=1 rate=200",
+                   help="the guest's command line")
+    p.add_argument("-m", default="64M", help="RAM size (default 64M)")
+    p.add_argument("--policy", action="append", help="repeatable (default qemu)")
+    p.add_argument("--max-bandwidth", default="20MB",
+                   help="QEMU's max-bandwidth: the precopy link rate (default 20MB)")
+    p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")
+    p.add_argument("--link", default="measure",
+                   help="the channel's own rate, for the final copy (default: measured "
+                   "by a calibration migration without max-bandwidth)")
+    p.add_argument("--interval", default="50ms", help="trace sample period (default 50ms)")
+    p.add_argument("--duration", default="10s", help="trace length (default 10s)")
+    p.add_argument("--warmup", default="0.5s", help="guest run time before both start")
+    p.add_argument("--json", action="store_true", help="also print the rows as JSON")
+    p.set_defaults(fn=_cmd_validate)
+
+    p = sub.add_parser("compare", help="scenarios x policies on real VMs, with figures")
+    p.add_argument("file", help="a TOML file of scenarios and policies (see docs/lab.md)")
+    p.add_argument("--out", default="compare-out", help="output folder (default compare-out)")
+    p.add_argument("--wan", default="", metavar="rate=R,delay=T,loss=F",
+                   help="migrate over two network namespaces shaped like this (needs root)")
+    p.set_defaults(fn=_cmd_compare)
     return ap
 
 

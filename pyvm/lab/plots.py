@@ -172,3 +172,27 @@ def working_set(trace: Trace, path: str, windows: Sequence[float], title: str = 
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     return _save(fig, path)
+
+
+def guest_progress(runs: Sequence[tuple[str, Sequence[tuple[float, int]], float]], path: str,
+                   title: str = "") -> str:
+    """The guest's own progress during each migration: writes per second between two
+    readings of its counter (``runs``: label, (time, writes so far) pairs, total time)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, points, total in runs:
+        if len(points) < 2:
+            continue
+        t = np.array([p[0] for p in points])
+        w = np.array([p[1] for p in points], dtype=np.float64)
+        rate = np.diff(w) / np.maximum(np.diff(t), 1e-6)
+        ax.step(t[1:], rate / 1e3, where="pre", label=label)
+        if total and not math.isnan(total):
+            ax.axvline(total, color=ax.lines[-1].get_color(), ls=":", alpha=0.6)
+    ax.set_ylim(bottom=0)
+    ax.set_xlabel("time since migration start (s); dotted: the migration's end")
+    ax.set_ylabel("guest writes (thousands/s)")
+    ax.set_title(title or "Guest progress during migration")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, path)

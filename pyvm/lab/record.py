@@ -30,11 +30,14 @@ def words_to_mask(words: npt.NDArray[np.uint64], npages: int) -> npt.NDArray[np.
 
 def record(kernel: str, append: str, ram_size: int, interval: float, duration: float, *,
            smp: int = 1, warmup: float = 0.0, slice_ms: float = 10.0,
-           on_sample: Callable[[int, int], None] | None = None) -> Trace:
+           on_sample: Callable[[int, int], None] | None = None,
+           on_start: Callable[[Machine], None] | None = None) -> Trace:
     """Boot ``kernel`` with ``append``, let it run ``warmup`` seconds, then record
     ``duration`` seconds of dirty pages, one sample every ``interval`` seconds.
 
-    ``on_sample(i, pages)`` is called after each sample (progress reports).
+    ``on_sample(i, pages)`` is called after each sample (progress reports);
+    ``on_start(machine)`` just before the first interval begins (to look at the RAM the
+    recording starts from).
     """
     if interval <= 0 or duration <= 0:
         raise LabError("record: interval and duration must be positive")
@@ -57,6 +60,8 @@ def record(kernel: str, append: str, ram_size: int, interval: float, duration: f
             time.sleep(warmup)      # the guest's own start-up, not a condition to await
         machine.start_dirty_log(blocks)
         machine.run_on_loop(take)   # start_dirty_log marks every page: not a guest write
+        if on_start is not None:
+            on_start(machine)
         t0 = time.monotonic()
         for i in range(samples):
             if machine.exit_code is not None:

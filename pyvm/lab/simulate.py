@@ -7,8 +7,13 @@ The model, kept simple enough to compute by hand (``docs/lab.md`` derives an exa
   trace is dirtied at guest time ``(i + 1) * interval`` (when the recorder took it), and
   the trace repeats from its start when the migration outlasts it.
 * Every page costs :data:`~pyvm.migration.policy.PAGE_WIRE_BYTES` (QEMU's page header
-  plus the page; zero pages are not told apart: a trace holds no page contents).  Bytes
-  go out at ``min(link.effective, max-bandwidth)``.
+  plus the page).  A trace holds no page contents, so zero pages are only told apart
+  when the caller passes ``zero`` (the pages that were zero when the migration started,
+  as ``pyvm-lab validate`` measures them): such a page costs :data:`ZERO_WIRE_BYTES` (a
+  ``ZERO`` record) until the guest first writes it.  Precopy rounds go out at
+  ``min(link.effective, max-bandwidth)``; the final copy at ``link.effective``, since
+  the rate limit does not apply in the downtime (``migration/migration.c``,
+  migration_completion lifts it).
 * A round sending ``n`` pages lasts ``n * PAGE_WIRE_BYTES / rate`` (at least
   ``min_round`` seconds); then the dirty bitmap is synced: every page the guest dirtied
   meanwhile becomes unsent again.
@@ -38,6 +43,9 @@ from pyvm.migration.policy import (PAGE_WIRE_BYTES, Limits, LinkEstimate, Migrat
                                    Policy, PolicyError, RamRegion, RoundRecord, RoundState,
                                    call_decide, call_start, policy_name)
 
+#: A ``ZERO`` record on the wire: the be64 address|flags word and the fill byte
+#: (``migration/ram.c``, save_zero_page).
+ZERO_WIRE_BYTES = 9
 #: Device state sent in the downtime when nothing else is said (bytes): pyvm's PC machine
 #: sends a few KiB of device sections plus the vmdesc JSON.
 DEVICE_BYTES = 64 * 1024
@@ -117,15 +125,26 @@ def _readonly(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
 def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Limits(), *,
              device_bytes: int = DEVICE_BYTES, max_time: float = MAX_TIME,
              min_round: float = MIN_ROUND, max_rounds: int = MAX_ROUNDS, start: float = 0.0, trace_name: str = "",
-             keep_history: bool = True) -> SimResult:
+             keep_history: bool = True, zero: npt.NDArray[np.bool_] | None = None) -> SimResult:
     """Simulate one migration of the guest in ``trace`` starting at guest time ``start``.
 
     Raises :class:`~pyvm.migration.policy.PolicyError` when the policy fails.
     """
     npages = trace.npages
-    rate = link.effective
+    rate = final_rate = link.effective
     if limits.max_bandwidth:
         rate = min(rate, limits.max_bandwidth)
+    zeros = None if zero is None else np.array(zero, dtype=np.bool_, copy=True)
+    if zeros is not None and zeros.shape != (npages,):
+        raise ValueError(f"zero mask of {zeros.shape} for {npages} pages")
+
+    def wire(pages: npt.NDArray[np.bool_] | None, count: int) -> int:
+        """Bytes of ``count`` pages (``pages``: their mask; ``None``: every unsent page)."""
+        if zeros is None:
+            return count * PAGE_WIRE_BYTES
+        nz = int(np.count_nonzero(zeros & (unsent if pages is None else pages)))
+        return (count - nz) * PAGE_WIRE_BYTES + nz * ZERO_WIRE_BYTES
+    wire_total = 0
     cursor = TraceCursor(trace)
     name = policy_name(policy)
     res = SimResult(name, trace_name or trace.guest, link.label, "timeout")
@@ -143,36 +162,46 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
         decision = call_decide(policy, state)
         if decision.stop_and_copy or decision.postcopy:
             left = int(np.count_nonzero(unsent))
+            left_bytes = wire(None, left)
             res.precopy_time = t
-            res.downtime = device_bytes / rate + link.rtt / 2
+            res.downtime = device_bytes / final_rate + link.rtt / 2
             if decision.stop_and_copy:
                 res.status = "completed"
                 res.final_pages = left
-                res.downtime += left * PAGE_WIRE_BYTES / rate
+                res.downtime += left_bytes / final_rate
                 res.pages_sent += left
                 res.total_time = t + res.downtime
             else:
                 res.status = "postcopy"
-                res.postcopy_bytes = left * PAGE_WIRE_BYTES
+                res.postcopy_bytes = left_bytes
                 res.total_time = t + res.downtime + res.postcopy_bytes / rate
                 res.pages_sent += left
-            res.bytes_sent = res.pages_sent * PAGE_WIRE_BYTES + device_bytes
+            res.bytes_sent = wire_total + left_bytes + device_bytes
             break
         throttle = decision.throttle_pct
         top_throttle = max(top_throttle, throttle)
         send = decision.send
         n = int(np.count_nonzero(unsent)) if send is None else int(send.size)
         if send is None:
+            nbytes = wire(None, n)
             unsent[:] = False
         else:
+            if zeros is not None:
+                chosen = np.zeros(npages, dtype=np.bool_)
+                chosen[send] = True
+                nbytes = wire(chosen, n)
+            else:
+                nbytes = wire(None, n)
             unsent[send] = False
-        nbytes = n * PAGE_WIRE_BYTES
+        wire_total += nbytes
         duration = max(nbytes / rate, min_round)
         if nbytes:
             bandwidth = nbytes / duration
         g_next = g + duration * (1 - throttle / 100)
         dirty = np.unpackbits(cursor.dirtied(g, g_next), count=npages).view(np.bool_)
         unsent |= dirty
+        if zeros is not None:
+            zeros &= ~dirty
         record = RoundRecord(k, t, duration, n, nbytes, int(np.count_nonzero(dirty)),
                              int(np.count_nonzero(unsent)), throttle)
         history.append(record)
@@ -183,7 +212,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
     else:
         res.precopy_time = t
         res.total_time = t
-        res.bytes_sent = res.pages_sent * PAGE_WIRE_BYTES
+        res.bytes_sent = wire_total
     res.rounds = k
     res.throttle_pct = top_throttle
     if keep_history:

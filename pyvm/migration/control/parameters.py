@@ -24,6 +24,7 @@ from enum import Enum
 from typing import Any, Mapping
 
 from pyvm.migration.errors import MigrationError
+from pyvm.migration.policy import PolicyError, parse_policy
 from pyvm.migration.stream.constants import TARGET_PAGE_SIZE
 
 
@@ -87,6 +88,8 @@ PARAMETER_SPECS: tuple[ParameterSpec, ...] = (
     ParameterSpec("x-vcpu-dirty-limit-period", "uint64", 1000),  # ms
     ParameterSpec("vcpu-dirty-limit", "uint64", 1),             # MB/s
     ParameterSpec("mode", "MigMode", MigMode.NORMAL.value),
+    # pyvm's own: the migration policy (pyvm.migration.policy); unset means "qemu"
+    ParameterSpec("x-policy", "str", None),
 )
 SPECS_BY_NAME: dict[str, ParameterSpec] = {spec.name: spec for spec in PARAMETER_SPECS}
 
@@ -114,6 +117,10 @@ def _convert(spec: ParameterSpec, value: Any) -> Any:
     if kind == "bool":
         if not isinstance(value, bool):
             raise _type_error(name, "boolean")
+        return value
+    if kind == "str":
+        if not isinstance(value, str):
+            raise _type_error(name, "string")
         return value
     if kind == "StrOrNull":
         if value is None:
@@ -288,6 +295,11 @@ def check_parameters(p: Mapping[str, Any], zero_copy_send: bool = False) -> None
     if p["vcpu-dirty-limit"] < 1:
         # sic: QEMU 8.2 passes this phrase to its "expects %s" format
         raise _expects("vcpu_dirty_limit", "is invalid, it must greater then 1 MB/s")
+    if p.get("x-policy"):
+        try:
+            parse_policy(p["x-policy"])
+        except PolicyError as err:
+            raise ParameterError(f"Parameter 'x-policy': {err}") from None
 
 
 class MigrationParameters:

@@ -32,6 +32,7 @@ from pyvm.migration.control.channel import (BATCH_PAGES, Channel, PageRun, Place
                                              zero_mask)
 from pyvm.migration.control import guest_slowdown
 from pyvm.migration.control.manager import MigrationManager
+from pyvm.migration.control.policy_runner import PolicyRunner
 from pyvm.migration.control.status import MigrationStatus
 from pyvm.migration.stream import ram_format
 from pyvm.migration.stream.encoder import StreamEncoder
@@ -84,6 +85,8 @@ class Precopy:
         #: auto-converge / dirty-limit state (pyvm.migration.control.guest_slowdown)
         self.slowdown: guest_slowdown.GuestSlowdown | None = None
         self._new_dirty_pages = 0
+        self._runner: PolicyRunner | None = None     # the migration policy (x-policy)
+        self._dirty_words: list[np.ndarray] = []     # the last sync's bitmaps
 
     # -- thread body ------------------------------------------------------------------------
     def run(self) -> None:
@@ -118,6 +121,9 @@ class Precopy:
                 self._abort(None)
             else:
                 self._abort(str(err) or type(err).__name__)
+        finally:
+            if self._runner is not None and self._runner.throttle_pct:
+                self.machine.set_cpu_throttle(0)     # QEMU's cpu_throttle_stop
 
     # -- phases ------------------------------------------------------------------------------
     def _blocks(self) -> list["RamBlock"]:
@@ -141,19 +147,33 @@ class Precopy:
             for b in self._blocks():
                 b.dirty.fetch_and_clear()
             return
+        self._runner = PolicyRunner.from_parameters(
+            self.mgr.params["x-policy"] or "", self._blocks(), self.mgr.params,
+            postcopy_capable=self.mgr.caps["postcopy-ram"])
         m.start_dirty_log(self._blocks())
         self._sync(first=True)
         self.slowdown = guest_slowdown.start(self.mgr, m, self._transferred())
 
     def _iterate(self) -> None:
         params = self.mgr.params
+        runner = self._runner
+        assert runner is not None, "_setup made it"
+        bandwidth = runner.setup.link.bandwidth
         while True:
             self._check_cancel()
+            # The policy decides every round (pyvm.migration.policy): QEMU's by default.
+            decision = runner.decide(self._pending, self._dirty_words, bandwidth)
+            if decision.stop_and_copy:
+                return
+            if decision.throttle_pct != runner.throttle_pct:
+                runner.throttle_pct = decision.throttle_pct
+                self.machine.set_cpu_throttle(decision.throttle_pct)
+            send, unsent = runner.plan(decision, self._pending)
             rnd = _Round(time.monotonic(), self._transferred())
             self._send(self.enc.ram_section_begin(final=False))
-            for block, idx in self._pending:
+            for block, idx in send:
                 self._send_pages(block, idx, rnd)
-            self._pending = []
+            self._pending = unsent
             self._end_round()
             elapsed = max(time.monotonic() - rnd.started, 1e-6)
             sent = self._transferred() - rnd.bytes_before    # every byte moved, rdma's too
@@ -164,16 +184,15 @@ class Precopy:
             if self.slowdown is not None:
                 self.slowdown.after_sync(self._new_dirty_pages, self._transferred())
             remaining = self.stats.remaining
+            runner.end_round(rnd.started, elapsed, rnd.pages, sent, self._dirty_words,
+                             remaining // PAGE)
             avail = params["avail-switchover-bandwidth"] or bandwidth
-            limit_ms = params.downtime_limit
             self.mgr.expected_downtime_ms = int(remaining / max(avail, 1) * 1000)
             self.machine.log.log("migration", (
                 f"migration: round {self.stats.dirty_sync_count - 1}: sent {sent} bytes "
                 f"({rnd.pages} pages) in {elapsed * 1000:.0f} ms, {bandwidth * 8 / 1e6:.1f} Mbps; "
                 f"dirty {remaining // PAGE} pages; expected downtime "
                 f"{self.mgr.expected_downtime_ms} ms"))
-            if remaining <= avail * limit_ms / 1000:
-                return
 
     def _complete(self) -> None:
         self._stop_vm()
@@ -238,6 +257,7 @@ class Precopy:
         # has landed in RAM, so the page we then send carries it.
         blocks = self._blocks()
         words = self.machine.run_on_loop(lambda: [b.dirty.fetch_and_clear() for b in blocks])
+        self._dirty_words = words
         for block, w in zip(blocks, words):
             idx = bitmap_to_indices(w, block.npages)
             if block.name in unsent:

@@ -96,7 +96,7 @@ NODE_ALIAS = Struct("BitmapMigrationNodeAlias", {
 
 _KIND_TYPES: dict[str, TypeRef] = {
     "size": "size", "uint8": "uint8", "uint32": "uint32", "uint64": "uint64",
-    "bool": "bool", "MigMode": MIG_MODE, "MultiFDCompression": MULTIFD_COMPRESSION,
+    "bool": "bool", "str": "str", "MigMode": MIG_MODE, "MultiFDCompression": MULTIFD_COMPRESSION,
     "BitmapMapping": [NODE_ALIAS],
 }
 

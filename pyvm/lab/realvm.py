@@ -1,0 +1,245 @@
+"""Real migrations for the lab: two pyvm processes, a policy, and what happened.
+
+:func:`migrate` starts a source running a guest and a destination waiting with
+``-incoming``, sets ``max-bandwidth``, ``downtime-limit`` and ``x-policy`` over QMP,
+migrates, and polls ``query-migrate`` every ``poll`` seconds until the end.  From the
+polls it rebuilds rounds (each change of ``dirty-sync-count``: the remaining bytes after
+that sync, the bytes moved since the one before) so the lab's figures draw a real
+migration like a simulated one.  Rounds shorter than the poll period merge into the next.
+
+For ``dirty.elf`` (``firmware/dirty.s``: every write increments the first 32-bit word of
+a page of its range) the guest's own progress is read with ``pmemsave`` of that range:
+the sum of those words is the number of writes done so far.
+
+``workdir`` keeps the processes' stderr; the QMP and migration sockets go to a short
+temporary folder (a Unix socket path holds at most 108 bytes), removed at the end.
+
+Processes may be started under a command prefix (``ip netns exec NS``, for the WAN
+harness); the QMP sockets are files, reachable from any network namespace.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from pyvm.lab.errors import LabError
+from pyvm.lab.simulate import SimResult
+from pyvm.lab.workloads import parse_size
+from pyvm.migration.policy import PAGE_SIZE, RoundRecord
+
+POLL = 0.05
+PR_SET_PDEATHSIG = 1            # linux/prctl.h
+
+
+def parse_append(append: str) -> dict[str, str]:
+    """``key=value`` words of a guest command line."""
+    return dict(w.split("=", 1) for w in append.split() if "=" in w)
+
+
+def dirty_range(append: str) -> tuple[int, int]:
+    """The byte range ``dirty.elf`` writes for ``append`` (``start``/``size`` in MiB,
+    defaults 1 and 8, as firmware/dirty.s reads them)."""
+    kv = parse_append(append)
+    return int(kv.get("start", 1)) << 20, int(kv.get("size", 8)) << 20
+
+
+@dataclass
+class RealResult:
+    """One real migration.  Times in seconds; ``samples``: (t, transferred bytes,
+    remaining bytes, dirty-sync-count); ``progress``: (t, guest writes so far)."""
+
+    policy: str
+    status: str
+    error: str = ""
+    total_time: float = math.nan
+    downtime: float = math.nan
+    setup_time: float = 0.0
+    bytes_sent: int = 0
+    downtime_bytes: int = 0
+    rounds: int = 0
+    samples: list[tuple[float, int, int, int]] = field(default_factory=list)
+    progress: list[tuple[float, int]] = field(default_factory=list)
+    history: list[RoundRecord] = field(default_factory=list)
+    #: pages that read all zero just before the migration started (when asked for)
+    zero: np.ndarray | None = None
+
+    def as_sim(self, trace: str = "", link: str = "real") -> SimResult:
+        """The same figures in the simulator's result type (for tables and plots)."""
+        return SimResult(self.policy, trace, link, self.status, rounds=self.rounds,
+                         pages_sent=0, bytes_sent=self.bytes_sent, total_time=self.total_time,
+                         downtime=self.downtime, error=self.error, history=list(self.history),
+                         precopy_time=self.total_time - self.downtime
+                         if not math.isnan(self.downtime) else self.total_time)
+
+
+def rounds_from_samples(samples: Sequence[tuple[float, int, int, int]]) -> list[RoundRecord]:
+    """Rounds rebuilt from polls: one record per increase of ``dirty-sync-count``
+    after the setup sync."""
+    out: list[RoundRecord] = []
+    last_t, last_bytes, last_sync = 0.0, 0, 1
+    for t, moved, remaining, sync in samples:
+        if sync > last_sync and sync >= 2:
+            out.append(RoundRecord(len(out), last_t, t - last_t, 0, moved - last_bytes, 0,
+                                   remaining // PAGE_SIZE, 0))
+            last_t, last_bytes = t, moved
+        last_sync = max(last_sync, sync)
+    return out
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGKILL when the lab process dies (prctl(2)
+    PR_SET_PDEATHSIG), so a killed lab run leaves no VM behind."""
+    ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+
+
+class _Vm:
+    """One ``python -m pyvm`` process with a QMP socket in ``workdir``."""
+
+    def __init__(self, workdir: str, sockdir: str, name: str, args: Sequence[str],
+                 prefix: Sequence[str] = ()) -> None:
+        from pyvm import qmp_client
+
+        self.sock = os.path.join(sockdir, f"{name}.qmp")
+        if os.path.exists(self.sock):
+            os.unlink(self.sock)
+        self.log_path = os.path.join(workdir, f"{name}.stderr")
+        cmd = [*prefix, sys.executable, "-m", "pyvm", *args, "-display", "none",
+               "-serial", "null", "-qmp", f"unix:{self.sock},server=on,wait=off"]
+        with open(self.log_path, "wb") as log:
+            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
+                                         preexec_fn=_die_with_parent)
+        try:
+            deadline = time.monotonic() + 30
+            while not os.path.exists(self.sock):
+                if self.proc.poll() is not None or time.monotonic() > deadline:
+                    raise LabError(f"{name}: pyvm did not start: {self.stderr()}")
+                time.sleep(0.02)
+            self.qmp = qmp_client.connect(self.sock, timeout=20)
+        except BaseException:
+            self.kill()
+            raise
+
+    def stderr(self) -> str:
+        try:
+            with open(self.log_path, "rb") as f:
+                return f.read().decode(errors="replace").strip()[-500:]
+        except OSError:
+            return ""
+
+    def cmd(self, name: str, **args: Any) -> Any:
+        from pyvm import qmp_client
+
+        try:
+            return qmp_client.command(self.qmp, name, **args)
+        except qmp_client.ToolError as err:
+            raise LabError(str(err)) from None
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait()
+        qmp = getattr(self, "qmp", None)
+        if qmp is not None:
+            try:
+                qmp.close()
+            except Exception:  # noqa: BLE001 - the process is gone already
+                pass
+
+
+def guest_writes(vm: _Vm, rng: tuple[int, int], scratch: str) -> int:
+    """dirty.elf's write count: the first words of its range's pages, summed."""
+    vm.cmd("pmemsave", val=rng[0], size=rng[1], filename=scratch)
+    data = np.fromfile(scratch, dtype="<u4")
+    return int(data[::PAGE_SIZE // 4].sum(dtype=np.uint64))
+
+
+def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
+            max_bandwidth: int = 0, downtime_limit_ms: int = 300, warmup: float = 0.5,
+            timeout: float = 120.0, poll: float = POLL, progress: bool = True,
+            zero_scan: bool = False,
+            src_prefix: Sequence[str] = (), dst_prefix: Sequence[str] = (),
+            uri: str = "", incoming: str = "") -> RealResult:
+    """Migrate a running guest from one pyvm process to another under ``policy``.
+
+    ``uri``/``incoming`` default to a unix socket in ``workdir``.  Returns when the
+    migration completed or failed, or after ``timeout`` seconds (status ``timeout``);
+    both processes are killed before it returns, whatever happened.
+    """
+    os.makedirs(workdir, exist_ok=True)
+    # Unix socket paths are short (108 bytes): the sockets live in a fresh short folder.
+    sockdir = tempfile.mkdtemp(prefix="pyvm-lab-")
+    if not uri:
+        path = os.path.join(sockdir, "migrate.sock")
+        uri = incoming = f"unix:{path}"
+    guest = ["-m", ram, "-kernel", kernel, "-append", append]
+    scratch = os.path.join(workdir, "progress.bin")
+    rng = dirty_range(append)
+    src = dst = None
+    try:
+        src = _Vm(workdir, sockdir, "src", guest, src_prefix)
+        dst = _Vm(workdir, sockdir, "dst", [*guest, "-S", "-incoming", incoming], dst_prefix)
+        time.sleep(warmup)      # the guest's own start-up, as 'record --warmup' waits
+        src.cmd("migrate-set-parameters", **{
+            "x-policy": policy, "downtime-limit": downtime_limit_ms,
+            "max-bandwidth": max_bandwidth})
+        res = RealResult(policy, "timeout")
+        if zero_scan:
+            src.cmd("pmemsave", val=0, size=parse_size(ram), filename=scratch)
+            pages = np.fromfile(scratch, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
+            res.zero = np.logical_not(pages.any(axis=1))
+        t0 = time.monotonic()
+        if progress:
+            res.progress.append((0.0, guest_writes(src, rng, scratch)))
+        src.cmd("migrate", uri=uri)
+        next_progress = t0 + 4 * poll
+        cancelled_at = 0.0
+        while True:
+            info = src.cmd("query-migrate")
+            t = time.monotonic() - t0
+            ram_info = info.get("ram", {})
+            res.samples.append((t, int(ram_info.get("transferred", 0)),
+                                int(ram_info.get("remaining", 0)),
+                                int(ram_info.get("dirty-sync-count", 0))))
+            status = info.get("status", "")
+            if status in ("completed", "failed", "cancelled") or \
+                    (cancelled_at and t > cancelled_at + 10):
+                res.status = status
+                res.error = info.get("error-desc", "")
+                res.total_time = info.get("total-time", 0) / 1e3
+                res.downtime = info.get("downtime", math.nan) / 1e3 \
+                    if "downtime" in info else math.nan
+                res.setup_time = info.get("setup-time", 0) / 1e3
+                res.bytes_sent = int(ram_info.get("transferred", 0))
+                res.downtime_bytes = int(ram_info.get("downtime-bytes", 0))
+                res.rounds = max(0, int(ram_info.get("dirty-sync-count", 2)) - 2)
+                if status != "completed" and res.samples[:-1]:
+                    # no statistics after a cancel or failure: the last poll's, then
+                    t, moved, _, sync = max(res.samples, key=lambda s: s[1])
+                    res.total_time, res.bytes_sent, res.rounds = t, moved, max(0, sync - 1)
+                break
+            if t > timeout and not cancelled_at:
+                src.cmd("migrate_cancel")       # the guest keeps running on the source
+                cancelled_at = t
+            if progress and status == "active" and time.monotonic() >= next_progress:
+                res.progress.append((time.monotonic() - t0, guest_writes(src, rng, scratch)))
+                next_progress = time.monotonic() + 4 * poll
+            time.sleep(poll)
+        res.history = rounds_from_samples(res.samples)
+        return res
+    finally:
+        for vm in (src, dst):
+            if vm is not None:
+                vm.kill()
+        shutil.rmtree(sockdir, ignore_errors=True)
