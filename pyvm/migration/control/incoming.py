@@ -25,6 +25,7 @@ import numpy as np
 
 from pyvm.errors import PyvmError
 from pyvm.migration.control.manager import MigrationManager
+from pyvm.migration.control.postcopy_incoming import PostcopyDestination
 from pyvm.migration.control.status import DestinationSnapshot, MigrationStatus, build_migration_info
 from pyvm.migration.errors import MigrationError
 from pyvm.migration.stream import ram_format
@@ -96,6 +97,7 @@ class IncomingMigration:
         self.error_desc: str | None = None
         self.channel: IncomingChannel | None = None
         self._stopping = threading.Event()
+        self.postcopy: PostcopyDestination | None = None
         self._close_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
 
@@ -105,6 +107,8 @@ class IncomingMigration:
     def stop(self) -> None:
         """Any thread: stop waiting for the peer or loading (the VM is closing)."""
         self._stopping.set()
+        if self.postcopy is not None:
+            self.postcopy.close()      # wakes a vCPU waiting for a page that will not come
         channel = self.channel
         if channel is not None:
             try:
@@ -137,6 +141,10 @@ class IncomingMigration:
     def _run(self) -> None:
         target = MachineLoadTarget(self.machine, self.mgr)
         decoder = StreamDecoder(target, expected_sections=target.expected_sections())
+        postcopy = self.postcopy = PostcopyDestination(
+            self.mgr, self.machine, decoder, lambda: self.channel, self._set_status,
+            lambda: self._start_guest(target))
+        decoder.on_command = postcopy.handle
         try:
             channel = self.channel = self.open_channel()
             if self._stopping.is_set():
@@ -148,6 +156,8 @@ class IncomingMigration:
                     decoder.close()
                     break
             self._finish(target)
+            if postcopy.fault_error is not None:
+                raise postcopy.fault_error
         except MigrationError as err:
             self._fail(err.report(), str(err))
         except (PyvmError, OSError) as err:
@@ -159,6 +169,8 @@ class IncomingMigration:
                         "load of migration failed: Input/output error"], text)
         finally:
             decoder.release()
+            if not postcopy.running or self.status is MigrationStatus.COMPLETED:
+                postcopy.close()   # a paused postcopy keeps its registration: vCPUs wait
             if self.channel is not None:
                 try:
                     self.channel.close()
@@ -167,6 +179,14 @@ class IncomingMigration:
             self._close_listener()
 
     def _finish(self, target: MachineLoadTarget) -> None:
+        if self.postcopy is not None and self.postcopy.running:
+            self.postcopy.finish()       # the guest runs already
+            self.status = MigrationStatus.COMPLETED
+            return
+        self._start_guest(target)
+        self._set_status(MigrationStatus.COMPLETED)
+
+    def _start_guest(self, target: MachineLoadTarget) -> None:
         m = self.machine
         source_state = target.loaded_runstate or "running"
 
@@ -179,7 +199,6 @@ class IncomingMigration:
                 except ValueError:
                     m.runstate.set(RunState.PAUSED)
         m.run_on_loop(start_guest)
-        self._set_status(MigrationStatus.COMPLETED)
 
     def _fail(self, lines: list[str], desc: str) -> None:
         if self._stopping.is_set():
@@ -187,6 +206,11 @@ class IncomingMigration:
         for line in lines:
             print(f"pyvm: {line}", file=sys.stderr, flush=True)
         self.error_desc = desc
+        if self.postcopy is not None and self.postcopy.running:
+            # The guest runs here with part of its RAM still on the source: neither side
+            # may go on alone (migration/savevm.c postcopy_pause_incoming).
+            self._set_status(MigrationStatus.POSTCOPY_PAUSED)
+            return
         self._set_status(MigrationStatus.FAILED)
         if self.exit_on_error:
             self.machine.request_exit(1)

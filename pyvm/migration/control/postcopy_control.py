@@ -3,17 +3,16 @@
 Their checks follow QEMU 8.2's ``qmp_migrate_start_postcopy``, ``qmp_migrate_pause`` and
 ``qmp_migrate_recover`` (migration/migration.c) in QEMU's order and with its texts.
 
-What this build does: the stream codec of postcopy and the return path
-(:mod:`pyvm.migration.stream.postcopy_commands`, :mod:`pyvm.migration.stream.return_path`)
-and the destination's page-fault side (:mod:`pyvm.userfault`) exist; the
-``postcopy-ram`` capability is not offered yet (``migrate-set-capabilities`` refuses it
-by name), so a migration never enters a postcopy state and these commands always refuse,
-with the texts QEMU gives outside postcopy.
+``migrate-start-postcopy`` asks the source (:mod:`pyvm.migration.control.postcopy_source`)
+to switch after its current round.  Pausing and recovering a postcopy migration are not
+implemented yet: ``migrate-pause`` and ``migrate-recover`` give QEMU's texts outside the
+states they need and say so inside them.
 """
 
 from __future__ import annotations
 
 from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
+from pyvm.migration.control.postcopy_source import PostcopySource
 from pyvm.migration.control.status import MigrationStatus
 
 St = MigrationStatus
@@ -38,7 +37,9 @@ def start_postcopy(mgr: MigrationManager) -> None:
     if mgr.status is St.NONE:
         raise MigrationCommandError("Postcopy must be started after migration has been started")
     # QEMU raises no error once the migration finished (the request would race with it).
-    raise MigrationCommandError("pyvm cannot switch a migration to postcopy yet")
+    job = mgr.precopy
+    if isinstance(job, PostcopySource):
+        job.request_postcopy()
 
 
 def pause(mgr: MigrationManager) -> None:

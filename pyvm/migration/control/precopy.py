@@ -124,6 +124,7 @@ class Precopy:
         caps = self.mgr.stream_capabilities()
         self._send(self.enc.header())
         self._send(self.enc.configuration(m.machine_type, caps))
+        self._after_configuration()
         ignore_shared = "x-ignore-shared" in caps
         codec_blocks = [ram_format.StreamBlock(b.name, b.size, b.gpa, b.mem, self.mgr.block_ignored(b))
                         for b in m.ram]
@@ -165,8 +166,15 @@ class Precopy:
                 f"({rnd.pages} pages) in {elapsed * 1000:.0f} ms, {bandwidth * 8 / 1e6:.1f} Mbps; "
                 f"dirty {remaining // PAGE} pages; expected downtime "
                 f"{self.mgr.expected_downtime_ms} ms"))
-            if remaining <= avail * limit_ms / 1000:
+            if remaining <= avail * limit_ms / 1000 or self._leave_precopy():
                 return
+
+    def _after_configuration(self) -> None:
+        """Commands that follow the header (postcopy: return path, advise)."""
+
+    def _leave_precopy(self) -> bool:
+        """True to stop iterating before convergence (postcopy was asked for)."""
+        return False
 
     def _complete(self) -> None:
         self._stop_vm()

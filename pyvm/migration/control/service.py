@@ -16,8 +16,9 @@ from pyvm.migration.control.address import FileMigrationAddress, MigrationAddres
 from pyvm.migration.control.connect import STREAMING, outgoing_opener, prepare_incoming
 from pyvm.migration.control.incoming import IncomingMigration
 from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
+from pyvm.migration.control.postcopy_source import PostcopySource
 from pyvm.migration.control.precopy import Precopy
-from pyvm.migration.control.status import MigrationStats, MigrationStatus
+from pyvm.migration.control.status import POSTCOPY_STATES, MigrationStats, MigrationStatus
 from pyvm.migration.control.tls_setup import tls_accept, tls_upgrade
 from pyvm.migration.transports import AbortSignal
 from pyvm.runstate import RunState
@@ -99,7 +100,7 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
         mgr.start_time = 0.0
         mgr.runstate_at_start = state
         mgr.address = addr
-        pre = Precopy(mgr, machine, opener, abort)
+        pre = (PostcopySource if mgr.caps["postcopy-ram"] else Precopy)(mgr, machine, opener, abort)
         mgr.precopy = pre
     mgr.set_status(MigrationStatus.SETUP)
     mgr.start_outgoing(pre, pre.run)
@@ -108,6 +109,9 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
 def migrate_cancel(machine: "Machine") -> None:
     mgr = migration_of(machine)
     pre = mgr.precopy
+    if mgr.status in POSTCOPY_STATES:
+        # The guest runs on the destination already (QEMU 9.x refuses the same way).
+        raise _refuse("Postcopy migration in progress, cannot cancel.")
     if pre is None or not mgr.active or mgr.status is MigrationStatus.CANCELLING:
         return
     mgr.set_status(MigrationStatus.CANCELLING)

@@ -231,6 +231,12 @@ class StreamDecoder:
         self._reader = StreamReader()
         self._sections: dict[int, tuple[_Handler, int]] = {}   # id -> handler, load version
         self._events: list[Event] = []
+        #: postcopy (pyvm.migration.control.postcopy_incoming): QEMU_VM_COMMAND records go
+        #: to this handler as (cmd, payload) instead of being refused; PACKAGED's nested
+        #: stream is then read inline, as the records that follow.
+        self.on_command: Callable[[int, bytes], None] | None = None
+        #: set once postcopy listens: a postcopy stream ends at QEMU_VM_EOF (no vmdesc)
+        self.stop_at_eof = False
         self._steps = self._load_stream()
 
     # -- input -----------------------------------------------------------------------------
@@ -315,7 +321,13 @@ class StreamDecoder:
             elif section_type in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
                 yield from self._load_part_end(r, section_type)
             elif section_type == QEMU_VM_COMMAND:
-                yield from read_command(r)
+                if self.on_command is None:
+                    yield from read_command(r)
+                else:
+                    cmd = yield from r.read_be16("QEMU_VM_COMMAND")
+                    length = yield from r.read_be16("QEMU_VM_COMMAND")
+                    payload = yield from r.read_bytes(length, "a command's payload")
+                    self.on_command(cmd, payload)
             elif section_type == QEMU_VM_EOF:
                 if self.tally is not None:
                     self.tally.check_complete()
@@ -324,7 +336,8 @@ class StreamDecoder:
                 raise StreamFormatError(f"Unknown savevm section type {section_type}")
         self.state_complete = True
         self._events.append(EndOfState())
-        yield from self._load_trailer(r)
+        if not self.stop_at_eof:
+            yield from self._load_trailer(r)
         self._events.append(StreamFinished(tuple(self.warnings)))
 
     def _load_header(self, r: StreamReader) -> Generator[None, None, None]:
