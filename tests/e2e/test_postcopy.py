@@ -8,6 +8,9 @@ at 4 MiB/s precopy never converges.  With ``postcopy-ram`` on both sides and
 
 from __future__ import annotations
 
+import socket
+import threading
+
 import pytest
 
 from tests.conftest import guest
@@ -55,14 +58,21 @@ def _gens(text: str) -> list[int]:
 
 def test_postcopy_completes_and_the_guest_keeps_its_memory(vms) -> None:
     src, dst = _start(vms)
+    # background pages at 4 MiB/s: the guest, running on the destination, needs pages
+    # before they come and asks for them
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 4 << 20})
     src.cmd("migrate-start-postcopy")
+    wait_until(lambda: src.cmd("query-migrate")["status"] != "active", 30, "the switch")
+    info = src.cmd("query-migrate")
+    assert info["status"] in ("postcopy-active", "completed"), info
     done = src.wait_migration(("completed", "failed", "postcopy-paused"), timeout=60)
     assert done["status"] == "completed", done
     assert dst.wait_migration(("completed", "failed", "postcopy-paused"))["status"] == "completed"
     assert src.status() == "postmigrate"
     assert dst.status() == "running"
     ram = done["ram"]
-    assert ram["postcopy-bytes"] > 0 and "downtime" in done
+    assert ram["postcopy-bytes"] > 0 and ram["postcopy-requests"] > 0, ram
+    assert "downtime" in done and "expected-downtime" not in done
     # the events QEMU emits, in order, on the source
     statuses = _statuses(src)
     assert statuses[-3:] == ["active", "postcopy-active", "completed"], statuses
@@ -111,3 +121,98 @@ def test_destination_without_postcopy_refuses_the_advise(vms) -> None:
     assert "RAM postcopy is disabled but have 16 byte advise" in dst.stderr()
     assert src.wait_migration()["status"] == "failed"
     assert src.status() == "running"
+
+
+class _Relay:
+    """A TCP relay between source and destination that the test can cut: both of its
+    connections are shut at once, as a failing network would leave them."""
+
+    def __init__(self, port: str) -> None:
+        self.target = int(port)
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.port = self.listener.getsockname()[1]
+        self.conns: list[socket.socket] = []
+        self.threads = [threading.Thread(target=self._accept, daemon=True)]
+        self.threads[0].start()
+
+    def _accept(self) -> None:
+        try:
+            a, _ = self.listener.accept()
+        except OSError:
+            return
+        b = socket.create_connection(("127.0.0.1", self.target))
+        self.conns += [a, b]
+        for x, y in ((a, b), (b, a)):
+            t = threading.Thread(target=self._pump, args=(x, y), daemon=True)
+            t.start()
+            self.threads.append(t)
+
+    @staticmethod
+    def _pump(x: socket.socket, y: socket.socket) -> None:
+        try:
+            while data := x.recv(1 << 16):
+                y.sendall(data)
+            y.shutdown(socket.SHUT_WR)      # pass the end on, as a direct connection would
+        except OSError:
+            pass
+
+    def cut(self) -> None:
+        for c in self.conns:
+            try:
+                c.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+        self.listener.close()
+        for t in self.threads:
+            t.join(10)
+        for c in self.conns:
+            c.close()
+
+
+def _postcopy_through(vms, relay_to_dst: bool = True):
+    src = vms("src", *HOT)
+    src.wait_serial("memcheck gen 2 ok")
+    dst = vms("dst", *HOT, "-incoming", "defer")
+    for vm in (src, dst):
+        vm.cmd("migrate-set-capabilities", capabilities=POSTCOPY)
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+    relay = _Relay(port)
+    # slow background pages: the cut comes while postcopy is still running
+    src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20, "max-postcopy-bandwidth": 256 << 10})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{relay.port}")
+    src.cmd("migrate-start-postcopy")
+    src.wait_migration(("postcopy-active",), timeout=60)
+    dst.wait_migration(("postcopy-active",), timeout=30)
+    return src, dst, relay
+
+
+def test_connection_cut_during_postcopy_pauses_both_sides(vms) -> None:
+    src, dst, relay = _postcopy_through(vms)
+    relay.cut()
+    s = src.wait_migration(("postcopy-paused", "failed", "completed"), timeout=30)
+    assert s["status"] == "postcopy-paused", s
+    assert "error-desc" in s and "downtime" in s
+    d = dst.wait_migration(("postcopy-paused", "failed", "completed"), timeout=30)
+    assert d["status"] == "postcopy-paused", d
+    # neither side resumes on its own; both monitors still answer
+    assert src.status() == "finish-migrate"
+    assert dst.status() == "running"
+    with pytest.raises(QmpFailed) as e:
+        src.cmd("migrate_cancel")
+    assert e.value.desc == "Postcopy migration in progress, cannot cancel."
+    with pytest.raises(QmpFailed) as e:
+        src.cmd("migrate", uri="tcp:127.0.0.1:1")
+    assert e.value.desc == "There's a migration process in progress"
+    assert src.cmd("query-migrate")["status"] == "postcopy-paused"
+    assert dst.cmd("query-migrate")["status"] == "postcopy-paused"
+
+
+def test_source_killed_after_switchover_leaves_the_destination_paused(vms) -> None:
+    src, dst, relay = _postcopy_through(vms)
+    src.proc.kill()
+    d = dst.wait_migration(("postcopy-paused", "failed", "completed"), timeout=30)
+    assert d["status"] == "postcopy-paused", d
+    assert dst.proc.poll() is None            # the destination stays up, waiting
+    assert dst.status() == "running"
+    relay.cut()

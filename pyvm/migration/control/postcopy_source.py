@@ -173,6 +173,7 @@ class PostcopySource(Precopy):
         blocks = {b.name: b for b, _ in todo}
         sent = {b.name: np.zeros(b.npages, dtype=bool) for b, _ in todo}
         self._send(self.enc.ram_section_begin(final=False))
+        self._pc_start = time.monotonic()
         for block, idx in todo:
             pos = 0
             while pos < idx.size:
@@ -181,11 +182,28 @@ class PostcopySource(Precopy):
                 pos += BACKGROUND_BATCH
                 batch = batch[~sent[block.name][batch]]
                 if batch.size:
+                    before = self._transferred()
                     self._send_run(block, batch)
                     sent[block.name][batch] = True
+                    self._postcopy_rate_limit(self._transferred() - before)
         self._serve_requests(blocks, sent)
         self._end_round()
         self.stats.remaining = 0
+
+    def _postcopy_rate_limit(self, nbytes: int) -> None:
+        """``max-postcopy-bandwidth`` (0: unlimited) for the background pages; requested
+        pages are never held back (migration/migration.c migration_rate_set)."""
+        bw = int(self.mgr.params["max-postcopy-bandwidth"])
+        if not bw:
+            return
+        self._pc_bytes += nbytes
+        due = self._pc_start + self._pc_bytes / bw
+        wait = due - time.monotonic()
+        if wait > 0 and self.cancel_requested.wait(wait):
+            raise MigrationCancelled()
+
+    _pc_bytes = 0
+    _pc_start = 0.0
 
     def _serve_requests(self, blocks: dict[str, "RamBlock"], sent: dict[str, np.ndarray]) -> None:
         self._check_cancel()
