@@ -106,7 +106,10 @@ def hmp_info_migrate(ctx: HmpContext, args: dict[str, Any]) -> None:
                   f"pages-per-second: {ram['pages-per-second']}",
                   f"dirty pages rate: {ram['dirty-pages-rate']} pages",
                   f"precopy ram: {kb(ram['precopy-bytes'])}",
-                  f"downtime ram: {kb(ram['downtime-bytes'])}"]
+                  f"downtime ram: {kb(ram['downtime-bytes'])}",
+                  f"postcopy ram: {kb(ram['postcopy-bytes'])}"]
+        if ram["postcopy-requests"]:       # hmp-cmds.c hmp_info_migrate
+            lines.append(f"postcopy request count: {ram['postcopy-requests']}")
     if "error-desc" in info:
         lines.append(f"Error: {info['error-desc']}")
     ctx.print("".join(line + "\n" for line in lines))
