@@ -216,3 +216,45 @@ def test_source_killed_after_switchover_leaves_the_destination_paused(vms) -> No
     assert dst.proc.poll() is None            # the destination stays up, waiting
     assert dst.status() == "running"
     relay.cut()
+
+
+def _recover(src: VmProcess, dst: VmProcess) -> None:
+    dst.cmd("migrate-recover", uri="tcp:127.0.0.1:0")
+    port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 0})
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}", resume=True)
+    done = src.wait_migration(("completed", "postcopy-paused", "failed"), timeout=60)
+    assert done["status"] == "completed", (done, dst.stderr()[-2000:])
+    assert dst.wait_migration(("completed", "postcopy-paused", "failed"))["status"] == "completed"
+    assert src.status() == "postmigrate"
+    assert dst.status() == "running"
+    # the guest goes on with every page right: the pages in flight when the connection
+    # broke were sent again
+    last_src = max(_gens(src.serial()))
+    out = dst.wait_serial(" ok\r\n", count=2, timeout=60)
+    assert "FAIL" not in out, out
+    assert _gens(out)[0] == last_src + 1
+
+
+def test_recovery_after_a_cut_connection(vms) -> None:
+    src, dst, relay = _postcopy_through(vms)
+    relay.cut()
+    assert src.wait_migration(("postcopy-paused",), timeout=30)["status"] == "postcopy-paused"
+    assert dst.wait_migration(("postcopy-paused",), timeout=30)["status"] == "postcopy-paused"
+    with pytest.raises(QmpFailed) as e:
+        src.cmd("migrate-recover", uri="tcp:127.0.0.1:0")   # the source is not the one to listen
+    assert e.value.desc == "Migrate recover can only be run when postcopy is paused."
+    _recover(src, dst)
+
+
+def test_migrate_pause_then_recover(vms) -> None:
+    src, dst, relay = _postcopy_through(vms)
+    src.cmd("migrate-pause")
+    assert src.wait_migration(("postcopy-paused",), timeout=30)["status"] == "postcopy-paused"
+    assert dst.wait_migration(("postcopy-paused",), timeout=30)["status"] == "postcopy-paused"
+    with pytest.raises(QmpFailed) as e:
+        src.cmd("migrate-pause")
+    assert e.value.desc == ("migrate-pause is currently only supported during postcopy-active "
+                            "or postcopy-recover state")
+    _recover(src, dst)
+    relay.cut()

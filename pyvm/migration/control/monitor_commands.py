@@ -51,7 +51,7 @@ HANDLERS: dict[str, Behaviour] = {
     "query-migrate-parameters": lambda vm, a: service.migration_of(vm).params.query(),
     "query-migrate": lambda vm, a: service.query_migrate(vm),
     "migrate-start-postcopy": lambda vm, a: postcopy_control.start_postcopy(service.migration_of(vm)),
-    "migrate-recover": lambda vm, a: postcopy_control.recover(service.migration_of(vm), a["uri"]),
+    "migrate-recover": lambda vm, a: postcopy_control.recover(vm, service.migration_of(vm), a["uri"]),
     "migrate-pause": lambda vm, a: postcopy_control.pause(service.migration_of(vm)),
 }
 
@@ -143,7 +143,7 @@ def hmp_info_migrate_parameters(ctx: HmpContext, args: dict[str, Any]) -> None:
 
 
 def hmp_migrate(ctx: HmpContext, args: dict[str, Any]) -> None:
-    ctx.qmp("migrate", {"uri": args["uri"]})
+    ctx.qmp("migrate", {"uri": args["uri"], **({"resume": True} if args.get("resume") else {})})
     # Without -d QEMU's monitor waits for the end; pyvm returns at once either way and
     # 'info migrate' shows progress.
 

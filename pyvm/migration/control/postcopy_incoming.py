@@ -48,7 +48,7 @@ from pyvm.migration.control.status import MigrationStatus
 from pyvm.migration.errors import StreamFormatError, StreamMismatchError, UnsupportedFeatureError
 from pyvm.migration.stream import postcopy_commands as pc
 from pyvm.migration.stream.constants import TARGET_PAGE_SIZE
-from pyvm.migration.stream.return_path import ReturnPathEncoder
+from pyvm.migration.stream.return_path import ReturnPathEncoder, bitmap_bytes
 from pyvm.migration.transports.socket_transport import SocketIncoming
 from pyvm.userfault import PageFault, Userfault
 
@@ -121,6 +121,10 @@ class PostcopyDestination:
             self._listen()
         elif isinstance(command, pc.PostcopyRun):
             self._run()
+        elif isinstance(command, pc.RecvBitmap):
+            self._recv_bitmap(command.block)
+        elif isinstance(command, pc.PostcopyResume):
+            self._resume()
         else:
             raise UnsupportedFeatureError(f"MIG_CMD 0x{cmd:x} unknown (len 0x{len(payload):x})",
                                           detail=f"pyvm does not implement {type(command).__name__}")
@@ -198,6 +202,52 @@ class PostcopyDestination:
             raise StreamFormatError("CMD_POSTCOPY_RUN in wrong postcopy state")
         self.running = True
         self._start_guest()
+
+    # -- recovery (migrate-recover) -----------------------------------------------------------
+    def reconnect(self) -> None:
+        """A new connection from the source: the return path goes over it from now on."""
+        old, self._rp = self._rp, None
+        if old is not None:
+            old.close()
+        self._open_return_path()
+        self._rp_enc.forget_block()
+
+    def disconnect(self) -> None:
+        """The connection failed: end the return path too, so that the source sees it."""
+        rp, self._rp = self._rp, None
+        if rp is not None:
+            try:
+                rp.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+            rp.close()
+
+    def _recv_bitmap(self, name: str) -> None:
+        # savevm.c loadvm_handle_recv_bitmap -> ram.c ramblock_recv_bitmap_send
+        if self.mgr.status is not MigrationStatus.POSTCOPY_RECOVER:
+            raise StreamFormatError("CMD_RECV_BITMAP received in wrong state")
+        b = self._blocks.get(name)
+        if b is None:
+            raise StreamMismatchError(f"ramblock_recv_bitmap_send: invalid block name: {name}")
+        with self._lock:
+            present = ~b.discarded | b.placed
+        bits = np.packbits(present, bitorder="little")
+        words = np.zeros(bitmap_bytes(b.block.npages), dtype=np.uint8)
+        words[:bits.size] = bits
+        self._send_rp(self._rp_enc.recv_bitmap(name, words.view("<u8")))
+
+    def _resume(self) -> None:
+        # savevm.c loadvm_postcopy_handle_resume
+        if self.mgr.status is not MigrationStatus.POSTCOPY_RECOVER:
+            raise StreamFormatError("CMD_POSTCOPY_RESUME received in wrong state")
+        self._set_status(MigrationStatus.POSTCOPY_ACTIVE)
+        self._send_rp(self._rp_enc.resume_ack())
+        # Pages asked for while the connection was down are asked for again.
+        with self._lock:
+            again = [(b, np.flatnonzero(b.requested & ~b.placed)) for b in self._blocks.values()]
+        for b, pages in again:
+            for index in pages:
+                self._send_rp(self._rp_enc.req_pages(b.block.name, int(index) * PAGE, PAGE))
 
     # -- pages ---------------------------------------------------------------------------------
     def place(self, name: str, offset: int, page: memoryview | None) -> None:

@@ -41,7 +41,8 @@ from pyvm.migration.control.status import MigrationStatus
 from pyvm.migration.errors import MigrationError
 from pyvm.migration.stream import postcopy_commands as pc
 from pyvm.migration.stream.constants import TARGET_PAGE_SIZE
-from pyvm.migration.stream.return_path import Pong, ReqPages, ReturnPathDecoder, Shut
+from pyvm.migration.stream.return_path import (Pong, RecvBitmap, ReqPages, ResumeAck,
+                                                ReturnPathDecoder, Shut)
 from pyvm.migration.transports import AbortSignal
 from pyvm.migration.transports.socket_transport import SocketOutgoing
 
@@ -80,6 +81,11 @@ class PostcopySource(Precopy):
         self._rp_error: BaseException | None = None
         self._rp_done = threading.Event()
         self.pongs: list[int] = []
+        self._bitmaps: dict[str, np.ndarray] = {}
+        self._rp_event = threading.Event()
+        self._resume_acked = threading.Event()
+        self._todo: list[tuple["RamBlock", np.ndarray]] = []
+        self._sent: dict[str, np.ndarray] = {}
 
     def request_postcopy(self) -> None:
         """Any thread (``migrate-start-postcopy``): switch after the current round."""
@@ -91,12 +97,17 @@ class PostcopySource(Precopy):
         pipe = channel.pipe if isinstance(channel, StreamChannel) else None
         if not isinstance(pipe, SocketOutgoing):
             raise RuntimeError("Unable to open return-path for postcopy")
+        self._start_return_path(pipe)
+        self._send([pc.encode_command(pc.OpenReturnPath()), pc.encode_command(pc.Ping(1)),
+                    pc.encode_command(pc.PostcopyAdvise(os.sysconf("SC_PAGE_SIZE"), PAGE))])
+
+    def _start_return_path(self, pipe: SocketOutgoing) -> None:
         self._rp_sock = socket.socket(fileno=os.dup(pipe.fileno()))
+        self._rp_error = None
+        self._rp_done.clear()
         self._rp_thread = threading.Thread(target=self._rp_loop, name="migration-return-path",
                                            daemon=True)
         self._rp_thread.start()
-        self._send([pc.encode_command(pc.OpenReturnPath()), pc.encode_command(pc.Ping(1)),
-                    pc.encode_command(pc.PostcopyAdvise(os.sysconf("SC_PAGE_SIZE"), PAGE))])
 
     def _rp_loop(self) -> None:
         sock = self._rp_sock
@@ -116,6 +127,11 @@ class PostcopySource(Precopy):
                     elif isinstance(msg, Shut):
                         self._shut_failed = msg.failed
                         self._shut.set()
+                    elif isinstance(msg, RecvBitmap):
+                        self._bitmaps[msg.block] = msg.words
+                        self._rp_event.set()
+                    elif isinstance(msg, ResumeAck):
+                        self._resume_acked.set()
                     else:
                         raise MigrationError(f"Received unexpected return-path message {msg!r}")
         except (OSError, MigrationError) as err:
@@ -169,12 +185,14 @@ class PostcopySource(Precopy):
     _switch_bytes = 0
 
     def _postcopy_pages(self) -> None:
-        todo = [(block, idx) for block, idx in self._pending if idx.size]
-        blocks = {b.name: b for b, _ in todo}
-        sent = {b.name: np.zeros(b.npages, dtype=bool) for b, _ in todo}
+        if not self._todo:
+            self._todo = [(block, idx) for block, idx in self._pending if idx.size]
+            self._sent = {b.name: np.zeros(b.npages, dtype=bool) for b, _ in self._todo}
+        blocks = {b.name: b for b, _ in self._todo}
+        sent = self._sent
         self._send(self.enc.ram_section_begin(final=False))
-        self._pc_start = time.monotonic()
-        for block, idx in todo:
+        self._pc_start, self._pc_bytes = time.monotonic(), 0
+        for block, idx in self._todo:
             pos = 0
             while pos < idx.size:
                 self._serve_requests(blocks, sent)
@@ -251,6 +269,66 @@ class PostcopySource(Precopy):
                 raise RuntimeError("Detected IO failure for postcopy. Migration paused.")
         if self._shut_failed:
             raise RuntimeError("RP: Sibling indicated error 1")
+
+    # -- recovery (migrate with resume: true) ------------------------------------------------
+    def resume(self, open_channel: Callable[[], Channel], abort: AbortSignal) -> None:
+        """Prepare to carry on a paused postcopy over a new channel (:meth:`resume_run`)."""
+        self.open_channel = open_channel
+        self.abort = abort
+        self.cancel_requested.clear()
+        self.mgr.error_desc = None
+        self.mgr.set_status(MigrationStatus.POSTCOPY_RECOVER)
+
+    def resume_run(self) -> None:
+        """Thread body of a recovery: migration.c postcopy_do_resume, ram.c
+        ram_dirty_bitmap_sync_all: ask the destination which pages it holds, resume, send
+        the rest."""
+        try:
+            channel = self.channel = self.open_channel()
+            pipe = channel.pipe if isinstance(channel, StreamChannel) else None
+            if not isinstance(pipe, SocketOutgoing):
+                raise RuntimeError("Unable to open return-path for postcopy")
+            self.enc.abandon_ram_section()      # the old channel broke off inside it
+            self._bitmaps.clear()
+            self._shut.clear()
+            self._resume_acked.clear()
+            self._start_return_path(pipe)
+            names = [b.name for b in self._blocks()]
+            self._send([pc.encode_command(pc.RecvBitmap(n)) for n in names])
+            self._channel().flush()
+            self._wait_rp(lambda: all(n in self._bitmaps for n in names))
+            for block, idx in self._todo:
+                words = self._bitmaps[block.name]
+                present = np.unpackbits(words.astype("<u8").view(np.uint8),
+                                        bitorder="little")[:block.npages].astype(bool)
+                # a page the destination lacks goes again, even if it was sent once
+                self._sent[block.name][idx] = present[idx]
+            self._send([pc.encode_command(pc.PostcopyResume())])
+            self._channel().flush()
+            self._wait_rp(self._resume_acked.is_set)
+            self.mgr.set_status(MigrationStatus.POSTCOPY_ACTIVE)
+            self._postcopy_pages()
+            self._postcopy_end()
+            channel.close()
+            self.mgr.total_time_ms = int((time.monotonic() - self.mgr.start_time) * 1000)
+            self._finish_ok()
+        except Exception as err:  # noqa: BLE001 - every failure pauses again
+            self._abort(str(err) or type(err).__name__)
+
+    def _wait_rp(self, done: Callable[[], bool]) -> None:
+        while not done():
+            self._check_cancel()
+            if self._rp_done.is_set() and not done():
+                raise RuntimeError(f"Detected IO failure for postcopy. Migration paused. "
+                                   f"({self._rp_error or 'the return path closed'})")
+            self._rp_event.wait(0.05)
+            self._rp_event.clear()
+
+    def pause(self) -> None:
+        """``migrate-pause`` on the source: cut the channel; the thread pauses."""
+        channel = self.channel
+        if channel is not None:
+            channel.shutdown()
 
     # -- ends ------------------------------------------------------------------------------------
     def _join_return_path(self) -> None:

@@ -65,7 +65,16 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
     mgr = migration_of(machine)
     state = machine.runstate.state
     if args.get("resume"):
-        raise _refuse("Cannot resume if there is no paused migration")
+        job = mgr.precopy
+        if mgr.status is not MigrationStatus.POSTCOPY_PAUSED or not isinstance(job, PostcopySource):
+            raise _refuse("Cannot resume if there is no paused migration")
+        addr = _address(args.get("uri"), args.get("channels"), "migrate")
+        abort = AbortSignal()
+        job.resume(outgoing_opener(addr, abort, lambda: _migrated_blocks(machine, mgr),
+                                   mgr.caps["rdma-pin-all"], tls_upgrade(machine, mgr, addr, abort)),
+                   abort)
+        mgr.start_outgoing(job, job.resume_run)
+        return
     if state is RunState.INMIGRATE:
         raise _refuse("Guest is waiting for an incoming migration")
     if mgr.active:

@@ -213,7 +213,8 @@ class StreamDecoder:
 
     def __init__(self, target: LoadTarget, *, expect_configuration: bool = True,
                  keep_vmdesc: bool = False,
-                 expected_sections: Collection[tuple[str, int]] | None = None) -> None:
+                 expected_sections: Collection[tuple[str, int]] | None = None,
+                 resume_from: "StreamDecoder | None" = None) -> None:
         self.target = target
         # None: load whatever sections come (analyzers); else each exactly once (integrity.py)
         self.tally = None if expected_sections is None else SectionTally(expected_sections)
@@ -237,7 +238,22 @@ class StreamDecoder:
         self.on_command: Callable[[int, bytes], None] | None = None
         #: set once postcopy listens: a postcopy stream ends at QEMU_VM_EOF (no vmdesc)
         self.stop_at_eof = False
-        self._steps = self._load_stream()
+        if resume_from is None:
+            self._steps = self._load_stream()
+        else:
+            # Postcopy recovery: a new connection carries on the stream at a section
+            # boundary, with no header (migration/savevm.c postcopy_pause_incoming).
+            self.configuration = resume_from.configuration
+            self.tally = resume_from.tally
+            self.ram = resume_from.ram
+            if self.ram is not None:
+                self.ram.reopen()          # the failed decoder let go of the RAM views
+            self.checksum = resume_from.checksum
+            self.runstate = resume_from.runstate
+            self._sections = resume_from._sections
+            self.on_command = resume_from.on_command
+            self.stop_at_eof = resume_from.stop_at_eof
+            self._steps = self._resume_stream()
 
     # -- input -----------------------------------------------------------------------------
     @property
@@ -311,7 +327,13 @@ class StreamDecoder:
             caps = self.configuration.capabilities if self.configuration else ()
         self.ram = RamLoader(self.target.ram_block, "x-ignore-shared" in caps)
         self.checksum = CHECKSUM_CAPABILITY in caps
-        ram_handler = _RamHandler(self.ram)
+        yield from self._load_sections(r, _RamHandler(self.ram))
+
+    def _resume_stream(self) -> Generator[None, None, None]:
+        assert self.ram is not None, "a stream is resumed after its RAM section started"
+        yield from self._load_sections(self._reader, _RamHandler(self.ram))
+
+    def _load_sections(self, r: StreamReader, ram_handler: "_RamHandler") -> Generator[None, None, None]:
         while True:
             if self.checksum:     # chained over all sections so far (integrity.py)
                 r.begin_digest(crc32c_extend, self._chain)

@@ -93,6 +93,13 @@ class RamLoader:
                 loaded.limit = 0
         self._last = None
 
+    def reopen(self) -> None:
+        """Views of the destination buffers again after :meth:`release` (a postcopy stream
+        carried on over a new connection)."""
+        for key, loaded in list(self.blocks.items()):
+            self.blocks[key] = _LoadedBlock(loaded.block)
+        self._last = None
+
     # -- one section payload -----------------------------------------------------------------
     def load(self, r: StreamReader, version_id: int) -> Generator[None, None, None]:
         """Read records up to and including EOS."""
