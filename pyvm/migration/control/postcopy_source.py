@@ -157,8 +157,6 @@ class PostcopySource(Precopy):
         self._sync()
         self.in_postcopy = True
         self._switch_bytes = self._transferred()
-        # The source's RAM does not change any more: no more dirty logging.
-        self.machine.stop_dirty_log()
         commands: list[Any] = []
         for block, idx in self._pending:
             commands += pc.discard_commands(block.name, _ranges(idx))
@@ -178,6 +176,9 @@ class PostcopySource(Precopy):
         assert self._stop_time is not None
         self.mgr.downtime_ms = int((time.monotonic() - self._stop_time) * 1000)
         self.stats.downtime_bytes += self._transferred() - self._switch_bytes
+        # The source's RAM does not change any more: dirty logging ends (after the
+        # downtime: the guest runs on the destination already).
+        self.machine.stop_dirty_log()
         self.machine.log.log("migration", (
             f"migration: postcopy: {sum(i.size for _, i in self._pending)} pages discarded, "
             f"device state sent; downtime {self.mgr.downtime_ms} ms"))
