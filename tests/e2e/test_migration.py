@@ -348,8 +348,8 @@ def test_command_errors(vms, tmp_path: Path) -> None:
     with pytest.raises(QmpFailed, match=r"Parameter 'downtime_limit' expects an integer in the range "
                                         r"of 0 to \(2000 \* 1000\) ms"):
         src.cmd("migrate-set-parameters", **{"downtime-limit": 2000001})
-    with pytest.raises(QmpFailed, match="postcopy-ram"):
-        src.cmd("migrate-set-capabilities", capabilities=[{"capability": "postcopy-ram", "state": True}])
+    with pytest.raises(QmpFailed, match="x-colo"):
+        src.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-colo", "state": True}])
     caps = src.cmd("query-migrate-capabilities")
     assert [c["capability"] for c in caps][:3] == ["xbzrle", "rdma-pin-all", "auto-converge"]
     assert len(caps) == 24                     # QEMU 8.2's 23, then pyvm's x-checksum

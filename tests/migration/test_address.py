@@ -205,6 +205,7 @@ def test_commands_register_and_introspect() -> None:
     assert names == ["migrate", "migrate-incoming", "migrate_cancel", "migrate-continue",
                      "migrate-set-capabilities", "query-migrate-capabilities",
                      "migrate-set-parameters", "query-migrate-parameters", "query-migrate",
+                     "migrate-start-postcopy", "migrate-recover", "migrate-pause",
                      "MIGRATION", "MIGRATION_PASS"]
     tags = {e.get("tag") for e in info if e["meta-type"] == "object"}
     assert {"transport", "type"} <= tags

@@ -9,9 +9,11 @@ from pyvm.qmp.core import build_tables
 
 QMP = ["migrate", "migrate-incoming", "migrate_cancel", "migrate-continue",
        "migrate-set-capabilities", "query-migrate-capabilities", "migrate-set-parameters",
-       "query-migrate-parameters", "query-migrate"]
+       "query-migrate-parameters", "query-migrate", "migrate-start-postcopy", "migrate-recover",
+       "migrate-pause"]
 HMP = ["migrate", "migrate_incoming", "migrate_cancel", "migrate_continue",
-       "migrate_set_capability", "migrate_set_parameter"]
+       "migrate_set_capability", "migrate_set_parameter", "migrate_start_postcopy",
+       "migrate_recover", "migrate_pause"]
 HMP_INFO = ["migrate", "migrate_capabilities", "migrate_parameters"]
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from pyvm.errors import PyvmError
 from pyvm.migration.control.manager import MigrationManager
+from pyvm.migration.control.postcopy_incoming import PostcopyDestination
 from pyvm.migration.control.status import DestinationSnapshot, MigrationStatus, build_migration_info
 from pyvm.migration.errors import MigrationError
 from pyvm.migration.stream import ram_format
@@ -36,6 +37,7 @@ if TYPE_CHECKING:
     from pyvm.machine import Machine
 
 READ_SIZE = 1 << 20
+JOIN_QUICK = 5.0             # seconds: a paused load thread is ending already
 
 
 class MachineLoadTarget:
@@ -96,6 +98,9 @@ class IncomingMigration:
         self.error_desc: str | None = None
         self.channel: IncomingChannel | None = None
         self._stopping = threading.Event()
+        self.postcopy: PostcopyDestination | None = None
+        self._target: MachineLoadTarget | None = None
+        self._decoder: StreamDecoder | None = None
         self._close_lock = threading.Lock()
         self.thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
 
@@ -105,6 +110,8 @@ class IncomingMigration:
     def stop(self) -> None:
         """Any thread: stop waiting for the peer or loading (the VM is closing)."""
         self._stopping.set()
+        if self.postcopy is not None:
+            self.postcopy.close()      # wakes a vCPU waiting for a page that will not come
         channel = self.channel
         if channel is not None:
             try:
@@ -134,19 +141,34 @@ class IncomingMigration:
         self.status = status
         self.mgr.set_status(status)
 
-    def _run(self) -> None:
-        target = MachineLoadTarget(self.machine, self.mgr)
-        decoder = StreamDecoder(target, expected_sections=target.expected_sections())
+    def _run(self, resume_from: StreamDecoder | None = None) -> None:
+        if resume_from is None or self.postcopy is None or self._target is None:
+            target = self._target = MachineLoadTarget(self.machine, self.mgr)
+            decoder = StreamDecoder(target, expected_sections=target.expected_sections())
+            postcopy = self.postcopy = PostcopyDestination(
+                self.mgr, self.machine, decoder, lambda: self.channel, self._set_status,
+                lambda: self._start_guest(target))
+            decoder.on_command = postcopy.handle
+        else:
+            target, postcopy = self._target, self.postcopy
+            decoder = postcopy.decoder = StreamDecoder(target, resume_from=resume_from)
+        self._decoder = decoder
         try:
             channel = self.channel = self.open_channel()
             if self._stopping.is_set():
                 return
-            self._set_status(MigrationStatus.ACTIVE)
+            if resume_from is None:
+                self._set_status(MigrationStatus.ACTIVE)
+            else:
+                self._set_status(MigrationStatus.POSTCOPY_RECOVER)
+                postcopy.reconnect()
             while not decoder.finished:
                 n, _ = decoder.feed_from(channel.readinto, READ_SIZE)
                 if n == 0:
                     decoder.close()
                     break
+            if postcopy.fault_error is not None:
+                raise postcopy.fault_error
             self._finish(target)
         except MigrationError as err:
             self._fail(err.report(), str(err))
@@ -158,7 +180,11 @@ class IncomingMigration:
             self._fail([f"internal error while loading the migration stream: {text}",
                         "load of migration failed: Input/output error"], text)
         finally:
-            decoder.release()
+            if self.status is not MigrationStatus.POSTCOPY_PAUSED:
+                decoder.release()
+                postcopy.close()
+            # else: a paused postcopy keeps its registration (vCPUs wait for their pages)
+            # and its decoder, which a recovery carries on
             if self.channel is not None:
                 try:
                     self.channel.close()
@@ -166,7 +192,37 @@ class IncomingMigration:
                     pass
             self._close_listener()
 
+    def recover(self, open_channel: Callable[[], IncomingChannel],
+                socket_address: list[dict[str, Any]] | None,
+                on_close: Callable[[], None] | None) -> None:
+        """``migrate-recover``: listen again and carry on a paused postcopy stream."""
+        decoder = self._decoder
+        assert decoder is not None and self.status is MigrationStatus.POSTCOPY_PAUSED
+        self.thread.join(JOIN_QUICK)
+        self.open_channel = open_channel
+        self.socket_address = socket_address
+        with self._close_lock:
+            self.on_close = on_close
+        self.channel = None
+        self.thread = threading.Thread(target=self._run, args=(decoder,),
+                                       name="migration-incoming", daemon=True)
+        self.thread.start()
+
+    def pause(self) -> None:
+        """``migrate-pause`` on the destination: cut the channel (postcopy pauses)."""
+        channel = self.channel
+        if channel is not None:
+            channel.shutdown()
+
     def _finish(self, target: MachineLoadTarget) -> None:
+        if self.postcopy is not None and self.postcopy.running:
+            self.postcopy.finish()       # the guest runs already
+            self.status = MigrationStatus.COMPLETED
+            return
+        self._start_guest(target)
+        self._set_status(MigrationStatus.COMPLETED)
+
+    def _start_guest(self, target: MachineLoadTarget) -> None:
         m = self.machine
         source_state = target.loaded_runstate or "running"
 
@@ -179,7 +235,6 @@ class IncomingMigration:
                 except ValueError:
                     m.runstate.set(RunState.PAUSED)
         m.run_on_loop(start_guest)
-        self._set_status(MigrationStatus.COMPLETED)
 
     def _fail(self, lines: list[str], desc: str) -> None:
         if self._stopping.is_set():
@@ -187,6 +242,12 @@ class IncomingMigration:
         for line in lines:
             print(f"pyvm: {line}", file=sys.stderr, flush=True)
         self.error_desc = desc
+        if self.postcopy is not None and self.postcopy.running:
+            # The guest runs here with part of its RAM still on the source: neither side
+            # may go on alone (migration/savevm.c postcopy_pause_incoming).
+            self.postcopy.disconnect()
+            self._set_status(MigrationStatus.POSTCOPY_PAUSED)
+            return
         self._set_status(MigrationStatus.FAILED)
         if self.exit_on_error:
             self.machine.request_exit(1)

@@ -35,10 +35,12 @@ if TYPE_CHECKING:
 #: capabilities this build implements (others are refused by name)
 IMPLEMENTED_CAPABILITIES = {"events", "pause-before-switchover", "x-ignore-shared", "rdma-pin-all",
                             "zero-blocks", "validate-uuid", "return-path", "x-checksum",
-                            "auto-converge", "dirty-limit"}
+                            "auto-converge", "dirty-limit", "postcopy-ram"}
 
 ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
-                 MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE}
+                 MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE,
+                 MigrationStatus.POSTCOPY_ACTIVE, MigrationStatus.POSTCOPY_PAUSED,
+                 MigrationStatus.POSTCOPY_RECOVER}
 
 
 #: seconds :meth:`MigrationManager.shutdown` waits for each thread

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from pyvm.errors import PyvmError
-from pyvm.migration.control import dirty_commands, pagemap_query
+from pyvm.migration.control import dirty_commands, pagemap_query, postcopy_control
 from pyvm.migration.control import service
 from pyvm.migration.control.parameters import PARAMETER_SPECS
 from pyvm.migration.control.qmp_schema import COMMANDS_BY_NAME, MIGRATION_EVENTS
@@ -50,6 +50,9 @@ HANDLERS: dict[str, Behaviour] = {
     "migrate-set-parameters": lambda vm, a: service.set_parameters(vm, a),
     "query-migrate-parameters": lambda vm, a: service.migration_of(vm).params.query(),
     "query-migrate": lambda vm, a: service.query_migrate(vm),
+    "migrate-start-postcopy": lambda vm, a: postcopy_control.start_postcopy(service.migration_of(vm)),
+    "migrate-recover": lambda vm, a: postcopy_control.recover(vm, service.migration_of(vm), a["uri"]),
+    "migrate-pause": lambda vm, a: postcopy_control.pause(service.migration_of(vm)),
 }
 
 
@@ -103,7 +106,10 @@ def hmp_info_migrate(ctx: HmpContext, args: dict[str, Any]) -> None:
                   f"pages-per-second: {ram['pages-per-second']}",
                   f"dirty pages rate: {ram['dirty-pages-rate']} pages",
                   f"precopy ram: {kb(ram['precopy-bytes'])}",
-                  f"downtime ram: {kb(ram['downtime-bytes'])}"]
+                  f"downtime ram: {kb(ram['downtime-bytes'])}",
+                  f"postcopy ram: {kb(ram['postcopy-bytes'])}"]
+        if ram["postcopy-requests"]:       # hmp-cmds.c hmp_info_migrate
+            lines.append(f"postcopy request count: {ram['postcopy-requests']}")
     if "cpu-throttle-percentage" in info:
         lines.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
     if "error-desc" in info:
@@ -139,7 +145,7 @@ def hmp_info_migrate_parameters(ctx: HmpContext, args: dict[str, Any]) -> None:
 
 
 def hmp_migrate(ctx: HmpContext, args: dict[str, Any]) -> None:
-    ctx.qmp("migrate", {"uri": args["uri"]})
+    ctx.qmp("migrate", {"uri": args["uri"], **({"resume": True} if args.get("resume") else {})})
     # Without -d QEMU's monitor waits for the end; pyvm returns at once either way and
     # 'info migrate' shows progress.
 
@@ -154,6 +160,18 @@ def hmp_migrate_cancel(ctx: HmpContext, args: dict[str, Any]) -> None:
 
 def hmp_migrate_continue(ctx: HmpContext, args: dict[str, Any]) -> None:
     ctx.qmp("migrate-continue", {"state": args["state"]})
+
+
+def hmp_migrate_start_postcopy(ctx: HmpContext, args: dict[str, Any]) -> None:
+    ctx.qmp("migrate-start-postcopy")
+
+
+def hmp_migrate_recover(ctx: HmpContext, args: dict[str, Any]) -> None:
+    ctx.qmp("migrate-recover", {"uri": args["uri"]})
+
+
+def hmp_migrate_pause(ctx: HmpContext, args: dict[str, Any]) -> None:
+    ctx.qmp("migrate-pause")
 
 
 def hmp_migrate_set_capability(ctx: HmpContext, args: dict[str, Any]) -> None:
@@ -200,6 +218,14 @@ def install_hmp(table: HmpTable) -> None:
       "Enable/Disable the usage of a capability for migration", hmp_migrate_set_capability)
     r("migrate_set_parameter", "parameter:s,value:s", "parameter value",
       "Set the parameter for migration", hmp_migrate_set_parameter)
+    # hmp-commands.hx
+    r("migrate_start_postcopy", "", "",
+      "Followup to a migration command to switch the migration to postcopy mode. The "
+      "postcopy-ram capability must be set on both source and destination before the "
+      "original migration command .", hmp_migrate_start_postcopy)
+    r("migrate_recover", "uri:s", "uri", "Continue a paused incoming postcopy migration",
+      hmp_migrate_recover)
+    r("migrate_pause", "", "", "Pause an ongoing migration (postcopy-only)", hmp_migrate_pause)
     i = table.register_info
     i("migrate", "", "", "show migration status", hmp_info_migrate)
     i("migrate_capabilities", "", "", "show current migration capabilities",

@@ -111,11 +111,9 @@ class PolicyRunner:
         state = RoundState(self.round, time.monotonic() - self.started, bandwidth, dirty,
                            unsent, tuple(self.history), self.throttle_pct, PAGE_SIZE)
         decision = call_decide(self.policy, state)
-        if decision.postcopy:
-            why = ("this engine has no postcopy yet" if self.postcopy_capable
-                   else "the postcopy-ram capability is off")
+        if decision.postcopy and not self.postcopy_capable:
             raise PolicyError(f"migration policy '{self.name}' asked to switch to postcopy "
-                              f"in round {self.round}, but {why}")
+                              f"in round {self.round}, but the postcopy-ram capability is off")
         self._unsent = unsent
         return decision
 

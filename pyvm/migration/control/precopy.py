@@ -134,6 +134,7 @@ class Precopy:
         caps = self.mgr.stream_capabilities()
         self._send(self.enc.header())
         self._send(self.enc.configuration(m.machine_type, caps))
+        self._after_configuration()
         ignore_shared = "x-ignore-shared" in caps
         codec_blocks = [ram_format.StreamBlock(b.name, b.size, b.gpa, b.mem, self.mgr.block_ignored(b))
                         for b in m.ram]
@@ -163,7 +164,9 @@ class Precopy:
             self._check_cancel()
             # The policy decides every round (pyvm.migration.policy): QEMU's by default.
             decision = runner.decide(self._pending, self._dirty_words, bandwidth)
-            if decision.stop_and_copy:
+            if decision.postcopy:
+                self._policy_wants_postcopy()
+            if decision.stop_and_copy or self._leave_precopy():
                 return
             if decision.throttle_pct != runner.throttle_pct:
                 runner.throttle_pct = decision.throttle_pct
@@ -193,6 +196,18 @@ class Precopy:
                 f"({rnd.pages} pages) in {elapsed * 1000:.0f} ms, {bandwidth * 8 / 1e6:.1f} Mbps; "
                 f"dirty {remaining // PAGE} pages; expected downtime "
                 f"{self.mgr.expected_downtime_ms} ms"))
+
+    def _after_configuration(self) -> None:
+        """Commands that follow the header (postcopy: return path, advise)."""
+
+    def _leave_precopy(self) -> bool:
+        """True to stop iterating before convergence (postcopy was asked for)."""
+        return False
+
+    def _policy_wants_postcopy(self) -> None:
+        """The policy answered "postcopy" (allowed only with ``postcopy-ram`` on, when the
+        migration runs as :class:`~pyvm.migration.control.postcopy_source.PostcopySource`)."""
+        raise RuntimeError("postcopy asked for by a migration without postcopy-ram")
 
     def _complete(self) -> None:
         self._stop_vm()

@@ -122,6 +122,7 @@ MIGRATE_INCOMING_ARGS = Struct("q_obj_migrate-incoming-arg", {
     "*uri": "str", "*channels": [MIGRATION_CHANNEL],
     "*exit-on-error": "bool"})                      # pyvm extension at the 8.2 level
 MIGRATE_CONTINUE_ARGS = Struct("q_obj_migrate-continue-arg", {"state": MIGRATION_STATUS})
+MIGRATE_RECOVER_ARGS = Struct("q_obj_migrate-recover-arg", {"uri": "str"})
 MIGRATE_SET_CAPABILITIES_ARGS = Struct("q_obj_migrate-set-capabilities-arg",
                                        {"capabilities": [MIGRATION_CAPABILITY_STATUS]})
 
@@ -157,6 +158,9 @@ MIGRATION_COMMANDS: tuple[CommandSchema, ...] = (
     CommandSchema("migrate-set-parameters", MIGRATE_SET_PARAMETERS, None),
     CommandSchema("query-migrate-parameters", None, MIGRATION_PARAMETERS),
     CommandSchema("query-migrate", None, MIGRATION_INFO),
+    CommandSchema("migrate-start-postcopy", None, None),
+    CommandSchema("migrate-recover", MIGRATE_RECOVER_ARGS, None),
+    CommandSchema("migrate-pause", None, None),
 )
 MIGRATION_EVENTS: tuple[EventSchema, ...] = (
     EventSchema("MIGRATION", MIGRATION_EVENT_DATA),

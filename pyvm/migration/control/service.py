@@ -17,8 +17,9 @@ from pyvm.migration.control.address import FileMigrationAddress, MigrationAddres
 from pyvm.migration.control.connect import STREAMING, outgoing_opener, prepare_incoming
 from pyvm.migration.control.incoming import IncomingMigration
 from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
+from pyvm.migration.control.postcopy_source import PostcopySource
 from pyvm.migration.control.precopy import Precopy
-from pyvm.migration.control.status import MigrationStats, MigrationStatus
+from pyvm.migration.control.status import POSTCOPY_STATES, MigrationStats, MigrationStatus
 from pyvm.migration.control.tls_setup import tls_accept, tls_upgrade
 from pyvm.migration.transports import AbortSignal
 from pyvm.runstate import RunState
@@ -65,7 +66,16 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
     mgr = migration_of(machine)
     state = machine.runstate.state
     if args.get("resume"):
-        raise _refuse("Cannot resume if there is no paused migration")
+        job = mgr.precopy
+        if mgr.status is not MigrationStatus.POSTCOPY_PAUSED or not isinstance(job, PostcopySource):
+            raise _refuse("Cannot resume if there is no paused migration")
+        addr = _address(args.get("uri"), args.get("channels"), "migrate")
+        abort = AbortSignal()
+        job.resume(outgoing_opener(addr, abort, lambda: _migrated_blocks(machine, mgr),
+                                   mgr.caps["rdma-pin-all"], tls_upgrade(machine, mgr, addr, abort)),
+                   abort)
+        mgr.start_outgoing(job, job.resume_run)
+        return
     if state is RunState.INMIGRATE:
         raise _refuse("Guest is waiting for an incoming migration")
     if mgr.active:
@@ -100,7 +110,7 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
         mgr.start_time = 0.0
         mgr.runstate_at_start = state
         mgr.address = addr
-        pre = Precopy(mgr, machine, opener, abort)
+        pre = (PostcopySource if mgr.caps["postcopy-ram"] else Precopy)(mgr, machine, opener, abort)
         mgr.precopy = pre
     mgr.set_status(MigrationStatus.SETUP)
     mgr.start_outgoing(pre, pre.run)
@@ -109,6 +119,9 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
 def migrate_cancel(machine: "Machine") -> None:
     mgr = migration_of(machine)
     pre = mgr.precopy
+    if mgr.status in POSTCOPY_STATES:
+        # The guest runs on the destination already (QEMU 9.x refuses the same way).
+        raise _refuse("Postcopy migration in progress, cannot cancel.")
     if pre is None or not mgr.active or mgr.status is MigrationStatus.CANCELLING:
         return
     mgr.set_status(MigrationStatus.CANCELLING)

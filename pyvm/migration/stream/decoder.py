@@ -213,7 +213,8 @@ class StreamDecoder:
 
     def __init__(self, target: LoadTarget, *, expect_configuration: bool = True,
                  keep_vmdesc: bool = False,
-                 expected_sections: Collection[tuple[str, int]] | None = None) -> None:
+                 expected_sections: Collection[tuple[str, int]] | None = None,
+                 resume_from: "StreamDecoder | None" = None) -> None:
         self.target = target
         # None: load whatever sections come (analyzers); else each exactly once (integrity.py)
         self.tally = None if expected_sections is None else SectionTally(expected_sections)
@@ -231,7 +232,28 @@ class StreamDecoder:
         self._reader = StreamReader()
         self._sections: dict[int, tuple[_Handler, int]] = {}   # id -> handler, load version
         self._events: list[Event] = []
-        self._steps = self._load_stream()
+        #: postcopy (pyvm.migration.control.postcopy_incoming): QEMU_VM_COMMAND records go
+        #: to this handler as (cmd, payload) instead of being refused; PACKAGED's nested
+        #: stream is then read inline, as the records that follow.
+        self.on_command: Callable[[int, bytes], None] | None = None
+        #: set once postcopy listens: a postcopy stream ends at QEMU_VM_EOF (no vmdesc)
+        self.stop_at_eof = False
+        if resume_from is None:
+            self._steps = self._load_stream()
+        else:
+            # Postcopy recovery: a new connection carries on the stream at a section
+            # boundary, with no header (migration/savevm.c postcopy_pause_incoming).
+            self.configuration = resume_from.configuration
+            self.tally = resume_from.tally
+            self.ram = resume_from.ram
+            if self.ram is not None:
+                self.ram.reopen()          # the failed decoder let go of the RAM views
+            self.checksum = resume_from.checksum
+            self.runstate = resume_from.runstate
+            self._sections = resume_from._sections
+            self.on_command = resume_from.on_command
+            self.stop_at_eof = resume_from.stop_at_eof
+            self._steps = self._resume_stream()
 
     # -- input -----------------------------------------------------------------------------
     @property
@@ -305,7 +327,13 @@ class StreamDecoder:
             caps = self.configuration.capabilities if self.configuration else ()
         self.ram = RamLoader(self.target.ram_block, "x-ignore-shared" in caps)
         self.checksum = CHECKSUM_CAPABILITY in caps
-        ram_handler = _RamHandler(self.ram)
+        yield from self._load_sections(r, _RamHandler(self.ram))
+
+    def _resume_stream(self) -> Generator[None, None, None]:
+        assert self.ram is not None, "a stream is resumed after its RAM section started"
+        yield from self._load_sections(self._reader, _RamHandler(self.ram))
+
+    def _load_sections(self, r: StreamReader, ram_handler: "_RamHandler") -> Generator[None, None, None]:
         while True:
             if self.checksum:     # chained over all sections so far (integrity.py)
                 r.begin_digest(crc32c_extend, self._chain)
@@ -315,7 +343,13 @@ class StreamDecoder:
             elif section_type in (QEMU_VM_SECTION_PART, QEMU_VM_SECTION_END):
                 yield from self._load_part_end(r, section_type)
             elif section_type == QEMU_VM_COMMAND:
-                yield from read_command(r)
+                if self.on_command is None:
+                    yield from read_command(r)
+                else:
+                    cmd = yield from r.read_be16("QEMU_VM_COMMAND")
+                    length = yield from r.read_be16("QEMU_VM_COMMAND")
+                    payload = yield from r.read_bytes(length, "a command's payload")
+                    self.on_command(cmd, payload)
             elif section_type == QEMU_VM_EOF:
                 if self.tally is not None:
                     self.tally.check_complete()
@@ -324,7 +358,8 @@ class StreamDecoder:
                 raise StreamFormatError(f"Unknown savevm section type {section_type}")
         self.state_complete = True
         self._events.append(EndOfState())
-        yield from self._load_trailer(r)
+        if not self.stop_at_eof:
+            yield from self._load_trailer(r)
         self._events.append(StreamFinished(tuple(self.warnings)))
 
     def _load_header(self, r: StreamReader) -> Generator[None, None, None]:

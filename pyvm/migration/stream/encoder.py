@@ -141,6 +141,12 @@ class StreamEncoder:
         self.normal_pages += normals
         return self._take()
 
+    def abandon_ram_section(self) -> None:
+        """The channel broke inside a RAM section (postcopy recovery goes on over a new
+        one, which starts at a section boundary): forget it was open."""
+        self._w.take_chunks()
+        self._ram_open = False
+
     def ram_eos(self) -> list[Chunk]:
         """EOS and the footer: closes the RAM section opened by :meth:`ram_section_begin`."""
         if not self._ram_open:

@@ -79,6 +79,10 @@ class RamLoader:
         self._pending_total = 0
         self.zero_pages = 0
         self.normal_pages = 0
+        #: postcopy: pages are handed to ``placer(block name, offset, page or None for a
+        #: zero page)`` instead of being written (a registered missing range must be filled
+        #: with UFFDIO_COPY, pyvm.userfault)
+        self.placer: Callable[[str, int, memoryview | None], None] | None = None
 
     def release(self) -> None:
         """Drop the views of the destination buffers (so that an mmap can be closed)."""
@@ -87,6 +91,13 @@ class RamLoader:
                 loaded.view.release()
                 loaded.view = None
                 loaded.limit = 0
+        self._last = None
+
+    def reopen(self) -> None:
+        """Views of the destination buffers again after :meth:`release` (a postcopy stream
+        carried on over a new connection)."""
+        for key, loaded in list(self.blocks.items()):
+            self.blocks[key] = _LoadedBlock(loaded.block)
         self._last = None
 
     # -- one section payload -----------------------------------------------------------------
@@ -162,7 +173,8 @@ class RamLoader:
         try:
             while True:
                 loaded = self._last
-                if loaded is not None and loaded.view is not None and loaded.block.on_page is None:
+                if (loaded is not None and loaded.view is not None and loaded.block.on_page is None
+                        and self.placer is None):
                     # The common case in native code: CONTINUE PAGE/ZERO records of the
                     # current block; it stops before anything else, which is parsed below.
                     pos, normals, zeros = load_page_run(mv, pos, loaded.view, loaded.limit,
@@ -203,7 +215,15 @@ class RamLoader:
                         raise StreamFormatError(f"Illegal RAM offset {addr:x}")
                     data = pos + header
                     written = loaded.written
-                    if kind == RAM_SAVE_FLAG_PAGE:
+                    if self.placer is not None and kind in (RAM_SAVE_FLAG_PAGE, RAM_SAVE_FLAG_ZERO):
+                        if kind == RAM_SAVE_FLAG_PAGE:
+                            self.placer(loaded.block.name, addr, mv[data:data + page])
+                            self.normal_pages += 1
+                        else:
+                            self.placer(loaded.block.name, addr, None if buf[data] == 0 else
+                                        memoryview(bytes((buf[data],)) * page))
+                            self.zero_pages += 1
+                    elif kind == RAM_SAVE_FLAG_PAGE:
                         view[addr:addr + page] = mv[data:data + page]
                         if written is not None:
                             written[addr >> TARGET_PAGE_BITS] = 1
