@@ -16,6 +16,8 @@ from pyvm.migration.control.address import FileMigrationAddress, MigrationAddres
 from pyvm.migration.control.connect import STREAMING, outgoing_opener, prepare_incoming
 from pyvm.migration.control.incoming import IncomingMigration
 from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
+from pyvm.migration.control.multifd_setup import (multifd_config, multifd_incoming,
+                                                  refuse_single_channel)
 from pyvm.migration.control.precopy import Precopy
 from pyvm.migration.control.status import MigrationStats, MigrationStatus
 from pyvm.migration.control.tls_setup import tls_accept, tls_upgrade
@@ -74,6 +76,7 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
     if args.get("blk") or args.get("inc"):
         raise _refuse("pyvm has no block migration: copy disk images separately")
     addr = _address(args.get("uri"), args.get("channels"), "migrate")
+    refuse_single_channel(mgr, addr)
     mode = mgr.params.mode.value
     blocker = mgr.blockers.first_for(mode)
     if blocker is not None:
@@ -90,7 +93,8 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
                                   "cpr-reboot with x-ignore-shared needs memory-backend-file,share=on")
     abort = AbortSignal()
     opener = outgoing_opener(addr, abort, lambda: _migrated_blocks(machine, mgr),
-                             mgr.caps["rdma-pin-all"], tls_upgrade(machine, mgr, addr, abort))
+                             mgr.caps["rdma-pin-all"], tls_upgrade(machine, mgr, addr, abort),
+                             multifd_config(machine, mgr))
     with mgr.lock:
         mgr.incoming = None
         mgr.stats = MigrationStats()
@@ -136,15 +140,20 @@ def start_incoming(machine: "Machine", uri: str | None,
                    from_cli: bool = False) -> None:
     mgr = migration_of(machine)
     addr = _address(uri, channels, "migrate-incoming")
+    refuse_single_channel(mgr, addr)
     if not from_cli:
         mgr.set_status(MigrationStatus.SETUP)
     try:
         prepared = prepare_incoming(addr, lambda: _migrated_blocks(machine, mgr))
     except PyvmError as err:
         raise _refuse(str(err)) from err
-    inc = IncomingMigration(mgr, machine, tls_accept(machine, mgr, prepared),
-                            exit_on_error=exit_on_error,
-                            socket_address=prepared.socket_address, on_close=prepared.close)
+    multifd = multifd_incoming(machine, mgr, prepared)
+    accept = tls_accept(machine, mgr, prepared, keep_listening=multifd is not None)
+    if multifd is not None:
+        accept = multifd.opener(accept, prepared.close)
+    inc = IncomingMigration(mgr, machine, accept, exit_on_error=exit_on_error,
+                            socket_address=prepared.socket_address, on_close=prepared.close,
+                            multifd=multifd)
     mgr.deferred_incoming = False
     mgr.incoming = inc
     inc.start()
