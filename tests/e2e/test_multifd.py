@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,10 @@ from tests.waiting import wait_until
 RAM = 32 << 20
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
             "-display", "none"]
+# more non-zero RAM than the sockets' buffers hold, so that a destination that reads
+# nothing blocks the source's writes
+BIG_MEMCHECK = ["-m", "96M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=64",
+                "-display", "none"]
 
 
 def _multifd(vm: VmProcess, channels: int, compression: str) -> None:
@@ -69,3 +74,166 @@ def test_multifd_migration_is_byte_equal(vms, tmp_path, transport, channels, com
     if compression == "none":
         # every non-zero page travelled on a page channel, with its offsets beside it
         assert ram["multifd-bytes"] >= ram["normal"] * 4096
+
+
+# -- failures ----------------------------------------------------------------------------------
+UUID0 = bytes(16)
+MULTIFD_MAGIC = bytes.fromhex("11223344")
+
+
+def _initial_packet(channel: int, uuid: bytes = UUID0) -> bytes:
+    return MULTIFD_MAGIC + (1).to_bytes(4, "big") + uuid + bytes([channel]) + bytes(39)
+
+
+def _listening_destination(vms, channels: int = 2) -> tuple[VmProcess, int]:
+    dst = vms("dst", *MEMCHECK, "-S", "-incoming", "defer")
+    _multifd(dst, channels, "none")
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    return dst, int(dst.cmd("query-migrate")["socket-address"][0]["port"])
+
+
+def _header_and_configuration() -> bytes:
+    """QEMU's stream header; enough for the destination to start loading."""
+    return b"QEVM" + (3).to_bytes(4, "big")
+
+
+def test_corrupted_packet_fails_the_destination_with_qemus_text(vms) -> None:
+    dst, port = _listening_destination(vms)
+    conns = [socket.create_connection(("127.0.0.1", port)) for _ in range(3)]
+    try:
+        conns[0].sendall(_header_and_configuration())
+        conns[1].sendall(_initial_packet(0))
+        conns[2].sendall(_initial_packet(1))
+        packet = bytearray(1344)
+        packet[0:4] = bytes.fromhex("deadbeef")
+        conns[2].sendall(bytes(packet))
+        assert dst.wait_exit(20) == 1
+    finally:
+        for c in conns:
+            c.close()
+    err = dst.stderr()
+    assert "pyvm: multifd: received packet magic deadbeef and expected magic 11223344" in err, err
+    assert "load of migration failed" in err
+    assert "Traceback" not in err
+
+
+def test_wrong_uuid_is_refused_with_qemus_text(vms) -> None:
+    dst, port = _listening_destination(vms, channels=1)
+    with socket.create_connection(("127.0.0.1", port)) as c:
+        c.sendall(_initial_packet(0, uuid=bytes(range(16))))
+        assert dst.wait_exit(20) == 1
+    err = dst.stderr()
+    assert ("multifd: received uuid '00010203-0405-0607-0809-0a0b0c0d0e0f' and expected uuid "
+            "'00000000-0000-0000-0000-000000000000' for channel 0") in err, err
+    assert "Traceback" not in err
+
+
+def test_destination_waiting_for_a_channel_that_never_connects_quits_cleanly(vms) -> None:
+    dst, port = _listening_destination(vms, channels=2)
+    with socket.create_connection(("127.0.0.1", port)) as main, \
+            socket.create_connection(("127.0.0.1", port)) as one:
+        main.sendall(_header_and_configuration())
+        one.sendall(_initial_packet(0))
+        # the second page channel never comes: the destination keeps waiting (as QEMU's)
+        wait_until(lambda: dst.cmd("query-migrate").get("status") in (None, "setup", "none"),
+                   5, "destination still waiting")
+        assert dst.status() == "inmigrate"
+        dst.cmd("quit")
+        assert dst.wait_exit(20) == 0
+    assert "Traceback" not in dst.stderr()
+
+
+def test_source_fails_cleanly_when_page_channels_cannot_connect(vms) -> None:
+    """A destination that takes the main channel and then stops listening: the page
+    channels' connects are refused, the migration fails with the connect error, the guest
+    runs on."""
+    lst = socket.create_server(("127.0.0.1", 0))
+    port = lst.getsockname()[1]
+    src = vms("src", *MEMCHECK)
+    _multifd(src, 2, "none")
+    src.wait_serial("memcheck gen 1 ok")
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+    main, _ = lst.accept()
+    lst.close()
+    try:
+        info = src.wait_migration()
+    finally:
+        main.close()
+    assert info["status"] == "failed"
+    assert info["error-desc"] == f"Failed to connect to '127.0.0.1:{port}': Connection refused"
+    assert src.status() == "running"
+    n = src.serial().count(" ok")
+    wait_until(lambda: src.serial().count(" ok") > n, 15, "the source guest runs on")
+
+
+class _StallingDestination:
+    """Accepts the main and page channels and reads nothing: the source's writes block."""
+
+    def __init__(self, channels: int) -> None:
+        self.lst = socket.create_server(("127.0.0.1", 0), backlog=channels + 1)
+        self.port = self.lst.getsockname()[1]
+        self.channels = channels
+        self.conns: list[socket.socket] = []
+
+    def accept_all(self) -> None:
+        self.lst.settimeout(20)
+        while len(self.conns) < self.channels + 1:
+            conn, _ = self.lst.accept()
+            conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            self.conns.append(conn)
+
+    def close(self, reset: bool = False) -> None:
+        for c in self.conns:
+            if reset:
+                c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.close()
+        self.lst.close()
+
+
+def test_cancel_interrupts_blocked_page_channels(vms) -> None:
+    fake = _StallingDestination(2)
+    src = vms("src", *BIG_MEMCHECK)
+    _multifd(src, 2, "none")
+    src.wait_serial("memcheck gen 1 ok")
+    try:
+        src.cmd("migrate", uri=f"tcp:127.0.0.1:{fake.port}")
+        fake.accept_all()
+        wait_until(lambda: src.cmd("query-migrate").get("ram", {}).get("multifd-bytes", 0) > 0, 10,
+                   "pages on the page channels")
+        started = time.monotonic()
+        src.cmd("migrate_cancel")
+        info = src.wait_migration(timeout=5)
+        took = time.monotonic() - started
+    finally:
+        fake.close()
+    assert info["status"] == "cancelled"
+    assert took < 2.0, took            # blocked writes end at once (a second, plus QMP polls)
+    assert src.status() == "running"
+    assert "Traceback" not in src.stderr()
+
+
+def test_a_dead_page_channel_fails_the_source_and_the_guest_runs_on(vms) -> None:
+    fake = _StallingDestination(2)
+    src = vms("src", *BIG_MEMCHECK)
+    _multifd(src, 2, "none")
+    src.wait_serial("memcheck gen 1 ok")
+    src.cmd("migrate", uri=f"tcp:127.0.0.1:{fake.port}")
+    fake.accept_all()
+    wait_until(lambda: src.cmd("query-migrate").get("ram", {}).get("multifd-bytes", 0) > 0, 10,
+               "pages on the page channels")
+    fake.close(reset=True)
+    info = src.wait_migration()
+    assert info["status"] == "failed"
+    assert info["error-desc"] in ("Unable to write to socket: Connection reset by peer",
+                                  "Unable to write to socket: Broken pipe"), info
+    assert src.status() == "running"
+    assert "Traceback" not in src.stderr()
+
+
+def test_multifd_needs_a_multi_channel_transport(vms, tmp_path) -> None:
+    src = vms("src", *MEMCHECK)
+    _multifd(src, 2, "none")
+    for uri in (f"file:{tmp_path / 'state'}", "exec:cat > /dev/null", "fd:3"):
+        with pytest.raises(QmpFailed, match=r"Migration requires multi-channel URIs \(e.g. tcp\)"):
+            src.cmd("migrate", uri=uri)
+    assert src.status() == "running"

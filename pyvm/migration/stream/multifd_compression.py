@@ -72,12 +72,16 @@ class ZlibDecompressor:
             out = self._z.decompress(data, expected)
         except zlib.error as err:
             m = _ZLIB_CODE.search(str(err))
-            code = m.group(1) if m else str(zlib.Z_DATA_ERROR if hasattr(zlib, "Z_DATA_ERROR")
-                                             else -3)
+            code = m.group(1) if m else "-3"         # Z_DATA_ERROR
             raise MultifdPacketError(f"multifd {self.channel}: inflate returned {code} "
                                      f"instead of Z_OK") from None
         if len(out) != expected or self._z.unconsumed_tail:
-            got = len(out) + len(self._z.unconsumed_tail)
+            got = len(out)
+            if self._z.unconsumed_tail:     # how much more the packet holds (capped)
+                try:
+                    got += len(self._z.decompress(self._z.unconsumed_tail, MAX_COMPRESSED))
+                except zlib.error:
+                    pass
             raise MultifdPacketError(f"multifd {self.channel}: packet size received {got} "
                                      f"size expected {expected}")
         return out
