@@ -237,3 +237,21 @@ def test_multifd_needs_a_multi_channel_transport(vms, tmp_path) -> None:
         with pytest.raises(QmpFailed, match=r"Migration requires multi-channel URIs \(e.g. tcp\)"):
             src.cmd("migrate", uri=uri)
     assert src.status() == "running"
+
+
+@pytest.mark.parametrize("compression", ["none", "zstd"])
+def test_multifd_over_tls_upgrades_every_channel(vms, tmp_path_factory, compression) -> None:
+    from tests.pki import make_pki
+    pki = make_pki(tmp_path_factory.mktemp("pki"))
+    src = vms("src", *MEMCHECK, "-object",
+              f"tls-creds-x509,id=tls0,dir={pki['client']},endpoint=client")
+    dst = vms("dst", *MEMCHECK, "-S", "-incoming", "defer", "-object",
+              f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server,verify-peer=on")
+    for vm in (src, dst):
+        _multifd(vm, 2, compression)
+    src.cmd("migrate-set-parameters", **{"tls-creds": "tls0", "tls-hostname": "localhost"})
+    dst.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
+    dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
+    port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+    done = _migrate_and_compare(src, dst, f"tcp:127.0.0.1:{port}")
+    assert done["ram"]["multifd-bytes"] > 0

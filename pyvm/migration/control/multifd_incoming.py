@@ -6,7 +6,9 @@ migration/multifd.c ``multifd_recv_new_channel``, ``multifd_recv_thread``,
 
 - connections are accepted until the main channel and every page channel are there; the
   first four bytes tell them apart ("QEVM" starts the main stream, the multifd magic a page
-  channel, whose initial packet then names its id and must carry this VM's uuid);
+  channel, whose initial packet then names its id and must carry this VM's uuid).  With
+  TLS the first connection is the main channel: the source completes its handshake before
+  it connects the others, and writes nothing on it until they are connected;
 - one receiver thread per page channel reads packets, checks them
   (:func:`pyvm.migration.stream.multifd_format.decode_packet`) and writes their pages into
   guest RAM -- straight from the socket without compression, after inflating with zlib/zstd;
@@ -169,8 +171,9 @@ class MultifdIncoming:
     """Accepts ``channels`` page channels beside the main one and runs their receivers."""
 
     def __init__(self, channels: int, compression: str, uuid: bytes,
-                 block_memory: BlockMemory) -> None:
+                 block_memory: BlockMemory, first_is_main: bool = False) -> None:
         self.channels = channels
+        self.first_is_main = first_is_main
         self.compression = compression
         self.uuid = uuid
         self.block_memory = block_memory
@@ -210,6 +213,9 @@ class MultifdIncoming:
                     self._pending.append(conn)
                     if self.stopping:
                         raise TransportError("multifd: the incoming migration was stopped")
+                if main is None and self.first_is_main:
+                    main = conn
+                    continue
                 magic = bytearray(4)
                 if not read_exact(conn, memoryview(magic)):
                     raise TransportError("Unable to read from socket: unexpected end of input")

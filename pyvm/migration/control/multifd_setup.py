@@ -76,7 +76,7 @@ def multifd_incoming(machine: "Machine", mgr: MigrationManager,
         mem: np.ndarray = block.mem
         return mem
     return MultifdIncoming(channels, str(mgr.params["multifd-compression"]), _uuid(machine),
-                           block_memory)
+                           block_memory, first_is_main=bool(mgr.params["tls-creds"]))
 
 
 __all__ = ["multifd_config", "multifd_incoming", "needs_multiple_sockets",
