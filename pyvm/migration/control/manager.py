@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 #: capabilities this build implements (others are refused by name)
 IMPLEMENTED_CAPABILITIES = {"events", "pause-before-switchover", "x-ignore-shared", "rdma-pin-all",
                             "zero-blocks", "validate-uuid", "return-path", "x-checksum",
-                            "multifd"}
+                            "multifd", "zero-copy-send"}
 
 ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
                  MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE}

@@ -38,6 +38,8 @@ from pyvm.migration.stream.multifd_format import (MULTIFD_FLAG_NOCOMP, MULTIFD_F
                                                   PAGES_PER_PACKET, encode_initial_packet,
                                                   encode_packet)
 from pyvm.migration.transports.base import Chunk, RecordChannel, TransportError
+from pyvm.migration.transports.socket_transport import SocketOutgoing
+from pyvm.migration.transports.zero_copy import NOT_AVAILABLE, ZeroCopySocketOutgoing
 
 #: The record that tells the destination to wait for every channel's SYNC (ram.c).
 MULTIFD_FLUSH_RECORD = RAM_SAVE_FLAG_MULTIFD_FLUSH.to_bytes(8, "big")
@@ -167,7 +169,13 @@ class _Sender:
             return
         header = encode_packet(self._flag, job.packet_num, job.block, offsets,
                                n * TARGET_PAGE_SIZE)
-        self.pipe.writev([header, *_page_views(job.mem, pages)])
+        if isinstance(self.pipe, ZeroCopySocketOutgoing):
+            # the header is a Python object and goes normally; guest RAM without a copy
+            # (io/channel-socket.c, multifd.c: header first, then the pages zero-copy)
+            self.pipe.write(header)
+            self.pipe.write_zero_copy(list(_page_views(job.mem, pages)))
+        else:
+            self.pipe.writev([header, *_page_views(job.mem, pages)])
         self.data_bytes += n * TARGET_PAGE_SIZE
 
 
@@ -207,6 +215,11 @@ class MultifdChannel:
         try:
             for i in range(config.channels):
                 pipe = connect()
+                if config.zero_copy:
+                    if not isinstance(pipe, SocketOutgoing) or pipe.kind != "socket":
+                        pipe.close()
+                        raise TransportError(NOT_AVAILABLE)
+                    pipe = ZeroCopySocketOutgoing.adopt(pipe)
                 opened.append(pipe)
                 pipe.write(encode_initial_packet(config.uuid, i))
             senders = [_Sender(i, pipe, compressor(config.compression, config.zlib_level,
@@ -278,6 +291,11 @@ class MultifdChannel:
         for sender in self.senders:
             sender.wait_idle(self._cancel.is_set)
         self._check_cancel()
+        for sender in self.senders:
+            # multifd_zero_copy_flush: every zero-copy send done before the bitmap sync
+            if isinstance(sender.pipe, ZeroCopySocketOutgoing) and sender.pipe.flush_zero_copy():
+                if self.stats is not None:
+                    self.stats().dirty_sync_missed_zero_copy += 1
         self._count()
         self.main.write_stream([MULTIFD_FLUSH_RECORD])
 
