@@ -113,6 +113,7 @@ def test_corrupt_packet_stops_every_channel_with_qemus_text() -> None:
                                                "magic 11223344$"):
         incoming.flush()
     # the main channel was shut too, so the loader's read ends at once
+    assert main.read(16) == b"QEVM"                           # the bytes read to tell it apart
     with pytest.raises(Exception, match="Unable to read from socket"):
         main.readinto(bytearray(16))
     assert not dst.any()                                      # nothing was written
