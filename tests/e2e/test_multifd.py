@@ -290,3 +290,13 @@ def test_zero_copy_send_refusals(vms, tmp_path) -> None:
     assert info["status"] == "failed"
     assert info["error-desc"] == "Requested Zero Copy feature is not available"
     assert src.status() == "running"
+
+
+def test_capability_checks_see_the_parameters(vms) -> None:
+    vm = vms("vm", *MEMCHECK, "-S", "-incoming", "defer")
+    _multifd(vm, 2, "zstd")
+    with pytest.raises(QmpFailed, match="Zero copy only available for non-compressed non-TLS "
+                                        "multifd migration"):
+        _zero_copy(vm)                                  # compression was set first
+    vm.cmd("migrate-set-parameters", **{"multifd-compression": "none"})
+    _zero_copy(vm)

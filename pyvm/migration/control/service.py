@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from pyvm.errors import ConfigError, PyvmError
 from pyvm.migration.control.address import FileMigrationAddress, MigrationAddress, resolve_address
+from pyvm.migration.control.capabilities import CapabilityContext
 from pyvm.migration.control.connect import STREAMING, outgoing_opener, prepare_incoming
 from pyvm.migration.control.incoming import IncomingMigration
 from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
@@ -182,7 +183,10 @@ def set_capabilities(machine: "Machine", caps: Sequence[Mapping[str, Any]]) -> N
     if mgr.active or (mgr.incoming is not None and mgr.incoming.status is MigrationStatus.ACTIVE):
         raise _refuse("There's a migration process in progress")
     try:
-        mgr.caps.set_many([(c["capability"], c["state"]) for c in caps])
+        mgr.caps.set_many([(c["capability"], c["state"]) for c in caps], CapabilityContext(
+            incoming_started=mgr.incoming is not None,
+            multifd_compression=str(mgr.params["multifd-compression"]),
+            tls=bool(mgr.params["tls-creds"])))
     except PyvmError as err:
         raise _refuse(str(err)) from err
 
