@@ -292,6 +292,8 @@ def multifd_bench(a: argparse.Namespace) -> None:
                     for label, n, comp in MULTIFD_CASES:
                         run = multifd_once(tmp, q, mem, a.size_mib, n, comp)
                         results.setdefault((content, who, label), []).append(run)
+                        print(f"  ({content} {who} {label}: {run['wall']:.2f} s)",
+                              file=sys.stderr, flush=True)
         print(f"{a.size_mib} MiB paused guest, every page non-zero, tcp 127.0.0.1, "
               f"{os.cpu_count()} CPUs; median of {a.repeat} (min..max); "
               f"CPU s/GiB = source + destination CPU seconds per GiB of RAM")
