@@ -239,14 +239,15 @@ def multifd_once(tmp: Path, qemu: str | None, mem: Path, size_mib: int, channels
     port.close()
     if qemu is None:
         guest = ["-kernel", guest_path("memcheck.elf"), "-display", "none", "-S"]
-        dst = VmProcess(tmp, "dst", *fresh, *guest, "-incoming", "defer", serial=False)
-        src = VmProcess(tmp, "src", *backend, *guest, serial=False)
+        dst = VmProcess(tmp, "dst", *fresh, *guest, "-incoming", "defer", serial=False,
+                        connect_timeout=180)
+        src = VmProcess(tmp, "src", *backend, *guest, serial=False, connect_timeout=180)
     else:
         from qemu_compare import Vm
         base = [qemu, "-machine", "pc", "-accel", "tcg", "-nodefaults", "-m", f"{size_mib}M",
                 "-display", "none", "-S"]
-        dst = Vm(tmp, "qdst", [*base, *fresh, "-incoming", "defer"])
-        src = Vm(tmp, "qsrc", [*base, *backend])
+        dst = Vm(tmp, "qdst", [*base, *fresh, "-incoming", "defer"], connect_timeout=180)
+        src = Vm(tmp, "qsrc", [*base, *backend], connect_timeout=180)
     try:
         for vm in (src, dst):
             _multifd_settings(vm, channels, compression)
