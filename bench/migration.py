@@ -1,6 +1,7 @@
 """Migration throughput per transport, next to the raw transport moving the same bytes.
 
     .venv/bin/python bench/migration.py [--size-mib 1024] [--transports tcp,unix,file,exec,rdma] [--repeat 3]
+    .venv/bin/python bench/migration.py --multifd [--qemu] [--size-mib 256] [--repeat 3]
 
 For each transport it migrates a paused guest whose RAM is full of random bytes (a
 private mapping of a random file: every page is a PAGE record) and one whose RAM is
@@ -42,6 +43,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Callable
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from tests.vmproc import VmProcess  # noqa: E402
@@ -191,13 +194,138 @@ def migrate(tmp: Path, transport: str, src_args: list[str], dst_args: list[str])
     return {"wall": wall, "bytes": info["ram"]["transferred"], "cpu": cpu}
 
 
+# -- multifd (``--multifd``) ------------------------------------------------------------------
+MULTIFD_CASES = [("single stream", 0, "none")] + [
+    (f"multifd {n} {comp}", n, comp) for comp in ("none", "zlib", "zstd") for n in (1, 2, 4)]
+
+
+def _compressible_ram(path: Path, size_mib: int) -> None:
+    """Pages of text-like bytes (a small alphabet, random order): every page is different
+    and non-zero, and compresses about 2:1 -- a guest's page cache more than its noise."""
+    rng = np.random.default_rng(7)
+    with open(path, "wb") as f:
+        for _ in range(size_mib):
+            f.write(rng.integers(97, 113, 1 << 20, dtype="uint8").tobytes())
+
+
+def _multifd_settings(vm, channels: int, compression: str) -> None:
+    vm.cmd("migrate-set-parameters", **{"max-bandwidth": 1 << 40})
+    if channels:
+        vm.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
+        vm.cmd("migrate-set-parameters", **{"multifd-channels": channels,
+                                            "multifd-compression": compression})
+
+
+def _poll_status(vm, states: tuple[str, ...]) -> dict:
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        info = vm.cmd("query-migrate")
+        if info.get("status") in states:
+            return info
+        time.sleep(0.01)
+    raise AssertionError(f"{vm.name}: migration not in {states}")
+
+
+def multifd_once(tmp: Path, qemu: str | None, mem: Path, size_mib: int, channels: int,
+                 compression: str) -> dict:
+    """One paused guest whose RAM is ``mem`` (private mapping) migrated over tcp, pyvm to
+    pyvm or (``qemu`` given) QEMU to QEMU; both processes are started first, not timed."""
+    backend = ["-object", f"memory-backend-file,id=r,size={size_mib}M,mem-path={mem},"
+               f"share=off,prealloc=on", "-machine", "memory-backend=r"]
+    fresh = ["-object", f"memory-backend-ram,id=r,size={size_mib}M,prealloc=on",
+             "-machine", "memory-backend=r"]
+    port = socket.create_server(("127.0.0.1", 0))
+    uri = f"tcp:127.0.0.1:{port.getsockname()[1]}"
+    port.close()
+    if qemu is None:
+        guest = ["-kernel", guest_path("memcheck.elf"), "-display", "none", "-S"]
+        dst = VmProcess(tmp, "dst", *fresh, *guest, "-incoming", "defer", serial=False,
+                        connect_timeout=180)
+        src = VmProcess(tmp, "src", *backend, *guest, serial=False, connect_timeout=180)
+    else:
+        from qemu_compare import Vm
+        base = [qemu, "-machine", "pc", "-accel", "tcg", "-nodefaults", "-m", f"{size_mib}M",
+                "-display", "none", "-S"]
+        dst = Vm(tmp, "qdst", [*base, *fresh, "-incoming", "defer"], connect_timeout=180)
+        src = Vm(tmp, "qsrc", [*base, *backend], connect_timeout=180)
+    try:
+        for vm in (src, dst):
+            _multifd_settings(vm, channels, compression)
+        dst.cmd("migrate-incoming", uri=uri)
+        cpu0 = cpu_seconds(src), cpu_seconds(dst)
+        t0 = time.perf_counter()
+        src.cmd("migrate", uri=uri)
+        info = _poll_status(src, ("completed", "failed", "cancelled"))
+        done = _poll_status(dst, ("completed", "failed"))
+        wall = time.perf_counter() - t0
+        cpu = cpu_seconds(src) - cpu0[0] + cpu_seconds(dst) - cpu0[1]
+    finally:
+        src.close()
+        dst.close()
+    assert info["status"] == "completed" and done["status"] == "completed", (info, done)
+    ram = info["ram"]
+    # RAM bytes over every byte sent (main stream and page channels alike)
+    return {"wall": wall, "cpu": cpu, "ratio": size_mib * (1 << 20) / max(ram["transferred"], 1)}
+
+
+def multifd_bench(a: argparse.Namespace) -> None:
+    """Fully dirty RAM over tcp: the single stream and multifd 1/2/4 channels with
+    none/zlib/zstd, random and compressible pages, pyvm and (with ``--qemu``) QEMU in the
+    same run; the cases interleaved, each the median of ``--repeat`` runs."""
+    qemu = None
+    if a.qemu:
+        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        from qemu_compare import ensure_qemu
+        qemu = ensure_qemu()
+    size = a.size_mib << 20
+    runners = [("pyvm", None)] + ([("QEMU", qemu)] if qemu else [])
+    with tempfile.TemporaryDirectory(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as d:
+        tmp = Path(d)
+        contents = {"random": tmp / "random.ram", "compressible": tmp / "text.ram"}
+        with open(contents["random"], "wb") as f:
+            for _ in range(a.size_mib):
+                f.write(os.urandom(1 << 20))
+        _compressible_ram(contents["compressible"], a.size_mib)
+        results: dict[tuple[str, str, str], list[dict]] = {}
+        for _ in range(a.repeat):               # interleaved: noise hits every case alike
+            for content, mem in contents.items():
+                for who, q in runners:
+                    for label, n, comp in MULTIFD_CASES:
+                        run = multifd_once(tmp, q, mem, a.size_mib, n, comp)
+                        results.setdefault((content, who, label), []).append(run)
+                        print(f"  ({content} {who} {label}: {run['wall']:.2f} s)",
+                              file=sys.stderr, flush=True)
+        print(f"{a.size_mib} MiB paused guest, every page non-zero, tcp 127.0.0.1, "
+              f"{os.cpu_count()} CPUs; median of {a.repeat} (min..max); "
+              f"CPU s/GiB = source + destination CPU seconds per GiB of RAM")
+        for content in contents:
+            for who, _ in runners:
+                base = statistics.median(r["wall"] for r in results[(content, who, "single stream")])
+                for label, _, _ in MULTIFD_CASES:
+                    runs = results[(content, who, label)]
+                    walls = [r["wall"] for r in runs]
+                    wall = statistics.median(walls)
+                    cpu = statistics.median(r["cpu"] for r in runs) / (size / (1 << 30))
+                    ratio = statistics.median(r["ratio"] for r in runs)
+                    print(f"{content:>12} {who:>4} {label:<16} {wall:6.2f} s "
+                          f"({min(walls):.2f}..{max(walls):.2f}) {size / wall / 1e6:6.0f} MB/s "
+                          f"speed-up vs single {base / wall:4.2f}  compression {ratio:4.2f}:1  "
+                          f"CPU {cpu:5.2f} s/GiB", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=1024)
+    ap.add_argument("--multifd", action="store_true",
+                    help="multifd 1/2/4 channels x none/zlib/zstd vs the single stream instead")
+    ap.add_argument("--qemu", action="store_true", help="with --multifd: QEMU 7.2 too")
     ap.add_argument("--transports", default="tcp,unix,file,exec,rdma",
                     help="rdma uses libfabric's provider from PYVM_RDMA_PROVIDER (default tcp)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median is shown")
     a = ap.parse_args()
+    if a.multifd:
+        multifd_bench(a)
+        return
     size = a.size_mib << 20
     ratios = []
     walls: dict[str, float] = {}

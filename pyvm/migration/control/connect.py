@@ -25,6 +25,7 @@ from pyvm.migration.control.address import (ExecMigrationAddress, FdSocketAddres
                                             MigrationAddress, RdmaMigrationAddress,
                                             SocketMigrationAddress, UnixSocketAddress)
 from pyvm.migration.control.channel import Channel, PlacementChannel, StreamChannel
+from pyvm.migration.control.multifd_channel import MultifdChannel, MultifdConfig
 from pyvm.migration.transports import (AbortSignal, IncomingChannel, Listener, RecordChannel,
                                        TransportError,
                                        connect_inet, connect_unix, exec_incoming, exec_outgoing,
@@ -69,20 +70,30 @@ def _block_specs(blocks: BlockList) -> list[BlockSpec]:
 
 def outgoing_opener(addr: MigrationAddress, abort: AbortSignal, blocks: BlockList,
                     rdma_pin_all: bool = False,
-                    upgrade: Callable[[RecordChannel], RecordChannel] | None = None
-                    ) -> Callable[[], Channel]:
+                    upgrade: Callable[[RecordChannel], RecordChannel] | None = None,
+                    multifd: MultifdConfig | None = None) -> Callable[[], Channel]:
     """A callable that opens the outgoing channel for ``addr`` (runs on the migration thread).
 
     ``upgrade`` (TLS, pyvm.migration.control.tls_setup) turns a connected tcp/unix pipe into the
-    pipe to use."""
+    pipe to use.  ``multifd`` (tcp and unix only): the main channel and the page channels,
+    every one connected and upgraded the same way."""
     up: Callable[[RecordChannel], RecordChannel] = upgrade or (lambda pipe: pipe)
     if isinstance(addr, SocketMigrationAddress):
         sock = addr.socket
+        connect: Callable[[], RecordChannel] | None = None
         if isinstance(sock, InetSocketAddress):
-            return lambda: StreamChannel(up(connect_inet(sock.host, _port(sock.port), abort=abort,
-                                                         **_inet_kwargs(sock))))
-        if isinstance(sock, UnixSocketAddress):
-            return lambda: StreamChannel(up(connect_unix(sock.path, abort=abort)))
+            def connect() -> RecordChannel:
+                return up(connect_inet(sock.host, _port(sock.port), abort=abort,
+                                       **_inet_kwargs(sock)))
+        elif isinstance(sock, UnixSocketAddress):
+            def connect() -> RecordChannel:
+                return up(connect_unix(sock.path, abort=abort))
+        if connect is not None:
+            opener = connect
+            if multifd is not None:
+                config = multifd
+                return lambda: MultifdChannel.open(opener, config)
+            return lambda: StreamChannel(opener())
         if isinstance(sock, FdSocketAddress):
             return lambda: StreamChannel(from_fd(_fd_number(sock)))
         raise TransportError(f"socket type '{sock.type}' is not supported by pyvm")

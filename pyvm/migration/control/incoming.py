@@ -26,6 +26,7 @@ import numpy as np
 from pyvm.errors import PyvmError
 from pyvm.migration.control.manager import MigrationManager
 from pyvm.migration.control.postcopy_incoming import PostcopyDestination
+from pyvm.migration.control.multifd_incoming import MultifdIncoming
 from pyvm.migration.control.status import DestinationSnapshot, MigrationStatus, build_migration_info
 from pyvm.migration.errors import MigrationError
 from pyvm.migration.stream import ram_format
@@ -63,7 +64,8 @@ class MachineLoadTarget:
         # Pages this process never populated are zero: ZERO records for them need not read
         # them.  Taken now, when the RAM section starts; from here on only the loader
         # writes guest RAM (the vCPUs do not run while the VM is in 'inmigrate').
-        unpopulated = None if ignored else block.unpopulated()
+        # With multifd, page channels write pages the loader does not see: no known-zero map.
+        unpopulated = None if ignored or self.manager.caps["multifd"] else block.unpopulated()
         written = None if unpopulated is None else (~unpopulated).view(np.uint8)
         return ram_format.StreamBlock(block.name, block.size, block.gpa,
                                    None if ignored else block.mem, ignored, written=written)
@@ -87,8 +89,11 @@ class IncomingMigration:
     def __init__(self, manager: MigrationManager, machine: "Machine",
                  open_channel: Callable[[], IncomingChannel], exit_on_error: bool = True,
                  socket_address: list[dict[str, Any]] | None = None,
-                 on_close: Callable[[], None] | None = None) -> None:
+                 on_close: Callable[[], None] | None = None,
+                 multifd: MultifdIncoming | None = None) -> None:
         self.mgr = manager
+        #: the page channels beside the main one (multifd capability), owned here
+        self.multifd = multifd
         self.machine = machine
         self.open_channel = open_channel
         self.exit_on_error = exit_on_error
@@ -112,6 +117,8 @@ class IncomingMigration:
         self._stopping.set()
         if self.postcopy is not None:
             self.postcopy.close()      # wakes a vCPU waiting for a page that will not come
+        if self.multifd is not None:
+            self.multifd.stop()
         channel = self.channel
         if channel is not None:
             try:
@@ -123,6 +130,8 @@ class IncomingMigration:
     def join(self, timeout: float | None = None) -> None:
         if self.thread.is_alive() or self.thread.ident is not None:
             self.thread.join(timeout)
+        if self.multifd is not None:
+            self.multifd.join(timeout)
 
     def _close_listener(self) -> None:
         with self._close_lock:
@@ -142,14 +151,16 @@ class IncomingMigration:
         self.mgr.set_status(status)
 
     def _run(self, resume_from: StreamDecoder | None = None) -> None:
+        multifd = self.multifd
         if resume_from is None or self.postcopy is None or self._target is None:
             target = self._target = MachineLoadTarget(self.machine, self.mgr)
-            decoder = StreamDecoder(target, expected_sections=target.expected_sections())
+            decoder = StreamDecoder(target, expected_sections=target.expected_sections(),
+                                    on_multifd_flush=None if multifd is None else multifd.flush)
             postcopy = self.postcopy = PostcopyDestination(
                 self.mgr, self.machine, decoder, lambda: self.channel, self._set_status,
                 lambda: self._start_guest(target))
             decoder.on_command = postcopy.handle
-        else:
+        else:       # postcopy recovery (never with multifd: QEMU refuses the pair)
             target, postcopy = self._target, self.postcopy
             decoder = postcopy.decoder = StreamDecoder(target, resume_from=resume_from)
         self._decoder = decoder
@@ -173,6 +184,10 @@ class IncomingMigration:
         except MigrationError as err:
             self._fail(err.report(), str(err))
         except (PyvmError, OSError) as err:
+            failed = None if multifd is None else multifd.failure
+            if failed is not None:       # a page channel failed and stopped the main one
+                self._fail(failed.report(), str(failed))
+                return
             text = str(err)
             self._fail([text, "load of migration failed: Input/output error"], text)
         except Exception as err:  # noqa: BLE001 - any failure must end in 'failed'
@@ -185,6 +200,9 @@ class IncomingMigration:
                 postcopy.close()
             # else: a paused postcopy keeps its registration (vCPUs wait for their pages)
             # and its decoder, which a recovery carries on
+            if multifd is not None:
+                multifd.stop()
+                multifd.join()
             if self.channel is not None:
                 try:
                     self.channel.close()

@@ -35,7 +35,8 @@ if TYPE_CHECKING:
 #: capabilities this build implements (others are refused by name)
 IMPLEMENTED_CAPABILITIES = {"events", "pause-before-switchover", "x-ignore-shared", "rdma-pin-all",
                             "zero-blocks", "validate-uuid", "return-path", "x-checksum",
-                            "auto-converge", "dirty-limit", "postcopy-ram"}
+                            "auto-converge", "dirty-limit", "postcopy-ram", "multifd",
+                            "zero-copy-send"}
 
 ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
                  MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE,

@@ -14,10 +14,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 from pyvm import dirty_limit, dirty_rate
 from pyvm.errors import ConfigError, PyvmError
 from pyvm.migration.control.address import FileMigrationAddress, MigrationAddress, resolve_address
+from pyvm.migration.control.capabilities import CapabilityContext
 from pyvm.migration.control.connect import STREAMING, outgoing_opener, prepare_incoming
 from pyvm.migration.control.incoming import IncomingMigration
 from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
 from pyvm.migration.control.postcopy_source import PostcopySource
+from pyvm.migration.control.multifd_setup import (multifd_config, multifd_incoming,
+                                                  refuse_single_channel)
 from pyvm.migration.control.precopy import Precopy
 from pyvm.migration.control.status import POSTCOPY_STATES, MigrationStats, MigrationStatus
 from pyvm.migration.control.tls_setup import tls_accept, tls_upgrade
@@ -85,6 +88,7 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
     if args.get("blk") or args.get("inc"):
         raise _refuse("pyvm has no block migration: copy disk images separately")
     addr = _address(args.get("uri"), args.get("channels"), "migrate")
+    refuse_single_channel(mgr, addr)
     mode = mgr.params.mode.value
     blocker = mgr.blockers.first_for(mode)
     if blocker is not None:
@@ -101,7 +105,8 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
                                   "cpr-reboot with x-ignore-shared needs memory-backend-file,share=on")
     abort = AbortSignal()
     opener = outgoing_opener(addr, abort, lambda: _migrated_blocks(machine, mgr),
-                             mgr.caps["rdma-pin-all"], tls_upgrade(machine, mgr, addr, abort))
+                             mgr.caps["rdma-pin-all"], tls_upgrade(machine, mgr, addr, abort),
+                             multifd_config(machine, mgr))
     with mgr.lock:
         mgr.incoming = None
         mgr.stats = MigrationStats()
@@ -150,15 +155,20 @@ def start_incoming(machine: "Machine", uri: str | None,
                    from_cli: bool = False) -> None:
     mgr = migration_of(machine)
     addr = _address(uri, channels, "migrate-incoming")
+    refuse_single_channel(mgr, addr)
     if not from_cli:
         mgr.set_status(MigrationStatus.SETUP)
     try:
         prepared = prepare_incoming(addr, lambda: _migrated_blocks(machine, mgr))
     except PyvmError as err:
         raise _refuse(str(err)) from err
-    inc = IncomingMigration(mgr, machine, tls_accept(machine, mgr, prepared),
-                            exit_on_error=exit_on_error,
-                            socket_address=prepared.socket_address, on_close=prepared.close)
+    multifd = multifd_incoming(machine, mgr, prepared)
+    accept = tls_accept(machine, mgr, prepared, keep_listening=multifd is not None)
+    if multifd is not None:
+        accept = multifd.opener(accept, prepared.close)
+    inc = IncomingMigration(mgr, machine, accept, exit_on_error=exit_on_error,
+                            socket_address=prepared.socket_address, on_close=prepared.close,
+                            multifd=multifd)
     mgr.deferred_incoming = False
     mgr.incoming = inc
     inc.start()
@@ -189,7 +199,10 @@ def set_capabilities(machine: "Machine", caps: Sequence[Mapping[str, Any]]) -> N
     if mgr.active or (mgr.incoming is not None and mgr.incoming.status is MigrationStatus.ACTIVE):
         raise _refuse("There's a migration process in progress")
     try:
-        mgr.caps.set_many([(c["capability"], c["state"]) for c in caps])
+        mgr.caps.set_many([(c["capability"], c["state"]) for c in caps], CapabilityContext(
+            incoming_started=mgr.incoming is not None,
+            multifd_compression=str(mgr.params["multifd-compression"]),
+            tls=bool(mgr.params["tls-creds"])))
     except PyvmError as err:
         raise _refuse(str(err)) from err
 

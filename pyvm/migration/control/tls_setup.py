@@ -62,8 +62,11 @@ def tls_upgrade(machine: "Machine", mgr: "MigrationManager", addr: MigrationAddr
 
 
 def tls_accept(machine: "Machine", mgr: "MigrationManager",
-               prepared: "PreparedIncoming") -> Callable[[], Any]:
-    """The destination's accept: plain, or TLS-checked connections until one passes."""
+               prepared: "PreparedIncoming", keep_listening: bool = False) -> Callable[[], Any]:
+    """The destination's accept: plain, or TLS-checked connections until one passes.
+
+    ``keep_listening`` (multifd: several connections) leaves the listener open; its owner
+    closes it."""
     listener = prepared.listener
     if listener is None:
         return prepared.accept
@@ -71,7 +74,7 @@ def tls_accept(machine: "Machine", mgr: "MigrationManager",
     def accept() -> Any:
         creds_id = mgr.params["tls-creds"]
         if not creds_id:
-            return prepared.accept()
+            return listener.accept(keep_open=True) if keep_listening else prepared.accept()
         objects = machine.cfg.tls_objects
         authz_id = mgr.params["tls-authz"]
         try:
@@ -87,6 +90,7 @@ def tls_accept(machine: "Machine", mgr: "MigrationManager",
                 # migration/tls.c migration_tls_incoming_handshake: error_report, go on
                 print(f"pyvm: {err}", file=sys.stderr, flush=True)
                 continue
-            listener.close()
+            if not keep_listening:
+                listener.close()
             return tls
     return accept

@@ -208,14 +208,17 @@ class StreamDecoder:
 
     ``expect_configuration`` mirrors QEMU's send-configuration property (on by default);
     ``keep_vmdesc`` keeps the vmdesc JSON (up to 16 MiB) in the :class:`VmDescription`
-    event instead of skipping it.
+    event instead of skipping it.  ``on_multifd_flush`` is called at each
+    ``RAM_SAVE_FLAG_MULTIFD_FLUSH`` record (multifd: wait for every page channel).
     """
 
     def __init__(self, target: LoadTarget, *, expect_configuration: bool = True,
                  keep_vmdesc: bool = False,
                  expected_sections: Collection[tuple[str, int]] | None = None,
-                 resume_from: "StreamDecoder | None" = None) -> None:
+                 resume_from: "StreamDecoder | None" = None,
+                 on_multifd_flush: Callable[[], None] | None = None) -> None:
         self.target = target
+        self.on_multifd_flush = on_multifd_flush
         # None: load whatever sections come (analyzers); else each exactly once (integrity.py)
         self.tally = None if expected_sections is None else SectionTally(expected_sections)
         self.expect_configuration = expect_configuration
@@ -325,7 +328,8 @@ class StreamDecoder:
         caps = self.target.capabilities()
         if caps is None:
             caps = self.configuration.capabilities if self.configuration else ()
-        self.ram = RamLoader(self.target.ram_block, "x-ignore-shared" in caps)
+        self.ram = RamLoader(self.target.ram_block, "x-ignore-shared" in caps,
+                             on_multifd_flush=self.on_multifd_flush)
         self.checksum = CHECKSUM_CAPABILITY in caps
         yield from self._load_sections(r, _RamHandler(self.ram))
 

@@ -69,10 +69,14 @@ class RamLoader:
     ``lookup(name, length)`` returns the destination's block named ``name`` (``length`` is
     what the stream announced, 0 when a page names a block the setup did not list).
     ``ignore_shared`` is the destination's own x-ignore-shared setting.
+    ``on_multifd_flush`` runs at each ``RAM_SAVE_FLAG_MULTIFD_FLUSH`` (ram.c calls
+    ``multifd_recv_sync_main`` there); without it the record is a no-op.
     """
 
-    def __init__(self, lookup: BlockLookup, ignore_shared: bool) -> None:
+    def __init__(self, lookup: BlockLookup, ignore_shared: bool,
+                 on_multifd_flush: Callable[[], None] | None = None) -> None:
         self._lookup = lookup
+        self.on_multifd_flush = on_multifd_flush
         self.ignore_shared = ignore_shared
         self.blocks: dict[bytes, _LoadedBlock] = {}
         self._last: _LoadedBlock | None = None
@@ -258,6 +262,10 @@ class RamLoader:
                     r.pos = pos + 8
                     self._pending_total = addr
                     return _MEM_SIZE
+                elif kind == RAM_SAVE_FLAG_MULTIFD_FLUSH and self.on_multifd_flush is not None:
+                    r.pos = pos + 8
+                    self.on_multifd_flush()
+                    pos = r.pos
                 elif kind in (RAM_SAVE_FLAG_MULTIFD_FLUSH, RAM_SAVE_FLAG_HOOK):
                     # multifd sync marker without multifd, RDMA hook without RDMA: no-ops
                     pos += 8

@@ -430,6 +430,13 @@ class Listener:
     def listen_address(self) -> ListenAddress:
         return self._address
 
+    def set_backlog(self, backlog: int) -> None:
+        """Queue up to ``backlog`` connections (QEMU's migration listener queues
+        ``multifd-channels`` with multifd, migration/socket.c)."""
+        with self._lock:
+            if not self._closed:
+                self._sock.listen(max(1, backlog))
+
     def fileno(self) -> int:
         return self._sock.fileno()
 
