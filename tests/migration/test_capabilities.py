@@ -83,9 +83,10 @@ def test_unimplemented_capability_is_named() -> None:
     caps = MigrationCapabilities({"events"})
     assert refused(caps, "postcopy-ram") == "Capability 'postcopy-ram' is not supported by pyvm"
     # all or nothing: the implemented one in the same request is not applied either
-    assert refused(caps, "events", "xbzrle") == "Capability 'xbzrle' is not supported by pyvm"
+    assert refused(caps, "events", "auto-converge") == \
+        "Capability 'auto-converge' is not supported by pyvm"
     assert not caps["events"]
-    caps.set_many([("xbzrle", False)])                    # switching off is always fine
+    caps.set_many([("auto-converge", False)])             # switching off is always fine
 
 
 def test_unknown_capability_name() -> None:

@@ -16,6 +16,7 @@ from typing import Callable, Generator, Optional
 import numpy as np
 
 from pyvm.fastpath import load_page_run
+from pyvm.xbzrle import ENCODING_FLAG_XBZRLE, decode as xbzrle_decode
 from pyvm.migration.errors import StreamFormatError, StreamMismatchError, UnsupportedFeatureError
 from pyvm.migration.stream.ram_format import StreamBlock
 from pyvm.migration.stream.constants import (MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
@@ -35,6 +36,21 @@ BlockLookup = Callable[[str, int], Optional[StreamBlock]]
 
 _EOS = object()
 _MEM_SIZE = object()
+
+
+def load_xbzrle_page(encoding: int, length: int, data: memoryview, page: memoryview,
+                     addr: int) -> None:
+    """Apply one XBZRLE record's payload to the page it names (ram.c ``load_xbzrle``):
+    the encoding flag must be ENCODING_FLAG_XBZRLE, the length at most a page (``data``
+    holds the encoding then; nothing past the length word is read otherwise), and the runs
+    must decode within the page."""
+    where = f"Failed to decompress XBZRLE page at {addr:x}"
+    if encoding != ENCODING_FLAG_XBZRLE:
+        raise StreamFormatError("Failed to load XBZRLE page - wrong compression!", where)
+    if length > TARGET_PAGE_SIZE:
+        raise StreamFormatError("Failed to load XBZRLE page - len overflow!", where)
+    if xbzrle_decode(data, page) == -1:
+        raise StreamFormatError("Failed to load XBZRLE page - decode error!", where)
 
 
 def _signed64(value: int) -> int:
@@ -79,6 +95,7 @@ class RamLoader:
         self._pending_total = 0
         self.zero_pages = 0
         self.normal_pages = 0
+        self.xbzrle_pages = 0
 
     def release(self) -> None:
         """Drop the views of the destination buffers (so that an mmap can be closed)."""
@@ -187,6 +204,13 @@ class RamLoader:
                     else:
                         header = 9 + buf[pos + 8]
                     payload = 1 if kind == RAM_SAVE_FLAG_ZERO else page if kind == RAM_SAVE_FLAG_PAGE else 0
+                    if kind == RAM_SAVE_FLAG_XBZRLE:
+                        # u8 ENCODING_FLAG_XBZRLE, be16 length, the encoding (ram.c load_xbzrle)
+                        if end - pos < header + 3:
+                            r.pos = pos
+                            return header + 3
+                        length = int.from_bytes(buf[pos + header + 1:pos + header + 3], "big")
+                        payload = 3 + (length if length <= page else 0)
                     if end - pos < header + payload:
                         r.pos = pos
                         return header + payload
@@ -223,8 +247,11 @@ class RamLoader:
                                 written[addr >> TARGET_PAGE_BITS] = 0
                         self.zero_pages += 1
                     elif kind == RAM_SAVE_FLAG_XBZRLE:
-                        raise UnsupportedFeatureError(f"Failed to decompress XBZRLE page at {addr:x}",
-                                                      detail="pyvm does not implement XBZRLE")
+                        load_xbzrle_page(buf[data], int.from_bytes(buf[data + 1:data + 3], "big"),
+                                         mv[data + 3:data + payload], view[addr:addr + page], addr)
+                        if written is not None:
+                            written[addr >> TARGET_PAGE_BITS] = 1
+                        self.xbzrle_pages += 1
                     else:
                         raise StreamFormatError(f"Unknown combination of migration flags: 0x{flags:x}")
                     pos = data + payload
