@@ -31,7 +31,9 @@ from pyvm.fastpath import bitmap_to_indices
 from pyvm.migration.control.channel import (BATCH_PAGES, Channel, PageRun, PlacementChannel,
                                              zero_mask)
 from pyvm.migration.control.manager import MigrationManager
+from pyvm.migration.control import xbzrle_channel
 from pyvm.migration.control.status import MigrationStatus
+from pyvm.migration.control.xbzrle_channel import XbzrleCounters
 from pyvm.migration.stream import ram_format
 from pyvm.migration.stream.encoder import StreamEncoder
 from pyvm.migration.transports import AbortSignal
@@ -88,6 +90,11 @@ class Precopy:
         mgr.start_time = start
         try:
             channel = self.channel = self.open_channel()
+            if mgr.caps["xbzrle"] and self.mode != "cpr-reboot":
+                mgr.xbzrle = XbzrleCounters(mgr.params["xbzrle-cache-size"])
+                channel = self.channel = xbzrle_channel.wrap(
+                    channel, mgr.params["xbzrle-cache-size"], mgr.xbzrle, self.stats,
+                    lambda: self.stats.dirty_sync_count, lambda: self._final_section)
             if channel.note:
                 self.machine.log.log("migration", channel.note)
             if self.enc.checksum and isinstance(channel, PlacementChannel):
