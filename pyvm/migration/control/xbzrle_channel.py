@@ -160,7 +160,7 @@ class XbzrleChannel:
                                      name, cache.data, cache.addr,
                                      cache.age, base, gen, self.started, last, self._out, counters)
             if nbytes:
-                self.inner.pipe.writev([memoryview(self._out)[:nbytes]])
+                self.inner.pipe.writev([self._out[:nbytes].data])
                 name = _NO_PAGES
             self.counters.add(counters, end - start)
             zero = int(counters[_IDX["zero"]])
