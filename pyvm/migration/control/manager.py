@@ -36,7 +36,7 @@ if TYPE_CHECKING:
 #: capabilities this build implements (others are refused by name)
 IMPLEMENTED_CAPABILITIES = {"events", "pause-before-switchover", "x-ignore-shared", "rdma-pin-all",
                             "zero-blocks", "validate-uuid", "return-path", "x-checksum",
-                            "xbzrle"}
+                            "xbzrle", "mapped-ram"}
 
 ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
                  MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE}

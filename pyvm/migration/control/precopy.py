@@ -31,7 +31,8 @@ from pyvm.fastpath import bitmap_to_indices
 from pyvm.migration.control.channel import (BATCH_PAGES, Channel, PageRun, PlacementChannel,
                                              zero_mask)
 from pyvm.migration.control.manager import MigrationManager
-from pyvm.migration.control import xbzrle_channel
+from pyvm.migration.control.mapped_ram_channel import MappedRamChannel
+from pyvm.migration.control import mapped_ram_channel, xbzrle_channel
 from pyvm.migration.control.status import MigrationStatus
 from pyvm.migration.control.xbzrle_channel import XbzrleCounters
 from pyvm.migration.stream import ram_format
@@ -95,6 +96,11 @@ class Precopy:
                 channel = self.channel = xbzrle_channel.wrap(
                     channel, mgr.params["xbzrle-cache-size"], mgr.xbzrle, self.stats,
                     lambda: self.stats.dirty_sync_count, lambda: self._final_section)
+            if mgr.caps["mapped-ram"]:
+                if self.enc.checksum:
+                    raise RuntimeError("x-checksum is not supported with mapped-ram")
+                threads = mgr.params["multifd-channels"] if mgr.caps["multifd"] else 1
+                channel = self.channel = mapped_ram_channel.wrap(channel, threads)
             if channel.note:
                 self.machine.log.log("migration", channel.note)
             if self.enc.checksum and isinstance(channel, PlacementChannel):
@@ -136,7 +142,9 @@ class Precopy:
                         for b in m.ram]
         self._codec_blocks = {b.name: cb for b, cb in zip(m.ram, codec_blocks)}
         self._block_index = {b.name: i for i, b in enumerate(self._blocks())}
-        self._send(self.enc.ram_setup(codec_blocks, ignore_shared))
+        channel = self._channel()
+        trailer = channel.block_trailer if isinstance(channel, MappedRamChannel) else None
+        self._send(self.enc.ram_setup(codec_blocks, ignore_shared, trailer))
         self.stats.total = sum(b.size for b in self._blocks())
         if self.mode == "cpr-reboot":
             # The VM stops first and no dirty tracking is needed: one pass over stopped RAM.

@@ -303,7 +303,8 @@ class StreamDecoder:
         caps = self.target.capabilities()
         if caps is None:
             caps = self.configuration.capabilities if self.configuration else ()
-        self.ram = RamLoader(self.target.ram_block, "x-ignore-shared" in caps)
+        self.ram = RamLoader(self.target.ram_block, "x-ignore-shared" in caps,
+                             mapped_ram="mapped-ram" in caps)
         self.checksum = CHECKSUM_CAPABILITY in caps
         ram_handler = _RamHandler(self.ram)
         while True:

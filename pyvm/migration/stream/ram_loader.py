@@ -17,7 +17,10 @@ import numpy as np
 
 from pyvm.fastpath import load_page_run
 from pyvm.xbzrle import ENCODING_FLAG_XBZRLE, decode as xbzrle_decode
-from pyvm.migration.errors import StreamFormatError, StreamMismatchError, UnsupportedFeatureError
+from pyvm.migration.errors import (StreamFormatError, StreamMismatchError, TruncatedStreamError,
+                                   UnsupportedFeatureError)
+from pyvm.migration.stream.mapped_ram import (HEADER_SIZE, MAPPED_RAM_HDR_VERSION, MappedRamHeader,
+                                              bitmap_size, unpack_bitmap)
 from pyvm.migration.stream.ram_format import StreamBlock
 from pyvm.migration.stream.constants import (MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
                                              RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
@@ -87,9 +90,13 @@ class RamLoader:
     ``ignore_shared`` is the destination's own x-ignore-shared setting.
     """
 
-    def __init__(self, lookup: BlockLookup, ignore_shared: bool) -> None:
+    def __init__(self, lookup: BlockLookup, ignore_shared: bool, mapped_ram: bool = False) -> None:
         self._lookup = lookup
         self.ignore_shared = ignore_shared
+        #: mapped-ram: each block entry is followed by a header, its bitmap and its pages
+        #: (pyvm.migration.stream.mapped_ram); ``_origin`` is the file offset of stream byte 0
+        self.mapped_ram = mapped_ram
+        self._origin: int | None = None
         self.blocks: dict[bytes, _LoadedBlock] = {}
         self._last: _LoadedBlock | None = None
         self._pending_total = 0
@@ -144,6 +151,8 @@ class RamLoader:
                     raise StreamMismatchError(f"Mismatched GPAs for block {name} "
                                               f"{_signed64(gpa)}!= {_signed64(block.gpa)}")
             self.blocks[raw] = _LoadedBlock(block)
+            if self.mapped_ram:
+                yield from load_mapped_block(self, r, self.blocks[raw], length)
             if length > total:
                 raise StreamFormatError(detail="RAM block lengths exceed the MEM_SIZE total")
             total -= length
@@ -273,3 +282,71 @@ class RamLoader:
         finally:
             mv.release()
             whole.release()
+
+
+#: bytes of a mapped-ram pages region taken from the stream at a time
+MAPPED_RAM_LOAD_BUF_SIZE = 1 << 20
+
+
+def load_mapped_block(loader: RamLoader, r: StreamReader, loaded: _LoadedBlock,
+                      length: int) -> Generator[None, None, None]:
+    """One block of a mapped-ram file (ram.c ``parse_ramblock_mapped_ram``): its header,
+    then its bitmap and the pages whose bit is set, read in file order; the stream goes
+    on after the pages region.  Absent pages are left as they are (zero in a fresh VM)."""
+    name = loaded.block.name
+    raw = yield from r.read_bytes(HEADER_SIZE, f"the mapped-ram header of RAM block {name}")
+    header = MappedRamHeader.unpack(raw)
+    if header.version > MAPPED_RAM_HDR_VERSION:
+        raise StreamFormatError("Migration mapped-ram capability version not supported "
+                                f"(expected <= {MAPPED_RAM_HDR_VERSION}, got {header.version})")
+    if loaded.block.ignored and header.bitmap_offset == 0 and header.pages_offset == 0:
+        return
+    if header.pages_offset % TARGET_PAGE_SIZE:
+        raise StreamFormatError(f"Error reading ramblock {name} pages, region has bad alignment")
+    if header.page_size != TARGET_PAGE_SIZE:
+        raise StreamMismatchError(f"Mapped-ram page size {header.page_size} of RAM block {name} "
+                                  f"is not {TARGET_PAGE_SIZE}")
+    # The bitmap follows the header in every file QEMU and pyvm write: that fixes where the
+    # stream starts in the file (file: URIs may carry an offset).
+    here = r.offset
+    if loader._origin is None:
+        loader._origin = header.bitmap_offset - here
+    position = loader._origin + here
+    size = bitmap_size(length)
+    if header.bitmap_offset != position or header.pages_offset < position + size:
+        raise StreamFormatError("Error reading dirty bitmap",
+                                detail=f"RAM block {name}: bitmap at {header.bitmap_offset:#x}, "
+                                       f"pages at {header.pages_offset:#x}, stream at {position:#x}")
+    bitmap = yield from r.read_bytes(size, f"the mapped-ram bitmap of RAM block {name}")
+    npages = length >> TARGET_PAGE_BITS
+    present = unpack_bitmap(bitmap, npages)
+    gap = header.pages_offset - (position + size)
+    if not (yield from r.skip_or_end(gap)):
+        raise StreamFormatError("Error reading dirty bitmap")
+    view = loaded.view
+    if view is None:
+        raise StreamFormatError(f"page outside of ramblock {name} range")
+    written = loaded.written
+    page = 0
+    chunk_pages = MAPPED_RAM_LOAD_BUF_SIZE >> TARGET_PAGE_BITS
+    while page < npages:
+        n = min(chunk_pages, npages - page)
+        want = present[page:page + n]
+        if want.any():
+            yield from r.wait(n * TARGET_PAGE_SIZE, f"the mapped-ram pages of RAM block {name}")
+            src = np.frombuffer(r.buffer, dtype=np.uint8, count=n * TARGET_PAGE_SIZE,
+                                offset=r.pos).reshape(n, TARGET_PAGE_SIZE)
+            idx = np.flatnonzero(want)
+            ram = np.frombuffer(view, dtype=np.uint8)
+            dst = ram[page * TARGET_PAGE_SIZE:(page + n) * TARGET_PAGE_SIZE].reshape(
+                n, TARGET_PAGE_SIZE)
+            dst[idx] = src[idx]
+            del src, dst, ram       # no export of a buffer may outlive a wait
+            if written is not None:
+                written[page + idx] = 1
+            loader.normal_pages += int(idx.size)
+            r.skip(n * TARGET_PAGE_SIZE)
+        elif not (yield from r.skip_or_end(n * TARGET_PAGE_SIZE)):
+            raise TruncatedStreamError(what=f"the mapped-ram pages of RAM block {name}",
+                                       offset=r.offset)
+        page += n
