@@ -97,6 +97,8 @@ class RamLoader:
         #: (pyvm.migration.stream.mapped_ram); ``_origin`` is the file offset of stream byte 0
         self.mapped_ram = mapped_ram
         self._origin: int | None = None
+        #: mapped-ram: per block, its header fields and the pages its bitmap holds
+        self.mapped_blocks: dict[str, dict[str, int]] = {}
         self.blocks: dict[bytes, _LoadedBlock] = {}
         self._last: _LoadedBlock | None = None
         self._pending_total = 0
@@ -320,6 +322,10 @@ def load_mapped_block(loader: RamLoader, r: StreamReader, loaded: _LoadedBlock,
     bitmap = yield from r.read_bytes(size, f"the mapped-ram bitmap of RAM block {name}")
     npages = length >> TARGET_PAGE_BITS
     present = unpack_bitmap(bitmap, npages)
+    loader.mapped_blocks[name] = {"version": header.version, "page_size": header.page_size,
+                                  "bitmap_offset": header.bitmap_offset,
+                                  "pages_offset": header.pages_offset,
+                                  "pages": int(np.count_nonzero(present))}
     gap = header.pages_offset - (position + size)
     if not (yield from r.skip_or_end(gap)):
         raise StreamFormatError("Error reading dirty bitmap")
@@ -346,6 +352,10 @@ def load_mapped_block(loader: RamLoader, r: StreamReader, loaded: _LoadedBlock,
                 written[page + idx] = 1
             loader.normal_pages += int(idx.size)
             r.skip(n * TARGET_PAGE_SIZE)
+            observer = loaded.block.on_page
+            if observer is not None:
+                for i in idx.tolist():
+                    observer((page + i) << TARGET_PAGE_BITS, False)
         elif not (yield from r.skip_or_end(n * TARGET_PAGE_SIZE)):
             raise TruncatedStreamError(what=f"the mapped-ram pages of RAM block {name}",
                                        offset=r.offset)
