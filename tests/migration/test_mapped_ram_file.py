@@ -136,3 +136,46 @@ def test_qemu_analyze_migration_reads_pyvm_mapped_ram(tmp_path: Path) -> None:
     (tmp_path / "x").mkdir()
     _qemu_analyze(path, "-x", cwd=tmp_path / "x")
     assert (tmp_path / "x" / "pc.ram").read_bytes() == bytes(ram)
+
+
+def _o_direct_works(directory: Path) -> bool:
+    import os
+
+    probe = directory / "probe"
+    probe.write_bytes(b"")
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_DIRECT))
+        return True
+    except OSError:
+        return False
+
+
+def test_direct_io_page_writes(tmp_path: Path) -> None:
+    from pyvm.migration.transports.base import TransportError
+
+    import mmap
+
+    ram = mmap.mmap(-1, 300 * PAGE)          # page aligned, as guest RAM is (O_DIRECT needs it)
+    ram[:] = make_ram(300)
+    path = tmp_path / "d.state"
+    if not _o_direct_works(tmp_path):
+        with pytest.raises(TransportError, match=r"^Could not open '.*d\.state': Invalid argument$"):
+            MappedRamChannel(StreamChannel(file_outgoing(str(path))), 0, 2, direct_io=True)
+        return
+    channel = MappedRamChannel(StreamChannel(file_outgoing(str(path))), 0, 2, direct_io=True)
+    block = StreamBlock("pc.ram", len(ram), 0, ram)
+    enc = StreamEncoder()
+    channel.write_stream(enc.header())
+    channel.write_stream(enc.configuration("pc-i440fx-8.2", ["mapped-ram"]))
+    channel.write_stream(enc.ram_setup([block], False, channel.block_trailer))
+    channel.write_stream(enc.ram_section_begin(final=True))
+    for _ in channel.send_pages(PageRun(block, 0, np.arange(300))):
+        pass
+    channel.write_stream(enc.ram_eos())
+    channel.write_stream(enc.globalstate("running"))
+    channel.write_stream(enc.eof_and_vmdesc())
+    channel.flush()
+    channel.close()
+    dst = bytearray(len(ram))
+    _load(path, [StreamBlock("pc.ram", len(ram), 0, dst)])
+    assert dst == ram[:]

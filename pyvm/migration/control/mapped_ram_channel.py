@@ -15,6 +15,8 @@ the place of the file's :class:`~pyvm.migration.control.channel.StreamChannel`:
 
 With ``multifd`` on, ``multifd-channels`` threads write the pages of each batch in
 parallel (``pwritev`` releases the GIL); there are no multifd packets in a mapped-ram file.
+With ``multifd`` and the ``direct-io`` parameter (QEMU 9.1 ``migrate_direct_io``) they
+write through an ``O_DIRECT`` descriptor.
 The threads belong to the channel and are joined by :meth:`close`.
 """
 
@@ -55,11 +57,23 @@ class MappedRamChannel:
     """A file written by position; ``pipe`` is the opened ``file:`` channel (its descriptor
     and its ``offset`` are used; it is fsynced and closed by :meth:`close`)."""
 
-    def __init__(self, pipe: StreamChannel, origin: int, threads: int = 1) -> None:
+    def __init__(self, pipe: StreamChannel, origin: int, threads: int = 1,
+                 direct_io: bool = False) -> None:
         if not isinstance(pipe.pipe, FileOutgoing):
             raise TransportError("Migration requires seekable transport (e.g. file)")
         self.pipe = pipe.pipe
         self._fd: int = self.pipe.fileno()
+        # direct-io: the page threads write through a descriptor of their own opened
+        # O_DIRECT (QEMU file.c file_send_channel_create); slots are 4 KiB aligned in the
+        # file and in guest RAM, as O_DIRECT wants.  Stream bytes stay buffered.
+        self._page_fd = self._fd
+        if direct_io:
+            try:
+                self._page_fd = os.open(self.pipe.filename,
+                                        os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC)
+            except OSError as err:
+                raise TransportError(f"Could not open '{self.pipe.filename}': "
+                                     f"{os.strerror(err.errno or 0)}", errno=err.errno) from err
         self._file_pos = origin          # where the next stream byte goes
         self._logical = 0                # stream bytes written so far
         self._jumps: list[tuple[int, int]] = []   # (stream offset, file offset) still ahead
@@ -166,7 +180,7 @@ class MappedRamChannel:
         written = 0
         try:
             while data.nbytes:
-                n = os.pwritev(self._fd, [data[:_IOV_MAX * TARGET_PAGE_SIZE]], offset)
+                n = os.pwritev(self._page_fd, [data[:_IOV_MAX * TARGET_PAGE_SIZE]], offset)
                 data, offset, written = data[n:], offset + n, written + n
         except OSError as err:
             raise TransportError(f"Unable to write to file: {os.strerror(err.errno or 0)}",
@@ -190,6 +204,9 @@ class MappedRamChannel:
         try:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            if self._page_fd != self._fd:
+                os.close(self._page_fd)
+                self._page_fd = self._fd
         finally:
             self.pipe.close()
 
@@ -204,11 +221,11 @@ def refusal(addr: MigrationAddress, tls: bool, compression: str) -> str | None:
     return None
 
 
-def wrap(channel: Channel, threads: int) -> Channel:
+def wrap(channel: Channel, threads: int, direct_io: bool = False) -> Channel:
     """The opened ``file:`` channel as a mapped-ram file."""
     if not isinstance(channel, StreamChannel) or not isinstance(channel.pipe, FileOutgoing):
         raise TransportError("Migration requires seekable transport (e.g. file)")
-    return MappedRamChannel(channel, channel.pipe.offset, threads)
+    return MappedRamChannel(channel, channel.pipe.offset, threads, direct_io)
 
 
 __all__ = ["MAPPED_BATCH_PAGES", "MappedRamChannel", "refusal", "wrap"]

@@ -87,6 +87,8 @@ PARAMETER_SPECS: tuple[ParameterSpec, ...] = (
     ParameterSpec("x-vcpu-dirty-limit-period", "uint64", 1000),  # ms
     ParameterSpec("vcpu-dirty-limit", "uint64", 1),             # MB/s
     ParameterSpec("mode", "MigMode", MigMode.NORMAL.value),
+    # 9.1: O_DIRECT for the page writes of mapped-ram with multifd (migrate_direct_io)
+    ParameterSpec("direct-io", "bool", False),
 )
 SPECS_BY_NAME: dict[str, ParameterSpec] = {spec.name: spec for spec in PARAMETER_SPECS}
 

@@ -99,8 +99,10 @@ class Precopy:
             if mgr.caps["mapped-ram"]:
                 if self.enc.checksum:
                     raise RuntimeError("x-checksum is not supported with mapped-ram")
-                threads = mgr.params["multifd-channels"] if mgr.caps["multifd"] else 1
-                channel = self.channel = mapped_ram_channel.wrap(channel, threads)
+                multifd = mgr.caps["multifd"]
+                channel = self.channel = mapped_ram_channel.wrap(
+                    channel, mgr.params["multifd-channels"] if multifd else 1,
+                    multifd and mgr.params["direct-io"])
             if channel.note:
                 self.machine.log.log("migration", channel.note)
             if self.enc.checksum and isinstance(channel, PlacementChannel):
