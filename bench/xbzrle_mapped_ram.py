@@ -11,11 +11,11 @@
    (``ram.transferred`` over ``normal + duplicate`` pages, plus xbzrle's cache hits),
    rounds, bytes in total, and xbzrle's statistics.  The same guest and settings on
    QEMU 7.2 (TCG), plain and xbzrle, when ``qemu-system-x86_64`` is installed.
-2. **mapped-ram save/restore** -- a paused ``memcheck.elf`` guest whose 256 MiB of a
-   512 MiB RAM hold data, saved to a file and restored (``-incoming defer`` +
-   ``migrate-incoming``), plain file stream and mapped-ram interleaved: save time
-   (``migrate`` to ``completed``), restore time (``migrate-incoming`` to ``completed``),
-   file size.
+2. **mapped-ram save/restore** -- a paused 512 MiB guest whose RAM is full of random bytes
+   (a private mapping of a random file, as in bench/migration.py: every page is data),
+   saved to a file on disk and restored (``-incoming defer`` + ``migrate-incoming``),
+   plain file stream and mapped-ram interleaved: save time (``migrate`` to
+   ``completed``), restore time (``migrate-incoming`` to ``completed``), file size.
 3. **a live save of a guest that keeps writing** -- ``dirty.elf`` (``rate=0`` over 32 MiB
    of a 128 MiB guest) saved to a file for ``--live-seconds`` with a downtime limit of 0
    and ``max-bandwidth`` 64 MiB/s, then allowed to finish: the file size with the plain
@@ -51,8 +51,7 @@ DIRTY_XBZRLE = ["-m", "128M", "-kernel", guest_path("dirty.elf"), "-append",
                 "start=1 size=16 rate=0", "-display", "none"]
 DIRTY_LIVE = ["-m", "128M", "-kernel", guest_path("dirty.elf"), "-append",
               "start=1 size=32 rate=0", "-display", "none"]
-MEMCHECK = ["-m", "512M", "-kernel", guest_path("memcheck.elf"), "-append",
-            "start=1 size=256", "-display", "none"]
+SAVE_MIB = 512
 
 
 def spread(values: list[float]) -> str:
@@ -127,13 +126,14 @@ def qemu_xbzrle(tmp: Path, xbzrle: bool, seconds: float) -> dict[str, float]:
 
 # -- 2. mapped-ram save and restore ----------------------------------------------------------------
 
-def save_restore(tmp: Path, mapped: bool) -> dict[str, float]:
+def save_restore(tmp: Path, rand: Path, mapped: bool) -> dict[str, float]:
     state = tmp / ("m.state" if mapped else "p.state")
     state.unlink(missing_ok=True)
-    src = VmProcess(tmp, "ss", *MEMCHECK)
+    guest = ["-m", f"{SAVE_MIB}M", "-kernel", guest_path("memcheck.elf"), "-display", "none"]
+    src = VmProcess(tmp, "ss", *guest, "-S", "-object",
+                    f"memory-backend-file,id=r,size={SAVE_MIB}M,mem-path={rand},share=off",
+                    "-machine", "memory-backend=r", serial=False)
     try:
-        src.wait_serial("memcheck gen 1 ok", timeout=120)
-        src.cmd("stop")
         if mapped:
             caps(src, "mapped-ram")
         t0 = time.perf_counter()
@@ -142,7 +142,9 @@ def save_restore(tmp: Path, mapped: bool) -> dict[str, float]:
         save = time.perf_counter() - t0
     finally:
         src.close()
-    dst = VmProcess(tmp, "sd", *MEMCHECK, "-S", "-incoming", "defer")
+    dst = VmProcess(tmp, "sd", *guest, "-S", "-incoming", "defer", "-object",
+                    f"memory-backend-ram,id=r,size={SAVE_MIB}M", "-machine", "memory-backend=r",
+                    serial=False)
     try:
         if mapped:
             caps(dst, "mapped-ram")
@@ -229,9 +231,14 @@ def main() -> None:
             print(f"qemu_xbzrle_bytes_ratio={med['qemu xbzrle'] / med['qemu plain']:.4f}")
             print(f"qemu_xbzrle_ratio={med['pyvm xbzrle'] / med['qemu xbzrle']:.3f}")
 
-        m = interleaved(args.repeat, {"plain file": lambda: save_restore(tmp, False),
-                                      "mapped-ram": lambda: save_restore(tmp, True)})
-        print("save/restore: memcheck 256 MiB of data in 512 MiB, paused")
+        rand = tmp / "random.ram"
+        with open(rand, "wb") as f:
+            for _ in range(SAVE_MIB):
+                f.write(os.urandom(1 << 20))
+        m = interleaved(args.repeat, {"plain file": lambda: save_restore(tmp, rand, False),
+                                      "mapped-ram": lambda: save_restore(tmp, rand, True)})
+        rand.unlink()
+        print(f"save/restore: {SAVE_MIB} MiB of random bytes, paused, file on disk")
         for name, runs in m.items():
             print(f"  {name:12s} save s {spread(col(runs, 'save'))}  restore s "
                   f"{spread(col(runs, 'restore'))}  file MB {spread(col(runs, 'size'))}")
