@@ -1,10 +1,10 @@
 """Build of pyvm's Cython extensions; all metadata lives in pyproject.toml.
 
-``pyvm._fastpath`` (dirty tracking, page scans) and ``pyvm._pagestream`` (the migration
-stream's page records) are always built; they share ``pyvm/_kernels.h``.  The rdma transport's
-libfabric binding is built when libfabric's headers are installed (Debian: libfabric-dev);
-without them pyvm works and ``rdma:`` reports what is missing.  Set PYVM_NO_LIBFABRIC=1
-to skip it.
+``pyvm._fastpath`` (dirty tracking, page scans), ``pyvm._pagestream`` (the migration
+stream's page records) and ``pyvm._xbzrle`` (XBZRLE page deltas) are always built; they
+share ``pyvm/_kernels.h``.  The rdma transport's libfabric binding is built when
+libfabric's headers are installed (Debian: libfabric-dev); without them pyvm works and
+``rdma:`` reports what is missing.  Set PYVM_NO_LIBFABRIC=1 to skip it.
 """
 
 import os
@@ -39,6 +39,8 @@ extensions = [
         extra_compile_args=["-O3"],
     ),
     Extension("pyvm._pagestream", ["pyvm/_pagestream.pyx"], include_dirs=["pyvm"],
+              extra_compile_args=["-O3"]),
+    Extension("pyvm._xbzrle", ["pyvm/_xbzrle.pyx"], include_dirs=["pyvm"],
               extra_compile_args=["-O3"]),
 ]
 fabric = libfabric_flags()

@@ -1,7 +1,9 @@
 """pyvm-analyze: show what a migration stream contains, as JSON.
 
 Works on any stream pyvm or QEMU wrote to a file (``migrate file:...`` or
-``exec:cat > FILE``), with the options of QEMU's scripts/analyze-migration.py::
+``exec:cat > FILE``), mapped-ram files included (their RAM section then lists each block's
+header and the number of pages its bitmap holds under ``"mapped-ram"``), with the options
+of QEMU's scripts/analyze-migration.py::
 
     pyvm-analyze -f FILE              device state, one JSON object per section
     pyvm-analyze -f FILE -m           ... plus the contents of every RAM page sent
@@ -188,6 +190,10 @@ def read_state(data: Any, vmdesc: dict[str, Any], dump_memory: bool = False,
                 else:
                     loader = target.loaders.get((event.idstr, event.instance_id))
                     state[key] = loader.values if loader else {}
+        if decoder.ram is not None and decoder.ram.mapped_blocks:
+            # mapped-ram files: each block's header and how many pages its bitmap holds
+            ram["mapped-ram"] = {name: dict(info)
+                                 for name, info in decoder.ram.mapped_blocks.items()}
         if dump_memory:
             ram["memory"] = target.memory_dump()
     finally:

@@ -11,7 +11,7 @@ Every failure the codec detects is a :class:`MigrationError`::
           |                                 type, capabilities, unknown device or RAM block,
           |                                 sizes, versions
           +-- UnsupportedFeatureError       a QEMU feature pyvm does not implement (commands,
-          |                                 XBZRLE, compressed pages)
+          |                                 compressed pages)
           +-- EncodeError                   the encoder was given state it cannot write
           +-- DecoderStoppedError           input fed to a decoder that already failed
 

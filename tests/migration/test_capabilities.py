@@ -18,9 +18,11 @@ QEMU_82_CAPABILITIES = [
     "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
     "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
 ]
+# QEMU 9.0 appends mapped-ram.
+QEMU_90_ADDITIONS = ["mapped-ram"]
 # pyvm's own capabilities follow QEMU's, all x- prefixed (unstable, off by default).
 PYVM_CAPABILITIES = ["x-checksum"]
-ALL_CAPABILITIES = QEMU_82_CAPABILITIES + PYVM_CAPABILITIES
+ALL_CAPABILITIES = QEMU_82_CAPABILITIES + QEMU_90_ADDITIONS + PYVM_CAPABILITIES
 
 
 def every() -> MigrationCapabilities:
@@ -71,7 +73,7 @@ def test_later_entry_wins() -> None:
 def test_validated_capabilities() -> None:
     # QEMU 8.2 validates x-ignore-shared; pyvm's x-checksum changes the stream, so both
     # ends must agree on it too
-    assert [c.value for c in VALIDATED_CAPABILITIES] == ["x-ignore-shared", "x-checksum"]
+    assert [c.value for c in VALIDATED_CAPABILITIES] == ["x-ignore-shared", "mapped-ram", "x-checksum"]
     caps = MigrationCapabilities({"events", "x-ignore-shared"})
     caps.set_many([("events", True)])
     assert caps.validated() == []
@@ -83,9 +85,10 @@ def test_unimplemented_capability_is_named() -> None:
     caps = MigrationCapabilities({"events"})
     assert refused(caps, "postcopy-ram") == "Capability 'postcopy-ram' is not supported by pyvm"
     # all or nothing: the implemented one in the same request is not applied either
-    assert refused(caps, "events", "xbzrle") == "Capability 'xbzrle' is not supported by pyvm"
+    assert refused(caps, "events", "auto-converge") == \
+        "Capability 'auto-converge' is not supported by pyvm"
     assert not caps["events"]
-    caps.set_many([("xbzrle", False)])                    # switching off is always fine
+    caps.set_many([("auto-converge", False)])             # switching off is always fine
 
 
 def test_unknown_capability_name() -> None:
@@ -183,3 +186,18 @@ def test_deprecation_warnings() -> None:
         "block migration is deprecated; use blockdev-mirror with NBD instead",
         "old compression method is deprecated; use multifd compression methods instead"]
     assert caps.set_many([("block", False), ("compress", False)]) == []
+
+
+@pytest.mark.parametrize("caps,text", [
+    (("mapped-ram", "xbzrle"), "Mapped-ram migration is incompatible with xbzrle"),
+    (("mapped-ram", "compress"), "Mapped-ram migration is incompatible with compression"),
+    (("mapped-ram", "postcopy-ram"), "Mapped-ram migration is incompatible with postcopy"),
+])
+def test_mapped_ram_refusals_are_qemu_90s(caps, text) -> None:
+    assert refused(every(), *caps) == text
+
+
+def test_mapped_ram_goes_with_multifd() -> None:
+    caps = every()
+    caps.set_many([("mapped-ram", True), ("multifd", True)])
+    assert caps["mapped-ram"] and caps["multifd"]

@@ -26,6 +26,7 @@ QEMU_72_DEFAULTS = json.loads(
     ' "max-bandwidth": 134217728, "x-checkpoint-delay": 20000, "cpu-throttle-increment": 10}')
 QEMU_82_ADDITIONS = {"avail-switchover-bandwidth": 0, "x-vcpu-dirty-limit-period": 1000,
                      "vcpu-dirty-limit": 1, "mode": "normal"}
+QEMU_91_ADDITIONS = {"direct-io": False}
 
 
 def refused(params: MigrationParameters, changes: dict[str, Any], **kw: Any) -> str:
@@ -39,7 +40,8 @@ def refused(params: MigrationParameters, changes: dict[str, Any], **kw: Any) -> 
 
 def test_defaults_equal_qemu() -> None:
     assert len(QEMU_72_DEFAULTS) == 26
-    assert MigrationParameters().query() == {**QEMU_72_DEFAULTS, **QEMU_82_ADDITIONS}
+    assert MigrationParameters().query() == {**QEMU_72_DEFAULTS, **QEMU_82_ADDITIONS,
+                                             **QEMU_91_ADDITIONS}
 
 
 def test_query_follows_schema_member_order() -> None:

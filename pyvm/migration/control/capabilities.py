@@ -1,7 +1,7 @@
 """Migration capabilities: ``migrate-set-capabilities`` and ``query-migrate-capabilities``.
 
 The capability list is QEMU 8.2's ``MigrationCapability`` enum (qapi/migration.json), in
-enum order; every capability starts off.  :class:`MigrationCapabilities` holds one VM's switches and
+enum order, with 9.0's ``mapped-ram`` after ``dirty-limit``; every capability starts off.  :class:`MigrationCapabilities` holds one VM's switches and
 applies a ``migrate-set-capabilities`` request the way QEMU does (migration/options.c
 ``qmp_migrate_set_capabilities`` and ``migrate_caps_check``): the request is merged into a
 copy, the whole new set is checked, and only then committed -- all or nothing.
@@ -54,6 +54,7 @@ class MigrationCapability(str, Enum):
     POSTCOPY_PREEMPT = "postcopy-preempt"                # 7.1
     SWITCHOVER_ACK = "switchover-ack"                    # 8.1
     DIRTY_LIMIT = "dirty-limit"                          # 8.1
+    MAPPED_RAM = "mapped-ram"                            # 9.0 (after dirty-limit, as in 9.x)
     X_CHECKSUM = "x-checksum"                            # pyvm only (migration/integrity.py)
 
 
@@ -155,6 +156,14 @@ def check_compatibility(new: dict[MigrationCapability, bool],
         raise CapabilityError("Multifd is not compatible with xbzrle")
     if new[Cap.COMPRESS] and new[Cap.XBZRLE]:
         raise CapabilityError("Compression is not compatible with xbzrle")
+    if new[Cap.MAPPED_RAM]:
+        # QEMU 9.0 options.c migrate_caps_check
+        if new[Cap.XBZRLE]:
+            raise CapabilityError("Mapped-ram migration is incompatible with xbzrle")
+        if new[Cap.COMPRESS]:
+            raise CapabilityError("Mapped-ram migration is incompatible with compression")
+        if new[Cap.POSTCOPY_RAM]:
+            raise CapabilityError("Mapped-ram migration is incompatible with postcopy")
     return warnings
 
 

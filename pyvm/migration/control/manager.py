@@ -25,7 +25,8 @@ from pyvm.migration.control.blockers import BlockerRegistry
 from pyvm.migration.control.capabilities import MigrationCapabilities
 from pyvm.migration.control.parameters import MigrationParameters
 from pyvm.migration.control.status import (MigrationStats, MigrationStatus, SourceSnapshot,
-                                   build_migration_info)
+                                   XbzrleCacheStats, build_migration_info)
+from pyvm.migration.control.xbzrle_channel import XbzrleCounters
 from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
@@ -36,7 +37,7 @@ if TYPE_CHECKING:
 IMPLEMENTED_CAPABILITIES = {"events", "pause-before-switchover", "x-ignore-shared", "rdma-pin-all",
                             "zero-blocks", "validate-uuid", "return-path", "x-checksum",
                             "auto-converge", "dirty-limit", "postcopy-ram", "multifd",
-                            "zero-copy-send"}
+                            "zero-copy-send", "xbzrle", "mapped-ram"}
 
 ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
                  MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE,
@@ -88,6 +89,8 @@ class MigrationManager:
         self.lock = threading.RLock()
         self.status = MigrationStatus.NONE
         self.stats = MigrationStats()
+        #: the xbzrle counters of the current (or last) outgoing migration
+        self.xbzrle: XbzrleCounters | None = None
         self.error_desc: str | None = None
         self.precopy: OutgoingJob | None = None
         self.incoming: IncomingJob | None = None
@@ -167,8 +170,17 @@ class MigrationManager:
                                   total_time=self._total_time(), downtime=self.downtime_ms,
                                   expected_downtime=self.expected_downtime_ms,
                                   error_desc=self.error_desc,
-                                  cpu_throttle_percentage=self.machine.cpu_throttle or None)
+                                  cpu_throttle_percentage=self.machine.cpu_throttle or None,
+                                  xbzrle_cache=self._xbzrle_stats())
             return build_migration_info(snap, None, self.blockers.reasons())
+
+    def _xbzrle_stats(self) -> XbzrleCacheStats | None:
+        """``xbzrle-cache`` while the capability is on (migration.c populate_ram_info)."""
+        if not self.caps["xbzrle"]:
+            return None
+        stats = self.xbzrle.snapshot() if self.xbzrle is not None else XbzrleCacheStats()
+        stats.cache_size = self.params["xbzrle-cache-size"]
+        return stats
 
     def _total_time(self) -> int:
         if self.status in (MigrationStatus.COMPLETED,):

@@ -112,6 +112,16 @@ def hmp_info_migrate(ctx: HmpContext, args: dict[str, Any]) -> None:
             lines.append(f"postcopy request count: {ram['postcopy-requests']}")
     if "cpu-throttle-percentage" in info:
         lines.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
+    cache = info.get("xbzrle-cache")
+    if cache:
+        # migration/migration-hmp-cmds.c hmp_info_migrate
+        lines += [f"cache size: {cache['cache-size']} bytes",
+                  f"xbzrle transferred: {_kbytes(cache['bytes'])}",
+                  f"xbzrle pages: {cache['pages']} pages",
+                  f"xbzrle cache miss: {cache['cache-miss']} pages",
+                  f"xbzrle cache miss rate: {cache['cache-miss-rate']:.2f}",
+                  f"xbzrle encoding rate: {cache['encoding-rate']:.2f}",
+                  f"xbzrle overflow: {cache['overflow']}"]
     if "error-desc" in info:
         lines.append(f"Error: {info['error-desc']}")
     ctx.print("".join(line + "\n" for line in lines))

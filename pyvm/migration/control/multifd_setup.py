@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from pyvm.migration.control.address import (InetSocketAddress, MigrationAddress,
-                                            SocketMigrationAddress, UnixSocketAddress)
+from pyvm.migration.control.address import (FileMigrationAddress, InetSocketAddress,
+                                            MigrationAddress, SocketMigrationAddress,
+                                            UnixSocketAddress)
 from pyvm.migration.control.manager import MigrationCommandError, MigrationManager
 from pyvm.migration.control.multifd_channel import MultifdConfig
 from pyvm.migration.control.multifd_incoming import MultifdIncoming
@@ -38,6 +39,10 @@ def supports_multiple_channels(addr: MigrationAddress) -> bool:
 
 
 def refuse_single_channel(mgr: MigrationManager, addr: MigrationAddress) -> None:
+    # QEMU 9 migration.c migrate_multi_channels_is_allowed: a file is one "channel" per
+    # multifd thread when mapped-ram gives every page a fixed offset.
+    if mgr.caps["mapped-ram"] and isinstance(addr, FileMigrationAddress):
+        return
     if needs_multiple_sockets(mgr) and not supports_multiple_channels(addr):
         raise MigrationCommandError("Migration requires multi-channel URIs (e.g. tcp)")
 
@@ -47,8 +52,9 @@ def _uuid(machine: "Machine") -> bytes:
 
 
 def multifd_config(machine: "Machine", mgr: MigrationManager) -> MultifdConfig | None:
-    """The source's channels, or None without the capability."""
-    if not mgr.caps["multifd"]:
+    """The source's channels, or None without the capability (or with mapped-ram, whose
+    multifd threads write the file themselves: pyvm.migration.control.mapped_ram_channel)."""
+    if not mgr.caps["multifd"] or mgr.caps["mapped-ram"]:
         return None
     p = mgr.params
     return MultifdConfig(channels=int(p["multifd-channels"]),
@@ -62,8 +68,9 @@ def multifd_config(machine: "Machine", mgr: MigrationManager) -> MultifdConfig |
 
 def multifd_incoming(machine: "Machine", mgr: MigrationManager,
                      prepared: "PreparedIncoming") -> MultifdIncoming | None:
-    """The destination's page channels, or None without the capability."""
-    if not mgr.caps["multifd"]:
+    """The destination's page channels, or None without the capability (or with
+    mapped-ram, read from the file by its own threads)."""
+    if not mgr.caps["multifd"] or mgr.caps["mapped-ram"]:
         return None
     channels = int(mgr.params["multifd-channels"])
     if prepared.listener is not None:

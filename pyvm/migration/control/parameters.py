@@ -88,6 +88,8 @@ PARAMETER_SPECS: tuple[ParameterSpec, ...] = (
     ParameterSpec("x-vcpu-dirty-limit-period", "uint64", 1000),  # ms
     ParameterSpec("vcpu-dirty-limit", "uint64", 1),             # MB/s
     ParameterSpec("mode", "MigMode", MigMode.NORMAL.value),
+    # 9.1: O_DIRECT for the page writes of mapped-ram with multifd (migrate_direct_io)
+    ParameterSpec("direct-io", "bool", False),
     # pyvm's own: the migration policy (pyvm.migration.policy); unset means "qemu"
     ParameterSpec("x-policy", "str", None),
 )

@@ -33,7 +33,10 @@ from pyvm.migration.control.channel import (BATCH_PAGES, Channel, PageRun, Place
 from pyvm.migration.control import guest_slowdown
 from pyvm.migration.control.manager import MigrationManager
 from pyvm.migration.control.policy_runner import PolicyRunner
+from pyvm.migration.control.mapped_ram_channel import MappedRamChannel
+from pyvm.migration.control import mapped_ram_channel, xbzrle_channel
 from pyvm.migration.control.status import MigrationStatus
+from pyvm.migration.control.xbzrle_channel import XbzrleCounters
 from pyvm.migration.stream import ram_format
 from pyvm.migration.stream.encoder import StreamEncoder
 from pyvm.migration.transports import AbortSignal
@@ -95,6 +98,18 @@ class Precopy:
         mgr.start_time = start
         try:
             channel = self.channel = self.open_channel()
+            if mgr.caps["xbzrle"] and self.mode != "cpr-reboot":
+                mgr.xbzrle = XbzrleCounters(mgr.params["xbzrle-cache-size"])
+                channel = self.channel = xbzrle_channel.wrap(
+                    channel, mgr.params["xbzrle-cache-size"], mgr.xbzrle, self.stats,
+                    lambda: self.stats.dirty_sync_count, lambda: self._final_section)
+            if mgr.caps["mapped-ram"]:
+                if self.enc.checksum:
+                    raise RuntimeError("x-checksum is not supported with mapped-ram")
+                multifd = mgr.caps["multifd"]
+                channel = self.channel = mapped_ram_channel.wrap(
+                    channel, mgr.params["multifd-channels"] if multifd else 1,
+                    multifd and mgr.params["direct-io"])
             if channel.note:
                 self.machine.log.log("migration", channel.note)
             if self.enc.checksum and isinstance(channel, PlacementChannel):
@@ -140,7 +155,9 @@ class Precopy:
                         for b in m.ram]
         self._codec_blocks = {b.name: cb for b, cb in zip(m.ram, codec_blocks)}
         self._block_index = {b.name: i for i, b in enumerate(self._blocks())}
-        self._send(self.enc.ram_setup(codec_blocks, ignore_shared))
+        channel = self._channel()
+        trailer = channel.block_trailer if isinstance(channel, MappedRamChannel) else None
+        self._send(self.enc.ram_setup(codec_blocks, ignore_shared, trailer))
         self.stats.total = sum(b.size for b in self._blocks())
         if self.mode == "cpr-reboot":
             # The VM stops first and no dirty tracking is needed: one pass over stopped RAM.

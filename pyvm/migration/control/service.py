@@ -21,6 +21,7 @@ from pyvm.migration.control.manager import MigrationCommandError, MigrationManag
 from pyvm.migration.control.postcopy_source import PostcopySource
 from pyvm.migration.control.multifd_setup import (multifd_config, multifd_incoming,
                                                   refuse_single_channel)
+from pyvm.migration.control.mapped_ram_channel import refusal as mapped_ram_refusal
 from pyvm.migration.control.precopy import Precopy
 from pyvm.migration.control.status import POSTCOPY_STATES, MigrationStats, MigrationStatus
 from pyvm.migration.control.tls_setup import tls_accept, tls_upgrade
@@ -93,6 +94,7 @@ def migrate(machine: "Machine", args: Mapping[str, Any]) -> None:
     blocker = mgr.blockers.first_for(mode)
     if blocker is not None:
         raise _refuse(blocker)
+    _check_mapped_ram(mgr, addr)
     if mode == "cpr-reboot":
         if isinstance(addr, STREAMING):
             raise _refuse("cpr-reboot mode saves the VM for a later restart: use a file: URI or an "
@@ -156,6 +158,7 @@ def start_incoming(machine: "Machine", uri: str | None,
     mgr = migration_of(machine)
     addr = _address(uri, channels, "migrate-incoming")
     refuse_single_channel(mgr, addr)
+    _check_mapped_ram(mgr, addr)
     if not from_cli:
         mgr.set_status(MigrationStatus.SETUP)
     try:
@@ -172,6 +175,14 @@ def start_incoming(machine: "Machine", uri: str | None,
     mgr.deferred_incoming = False
     mgr.incoming = inc
     inc.start()
+
+
+def _check_mapped_ram(mgr: MigrationManager, addr: MigrationAddress) -> None:
+    if mgr.caps["mapped-ram"]:
+        text = mapped_ram_refusal(addr, bool(mgr.params["tls-creds"]),
+                                  mgr.params["multifd-compression"])
+        if text is not None:
+            raise _refuse(text)
 
 
 def start_incoming_from_cli(machine: "Machine", uri: str) -> None:

@@ -75,11 +75,12 @@ MIGRATION_CAPABILITIES: tuple[str, ...] = (
     "pause-before-switchover", "multifd", "dirty-bitmaps", "postcopy-blocktime",
     "late-block-activate", "x-ignore-shared", "validate-uuid", "background-snapshot",
     "zero-copy-send", "postcopy-preempt", "switchover-ack", "dirty-limit",
+    "mapped-ram",       # 9.0: a file with a fixed place per page (mapped_ram.py)
     "x-checksum",       # pyvm only: a CRC-32C after every section (pyvm.migration.stream.integrity)
 )
 # Capabilities both ends must agree on; the source lists the ones that are on in the
 # "configuration/capabilities" subsection (savevm.c should_validate_capability, 8.2).
-VALIDATED_CAPABILITIES: tuple[str, ...] = ("x-ignore-shared", "x-checksum")
+VALIDATED_CAPABILITIES: tuple[str, ...] = ("x-ignore-shared", "mapped-ram", "x-checksum")
 
 # -- limits pyvm applies to what a peer sends ------------------------------------------------
 MAX_COUNTED_STRING = 255              # one length byte

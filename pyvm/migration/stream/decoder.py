@@ -329,7 +329,8 @@ class StreamDecoder:
         if caps is None:
             caps = self.configuration.capabilities if self.configuration else ()
         self.ram = RamLoader(self.target.ram_block, "x-ignore-shared" in caps,
-                             on_multifd_flush=self.on_multifd_flush)
+                             on_multifd_flush=self.on_multifd_flush,
+                             mapped_ram="mapped-ram" in caps)
         self.checksum = CHECKSUM_CAPABILITY in caps
         yield from self._load_sections(r, _RamHandler(self.ram))
 

@@ -40,7 +40,8 @@ import numpy as np
 from pyvm.migration.stream import vmdesc_json
 from pyvm.migration.errors import EncodeError
 from pyvm.migration.stream.integrity import checksum_bytes, crc32c_extend
-from pyvm.migration.stream.ram_format import StreamBlock, RamPageWriter, write_ram_eos, write_ram_setup
+from pyvm.migration.stream.ram_format import (BlockTrailer, StreamBlock, RamPageWriter,
+                                             write_ram_eos, write_ram_setup)
 from pyvm.migration.stream.sections import (GLOBALSTATE_IDSTR, GlobalState, write_configuration,
                                      write_section_footer, write_section_header)
 from pyvm.migration.stream.constants import (QEMU_VM_EOF, QEMU_VM_FILE_MAGIC,
@@ -110,11 +111,13 @@ class StreamEncoder:
         return self._w.take_chunks()
 
     # -- RAM -----------------------------------------------------------------------------------
-    def ram_setup(self, blocks: Sequence[StreamBlock], ignore_shared: bool) -> list[Chunk]:
-        """The START section of ``ram``: the block list (with GPAs if ``ignore_shared``)."""
+    def ram_setup(self, blocks: Sequence[StreamBlock], ignore_shared: bool,
+                  block_trailer: BlockTrailer | None = None) -> list[Chunk]:
+        """The START section of ``ram``: the block list (with GPAs if ``ignore_shared``;
+        ``block_trailer`` writes what follows each entry, mapped-ram's header)."""
         write_section_header(self._w, QEMU_VM_SECTION_START, RAM_SECTION_ID,
                              RAM_SECTION_IDSTR, 0, RAM_SECTION_VERSION)
-        write_ram_setup(self._w, blocks, ignore_shared)
+        write_ram_setup(self._w, blocks, ignore_shared, block_trailer)
         write_section_footer(self._w, RAM_SECTION_ID)
         return self._take(end_section=True)
 

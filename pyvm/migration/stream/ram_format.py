@@ -67,8 +67,14 @@ class StreamBlock:
 # -- writing ---------------------------------------------------------------------------------
 
 
-def write_ram_setup(w: StreamWriter, blocks: Iterable[StreamBlock], ignore_shared: bool) -> None:
-    """The START payload: MEM_SIZE total, the block list, EOS (ram_save_setup)."""
+#: Called after each block's setup entry with the writer (mapped-ram writes its header).
+BlockTrailer = Callable[[StreamWriter, StreamBlock], None]
+
+
+def write_ram_setup(w: StreamWriter, blocks: Iterable[StreamBlock], ignore_shared: bool,
+                    block_trailer: BlockTrailer | None = None) -> None:
+    """The START payload: MEM_SIZE total, the block list, EOS (ram_save_setup);
+    ``block_trailer`` adds what follows each entry (mapped-ram's header)."""
     blocks = list(blocks)
     for block in blocks:
         if block.length % TARGET_PAGE_SIZE:
@@ -80,6 +86,8 @@ def write_ram_setup(w: StreamWriter, blocks: Iterable[StreamBlock], ignore_share
         w.be64(block.length)
         if ignore_shared:
             w.be64(block.gpa)
+        if block_trailer is not None:
+            block_trailer(w, block)
     w.be64(RAM_SAVE_FLAG_EOS)
 
 

@@ -16,7 +16,11 @@ from typing import Callable, Generator, Optional
 import numpy as np
 
 from pyvm.fastpath import load_page_run
-from pyvm.migration.errors import StreamFormatError, StreamMismatchError, UnsupportedFeatureError
+from pyvm.xbzrle import ENCODING_FLAG_XBZRLE, decode as xbzrle_decode
+from pyvm.migration.errors import (StreamFormatError, StreamMismatchError, TruncatedStreamError,
+                                   UnsupportedFeatureError)
+from pyvm.migration.stream.mapped_ram import (HEADER_SIZE, MAPPED_RAM_HDR_VERSION, MappedRamHeader,
+                                              bitmap_size, unpack_bitmap)
 from pyvm.migration.stream.ram_format import StreamBlock
 from pyvm.migration.stream.constants import (MAX_RAM_BLOCKS, RAM_SAVE_FLAG_COMPRESS_PAGE,
                                              RAM_SAVE_FLAG_CONTINUE, RAM_SAVE_FLAG_EOS,
@@ -35,6 +39,21 @@ BlockLookup = Callable[[str, int], Optional[StreamBlock]]
 
 _EOS = object()
 _MEM_SIZE = object()
+
+
+def load_xbzrle_page(encoding: int, length: int, data: memoryview, page: memoryview,
+                     addr: int) -> None:
+    """Apply one XBZRLE record's payload to the page it names (ram.c ``load_xbzrle``):
+    the encoding flag must be ENCODING_FLAG_XBZRLE, the length at most a page (``data``
+    holds the encoding then; nothing past the length word is read otherwise), and the runs
+    must decode within the page."""
+    where = f"Failed to decompress XBZRLE page at {addr:x}"
+    if encoding != ENCODING_FLAG_XBZRLE:
+        raise StreamFormatError("Failed to load XBZRLE page - wrong compression!", where)
+    if length > TARGET_PAGE_SIZE:
+        raise StreamFormatError("Failed to load XBZRLE page - len overflow!", where)
+    if xbzrle_decode(data, page) == -1:
+        raise StreamFormatError("Failed to load XBZRLE page - decode error!", where)
 
 
 def _signed64(value: int) -> int:
@@ -74,10 +93,17 @@ class RamLoader:
     """
 
     def __init__(self, lookup: BlockLookup, ignore_shared: bool,
-                 on_multifd_flush: Callable[[], None] | None = None) -> None:
+                 on_multifd_flush: Callable[[], None] | None = None,
+                 mapped_ram: bool = False) -> None:
         self._lookup = lookup
         self.on_multifd_flush = on_multifd_flush
         self.ignore_shared = ignore_shared
+        #: mapped-ram: each block entry is followed by a header, its bitmap and its pages
+        #: (pyvm.migration.stream.mapped_ram); ``_origin`` is the file offset of stream byte 0
+        self.mapped_ram = mapped_ram
+        self._origin: int | None = None
+        #: mapped-ram: per block, its header fields and the pages its bitmap holds
+        self.mapped_blocks: dict[str, dict[str, int]] = {}
         self.blocks: dict[bytes, _LoadedBlock] = {}
         self._last: _LoadedBlock | None = None
         self._pending_total = 0
@@ -87,6 +113,7 @@ class RamLoader:
         #: zero page)`` instead of being written (a registered missing range must be filled
         #: with UFFDIO_COPY, pyvm.userfault)
         self.placer: Callable[[str, int, memoryview | None], None] | None = None
+        self.xbzrle_pages = 0
 
     def release(self) -> None:
         """Drop the views of the destination buffers (so that an mmap can be closed)."""
@@ -142,6 +169,8 @@ class RamLoader:
                     raise StreamMismatchError(f"Mismatched GPAs for block {name} "
                                               f"{_signed64(gpa)}!= {_signed64(block.gpa)}")
             self.blocks[raw] = _LoadedBlock(block)
+            if self.mapped_ram:
+                yield from load_mapped_block(self, r, self.blocks[raw], length)
             if length > total:
                 raise StreamFormatError(detail="RAM block lengths exceed the MEM_SIZE total")
             total -= length
@@ -203,6 +232,13 @@ class RamLoader:
                     else:
                         header = 9 + buf[pos + 8]
                     payload = 1 if kind == RAM_SAVE_FLAG_ZERO else page if kind == RAM_SAVE_FLAG_PAGE else 0
+                    if kind == RAM_SAVE_FLAG_XBZRLE:
+                        # u8 ENCODING_FLAG_XBZRLE, be16 length, the encoding (ram.c load_xbzrle)
+                        if end - pos < header + 3:
+                            r.pos = pos
+                            return header + 3
+                        length = int.from_bytes(buf[pos + header + 1:pos + header + 3], "big")
+                        payload = 3 + (length if length <= page else 0)
                     if end - pos < header + payload:
                         r.pos = pos
                         return header + payload
@@ -247,8 +283,11 @@ class RamLoader:
                                 written[addr >> TARGET_PAGE_BITS] = 0
                         self.zero_pages += 1
                     elif kind == RAM_SAVE_FLAG_XBZRLE:
-                        raise UnsupportedFeatureError(f"Failed to decompress XBZRLE page at {addr:x}",
-                                                      detail="pyvm does not implement XBZRLE")
+                        load_xbzrle_page(buf[data], int.from_bytes(buf[data + 1:data + 3], "big"),
+                                         mv[data + 3:data + payload], view[addr:addr + page], addr)
+                        if written is not None:
+                            written[addr >> TARGET_PAGE_BITS] = 1
+                        self.xbzrle_pages += 1
                     else:
                         raise StreamFormatError(f"Unknown combination of migration flags: 0x{flags:x}")
                     pos = data + payload
@@ -274,3 +313,79 @@ class RamLoader:
         finally:
             mv.release()
             whole.release()
+
+
+#: bytes of a mapped-ram pages region taken from the stream at a time
+MAPPED_RAM_LOAD_BUF_SIZE = 1 << 20
+
+
+def load_mapped_block(loader: RamLoader, r: StreamReader, loaded: _LoadedBlock,
+                      length: int) -> Generator[None, None, None]:
+    """One block of a mapped-ram file (ram.c ``parse_ramblock_mapped_ram``): its header,
+    then its bitmap and the pages whose bit is set, read in file order; the stream goes
+    on after the pages region.  Absent pages are left as they are (zero in a fresh VM)."""
+    name = loaded.block.name
+    raw = yield from r.read_bytes(HEADER_SIZE, f"the mapped-ram header of RAM block {name}")
+    header = MappedRamHeader.unpack(raw)
+    if header.version > MAPPED_RAM_HDR_VERSION:
+        raise StreamFormatError("Migration mapped-ram capability version not supported "
+                                f"(expected <= {MAPPED_RAM_HDR_VERSION}, got {header.version})")
+    if loaded.block.ignored and header.bitmap_offset == 0 and header.pages_offset == 0:
+        return
+    if header.pages_offset % TARGET_PAGE_SIZE:
+        raise StreamFormatError(f"Error reading ramblock {name} pages, region has bad alignment")
+    if header.page_size != TARGET_PAGE_SIZE:
+        raise StreamMismatchError(f"Mapped-ram page size {header.page_size} of RAM block {name} "
+                                  f"is not {TARGET_PAGE_SIZE}")
+    # The bitmap follows the header in every file QEMU and pyvm write: that fixes where the
+    # stream starts in the file (file: URIs may carry an offset).
+    here = r.offset
+    if loader._origin is None:
+        loader._origin = header.bitmap_offset - here
+    position = loader._origin + here
+    size = bitmap_size(length)
+    if header.bitmap_offset != position or header.pages_offset < position + size:
+        raise StreamFormatError("Error reading dirty bitmap",
+                                detail=f"RAM block {name}: bitmap at {header.bitmap_offset:#x}, "
+                                       f"pages at {header.pages_offset:#x}, stream at {position:#x}")
+    bitmap = yield from r.read_bytes(size, f"the mapped-ram bitmap of RAM block {name}")
+    npages = length >> TARGET_PAGE_BITS
+    present = unpack_bitmap(bitmap, npages)
+    loader.mapped_blocks[name] = {"version": header.version, "page_size": header.page_size,
+                                  "bitmap_offset": header.bitmap_offset,
+                                  "pages_offset": header.pages_offset,
+                                  "pages": int(np.count_nonzero(present))}
+    gap = header.pages_offset - (position + size)
+    if not (yield from r.skip_or_end(gap)):
+        raise StreamFormatError("Error reading dirty bitmap")
+    view = loaded.view
+    if view is None:
+        raise StreamFormatError(f"page outside of ramblock {name} range")
+    written = loaded.written
+    page = 0
+    chunk_pages = MAPPED_RAM_LOAD_BUF_SIZE >> TARGET_PAGE_BITS
+    while page < npages:
+        n = min(chunk_pages, npages - page)
+        want = present[page:page + n]
+        if want.any():
+            yield from r.wait(n * TARGET_PAGE_SIZE, f"the mapped-ram pages of RAM block {name}")
+            src = np.frombuffer(r.buffer, dtype=np.uint8, count=n * TARGET_PAGE_SIZE,
+                                offset=r.pos).reshape(n, TARGET_PAGE_SIZE)
+            idx = np.flatnonzero(want)
+            ram = np.frombuffer(view, dtype=np.uint8)
+            dst = ram[page * TARGET_PAGE_SIZE:(page + n) * TARGET_PAGE_SIZE].reshape(
+                n, TARGET_PAGE_SIZE)
+            dst[idx] = src[idx]
+            del src, dst, ram       # no export of a buffer may outlive a wait
+            if written is not None:
+                written[page + idx] = 1
+            loader.normal_pages += int(idx.size)
+            r.skip(n * TARGET_PAGE_SIZE)
+            observer = loaded.block.on_page
+            if observer is not None:
+                for i in idx.tolist():
+                    observer((page + i) << TARGET_PAGE_BITS, False)
+        elif not (yield from r.skip_or_end(n * TARGET_PAGE_SIZE)):
+            raise TruncatedStreamError(what=f"the mapped-ram pages of RAM block {name}",
+                                       offset=r.offset)
+        page += n
