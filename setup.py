@@ -1,7 +1,8 @@
 """Build of pyvm's Cython extensions; all metadata lives in pyproject.toml.
 
 ``pyvm._fastpath`` (dirty tracking, page scans) and ``pyvm._pagestream`` (the migration
-stream's page records) are always built; they share ``pyvm/_kernels.h``.  The rdma transport's
+stream's page records) are always built; they share ``pyvm/_kernels.h``.  ``pyvm._delivery`` is the native
+interrupt and exception delivery of the vCPUs.  The rdma transport's
 libfabric binding is built when libfabric's headers are installed (Debian: libfabric-dev);
 without them pyvm works and ``rdma:`` reports what is missing.  Set PYVM_NO_LIBFABRIC=1
 to skip it.
@@ -40,6 +41,7 @@ extensions = [
     ),
     Extension("pyvm._pagestream", ["pyvm/_pagestream.pyx"], include_dirs=["pyvm"],
               extra_compile_args=["-O3"]),
+    Extension("pyvm._delivery", ["pyvm/_delivery.pyx"], extra_compile_args=["-O2"]),
 ]
 fabric = libfabric_flags()
 if fabric is not None:

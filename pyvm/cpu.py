@@ -50,6 +50,7 @@ from pyvm.cpu_state import CPU_VMSD, CpuState, CpuStateError, load_cpu, save_cpu
 from pyvm.errors import GuestFault
 from pyvm.fastpath import slice_stopper
 from pyvm.loader import GDT_ADDR, PAGE_TABLES
+from pyvm.native_delivery import STATUS_FAULT, STATUS_OK, native_delivery
 from pyvm.ram import RamLayout
 from pyvm.unicorn_internals import ContextAccess, ExceptionState
 
@@ -173,6 +174,8 @@ class VCpu:
         ]
         self._vmem_translate = _vmem_translate_fn()
         self.exceptions = ExceptionState(self.internals)
+        # Native delivery (None: the Python version); PYVM_DELIVERY=python selects it.
+        self.native_delivery = native_delivery(self)
         # Exact stops between translation blocks (pyvm.fastpath.slice_stopper).
         self.stopper = slice_stopper(self.uc)
 
@@ -432,8 +435,22 @@ class VCpu:
     def interrupts_enabled(self) -> bool:
         return bool(self.get("rflags" if self.wide else "eflags") & EFLAGS_IF)
 
-    def deliver(self, vector: int, error_code: int | None = None, depth: int = 0) -> None:
-        """Vector an interrupt or exception through the IVT/IDT as the CPU would."""
+    def deliver(self, vector: int, error_code: int | None = None) -> None:
+        """Vector an interrupt or exception through the IVT/IDT as the CPU would: natively
+        (:mod:`pyvm._delivery`) when built, else by :meth:`deliver_python`, its twin."""
+        native = self.native_delivery
+        if native is None:
+            self.deliver_python(vector, error_code)
+            return
+        status, detail, message = native.deliver(vector, error_code)
+        if status == STATUS_FAULT:
+            raise GuestFault(f"vCPU {self.index}: triple fault while delivering vector "
+                             f"{detail:#x}: {message}")
+        if status != STATUS_OK:
+            raise uc_mod.UcError(detail)
+
+    def deliver_python(self, vector: int, error_code: int | None = None, depth: int = 0) -> None:
+        """The Python version of :meth:`deliver` (the reference the native one is tested against)."""
         cpl = 0
         try:
             if not self.cr0 & CR0_PE:
@@ -454,7 +471,7 @@ class VCpu:
             if depth >= 1 or vector == 8:
                 raise GuestFault(f"vCPU {self.index}: triple fault while delivering vector "
                                  f"{vector:#x}: {err}") from err
-            self.deliver(8, 0, depth + 1)   # double fault
+            self.deliver_python(8, 0, depth + 1)   # double fault
 
     def _push16(self, ss_base: int, sp: int, value: int) -> int:
         sp = (sp - 2) & 0xFFFF
