@@ -20,7 +20,7 @@ block's dirty bitmap as :meth:`pyvm.ram.RamBlock.write` does.
 selects the Python twin instead.
 """
 
-from libc.stdint cimport uint8_t, uint64_t, uintptr_t
+from libc.stdint cimport uint8_t, uint32_t, uint64_t, uintptr_t
 from libc.stdlib cimport calloc, free
 
 cdef extern from *:
@@ -56,6 +56,11 @@ cdef extern from *:
         pyvm_ram_block blocks[DLV_MAX_BLOCKS];
         int uc_err;                 /* status 2: the Unicorn error */
         char msg[192];              /* status 1: why delivery failed */
+        /* The exception hook (UC_HOOK_INTR): what it saw, and where QEMU keeps it. */
+        uint64_t error_code_off, is_int_off, old_exception_off;
+        int (*emu_stop)(void *uc);
+        int taken, intno, ctx_err;
+        uint32_t error_code, is_int;
     } pyvm_dlv;
 
     /* uc_x86_mmr and uc_x86_msr (unicorn/x86.h) */
@@ -375,6 +380,48 @@ cdef extern from *:
         return DLV_OK;
     }
 
+    /* uc_cb_hookintr_t: record the exception and its error code (QEMU's raise_interrupt2
+       stores it in env->error_code; Unicorn clears it when the instruction runs again)
+       and end the run; the run loop delivers it. */
+    static void pyvm_intr_hook(void *uc, uint32_t intno, void *user_data) {
+        pyvm_dlv *d = (pyvm_dlv *)user_data;
+        d->taken = 1;
+        d->intno = (int)intno;
+        d->ctx_err = d->ctx_save(uc, d->ctx);
+        if (!d->ctx_err) {
+            memcpy(&d->error_code, d->ctx + d->error_code_off, 4);
+            memcpy(&d->is_int, d->ctx + d->is_int_off, 4);
+        }
+        d->emu_stop(uc);
+    }
+
+    typedef int (*pyvm_hook_add_t)(void *uc, size_t *hh, int type, void *callback,
+                                   void *user_data, uint64_t begin, uint64_t end, ...);
+    static int pyvm_intr_hook_add(uintptr_t fn, pyvm_dlv *d, size_t *hh) {
+        /* UC_HOOK_INTR = 1 << 0 (unicorn.h, uc_hook_type); begin > end: every address */
+        return ((pyvm_hook_add_t)fn)(d->uc, hh, 1, (void *)pyvm_intr_hook, d,
+                                     (uint64_t)1, (uint64_t)0);
+    }
+
+    static void pyvm_set_emu_stop(pyvm_dlv *d, uintptr_t fn) {
+        d->emu_stop = (int (*)(void *))fn;
+    }
+
+    typedef int (*pyvm_hook_del_t)(void *uc, size_t hh);
+    static int pyvm_intr_hook_del(uintptr_t fn, pyvm_dlv *d, size_t hh) {
+        return ((pyvm_hook_del_t)fn)(d->uc, hh);
+    }
+
+    /* No exception in flight (QEMU target/i386/seg_helper.c do_interrupt_all resets
+       old_exception; Unicorn never runs it). */
+    static int pyvm_clear_in_flight(pyvm_dlv *d) {
+        uint32_t none = 0xFFFFFFFFu;
+        int err = d->ctx_save(d->uc, d->ctx);
+        if (err) return err;
+        memcpy(d->ctx + d->old_exception_off, &none, 4);
+        return d->ctx_restore(d->uc, d->ctx);
+    }
+
     /* VCpu.deliver: one attempt, then #DF, then a triple fault (status DLV_FAULT with
        *failed = the vector whose delivery failed last and d->msg saying why). */
     static int pyvm_deliver(pyvm_dlv *d, int vector, int has_code, uint64_t code, int *failed) {
@@ -432,6 +479,18 @@ cdef extern from *:
         pyvm_ram_block blocks[DLV_MAX_BLOCKS]
         int uc_err
         char msg[192]
+        uint64_t error_code_off
+        uint64_t is_int_off
+        uint64_t old_exception_off
+        int taken
+        int intno
+        int ctx_err
+        uint32_t error_code
+        uint32_t is_int
+    int pyvm_intr_hook_add(uintptr_t fn, pyvm_dlv *d, size_t *hh)
+    int pyvm_intr_hook_del(uintptr_t fn, pyvm_dlv *d, size_t hh)
+    void pyvm_set_emu_stop(pyvm_dlv *d, uintptr_t fn)
+    int pyvm_clear_in_flight(pyvm_dlv *d)
     int pyvm_deliver(pyvm_dlv *d, int vector, int has_code, uint64_t code, int *failed)
 
 IMPLEMENTATION = "cython"
@@ -453,6 +512,9 @@ cdef class Delivery:
 
     cdef pyvm_dlv *_d
     cdef object _keep
+    cdef size_t _hh
+    cdef uintptr_t _hook_del
+    cdef readonly bint hooked
 
     def __cinit__(self, uintptr_t uc_handle, tuple functions, uintptr_t context,
                   uint64_t hflags_offset, bint wide, tuple register_ids, list blocks,
@@ -485,6 +547,52 @@ cdef class Delivery:
             self._d.blocks[i].size = size
             self._d.blocks[i].host = <uint8_t *><uintptr_t>host
             self._d.blocks[i].bitmap = <uint64_t *><uintptr_t>bitmap
+
+    def hook_exceptions(self, uintptr_t hook_add_fn, uintptr_t hook_del_fn,
+                        uintptr_t emu_stop_fn, uint64_t error_code_offset,
+                        uint64_t is_int_offset, uint64_t old_exception_offset):
+        """Register the C exception hook (UC_HOOK_INTR) on the engine; :meth:`take`
+        returns what it saw.  The offsets are those of QEMU's ``error_code``,
+        ``exception_is_int`` and ``old_exception`` in the context."""
+        if self.hooked:
+            raise RuntimeError("the exception hook is already registered")
+        self._d.error_code_off = error_code_offset
+        self._d.is_int_off = is_int_offset
+        self._d.old_exception_off = old_exception_offset
+        pyvm_set_emu_stop(self._d, emu_stop_fn)
+        cdef int err = pyvm_intr_hook_add(hook_add_fn, self._d, &self._hh)
+        if err != 0:
+            raise RuntimeError(f"uc_hook_add failed with Unicorn error {err}")
+        self._hook_del = hook_del_fn
+        self.hooked = True
+
+    def unhook_exceptions(self):
+        cdef int err
+        if self.hooked:
+            self.hooked = False
+            err = pyvm_intr_hook_del(self._hook_del, self._d, self._hh)
+            if err != 0:
+                raise RuntimeError(f"uc_hook_del failed with Unicorn error {err}")
+
+    def take(self):
+        """The exception hooked since the last call as (vector, error code, raised by
+        ``int n``), or None; a failed context read is (vector, None, False) plus
+        ``UNICORN_ERROR`` in :attr:`hook_error`."""
+        if not self._d.taken:
+            return None
+        self._d.taken = 0
+        if self._d.ctx_err:
+            return self._d.intno, 0, False
+        return self._d.intno, self._d.error_code, bool(self._d.is_int)
+
+    @property
+    def hook_error(self):
+        """The Unicorn error of the hook's last context read (0: none)."""
+        return self._d.ctx_err
+
+    def clear_in_flight(self):
+        """No exception in flight (see ExceptionState.clear_in_flight); 0 or a Unicorn error."""
+        return pyvm_clear_in_flight(self._d)
 
     def deliver(self, int vector, object error_code):
         """Deliver ``vector`` (error code or None).  Returns (status, detail, message):

@@ -161,10 +161,12 @@ class VCpu:
         self.fault: GuestFault | None = None
         self.hook_error: BaseException | None = None
         self.stop_in_hook = False
+        # Native delivery and exception hook (None: the Python versions, the twins);
+        # PYVM_DELIVERY=python selects those.
+        self.native_delivery = native_delivery(self)
         self._hooks = [
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN),
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT),
-            self.uc.hook_add(uc_mod.UC_HOOK_INTR, self._on_intr),
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL),
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID),
             # Only outside RAM: a memory hook covering RAM would keep every store on
@@ -172,10 +174,10 @@ class VCpu:
             self.uc.hook_add(uc_mod.UC_HOOK_MEM_INVALID, self._on_invalid_mem, None,
                              ram.total, (1 << 64) - 1),
         ]
+        if self.native_delivery is None:
+            self._hooks.append(self.uc.hook_add(uc_mod.UC_HOOK_INTR, self._on_intr))
         self._vmem_translate = _vmem_translate_fn()
         self.exceptions = ExceptionState(self.internals)
-        # Native delivery (None: the Python version); PYVM_DELIVERY=python selects it.
-        self.native_delivery = native_delivery(self)
         # Exact stops between translation blocks (pyvm.fastpath.slice_stopper).
         self.stopper = slice_stopper(self.uc)
 
@@ -206,6 +208,18 @@ class VCpu:
         self._in_flight = True
         self.uc.emu_stop()
 
+    def _take_native_exception(self, native: Any) -> None:
+        """What the C exception hook saw in the last run, as :meth:`_on_intr` records it."""
+        got = native.take()
+        if got is None:
+            return
+        intno, error_code, is_int = got
+        if native.hook_error:
+            self.hook_error = uc_mod.UcError(native.hook_error)
+        self.pending_exception = intno
+        self.pending_error_code = None if is_int or intno not in ERROR_CODE_VECTORS else error_code
+        self._in_flight = True
+
     def _on_syscall(self, uc: Any, _ud: Any) -> None:
         # Unicorn's helper_syscall only calls hooks and steps over the instruction.
         self._syscall = True
@@ -235,18 +249,29 @@ class VCpu:
     # -- running -----------------------------------------------------------------------------
     def emu_start(self) -> None:
         """Run from the current instruction until HLT, a stop request, an exception or a fault."""
+        native = self.native_delivery
         if self._in_flight:
-            self.exceptions.clear_in_flight()
+            if native is None:
+                self.exceptions.clear_in_flight()
+            else:
+                failed = native.clear_in_flight()
+                if failed:
+                    raise uc_mod.UcError(failed)
             self._in_flight = False
         pc = self.pc
+        run_error: uc_mod.UcError | None = None
         try:
             self.uc.emu_start(pc, 1 << 62)     # exits mode (see __init__): no end address is set
         except uc_mod.UcError as err:
-            if err.errno == uc_mod.UC_ERR_INSN_INVALID and self.pending_exception is None \
+            run_error = err
+        if native is not None:
+            self._take_native_exception(native)
+        if run_error is not None:
+            if run_error.errno == uc_mod.UC_ERR_INSN_INVALID and self.pending_exception is None \
                     and self.fault is None:
                 self.pending_exception, self.pending_error_code = VECTOR_UD, None
             elif self.fault is None and self.pending_exception is None:
-                self.fault = GuestFault(f"vCPU {self.index}: {err}")
+                self.fault = GuestFault(f"vCPU {self.index}: {run_error}")
         if self.hook_error is not None:
             err2, self.hook_error = self.hook_error, None
             raise err2
@@ -693,6 +718,8 @@ class VCpu:
         load_cpu(self, st)
 
     def close(self) -> None:
+        if self.native_delivery is not None:
+            self.native_delivery.unhook_exceptions()
         for h in self._hooks:
             try:
                 self.uc.hook_del(h)

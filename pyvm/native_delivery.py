@@ -23,8 +23,6 @@ from pyvm import fastpath
 def _load() -> Any:
     if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
         return None
-    if os.environ.get("PYVM_DELIVERY", "") == "python":
-        return None
     if fastpath.IMPLEMENTATION != "cython":   # dirty bitmaps must be the native ones
         return None
     try:
@@ -81,10 +79,13 @@ def native_delivery(cpu: Any) -> Any:
     """The native delivery for ``cpu`` (a :class:`pyvm.cpu.VCpu`, which imports this
     module), or None when the Python version is to be used.
 
-    Its ``deliver(vector, error_code)`` returns (status, detail, message); see
-    :class:`pyvm._delivery.Delivery`."""
+    Its ``deliver(vector, error_code)`` returns (status, detail, message); its C
+    exception hook (``UC_HOOK_INTR``) is registered on the engine, and ``take()`` returns
+    what it saw; see :class:`pyvm._delivery.Delivery`."""
     global _LIB
     if _native is None or len(cpu.ram.blocks) > _native.MAX_BLOCKS:
+        return None
+    if os.environ.get("PYVM_DELIVERY", "") == "python":     # read per vCPU (tests set it)
         return None
     if _LIB is None:
         _LIB = _Lib()
@@ -97,8 +98,13 @@ def native_delivery(cpu: Any) -> Any:
     hflags = cpu.internals.layout["hflags"]
     # keep: the context, and the bitmaps and RAM whose addresses the C side holds.
     keep = (ctx, [b.dirty for b in cpu.ram], list(cpu.ram))
-    return _native.Delivery(cpu.uc._uch.value, functions, ctx.address, hflags.offset,
-                            cpu.wide, regs, blocks, keep)
+    native = _native.Delivery(cpu.uc._uch.value, functions, ctx.address, hflags.offset,
+                              cpu.wide, regs, blocks, keep)
+    layout = cpu.internals.layout
+    native.hook_exceptions(lib.address("uc_hook_add"), lib.address("uc_hook_del"),
+                           lib.address("uc_emu_stop"), layout["error_code"].offset,
+                           layout["exception_is_int"].offset, layout["old_exception"].offset)
+    return native
 
 
 STATUS_OK = 0

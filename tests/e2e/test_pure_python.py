@@ -1,6 +1,7 @@
 """The pure-Python twins (pyvm/fastpath_py.py, pyvm/pagestream_py.py, and
-``VCpu.deliver_python`` for interrupt delivery) end to end: ``PYVM_PURE_PYTHON=1`` pyvm processes boot, migrate live over tcp, save to and restore
-from a file, and go through cpr-reboot.
+``VCpu.deliver_python`` for interrupt delivery) end to end: ``PYVM_PURE_PYTHON=1`` pyvm
+processes boot, migrate live over tcp, save to and restore from a file, and go through
+cpr-reboot.
 
 Each process is checked to really run the twins: the native extension modules never
 get loaded into it (its /proc/PID/maps lists no ``_fastpath``/``_pagestream``/``_delivery`` shared
