@@ -50,6 +50,7 @@ from pyvm.cpu_state import CPU_VMSD, CpuState, CpuStateError, load_cpu, save_cpu
 from pyvm.errors import GuestFault
 from pyvm.fastpath import slice_stopper
 from pyvm.loader import GDT_ADDR, PAGE_TABLES
+from pyvm.native_delivery import STATUS_FAULT, STATUS_OK, native_delivery
 from pyvm.ram import RamLayout
 from pyvm.unicorn_internals import ContextAccess, ExceptionState
 
@@ -160,10 +161,12 @@ class VCpu:
         self.fault: GuestFault | None = None
         self.hook_error: BaseException | None = None
         self.stop_in_hook = False
+        # Native delivery and exception hook (None: the Python versions, the twins);
+        # PYVM_DELIVERY=python selects those.
+        self.native_delivery = native_delivery(self)
         self._hooks = [
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN),
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT),
-            self.uc.hook_add(uc_mod.UC_HOOK_INTR, self._on_intr),
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL),
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID),
             # Only outside RAM: a memory hook covering RAM would keep every store on
@@ -171,6 +174,8 @@ class VCpu:
             self.uc.hook_add(uc_mod.UC_HOOK_MEM_INVALID, self._on_invalid_mem, None,
                              ram.total, (1 << 64) - 1),
         ]
+        if self.native_delivery is None:
+            self._hooks.append(self.uc.hook_add(uc_mod.UC_HOOK_INTR, self._on_intr))
         self._vmem_translate = _vmem_translate_fn()
         self.exceptions = ExceptionState(self.internals)
         # Exact stops between translation blocks (pyvm.fastpath.slice_stopper).
@@ -203,6 +208,18 @@ class VCpu:
         self._in_flight = True
         self.uc.emu_stop()
 
+    def _take_native_exception(self, native: Any) -> None:
+        """What the C exception hook saw in the last run, as :meth:`_on_intr` records it."""
+        got = native.take()
+        if got is None:
+            return
+        intno, error_code, is_int = got
+        if native.hook_error:
+            self.hook_error = uc_mod.UcError(native.hook_error)
+        self.pending_exception = intno
+        self.pending_error_code = None if is_int or intno not in ERROR_CODE_VECTORS else error_code
+        self._in_flight = True
+
     def _on_syscall(self, uc: Any, _ud: Any) -> None:
         # Unicorn's helper_syscall only calls hooks and steps over the instruction.
         self._syscall = True
@@ -232,18 +249,29 @@ class VCpu:
     # -- running -----------------------------------------------------------------------------
     def emu_start(self) -> None:
         """Run from the current instruction until HLT, a stop request, an exception or a fault."""
+        native = self.native_delivery
         if self._in_flight:
-            self.exceptions.clear_in_flight()
+            if native is None:
+                self.exceptions.clear_in_flight()
+            else:
+                failed = native.clear_in_flight()
+                if failed:
+                    raise uc_mod.UcError(failed)
             self._in_flight = False
         pc = self.pc
+        run_error: uc_mod.UcError | None = None
         try:
             self.uc.emu_start(pc, 1 << 62)     # exits mode (see __init__): no end address is set
         except uc_mod.UcError as err:
-            if err.errno == uc_mod.UC_ERR_INSN_INVALID and self.pending_exception is None \
+            run_error = err
+        if native is not None:
+            self._take_native_exception(native)
+        if run_error is not None:
+            if run_error.errno == uc_mod.UC_ERR_INSN_INVALID and self.pending_exception is None \
                     and self.fault is None:
                 self.pending_exception, self.pending_error_code = VECTOR_UD, None
             elif self.fault is None and self.pending_exception is None:
-                self.fault = GuestFault(f"vCPU {self.index}: {err}")
+                self.fault = GuestFault(f"vCPU {self.index}: {run_error}")
         if self.hook_error is not None:
             err2, self.hook_error = self.hook_error, None
             raise err2
@@ -432,8 +460,22 @@ class VCpu:
     def interrupts_enabled(self) -> bool:
         return bool(self.get("rflags" if self.wide else "eflags") & EFLAGS_IF)
 
-    def deliver(self, vector: int, error_code: int | None = None, depth: int = 0) -> None:
-        """Vector an interrupt or exception through the IVT/IDT as the CPU would."""
+    def deliver(self, vector: int, error_code: int | None = None) -> None:
+        """Vector an interrupt or exception through the IVT/IDT as the CPU would: natively
+        (:mod:`pyvm._delivery`) when built, else by :meth:`deliver_python`, its twin."""
+        native = self.native_delivery
+        if native is None:
+            self.deliver_python(vector, error_code)
+            return
+        status, detail, message = native.deliver(vector, error_code)
+        if status == STATUS_FAULT:
+            raise GuestFault(f"vCPU {self.index}: triple fault while delivering vector "
+                             f"{detail:#x}: {message}")
+        if status != STATUS_OK:
+            raise uc_mod.UcError(detail)
+
+    def deliver_python(self, vector: int, error_code: int | None = None, depth: int = 0) -> None:
+        """The Python version of :meth:`deliver` (the reference the native one is tested against)."""
         cpl = 0
         try:
             if not self.cr0 & CR0_PE:
@@ -454,7 +496,7 @@ class VCpu:
             if depth >= 1 or vector == 8:
                 raise GuestFault(f"vCPU {self.index}: triple fault while delivering vector "
                                  f"{vector:#x}: {err}") from err
-            self.deliver(8, 0, depth + 1)   # double fault
+            self.deliver_python(8, 0, depth + 1)   # double fault
 
     def _push16(self, ss_base: int, sp: int, value: int) -> int:
         sp = (sp - 2) & 0xFFFF
@@ -676,6 +718,8 @@ class VCpu:
         load_cpu(self, st)
 
     def close(self) -> None:
+        if self.native_delivery is not None:
+            self.native_delivery.unhook_exceptions()
         for h in self._hooks:
             try:
                 self.uc.hook_del(h)

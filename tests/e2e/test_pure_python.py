@@ -1,9 +1,10 @@
-"""The pure-Python twins (pyvm/fastpath_py.py, pyvm/pagestream_py.py) end to end:
-``PYVM_PURE_PYTHON=1`` pyvm processes boot, migrate live over tcp, save to and restore
-from a file, and go through cpr-reboot.
+"""The pure-Python twins (pyvm/fastpath_py.py, pyvm/pagestream_py.py, and
+``VCpu.deliver_python`` for interrupt delivery) end to end: ``PYVM_PURE_PYTHON=1`` pyvm
+processes boot, migrate live over tcp, save to and restore from a file, and go through
+cpr-reboot.
 
 Each process is checked to really run the twins: the native extension modules never
-get loaded into it (its /proc/PID/maps lists no ``_fastpath``/``_pagestream`` shared
+get loaded into it (its /proc/PID/maps lists no ``_fastpath``/``_pagestream``/``_delivery`` shared
 object), while a process started without the variable does load them.
 """
 
@@ -17,7 +18,7 @@ from tests.conftest import DEBUG_EXIT, guest, run_pyvm
 from tests.vmproc import VmProcess
 
 PURE = {"PYVM_PURE_PYTHON": "1"}
-NATIVE = ("_fastpath.", "_pagestream.")
+NATIVE = ("_fastpath.", "_pagestream.", "_delivery.")
 RAM = 32 << 20
 # 1 MiB of memcheck: the twin's write tracking is a Python callback per guest store
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=1",
@@ -47,7 +48,7 @@ def test_the_check_sees_native_modules(vms) -> None:
     """The control: without the variable the same check finds the native modules."""
     vm = vms("native", *MEMCHECK)
     vm.wait_serial("memcheck gen 1 ok")
-    assert len(native_modules_loaded(vm)) == 2, native_modules_loaded(vm)
+    assert len(native_modules_loaded(vm)) == 3, native_modules_loaded(vm)
 
 
 def test_boot_and_guests_finish() -> None:

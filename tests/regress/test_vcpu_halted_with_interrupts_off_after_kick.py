@@ -29,9 +29,8 @@ def test_timer_guest_finishes_when_kicks_end_slices_inside_its_handler(monkeypat
     armed = [False]
     deliver, clear_stop, run_slice = VCpu.deliver, VCpu.clear_stop, Machine._run_slice
 
-    def deliver_and_arm(cpu: VCpu, vector: int, error_code: int | None = None,
-                        depth: int = 0) -> None:
-        deliver(cpu, vector, error_code, depth)
+    def deliver_and_arm(cpu: VCpu, vector: int, error_code: int | None = None) -> None:
+        deliver(cpu, vector, error_code)
         armed[0] = vector == TIMER_VECTOR
 
     def clear_then_kick(cpu: VCpu) -> None:
