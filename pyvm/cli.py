@@ -411,7 +411,8 @@ def run(pa: ParsedArgs) -> int:
                 # This monitor's commands: the core ones and migration's, registered here.
                 tables = build_tables(monitor_commands.install)
                 # Clients are greeted at once; their commands wait until the VM has started.
-                service = start_monitors(machine, monitors, tables, hold=True)
+                service = start_monitors(machine, monitors, tables, hold=True,
+                                         tls_objects=cfg.tls_objects)
         _install_signals(machine)
         machine.start()
         if cfg.incoming is not None:
