@@ -29,7 +29,7 @@ from pyvm.migration.stream.decoder import StreamDecoder
 from pyvm.migration.errors import MigrationError
 from tests.conftest import guest
 from tests.torture.launcher import Launcher
-from tests.stream_mutations import SplitStream, mutations, split_stream
+from tests.stream_mutations import SplitStream, flip, mutations, split_stream
 from tests.vmproc import QmpFailed, VmProcess
 from tests.waiting import wait_stalled, wait_until
 
@@ -164,6 +164,88 @@ def r1_streams(tmp: Path, in_process: int, processes: int, seed: int = 16) -> di
         figures[f"in_process_checksum_{'on' if checksum else 'off'}"] = counts
         figures[f"real_processes_checksum_{'on' if checksum else 'off'}"] = \
             _r1_processes(tmp, split, muts[per_round:per_round + processes], checksum)
+    return figures
+
+
+def r1_hypothesis(tmp: Path, examples: int, seed: int = 16) -> dict[str, Any]:
+    """Property-based fuzzing of the decoder in-process (hypothesis): one to three edits
+    (bit flips, cuts, garbage splices, huge lengths, dropped/duplicated/swapped sections)
+    of a real stream.  Every input must end in a clean refusal or a load; a load that
+    changed device state must come from value edits alone (never a cut or a section
+    edit); with ``x-checksum`` on no edited stream may load."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    figures: dict[str, Any] = {}
+    for checksum in (False, True):
+        data = saved_stream(tmp, checksum)
+        split = split_stream(data)
+        vmdesc = find_vmdesc(data)
+        caps = ["x-checksum"] if checksum else []
+        expected = sorted({(s.idstr, s.instance_id) for s in split.sections if s.opens})
+        machine = data[13:13 + int.from_bytes(data[9:13], "big")].decode()
+        outcome, loaded = _decode(data, vmdesc, caps, machine, expected)
+        assert outcome == "loaded" and loaded is not None
+        base_state = loaded[0]
+        lo, hi = split.prefix_end, split.tail_start
+        opens = [i for i, sec in enumerate(split.sections) if sec.opens]
+        edit = st.one_of(
+            st.tuples(st.just("flip"), st.integers(lo, hi - 1), st.integers(0, 7)),
+            st.tuples(st.just("cut"), st.integers(0, hi - 1), st.just(0)),
+            st.tuples(st.just("garbage"), st.integers(lo, hi - 1), st.binary(min_size=1, max_size=64)),
+            st.tuples(st.just("huge"), st.integers(lo, hi - 4), st.just(0)),
+            st.tuples(st.just("drop"), st.sampled_from(opens), st.just(0)),
+            st.tuples(st.just("duplicate"), st.sampled_from(opens), st.just(0)),
+            st.tuples(st.just("swap"), st.sampled_from(opens[:-1]), st.just(0)),
+        )
+        counts = {"examples": 0, "refused": 0, "loaded_page_data_only": 0,
+                  "loaded_device_state_changed": 0}
+
+        def apply(edits: list[tuple[str, int, Any]]) -> bytes:
+            out = data
+            for kind, at, arg in edits:
+                if kind in ("drop", "duplicate", "swap"):
+                    # section edits first work on the intact layout; later ones on bytes
+                    cur = split_stream(out) if out is not data else split
+                    if at >= len(cur.sections) - (kind == "swap"):
+                        continue
+                    out = (cur.without(at) if kind == "drop" else cur.duplicated(at)
+                           if kind == "duplicate" else cur.swapped(at, at + 1))
+                elif kind == "flip":
+                    out = flip(out, min(at, len(out) - 1), arg)
+                elif kind == "cut":
+                    out = out[:at]
+                elif kind == "garbage":
+                    out = out[:at] + arg + out[at + len(arg):]
+                else:
+                    out = out[:at] + b"\xff\xff\xff\xf0" + out[at + 4:]
+            return out
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.lists(edit, min_size=1, max_size=3))
+        def prop(edits: list[tuple[str, int, Any]]) -> None:
+            try:
+                bad = apply(edits)
+            except (MigrationError, AssertionError):
+                return                  # a section edit on a stream already cut apart
+            if bad == data:
+                return
+            counts["examples"] += 1
+            outcome, loaded = _decode(bad, vmdesc, caps, machine, expected)
+            if outcome == "refused":
+                counts["refused"] += 1
+                return
+            assert not checksum, f"{edits} loaded with x-checksum on"
+            if loaded[0] == base_state:
+                counts["loaded_page_data_only"] += 1
+            else:
+                counts["loaded_device_state_changed"] += 1
+                assert all(k in ("flip", "garbage", "huge") for k, _, _ in edits), \
+                    f"structural edit {edits} loaded with device state changed"
+
+        prop()
+        figures[f"checksum_{'on' if checksum else 'off'}"] = counts
     return figures
 
 
@@ -600,8 +682,8 @@ def r5_private_and_tls(tmp: Path) -> dict[str, Any]:
 
 # -- the command ------------------------------------------------------------------------------------
 
-FULL = {"r1_in_process": 5000, "r1_processes": 40, "r2_messages": 11000, "r4_hops": 200}
-QUICK = {"r1_in_process": 120, "r1_processes": 2, "r2_messages": 600, "r4_hops": 4}
+FULL = {"r1_in_process": 5000, "r1_processes": 40, "r1_hypothesis": 1000, "r2_messages": 11000, "r4_hops": 200}
+QUICK = {"r1_in_process": 120, "r1_processes": 2, "r1_hypothesis": 40, "r2_messages": 600, "r4_hops": 4}
 
 
 def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
@@ -610,6 +692,8 @@ def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
         start = time.monotonic()
         if part == "r1":
             out[part] = r1_streams(tmp, sizes["r1_in_process"], sizes["r1_processes"] // 2)
+        elif part == "r1h":
+            out[part] = r1_hypothesis(tmp, sizes["r1_hypothesis"])
         elif part == "r2":
             out[part] = r2_monitor(tmp, sizes["r2_messages"])
         elif part == "r3":
@@ -626,7 +710,7 @@ def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="pyvm's standing adversarial suite")
     p.add_argument("--quick", action="store_true", help="the small sizes of make test")
-    p.add_argument("parts", nargs="*", default=["r1", "r2", "r3", "r4", "r5"])
+    p.add_argument("parts", nargs="*", default=["r1", "r1h", "r2", "r3", "r4", "r5"])
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pyvm-torture-") as d, launched():
         start = time.monotonic()
