@@ -23,7 +23,7 @@ class VmProcess:
 
     def __init__(self, tmp: Path, name: str, *args: str, serial: bool = True,
                  env: dict[str, str] | None = None, connect_timeout: float = 20,
-                 launcher: Any = None) -> None:
+                 launcher: Any = None, prefix: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.name = name
         self.sock = str(tmp / f"{name}.qmp")
@@ -38,12 +38,13 @@ class VmProcess:
         e.update(env or {})
         self._stderr = open(self.stderr_path, "wb")
         self.proc: Any
-        if launcher is not None:       # forked from a pre-imported pyvm (tests/torture/launcher.py)
+        if launcher is not None and not prefix:  # forked from a pre-imported pyvm (tests/torture/launcher.py)
             with open(os.devnull, "wb") as out:
                 self.proc = launcher.spawn(cmd[3:], out.fileno(), self._stderr.fileno(), e, ROOT)
         else:
-            self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                                         cwd=ROOT, env=e)
+            # ``prefix``: a command that runs pyvm, e.g. ("ip", "netns", "exec", NAME)
+            self.proc = subprocess.Popen([*prefix, *cmd], stdout=subprocess.DEVNULL,
+                                         stderr=self._stderr, cwd=ROOT, env=e)
         self.qmp = self._connect(connect_timeout)
 
     def _connect(self, timeout: float) -> QEMUMonitorProtocol:

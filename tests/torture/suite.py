@@ -28,6 +28,7 @@ from pyvm.analyze import AnalyzerTarget, find_vmdesc
 from pyvm.migration.stream.decoder import StreamDecoder
 from pyvm.migration.errors import MigrationError
 from tests.conftest import guest
+from tests.torture import host_faults
 from tests.torture.launcher import Launcher
 from tests.stream_mutations import SplitStream, flip, mutations, split_stream
 from tests.vmproc import QmpFailed, VmProcess
@@ -439,14 +440,20 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
-    """Faults on every transport; ``quick`` runs one of each kind (make test)."""
+def r3_faults(tmp: Path, quick: bool = False, only: set[str] | None = None) -> dict[str, Any]:
+    """Faults on every transport; ``quick`` runs one of each kind (make test), ``only``
+    the scenarios named.  The host-level faults (a veth link brought down inside a network
+    namespace, a full tmpfs) need root; without it they are reported as skipped, with why."""
     results: dict[str, str] = {}
+    host_reason = host_faults.unavailable()
     quick_set = {"destination killed/tcp", "exec helper killed", "cancel in setup/fifo without reader",
                  "cancel while active/unix peer not reading"}
 
-    def scenario(name: str, fn: Callable[[VmProcess], None]) -> None:
-        if quick and name not in quick_set:
+    def scenario(name: str, fn: Callable[[VmProcess], None], host: bool = False) -> None:
+        if (quick and name not in quick_set) or (only is not None and name not in only):
+            return
+        if host and host_reason is not None:
+            results[name] = f"skipped: {host_reason}"
             return
         src = _source(tmp, f"r3-{len(results)}")          # unix socket paths are short
         try:
@@ -544,6 +551,35 @@ def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
                     k.close()
         return run
 
+    def link_down(src: VmProcess) -> None:
+        with host_faults.veth_namespace() as ns:
+            dst = VmProcess(tmp, "r3-ns", *MEMCHECK, "-incoming", f"tcp:{ns.inside}:0",
+                            prefix=ns.prefix)
+            try:
+                port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+                src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 20})
+                src.cmd("migrate", uri=f"tcp:{ns.inside}:{port}")
+                src.wait_migration(("active",))
+                wait_until(lambda: src.cmd("query-migrate")["ram"]["transferred"] > 0,
+                           what="pages on the wire before the link goes down")
+                ns.link_down()
+                wait_stalled(lambda: src.cmd("query-migrate")["ram"]["transferred"],
+                             what="a migration over a link that is down", interval=0.5)
+                assert src.cmd("query-migrate")["status"] == "active"
+                t0 = time.monotonic()
+                src.cmd("migrate_cancel")
+                assert src.wait_migration(("cancelled",), timeout=5, poll=0.01)["status"] == "cancelled"
+                assert time.monotonic() - t0 < 1.0
+            finally:
+                dst.close()
+
+    def tmpfs_full(src: VmProcess) -> None:
+        with host_faults.small_tmpfs(tmp, "4m") as mnt:
+            src.cmd("migrate", uri=f"file:{mnt / 'full.state'}")
+            info = src.wait_migration()
+            assert info["status"] == "failed", info
+            assert "No space left on device" in info.get("error-desc", ""), info
+
     scenario("destination killed/tcp", kill_destination("tcp"))
     scenario("destination killed/unix", kill_destination("unix"))
     scenario("exec helper killed", kill_exec_helper)
@@ -552,7 +588,10 @@ def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
     for kind in ("fifo", "tcp", "unix", "exec"):
         scenario(f"cancel while active/{kind} peer not reading", cancel_in("active", kind))
     scenario("cancel in pre-switchover/file", cancel_in("pre-switchover", "file"))
+    scenario("link down inside a network namespace/tcp, then cancel", link_down, host=True)
+    scenario("disk full (4 MiB tmpfs)/file", tmpfs_full, host=True)
     return {"scenarios": len(results), "passed": sum(v == "ok" for v in results.values()),
+            "skipped": {k: v for k, v in results.items() if v != "ok"},
             "list": sorted(results)}
 
 

@@ -46,3 +46,13 @@ def test_r2_hostile_monitor_clients(tmp_path: Path) -> None:
 def test_r4_ping_pong(tmp_path: Path) -> None:
     figures = suite.r4_pingpong(tmp_path, suite.QUICK["r4_hops"], check_every=1)
     assert figures["memcheck"]["migrations"] == figures["ab"]["migrations"] == 2
+
+
+def test_r3_link_down_in_a_namespace_and_a_full_tmpfs(tmp_path: Path) -> None:
+    from tests.torture import host_faults
+    reason = host_faults.unavailable()
+    if reason is not None:
+        pytest.skip(reason)
+    host = {"link down inside a network namespace/tcp, then cancel", "disk full (4 MiB tmpfs)/file"}
+    figures = suite.r3_faults(tmp_path, only=host)
+    assert figures["passed"] == 2, figures
