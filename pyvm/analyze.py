@@ -31,7 +31,7 @@ import sys
 from typing import Any, Sequence
 
 from pyvm.migration.stream.decoder import SectionLoaded, StreamDecoder
-from pyvm.migration.errors import MigrationError
+from pyvm.migration.errors import MigrationError, StreamFormatError
 from pyvm.migration.stream.ram_format import StreamBlock
 from pyvm.migration.stream.constants import (QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
                                              QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_START,
@@ -41,6 +41,7 @@ from pyvm.private_files import PRIVATE_MODE
 
 FEED_SIZE = 1 << 20            # bytes handed to the decoder at a time
 MAX_VMDESC_SEARCH = 64 << 20   # how far from the end of the file the trailer may start
+MAX_BLOCK_LENGTH = 1 << 48     # a RAM block larger than x86-64's physical address space is damage
 
 
 class AnalyzeError(Exception):
@@ -120,6 +121,16 @@ class AnalyzerTarget:
             return self.blocks[name]
         if length == 0:
             return None
+        if not 0 < length <= MAX_BLOCK_LENGTH:
+            # a damaged stream must not make the analyzer map (or create) any size it names
+            raise StreamFormatError(detail=f"RAM block {name}: length 0x{length:x} is out of range")
+        try:
+            return self._map_block(name, length)
+        except (OSError, OverflowError, ValueError) as err:
+            raise StreamFormatError(
+                detail=f"RAM block {name}: cannot map 0x{length:x} bytes: {err}") from err
+
+    def _map_block(self, name: str, length: int) -> StreamBlock:
         if self.extract:
             path = safe_block_path(name)
             print(name)

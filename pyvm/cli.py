@@ -35,6 +35,7 @@ OPTIONS: dict[str, tuple[bool, str]] = {
     "M": (True, "same as -machine"),
     "object": (True, "memory-backend-{ram,memfd,file},id=ID,size=SIZE[,share=on][,prealloc=on][,mem-path=PATH]"
                      " | tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]"
+                     " | tls-creds-psk (refused: needs TLS-PSK, which Python's ssl lacks before 3.13)"
                      " | authz-simple,id=ID,identity=DN"
                      " | authz-list,id=ID[,policy=deny|allow][,rules.N.match=DN,rules.N.policy=allow|deny]"),
     "drive": (True, "file=IMG[,format=raw][,if=ide][,cache=writethrough|writeback][,readonly=on]"),
@@ -410,7 +411,8 @@ def run(pa: ParsedArgs) -> int:
                 # This monitor's commands: the core ones and migration's, registered here.
                 tables = build_tables(monitor_commands.install)
                 # Clients are greeted at once; their commands wait until the VM has started.
-                service = start_monitors(machine, monitors, tables, hold=True)
+                service = start_monitors(machine, monitors, tables, hold=True,
+                                         tls_objects=cfg.tls_objects)
         _install_signals(machine)
         machine.start()
         if cfg.incoming is not None:

@@ -16,6 +16,13 @@ authz/list.c), rebuilt on Python's :mod:`ssl`:
 ``authz-list,id=ID,policy=deny|allow,rules.N.match=DN,rules.N.policy=allow|deny[,rules.N.format=exact|glob]``
     An ordered list of rules; the first match decides, else ``policy``.
 
+``tls-creds-psk,id=ID,dir=DIR,endpoint=server|client[,username=NAME]``
+    Pre-shared keys (``DIR/keys.psk``, lines ``username:hexkey``).  Refused with QEMU's
+    text for a build without the TLS library, "TLS credentials support requires GNUTLS":
+    Python's :mod:`ssl` offers TLS-PSK only from Python 3.13
+    (``SSLContext.set_psk_server_callback``), and pyvm runs on Python 3.11.  The
+    properties are checked first, as QEMU does before loading the credentials.
+
 Objects are registered by id in an :class:`ObjectRegistry` that the machine owns; users
 (the migration code) look them up by the id a parameter names.  Errors are
 :class:`TlsError` with QEMU's texts.
@@ -38,7 +45,10 @@ SERVER_KEY = "server-key.pem"
 CLIENT_CERT = "client-cert.pem"
 CLIENT_KEY = "client-key.pem"
 
-TLS_OBJECT_TYPES = ("tls-creds-x509", "authz-simple", "authz-list")
+TLS_OBJECT_TYPES = ("tls-creds-x509", "tls-creds-psk", "authz-simple", "authz-list")
+# crypto/tlscredspsk.c (built without GnuTLS): QEMU's refusal when it cannot load TLS
+# credentials of a kind; pyvm's Python has no TLS-PSK (ssl gained it in Python 3.13).
+PSK_UNSUPPORTED = "TLS credentials support requires GNUTLS"
 
 
 class TlsError(PyvmError):
@@ -155,6 +165,14 @@ def make_object(qom_type: str, props: Mapping[str, str]) -> TlsObject:
             raise TlsError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
         return TlsCredsX509(ident, props["dir"], endpoint,
                             _on_off("verify-peer", props.get("verify-peer", "on")))
+    if qom_type == "tls-creds-psk":
+        _check_props(qom_type, props, {"id", "dir", "endpoint", "verify-peer", "username",
+                                       "priority", "sanity-check"})
+        endpoint = props.get("endpoint", "client")
+        if endpoint not in ("client", "server"):
+            raise TlsError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
+        _on_off("verify-peer", props.get("verify-peer", "on"))
+        raise TlsError(PSK_UNSUPPORTED)
     if qom_type == "authz-simple":
         _check_props(qom_type, props, {"id", "identity"})
         if "identity" not in props:

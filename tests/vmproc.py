@@ -22,7 +22,8 @@ class VmProcess:
     """``pyvm ARGS -qmp unix:... -serial file:...`` with helpers for tests."""
 
     def __init__(self, tmp: Path, name: str, *args: str, serial: bool = True,
-                 env: dict[str, str] | None = None, connect_timeout: float = 20) -> None:
+                 env: dict[str, str] | None = None, connect_timeout: float = 20,
+                 launcher: Any = None, prefix: tuple[str, ...] = ()) -> None:
         self.tmp = tmp
         self.name = name
         self.sock = str(tmp / f"{name}.qmp")
@@ -36,8 +37,14 @@ class VmProcess:
         e = dict(os.environ)
         e.update(env or {})
         self._stderr = open(self.stderr_path, "wb")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self._stderr,
-                                     cwd=ROOT, env=e)
+        self.proc: Any
+        if launcher is not None and not prefix:  # forked from a pre-imported pyvm (tests/torture/launcher.py)
+            with open(os.devnull, "wb") as out:
+                self.proc = launcher.spawn(cmd[3:], out.fileno(), self._stderr.fileno(), e, ROOT)
+        else:
+            # ``prefix``: a command that runs pyvm, e.g. ("ip", "netns", "exec", NAME)
+            self.proc = subprocess.Popen([*prefix, *cmd], stdout=subprocess.DEVNULL,
+                                         stderr=self._stderr, cwd=ROOT, env=e)
         self.qmp = self._connect(connect_timeout)
 
     def _connect(self, timeout: float) -> QEMUMonitorProtocol:

@@ -9,6 +9,9 @@ Accepted forms (QEMU's)::
     -chardev stdio,id=ID
     -mon chardev=ID[,mode=control|readline][,pretty=on|off]
 
+A tcp monitor takes ``tls-creds=ID`` (a ``tls-creds-x509`` object with
+``endpoint=server``) and ``tls-authz=ID``: clients then speak TLS, and with
+``verify-peer=on`` must show a certificate the CA signed (and the authz object allows).
 ``-monitor`` takes the same endpoint forms as ``-qmp`` and gives a human monitor.  A tcp
 monitor without a host binds 127.0.0.1 only.  Monitors always listen (``server=on``);
 ``wait=on`` -- in QEMU, wait for a client before starting the guest -- is accepted and
@@ -52,6 +55,8 @@ class MonitorSpec:
     label: str              # the character device id (compat_monitorN for -qmp/-monitor)
     option: str             # the option as written, for messages
     pretty: bool = False
+    tls_creds: str | None = None    # tls-creds=ID: a tls-creds-x509 object (server endpoint)
+    tls_authz: str | None = None    # tls-authz=ID: an authz-simple/authz-list object
 
     @property
     def filename(self) -> str:
@@ -103,6 +108,8 @@ def _socket_opts(option: str, pairs: list[tuple[str, str | None]]) -> None:
             server = _flag(option, key, value)
         elif key == "nowait" and value is None:
             continue
+        elif key in ("tls-creds", "tls-authz"):
+            continue                 # _tls_options
         elif key in ("wait", "nodelay", "ipv4", "ipv6"):
             _flag(option, key, value)
         elif key == "telnet" and not _flag(option, key, value):
@@ -111,6 +118,18 @@ def _socket_opts(option: str, pairs: list[tuple[str, str | None]]) -> None:
             raise ConfigError(f"{option}: Invalid parameter '{key}'")
     if not server:
         raise ConfigError(f"{option}: a monitor socket must listen: add server=on,wait=off")
+
+
+def _tls_options(option: str, pairs: list[tuple[str, str | None]],
+                 endpoint: Endpoint) -> tuple[str | None, str | None]:
+    """``tls-creds``/``tls-authz`` of a socket monitor (chardev/char-socket.c texts)."""
+    found = dict(pairs)
+    creds, authz = found.get("tls-creds"), found.get("tls-authz")
+    if creds is not None and not isinstance(endpoint, TcpEndpoint):
+        raise ConfigError(f"{option}: TLS can only be used over TCP socket")
+    if authz is not None and creds is None:
+        raise ConfigError(f"{option}: 'tls_authz' option requires 'tls_creds' option")
+    return creds, authz
 
 
 def _pairs(items: list[str]) -> list[tuple[str, str | None]]:
@@ -236,7 +255,9 @@ def parse_monitor_options(qmp: list[str], monitor: list[str], chardev: list[str]
             endpoint = parse_compat(option, value)
             if endpoint is None:
                 continue
-            specs.append(MonitorSpec(mode, endpoint, f"compat_monitor{index}", option))
+            creds, authz = _tls_options(option, _pairs(split_opts(value)[1:]), endpoint)
+            specs.append(MonitorSpec(mode, endpoint, f"compat_monitor{index}", option,
+                                     tls_creds=creds, tls_authz=authz))
             index += 1
     chardevs: dict[str, tuple[str, str, list[tuple[str, str | None]]]] = {}
     for value in chardev:
@@ -257,8 +278,9 @@ def parse_monitor_options(qmp: list[str], monitor: list[str], chardev: list[str]
             raise ConfigError(f"{option}: chardev '{ident}' is already in use")
         used.add(ident)
         dev_option, backend, pairs = chardevs[ident]
-        specs.append(MonitorSpec(mode, _chardev_endpoint(dev_option, backend, pairs), ident,
-                                 dev_option, pretty))
+        endpoint = _chardev_endpoint(dev_option, backend, pairs)
+        creds, authz = _tls_options(dev_option, pairs, endpoint)
+        specs.append(MonitorSpec(mode, endpoint, ident, dev_option, pretty, creds, authz))
     _check_unique(specs)
     return specs
 

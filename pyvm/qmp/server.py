@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
 import sys
 import threading
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 from pyvm.errors import ConfigError
 from pyvm.events import Event
@@ -29,6 +30,10 @@ from pyvm.qmp.options import MonitorSpec, StdioEndpoint, TcpEndpoint, UnixEndpoi
 from pyvm.qmp.tables import MonitorTables
 from pyvm.qmp.transports import StdioTransport
 from pyvm.qmp.vm_api import VmApi
+from pyvm.tls import TlsError, distinguished_name
+
+if TYPE_CHECKING:
+    from pyvm.tls import ObjectRegistry
 
 log = logging.getLogger("pyvm.qmp")
 
@@ -37,8 +42,10 @@ class MonitorService:
     """Every monitor of one VM; :meth:`start` opens them, :meth:`close` ends them."""
 
     def __init__(self, vm: VmApi, specs: list[MonitorSpec], tables: MonitorTables | None = None,
-                 limits: JsonLimits | None = None, hold: bool = False) -> None:
+                 limits: JsonLimits | None = None, hold: bool = False,
+                 tls_objects: "ObjectRegistry | None" = None) -> None:
         self.vm = vm
+        self.tls_objects = tls_objects        # -object tls-creds-x509/authz-*, for tls-creds=
         # While held, clients are greeted and their requests read and queued, but nothing
         # runs: QEMU runs no monitor command before the machine has started.
         self.held = hold
@@ -110,8 +117,10 @@ class MonitorService:
                     server = await loop.create_unix_server(factory, sock=sock)
                     self.addresses[spec.label] = ep.path
                 elif isinstance(ep, TcpEndpoint):
-                    server = await loop.create_server(factory, ep.host, ep.port,
-                                                      reuse_address=True)
+                    tls = self._tls_context(spec)
+                    server = await loop.create_server(
+                        self._authz_gate(factory, spec), ep.host, ep.port, reuse_address=True,
+                        ssl=tls, ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT if tls else None)
                     self.addresses[spec.label] = server.sockets[0].getsockname()[:2]
                 else:
                     assert isinstance(ep, StdioEndpoint)
@@ -128,6 +137,24 @@ class MonitorService:
                 raise ConfigError(f"{spec.option}: Failed to bind socket{where}: "
                                   f"{reason}") from err
             self._servers.append(server)
+
+    def _tls_context(self, spec: MonitorSpec) -> ssl.SSLContext | None:
+        """The server context of ``tls-creds=ID`` (chardev/char-socket.c texts)."""
+        if spec.tls_creds is None:
+            return None
+        try:
+            if self.tls_objects is None:
+                raise TlsError(f"No TLS credentials with id '{spec.tls_creds}'")
+            return self.tls_objects.creds(spec.tls_creds, "server").context()
+        except TlsError as err:
+            raise ConfigError(f"{spec.option}: {err}") from err
+
+    def _authz_gate(self, factory: Callable[[], Connection],
+                    spec: MonitorSpec) -> Callable[[], asyncio.Protocol]:
+        if spec.tls_creds is None:
+            return factory
+        authz_id, objects = spec.tls_authz, self.tls_objects
+        return lambda: _TlsGate(factory, authz_id, objects)
 
     def _factory(self, spec: MonitorSpec) -> Callable[[], Connection]:
         cls = QmpConnection if spec.mode == "control" else HmpConnection
@@ -236,13 +263,74 @@ class MonitorService:
                 conn.send_event(encoded)
 
 
+TLS_HANDSHAKE_TIMEOUT = 10.0     # seconds a TLS client has to finish its handshake
+
+
+class _TlsGate(asyncio.Protocol):
+    """A monitor connection over TLS.  With ``tls-authz=ID`` the client's certificate name
+    must be allowed by the authz object after the handshake
+    (crypto/tlssession.c qcrypto_tls_session_check_certificate); otherwise the connection
+    is closed before the monitor greets it.  TLS has no half-close: at the client's EOF
+    the connection ends (replies not yet written are dropped)."""
+
+    def __init__(self, factory: Callable[[], Connection], authz_id: str | None,
+                 objects: "ObjectRegistry | None") -> None:
+        self._factory = factory
+        self._authz_id = authz_id
+        self._objects = objects
+        self._inner: Connection | None = None
+
+    def _allowed(self, transport: asyncio.BaseTransport) -> bool:
+        if self._authz_id is None:
+            return True
+        cert = transport.get_extra_info("peercert")
+        if not cert or self._objects is None:
+            return False
+        try:
+            return self._objects.authz(self._authz_id).is_allowed(distinguished_name(cert))
+        except TlsError as err:
+            log.warning("monitor: %s", err)
+            return False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if not self._allowed(transport):
+            peer = transport.get_extra_info("peername")
+            log.warning("monitor: TLS x509 authz check for %s is denied", peer)
+            transport.close()
+            return
+        self._inner = self._factory()
+        self._inner.connection_made(transport)
+
+    def data_received(self, data: bytes) -> None:
+        if self._inner is not None:
+            self._inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        if self._inner is not None:
+            self._inner.eof_received()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._inner is not None:
+            self._inner.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        if self._inner is not None:
+            self._inner.resume_writing()
+
+
 def start_monitors(vm: VmApi, specs: list[MonitorSpec], tables: MonitorTables,
-                   hold: bool = False) -> MonitorService:
+                   hold: bool = False, tls_objects: "ObjectRegistry | None" = None
+                   ) -> MonitorService:
     """Open every endpoint and start the monitor thread; ``.close()`` ends it.
 
     With ``hold=True`` clients are greeted but no command runs until ``.release()`` --
     call it once the machine has started, so that no client sees a half-built VM.
     """
-    service = MonitorService(vm, specs, tables, hold=hold)
+    service = MonitorService(vm, specs, tables, hold=hold, tls_objects=tls_objects)
     service.start()
     return service

@@ -256,3 +256,22 @@ def test_qemu_analyze_migration_reads_a_real_pyvm_save(vms, tmp_path: Path, caps
     _qemu_analyze(stream, "-x", cwd=tmp_path / "x")
     assert sorted(p.name for p in (tmp_path / "x").iterdir()) == ["desc.json", "pc.ram", "state.json"]
     assert (tmp_path / "x" / "pc.ram").read_bytes() == ram
+
+
+@pytest.mark.parametrize("length", [1 << 63, 1 << 49], ids=["beyond-ssize_t", "beyond-memory"])
+@pytest.mark.parametrize("extract", [False, True], ids=["dump", "extract"])
+def test_a_huge_ram_block_length_fails_cleanly(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch, length: int,
+                                               extract: bool) -> None:
+    # found by the torture suite's property-based fuzzing: the analyzer mapped (or, with
+    # -x, created) whatever length a damaged block list named -- OverflowError or ENOMEM
+    _write_stream(tmp_path / "s")
+    raw = bytearray((tmp_path / "s").read_bytes())
+    at = raw.index(b"pc.ram") + len(b"pc.ram")
+    raw[at:at + 8] = length.to_bytes(8, "big")
+    (tmp_path / "bad").write_bytes(bytes(raw))
+    monkeypatch.chdir(tmp_path)
+    rc, out, err = _run(capsys, "-f", str(tmp_path / "bad"), *(["-x"] if extract else []))
+    assert rc == 1
+    assert "Traceback" not in err and f"length 0x{length:x} is out of range" in err, err
+    assert not (tmp_path / "pc.ram").exists() or (tmp_path / "pc.ram").stat().st_size == 0

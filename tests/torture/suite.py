@@ -10,6 +10,7 @@ faults stay on loopback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
@@ -21,13 +22,15 @@ import tempfile
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from pyvm.analyze import AnalyzerTarget, find_vmdesc
 from pyvm.migration.stream.decoder import StreamDecoder
 from pyvm.migration.errors import MigrationError
 from tests.conftest import guest
-from tests.stream_mutations import SplitStream, mutations, split_stream
+from tests.torture import host_faults
+from tests.torture.launcher import Launcher
+from tests.stream_mutations import SplitStream, flip, mutations, split_stream
 from tests.vmproc import QmpFailed, VmProcess
 from tests.waiting import wait_stalled, wait_until
 
@@ -38,6 +41,27 @@ SMALL = ["-m", "4M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=
          "-display", "none"]
 AB = ["-m", "32M", "-smp", "2", "-kernel", guest("ab.elf"), "-append", "start=1 size=8",
       "-display", "none"]
+
+
+_launcher: Launcher | None = None
+
+
+@contextlib.contextmanager
+def launched() -> Iterator[Launcher]:
+    """Within the block, the suite's VMs are forked from a pre-imported pyvm
+    (tests/torture/launcher.py), which takes most of the start-up time off each one."""
+    global _launcher
+    launcher = Launcher()
+    _launcher = launcher
+    try:
+        yield launcher
+    finally:
+        _launcher = None
+        launcher.close()
+
+
+def _vm(tmp: Path, name: str, *args: str) -> VmProcess:
+    return VmProcess(tmp, name, *args, launcher=_launcher)
 
 
 def _checksum(vm: VmProcess, on: bool = True) -> None:
@@ -56,7 +80,7 @@ def _progress(vm: VmProcess, marker: str, timeout: float = 20) -> None:
 def saved_stream(tmp: Path, checksum: bool) -> bytes:
     """A real stream of a running memcheck guest."""
     path = tmp / f"real-{int(checksum)}.state"
-    src = VmProcess(tmp, f"saver{int(checksum)}", *SMALL)
+    src = _vm(tmp, f"saver{int(checksum)}", *SMALL)
     try:
         src.wait_serial("memcheck gen 1 ok")
         if checksum:
@@ -105,6 +129,30 @@ def _decode(data: bytes, vmdesc: dict[str, Any], caps: list[str], machine: str,
         target.close()
 
 
+# The job the decoding workers read (set before they fork, so nothing is pickled to them).
+_R1_JOB: dict[str, Any] = {}
+R1_WORKERS = 2               # decoding processes for a large R1 (one per core of the machine)
+
+
+def _decode_one(index: int) -> tuple[str, Any]:
+    j = _R1_JOB
+    outcome, loaded = _decode(j["muts"][index][1], j["vmdesc"], j["caps"], j["machine"],
+                              j["expected"])
+    return outcome, (loaded[0] if loaded is not None else None)
+
+
+def _decode_all(count: int) -> list[tuple[str, Any]]:
+    """Decode the first ``count`` mutations of ``_R1_JOB``: in this process for a small
+    run, else on R1_WORKERS forked processes (the decoder is CPU-bound Python)."""
+    if count < 1000:
+        return [_decode_one(i) for i in range(count)]
+    import concurrent.futures
+    import multiprocessing
+    with concurrent.futures.ProcessPoolExecutor(
+            R1_WORKERS, mp_context=multiprocessing.get_context("fork")) as pool:
+        return list(pool.map(_decode_one, range(count), chunksize=25))
+
+
 def r1_streams(tmp: Path, in_process: int, processes: int, seed: int = 16) -> dict[str, Any]:
     """Mutations of real streams into the decoder in-process and into real -incoming VMs."""
     rng = random.Random(seed)
@@ -124,12 +172,16 @@ def r1_streams(tmp: Path, in_process: int, processes: int, seed: int = 16) -> di
         per_round = max(1, in_process // 2)
         muts = list(mutations(split, rng, random_count=max(1, per_round // 4)))
         rng.shuffle(muts)
-        for label, bad in muts[:per_round]:
+        _R1_JOB.update(muts=muts, vmdesc=vmdesc, caps=caps, machine=machine, expected=expected)
+        try:
+            results = _decode_all(per_round)
+        finally:
+            _R1_JOB.clear()
+        for (label, _bad), (outcome, state) in zip(muts[:per_round], results):
             counts["mutations"] += 1
-            outcome, loaded = _decode(bad, vmdesc, caps, machine, expected)
             if outcome == "refused":
                 counts["refused"] += 1
-            elif loaded[0] == base_state:
+            elif state == base_state:
                 counts["loaded_page_data_only"] += 1
             else:
                 counts["loaded_device_state_changed"] += 1
@@ -144,6 +196,92 @@ def r1_streams(tmp: Path, in_process: int, processes: int, seed: int = 16) -> di
     return figures
 
 
+def r1_hypothesis(tmp: Path, examples: int, seed: int = 16) -> dict[str, Any]:
+    """Property-based fuzzing of the decoder in-process (hypothesis): one to three edits
+    (bit flips, cuts, garbage splices, huge lengths, dropped/duplicated/swapped sections)
+    of a real stream.  Every input must end in a clean refusal or a load; a load that
+    changed device state must come from value edits alone (never a cut or a section
+    edit); with ``x-checksum`` on no edited stream may load."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    figures: dict[str, Any] = {}
+    for checksum in (False, True):
+        data = saved_stream(tmp, checksum)
+        split = split_stream(data)
+        vmdesc = find_vmdesc(data)
+        caps = ["x-checksum"] if checksum else []
+        expected = sorted({(s.idstr, s.instance_id) for s in split.sections if s.opens})
+        machine = data[13:13 + int.from_bytes(data[9:13], "big")].decode()
+        outcome, loaded = _decode(data, vmdesc, caps, machine, expected)
+        assert outcome == "loaded" and loaded is not None
+        base_state = loaded[0]
+        lo, hi = split.prefix_end, split.tail_start
+        opens = [i for i, sec in enumerate(split.sections) if sec.opens]
+        edit = st.one_of(
+            st.tuples(st.just("flip"), st.integers(lo, hi - 1), st.integers(0, 7)),
+            st.tuples(st.just("cut"), st.integers(0, hi - 1), st.just(0)),
+            st.tuples(st.just("garbage"), st.integers(lo, hi - 1), st.binary(min_size=1, max_size=64)),
+            st.tuples(st.just("huge"), st.integers(lo, hi - 4), st.just(0)),
+            st.tuples(st.just("drop"), st.sampled_from(opens), st.just(0)),
+            st.tuples(st.just("duplicate"), st.sampled_from(opens), st.just(0)),
+            st.tuples(st.just("swap"), st.sampled_from(opens[:-1]), st.just(0)),
+        )
+        counts = {"examples": 0, "refused": 0, "loaded_page_data_only": 0,
+                  "loaded_device_state_changed": 0}
+
+        def apply(edits: list[tuple[str, int, Any]]) -> bytes | None:
+            """The edited stream; section edits come first (each on the layout the
+            previous one left), then byte edits; None when an edit does not apply."""
+            out = data
+            ordered = sorted(edits, key=lambda e: e[0] not in ("drop", "duplicate", "swap"))
+            for kind, at, arg in ordered:
+                if kind in ("drop", "duplicate", "swap"):
+                    try:
+                        cur = split_stream(out) if out is not data else split
+                    except Exception:  # noqa: BLE001 - an earlier edit broke the layout
+                        return None
+                    if at >= len(cur.sections) - (kind == "swap"):
+                        return None
+                    out = (cur.without(at) if kind == "drop" else cur.duplicated(at)
+                           if kind == "duplicate" else cur.swapped(at, at + 1))
+                elif at >= len(out) - (3 if kind == "huge" else 0):
+                    return None
+                elif kind == "flip":
+                    out = flip(out, at, arg)
+                elif kind == "cut":
+                    out = out[:at]
+                elif kind == "garbage":
+                    out = out[:at] + arg + out[at + len(arg):]
+                else:
+                    out = out[:at] + b"\xff\xff\xff\xf0" + out[at + 4:]
+            return out
+
+        @settings(max_examples=examples, deadline=None, database=None, derandomize=True,
+                  suppress_health_check=list(HealthCheck))
+        @given(st.lists(edit, min_size=1, max_size=3))
+        def prop(edits: list[tuple[str, int, Any]]) -> None:
+            bad = apply(edits)
+            if bad is None or bad == data:
+                return
+            counts["examples"] += 1
+            outcome, loaded = _decode(bad, vmdesc, caps, machine, expected)
+            if outcome == "refused":
+                counts["refused"] += 1
+                return
+            assert not checksum, f"{edits} loaded with x-checksum on"
+            if loaded[0] == base_state:
+                counts["loaded_page_data_only"] += 1
+            else:
+                counts["loaded_device_state_changed"] += 1
+                assert all(k in ("flip", "garbage", "huge") for k, _, _ in edits), \
+                    f"structural edit {edits} loaded with device state changed"
+
+        prop()
+        figures[f"checksum_{'on' if checksum else 'off'}"] = counts
+    return figures
+
+
 def _r1_processes(tmp: Path, split: SplitStream, muts: list[tuple[str, bytes]],
                   checksum: bool) -> dict[str, int]:
     counts = {"streams": 0, "refused": 0, "loaded": 0}
@@ -151,7 +289,7 @@ def _r1_processes(tmp: Path, split: SplitStream, muts: list[tuple[str, bytes]],
     for i, (label, bad) in enumerate(muts):
         bad_path.write_bytes(bad)
         counts["streams"] += 1
-        dst = VmProcess(tmp, f"r1-{i}", *SMALL, "-S", "-incoming", "defer")
+        dst = _vm(tmp, f"r1-{i}", *SMALL, "-S", "-incoming", "defer")
         try:
             if checksum:
                 _checksum(dst)
@@ -309,7 +447,7 @@ BIG = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=1
 
 
 def _source(tmp: Path, name: str) -> VmProcess:
-    src = VmProcess(tmp, name, *BIG)
+    src = _vm(tmp, name, *BIG)
     src.wait_serial("memcheck gen 1 ok")
     return src
 
@@ -334,14 +472,20 @@ def _children(pid: int) -> list[int]:
     return out
 
 
-def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
-    """Faults on every transport; ``quick`` runs one of each kind (make test)."""
+def r3_faults(tmp: Path, quick: bool = False, only: set[str] | None = None) -> dict[str, Any]:
+    """Faults on every transport; ``quick`` runs one of each kind (make test), ``only``
+    the scenarios named.  The host-level faults (a veth link brought down inside a network
+    namespace, a full tmpfs) need root; without it they are reported as skipped, with why."""
     results: dict[str, str] = {}
+    host_reason = host_faults.unavailable()
     quick_set = {"destination killed/tcp", "exec helper killed", "cancel in setup/fifo without reader",
                  "cancel while active/unix peer not reading"}
 
-    def scenario(name: str, fn: Callable[[VmProcess], None]) -> None:
-        if quick and name not in quick_set:
+    def scenario(name: str, fn: Callable[[VmProcess], None], host: bool = False) -> None:
+        if (quick and name not in quick_set) or (only is not None and name not in only):
+            return
+        if host and host_reason is not None:
+            results[name] = f"skipped: {host_reason}"
             return
         src = _source(tmp, f"r3-{len(results)}")          # unix socket paths are short
         try:
@@ -354,7 +498,7 @@ def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
     def kill_destination(kind: str) -> Callable[[VmProcess], None]:
         def run(src: VmProcess) -> None:
             uri = "tcp:127.0.0.1:0" if kind == "tcp" else f"unix:{tmp / 'r3.sock'}"
-            dst = VmProcess(tmp, "r3-dst", *MEMCHECK, "-incoming", uri)
+            dst = _vm(tmp, "r3-dst", *MEMCHECK, "-incoming", uri)
             try:
                 if kind == "tcp":
                     uri = f"tcp:127.0.0.1:{dst.cmd('query-migrate')['socket-address'][0]['port']}"
@@ -439,6 +583,35 @@ def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
                     k.close()
         return run
 
+    def link_down(src: VmProcess) -> None:
+        with host_faults.veth_namespace() as ns:
+            dst = VmProcess(tmp, "r3-ns", *MEMCHECK, "-incoming", f"tcp:{ns.inside}:0",
+                            prefix=ns.prefix)
+            try:
+                port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+                src.cmd("migrate-set-parameters", **{"max-bandwidth": 2 << 20})
+                src.cmd("migrate", uri=f"tcp:{ns.inside}:{port}")
+                src.wait_migration(("active",))
+                wait_until(lambda: src.cmd("query-migrate")["ram"]["transferred"] > 0,
+                           what="pages on the wire before the link goes down")
+                ns.link_down()
+                wait_stalled(lambda: src.cmd("query-migrate")["ram"]["transferred"],
+                             what="a migration over a link that is down", interval=0.5)
+                assert src.cmd("query-migrate")["status"] == "active"
+                t0 = time.monotonic()
+                src.cmd("migrate_cancel")
+                assert src.wait_migration(("cancelled",), timeout=5, poll=0.01)["status"] == "cancelled"
+                assert time.monotonic() - t0 < 1.0
+            finally:
+                dst.close()
+
+    def tmpfs_full(src: VmProcess) -> None:
+        with host_faults.small_tmpfs(tmp, "4m") as mnt:
+            src.cmd("migrate", uri=f"file:{mnt / 'full.state'}")
+            info = src.wait_migration()
+            assert info["status"] == "failed", info
+            assert "No space left on device" in info.get("error-desc", ""), info
+
     scenario("destination killed/tcp", kill_destination("tcp"))
     scenario("destination killed/unix", kill_destination("unix"))
     scenario("exec helper killed", kill_exec_helper)
@@ -447,7 +620,10 @@ def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
     for kind in ("fifo", "tcp", "unix", "exec"):
         scenario(f"cancel while active/{kind} peer not reading", cancel_in("active", kind))
     scenario("cancel in pre-switchover/file", cancel_in("pre-switchover", "file"))
+    scenario("link down inside a network namespace/tcp, then cancel", link_down, host=True)
+    scenario("disk full (4 MiB tmpfs)/file", tmpfs_full, host=True)
     return {"scenarios": len(results), "passed": sum(v == "ok" for v in results.values()),
+            "skipped": {k: v for k, v in results.items() if v != "ok"},
             "list": sorted(results)}
 
 
@@ -456,40 +632,65 @@ def r3_faults(tmp: Path, quick: bool = False) -> dict[str, Any]:
 def r4_pingpong(tmp: Path, hops: int, check_every: int = 10) -> dict[str, Any]:
     """Live migrations hop after hop (each destination becomes the next source); the next
     destination is started while the current hop runs.  The guests check their own memory
-    (memcheck prints FAIL, ab's vCPUs check each other's stores)."""
+    (memcheck prints FAIL, ab's vCPUs check each other's stores).  The memcheck chain and
+    the ab chain run at the same time, each on its own thread."""
     figures: dict[str, Any] = {}
-    for label, args, marker in (("memcheck", MEMCHECK, " ok"), ("ab", AB, "B")):
-        n = hops // 2
-        src = VmProcess(tmp, f"r4-{label}-0", *args)
-        downtimes = []
-        start = time.monotonic()
-        nxt = VmProcess(tmp, f"r4-{label}-1", *args, "-incoming", "tcp:127.0.0.1:0")
+    errors: list[BaseException] = []
+
+    def chain(label: str, args: list[str], marker: str) -> None:
         try:
-            src.wait_serial(marker.strip())
-            for hop in range(1, n + 1):
-                dst = nxt
+            figures[label] = _r4_chain(tmp, label, args, marker, hops // 2, check_every)
+        except BaseException as err:  # noqa: B902 - re-raised by the caller below
+            errors.append(err)
+
+    threads = [threading.Thread(target=chain, args=spec, name=f"r4-{spec[0]}")
+               for spec in (("memcheck", MEMCHECK, " ok"), ("ab", AB, "B"))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return figures
+
+
+def _r4_chain(tmp: Path, label: str, args: list[str], marker: str, n: int,
+              check_every: int) -> dict[str, Any]:
+    src = _vm(tmp, f"r4-{label}-0", *args)
+    downtimes = []
+    start = time.monotonic()
+    nxt: VmProcess | None = _vm(tmp, f"r4-{label}-1", *args, "-incoming", "tcp:127.0.0.1:0")
+    try:
+        src.wait_serial(marker.strip())
+        for hop in range(1, n + 1):
+            assert nxt is not None
+            dst, nxt = nxt, None
+            try:
                 port = dst.cmd("query-migrate")["socket-address"][0]["port"]
                 src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
                 if hop < n:
-                    nxt = VmProcess(tmp, f"r4-{label}-{(hop + 1) % 3}", *args,
-                                    "-incoming", "tcp:127.0.0.1:0")
+                    nxt = _vm(tmp, f"r4-{label}-{(hop + 1) % 3}", *args,
+                              "-incoming", "tcp:127.0.0.1:0")
                 info = src.wait_migration(poll=0.02)
                 assert info["status"] == "completed", info
                 assert dst.wait_migration(("completed", "failed"), poll=0.02)["status"] == "completed"
                 downtimes.append(info.get("downtime", 0))
-                assert "FAIL" not in src.serial()
-                src.close()
-                src = dst
-                if hop % check_every == 0 or hop == n:
-                    _progress(src, marker)
-        finally:
+                assert "FAIL" not in src.serial(), f"{label} hop {hop}: {src.serial()[-400:]!r}"
+            except BaseException:
+                dst.close()
+                raise
             src.close()
+            src = dst
+            if hop % check_every == 0 or hop == n:
+                _progress(src, marker)
+    finally:
+        src.close()
+        if nxt is not None:
             nxt.close()
-        downtimes.sort()
-        figures[label] = {"migrations": n, "seconds": round(time.monotonic() - start, 1),
-                          "downtime_ms_median": downtimes[len(downtimes) // 2] if downtimes else 0,
-                          "downtime_ms_max": downtimes[-1] if downtimes else 0}
-    return figures
+    downtimes.sort()
+    return {"migrations": n, "seconds": round(time.monotonic() - start, 1),
+            "downtime_ms_median": downtimes[len(downtimes) // 2] if downtimes else 0,
+            "downtime_ms_max": downtimes[-1] if downtimes else 0}
 
 
 # -- R5: files and TLS ----------------------------------------------------------------------------
@@ -552,8 +753,8 @@ def r5_private_and_tls(tmp: Path) -> dict[str, Any]:
 
 # -- the command ------------------------------------------------------------------------------------
 
-FULL = {"r1_in_process": 5000, "r1_processes": 40, "r2_messages": 11000, "r4_hops": 200}
-QUICK = {"r1_in_process": 120, "r1_processes": 2, "r2_messages": 600, "r4_hops": 4}
+FULL = {"r1_in_process": 5000, "r1_processes": 40, "r1_hypothesis": 500, "r2_messages": 11000, "r4_hops": 200}
+QUICK = {"r1_in_process": 120, "r1_processes": 2, "r1_hypothesis": 40, "r2_messages": 600, "r4_hops": 4}
 
 
 def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
@@ -562,6 +763,8 @@ def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
         start = time.monotonic()
         if part == "r1":
             out[part] = r1_streams(tmp, sizes["r1_in_process"], sizes["r1_processes"] // 2)
+        elif part == "r1h":
+            out[part] = r1_hypothesis(tmp, sizes["r1_hypothesis"])
         elif part == "r2":
             out[part] = r2_monitor(tmp, sizes["r2_messages"])
         elif part == "r3":
@@ -578,9 +781,9 @@ def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="pyvm's standing adversarial suite")
     p.add_argument("--quick", action="store_true", help="the small sizes of make test")
-    p.add_argument("parts", nargs="*", default=["r1", "r2", "r3", "r4", "r5"])
+    p.add_argument("parts", nargs="*", default=["r1", "r1h", "r2", "r3", "r4", "r5"])
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="pyvm-torture-") as d:
+    with tempfile.TemporaryDirectory(prefix="pyvm-torture-") as d, launched():
         start = time.monotonic()
         run(QUICK if args.quick else FULL, args.parts, Path(d))
         print(f"total: {time.monotonic() - start:.0f} s", flush=True)

@@ -49,3 +49,26 @@ def test_creds_parsing_and_registry_texts(tmp_path: Path) -> None:
         creds.context()
     with pytest.raises(TlsError, match="Parameter 'endpoint' does not accept value 'both'"):
         make_object("tls-creds-x509", {"id": "t", "dir": "d", "endpoint": "both"})
+
+
+def test_tls_creds_psk_is_refused_with_qemus_text_after_checking_properties(tmp_path: Path) -> None:
+    # Python's ssl has no TLS-PSK before 3.13: pyvm refuses as a QEMU built without GnuTLS
+    (tmp_path / "keys.psk").write_text("qemu:" + "ab" * 32 + "\n")
+    props = {"id": "p", "dir": str(tmp_path), "endpoint": "server", "username": "qemu"}
+    with pytest.raises(TlsError, match="^TLS credentials support requires GNUTLS$"):
+        make_object("tls-creds-psk", props)
+    with pytest.raises(TlsError, match="Property 'tls-creds-psk.bogus' not found"):
+        make_object("tls-creds-psk", {**props, "bogus": "1"})
+    with pytest.raises(TlsError, match="Parameter 'endpoint' does not accept value 'both'"):
+        make_object("tls-creds-psk", {**props, "endpoint": "both"})
+
+
+def test_tls_creds_psk_on_the_command_line_is_one_line_and_exit_1(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    proc = subprocess.run([sys.executable, "-m", "pyvm", "-display", "none", "-object",
+                           f"tls-creds-psk,id=p,dir={tmp_path},endpoint=client"],
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert proc.stderr == (f"pyvm: -object tls-creds-psk,id=p,dir={tmp_path},endpoint=client: "
+                           "TLS credentials support requires GNUTLS\n")

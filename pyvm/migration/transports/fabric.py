@@ -89,11 +89,24 @@ def host_port(host: str, port: str | int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def find_info(host: str, port: str | int, *, passive: bool, provider: str | None = None) -> Any:
+def find_info(host: str, port: str | int, *, passive: bool, provider: str | None = None,
+              abort: AbortSignal | None = None) -> Any:
     """The first fi_info of the preferred provider for ``host:port``.
 
     ``passive`` looks up a local address to listen on, else a destination to connect to.
+    With ``abort`` the lookup runs on a helper thread (:func:`_abortable`) while this one
+    watches the signal: ``fi_getinfo`` cannot be interrupted, and it can block for
+    seconds -- the first call in a process loads and probes every provider (1.4 s on a
+    host without RDMA devices), and a host name goes through ``getaddrinfo(3)``, which
+    waits for a silent resolver for its full timeout (resolv.conf(5): 10 s by default).
     """
+    if abort is None:
+        return _find_info(host, port, passive, provider)
+    return _abortable(lambda: _find_info(host, port, passive, provider), abort,
+                      f"RDMA ERROR: looking up {host_port(host, port)}")
+
+
+def _find_info(host: str, port: str | int, passive: bool, provider: str | None) -> Any:
     binding = load_binding()
     tried = providers_to_try(provider)
     present = []
@@ -111,6 +124,36 @@ def find_info(host: str, port: str | int, *, passive: bool, provider: str | None
                         f"(providers: {', '.join(present)})", errno=errno_codes.EADDRNOTAVAIL)
     raise FabricUnavailableError("no libfabric provider supports RMA over FI_EP_MSG here "
                                  f"(tried: {', '.join(tried)})")
+
+
+ABORT_SLICE = 0.05          # seconds between looks at the abort signal during a lookup
+
+
+def _abortable(fn: Callable[[], Any], abort: AbortSignal, what: str) -> Any:
+    """``fn()`` on a helper thread; its result or exception, or TransportCancelled as soon
+    as ``abort`` triggers.  A cancelled lookup's thread is left to finish on its own: it
+    holds nothing but the lookup (the fi_info it returns is freed with it)."""
+    outcome: list[tuple[bool, Any]] = []
+    done = threading.Event()
+
+    def work() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as err:  # noqa: B902 - handed to the waiting thread
+            outcome.append((False, err))
+        finally:
+            done.set()
+
+    worker = threading.Thread(target=work, name="rdma-lookup", daemon=True)
+    worker.start()
+    while not done.wait(ABORT_SLICE):
+        if abort.triggered:
+            raise cancelled_error(what)
+    worker.join()
+    ok, value = outcome[0]
+    if ok:
+        return value
+    raise value
 
 
 def sockaddr_host_port(raw: bytes) -> tuple[str, int]:

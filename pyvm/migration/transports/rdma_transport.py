@@ -88,7 +88,7 @@ class RdmaOutgoing:
         _check_blocks(blocks)
         binding = load_binding()
         self.peer = host_port(host, port)
-        info = find_info(host, port, passive=False, provider=provider)
+        info = find_info(host, port, passive=False, provider=provider, abort=abort)
         # Receive buffers: every grant (READY), one reply and an ERROR can be in flight.
         writes = max(1, min(WRITE_SLOTS, info.tx_size - SOURCE_SEND_SLOTS))
         sizes = EndpointSizes(DEST_RECV_SLOTS + 2, REPLY_SIZE, SOURCE_SEND_SLOTS,
