@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-fast test-pure test-linux linux torture lint firmware firmware-check bench bench-lab bench-linux mypy clean
+.PHONY: setup demo test test-fast test-pure test-linux linux torture torture-linux lint firmware firmware-check bench bench-lab bench-linux mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -28,9 +28,13 @@ test-linux: setup
 linux: setup
 	.venv/bin/pyvm-linux-guest --boot
 
-# The standing adversarial suite at full size (docs/reliability.md); about 22 minutes on 2 cores.
+# The standing adversarial suite at full size (docs/reliability.md, Figures).
 torture: setup
 	$(PY) -m tests.torture.suite
+
+# R4 with Debian's Linux guest: 10 live migrations at the shell prompt (about 5 minutes).
+torture-linux: setup
+	$(PY) -m tests.torture.suite r4l
 
 firmware:
 	$(MAKE) -C firmware

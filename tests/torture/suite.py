@@ -693,6 +693,65 @@ def _r4_chain(tmp: Path, label: str, args: list[str], marker: str, n: int,
             "downtime_ms_max": downtimes[-1] if downtimes else 0}
 
 
+def r4_linux(tmp: Path, hops: int) -> dict[str, Any]:
+    """Live migrations of Debian's Linux guest (tests/linux.py) hop after hop, at the shell
+    prompt: a shell variable set before the first hop must survive every hop, and the
+    shell must answer after each one."""
+    from tests.linux import BOOT_TIMEOUT, PROMPT, SerialConsole, linux_guest
+
+    try:
+        kernel, initrd = linux_guest.fetch(linux_guest.DEFAULT_DIR)
+    except SystemExit as err:
+        return {"skipped": f"Debian's kernel/busybox could not be fetched: {err}"}
+    args = ["-m", "512M", "-kernel", str(kernel), "-initrd", str(initrd), "-append",
+            linux_guest.CMDLINE, "-display", "none"]
+
+    def start(name: str, *extra: str) -> tuple[VmProcess, SerialConsole]:
+        sock = tmp / f"{name}.con"
+        if sock.exists():
+            sock.unlink()
+        vm = VmProcess(tmp, name, *args, *extra, "-serial", f"unix:{sock},server=on,wait=off",
+                       serial=False, connect_timeout=120, launcher=_launcher)
+        try:
+            return vm, SerialConsole(sock)
+        except BaseException:
+            vm.close()
+            raise
+
+    start_time = time.monotonic()
+    src, con = start("r4l-0")
+    downtimes = []
+    try:
+        con.expect(PROMPT, BOOT_TIMEOUT)
+        booted = time.monotonic() - start_time
+        con.run("X=4242; echo set-$X", "set-4242")
+        for hop in range(1, hops + 1):
+            dst, dcon = start(f"r4l-{hop % 3}", "-incoming", "tcp:127.0.0.1:0")
+            try:
+                port = dst.cmd("query-migrate")["socket-address"][0]["port"]
+                src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
+                info = src.wait_migration(timeout=300)
+                assert info["status"] == "completed", info
+                assert dst.wait_migration(("completed", "failed"), timeout=60)["status"] == "completed"
+                downtimes.append(info.get("downtime", 0))
+            except BaseException:
+                dcon.close()
+                dst.close()
+                raise
+            con.close()
+            src.close()
+            src, con = dst, dcon
+            con.run(f"echo hop-$((X+{hop}))", f"hop-{4242 + hop}")
+    finally:
+        con.close()
+        src.close()
+    downtimes.sort()
+    return {"migrations": hops, "boot_seconds": round(booted, 1),
+            "seconds": round(time.monotonic() - start_time, 1),
+            "downtime_ms_median": downtimes[len(downtimes) // 2] if downtimes else 0,
+            "downtime_ms_max": downtimes[-1] if downtimes else 0}
+
+
 # -- R5: files and TLS ----------------------------------------------------------------------------
 
 def r5_private_and_tls(tmp: Path) -> dict[str, Any]:
@@ -753,8 +812,10 @@ def r5_private_and_tls(tmp: Path) -> dict[str, Any]:
 
 # -- the command ------------------------------------------------------------------------------------
 
-FULL = {"r1_in_process": 5000, "r1_processes": 40, "r1_hypothesis": 500, "r2_messages": 11000, "r4_hops": 200}
-QUICK = {"r1_in_process": 120, "r1_processes": 2, "r1_hypothesis": 40, "r2_messages": 600, "r4_hops": 4}
+FULL = {"r1_in_process": 5000, "r1_processes": 40, "r1_hypothesis": 500, "r2_messages": 11000, "r4_hops": 200,
+        "r4_linux_hops": 10}
+QUICK = {"r1_in_process": 120, "r1_processes": 2, "r1_hypothesis": 40, "r2_messages": 600, "r4_hops": 4,
+         "r4_linux_hops": 1}
 
 
 def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
@@ -771,6 +832,8 @@ def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
             out[part] = r3_faults(tmp, quick=sizes is QUICK)
         elif part == "r4":
             out[part] = r4_pingpong(tmp, sizes["r4_hops"])
+        elif part == "r4l":
+            out[part] = r4_linux(tmp, sizes["r4_linux_hops"])
         elif part == "r5":
             out[part] = r5_private_and_tls(tmp)
         out[part]["wall_seconds"] = round(time.monotonic() - start, 1)
@@ -781,7 +844,9 @@ def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="pyvm's standing adversarial suite")
     p.add_argument("--quick", action="store_true", help="the small sizes of make test")
-    p.add_argument("parts", nargs="*", default=["r1", "r1h", "r2", "r3", "r4", "r5"])
+    p.add_argument("parts", nargs="*", default=["r1", "r1h", "r2", "r3", "r4", "r5"],
+                   help="r1 r1h r2 r3 r4 r5 (the default), r4l: R4 with the Linux guest "
+                        "(make torture-linux)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pyvm-torture-") as d, launched():
         start = time.monotonic()
