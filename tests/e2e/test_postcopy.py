@@ -28,7 +28,7 @@ POSTCOPY = [{"capability": "postcopy-ram", "state": True}, {"capability": "event
 
 def _start(vms, *dst_extra: str) -> tuple[VmProcess, VmProcess]:
     src = vms("src", *HOT)
-    src.wait_serial("memcheck gen 2 ok")
+    src.wait_serial("memcheck gen 2 ok", timeout=60)
     dst = vms("dst", *HOT, *dst_extra, "-incoming", "defer")
     for vm in (src, dst):
         vm.cmd("migrate-set-capabilities", capabilities=POSTCOPY)
@@ -80,7 +80,7 @@ def test_postcopy_completes_and_the_guest_keeps_its_memory(vms) -> None:
     assert "postcopy-active" in dst_statuses and dst_statuses[-1] == "completed", dst_statuses
     # the guest runs on: generations go on from the source's, and no page was stale
     last_src = max(_gens(src.serial()))
-    out = dst.wait_serial(" ok\r\n", count=2)
+    out = dst.wait_serial(" ok\r\n", count=2, timeout=60)
     assert "FAIL" not in out, out
     gens = _gens(out)
     assert gens and gens[0] == last_src + 1, (last_src, gens)
@@ -96,7 +96,7 @@ def test_postcopy_ram_equals_the_source_at_switchover(vms) -> None:
     assert dst.status() == "paused"
     assert src.pmem(RAM) == dst.pmem(RAM)
     dst.cmd("cont")
-    out = dst.wait_serial(" ok\r\n", count=2)
+    out = dst.wait_serial(" ok\r\n", count=2, timeout=60)
     assert "FAIL" not in out, out
 
 
@@ -171,7 +171,7 @@ class _Relay:
 
 def _postcopy_through(vms, relay_to_dst: bool = True):
     src = vms("src", *HOT)
-    src.wait_serial("memcheck gen 2 ok")
+    src.wait_serial("memcheck gen 2 ok", timeout=60)
     dst = vms("dst", *HOT, "-incoming", "defer")
     for vm in (src, dst):
         vm.cmd("migrate-set-capabilities", capabilities=POSTCOPY)
