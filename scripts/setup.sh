@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-DEBS="python3-venv python3-dev gcc make binutils pkg-config libfabric-dev openssl"
+DEBS="python3-venv python3-dev gcc make binutils pkg-config libfabric-dev openssl iproute2"
 missing=""
 for p in $DEBS; do
     dpkg -s "$p" >/dev/null 2>&1 || missing="$missing $p"

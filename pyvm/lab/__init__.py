@@ -12,10 +12,15 @@ under it, sweep and plot.
 ``sweep``          grids of simulations on Dask ``distributed``
 ``plots``          matplotlib figures (PNG)
 ``policies``       example policies, each after one paper
+``realvm``         real migrations between two pyvm processes, polled into rounds
+``validate``       a real migration against the simulation of the same guest
+``compare``        scenarios (TOML) x policies on real VMs, figures and a table
+``wan``            a shaped path: network namespaces, veth, tbf, a delay/loss relay
 ``cli``            the ``pyvm-lab`` command
 =================  ==================================================================
 
 The policy API itself is :mod:`pyvm.migration.policy`: the migration engine is its
-main consumer, and the lab only imports it.  Imports run one way: cli → sweep, plots →
-simulate, record, info → trace, link, workloads → errors, pyvm.migration.policy.
+main consumer, and the lab only imports it.  Imports run one way: cli → compare,
+validate, sweep, plots → realvm, wan, simulate, record, info → trace, link, workloads →
+errors, pyvm.migration.policy.
 """

@@ -1,7 +1,8 @@
 """Migration policies: a precopy algorithm as a small Python class.
 
 A *policy* decides, once per round, what a precopy migration does next.  Whoever runs
-the migration (pyvm's lab simulator today, the precopy engine later) calls it:
+the migration (the precopy engine, :mod:`pyvm.migration.control.policy_runner`, chosen
+by the migration parameter ``x-policy``; or the lab's simulator) calls it:
 
 1. :meth:`Policy.start` once, with a :class:`MigrationSetup` (RAM layout, link estimate,
    limits);

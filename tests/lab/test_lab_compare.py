@@ -29,6 +29,7 @@ append = "start=2 size=8 pattern=1 rate=100"
 PNGS = ("remaining", "throughput", "times", "progress", "heatmap")
 
 
+@pytest.mark.slow
 def test_compare_writes_figures_and_table(tmp_path: Path) -> None:
     spec = tmp_path / "scenarios.toml"
     spec.write_text(TOML)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import math
 
+import pytest
+
 from pyvm.guests import guest_path
 from pyvm.lab.realvm import rounds_from_samples
 from pyvm.lab.validate import report, validate
@@ -17,6 +19,7 @@ def test_rounds_from_polls() -> None:
     assert rounds[1].start == 0.2 and math.isclose(rounds[1].duration, 0.1)
 
 
+@pytest.mark.slow
 def test_validate_hot_cold_guest() -> None:
     """Bytes and rounds are predicted closely on a quiet guest; the report shows them."""
     v = validate(guest_path("dirty.elf"), "start=2 size=8 pattern=1 rate=100", "32M", "qemu",

@@ -69,6 +69,7 @@ def test_wan_spec_parse() -> None:
             WanSpec.parse(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(os.geteuid() != 0, reason="network namespaces and tc need root")
 def test_migration_over_shaped_namespaces(tmp_path) -> None:
     rate = 40e6 / 8                      # 40 Mbit/s

@@ -9,7 +9,9 @@ The algorithm (QEMU's ``migration_thread`` + ``ram_save_*``, re-told):
    scan; others as ``PAGE`` records straight from guest RAM) in a PART section, honouring
    ``max-bandwidth``; then sync the bitmap again.  The bandwidth measured over the round
    and ``downtime-limit`` decide: when what is left to send fits in the allowed downtime,
-   switch over.
+   switch over.  That rule is the default *policy*: after every sync the policy named by
+   ``x-policy`` (:mod:`pyvm.migration.policy`, run by ``policy_runner``) chooses the
+   pages of the next round, their order, the vCPU throttle, or the switchover.
 3. **switchover** — stop the vCPUs (``finish-migrate``, STOP), sync once more, send the last
    pages in the END section, every device and vCPU as a FULL section, ``globalstate``,
    EOF and the vmdesc trailer.  The source ends in ``postmigrate``.
