@@ -1,6 +1,7 @@
 """Host CPU used by an idle guest (HLT loop woken by a 100 Hz timer).
 
     .venv/bin/python bench/idle_cpu.py [--seconds 10] [--windows 5] [--hz 100] [--baseline TREE]
+                                       [--python-delivery] [--rounds N]
 
 Boots the ``hello`` guest (it sleeps in HLT between PIT interrupts), lets it settle, then
 reads the pyvm process's CPU time (utime + stime from /proc) over ``--windows`` equal
@@ -11,6 +12,8 @@ the same way in the same run.
 ``--baseline TREE`` also runs the pyvm of another checkout (e.g. a worktree of the
 previous commit, with its extensions built), interleaved with this one (baseline, this
 tree, baseline, this tree ...), and prints ``ratio=<this tree / baseline>``.
+``--python-delivery`` makes the baseline this tree with ``PYVM_DELIVERY=python`` (the
+Python exception hook and interrupt delivery instead of pyvm/_delivery.pyx).
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / ticks       # utime + stime
 
 
-def measure(tree: str, args: list[str], settle: float, seconds: float, windows: int) -> list[float]:
+def measure(tree: str, args: list[str], settle: float, seconds: float, windows: int,
+            extra_env: dict[str, str] | None = None) -> list[float]:
     """Share of one core per window, for ``python -m pyvm ARGS`` run from ``tree``."""
-    env = dict(os.environ, PYTHONPATH=tree)
+    env = dict(os.environ, PYTHONPATH=tree, **(extra_env or {}))
     proc = subprocess.Popen([sys.executable, "-m", "pyvm", *args], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL, cwd=tree, env=env)
     shares = []
@@ -69,22 +73,26 @@ def main() -> None:
     ap.add_argument("--hz", type=int, default=100)
     ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds with --baseline")
     ap.add_argument("--baseline", help="another checkout of pyvm to compare with")
+    ap.add_argument("--python-delivery", action="store_true",
+                    help="baseline: this tree with PYVM_DELIVERY=python")
     a = ap.parse_args()
     idle_args = ["-m", "32M", "-kernel", guest_path("hello.elf"), "-append", f"hz={a.hz}",
                  "-serial", "null"]
-    trees = [("this tree", ROOT)]
-    if a.baseline:
-        trees.insert(0, ("baseline", os.path.abspath(a.baseline)))
-    idle: dict[str, list[float]] = {name: [] for name, _ in trees}
-    for _ in range(a.rounds if a.baseline else 1):
-        for name, tree in trees:
-            idle[name] += measure(tree, idle_args, 2.0, a.seconds, a.windows)
+    trees: list[tuple[str, str, dict[str, str]]] = [("this tree", ROOT, {})]
+    if a.python_delivery:
+        trees.insert(0, ("baseline", ROOT, {"PYVM_DELIVERY": "python"}))
+    elif a.baseline:
+        trees.insert(0, ("baseline", os.path.abspath(a.baseline), {}))
+    idle: dict[str, list[float]] = {name: [] for name, _, _ in trees}
+    for _ in range(a.rounds if len(trees) > 1 else 1):
+        for name, tree, env in trees:
+            idle[name] += measure(tree, idle_args, 2.0, a.seconds, a.windows, env)
     busy = measure(ROOT, ["-m", "32M", "-kernel", guest_path("store-loop.elf"), "-append",
                           "start=2 size=4", "-serial", "null"], 2.0, a.seconds / 2, a.windows)
-    for name, _ in trees:
+    for name, _, _ in trees:
         print(f"idle guest (HLT, {a.hz} Hz timer), {name}: {fmt(idle[name])}")
     print(f"busy guest (store loop), this tree:   {fmt(busy)}")
-    if a.baseline:
+    if len(trees) > 1:
         print(f"ratio={statistics.median(idle['this tree']) / statistics.median(idle['baseline']):.3f}")
 
 

@@ -422,6 +422,37 @@ cdef extern from *:
         return d->ctx_restore(d->uc, d->ctx);
     }
 
+    /* VCpu.stopped_at_hlt: 1 when the byte before the current instruction is HLT (0xF4),
+       0 when not or unreadable, -err on a Unicorn error. */
+    static int pyvm_stopped_at_hlt(pyvm_dlv *d) {
+        uint64_t cr0, cs, pc, base, efer;
+        uint8_t byte;
+        int r;
+        if (dlv_get(d, DR_CR0, &cr0) || dlv_get(d, DR_CS, &cs)
+                || dlv_get(d, d->wide ? DR_RIP : DR_EIP, &pc) || dlv_efer(d, &efer))
+            return -d->uc_err;
+        if (!(cr0 & CR0_PE)) {
+            base = cs << 4;
+        } else if (efer & EFER_LMA) {
+            base = 0;
+        } else {
+            r = dlv_segment_base(d, cs, &base);
+            if (r == DLV_FAULT) return 0;
+            if (r) return -d->uc_err;
+        }
+        r = dlv_read(d, base + pc - 1, &byte, 1);
+        if (r == DLV_FAULT) return 0;
+        if (r) return -d->uc_err;
+        return byte == 0xF4;
+    }
+
+    /* EFLAGS.IF: 1 or 0, -err on a Unicorn error. */
+    static int pyvm_interrupts_enabled(pyvm_dlv *d) {
+        uint64_t flags;
+        if (dlv_get(d, DR_EFLAGS, &flags)) return -d->uc_err;
+        return (flags & EF_IF) != 0;
+    }
+
     /* VCpu.deliver: one attempt, then #DF, then a triple fault (status DLV_FAULT with
        *failed = the vector whose delivery failed last and d->msg saying why). */
     static int pyvm_deliver(pyvm_dlv *d, int vector, int has_code, uint64_t code, int *failed) {
@@ -491,6 +522,8 @@ cdef extern from *:
     int pyvm_intr_hook_del(uintptr_t fn, pyvm_dlv *d, size_t hh)
     void pyvm_set_emu_stop(pyvm_dlv *d, uintptr_t fn)
     int pyvm_clear_in_flight(pyvm_dlv *d)
+    int pyvm_stopped_at_hlt(pyvm_dlv *d)
+    int pyvm_interrupts_enabled(pyvm_dlv *d)
     int pyvm_deliver(pyvm_dlv *d, int vector, int has_code, uint64_t code, int *failed)
 
 IMPLEMENTATION = "cython"
@@ -593,6 +626,15 @@ cdef class Delivery:
     def clear_in_flight(self):
         """No exception in flight (see ExceptionState.clear_in_flight); 0 or a Unicorn error."""
         return pyvm_clear_in_flight(self._d)
+
+    def stopped_at_hlt(self):
+        """1 when the instruction before the current one is HLT, 0 when not (or when it
+        cannot be read), -err on a Unicorn error (VCpu.stopped_at_hlt_python's twin)."""
+        return pyvm_stopped_at_hlt(self._d)
+
+    def interrupts_enabled(self):
+        """EFLAGS.IF as 1 or 0, -err on a Unicorn error."""
+        return pyvm_interrupts_enabled(self._d)
 
     def deliver(self, int vector, object error_code):
         """Deliver ``vector`` (error code or None).  Returns (status, detail, message):

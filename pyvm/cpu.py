@@ -283,6 +283,15 @@ class VCpu:
     def stopped_at_hlt(self) -> bool:
         """True when the instruction just before the current one is HLT (how Unicorn
         leaves a vCPU that halted; its triple fault looks the same otherwise)."""
+        if self.native_delivery is None:
+            return self.stopped_at_hlt_python()
+        got = self.native_delivery.stopped_at_hlt()
+        if got < 0:
+            raise uc_mod.UcError(-got)
+        return bool(got)
+
+    def stopped_at_hlt_python(self) -> bool:
+        """The Python version of :meth:`stopped_at_hlt`."""
         try:
             return self.read_linear(self._code_base() + self.pc - 1, 1)[0] == HLT_OPCODE
         except ValueError:
@@ -458,6 +467,11 @@ class VCpu:
 
     # -- interrupt and exception delivery --------------------------------------------------
     def interrupts_enabled(self) -> bool:
+        if self.native_delivery is not None:        # asked at every loop turn: skip ctypes
+            got = self.native_delivery.interrupts_enabled()
+            if got < 0:
+                raise uc_mod.UcError(-got)
+            return bool(got)
         return bool(self.get("rflags" if self.wide else "eflags") & EFLAGS_IF)
 
     def deliver(self, vector: int, error_code: int | None = None) -> None:

@@ -171,6 +171,18 @@ class _RawContext:
             pass
 
 
+class NativeContext:
+    """A context of one engine for the native delivery (pyvm/_delivery.pyx): its address
+    and the addresses of the save/restore entry points; field offsets come from
+    :func:`calibrate`.  Freed with this object."""
+
+    def __init__(self, uc: Any) -> None:
+        self._raw = _RawContext(uc)
+        self.address = int(self._raw._ptr.value or 0)
+        self.save_fn = int(ctypes.cast(_LIB.uc_context_save, ctypes.c_void_p).value or 0)
+        self.restore_fn = int(ctypes.cast(_LIB.uc_context_restore, ctypes.c_void_p).value or 0)
+
+
 # -- calibration ----------------------------------------------------------------------------------
 PROBE_RAM = 0x10000         # scratch engine RAM: code at 0x0, a GDT at GDT_AT
 _GDT_AT = 0x1000

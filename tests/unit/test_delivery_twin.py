@@ -134,6 +134,7 @@ def _setup(cpu: VCpu, c: Case) -> None:
     mode, paging, wide = c.mode
     block = cpu.ram.blocks[0]
     block.mem[:] = 0
+    block.mem[0x20000] = 0xF4           # a HLT for ip = 0x20001 to have just run
     uc = cpu.uc
     # Leave any previous privilege and mode: ring 0, paging off, real mode.
     cpu.exceptions.set_cpl(0)
@@ -235,6 +236,9 @@ def _check(mode: tuple[str, str, bool], c: Case) -> None:
     _setup(py_cpu, c)
     _setup(c_cpu, c)
     assert _context(py_cpu) == _context(c_cpu), "the two engines start from different states"
+    # The HLT check the run loop makes after a run, and EFLAGS.IF, before and after.
+    assert c_cpu.stopped_at_hlt() == py_cpu.stopped_at_hlt_python()
+    assert c_cpu.interrupts_enabled() == bool(py_cpu.get("eflags") & 0x200)
     got_py = _deliver(py_cpu, c, native=False)
     got_c = _deliver(c_cpu, c, native=True)
     assert got_c == got_py
@@ -244,6 +248,8 @@ def _check(mode: tuple[str, str, bool], c: Case) -> None:
         fields = {f.name: f.offset for f in py_cpu.internals.layout.fields.values()}
         pytest.fail(f"CPU contexts differ at offsets {diff[:16]} (fields {fields})")
     assert py_cpu.registers() == c_cpu.registers()
+    assert c_cpu.stopped_at_hlt() == py_cpu.stopped_at_hlt_python()
+    assert c_cpu.interrupts_enabled() == bool(py_cpu.get("eflags") & 0x200)
     assert py_cpu.exceptions.cpl() == c_cpu.exceptions.cpl()
     a, b = py_cpu.ram.blocks[0], c_cpu.ram.blocks[0]
     if not np.array_equal(a.mem, b.mem):
