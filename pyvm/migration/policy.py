@@ -46,7 +46,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import numpy.typing as npt
@@ -170,8 +170,15 @@ class Policy:
     name: str = "policy"
 
     def start(self, setup: MigrationSetup) -> None:
-        """The migration begins; ``setup`` stays valid until it ends."""
+        """The migration begins; ``setup`` stays valid until it ends (but see
+        :meth:`limits_changed`)."""
         self.setup = setup
+
+    def limits_changed(self, limits: Limits) -> None:
+        """``migrate-set-parameters`` changed ``downtime-limit``, ``max-bandwidth`` or
+        ``avail-switchover-bandwidth`` during the migration (QEMU applies them at once);
+        called before the next :meth:`decide`.  The default keeps ``self.setup`` current."""
+        self.setup = replace(self.setup, limits=limits)
 
     def decide(self, state: RoundState) -> Decision:
         raise NotImplementedError
@@ -257,6 +264,15 @@ def call_start(policy: Policy, setup: MigrationSetup) -> None:
         policy.start(setup)
     except Exception as err:  # noqa: BLE001 - a policy bug ends the migration, not the VM
         raise PolicyError(f"migration policy '{policy_name(policy)}' failed at start: "
+                          f"{type(err).__name__}: {err}") from err
+
+
+def call_limits_changed(policy: Policy, limits: Limits) -> None:
+    """``policy.limits_changed(limits)``; any exception becomes a :class:`PolicyError`."""
+    try:
+        policy.limits_changed(limits)
+    except Exception as err:  # noqa: BLE001 - a policy bug ends the migration, not the VM
+        raise PolicyError(f"migration policy '{policy_name(policy)}' failed on new limits: "
                           f"{type(err).__name__}: {err}") from err
 
 

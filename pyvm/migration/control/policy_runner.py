@@ -21,14 +21,15 @@ precopy reports it as the migration's ``error-desc`` (the guest keeps running).
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 
 from pyvm.migration.policy import (PAGE_SIZE, Decision, Limits, LinkEstimate, MigrationSetup,
                                    Policy, PolicyError, RamRegion, RoundRecord, RoundState,
-                                   call_decide, call_start, load_policy, parse_policy,
-                                   policy_name)
+                                   call_decide, call_limits_changed, call_start, load_policy,
+                                   parse_policy, policy_name)
 
 if TYPE_CHECKING:
     from pyvm.ram import RamBlock
@@ -50,6 +51,14 @@ def words_to_mask(words: np.ndarray, npages: int) -> np.ndarray:
     """A native dirty bitmap (bit ``p & 63`` of word ``p >> 6``) as one bool per page."""
     raw = np.ascontiguousarray(words, dtype="<u8").view(np.uint8)
     return np.unpackbits(raw, count=npages, bitorder="little").view(np.bool_)
+
+
+def limits_of(params: Any) -> Limits:
+    """The policy's view of ``downtime-limit``, ``max-bandwidth`` and
+    ``avail-switchover-bandwidth`` (seconds, bytes/s) as they are now."""
+    return Limits(downtime_limit=params.downtime_limit / 1000.0,
+                  max_bandwidth=float(params.max_bandwidth),
+                  switchover_bandwidth=float(params["avail-switchover-bandwidth"]))
 
 
 class PolicyRunner:
@@ -74,6 +83,8 @@ class PolicyRunner:
         self.round = 0
         self.throttle_pct = 0
         self.started = time.monotonic()
+        #: the live migration parameters, read again before every decision
+        self.params: Any = None
 
     @classmethod
     def from_parameters(cls, text: str, blocks: Sequence["RamBlock"], params: Any,
@@ -81,12 +92,20 @@ class PolicyRunner:
         """The policy ``text`` names (``""``: QEMU's), with the migration parameters'
         limits; loads it and calls its ``start``."""
         policy = load_policy(text or DEFAULT_POLICY)
-        max_bw = float(params.max_bandwidth)
-        limits = Limits(downtime_limit=params.downtime_limit / 1000.0, max_bandwidth=max_bw,
-                        switchover_bandwidth=float(params["avail-switchover-bandwidth"]))
-        runner = cls(policy, blocks, limits, LinkEstimate(max_bw), postcopy_capable)
+        limits = limits_of(params)
+        runner = cls(policy, blocks, limits, LinkEstimate(limits.max_bandwidth), postcopy_capable)
+        runner.params = params
         call_start(policy, runner.setup)
         return runner
+
+    def refresh_limits(self) -> None:
+        """Tell the policy when ``migrate-set-parameters`` changed a limit mid-migration."""
+        if self.params is None:
+            return
+        limits = limits_of(self.params)
+        if limits != self.setup.limits:
+            self.setup = replace(self.setup, limits=limits)
+            call_limits_changed(self.policy, limits)
 
     # -- per round -------------------------------------------------------------------------------
     def mask_of(self, pages: Pages) -> np.ndarray:
@@ -105,6 +124,7 @@ class PolicyRunner:
     def decide(self, pending: Pages, dirty_words: Sequence[np.ndarray],
                bandwidth: float) -> Decision:
         """Ask the policy about the round about to start; a checked decision."""
+        self.refresh_limits()
         unsent = self.mask_of(pending)
         dirty = self.dirty_mask(dirty_words)
         unsent.flags.writeable = dirty.flags.writeable = False
