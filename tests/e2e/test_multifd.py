@@ -160,7 +160,12 @@ def test_source_fails_cleanly_when_page_channels_cannot_connect(vms) -> None:
     finally:
         main.close()
     assert info["status"] == "failed"
-    assert info["error-desc"] == f"Failed to connect to '127.0.0.1:{port}': Connection refused"
+    # A page channel that connected before the listener closed sat in its backlog and is
+    # reset by the close; one that came after is refused.  Which comes first depends on
+    # the scheduler, and both are "the page channels cannot connect".
+    assert info["error-desc"] in (
+        f"Failed to connect to '127.0.0.1:{port}': Connection refused",
+        "Unable to write to socket: Connection reset by peer"), info
     assert src.status() == "running"
     n = src.serial().count(" ok")
     wait_until(lambda: src.serial().count(" ok") > n, 15, "the source guest runs on")
