@@ -1,17 +1,16 @@
 """The precopy engine runs a policy (x-policy): QEMU's default keeps the RAM stream
 byte-identical, other orders restore correctly, policies that fail end the migration
-with their name in error-desc while the guest keeps running; the throttle's arithmetic."""
+with their name in error-desc while the guest keeps running; limits changed mid-migration
+reach the policy."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from pyvm.analyze import AnalyzerTarget, find_vmdesc
-from pyvm.cpu_throttle import CpuThrottle
 from pyvm.migration.control.policy_runner import PolicyRunner
 from pyvm.migration.policy import Decision, Limits, LinkEstimate, Policy, PolicyError, QemuPrecopy
 from pyvm.migration.stream.decoder import SectionLoaded, StreamDecoder
@@ -224,44 +223,27 @@ def test_default_runner_sends_everything() -> None:
     assert runs == pending and rest == []
 
 
-def test_throttle_owes_qemu_share() -> None:
-    """cpu_throttle_thread: after running t, sleep t * pct / (100 - pct)."""
-    t = CpuThrottle()
-    assert t.pause_left() == 0.0
-    t.set(75)
-    t.charge(0.010)
-    assert 0.025 < t.pause_left() <= 0.030
-    t.set(0)
-    assert t.pause_left() == 0.0
-    for bad in (-1, 100, 2.5, True):
-        with pytest.raises(ValueError):
-            t.set(bad)  # type: ignore[arg-type]
+class _Params:
+    """The attributes and keys of MigrationParameters the runner reads."""
+
+    def __init__(self, downtime_ms: int) -> None:
+        self.downtime_limit, self.max_bandwidth = downtime_ms, 0
+        self.values = {"avail-switchover-bandwidth": 0}
+
+    def __getitem__(self, key: str) -> int:
+        return self.values[key]
 
 
-def test_throttled_machine_runs_slower() -> None:
-    """A 90% throttle over the run loop cuts the guest's progress (dirty.elf counts its
-    writes in the first word of each page of its range); 0 restores it."""
-    from pyvm.config import MachineConfig
-    from pyvm.machine import Machine
-
-    m = Machine(MachineConfig(ram_size=32 << 20, kernel=guest("dirty.elf"),
-                              append="start=2 size=4 pattern=2 rate=0", serial=["null"]))
-    block = next(iter(m.ram))
-    words = block.mem[2 << 20:6 << 20].view(np.uint32)[::1024]
-
-    def progress(seconds: float) -> int:
-        before = int(words.sum(dtype=np.uint64))
-        time.sleep(seconds)         # measuring a rate over a fixed window
-        return int(words.sum(dtype=np.uint64)) - before
-    m.start()
-    try:
-        progress(0.3)
-        free = progress(0.6)
-        m.set_cpu_throttle(90)
-        slow = progress(0.6)
-        m.set_cpu_throttle(0)
-        assert m.throttle.pct == 0
-        assert free > 0 and slow < free * 0.5, (free, slow)
-    finally:
-        m.request_exit(0)
-        m.close()
+def test_limits_changed_mid_migration_reach_the_policy() -> None:
+    """QEMU applies migrate-set-parameters at once: a downtime-limit of 0 keeps QEMU's rule
+    iterating, raising it lets the next decision stop."""
+    a = _Block("a", 0, 8)
+    params = _Params(0)
+    runner = PolicyRunner.from_parameters("qemu", [a], params)
+    pending = [(a, np.array([1, 2]))]
+    words = [np.zeros(1, np.uint64)]
+    runner.end_round(runner.started, 0.1, 8, 8 * 4104, words, 2)
+    assert not runner.decide(pending, words, 1e6).stop_and_copy
+    params.downtime_limit = 10_000
+    assert runner.decide(pending, words, 1e6).stop_and_copy
+    assert runner.policy.setup.limits.downtime_limit == 10.0
