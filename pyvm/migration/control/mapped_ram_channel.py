@@ -38,8 +38,10 @@ from pyvm.migration.stream.writer import StreamWriter
 from pyvm.migration.transports.base import Chunk, TransportError, as_views
 from pyvm.migration.transports.file_transport import FileOutgoing
 
-#: pages written per batch with mapped-ram (16 MiB): large positioned writes
-MAPPED_BATCH_PAGES = 16 * BATCH_PAGES
+#: pages written per batch and thread (1 MiB, as the byte pipes' batches): precopy
+#: accounts and rate-limits between batches, and a batch that takes longer than
+#: max-bandwidth's 100 ms window to write would make it wait a whole window more
+MAPPED_BATCH_PAGES = BATCH_PAGES
 
 #: Linux IOV_MAX
 _IOV_MAX = 1024
@@ -146,11 +148,12 @@ class MappedRamChannel:
         if region is None:
             raise TransportError(f"RAM block {run.block.name!r} has no mapped-ram region")
         mem = np.frombuffer(run.block.buffer, dtype=np.uint8)
-        for s in range(0, run.pages.size, MAPPED_BATCH_PAGES):
-            idx = run.pages[s:s + MAPPED_BATCH_PAGES]
+        step = MAPPED_BATCH_PAGES * self.threads
+        for s in range(0, run.pages.size, step):
+            idx = run.pages[s:s + step]
             zero = zero_mask(mem, idx)
             if run.known_zero is not None:
-                zero = zero | run.known_zero[s:s + MAPPED_BATCH_PAGES]
+                zero = zero | run.known_zero[s:s + step]
             region.present[idx[zero]] = False
             data = idx[~zero]
             if data.size:

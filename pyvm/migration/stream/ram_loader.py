@@ -375,7 +375,10 @@ def load_mapped_block(loader: RamLoader, r: StreamReader, loaded: _LoadedBlock,
             ram = np.frombuffer(view, dtype=np.uint8)
             dst = ram[page * TARGET_PAGE_SIZE:(page + n) * TARGET_PAGE_SIZE].reshape(
                 n, TARGET_PAGE_SIZE)
-            dst[idx] = src[idx]
+            if idx.size == n:
+                np.copyto(dst, src)                 # the whole stretch: one copy
+            else:
+                dst[idx] = src[idx]
             del src, dst, ram       # no export of a buffer may outlive a wait
             if written is not None:
                 written[page + idx] = 1
