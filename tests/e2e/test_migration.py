@@ -352,7 +352,7 @@ def test_command_errors(vms, tmp_path: Path) -> None:
         src.cmd("migrate-set-capabilities", capabilities=[{"capability": "x-colo", "state": True}])
     caps = src.cmd("query-migrate-capabilities")
     assert [c["capability"] for c in caps][:3] == ["xbzrle", "rdma-pin-all", "auto-converge"]
-    assert len(caps) == 24                     # QEMU 8.2's 23, then pyvm's x-checksum
+    assert len(caps) == 25                     # QEMU 8.2's 23, 9.0's mapped-ram, pyvm's x-checksum
     assert caps[-1]["capability"] == "x-checksum"
     assert src.cmd("query-migrate-parameters")["mode"] == "normal"
     assert src.cmd("query-migrate") == {}
