@@ -24,12 +24,12 @@ from __future__ import annotations
 import math
 import threading
 import time
-import weakref
 from typing import TYPE_CHECKING, Any
 
 from pyvm.cpu_throttle import PCT_MAX
 from pyvm.dirty_meter import PAGE_SIZE, DirtyMeter, share_by_run_time
 from pyvm.errors import PyvmError
+from pyvm.per_machine import PerMachine
 
 if TYPE_CHECKING:
     from pyvm.machine import Machine
@@ -184,22 +184,14 @@ class DirtyLimitController:
                     self.machine.set_vcpu_throttle(i, next_percentage(pct, rate, quota))
 
 
-_CONTROLLERS: "weakref.WeakKeyDictionary[Machine, DirtyLimitController]" = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
+_PER_MACHINE: "PerMachine[Machine, DirtyLimitController]" = PerMachine(DirtyLimitController)
 
 
 def controller_of(machine: "Machine") -> DirtyLimitController:
     """The machine's dirty-limit controller, created on first use."""
-    with _LOCK:
-        ctl = _CONTROLLERS.get(machine)
-        if ctl is None:
-            ctl = _CONTROLLERS[machine] = DirtyLimitController(machine)
-        return ctl
+    return _PER_MACHINE.of(machine)
 
 
 def shutdown(machine: "Machine") -> None:
     """Stop the machine's controller thread, if it ever had one."""
-    with _LOCK:
-        ctl = _CONTROLLERS.get(machine)
-    if ctl is not None:
-        ctl.shutdown()
+    _PER_MACHINE.shutdown(machine)

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import threading
 import time
-import weakref
 import zlib
 from typing import TYPE_CHECKING, Any
 
@@ -33,6 +32,7 @@ import numpy as np
 
 from pyvm.dirty_meter import PAGE_SIZE, DirtyMeter
 from pyvm.errors import PyvmError
+from pyvm.per_machine import PerMachine
 
 if TYPE_CHECKING:
     from pyvm.machine import Machine
@@ -216,22 +216,14 @@ def _hashes(mem: Any, vfn: np.ndarray) -> np.ndarray:
     return out
 
 
-_CALCS: "weakref.WeakKeyDictionary[Machine, DirtyRateCalc]" = weakref.WeakKeyDictionary()
-_LOCK = threading.Lock()
+_PER_MACHINE: "PerMachine[Machine, DirtyRateCalc]" = PerMachine(DirtyRateCalc)
 
 
 def calc_of(machine: "Machine") -> DirtyRateCalc:
     """The machine's dirty-rate calculator, created on first use."""
-    with _LOCK:
-        calc = _CALCS.get(machine)
-        if calc is None:
-            calc = _CALCS[machine] = DirtyRateCalc(machine)
-        return calc
+    return _PER_MACHINE.of(machine)
 
 
 def shutdown(machine: "Machine") -> None:
     """Stop the machine's measuring thread, if it ever had one."""
-    with _LOCK:
-        calc = _CALCS.get(machine)
-    if calc is not None:
-        calc.shutdown()
+    _PER_MACHINE.shutdown(machine)

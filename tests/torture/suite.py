@@ -153,20 +153,28 @@ def _decode_all(count: int) -> list[tuple[str, Any]]:
         return list(pool.map(_decode_one, range(count), chunksize=25))
 
 
+def _baseline(data: bytes, checksum: bool) -> tuple[SplitStream, dict[str, Any], list[str], str,
+                                                     list[tuple[str, int]], Any]:
+    """What every mutation of ``data`` is judged against: its sections, vmdesc,
+    capabilities, machine type, the device sections it must carry, and the device state
+    the unmutated stream loads."""
+    split = split_stream(data)
+    vmdesc = find_vmdesc(data)
+    caps = ["x-checksum"] if checksum else []
+    expected = sorted({(s.idstr, s.instance_id) for s in split.sections if s.opens})
+    machine = data[13:13 + int.from_bytes(data[9:13], "big")].decode()
+    outcome, loaded = _decode(data, vmdesc, caps, machine, expected)
+    assert outcome == "loaded" and loaded is not None
+    return split, vmdesc, caps, machine, expected, loaded[0]
+
+
 def r1_streams(tmp: Path, in_process: int, processes: int, seed: int = 16) -> dict[str, Any]:
     """Mutations of real streams into the decoder in-process and into real -incoming VMs."""
     rng = random.Random(seed)
     figures: dict[str, Any] = {}
     for checksum in (False, True):
         data = saved_stream(tmp, checksum)
-        split = split_stream(data)
-        vmdesc = find_vmdesc(data)
-        caps = ["x-checksum"] if checksum else []
-        expected = sorted({(s.idstr, s.instance_id) for s in split.sections if s.opens})
-        machine = data[13:13 + int.from_bytes(data[9:13], "big")].decode()
-        outcome, loaded = _decode(data, vmdesc, caps, machine, expected)
-        assert outcome == "loaded" and loaded is not None
-        base_state = loaded[0]
+        split, vmdesc, caps, machine, expected, base_state = _baseline(data, checksum)
         counts = {"mutations": 0, "refused": 0, "loaded_page_data_only": 0,
                   "loaded_device_state_changed": 0}
         per_round = max(1, in_process // 2)
@@ -208,14 +216,7 @@ def r1_hypothesis(tmp: Path, examples: int, seed: int = 16) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for checksum in (False, True):
         data = saved_stream(tmp, checksum)
-        split = split_stream(data)
-        vmdesc = find_vmdesc(data)
-        caps = ["x-checksum"] if checksum else []
-        expected = sorted({(s.idstr, s.instance_id) for s in split.sections if s.opens})
-        machine = data[13:13 + int.from_bytes(data[9:13], "big")].decode()
-        outcome, loaded = _decode(data, vmdesc, caps, machine, expected)
-        assert outcome == "loaded" and loaded is not None
-        base_state = loaded[0]
+        split, vmdesc, caps, machine, expected, base_state = _baseline(data, checksum)
         lo, hi = split.prefix_end, split.tail_start
         opens = [i for i, sec in enumerate(split.sections) if sec.opens]
         edit = st.one_of(
