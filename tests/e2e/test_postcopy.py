@@ -149,10 +149,17 @@ class _Relay:
 
     @staticmethod
     def _pump(x: socket.socket, y: socket.socket) -> None:
+        # Pass the end on, as a direct connection would: an orderly close as a close, a
+        # reset (a killed process with unread data in its socket resets it) as a cut.
+        how = socket.SHUT_RDWR
         try:
             while data := x.recv(1 << 16):
                 y.sendall(data)
-            y.shutdown(socket.SHUT_WR)      # pass the end on, as a direct connection would
+            how = socket.SHUT_WR
+        except OSError:
+            pass
+        try:
+            y.shutdown(how)
         except OSError:
             pass
 
