@@ -20,6 +20,7 @@ def test_rounds_from_polls() -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.validate
 def test_validate_hot_cold_guest() -> None:
     """Bytes and rounds are predicted closely on a quiet guest; the report shows them."""
     v = validate(guest_path("dirty.elf"), "start=2 size=8 pattern=1 rate=100", "32M", "qemu",
