@@ -1,4 +1,4 @@
-/* Page kernels shared by pyvm's Cython modules (_fastpath, _pagestream).
+/* Page kernels shared by pyvm's Cython modules (_fastpath, _pagestream, _xbzrle).
  *
  * Pages are 4 KiB (x86 TARGET_PAGE_SIZE); migration stream words are big-endian
  * (QEMU's qemu_put_be64).
@@ -67,6 +67,22 @@ static inline void pyvm_store_fence(void) { __atomic_thread_fence(__ATOMIC_SEQ_C
 static inline void pyvm_store_be64(uint8_t *p, uint64_t v) {
     v = __builtin_bswap64(v);
     memcpy(p, &v, 8);
+}
+
+/* One RAM record header (migration/ram.c save_page_header): the page's offset in its
+   block with the RAM_SAVE_FLAG_* bits in the low bits, then the block's counted name when
+   the record starts a run (namelen > 0); a record without a name carries
+   RAM_SAVE_FLAG_CONTINUE (0x20) instead.  Returns the bytes written: 8, or 9 + namelen. */
+static inline int pyvm_put_page_header(uint8_t *o, uint64_t index, uint64_t flags,
+                                       const uint8_t *name, int namelen) {
+    if (namelen == 0) {
+        pyvm_store_be64(o, (index << 12) | flags | 0x20);
+        return 8;
+    }
+    pyvm_store_be64(o, (index << 12) | flags);
+    o[8] = (uint8_t)namelen;
+    memcpy(o + 9, name, (size_t)namelen);
+    return 9 + namelen;
 }
 
 #endif /* PYVM_KERNELS_H */

@@ -16,7 +16,8 @@ cdef extern from "_kernels.h" nogil:
     int pyvm_page_is_zero(const uint8_t *p)
     int pyvm_page_is_zero_early(const uint8_t *p)
     uint64_t pyvm_load_be64(const uint8_t *p)
-    void pyvm_store_be64(uint8_t *p, uint64_t v)
+    int pyvm_put_page_header(uint8_t *o, uint64_t index, uint64_t flags,
+                             const uint8_t *name, int namelen)
     void pyvm_copy_page(uint8_t *d, const uint8_t *s)
     void pyvm_store_fence()
 
@@ -139,14 +140,8 @@ cdef class RecordBatch:
                 header = 9 + namelen if namelen and i == start else 8
                 if h + header + 1 > self._hdr_cap or (not is_zero and pages == self._max_pages):
                     break
-                flags = RAM_ZERO if is_zero else RAM_PAGE
-                if header == 8:
-                    flags |= RAM_CONTINUE
-                pyvm_store_be64(o + h, (<uint64_t>index << PAGE_SHIFT) | flags)
-                if header != 8:
-                    o[h + 8] = <uint8_t>namelen
-                    memcpy(o + h + 9, nm, namelen)
-                h += header
+                h += pyvm_put_page_header(o + h, index, RAM_ZERO if is_zero else RAM_PAGE,
+                                          nm, header - 9 if header != 8 else 0)
                 if is_zero:
                     o[h] = 0
                     h += 1

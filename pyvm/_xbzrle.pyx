@@ -26,12 +26,12 @@ from libc.string cimport memcpy, memcmp
 
 cdef extern from "_kernels.h" nogil:
     int pyvm_page_is_zero_early(const uint8_t *p)
-    void pyvm_store_be64(uint8_t *p, uint64_t v)
+    int pyvm_put_page_header(uint8_t *o, uint64_t index, uint64_t flags,
+                             const uint8_t *name, int namelen)
 
 IMPLEMENTATION = "cython"
 
 cdef enum:
-    PAGE_SHIFT = 12
     PAGE_BYTES = 4096
     MAX_RUN = 0x3fff            # what two ULEB128 bytes hold
 
@@ -39,7 +39,6 @@ cdef enum:
 cdef enum:
     RAM_ZERO = 0x02
     RAM_PAGE = 0x08
-    RAM_CONTINUE = 0x20
     RAM_XBZRLE = 0x40
     ENCODING_FLAG_XBZRLE = 0x01
 
@@ -296,13 +295,8 @@ def pack_pages(const uint8_t[::1] src, Py_ssize_t npages, const int64_t[::1] ind
                             c[C_BYTES] += PAGE_BYTES
                         else:
                             kind = RAM_XBZRLE
-            header = 8 if named else 9 + namelen
-            pyvm_store_be64(o + h, (<uint64_t>index << PAGE_SHIFT) | kind
-                            | (RAM_CONTINUE if named else 0))
-            if not named:
-                o[h + 8] = <uint8_t>namelen
-                memcpy(o + h + 9, nm, namelen)
-                named = 1
+            header = pyvm_put_page_header(o + h, index, kind, nm, 0 if named else namelen)
+            named = 1
             h += header
             if kind == RAM_ZERO:
                 o[h] = 0

@@ -59,12 +59,13 @@ class MemoryBackend:
         self.fd: int | None = None
         self.filename: str | None = None
         flags = mmap.MAP_SHARED if cfg.share else mmap.MAP_PRIVATE
-        if cfg.qom_type == "memory-backend-ram":
-            self.mm = mmap.mmap(-1, cfg.size, flags=flags | mmap.MAP_ANONYMOUS)
-        elif cfg.qom_type == "memory-backend-memfd":
-            self.fd = os.memfd_create(cfg.id, os.MFD_CLOEXEC)
-            os.ftruncate(self.fd, cfg.size)
-            self.mm = mmap.mmap(self.fd, cfg.size, flags=flags)
+        if cfg.qom_type in ("memory-backend-ram", "memory-backend-memfd"):
+            try:
+                self.mm = self._map_anonymous(cfg, flags)
+            except OSError as err:
+                # QEMU's text (system/physmem.c, qemu_ram_alloc_internal) for -m 99999G
+                raise ConfigError(f"cannot set up guest memory '{cfg.id}': "
+                                  f"{err.strerror}") from err
         elif cfg.qom_type == "memory-backend-file":
             self.mm = self._map_file(cfg, flags)
         else:
@@ -75,6 +76,19 @@ class MemoryBackend:
         # The host address Unicorn maps; the export also keeps the mmap from being closed.
         self._anchor = ctypes.c_char.from_buffer(self.mm)
         self.host_address = ctypes.addressof(self._anchor)
+
+    def _map_anonymous(self, cfg: MemoryBackendConfig, flags: int) -> mmap.mmap:
+        if cfg.qom_type == "memory-backend-ram":
+            return mmap.mmap(-1, cfg.size, flags=flags | mmap.MAP_ANONYMOUS)
+        fd = os.memfd_create(cfg.id, os.MFD_CLOEXEC)
+        try:
+            os.ftruncate(fd, cfg.size)
+            mm = mmap.mmap(fd, cfg.size, flags=flags)
+        except OSError:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return mm
 
     def _map_file(self, cfg: MemoryBackendConfig, flags: int) -> mmap.mmap:
         if not cfg.mem_path:

@@ -98,6 +98,9 @@ def load_plan(path: str, wan: str = "") -> Plan:
         raise LabError(f"compare: cannot read '{path}': {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
         raise LabError(f"compare: '{path}' is not valid TOML: {err}") from None
+    except UnicodeDecodeError as err:
+        raise LabError(f"compare: '{path}' is not valid TOML: not UTF-8 text "
+                       f"(byte 0x{err.object[err.start]:02x} at offset {err.start})") from None
     defaults = raw.get("defaults", {})
     if not isinstance(defaults, dict):
         raise LabError(f"compare: '{path}': [defaults] must be a table")

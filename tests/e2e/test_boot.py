@@ -142,6 +142,8 @@ def test_memory_backend_memfd() -> None:
     (["-m"], "-m: requires an argument"),
     (["-m", "lots"], "-m lots: Parameter 'size' expects a size"),
     (["-smp", "0"], "Invalid SMP CPUs 0"),
+    # more than the 47-bit user address space: ENOMEM whatever the overcommit policy
+    (["-m", "99999999G"], "cannot set up guest memory 'pc.ram': Cannot allocate memory"),
     (["-kernel", "/nonexistent.elf"], "-kernel /nonexistent.elf: No such file or directory"),
     (["-device", "e1000"], "'e1000' is not a valid device model name"),
     (["-machine", "memory-backend=nope"], "Memory backend 'nope' not found"),

@@ -63,6 +63,16 @@ def test_compare_writes_figures_and_table(tmp_path: Path) -> None:
 def test_bad_plans(tmp_path: Path, text: str, error: str) -> None:
     spec = tmp_path / "bad.toml"
     spec.write_text(text)
+    _assert_refused(spec, error)
+
+
+def test_binary_plan_is_refused(tmp_path: Path) -> None:
+    spec = tmp_path / "bad.toml"
+    spec.write_bytes(b"\xeb\x44\xea\x22 = 1\n")
+    _assert_refused(spec, "is not valid TOML: not UTF-8 text (byte 0xeb at offset 0)")
+
+
+def _assert_refused(spec: Path, error: str) -> None:
     with pytest.raises(Exception) as err:
         load_plan(str(spec))
     assert error in str(err.value)

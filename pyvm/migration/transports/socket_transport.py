@@ -26,8 +26,8 @@ from typing import Any
 
 from pyvm.host_sockets import UNIX_PATH_MAX, bind_unix_listener
 from pyvm.migration.transports.base import (AbortSignal, FdIncoming, FdOutgoing, TransportError,
-                                            TransportTimeout, cancelled_error, os_error,
-                                            wait_ready)
+                                            TransportTimeout, _FdChannel, cancelled_error,
+                                            os_error, wait_ready)
 
 # A path may fill sockaddr_un.sun_path (UNIX_PATH_MAX) without a terminating NUL; an
 # abstract name has one byte less (the leading NUL).
@@ -45,20 +45,14 @@ STREAM_SNDBUF = 4 << 20
 
 
 # -- channels ---------------------------------------------------------------------------------
-class SocketOutgoing(FdOutgoing):
-    """A connected stream socket the source writes to."""
-
-    kind = "socket"
-    _is_socket = True
+class _SocketChannel(_FdChannel):
+    """What both directions do with the socket they own: shut it down on cancel, close it on
+    release, or hand it over still open."""
 
     def __init__(self, sock: socket.socket, *, description: str) -> None:
         sock.setblocking(True)
         self._sock = sock
         super().__init__(sock.fileno(), description=description, kernel_wakeup=True)
-
-    def _send(self, views: list[memoryview]) -> int:
-        # MSG_NOSIGNAL: a closed peer gives EPIPE, never SIGPIPE, even when embedded.
-        return self._sock.sendmsg(views, (), socket.MSG_NOSIGNAL)
 
     def _on_shutdown(self) -> None:
         if not self._released:
@@ -75,35 +69,27 @@ class SocketOutgoing(FdOutgoing):
         return self._sock
 
 
-class SocketIncoming(FdIncoming):
+class SocketOutgoing(_SocketChannel, FdOutgoing):
+    """A connected stream socket the source writes to."""
+
+    kind = "socket"
+    _is_socket = True
+
+    def _send(self, views: list[memoryview]) -> int:
+        # MSG_NOSIGNAL: a closed peer gives EPIPE, never SIGPIPE, even when embedded.
+        return self._sock.sendmsg(views, (), socket.MSG_NOSIGNAL)
+
+
+class SocketIncoming(_SocketChannel, FdIncoming):
     """A connected stream socket the destination reads from."""
 
     kind = "socket"
-
-    def __init__(self, sock: socket.socket, *, description: str) -> None:
-        sock.setblocking(True)
-        self._sock = sock
-        super().__init__(sock.fileno(), description=description, kernel_wakeup=True)
 
     def _recv(self, n: int) -> bytes:
         return self._sock.recv(n)
 
     def _recv_into(self, view: memoryview) -> int:
         return self._sock.recv_into(view)
-
-    def _on_shutdown(self) -> None:
-        if not self._released:
-            _shutdown_quietly(self._sock)
-
-    def _release(self) -> None:
-        self._sock.close()
-
-    def detach(self) -> socket.socket:
-        """Give up the channel and return its socket, still open (TLS takes it over)."""
-        with self._lock:
-            self._released = True
-        self._abort.close()
-        return self._sock
 
 
 def _shutdown_quietly(sock: socket.socket) -> None:
