@@ -280,22 +280,30 @@ class _TlsGate(asyncio.Protocol):
         self._objects = objects
         self._inner: Connection | None = None
 
-    def _allowed(self, transport: asyncio.BaseTransport) -> bool:
+    def _refusal(self, transport: asyncio.BaseTransport) -> str | None:
+        """Why the client is refused (QEMU's text), or None when it may use the monitor.
+
+        The name checked and reported is the distinguished name of the client's
+        certificate, as crypto/tlssession.c ``qcrypto_tls_session_check_certificate``
+        reports it, not the client's address."""
         if self._authz_id is None:
-            return True
+            return None
         cert = transport.get_extra_info("peercert")
-        if not cert or self._objects is None:
-            return False
+        if not cert:
+            return "No certificate peers"
+        name = distinguished_name(cert)
         try:
-            return self._objects.authz(self._authz_id).is_allowed(distinguished_name(cert))
+            if self._objects is not None and \
+                    self._objects.authz(self._authz_id).is_allowed(name):
+                return None
         except TlsError as err:
-            log.warning("monitor: %s", err)
-            return False
+            return str(err)
+        return f"TLS x509 authz check for {name} is denied"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._allowed(transport):
-            peer = transport.get_extra_info("peername")
-            log.warning("monitor: TLS x509 authz check for %s is denied", peer)
+        refusal = self._refusal(transport)
+        if refusal is not None:
+            log.warning("monitor: %s", refusal)
             transport.close()
             return
         self._inner = self._factory()

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import guest
 from tests.pki import CLIENT_DN, make_pki
+from tests.waiting import wait_until
 
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
             "-display", "none"]
@@ -115,3 +116,18 @@ def test_tls_monitor_misconfigurations_give_qemus_texts(pki, tmp_path: Path, cha
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr == f"pyvm: -chardev {value}: {text}\n"
+
+
+def test_monitor_authz_refusal_names_the_certificate_dn_not_the_address(vms, pki) -> None:
+    """QEMU's authz refusal names the peer certificate's distinguished name
+    (crypto/tlssession.c); the log line must too, and never the client's address."""
+    port = _free_port()
+    vm = vms("tlsdn", *MEMCHECK, *_tls_monitor_args(pki, port, authz=True))
+    vm.wait_serial("memcheck gen 1 ok")
+    with pytest.raises((ConnectionError, ssl.SSLError)):
+        _query_status(port, _client_context(pki["other"]))
+    text = "TLS x509 authz check for CN=intruder.example.com,O=pyvm test,C=GB is denied"
+    wait_until(lambda: text in vm.stderr(), 15, what="the authz refusal on stderr")
+    refusal = next(line for line in vm.stderr().splitlines() if "authz check" in line)
+    assert "127.0.0.1" not in refusal
+    assert _query_status(port, _client_context(pki["client"]))["status"] == "running"
