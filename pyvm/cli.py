@@ -44,7 +44,7 @@ OPTIONS: dict[str, tuple[bool, str]] = {
     "append": (True, "command line for -kernel (Linux: boot_params; ELF: at 0x7000, address in ESI)"),
     "initrd": (True, "FILE: initial ram disk for a Linux -kernel"),
     "bios": (True, "flat image mapped below 1 MiB, started at F000:FFF0"),
-    "serial": (True, "stdio|file:PATH|unix:PATH,server=on,wait=off|tcp:H:P,server=on,wait=off|null|none"),
+    "serial": (True, "stdio|file:PATH|unix:PATH,server=on,wait=off|tcp:H:P,server=on,wait=off[,tls-creds=ID,tls-authz=ID]|null|none"),
     "nographic": (False, "no display; serial port on stdio"),
     "display": (True, "none (pyvm has no display)"),
     "S": (False, "do not start the guest until 'cont'"),

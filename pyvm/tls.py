@@ -144,6 +144,8 @@ class AuthzList:
 
 
 TlsObject = Union[TlsCredsX509, AuthzSimple, AuthzList]
+#: credentials a ``tls-creds`` parameter may name
+TlsCreds = TlsCredsX509
 
 
 def _policy(name: str, value: str) -> bool:
@@ -267,3 +269,30 @@ def distinguished_name(peercert: Mapping[str, Any]) -> str:
     for rdn in reversed(peercert.get("subject", ())):
         rdns.append("+".join(f"{_SHORT_NAMES.get(k, k)}={_escape_dn_value(v)}" for k, v in rdn))
     return ",".join(rdns)
+
+
+# -- handshake failures in GnuTLS's words (crypto/tlssession.c) ---------------------------------
+
+# OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h) and GnuTLS's wording for them
+_VERIFY_TEXTS = {
+    9: "The certificate is not yet activated",
+    10: "The certificate has expired",
+    18: "The certificate hasn't got a known issuer",
+    19: "The certificate hasn't got a known issuer",
+    20: "The certificate hasn't got a known issuer",
+    21: "The certificate hasn't got a known issuer",
+    23: "The certificate has been revoked",
+}
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+
+
+def handshake_error(err: ssl.SSLError, hostname: str | None) -> TlsError:
+    """The TlsError (QEMU's text) for a failed handshake."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        if err.verify_code == _X509_V_ERR_HOSTNAME_MISMATCH:
+            return TlsError(f"Certificate does not match the hostname {hostname}")
+        return TlsError(_VERIFY_TEXTS.get(err.verify_code, "The certificate is not trusted"))
+    reason = err.reason or str(err)
+    if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason.upper().replace(" ", "_"):
+        return TlsError("No certificate peers")
+    return TlsError(f"TLS handshake failed: {reason}")

@@ -26,30 +26,12 @@ import time
 from pyvm.migration.transports.base import (AbortSignal, TransportCancelled, TransportError,
                                             cancelled_error, wait_ready)
 from pyvm.migration.transports.socket_transport import SocketIncoming, SocketOutgoing
-from pyvm.tls import AuthzList, AuthzSimple, TlsCredsX509, TlsError, distinguished_name
+from pyvm.tls import (AuthzList, AuthzSimple, TlsCredsX509, TlsError, distinguished_name,
+                      handshake_error)
 
 #: a peer that does not finish its handshake within this time is dropped
 HANDSHAKE_TIMEOUT = 10.0
 RELAY_CHUNK = 1 << 20
-
-# OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h) and GnuTLS's wording for them
-_VERIFY_TEXTS = {
-    9: "The certificate is not yet activated",
-    10: "The certificate has expired",
-    18: "The certificate hasn't got a known issuer",
-    19: "The certificate hasn't got a known issuer",
-    20: "The certificate hasn't got a known issuer",
-    21: "The certificate hasn't got a known issuer",
-    23: "The certificate has been revoked",
-}
-_X509_V_ERR_HOSTNAME_MISMATCH = 62
-
-
-def _verify_text(err: ssl.SSLCertVerificationError, hostname: str | None) -> str:
-    if err.verify_code == _X509_V_ERR_HOSTNAME_MISMATCH:
-        return f"Certificate does not match the hostname {hostname}"
-    return _VERIFY_TEXTS.get(err.verify_code, "The certificate is not trusted")
-
 
 def _handshake(tls: ssl.SSLSocket, abort: AbortSignal | None, hostname: str | None) -> None:
     """Non-blocking handshake that ``abort`` interrupts; QEMU's texts on failure."""
@@ -63,13 +45,8 @@ def _handshake(tls: ssl.SSLSocket, abort: AbortSignal | None, hostname: str | No
             events = select.POLLIN
         except ssl.SSLWantWriteError:
             events = select.POLLOUT
-        except ssl.SSLCertVerificationError as err:
-            raise TlsError(_verify_text(err, hostname)) from err
         except ssl.SSLError as err:
-            reason = err.reason or str(err)
-            if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason.upper().replace(" ", "_"):
-                raise TlsError("No certificate peers") from err
-            raise TlsError(f"TLS handshake failed: {reason}") from err
+            raise handshake_error(err, hostname) from err
         except OSError as err:
             raise TlsError(f"TLS handshake failed: {err.strerror or err}") from err
         left = deadline - time.monotonic()
