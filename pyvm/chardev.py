@@ -20,6 +20,8 @@ Forms (QEMU's ``-serial`` syntax, the subset pyvm supports):
                                        dropped; the guest runs on
 ``null``                               output dropped, no input
 ``none``                               no serial port at all (:func:`parse_serial` returns None)
+``chardev:ID``                         the ``-chardev socket|file|stdio|null,id=ID,...`` of
+                                       that id (:func:`resolve_chardev`)
 =====================================  ==========================================================
 
 The monitor multiplexing of ``mon:stdio`` (Ctrl-A c) is not provided here.  Output written
@@ -575,7 +577,7 @@ def _shutdown(sock: socket.socket) -> None:
 
 # -- parsing --------------------------------------------------------------------------------
 _UNSUPPORTED = ("vc", "pty", "pipe", "udp", "telnet", "mon", "braille", "msmouse",
-                "chardev", "tty", "parport", "spicevmc", "spiceport", "serial")
+                "tty", "parport", "spicevmc", "spiceport", "serial")
 
 
 def _split_options(text: str) -> list[str]:
@@ -669,6 +671,39 @@ def _parse_tcp(spec: str, rest: str) -> tuple[str, int]:
     except PortError:
         raise ConfigError(f"-serial {spec}: error parsing port in address '{rest}'") from None
     return host or "127.0.0.1", port
+
+
+def resolve_chardev(spec: str, chardevs: list[str]) -> str:
+    """``-serial chardev:ID`` as the ``-serial`` form of the ``-chardev`` named ID
+    (``socket`` with ``host``/``port`` or ``path``, ``file``, ``stdio``, ``null``); any
+    other SPEC is returned as it is.  QEMU's text when no ``-chardev`` has that id."""
+    kind, sep, ident = spec.partition(":")
+    if kind != "chardev" or not sep:
+        return spec
+    for value in chardevs:
+        backend, *options = _split_options(value)
+        pairs = dict(o.partition("=")[::2] for o in options)
+        if "=" in backend:                     # "backend=socket,id=..." form
+            key, _, val = backend.partition("=")
+            pairs[key] = val
+            backend = pairs.pop("backend", "")
+        if pairs.get("id") != ident:
+            continue
+        opts = [f"{k}={v}".replace(",", ",,") for k, v in pairs.items()
+                if k not in ("id", "host", "port", "path")]
+        if backend == "socket":
+            if "path" in pairs:
+                return ",".join([f"unix:{pairs['path']}".replace(",", ",,"), *opts])
+            host = pairs.get("host", "")
+            host = f"[{host}]" if ":" in host else host
+            return ",".join([f"tcp:{host}:{pairs.get('port', '')}", *opts])
+        if backend == "file" and "path" in pairs:
+            return f"file:{pairs['path']}"
+        if backend in ("stdio", "null"):
+            return backend
+        raise ConfigError(f"-chardev {value}: character device '{backend}' cannot be a "
+                          "serial port in pyvm")
+    raise ConfigError(f"could not connect serial device to character device '{spec}'")
 
 
 def parse_serial(spec: str, label: str, on_quit: Callable[[], None] | None = None,

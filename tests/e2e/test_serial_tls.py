@@ -46,11 +46,17 @@ def _console(port: int, creds: Path, *extra: str) -> subprocess.CompletedProcess
                           capture_output=True, text=True, timeout=60, cwd=ROOT)
 
 
-def test_tls_serial_round_trip_and_refusals(vms, pki) -> None:
+@pytest.mark.parametrize("form", ["serial", "chardev"])
+def test_tls_serial_round_trip_and_refusals(vms, pki, form: str) -> None:
     port = _free_port()
     args = ["-object", f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server,verify-peer=on",
-            "-object", f"authz-simple,id=auth0,identity={DN_OPT}",
-            "-serial", f"tcp:127.0.0.1:{port},server=on,wait=off,tls-creds=tls0,tls-authz=auth0"]
+            "-object", f"authz-simple,id=auth0,identity={DN_OPT}"]
+    if form == "serial":
+        args += ["-serial",
+                 f"tcp:127.0.0.1:{port},server=on,wait=off,tls-creds=tls0,tls-authz=auth0"]
+    else:
+        args += ["-chardev", f"socket,id=ser0,host=127.0.0.1,port={port},server=on,wait=off,"
+                             "tls-creds=tls0,tls-authz=auth0", "-serial", "chardev:ser0"]
     vm = vms("tlsserial", *HELLO, *args, serial=False)
     good = _console(port, pki["client"])
     assert good.returncode == 0, good.stderr
