@@ -36,7 +36,7 @@ OPTIONS: dict[str, tuple[bool, str]] = {
     "M": (True, "same as -machine"),
     "object": (True, "memory-backend-{ram,memfd,file},id=ID,size=SIZE[,share=on][,prealloc=on][,mem-path=PATH]"
                      " | tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]"
-                     " | tls-creds-psk (refused: needs TLS-PSK, which Python's ssl lacks before 3.13)"
+                     " | tls-creds-psk,id=ID,dir=DIR,endpoint=server|client[,username=NAME]"
                      " | authz-simple,id=ID,identity=DN"
                      " | authz-list,id=ID[,policy=deny|allow][,rules.N.match=DN,rules.N.policy=allow|deny]"),
     "drive": (True, "file=IMG[,format=raw][,if=ide][,cache=writethrough|writeback][,readonly=on]"),

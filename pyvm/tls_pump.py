@@ -27,18 +27,14 @@ import threading
 import time
 from typing import Callable, Protocol
 
-from pyvm.tls import (AuthzList, AuthzSimple, TlsCreds, TlsError, distinguished_name,
-                      handshake_error)
+from pyvm.tls import (AuthzList, AuthzSimple, TlsClosed, TlsCreds, TlsCredsPsk, TlsError,
+                      distinguished_name, handshake_error)
 
 #: a peer that does not finish its handshake within this time is dropped
 HANDSHAKE_TIMEOUT = 10.0
 BUFFER_CAP = 1 << 20
 READ_CHUNK = 1 << 16
 POLL_MS = 200
-
-
-class TlsClosed(Exception):
-    """The peer ended the TLS session (close_notify or EOF)."""
 
 
 class TlsEngine(Protocol):
@@ -137,6 +133,9 @@ def engine_for(creds: TlsCreds, server_side: bool, hostname: str | None) -> TlsE
 
     A client verifying its peer checks the certificate against ``hostname``
     (crypto/tlssession.c)."""
+    if isinstance(creds, TlsCredsPsk):
+        from pyvm.tls_psk import PskEngine          # pyOpenSSL: only when PSK is used
+        return PskEngine(creds, server_side)
     ctx = creds.context()
     if not server_side and creds.verify_peer:
         ctx.check_hostname = True
@@ -199,7 +198,8 @@ def handshake(sock: socket.socket, engine: TlsEngine,
         if name is None:
             raise TlsError("No certificate peers")
         if not authz.is_allowed(name):
-            raise TlsError(f"TLS x509 authz check for {name} is denied")
+            kind = getattr(engine, "kind", "x509")
+            raise TlsError(f"TLS {kind} authz check for {name} is denied")
 
 
 class TlsPump:

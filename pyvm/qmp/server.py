@@ -30,7 +30,7 @@ from pyvm.qmp.options import MonitorSpec, StdioEndpoint, TcpEndpoint, UnixEndpoi
 from pyvm.qmp.tables import MonitorTables
 from pyvm.qmp.transports import StdioTransport
 from pyvm.qmp.vm_api import VmApi
-from pyvm.tls import TlsError, distinguished_name
+from pyvm.tls import TlsCredsX509, TlsError, distinguished_name
 
 if TYPE_CHECKING:
     from pyvm.tls import ObjectRegistry
@@ -145,7 +145,11 @@ class MonitorService:
         try:
             if self.tls_objects is None:
                 raise TlsError(f"No TLS credentials with id '{spec.tls_creds}'")
-            return self.tls_objects.creds(spec.tls_creds, "server").context()
+            creds = self.tls_objects.creds(spec.tls_creds, "server")
+            if not isinstance(creds, TlsCredsX509):
+                raise TlsError("TLS-PSK credentials are not supported on the monitor by pyvm "
+                               "(use tls-creds-x509)")
+            return creds.context()
         except TlsError as err:
             raise ConfigError(f"{spec.option}: {err}") from err
 

@@ -26,8 +26,9 @@ import time
 from pyvm.migration.transports.base import (AbortSignal, TransportCancelled, TransportError,
                                             cancelled_error, wait_ready)
 from pyvm.migration.transports.socket_transport import SocketIncoming, SocketOutgoing
-from pyvm.tls import (AuthzList, AuthzSimple, TlsCredsX509, TlsError, distinguished_name,
-                      handshake_error)
+from pyvm.tls import (AuthzList, AuthzSimple, TlsCreds, TlsCredsPsk, TlsError,
+                      distinguished_name, handshake_error)
+from pyvm.tls_pump import TlsPump, engine_for, handshake
 
 #: a peer that does not finish its handshake within this time is dropped
 HANDSHAKE_TIMEOUT = 10.0
@@ -154,10 +155,68 @@ class TlsIncoming(SocketIncoming):
         self._relay.join()
 
 
-def tls_client(channel: SocketOutgoing, creds: TlsCredsX509, hostname: str | None,
-               abort: AbortSignal | None) -> TlsOutgoing:
+class PumpOutgoing(SocketOutgoing):
+    """The source's end of a TLS session run by a :class:`pyvm.tls_pump.TlsPump`
+    (``tls-creds-psk``): plaintext into the pump's socketpair."""
+
+    def __init__(self, pump: TlsPump, *, description: str) -> None:
+        self._pump = pump
+        super().__init__(pump.plain, description=description)
+
+    def _on_shutdown(self) -> None:
+        super()._on_shutdown()
+        self._pump.stop()
+
+    def _release(self) -> None:
+        super()._release()               # EOF for the pump, which flushes and says goodbye
+        self._pump.join()
+        if self._pump.error is not None and not self.cancelled and self.error is None:
+            raise TransportError(f"Unable to write to socket: {self._pump.error}")
+
+
+class PumpIncoming(SocketIncoming):
+    """The destination's end of a pumped TLS session."""
+
+    def __init__(self, pump: TlsPump, *, description: str) -> None:
+        self._pump = pump
+        super().__init__(pump.plain, description=description)
+
+    def _on_shutdown(self) -> None:
+        super()._on_shutdown()
+        self._pump.stop()
+
+    def _release(self) -> None:
+        super()._release()
+        self._pump.stop()
+        self._pump.join()
+
+
+def _pumped(sock: socket.socket, creds: TlsCreds, server: bool, hostname: str | None,
+            authz: AuthzSimple | AuthzList | None, abort: AbortSignal | None) -> TlsPump:
+    """Handshake (and authz) through a sans-IO engine, then a pump; sock closed on failure."""
+    try:
+        engine = engine_for(creds, server, hostname)
+        try:
+            handshake(sock, engine, authz, aborted=lambda: abort is not None and abort.triggered)
+        except TlsError:
+            if abort is not None and abort.triggered:
+                raise cancelled_error("TLS handshake") from None
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return TlsPump(sock, engine, "migration-tls-" + ("in" if server else "out"))
+
+
+def tls_client(channel: SocketOutgoing, creds: TlsCreds, hostname: str | None,
+               abort: AbortSignal | None) -> SocketOutgoing:
     """Upgrade a connected source channel to TLS (migration/tls.c
     ``migration_tls_channel_connect``); TlsError with QEMU's text when refused."""
+    if isinstance(creds, TlsCredsPsk):
+        # no certificate, so no host name to check
+        description = channel.description
+        return PumpOutgoing(_pumped(channel.detach(), creds, False, None, None, abort),
+                            description=description)
     if not hostname:
         channel.close()
         raise TlsError("No hostname available for TLS")
@@ -176,11 +235,14 @@ def tls_client(channel: SocketOutgoing, creds: TlsCredsX509, hostname: str | Non
     return TlsOutgoing(tls, description=description)
 
 
-def tls_server(channel: SocketIncoming, creds: TlsCredsX509,
-               authz: AuthzSimple | AuthzList | None, abort: AbortSignal | None) -> TlsIncoming:
+def tls_server(channel: SocketIncoming, creds: TlsCreds,
+               authz: AuthzSimple | AuthzList | None, abort: AbortSignal | None) -> SocketIncoming:
     """Upgrade an accepted destination channel to TLS and check the client
     (``migration_tls_channel_process_incoming``); TlsError with QEMU's text when refused."""
     description = channel.description
+    if isinstance(creds, TlsCredsPsk):
+        return PumpIncoming(_pumped(channel.detach(), creds, True, None, authz, abort),
+                            description=description)
     sock = channel.detach()
     try:
         tls = creds.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -195,4 +257,4 @@ def tls_server(channel: SocketIncoming, creds: TlsCredsX509,
     return TlsIncoming(tls, description=description)
 
 
-__all__ = ["TlsIncoming", "TlsOutgoing", "TransportCancelled", "tls_client", "tls_server"]
+__all__ = ["PumpIncoming", "PumpOutgoing", "TlsIncoming", "TlsOutgoing", "TransportCancelled", "tls_client", "tls_server"]
