@@ -31,6 +31,7 @@ Objects are registered by id in an :class:`ObjectRegistry` that the machine owns
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -236,10 +237,8 @@ def make_object(qom_type: str, props: Mapping[str, str]) -> TlsObject:
         _on_off("verify-peer", props.get("verify-peer", "on"))
         if "dir" not in props:
             raise TlsError("Parameter 'dir' is missing")
-        try:
-            import pyvm.tls_psk  # noqa: F401  (pyOpenSSL present?)
-        except ImportError:
-            raise TlsError(PSK_UNSUPPORTED) from None
+        if importlib.util.find_spec("OpenSSL") is None:     # pyvm/tls_psk.py needs it
+            raise TlsError(PSK_UNSUPPORTED)
         psk = TlsCredsPsk(ident, props["dir"], endpoint, props.get("username"))
         psk.load()
         return psk
