@@ -165,6 +165,8 @@ class PskEngine:
 
 
 def _reason(err: Exception) -> str:
+    if isinstance(err, SSL.SysCallError):
+        return "the peer closed the connection"
     args = err.args[0] if err.args else None
     if isinstance(args, list) and args and isinstance(args[-1], tuple):
         return str(args[-1][-1])

@@ -7,13 +7,12 @@ with a wrong key or an unknown username is refused while the destination stays i
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT, guest
+from pyvm.tls import TlsError, make_object
+from tests.conftest import guest
 from tests.vmproc import VmProcess
 from tests.waiting import wait_until
 
@@ -66,11 +65,7 @@ def _source(vms, d: Path, name: str = "src", username: str | None = None,
     return src
 
 
-@pytest.mark.parametrize("multifd", [False, True], ids=["main", "multifd"])
-def test_psk_migration_carries_ram_equal(vms, dirs, multifd: bool) -> None:
-    caps = {"multifd": True} if multifd else None
-    dst, port = _destination(vms, dirs["server"], caps=caps)
-    src = _source(vms, dirs["client"], caps=caps)
+def _ram_equal_migration(src: VmProcess, dst: VmProcess, port: int) -> None:
     src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
     assert src.wait_migration()["status"] == "completed", src.cmd("query-migrate")
     assert dst.wait_migration(("completed", "failed"))["status"] == "completed"
@@ -82,23 +77,36 @@ def test_psk_migration_carries_ram_equal(vms, dirs, multifd: bool) -> None:
     assert "FAIL" not in dst.serial()
 
 
-def test_psk_refuses_a_wrong_key_and_an_unknown_user(vms, dirs) -> None:
+def test_psk_multifd_migration_carries_ram_equal(vms, dirs) -> None:
+    caps = {"multifd": True}
+    dst, port = _destination(vms, dirs["server"], caps=caps)
+    _ram_equal_migration(_source(vms, dirs["client"], caps=caps), dst, port)
+
+
+def test_psk_refuses_a_wrong_key_and_an_unknown_user_then_migrates(vms, dirs) -> None:
     dst, port = _destination(vms, dirs["server"])
-    for creds, user in (("wrongkey", None), ("stranger", "mallory")):
-        src = _source(vms, dirs[creds], name=f"src-{creds}", username=user)
+    # one source holding three credentials; the tls-creds parameter picks one per attempt
+    src = vms("src", *MEMCHECK,
+              "-object", f"tls-creds-psk,id=wrongkey,dir={dirs['wrongkey']},endpoint=client",
+              "-object", f"tls-creds-psk,id=stranger,dir={dirs['stranger']},endpoint=client,"
+                         "username=mallory",
+              "-object", f"tls-creds-psk,id=good,dir={dirs['client']},endpoint=client")
+    src.wait_serial("memcheck gen 1 ok")
+    for creds in ("wrongkey", "stranger"):
+        src.cmd("migrate-set-parameters", **{"tls-creds": creds})
         src.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
         info = src.wait_migration(("completed", "failed"))
         assert info["status"] == "failed", info
+        assert info["error-desc"].startswith("TLS handshake failed"), info
         assert src.status() == "running"
         assert dst.status() == "inmigrate"
         assert dst.cmd("query-migrate").get("status") in (None, "setup", "none")
     wait_until(lambda: dst.stderr().count("TLS handshake failed") >= 2, 15,
                what="both refusals reported")
-    # the destination still takes the right source
-    good = _source(vms, dirs["client"], name="src-good")
-    good.cmd("migrate", uri=f"tcp:127.0.0.1:{port}")
-    assert good.wait_migration()["status"] == "completed"
-    assert dst.wait_migration(("completed", "failed"))["status"] == "completed"
+    assert "Username mallory not found in PSK file" in dst.stderr()
+    # the destination still takes the right source, and the RAM arrives equal
+    src.cmd("migrate-set-parameters", **{"tls-creds": "good"})
+    _ram_equal_migration(src, dst, port)
     assert "Traceback" not in dst.stderr()
 
 
@@ -111,8 +119,9 @@ def test_psk_refuses_a_wrong_key_and_an_unknown_user(vms, dirs) -> None:
      "username should not be set when endpoint=server"),
 ])
 def test_psk_object_errors_give_qemus_texts(dirs, tmp_path: Path, props: str, text: str) -> None:
-    value = "tls-creds-psk,id=p," + props.format(tmp=tmp_path)
-    proc = subprocess.run([sys.executable, "-m", "pyvm", *MEMCHECK, "-object", value],
-                          capture_output=True, text=True, timeout=60, cwd=ROOT)
-    assert proc.returncode == 1
-    assert proc.stderr == f"pyvm: -object {value}: {text.format(tmp=tmp_path)}\n"
+    # the command line's path to these (one line, exit 1) is tested in test_tls_objects.py
+    value = props.format(tmp=tmp_path)
+    with pytest.raises(TlsError) as err:
+        make_object("tls-creds-psk",
+                    {"id": "p", **dict(kv.split("=", 1) for kv in value.split(","))})
+    assert str(err.value) == text.format(tmp=tmp_path)
