@@ -467,7 +467,8 @@ def r2_monitor(tmp: Path, messages: int, clients: int = 4, seed: int = 2,
     speaking no TLS at all come and are dropped meanwhile."""
     import ssl
     tls_mon = _TlsMonitor(tmp) if tls else None
-    vm = VmProcess(tmp, "r2tls" if tls else "r2", *MEMCHECK, *(tls_mon.args if tls_mon else []))
+    vm = VmProcess(tmp, "r2tls" if tls else "r2", *MEMCHECK, *(tls_mon.args if tls_mon else []),
+                   connect_timeout=60)
     intruders = [0]
     try:
         vm.wait_serial("memcheck gen 1 ok")
