@@ -168,7 +168,14 @@ def handshake(sock: socket.socket, engine: TlsEngine,
     sock.setblocking(False)
     deadline = time.monotonic() + timeout
     while True:
-        done = engine.do_handshake()
+        try:
+            done = engine.do_handshake()
+        except TlsError:
+            try:
+                sock.send(engine.take_output())    # the alert, so the peer learns why
+            except OSError:
+                pass
+            raise
         _send_all(sock, engine.take_output(), deadline, aborted)
         if done:
             break

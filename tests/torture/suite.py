@@ -916,7 +916,7 @@ def r5_private_and_tls(tmp: Path) -> dict[str, Any]:
 
 # -- the command ------------------------------------------------------------------------------------
 
-FULL = {"r1_in_process": 5000, "r1_processes": 40, "r1_hypothesis": 500, "r2_messages": 11000, "r2_tls_messages": 10000, "r4_hops": 200,
+FULL = {"r1_in_process": 5000, "r1_processes": 40, "r1_hypothesis": 500, "r2_messages": 11000, "r2_tls_messages": 4000, "r4_hops": 200,
         "r4_linux_hops": 10}
 QUICK = {"r1_in_process": 120, "r1_processes": 2, "r1_hypothesis": 40, "r2_messages": 600, "r2_tls_messages": 120, "r4_hops": 4,
          "r4_linux_hops": 1}
