@@ -26,8 +26,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import ROOT
-from tests.stream_mutations import split_stream
+# Nothing of pyvm is imported at the top: the worker must instrument the decoder's modules
+# before anything imports them (atheris instruments a module only when it is first imported).
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 _JOB: dict[str, Any] = {}
 
@@ -44,6 +45,7 @@ def _one_input(data: bytes) -> None:
 def _seeds(tmp: Path, checksum: bool) -> list[bytes]:
     """A real stream, and the same stream cut after its first sections (smaller inputs
     reach the same code faster)."""
+    from tests.stream_mutations import split_stream
     from tests.torture import suite
     with suite.launched():
         full = suite.saved_stream(tmp, checksum)
@@ -58,6 +60,7 @@ def _worker(corpus: Path, seconds: int, checksum: bool) -> None:
     with atheris.instrument_imports(include=["pyvm.migration.stream"]):
         import pyvm.migration.stream.decoder  # noqa: F401
     from pyvm.analyze import find_vmdesc
+    from tests.stream_mutations import split_stream
     seeds = sorted((f.read_bytes() for f in corpus.iterdir() if f.name.startswith("seed-")),
                    key=len, reverse=True)
     full = seeds[0]
