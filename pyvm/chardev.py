@@ -17,7 +17,7 @@ Forms (QEMU's ``-serial`` syntax, the subset pyvm supports):
                                        ``tls-authz=ID`` lets in only certificates whose name
                                        the authz object allows.  A client that fails the
                                        handshake or the check is reported on stderr and
-                                       dropped; the guest runs on
+                                       dropped; the guest runs on.
 ``null``                               output dropped, no input
 ``none``                               no serial port at all (:func:`parse_serial` returns None)
 ``chardev:ID``                         the ``-chardev socket|file|stdio|null,id=ID,...`` of

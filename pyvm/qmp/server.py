@@ -93,6 +93,8 @@ class MonitorService:
             loop.run_until_complete(self._open())
         except BaseException as err:  # noqa: BLE001 - reported to start()'s caller
             self._start_error = err
+            for listener in self._psk_listeners:
+                listener.close()
             self._cleanup_files()
             self._worker.stop()
             self._worker = None
