@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-validate test-fast test-pure test-linux linux torture torture-linux lint firmware firmware-check bench bench-lab bench-linux mypy clean
+.PHONY: setup demo test test-validate test-fast test-pure test-linux linux torture torture-linux fuzz lint firmware firmware-check bench bench-lab bench-linux mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -35,6 +35,13 @@ linux: setup
 # The standing adversarial suite at full size (docs/reliability.md, Figures).
 torture: setup
 	$(PY) -m tests.torture.suite
+
+# Coverage-guided fuzzing of the stream decoder with atheris, 5 minutes without and 5 with
+# x-checksum (docs/reliability.md, Figures); not part of make test.
+fuzz: setup
+	$(PY) -m pip install -q -e '.[fuzz]'
+	$(PY) -m tests.torture.fuzz_stream --seconds 300
+	$(PY) -m tests.torture.fuzz_stream --seconds 300 --checksum
 
 # R4 with Debian's Linux guest: 10 live migrations at the shell prompt (about 5 minutes).
 torture-linux: setup

@@ -11,8 +11,17 @@ Forms (QEMU's ``-serial`` syntax, the subset pyvm supports):
                                        time; without ``wait=off`` pyvm waits for the first client
 ``unix:PATH``                          (``server=off``) connect to an existing socket
 ``tcp:[HOST]:PORT,server=on[,...]``    the same over TCP; HOST defaults to 127.0.0.1
+``tcp:...,tls-creds=ID``               TLS on the TCP socket (QEMU's chardev-socket options):
+                                       ``tls-creds`` names TLS credentials whose endpoint
+                                       matches the socket's role; a server with
+                                       ``tls-authz=ID`` lets in only certificates whose name
+                                       the authz object allows.  A client that fails the
+                                       handshake or the check is reported on stderr and
+                                       dropped; the guest runs on.
 ``null``                               output dropped, no input
 ``none``                               no serial port at all (:func:`parse_serial` returns None)
+``chardev:ID``                         the ``-chardev socket|file|stdio|null,id=ID,...`` of
+                                       that id (:func:`resolve_chardev`)
 =====================================  ==========================================================
 
 The monitor multiplexing of ``mon:stdio`` (Ctrl-A c) is not provided here.  Output written
@@ -40,6 +49,8 @@ from typing import Any, Callable, ClassVar
 from pyvm.errors import ConfigError
 from pyvm.private_files import create_private
 from pyvm.host_sockets import UNIX_PATH_MAX, PortError, bind_unix_listener, parse_port
+from pyvm.tls import AuthzList, AuthzSimple, ObjectRegistry, TlsCreds, TlsError
+from pyvm.tls_pump import TlsPump, engine_for, handshake
 
 Receiver = Callable[[bytes], None]
 CanReceive = Callable[[], int]
@@ -324,12 +335,15 @@ def _raw_mode(saved: list[Any]) -> list[Any]:
 class SocketBackend(CharBackend):
     """``unix:`` and ``tcp:``: a listening server (one client at a time) or a client."""
 
-    def __init__(self, label: str, family: int, address: Any, server: bool, wait: bool) -> None:
+    def __init__(self, label: str, family: int, address: Any, server: bool, wait: bool,
+                 tls: "tuple[TlsCreds, AuthzSimple | AuthzList | None] | None" = None) -> None:
         super().__init__(label)
         self.family = family
         self.address = address
         self.server = server
         self.wait = wait and server
+        self._tls = tls                         # (credentials, authz) for tls-creds=
+        self._pump: TlsPump | None = None       # the TLS session of the current client
         self._client: socket.socket | None = None
         self._peer = ""
         self._lock = threading.Lock()           # guards _client and _peer
@@ -399,7 +413,28 @@ class SocketBackend(CharBackend):
             where = self.address if self.family == socket.AF_UNIX else \
                 f"{self.address[0]}:{self.address[1]}"
             raise ConfigError(f"Failed to connect to '{where}': {err.strerror}") from err
+        if self._tls is not None:
+            try:
+                sock = self._tls_session(sock)
+            except TlsError as err:
+                raise ConfigError(str(err)) from err
         self._set_client(sock)
+
+    def _tls_session(self, sock: socket.socket) -> socket.socket:
+        """Handshake on ``sock`` (chardev/char-socket.c tcp_chr_tls_init: the server
+        endpoint when listening, else the client one, checking the host name); the plain
+        end of the session's pump, or TlsError with QEMU's text (``sock`` closed)."""
+        assert self._tls is not None
+        creds, authz = self._tls
+        try:
+            engine = engine_for(creds, self.server, None if self.server else self.address[0])
+            handshake(sock, engine, authz if self.server else None,
+                      aborted=lambda: self.closed)
+        except BaseException:
+            sock.close()
+            raise
+        self._pump = TlsPump(sock, engine, f"{self.label}-tls")
+        return self._pump.plain
 
     def _set_client(self, sock: socket.socket | None, peer: str = "") -> None:
         with self._lock:
@@ -435,6 +470,7 @@ class SocketBackend(CharBackend):
         if client is not None:
             with self._write_lock:
                 client.close()
+        self._end_pump()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -478,6 +514,15 @@ class SocketBackend(CharBackend):
             if self.family != socket.AF_UNIX:
                 host = f"[{peer[0]}]" if ":" in peer[0] else peer[0]
                 peer_text = f"{host}:{peer[1]}"
+            if self._tls is not None:
+                try:
+                    sock = self._tls_session(sock)
+                except TlsError as err:
+                    # refused (no or a wrong certificate, authz): the client is dropped,
+                    # the port keeps listening and the guest keeps running
+                    if not self.closed:
+                        print(f"pyvm: {self.label}: {err}", file=sys.stderr, flush=True)
+                    continue
             self._set_client(sock, peer_text)
             self._read_from(sock)
             self._drop_client(sock)
@@ -511,6 +556,16 @@ class SocketBackend(CharBackend):
         _shutdown(sock)                     # wakes a writer blocked in sendall
         with self._write_lock:
             sock.close()
+        self._end_pump()
+
+    def _end_pump(self) -> None:
+        """Let the TLS session say goodbye (the plain end is shut), then join its thread."""
+        pump, self._pump = self._pump, None
+        if pump is not None:
+            pump.join(2.0)
+            if pump.alive:
+                pump.stop()
+                pump.join()
 
 
 def _shutdown(sock: socket.socket) -> None:
@@ -522,7 +577,7 @@ def _shutdown(sock: socket.socket) -> None:
 
 # -- parsing --------------------------------------------------------------------------------
 _UNSUPPORTED = ("vc", "pty", "pipe", "udp", "telnet", "mon", "braille", "msmouse",
-                "chardev", "tty", "parport", "spicevmc", "spiceport", "serial")
+                "tty", "parport", "spicevmc", "spiceport", "serial")
 
 
 def _split_options(text: str) -> list[str]:
@@ -554,8 +609,9 @@ def _bool_option(spec: str, key: str, value: str) -> bool:
     raise ConfigError(f"-serial {spec}: Parameter '{key}' expects 'on' or 'off'")
 
 
-def _socket_options(spec: str, options: list[str]) -> tuple[bool, bool]:
+def _socket_options(spec: str, options: list[str]) -> tuple[bool, bool, dict[str, str]]:
     server, wait = False, True
+    tls: dict[str, str] = {}
     for option in options:
         key, sep, value = option.partition("=")
         if not sep:
@@ -568,12 +624,36 @@ def _socket_options(spec: str, options: list[str]) -> tuple[bool, bool]:
             server = _bool_option(spec, key, value)
         elif key == "wait":
             wait = _bool_option(spec, key, value)
+        elif key in ("tls-creds", "tls-authz"):
+            tls[key] = value
         elif key in ("nodelay", "telnet", "websocket", "reconnect"):
             if key in ("telnet", "websocket") and _bool_option(spec, key, value):
                 raise ConfigError(f"-serial {spec}: '{key}' is not supported by pyvm")
         else:
             raise ConfigError(f"-serial {spec}: Invalid parameter '{key}'")
-    return server, wait
+    return server, wait, tls
+
+
+def _tls_setup(spec: str, kind: str, server: bool, tls: dict[str, str],
+               objects: ObjectRegistry | None
+               ) -> "tuple[TlsCreds, AuthzSimple | AuthzList | None] | None":
+    """The credentials and authz object of ``tls-creds=``/``tls-authz=``
+    (chardev/char-socket.c qmp_chardev_validate_socket and tcp_chr_tls_init texts)."""
+    creds_id, authz_id = tls.get("tls-creds"), tls.get("tls-authz")
+    if creds_id is None and authz_id is None:
+        return None
+    if kind != "tcp":
+        raise ConfigError(f"-serial {spec}: TLS can only be used over TCP socket")
+    if creds_id is None:
+        raise ConfigError(f"-serial {spec}: 'tls_authz' option requires 'tls_creds' option")
+    if objects is None:
+        objects = ObjectRegistry()
+    try:
+        creds = objects.creds(creds_id, "server" if server else "client")
+        authz = objects.authz(authz_id) if authz_id is not None else None
+    except TlsError as err:
+        raise ConfigError(f"-serial {spec}: {err}") from err
+    return creds, authz
 
 
 def _parse_tcp(spec: str, rest: str) -> tuple[str, int]:
@@ -593,8 +673,41 @@ def _parse_tcp(spec: str, rest: str) -> tuple[str, int]:
     return host or "127.0.0.1", port
 
 
-def parse_serial(spec: str, label: str,
-                 on_quit: Callable[[], None] | None = None) -> CharBackend | None:
+def resolve_chardev(spec: str, chardevs: list[str]) -> str:
+    """``-serial chardev:ID`` as the ``-serial`` form of the ``-chardev`` named ID
+    (``socket`` with ``host``/``port`` or ``path``, ``file``, ``stdio``, ``null``); any
+    other SPEC is returned as it is.  QEMU's text when no ``-chardev`` has that id."""
+    kind, sep, ident = spec.partition(":")
+    if kind != "chardev" or not sep:
+        return spec
+    for value in chardevs:
+        backend, *options = _split_options(value)
+        pairs = dict(o.partition("=")[::2] for o in options)
+        if "=" in backend:                     # "backend=socket,id=..." form
+            key, _, val = backend.partition("=")
+            pairs[key] = val
+            backend = pairs.pop("backend", "")
+        if pairs.get("id") != ident:
+            continue
+        opts = [f"{k}={v}".replace(",", ",,") for k, v in pairs.items()
+                if k not in ("id", "host", "port", "path")]
+        if backend == "socket":
+            if "path" in pairs:
+                return ",".join([f"unix:{pairs['path']}".replace(",", ",,"), *opts])
+            host = pairs.get("host", "")
+            host = f"[{host}]" if ":" in host else host
+            return ",".join([f"tcp:{host}:{pairs.get('port', '')}", *opts])
+        if backend == "file" and "path" in pairs:
+            return f"file:{pairs['path']}"
+        if backend in ("stdio", "null"):
+            return backend
+        raise ConfigError(f"-chardev {value}: character device '{backend}' cannot be a "
+                          "serial port in pyvm")
+    raise ConfigError(f"could not connect serial device to character device '{spec}'")
+
+
+def parse_serial(spec: str, label: str, on_quit: Callable[[], None] | None = None,
+                 tls_objects: ObjectRegistry | None = None) -> CharBackend | None:
     """Build the backend for ``-serial SPEC``; None for ``none`` (no serial port).
 
     Raises :class:`ConfigError` with one line naming the problem.  Files and sockets are
@@ -613,7 +726,8 @@ def parse_serial(spec: str, label: str,
         return FileBackend(label, rest)
     if kind in ("unix", "tcp") and sep:
         address, *options = _split_options(rest)
-        server, wait = _socket_options(spec, options)
+        server, wait, tls_opts = _socket_options(spec, options)
+        tls = _tls_setup(spec, kind, server, tls_opts, tls_objects)
         if kind == "unix":
             if not address:
                 raise ConfigError(f"-serial {spec}: unix socket path is missing")
@@ -622,7 +736,12 @@ def parse_serial(spec: str, label: str,
             return SocketBackend(label, socket.AF_UNIX, address, server, wait)
         host, port = _parse_tcp(spec, address)
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        return SocketBackend(label, family, (host, port), server, wait)
+        try:
+            return SocketBackend(label, family, (host, port), server, wait, tls)
+        except ConfigError as err:
+            if tls is None:
+                raise
+            raise ConfigError(f"-serial {spec}: {err}") from err
     if kind in _UNSUPPORTED or (kind == "file" and not sep):
         raise ConfigError(f"-serial {spec}: character device '{kind}' is not supported by pyvm")
     raise ConfigError(f"-serial {spec}: '{spec}' is not a valid char driver")

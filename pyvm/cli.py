@@ -13,6 +13,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 
 from pyvm import __version__
+from pyvm.chardev import resolve_chardev
 from pyvm.config import MACHINE_ALIASES, DebugExitConfig, DriveConfig, MachineConfig
 from pyvm.errors import ConfigError, PyvmError
 from pyvm.guests import catalogue_text, find_guest, guest_path
@@ -35,7 +36,7 @@ OPTIONS: dict[str, tuple[bool, str]] = {
     "M": (True, "same as -machine"),
     "object": (True, "memory-backend-{ram,memfd,file},id=ID,size=SIZE[,share=on][,prealloc=on][,mem-path=PATH]"
                      " | tls-creds-x509,id=ID,dir=DIR,endpoint=server|client[,verify-peer=on|off]"
-                     " | tls-creds-psk (refused: needs TLS-PSK, which Python's ssl lacks before 3.13)"
+                     " | tls-creds-psk,id=ID,dir=DIR,endpoint=server|client[,username=NAME]"
                      " | authz-simple,id=ID,identity=DN"
                      " | authz-list,id=ID[,policy=deny|allow][,rules.N.match=DN,rules.N.policy=allow|deny]"),
     "drive": (True, "file=IMG[,format=raw][,if=ide][,cache=writethrough|writeback][,readonly=on]"),
@@ -44,7 +45,7 @@ OPTIONS: dict[str, tuple[bool, str]] = {
     "append": (True, "command line for -kernel (Linux: boot_params; ELF: at 0x7000, address in ESI)"),
     "initrd": (True, "FILE: initial ram disk for a Linux -kernel"),
     "bios": (True, "flat image mapped below 1 MiB, started at F000:FFF0"),
-    "serial": (True, "stdio|file:PATH|unix:PATH,server=on,wait=off|tcp:H:P,server=on,wait=off|null|none"),
+    "serial": (True, "stdio|file:PATH|unix:PATH,server=on,wait=off|tcp:H:P,server=on,wait=off[,tls-creds=ID,tls-authz=ID]|chardev:ID|null|none"),
     "nographic": (False, "no display; serial port on stdio"),
     "display": (True, "none (pyvm has no display)"),
     "S": (False, "do not start the guest until 'cont'"),
@@ -395,6 +396,7 @@ def run(pa: ParsedArgs) -> int:
             raise ConfigError("cannot use stdio by multiple character devices")
         if uses_stdio(monitors) and not cfg.serial:
             cfg.serial = ["null"]
+    cfg.serial = [resolve_chardev(spec, pa.chardev) for spec in cfg.serial]
     default_guest(cfg)
     machine = Machine(cfg)
     machine.has_monitor = bool(monitors)

@@ -10,6 +10,10 @@
 
 The serial port is the one pyvm puts on a socket with ``-serial unix:PATH,server=on``
 (or ``tcp:HOST:PORT,server=on``); SOCKET is ``PATH``, ``unix:PATH`` or ``HOST:PORT``.
+A port with ``tls-creds=`` is reached with ``--tls-creds DIR``: a directory in QEMU's
+layout for a client (``ca-cert.pem``, and ``client-cert.pem`` + ``client-key.pem`` when
+the port verifies its peers); the port's certificate must match ``--tls-hostname``
+(default: HOST).
 A ``wait=off`` port drops what the guest writes while nobody is connected, so a script
 first wakes the shell (``--wake``) and then types.  A prompt is the last line of output,
 unfinished, matching ``--prompt`` (``[#$>] $`` by default: busybox's and most shells').
@@ -33,6 +37,9 @@ import termios
 import time
 import tty
 from typing import Iterable
+
+from pyvm.tls import TlsCredsX509, TlsError
+from pyvm.tls_pump import TlsPump, engine_for, handshake
 
 QUIT_KEY = b"\x1d"            # Ctrl-]
 WAKE_INTERVAL = 2.0           # seconds of silence before --wake presses Enter again
@@ -75,6 +82,20 @@ def connect(text: str, timeout: float) -> socket.socket:
             if time.monotonic() > deadline:
                 raise ConsoleError(f"cannot connect to {text}: {err.strerror or err}") from None
         time.sleep(0.1)
+
+
+def start_tls(sock: socket.socket, creds_dir: str, hostname: str,
+              timeout: float) -> TlsPump:
+    """The TLS session with the port (its plain end is ``.plain``); ConsoleError when
+    refused (sock is closed then)."""
+    creds = TlsCredsX509("console", creds_dir, "client", verify_peer=True)
+    try:
+        engine = engine_for(creds, False, hostname)
+        handshake(sock, engine, timeout=timeout)
+    except TlsError as err:
+        sock.close()
+        raise ConsoleError(f"TLS with the serial port failed: {err}") from None
+    return TlsPump(sock, engine, "console-tls")
 
 
 class Console:
@@ -233,6 +254,11 @@ def main(argv: list[str] | None = None) -> int:
                     help=f"what the prompt looks like (default '{DEFAULT_PROMPT}')")
     ap.add_argument("--timeout", type=float, default=60.0,
                     help="seconds each wait (and the connection) may take (default 60)")
+    ap.add_argument("--tls-creds", metavar="DIR",
+                    help="speak TLS, with the client credentials in DIR (ca-cert.pem, "
+                         "client-cert.pem, client-key.pem)")
+    ap.add_argument("--tls-hostname", metavar="NAME",
+                    help="the name the port's certificate must carry (default: HOST)")
     args = ap.parse_args(argv)
     try:
         prompt, until = re.compile(args.prompt), re.compile(args.until) if args.until else None
@@ -242,8 +268,18 @@ def main(argv: list[str] | None = None) -> int:
     script = bool(args.type or args.wake or until)
     if not script and not sys.stdin.isatty():
         lines, script = (line.rstrip("\n") for line in sys.stdin), True
+    pump: TlsPump | None = None
     try:
         sock = connect(args.socket, args.timeout)
+        if args.tls_creds:
+            family, address = _address(args.socket)
+            if family == socket.AF_UNIX:
+                sock.close()
+                raise ConsoleError("TLS can only be used over TCP socket")
+            assert isinstance(address, tuple)
+            pump = start_tls(sock, args.tls_creds, args.tls_hostname or address[0],
+                             args.timeout)
+            sock = pump.plain
         with sock:
             if not script:
                 return interactive(sock)
@@ -254,6 +290,12 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    finally:
+        if pump is not None:
+            pump.join(2.0)          # the plain end is closed: close_notify, then the end
+            if pump.alive:
+                pump.stop()
+                pump.join()
 
 
 if __name__ == "__main__":

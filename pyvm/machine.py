@@ -217,7 +217,8 @@ class Machine:
             raise ConfigError("only one -serial port (COM1) is supported")
         self.uart = None
         backend = parse_serial(specs[0], "serial0",
-                               on_quit=lambda: self.request_exit(0, reason="host-signal"))
+                               on_quit=lambda: self.request_exit(0, reason="host-signal"),
+                               tls_objects=self.cfg.tls_objects)
         if backend is None:          # -serial none: no COM1 at all
             return
         self.uart = Uart16550(backend)

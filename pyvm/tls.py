@@ -17,11 +17,11 @@ authz/list.c), rebuilt on Python's :mod:`ssl`:
     An ordered list of rules; the first match decides, else ``policy``.
 
 ``tls-creds-psk,id=ID,dir=DIR,endpoint=server|client[,username=NAME]``
-    Pre-shared keys (``DIR/keys.psk``, lines ``username:hexkey``).  Refused with QEMU's
-    text for a build without the TLS library, "TLS credentials support requires GNUTLS":
-    Python's :mod:`ssl` offers TLS-PSK only from Python 3.13
-    (``SSLContext.set_psk_server_callback``), and pyvm runs on Python 3.11.  The
-    properties are checked first, as QEMU does before loading the credentials.
+    Pre-shared keys (crypto/tlscredspsk.c): ``DIR/keys.psk`` holds lines
+    ``username:hexkey``; a client uses the key of ``username`` (default ``qemu``), a
+    server looks the client's username up at each handshake.  Python 3.11's :mod:`ssl`
+    has no TLS-PSK, so the sessions are OpenSSL's through pyOpenSSL
+    (:mod:`pyvm.tls_psk`).
 
 Objects are registered by id in an :class:`ObjectRegistry` that the machine owns; users
 (the migration code) look them up by the id a parameter names.  Errors are
@@ -31,6 +31,7 @@ Objects are registered by id in an :class:`ObjectRegistry` that the machine owns
 from __future__ import annotations
 
 import fnmatch
+import importlib.util
 import os
 import ssl
 from dataclasses import dataclass, field
@@ -47,12 +48,18 @@ CLIENT_KEY = "client-key.pem"
 
 TLS_OBJECT_TYPES = ("tls-creds-x509", "tls-creds-psk", "authz-simple", "authz-list")
 # crypto/tlscredspsk.c (built without GnuTLS): QEMU's refusal when it cannot load TLS
-# credentials of a kind; pyvm's Python has no TLS-PSK (ssl gained it in Python 3.13).
+# credentials of a kind (pyvm: when pyOpenSSL cannot be imported).
 PSK_UNSUPPORTED = "TLS credentials support requires GNUTLS"
+PSK_FILE = "keys.psk"
+PSK_DEFAULT_USERNAME = "qemu"
 
 
 class TlsError(PyvmError):
     """TLS credentials could not be loaded, or a peer was refused (QEMU's texts)."""
+
+
+class TlsClosed(Exception):
+    """The peer ended the TLS session (close_notify or EOF)."""
 
 
 def _on_off(name: str, value: str) -> bool:
@@ -109,6 +116,60 @@ class TlsCredsX509:
         return ctx
 
 
+def read_psk(path: str, username: str) -> bytes:
+    """The key of ``username`` in a ``keys.psk`` file (crypto/tlscredspsk.c lookup_key)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            content = f.read()
+    except OSError as err:
+        raise TlsError(f"Cannot read PSK file {path}: {err.strerror}") from err
+    for line in content.split("\n"):
+        name, sep, key = line.partition(":")
+        if sep and name == username:
+            try:
+                return bytes.fromhex(key.strip())
+            except ValueError:
+                raise TlsError(f"Username {username} has no hexadecimal key in PSK file "
+                               f"{path}") from None
+    raise TlsError(f"Username {username} not found in PSK file {path}")
+
+
+@dataclass
+class TlsCredsPsk:
+    """``tls-creds-psk``: a ``keys.psk`` file for one endpoint."""
+
+    id: str
+    dir: str
+    endpoint: str = "client"
+    username: str | None = None
+    verify_peer: bool = False           # no certificates: nothing to verify
+
+    @property
+    def psk_file(self) -> str:
+        return os.path.join(self.dir, PSK_FILE)
+
+    def load(self) -> None:
+        """The checks QEMU makes when the object is created (qcrypto_tls_creds_psk_load)."""
+        if self.endpoint == "server":
+            if self.username is not None:
+                raise TlsError("username should not be set when endpoint=server")
+            _check_access(self.psk_file)
+        else:
+            _check_access(self.psk_file)
+            self.client_key()
+
+    def client_key(self) -> tuple[str, bytes]:
+        username = self.username if self.username is not None else PSK_DEFAULT_USERNAME
+        return username, read_psk(self.psk_file, username)
+
+
+def _check_access(path: str) -> None:
+    # crypto/tlscreds.c qcrypto_tls_creds_get_path
+    if not os.access(path, os.R_OK):
+        err = os.strerror(2 if not os.path.exists(path) else 13)
+        raise TlsError(f"Unable to access credentials {path}: {err}")
+
+
 @dataclass
 class AuthzSimple:
     """``authz-simple``: one allowed identity (authz/simple.c)."""
@@ -143,7 +204,9 @@ class AuthzList:
         return self.allow_by_default
 
 
-TlsObject = Union[TlsCredsX509, AuthzSimple, AuthzList]
+TlsObject = Union[TlsCredsX509, TlsCredsPsk, AuthzSimple, AuthzList]
+#: credentials a ``tls-creds`` parameter may name
+TlsCreds = Union[TlsCredsX509, TlsCredsPsk]
 
 
 def _policy(name: str, value: str) -> bool:
@@ -172,7 +235,13 @@ def make_object(qom_type: str, props: Mapping[str, str]) -> TlsObject:
         if endpoint not in ("client", "server"):
             raise TlsError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
         _on_off("verify-peer", props.get("verify-peer", "on"))
-        raise TlsError(PSK_UNSUPPORTED)
+        if "dir" not in props:
+            raise TlsError("Parameter 'dir' is missing")
+        if importlib.util.find_spec("OpenSSL") is None:     # pyvm/tls_psk.py needs it
+            raise TlsError(PSK_UNSUPPORTED)
+        psk = TlsCredsPsk(ident, props["dir"], endpoint, props.get("username"))
+        psk.load()
+        return psk
     if qom_type == "authz-simple":
         _check_props(qom_type, props, {"id", "identity"})
         if "identity" not in props:
@@ -221,12 +290,12 @@ class ObjectRegistry:
     def get(self, ident: str) -> TlsObject | None:
         return self._objects.get(ident)
 
-    def creds(self, ident: str, endpoint: str) -> TlsCredsX509:
+    def creds(self, ident: str, endpoint: str) -> TlsCreds:
         """The credentials a ``tls-creds`` parameter names (migration/tls.c texts)."""
         obj = self._objects.get(ident)
         if obj is None:
             raise TlsError(f"No TLS credentials with id '{ident}'")
-        if not isinstance(obj, TlsCredsX509):
+        if not isinstance(obj, (TlsCredsX509, TlsCredsPsk)):
             raise TlsError(f"Object with id '{ident}' is not TLS credentials")
         if obj.endpoint != endpoint:
             raise TlsError(f"Expected TLS credentials for a {endpoint} endpoint")
@@ -267,3 +336,30 @@ def distinguished_name(peercert: Mapping[str, Any]) -> str:
     for rdn in reversed(peercert.get("subject", ())):
         rdns.append("+".join(f"{_SHORT_NAMES.get(k, k)}={_escape_dn_value(v)}" for k, v in rdn))
     return ",".join(rdns)
+
+
+# -- handshake failures in GnuTLS's words (crypto/tlssession.c) ---------------------------------
+
+# OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h) and GnuTLS's wording for them
+_VERIFY_TEXTS = {
+    9: "The certificate is not yet activated",
+    10: "The certificate has expired",
+    18: "The certificate hasn't got a known issuer",
+    19: "The certificate hasn't got a known issuer",
+    20: "The certificate hasn't got a known issuer",
+    21: "The certificate hasn't got a known issuer",
+    23: "The certificate has been revoked",
+}
+_X509_V_ERR_HOSTNAME_MISMATCH = 62
+
+
+def handshake_error(err: ssl.SSLError, hostname: str | None) -> TlsError:
+    """The TlsError (QEMU's text) for a failed handshake."""
+    if isinstance(err, ssl.SSLCertVerificationError):
+        if err.verify_code == _X509_V_ERR_HOSTNAME_MISMATCH:
+            return TlsError(f"Certificate does not match the hostname {hostname}")
+        return TlsError(_VERIFY_TEXTS.get(err.verify_code, "The certificate is not trusted"))
+    reason = err.reason or str(err)
+    if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason.upper().replace(" ", "_"):
+        return TlsError("No certificate peers")
+    return TlsError(f"TLS handshake failed: {reason}")

@@ -45,7 +45,19 @@ class VmProcess:
             # ``prefix``: a command that runs pyvm, e.g. ("ip", "netns", "exec", NAME)
             self.proc = subprocess.Popen([*prefix, *cmd], stdout=subprocess.DEVNULL,
                                          stderr=self._stderr, cwd=ROOT, env=e)
-        self.qmp = self._connect(connect_timeout)
+        try:
+            self.qmp = self._connect(connect_timeout)
+        except BaseException:
+            # nobody holds this object yet, so nobody would ever close it: kill and reap
+            # the process here rather than leave it running (and its stderr file open)
+            self._reap()
+            raise
+
+    def _reap(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self._stderr.close()
 
     def _connect(self, timeout: float) -> QEMUMonitorProtocol:
         def connected() -> QEMUMonitorProtocol | None:
@@ -139,10 +151,7 @@ class VmProcess:
             self.qmp.close()
         except Exception:  # noqa: BLE001 - the VM may already be gone
             pass
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._stderr.close()
+        self._reap()
 
 
 class QmpFailed(Exception):

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import socket
 import ssl
 import sys
 import threading
@@ -26,11 +27,12 @@ from pyvm.qmp.events import event_message
 from pyvm.qmp.core import build_tables
 from pyvm.qmp.json_stream import JsonLimits
 from pyvm.qmp.json_writer import encode_line
+from pyvm.qmp.psk_listener import PskMonitorListener
 from pyvm.qmp.options import MonitorSpec, StdioEndpoint, TcpEndpoint, UnixEndpoint
 from pyvm.qmp.tables import MonitorTables
 from pyvm.qmp.transports import StdioTransport
 from pyvm.qmp.vm_api import VmApi
-from pyvm.tls import TlsError, distinguished_name
+from pyvm.tls import TlsCredsPsk, TlsCredsX509, TlsError, distinguished_name
 
 if TYPE_CHECKING:
     from pyvm.tls import ObjectRegistry
@@ -59,6 +61,7 @@ class MonitorService:
         self.addresses: dict[str, Any] = {}       # spec label -> bound address
         self.connections: set[Connection] = set()
         self._servers: list[asyncio.AbstractServer] = []
+        self._psk_listeners: list[PskMonitorListener] = []     # tls-creds-psk monitors
         self._unix_paths: list[str] = []
         self._stdio: list[StdioTransport] = []
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -90,6 +93,8 @@ class MonitorService:
             loop.run_until_complete(self._open())
         except BaseException as err:  # noqa: BLE001 - reported to start()'s caller
             self._start_error = err
+            for listener in self._psk_listeners:
+                listener.close()
             self._cleanup_files()
             self._worker.stop()
             self._worker = None
@@ -116,6 +121,9 @@ class MonitorService:
                     self._unix_paths.append(ep.path)
                     server = await loop.create_unix_server(factory, sock=sock)
                     self.addresses[spec.label] = ep.path
+                elif isinstance(ep, TcpEndpoint) and self._psk_creds(spec) is not None:
+                    self._open_psk(spec, ep, factory)
+                    continue
                 elif isinstance(ep, TcpEndpoint):
                     tls = self._tls_context(spec)
                     server = await loop.create_server(
@@ -145,9 +153,35 @@ class MonitorService:
         try:
             if self.tls_objects is None:
                 raise TlsError(f"No TLS credentials with id '{spec.tls_creds}'")
-            return self.tls_objects.creds(spec.tls_creds, "server").context()
+            creds = self.tls_objects.creds(spec.tls_creds, "server")
+            assert isinstance(creds, TlsCredsX509)          # PSK: _psk_creds
+            return creds.context()
         except TlsError as err:
             raise ConfigError(f"{spec.option}: {err}") from err
+
+    def _psk_creds(self, spec: MonitorSpec) -> TlsCredsPsk | None:
+        """The ``tls-creds-psk`` object a monitor names (served by psk_listener.py)."""
+        if spec.tls_creds is None or self.tls_objects is None:
+            return None
+        obj = self.tls_objects.get(spec.tls_creds)
+        return obj if isinstance(obj, TlsCredsPsk) else None
+
+    def _open_psk(self, spec: MonitorSpec, ep: TcpEndpoint,
+                  factory: Callable[[], Connection]) -> None:
+        assert self.tls_objects is not None and self._loop is not None
+        try:
+            creds = self.tls_objects.creds(spec.tls_creds or "", "server")
+            authz = self.tls_objects.authz(spec.tls_authz) if spec.tls_authz else None
+        except TlsError as err:
+            raise ConfigError(f"{spec.option}: {err}") from err
+        assert isinstance(creds, TlsCredsPsk)
+        family = socket.AF_INET6 if ":" in ep.host else socket.AF_INET
+        sock = socket.create_server((ep.host, ep.port), family=family)
+        sock.setblocking(False)
+        self.addresses[spec.label] = sock.getsockname()[:2]
+        listener = PskMonitorListener(sock, creds, authz, self._loop, factory, spec.label)
+        listener.start()
+        self._psk_listeners.append(listener)
 
     def _authz_gate(self, factory: Callable[[], Connection],
                     spec: MonitorSpec) -> Callable[[], asyncio.Protocol]:
@@ -188,6 +222,8 @@ class MonitorService:
             fut.result(timeout + 2.0)
         except Exception as err:  # noqa: BLE001 - closing must not fail the exit path
             log.debug("monitor shutdown: %r", err)
+        for listener in self._psk_listeners:
+            listener.close()
         try:
             loop.call_soon_threadsafe(loop.stop)
         except RuntimeError:
@@ -280,22 +316,30 @@ class _TlsGate(asyncio.Protocol):
         self._objects = objects
         self._inner: Connection | None = None
 
-    def _allowed(self, transport: asyncio.BaseTransport) -> bool:
+    def _refusal(self, transport: asyncio.BaseTransport) -> str | None:
+        """Why the client is refused (QEMU's text), or None when it may use the monitor.
+
+        The name checked and reported is the distinguished name of the client's
+        certificate, as crypto/tlssession.c ``qcrypto_tls_session_check_certificate``
+        reports it, not the client's address."""
         if self._authz_id is None:
-            return True
+            return None
         cert = transport.get_extra_info("peercert")
-        if not cert or self._objects is None:
-            return False
+        if not cert:
+            return "No certificate peers"
+        name = distinguished_name(cert)
         try:
-            return self._objects.authz(self._authz_id).is_allowed(distinguished_name(cert))
+            if self._objects is not None and \
+                    self._objects.authz(self._authz_id).is_allowed(name):
+                return None
         except TlsError as err:
-            log.warning("monitor: %s", err)
-            return False
+            return str(err)
+        return f"TLS x509 authz check for {name} is denied"
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        if not self._allowed(transport):
-            peer = transport.get_extra_info("peername")
-            log.warning("monitor: TLS x509 authz check for %s is denied", peer)
+        refusal = self._refusal(transport)
+        if refusal is not None:
+            log.warning("monitor: %s", refusal)
             transport.close()
             return
         self._inner = self._factory()

@@ -20,6 +20,7 @@ import pytest
 
 from tests.conftest import guest
 from tests.pki import CLIENT_DN, make_pki
+from tests.waiting import wait_until
 
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
             "-display", "none"]
@@ -115,3 +116,75 @@ def test_tls_monitor_misconfigurations_give_qemus_texts(pki, tmp_path: Path, cha
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr == f"pyvm: -chardev {value}: {text}\n"
+
+
+def test_monitor_authz_refusal_names_the_certificate_dn_not_the_address(vms, pki) -> None:
+    """QEMU's authz refusal names the peer certificate's distinguished name
+    (crypto/tlssession.c); the log line must too, and never the client's address."""
+    port = _free_port()
+    vm = vms("tlsdn", *MEMCHECK, *_tls_monitor_args(pki, port, authz=True))
+    vm.wait_serial("memcheck gen 1 ok")
+    with pytest.raises((ConnectionError, ssl.SSLError)):
+        _query_status(port, _client_context(pki["other"]))
+    text = "TLS x509 authz check for CN=intruder.example.com,O=pyvm test,C=GB is denied"
+    wait_until(lambda: text in vm.stderr(), 15, what="the authz refusal on stderr")
+    refusal = next(line for line in vm.stderr().splitlines() if "authz check" in line)
+    assert "127.0.0.1" not in refusal
+    assert _query_status(port, _client_context(pki["client"]))["status"] == "running"
+
+
+def test_qmp_over_tls_psk(vms, tmp_path: Path) -> None:
+    """``tls-creds-psk`` on the monitor: a client with the right key speaks QMP, one with
+    a wrong key is dropped with QEMU's handshake text, the guest keeps running."""
+    from pyvm.tls import make_object
+    from pyvm.tls_pump import TlsPump, engine_for, handshake
+    key = "0123456789abcdef" * 4
+    for name, line in (("srv", f"qemu:{key}"), ("good", f"qemu:{key}"),
+                       ("bad", "qemu:" + "ee" * 32)):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keys.psk").write_text(line + "\n")
+    port = _free_port()
+    vm = vms("pskmon", *MEMCHECK,
+             "-object", f"tls-creds-psk,id=psk0,dir={tmp_path / 'srv'},endpoint=server",
+             "-chardev", f"socket,id=mon0,host=127.0.0.1,port={port},server=on,wait=off,"
+                         "tls-creds=psk0", "-mon", "chardev=mon0,mode=control")
+    vm.wait_serial("memcheck gen 1 ok")
+
+    def status(creds: str) -> Any:
+        obj = make_object("tls-creds-psk", {"id": creds, "dir": str(tmp_path / creds),
+                                            "endpoint": "client"})
+        raw = socket.create_connection(("127.0.0.1", port), timeout=20)
+        engine = engine_for(obj, False, None)  # type: ignore[arg-type]
+        handshake(raw, engine)
+        pump = TlsPump(raw, engine, "test-psk-client")
+        try:
+            with pump.plain as s:
+                s.settimeout(20)
+                reader = s.makefile("rb")
+
+                def line() -> Any:
+                    data = reader.readline()
+                    if not data:
+                        raise ConnectionError("the monitor closed the connection")
+                    return json.loads(data)
+                assert "QMP" in line()
+                s.sendall(b'{"execute": "qmp_capabilities"}\r\n')
+                assert line() == {"return": {}}
+                s.sendall(b'{"execute": "query-status"}\r\n')
+                return line()["return"]
+        finally:
+            pump.join(5)
+            if pump.alive:
+                pump.stop()
+                pump.join()
+
+    assert status("good")["status"] == "running"
+    from pyvm.tls import TlsError
+    with pytest.raises((TlsError, ConnectionError)):
+        status("bad")
+    wait_until(lambda: "TLS handshake failed" in vm.stderr(), 15, what="the refusal")
+    assert status("good")["status"] == "running"
+    assert vm.status() == "running"
+    vm.cmd("quit")                      # the PSK listener's threads are joined on the way out
+    assert vm.wait_exit(20) == 0
+    assert "Traceback" not in vm.stderr()

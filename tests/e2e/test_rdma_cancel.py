@@ -60,3 +60,32 @@ def test_an_abort_interrupts_a_lookup_that_blocks(monkeypatch: pytest.MonkeyPatc
     finally:
         release.set()
         abort.close()
+
+
+@needs_libfabric
+def test_a_cancelled_lookups_thread_is_adopted_and_joined(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The cancel returns at once, but the helper thread stuck in the lookup is not
+    orphaned: the abort signal holds it, and its owner (the migration thread, at its end)
+    joins it, so no thread outlives a cancelled rdma migration."""
+    release = threading.Event()
+    binding = fabric.load_binding()
+
+    def stuck_getinfo(*_args: object) -> None:
+        release.wait(30)
+        return None
+
+    monkeypatch.setattr(binding, "getinfo", stuck_getinfo)
+    abort = AbortSignal()
+    try:
+        abort.trigger()
+        with pytest.raises(TransportCancelled):
+            fabric.find_info("nowhere", 4444, passive=False, abort=abort)
+        helpers = [t for t in threading.enumerate() if t.name == "rdma-lookup" and t.is_alive()]
+        assert helpers                                  # still inside the lookup
+        assert not abort.join_adopted(timeout=0.1)      # owned: joining waits for it
+        threading.Timer(0.2, release.set).start()
+        assert abort.join_adopted(timeout=10)
+        assert not any(t.is_alive() for t in helpers)
+    finally:
+        release.set()
+        abort.close()

@@ -382,8 +382,94 @@ def _rss_kib(pid: int) -> int:
     return 0
 
 
-def r2_monitor(tmp: Path, messages: int, clients: int = 4, seed: int = 2) -> dict[str, Any]:
-    vm = VmProcess(tmp, "r2", *MEMCHECK)
+class _TlsMonitor:
+    """R2 over TLS: a second monitor on a TLS tcp socket (x509, verify-peer=on, authz),
+    the certificates made for the run (tests/pki.py)."""
+
+    def __init__(self, tmp: Path) -> None:
+        from tests.pki import CLIENT_DN, make_pki
+        (tmp / "r2-pki").mkdir(exist_ok=True)
+        self.pki = make_pki(tmp / "r2-pki")
+        with socket.socket() as probe:
+            probe.bind(("127.0.0.1", 0))
+            self.port = int(probe.getsockname()[1])
+        dn = CLIENT_DN.replace(",", ",,")
+        self.args = [
+            "-object", f"tls-creds-x509,id=tls0,dir={self.pki['server']},endpoint=server,"
+                       "verify-peer=on",
+            "-object", f"authz-simple,id=auth0,identity={dn}",
+            "-chardev", f"socket,id=tlsmon,host=127.0.0.1,port={self.port},server=on,"
+                        "wait=off,tls-creds=tls0,tls-authz=auth0",
+            "-mon", "chardev=tlsmon,mode=control"]
+
+    def context(self, creds: str = "client") -> Any:
+        import ssl
+        ctx = ssl.create_default_context(cafile=str(self.pki[creds] / "ca-cert.pem"))
+        if (self.pki[creds] / "client-cert.pem").exists():
+            ctx.load_cert_chain(str(self.pki[creds] / "client-cert.pem"),
+                                str(self.pki[creds] / "client-key.pem"))
+        return ctx
+
+    def client(self) -> tuple[socket.socket, Any]:
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=60)
+        s = self.context().wrap_socket(raw, server_hostname="127.0.0.1")
+        f = s.makefile("rb")
+        f.readline()
+        s.sendall(b'{"execute": "qmp_capabilities"}\n')
+        f.readline()
+        return s, f
+
+    def intruders(self, rng: random.Random, count: int) -> int:
+        """Clients the TLS monitor must drop: plain JSON, random bytes, a client without a
+        certificate, one from another CA, one the authz object denies, a handshake cut
+        off half-way.  Returns how many were dropped without a greeting."""
+        import ssl
+        dropped = 0
+        for n in range(count):
+            kind = n % 6
+            try:
+                raw = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+            except OSError:
+                continue
+            with raw:
+                try:
+                    if kind == 0:
+                        raw.sendall(b'{"execute": "qmp_capabilities"}\n')
+                    elif kind == 1:
+                        raw.sendall(rng.randbytes(rng.randrange(1, 4000)))
+                    elif kind == 5:
+                        raw.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")
+                        raw.shutdown(socket.SHUT_WR)
+                    if kind in (0, 1, 5):
+                        data = b""
+                        while chunk := raw.recv(4096):
+                            data += chunk
+                        assert b"QMP" not in data, data[:200]
+                        dropped += 1
+                        continue
+                    creds = {2: "nocert", 3: "rogue", 4: "other"}[kind]
+                    with self.context(creds).wrap_socket(raw, server_hostname="127.0.0.1") as s:
+                        s.sendall(b'{"execute": "qmp_capabilities"}\n')
+                        data = b""
+                        while chunk := s.recv(4096):
+                            data += chunk
+                        assert b"QMP" not in data, data[:200]
+                        dropped += 1
+                except (ssl.SSLError, ConnectionError):
+                    dropped += 1
+        return dropped
+
+
+def r2_monitor(tmp: Path, messages: int, clients: int = 4, seed: int = 2,
+               tls: bool = False) -> dict[str, Any]:
+    """Hostile QMP/HMP messages from concurrent clients (one a slow reader); with ``tls``
+    they speak TLS to a TLS monitor, and intruders without the right certificate or
+    speaking no TLS at all come and are dropped meanwhile."""
+    import ssl
+    tls_mon = _TlsMonitor(tmp) if tls else None
+    vm = VmProcess(tmp, "r2tls" if tls else "r2", *MEMCHECK, *(tls_mon.args if tls_mon else []),
+                   connect_timeout=60)
+    intruders = [0]
     try:
         vm.wait_serial("memcheck gen 1 ok")
         commands = [c["name"] for c in vm.cmd("query-commands") if c["name"] not in _UNSAFE]
@@ -395,7 +481,7 @@ def r2_monitor(tmp: Path, messages: int, clients: int = 4, seed: int = 2) -> dic
         def client(i: int) -> None:
             rng = random.Random(seed * 1000 + i)
             try:
-                s, f = _qmp_client(vm.sock)
+                s, f = tls_mon.client() if tls_mon else _qmp_client(vm.sock)
                 s.settimeout(60)
                 slow = i == clients - 1          # a slow reader: reads in bursts
                 for n in range(per_client):
@@ -407,7 +493,7 @@ def r2_monitor(tmp: Path, messages: int, clients: int = 4, seed: int = 2) -> dic
                         try:
                             while s.recv(1 << 20):
                                 pass
-                        except (BlockingIOError, InterruptedError):
+                        except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
                             pass
                         s.setblocking(True)
                         s.settimeout(60)
@@ -415,10 +501,20 @@ def r2_monitor(tmp: Path, messages: int, clients: int = 4, seed: int = 2) -> dic
                         time.sleep(0.05)
                 s.close()
             except OSError as err:               # dropped for not reading is allowed
-                if not (i == clients - 1 and isinstance(err, (BrokenPipeError, ConnectionResetError))):
+                if not (i == clients - 1 and isinstance(
+                        err, (BrokenPipeError, ConnectionResetError, ssl.SSLEOFError))):
                     errors.append(f"client {i}: {err!r}")
+
+        def intruder() -> None:
+            assert tls_mon is not None
+            try:
+                intruders[0] = tls_mon.intruders(random.Random(seed), max(6, messages // 100))
+            except (OSError, AssertionError) as err:
+                errors.append(f"intruder: {err!r}")
         start = time.monotonic()
         threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
+        if tls_mon is not None:
+            threads.append(threading.Thread(target=intruder))
         for t in threads:
             t.start()
         for t in threads:
@@ -433,9 +529,16 @@ def r2_monitor(tmp: Path, messages: int, clients: int = 4, seed: int = 2) -> dic
         rss_after = _rss_kib(vm.proc.pid)
         assert "Traceback" not in vm.stderr(), vm.stderr()[-2000:]
         assert rss_after - rss_before < 200 << 10, (rss_before, rss_after)
-        return {"messages": sum(sent), "clients": clients, "seconds": round(elapsed, 1),
-                "rss_growth_mib": round((rss_after - rss_before) / 1024, 1),
-                "query_status_after_s": round(latency, 3)}
+        figures = {"messages": sum(sent), "clients": clients, "seconds": round(elapsed, 1),
+                   "rss_growth_mib": round((rss_after - rss_before) / 1024, 1),
+                   "query_status_after_s": round(latency, 3)}
+        if tls_mon is not None:
+            figures["intruders_dropped"] = intruders[0]
+            s, f = tls_mon.client()                  # the right client still gets in
+            with s:
+                s.sendall(b'{"execute": "query-status"}\n')
+                assert json.loads(f.readline())["return"]["status"] == "running"
+        return figures
     finally:
         vm.close()
 
@@ -813,9 +916,9 @@ def r5_private_and_tls(tmp: Path) -> dict[str, Any]:
 
 # -- the command ------------------------------------------------------------------------------------
 
-FULL = {"r1_in_process": 5000, "r1_processes": 40, "r1_hypothesis": 500, "r2_messages": 11000, "r4_hops": 200,
+FULL = {"r1_in_process": 5000, "r1_processes": 40, "r1_hypothesis": 500, "r2_messages": 11000, "r2_tls_messages": 4000, "r4_hops": 200,
         "r4_linux_hops": 10}
-QUICK = {"r1_in_process": 120, "r1_processes": 2, "r1_hypothesis": 40, "r2_messages": 600, "r4_hops": 4,
+QUICK = {"r1_in_process": 120, "r1_processes": 2, "r1_hypothesis": 40, "r2_messages": 600, "r2_tls_messages": 120, "r4_hops": 4,
          "r4_linux_hops": 1}
 
 
@@ -829,6 +932,8 @@ def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
             out[part] = r1_hypothesis(tmp, sizes["r1_hypothesis"])
         elif part == "r2":
             out[part] = r2_monitor(tmp, sizes["r2_messages"])
+        elif part == "r2tls":
+            out[part] = r2_monitor(tmp, sizes["r2_tls_messages"], tls=True)
         elif part == "r3":
             out[part] = r3_faults(tmp, quick=sizes is QUICK)
         elif part == "r4":
@@ -845,8 +950,8 @@ def run(sizes: dict[str, int], parts: list[str], tmp: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="pyvm's standing adversarial suite")
     p.add_argument("--quick", action="store_true", help="the small sizes of make test")
-    p.add_argument("parts", nargs="*", default=["r1", "r1h", "r2", "r3", "r4", "r5"],
-                   help="r1 r1h r2 r3 r4 r5 (the default), r4l: R4 with the Linux guest "
+    p.add_argument("parts", nargs="*", default=["r1", "r1h", "r2", "r2tls", "r3", "r4", "r5"],
+                   help="r1 r1h r2 r2tls r3 r4 r5 (the default), r4l: R4 with the Linux guest "
                         "(make torture-linux)")
     args = p.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="pyvm-torture-") as d, launched():

@@ -43,6 +43,12 @@ def test_r2_hostile_monitor_clients(tmp_path: Path) -> None:
     assert figures["messages"] >= suite.QUICK["r2_messages"] - 4
 
 
+def test_r2_hostile_monitor_clients_over_tls(tmp_path: Path) -> None:
+    figures = suite.r2_monitor(tmp_path, suite.QUICK["r2_tls_messages"], tls=True)
+    assert figures["messages"] >= suite.QUICK["r2_tls_messages"] - 4
+    assert figures["intruders_dropped"] >= 6
+
+
 def test_r4_ping_pong(tmp_path: Path) -> None:
     figures = suite.r4_pingpong(tmp_path, suite.QUICK["r4_hops"], check_every=1)
     assert figures["memcheck"]["migrations"] == figures["ab"]["migrations"] == 2

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from pyvm.tls import (AuthzList, AuthzSimple, ObjectRegistry, TlsCredsX509, TlsError,
-                      distinguished_name, make_object)
+from pyvm.tls import (AuthzList, AuthzSimple, ObjectRegistry, TlsCredsPsk, TlsCredsX509,
+                      TlsError, distinguished_name, make_object)
 
 
 def test_distinguished_name_is_gnutls_order_and_escaped() -> None:
@@ -51,19 +51,25 @@ def test_creds_parsing_and_registry_texts(tmp_path: Path) -> None:
         make_object("tls-creds-x509", {"id": "t", "dir": "d", "endpoint": "both"})
 
 
-def test_tls_creds_psk_is_refused_with_qemus_text_after_checking_properties(tmp_path: Path) -> None:
-    # Python's ssl has no TLS-PSK before 3.13: pyvm refuses as a QEMU built without GnuTLS
-    (tmp_path / "keys.psk").write_text("qemu:" + "ab" * 32 + "\n")
+def test_tls_creds_psk_checks_properties_and_keys_with_qemus_texts(tmp_path: Path) -> None:
+    (tmp_path / "keys.psk").write_text("alice:" + "cd" * 16 + "\nqemu:" + "ab" * 32 + "\n")
     props = {"id": "p", "dir": str(tmp_path), "endpoint": "server", "username": "qemu"}
-    with pytest.raises(TlsError, match="^TLS credentials support requires GNUTLS$"):
+    with pytest.raises(TlsError, match="^username should not be set when endpoint=server$"):
         make_object("tls-creds-psk", props)
     with pytest.raises(TlsError, match="Property 'tls-creds-psk.bogus' not found"):
         make_object("tls-creds-psk", {**props, "bogus": "1"})
     with pytest.raises(TlsError, match="Parameter 'endpoint' does not accept value 'both'"):
         make_object("tls-creds-psk", {**props, "endpoint": "both"})
+    client = make_object("tls-creds-psk", {**props, "endpoint": "client"})
+    assert isinstance(client, TlsCredsPsk)
+    assert client.client_key() == ("qemu", bytes.fromhex("ab" * 32))
+    alice = make_object("tls-creds-psk", {**props, "endpoint": "client", "username": "alice"})
+    assert isinstance(alice, TlsCredsPsk) and alice.client_key()[1] == b"\xcd" * 16
+    with pytest.raises(TlsError, match=f"^Username bob not found in PSK file {tmp_path}/keys.psk$"):
+        make_object("tls-creds-psk", {**props, "endpoint": "client", "username": "bob"})
 
 
-def test_tls_creds_psk_on_the_command_line_is_one_line_and_exit_1(tmp_path: Path) -> None:
+def test_tls_creds_psk_without_keys_file_is_one_line_and_exit_1(tmp_path: Path) -> None:
     import subprocess
     import sys
     proc = subprocess.run([sys.executable, "-m", "pyvm", "-display", "none", "-object",
@@ -71,4 +77,5 @@ def test_tls_creds_psk_on_the_command_line_is_one_line_and_exit_1(tmp_path: Path
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert proc.stderr == (f"pyvm: -object tls-creds-psk,id=p,dir={tmp_path},endpoint=client: "
-                           "TLS credentials support requires GNUTLS\n")
+                           f"Unable to access credentials {tmp_path}/keys.psk: "
+                           "No such file or directory\n")

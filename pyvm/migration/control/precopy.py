@@ -141,6 +141,9 @@ class Precopy:
         finally:
             if self._runner is not None and self._runner.throttle_pct:
                 self.machine.set_cpu_throttle(0)     # QEMU's cpu_throttle_stop
+            # helpers a cancel left inside a call that cannot be interrupted (the rdma
+            # lookup): this thread owns them and ends only after them
+            self.abort.join_adopted()
 
     # -- phases ------------------------------------------------------------------------------
     def _blocks(self) -> list["RamBlock"]:

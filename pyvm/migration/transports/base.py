@@ -31,6 +31,7 @@ import functools
 import os
 import select
 import threading
+import time
 from typing import Callable, Protocol, Sequence, Union, runtime_checkable
 
 from pyvm.errors import PyvmError
@@ -144,7 +145,8 @@ class AbortSignal:
 
     Every channel has its own (``shutdown()`` triggers it); the orchestration may pass one to
     :func:`~pyvm.migration.transports.socket_transport.connect_inet` to abort a slow connect.
-    Whoever created a signal closes it.
+    Whoever created a signal closes it, and joins the helper threads a cancelled wait
+    left to finish (:meth:`adopt`, :meth:`join_adopted`).
     """
 
     def __init__(self) -> None:
@@ -152,6 +154,27 @@ class AbortSignal:
         self._lock = threading.Lock()
         self._triggered = False
         self._closed = False
+        self._adopted: list[threading.Thread] = []
+
+    def adopt(self, thread: threading.Thread) -> None:
+        """A helper thread that a cancel could not stop (it is inside a call that cannot
+        be interrupted, such as ``fi_getinfo``): the signal's owner joins it later."""
+        with self._lock:
+            self._adopted.append(thread)
+
+    def join_adopted(self, timeout: float | None = None) -> bool:
+        """Join the adopted helper threads; True when none is left running."""
+        with self._lock:
+            threads, self._adopted = self._adopted, []
+        deadline = None if timeout is None else time.monotonic() + timeout
+        left = []
+        for thread in threads:
+            thread.join(None if deadline is None else max(0.0, deadline - time.monotonic()))
+            if thread.is_alive():
+                left.append(thread)
+        with self._lock:
+            self._adopted.extend(left)
+        return not left
 
     @property
     def triggered(self) -> bool:

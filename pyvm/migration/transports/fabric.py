@@ -131,8 +131,9 @@ ABORT_SLICE = 0.05          # seconds between looks at the abort signal during a
 
 def _abortable(fn: Callable[[], Any], abort: AbortSignal, what: str) -> Any:
     """``fn()`` on a helper thread; its result or exception, or TransportCancelled as soon
-    as ``abort`` triggers.  A cancelled lookup's thread is left to finish on its own: it
-    holds nothing but the lookup (the fi_info it returns is freed with it)."""
+    as ``abort`` triggers.  A cancelled lookup's thread finishes on its own (it holds
+    nothing but the lookup; the fi_info it returns is freed with it) and is adopted by
+    ``abort``, whose owner joins it (:meth:`AbortSignal.join_adopted`)."""
     outcome: list[tuple[bool, Any]] = []
     done = threading.Event()
 
@@ -148,6 +149,7 @@ def _abortable(fn: Callable[[], Any], abort: AbortSignal, what: str) -> Any:
     worker.start()
     while not done.wait(ABORT_SLICE):
         if abort.triggered:
+            abort.adopt(worker)
             raise cancelled_error(what)
     worker.join()
     ok, value = outcome[0]

@@ -26,30 +26,13 @@ import time
 from pyvm.migration.transports.base import (AbortSignal, TransportCancelled, TransportError,
                                             cancelled_error, wait_ready)
 from pyvm.migration.transports.socket_transport import SocketIncoming, SocketOutgoing
-from pyvm.tls import AuthzList, AuthzSimple, TlsCredsX509, TlsError, distinguished_name
+from pyvm.tls import (AuthzList, AuthzSimple, TlsCreds, TlsCredsPsk, TlsError,
+                      distinguished_name, handshake_error)
+from pyvm.tls_pump import TlsPump, engine_for, handshake
 
 #: a peer that does not finish its handshake within this time is dropped
 HANDSHAKE_TIMEOUT = 10.0
 RELAY_CHUNK = 1 << 20
-
-# OpenSSL X509_V_ERR_* codes (include/openssl/x509_vfy.h) and GnuTLS's wording for them
-_VERIFY_TEXTS = {
-    9: "The certificate is not yet activated",
-    10: "The certificate has expired",
-    18: "The certificate hasn't got a known issuer",
-    19: "The certificate hasn't got a known issuer",
-    20: "The certificate hasn't got a known issuer",
-    21: "The certificate hasn't got a known issuer",
-    23: "The certificate has been revoked",
-}
-_X509_V_ERR_HOSTNAME_MISMATCH = 62
-
-
-def _verify_text(err: ssl.SSLCertVerificationError, hostname: str | None) -> str:
-    if err.verify_code == _X509_V_ERR_HOSTNAME_MISMATCH:
-        return f"Certificate does not match the hostname {hostname}"
-    return _VERIFY_TEXTS.get(err.verify_code, "The certificate is not trusted")
-
 
 def _handshake(tls: ssl.SSLSocket, abort: AbortSignal | None, hostname: str | None) -> None:
     """Non-blocking handshake that ``abort`` interrupts; QEMU's texts on failure."""
@@ -63,13 +46,8 @@ def _handshake(tls: ssl.SSLSocket, abort: AbortSignal | None, hostname: str | No
             events = select.POLLIN
         except ssl.SSLWantWriteError:
             events = select.POLLOUT
-        except ssl.SSLCertVerificationError as err:
-            raise TlsError(_verify_text(err, hostname)) from err
         except ssl.SSLError as err:
-            reason = err.reason or str(err)
-            if "PEER_DID_NOT_RETURN_A_CERTIFICATE" in reason.upper().replace(" ", "_"):
-                raise TlsError("No certificate peers") from err
-            raise TlsError(f"TLS handshake failed: {reason}") from err
+            raise handshake_error(err, hostname) from err
         except OSError as err:
             raise TlsError(f"TLS handshake failed: {err.strerror or err}") from err
         left = deadline - time.monotonic()
@@ -177,10 +155,68 @@ class TlsIncoming(SocketIncoming):
         self._relay.join()
 
 
-def tls_client(channel: SocketOutgoing, creds: TlsCredsX509, hostname: str | None,
-               abort: AbortSignal | None) -> TlsOutgoing:
+class PumpOutgoing(SocketOutgoing):
+    """The source's end of a TLS session run by a :class:`pyvm.tls_pump.TlsPump`
+    (``tls-creds-psk``): plaintext into the pump's socketpair."""
+
+    def __init__(self, pump: TlsPump, *, description: str) -> None:
+        self._pump = pump
+        super().__init__(pump.plain, description=description)
+
+    def _on_shutdown(self) -> None:
+        super()._on_shutdown()
+        self._pump.stop()
+
+    def _release(self) -> None:
+        super()._release()               # EOF for the pump, which flushes and says goodbye
+        self._pump.join()
+        if self._pump.error is not None and not self.cancelled and self.error is None:
+            raise TransportError(f"Unable to write to socket: {self._pump.error}")
+
+
+class PumpIncoming(SocketIncoming):
+    """The destination's end of a pumped TLS session."""
+
+    def __init__(self, pump: TlsPump, *, description: str) -> None:
+        self._pump = pump
+        super().__init__(pump.plain, description=description)
+
+    def _on_shutdown(self) -> None:
+        super()._on_shutdown()
+        self._pump.stop()
+
+    def _release(self) -> None:
+        super()._release()
+        self._pump.stop()
+        self._pump.join()
+
+
+def _pumped(sock: socket.socket, creds: TlsCreds, server: bool, hostname: str | None,
+            authz: AuthzSimple | AuthzList | None, abort: AbortSignal | None) -> TlsPump:
+    """Handshake (and authz) through a sans-IO engine, then a pump; sock closed on failure."""
+    try:
+        engine = engine_for(creds, server, hostname)
+        try:
+            handshake(sock, engine, authz, aborted=lambda: abort is not None and abort.triggered)
+        except TlsError:
+            if abort is not None and abort.triggered:
+                raise cancelled_error("TLS handshake") from None
+            raise
+    except BaseException:
+        sock.close()
+        raise
+    return TlsPump(sock, engine, "migration-tls-" + ("in" if server else "out"))
+
+
+def tls_client(channel: SocketOutgoing, creds: TlsCreds, hostname: str | None,
+               abort: AbortSignal | None) -> SocketOutgoing:
     """Upgrade a connected source channel to TLS (migration/tls.c
     ``migration_tls_channel_connect``); TlsError with QEMU's text when refused."""
+    if isinstance(creds, TlsCredsPsk):
+        # no certificate, so no host name to check
+        description = channel.description
+        return PumpOutgoing(_pumped(channel.detach(), creds, False, None, None, abort),
+                            description=description)
     if not hostname:
         channel.close()
         raise TlsError("No hostname available for TLS")
@@ -199,11 +235,14 @@ def tls_client(channel: SocketOutgoing, creds: TlsCredsX509, hostname: str | Non
     return TlsOutgoing(tls, description=description)
 
 
-def tls_server(channel: SocketIncoming, creds: TlsCredsX509,
-               authz: AuthzSimple | AuthzList | None, abort: AbortSignal | None) -> TlsIncoming:
+def tls_server(channel: SocketIncoming, creds: TlsCreds,
+               authz: AuthzSimple | AuthzList | None, abort: AbortSignal | None) -> SocketIncoming:
     """Upgrade an accepted destination channel to TLS and check the client
     (``migration_tls_channel_process_incoming``); TlsError with QEMU's text when refused."""
     description = channel.description
+    if isinstance(creds, TlsCredsPsk):
+        return PumpIncoming(_pumped(channel.detach(), creds, True, None, authz, abort),
+                            description=description)
     sock = channel.detach()
     try:
         tls = creds.context().wrap_socket(sock, server_side=True, do_handshake_on_connect=False)
@@ -218,4 +257,4 @@ def tls_server(channel: SocketIncoming, creds: TlsCredsX509,
     return TlsIncoming(tls, description=description)
 
 
-__all__ = ["TlsIncoming", "TlsOutgoing", "TransportCancelled", "tls_client", "tls_server"]
+__all__ = ["PumpIncoming", "PumpOutgoing", "TlsIncoming", "TlsOutgoing", "TransportCancelled", "tls_client", "tls_server"]
