@@ -14,7 +14,8 @@
 2. **mapped-ram save/restore** -- a paused 512 MiB guest whose RAM is full of random bytes
    (a private mapping of a random file, as in bench/migration.py: every page is data),
    saved to a file on disk and restored (``-incoming defer`` + ``migrate-incoming``),
-   plain file stream and mapped-ram interleaved: save time (``migrate`` to
+   plain file stream, mapped-ram, and mapped-ram with multifd on both sides at 1 and at 2
+   channels (threads that pwrite the save and pread the restore) interleaved: save time (``migrate`` to
    ``completed``), restore time (``migrate-incoming`` to ``completed``), file size.
 3. **a live save of a guest that keeps writing** -- ``dirty.elf`` (``rate=0`` over 32 MiB
    of a 128 MiB guest) saved to a file for ``--live-seconds`` with a downtime limit of 0
@@ -24,7 +25,8 @@
 Times are medians of ``--repeat`` runs with their spread (min-max); the machines this runs
 on are noisy.  Ratios: ``xbzrle_bytes_ratio`` (xbzrle / plain bytes per page), ``qemu_xbzrle_ratio``
 (pyvm xbzrle / QEMU xbzrle bytes per page), ``mapped_save_ratio`` / ``mapped_restore_ratio``
-(mapped-ram / plain time), ``live_size_ratio`` (mapped-ram file / RAM).
+(mapped-ram / plain time), ``multifd_2_vs_1_save_ratio`` / ``..._restore_ratio`` (2 / 1
+channels), ``live_size_ratio`` (mapped-ram file / RAM).
 """
 
 from __future__ import annotations
@@ -128,7 +130,9 @@ def qemu_xbzrle(tmp: Path, xbzrle: bool, seconds: float) -> dict[str, float]:
 
 # -- 2. mapped-ram save and restore ----------------------------------------------------------------
 
-def save_restore(tmp: Path, rand: Path, mapped: bool) -> dict[str, float]:
+def save_restore(tmp: Path, rand: Path, mapped: bool, channels: int = 0) -> dict[str, float]:
+    """``channels``: with mapped-ram, multifd on both sides with that many channels (the
+    save writes and the restore reads the pages with that many threads)."""
     state = tmp / ("m.state" if mapped else "p.state")
     state.unlink(missing_ok=True)
     guest = ["-m", f"{SAVE_MIB}M", "-kernel", guest_path("memcheck.elf"), "-display", "none"]
@@ -137,7 +141,9 @@ def save_restore(tmp: Path, rand: Path, mapped: bool) -> dict[str, float]:
                     "-machine", "memory-backend=r", serial=False)
     try:
         if mapped:
-            caps(src, "mapped-ram")
+            caps(src, "mapped-ram", *(["multifd"] if channels else []))
+        if channels:
+            src.cmd("migrate-set-parameters", **{"multifd-channels": channels})
         t0 = time.perf_counter()
         src.cmd("migrate", uri=f"file:{state}")
         assert wait(src)["status"] == "completed"
@@ -149,7 +155,9 @@ def save_restore(tmp: Path, rand: Path, mapped: bool) -> dict[str, float]:
                     serial=False)
     try:
         if mapped:
-            caps(dst, "mapped-ram")
+            caps(dst, "mapped-ram", *(["multifd"] if channels else []))
+        if channels:
+            dst.cmd("migrate-set-parameters", **{"multifd-channels": channels})
         t0 = time.perf_counter()
         dst.cmd("migrate-incoming", uri=f"file:{state}")
         assert wait(dst, ("completed", "failed"))["status"] == "completed"
@@ -254,8 +262,11 @@ def save_part(tmp: Path, args: argparse.Namespace) -> None:
     with open(rand, "wb") as f:
         for _ in range(SAVE_MIB):
             f.write(os.urandom(1 << 20))
-    m = interleaved(args.repeat, {"plain file": lambda: save_restore(tmp, rand, False),
-                                  "mapped-ram": lambda: save_restore(tmp, rand, True)})
+    m = interleaved(args.repeat, {
+        "plain file": lambda: save_restore(tmp, rand, False),
+        "mapped-ram": lambda: save_restore(tmp, rand, True),
+        "mapped+mfd1": lambda: save_restore(tmp, rand, True, 1),
+        "mapped+mfd2": lambda: save_restore(tmp, rand, True, 2)})
     rand.unlink()
     print(f"save/restore: {SAVE_MIB} MiB of random bytes, paused, file on disk")
     for name, runs in m.items():
@@ -265,6 +276,10 @@ def save_part(tmp: Path, args: argparse.Namespace) -> None:
         ratio = (statistics.median(col(m["mapped-ram"], key))
                  / statistics.median(col(m["plain file"], key)))
         print(f"mapped_{key}_ratio={ratio:.3f}")
+    for key in ("save", "restore"):
+        ratio = (statistics.median(col(m["mapped+mfd2"], key))
+                 / statistics.median(col(m["mapped+mfd1"], key)))
+        print(f"multifd_2_vs_1_{key}_ratio={ratio:.3f}")
 
 
 def live_part(tmp: Path, args: argparse.Namespace) -> None:
