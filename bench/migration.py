@@ -281,11 +281,12 @@ FILE_CASES = [("plain file stream", False, 0), ("mapped-ram", True, 0)] + [
 
 
 def file_once(tmp: Path, disk: Path, mem: Path, size_mib: int, mapped: bool,
-              channels: int) -> dict:
+              channels: int, max_bandwidth: int = 1 << 40) -> dict:
     """One paused pyvm guest whose RAM is ``mem`` saved to a file on disk and restored into
     a fresh VM (``-incoming defer``): the plain file stream, or mapped-ram (with multifd on
     both sides at ``channels`` channels: threads pwrite the save and pread the restore).
-    Both VMs are started before the timing."""
+    Both VMs are started before the timing.  ``max_bandwidth``: the save's (QEMU's default
+    is 128 MiB/s; unlimited by default here)."""
     backend = ["-object", f"memory-backend-file,id=r,size={size_mib}M,mem-path={mem},"
                f"share=off,prealloc=on", "-machine", "memory-backend=r"]
     fresh = ["-object", f"memory-backend-ram,id=r,size={size_mib}M,prealloc=on",
@@ -304,6 +305,7 @@ def file_once(tmp: Path, disk: Path, mem: Path, size_mib: int, mapped: bool,
                        capabilities=[{"capability": c, "state": True} for c in caps])
             if channels:
                 vm.cmd("migrate-set-parameters", **{"multifd-channels": channels})
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": max_bandwidth})
         cpu0 = cpu_seconds(src)
         t0 = time.perf_counter()
         src.cmd("migrate", uri=f"file:{state}")
@@ -335,11 +337,13 @@ def file_bench(a: argparse.Namespace, tmp: Path, contents: dict[str, Path]) -> N
         for _ in range(a.repeat):
             for content, mem in contents.items():
                 for label, mapped, n in FILE_CASES:
-                    run = file_once(tmp, Path(d), mem, a.size_mib, mapped, n)
+                    run = file_once(tmp, Path(d), mem, a.size_mib, mapped, n,
+                                    a.file_max_bandwidth << 20)
                     results.setdefault((content, label), []).append(run)
                     print(f"  ({content} file {label}: save {run['save']:.2f} s, restore "
                           f"{run['restore']:.2f} s)", file=sys.stderr, flush=True)
-    print(f"{a.size_mib} MiB paused guest saved to a file on disk and restored, pyvm; median "
+    print(f"{a.size_mib} MiB paused guest saved to a file on disk (max-bandwidth "
+          f"{a.file_max_bandwidth} MiB/s) and restored, pyvm; median "
           f"of {a.repeat} (min..max); CPU s/GiB = saving source + restoring destination")
     for content in contents:
         for label, _, _ in FILE_CASES:
@@ -418,6 +422,8 @@ def main() -> None:
     ap.add_argument("--file", action="store_true",
                     help="with --multifd: also save/restore through a file (plain stream, "
                          "mapped-ram, mapped-ram + multifd 1/2/4 channels)")
+    ap.add_argument("--file-max-bandwidth", type=int, default=1 << 20,
+                    help="with --file: the save's max-bandwidth in MiB/s (QEMU's default: 128)")
     ap.add_argument("--no-tcp", dest="tcp", action="store_false",
                     help="with --multifd --file: the file cases only")
     ap.add_argument("--transports", default="tcp,unix,file,exec,rdma",

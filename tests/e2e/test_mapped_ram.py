@@ -154,11 +154,12 @@ def _saved_memcheck(vms, state: Path) -> VmProcess:
     return src
 
 
-def _parallel_restore(vms, state: Path, channels: int, name: str = "dst") -> VmProcess:
+def _parallel_restore(vms, state: Path, channels: int, name: str = "dst",
+                      direct_io: bool = False) -> VmProcess:
     dst = vms(name, *MEMCHECK, "-S", "-incoming", "defer")
     dst.cmd("migrate-set-capabilities", capabilities=[{"capability": "multifd", "state": True}])
     _mapped_ram(dst)
-    dst.cmd("migrate-set-parameters", **{"multifd-channels": channels})
+    dst.cmd("migrate-set-parameters", **{"multifd-channels": channels, "direct-io": direct_io})
     dst.cmd("migrate-incoming", uri=f"file:{state}")
     return dst
 
@@ -170,7 +171,8 @@ def test_parallel_restore_with_1_2_4_channels(vms, tmp_path: Path) -> None:
     src = _saved_memcheck(vms, state)
     want = src.pmem(RAM)
     for channels in (1, 2, 4):
-        dst = _parallel_restore(vms, state, channels, f"dst{channels}")
+        # 2 channels read through O_DIRECT descriptors (direct-io, QEMU 9.1)
+        dst = _parallel_restore(vms, state, channels, f"dst{channels}", direct_io=channels == 2)
         assert dst.wait_migration(("completed", "failed"))["status"] == "completed", dst.stderr()
         assert dst.pmem(RAM) == want, channels
         if channels == 4:
