@@ -67,3 +67,15 @@ def test_skip_unread_counts_the_skipped_input() -> None:
     assert r.skip_unread(100) == 99 and r.offset == 105
     r.feed(b"xy")
     assert r.offset == 105 and r.u8() == ord("x")
+
+
+def test_without_multifd_no_channel_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "f"
+    with open(path, "wb") as f:
+        f.write(bytes((1 << 20) + 3 * PAGE))
+    ram = mmap.mmap(-1, 8 * PAGE)
+    with memoryview(ram) as view, pytest.raises(StreamFormatError) as info:
+        ParallelPageReader(str(path), 1, multifd=False).read_block(
+            "pc.ram", view, 1 << 20, np.ones(8, dtype=bool))
+    assert str(info.value) == ("(pc.ram) failed to read page 0from file offset 100000: "
+                               "read 0x3000, expected 0x8000")

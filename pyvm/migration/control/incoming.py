@@ -218,14 +218,17 @@ class IncomingMigration:
             self._close_listener()
 
     def _parallel_pages(self, channel: IncomingChannel, decoder: StreamDecoder) -> None:
-        """multifd + mapped-ram: the pages regions are read by multifd-channels threads
-        (QEMU 9 migration/ram.c read_ramblock_mapped_ram, migration/file.c)."""
+        """mapped-ram: the pages regions are read by positioned reads straight into guest
+        RAM, by multifd-channels threads with multifd, else by one (QEMU 9
+        migration/ram.c read_ramblock_mapped_ram, migration/file.c)."""
         caps = self.mgr.caps
-        if caps["multifd"] and caps["mapped-ram"] and isinstance(channel, FileIncoming):
+        if caps["mapped-ram"] and isinstance(channel, FileIncoming):
             params = self.mgr.params
+            multifd = bool(caps["multifd"])
             self.page_reader = ParallelPageReader(
-                channel.filename, int(params["multifd-channels"]),
-                direct_io=bool(params["direct-io"]), main_fd=channel.fileno())
+                channel.filename, int(params["multifd-channels"]) if multifd else 1,
+                direct_io=multifd and bool(params["direct-io"]), main_fd=channel.fileno(),
+                multifd=multifd)
             decoder.mapped_page_reader = self.page_reader
 
     def recover(self, open_channel: Callable[[], IncomingChannel],

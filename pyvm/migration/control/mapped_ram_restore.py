@@ -7,6 +7,9 @@ walks the block's bitmap, cuts each run of set bits into pieces of at most
 thread reads it into guest RAM with one positioned read (migration/file.c
 ``multifd_file_recv_data``).  The main channel goes on after the region.
 
+Without multifd QEMU reads the same pieces on the load thread with positioned reads
+(``qemu_get_buffer_at``); pyvm then uses one such thread.
+
 pyvm does the same: :class:`ParallelPageReader` owns ``channels`` threads, each with a
 descriptor of its own on the file (opened ``O_DIRECT`` when the ``direct-io`` parameter is
 set: slots are 4 KiB aligned in the file and in guest RAM, as O_DIRECT wants); they take
@@ -70,8 +73,11 @@ class ParallelPageReader:
     Any thread may call :meth:`stop`; :meth:`read_block` then ends early with an error."""
 
     def __init__(self, filename: str, channels: int, direct_io: bool = False,
-                 main_fd: int | None = None) -> None:
+                 main_fd: int | None = None, multifd: bool = True) -> None:
         self.filename = filename
+        #: without multifd QEMU reads on the load thread (qemu_get_buffer_at): one thread,
+        #: and its errors do not name a multifd channel
+        self.multifd = multifd
         self.main_fd = main_fd
         self.channels = max(1, int(channels))
         self.direct_io = direct_io
@@ -173,12 +179,12 @@ class ParallelPageReader:
                 ram.release()
         if failures:
             f = min(failures, key=lambda x: x.first)
-            if f.reason is not None and f.wanted:
-                cause = f"multifd recv ({f.channel}): {f.reason}"
-            elif f.wanted:
-                cause = f"multifd recv ({f.channel}): read 0x{f.got:x}, expected 0x{f.wanted:x}"
+            if f.reason is not None:
+                cause = f.reason
             else:
-                cause = f"multifd recv ({f.channel}): {f.reason}"
+                cause = f"read 0x{f.got:x}, expected 0x{f.wanted:x}"
+            if self.multifd:
+                cause = f"multifd recv ({f.channel}): {cause}"
             # ram.c read_ramblock_mapped_ram: RAM_ADDR_FMT is "%" PRIx64 with no separator
             # before "from" (QEMU's own text)
             raise StreamFormatError(f"({name}) failed to read page {f.first:x}"
