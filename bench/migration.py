@@ -143,6 +143,24 @@ def cpu_seconds(vm: VmProcess) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid`` so far."""
+    out: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def busiest(before: dict[int, float], after: dict[int, float], n: int = 3) -> list[float]:
+    """The ``n`` largest per-thread CPU seconds between two :func:`thread_cpu` samples."""
+    return sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)[:n]
+
+
 def wait_status(vm: VmProcess, states: tuple[str, ...]) -> dict:
     """Block on the VM's MIGRATION events (capability ``events``) until one of ``states``:
     exact, and no polling load on the processes being measured."""
@@ -224,12 +242,16 @@ def _multifd_settings(vm, channels: int, compression: str) -> None:
                                             "multifd-compression": compression})
 
 
-def _poll_status(vm, states: tuple[str, ...]) -> dict:
+def _poll_status(vm, states: tuple[str, ...], sample: Callable[[], None] | None = None) -> dict:
     deadline = time.monotonic() + 900
+    last = 0.0
     while time.monotonic() < deadline:
         info = vm.cmd("query-migrate")
         if info.get("status") in states:
             return info
+        if sample is not None and time.monotonic() - last > 0.1:
+            sample()
+            last = time.monotonic()
         time.sleep(0.01)
     raise AssertionError(f"{vm.name}: migration not in {states}")
 
@@ -261,19 +283,28 @@ def multifd_once(tmp: Path, qemu: str | None, mem: Path, size_mib: int, channels
             _multifd_settings(vm, channels, compression)
         dst.cmd("migrate-incoming", uri=uri)
         cpu0 = cpu_seconds(src), cpu_seconds(dst)
+        threads0 = thread_cpu(src.proc.pid), thread_cpu(dst.proc.pid)
         t0 = time.perf_counter()
+        seen: tuple[dict[int, float], dict[int, float]] = ({}, {})
+
+        def sample() -> None:
+            # page channel threads end with the migration: keep the last figure of each
+            for vm, into in ((src, seen[0]), (dst, seen[1])):
+                into.update(thread_cpu(vm.proc.pid))
         src.cmd("migrate", uri=uri)
-        info = _poll_status(src, ("completed", "failed", "cancelled"))
-        done = _poll_status(dst, ("completed", "failed"))
+        info = _poll_status(src, ("completed", "failed", "cancelled"), sample)
+        done = _poll_status(dst, ("completed", "failed"), sample)
         wall = time.perf_counter() - t0
         cpu = cpu_seconds(src) - cpu0[0] + cpu_seconds(dst) - cpu0[1]
+        threads = (busiest(threads0[0], seen[0]), busiest(threads0[1], seen[1]))
     finally:
         src.close()
         dst.close()
     assert info["status"] == "completed" and done["status"] == "completed", (info, done)
     ram = info["ram"]
     # RAM bytes over every byte sent (main stream and page channels alike)
-    return {"wall": wall, "cpu": cpu, "ratio": size_mib * (1 << 20) / max(ram["transferred"], 1)}
+    return {"wall": wall, "cpu": cpu, "ratio": size_mib * (1 << 20) / max(ram["transferred"], 1),
+            "threads": threads}
 
 
 FILE_CASES = [("plain file stream", False, 0), ("mapped-ram", True, 0)] + [
@@ -387,21 +418,28 @@ def multifd_bench(a: argparse.Namespace) -> None:
         if not a.tcp:
             return
         results: dict[tuple[str, str, str], list[dict]] = {}
+        cases = [c for c in MULTIFD_CASES if not a.cases or c[0] in a.cases.split(",")]
+        if a.contents:
+            contents = {k: v for k, v in contents.items() if k in a.contents.split(",")}
         for _ in range(a.repeat):               # interleaved: noise hits every case alike
             for content, mem in contents.items():
                 for who, q in runners:
-                    for label, n, comp in MULTIFD_CASES:
+                    for label, n, comp in cases:
                         run = multifd_once(tmp, q, mem, a.size_mib, n, comp)
                         results.setdefault((content, who, label), []).append(run)
-                        print(f"  ({content} {who} {label}: {run['wall']:.2f} s)",
+                        src_t, dst_t = run["threads"]
+                        print(f"  ({content} {who} {label}: {run['wall']:.2f} s; busiest threads, "
+                              f"CPU s: source {', '.join(f'{t:.2f}' for t in src_t)}; "
+                              f"destination {', '.join(f'{t:.2f}' for t in dst_t)})",
                               file=sys.stderr, flush=True)
         print(f"{a.size_mib} MiB paused guest, every page non-zero, tcp 127.0.0.1, "
               f"{os.cpu_count()} CPUs; median of {a.repeat} (min..max); "
               f"CPU s/GiB = source + destination CPU seconds per GiB of RAM")
         for content in contents:
             for who, _ in runners:
-                base = statistics.median(r["wall"] for r in results[(content, who, "single stream")])
-                for label, _, _ in MULTIFD_CASES:
+                single = results.get((content, who, "single stream"))
+                base = statistics.median(r["wall"] for r in single) if single else float("nan")
+                for label, _, _ in cases:
                     runs = results[(content, who, label)]
                     walls = [r["wall"] for r in runs]
                     wall = statistics.median(walls)
@@ -424,6 +462,10 @@ def main() -> None:
                          "mapped-ram, mapped-ram + multifd 1/2/4 channels)")
     ap.add_argument("--file-max-bandwidth", type=int, default=1 << 20,
                     help="with --file: the save's max-bandwidth in MiB/s (QEMU's default: 128)")
+    ap.add_argument("--cases", default="",
+                    help="with --multifd: only these tcp cases (comma-separated labels, e.g. "
+                         "'multifd 1 zlib,multifd 2 zlib')")
+    ap.add_argument("--contents", default="", help="with --multifd: random and/or compressible")
     ap.add_argument("--no-tcp", dest="tcp", action="store_false",
                     help="with --multifd --file: the file cases only")
     ap.add_argument("--transports", default="tcp,unix,file,exec,rdma",
