@@ -356,7 +356,8 @@ def file_once(tmp: Path, disk: Path, mem: Path, size_mib: int, mapped: bool,
         dst.close()
     size = state.stat().st_size
     state.unlink()
-    return {"save": save, "restore": restore, "cpu": save_cpu + restore_cpu, "size": size}
+    return {"save": save, "restore": restore, "cpu": save_cpu + restore_cpu, "size": size,
+            "save_cpu": save_cpu, "restore_cpu": restore_cpu}
 
 
 def file_bench(a: argparse.Namespace, tmp: Path, contents: dict[str, Path]) -> None:
@@ -375,7 +376,7 @@ def file_bench(a: argparse.Namespace, tmp: Path, contents: dict[str, Path]) -> N
                           f"{run['restore']:.2f} s)", file=sys.stderr, flush=True)
     print(f"{a.size_mib} MiB paused guest saved to a file on disk (max-bandwidth "
           f"{a.file_max_bandwidth} MiB/s) and restored, pyvm; median "
-          f"of {a.repeat} (min..max); CPU s/GiB = saving source + restoring destination")
+          f"of {a.repeat} (min..max); CPU s/GiB: the saving source, the restoring destination")
     for content in contents:
         for label, _, _ in FILE_CASES:
             runs = results[(content, label)]
@@ -384,10 +385,12 @@ def file_bench(a: argparse.Namespace, tmp: Path, contents: dict[str, Path]) -> N
                 vals = [r[key] for r in runs]
                 parts.append(f"{key} {statistics.median(vals):6.2f} s "
                              f"({min(vals):.2f}..{max(vals):.2f})")
-            cpu = statistics.median(r["cpu"] for r in runs) / (size / (1 << 30))
+            gib = size / (1 << 30)
+            save_cpu = statistics.median(r["save_cpu"] for r in runs) / gib
+            restore_cpu = statistics.median(r["restore_cpu"] for r in runs) / gib
             print(f"{content:>12} file {label:<22} {'  '.join(parts)}  file "
                   f"{statistics.median(r['size'] for r in runs) / size:5.3f} x RAM  "
-                  f"CPU {cpu:5.2f} s/GiB", flush=True)
+                  f"CPU s/GiB save {save_cpu:5.2f} restore {restore_cpu:5.2f}", flush=True)
         for key in ("save", "restore"):
             one = statistics.median(r[key] for r in results[(content, "mapped-ram multifd 1")])
             two = statistics.median(r[key] for r in results[(content, "mapped-ram multifd 2")])
