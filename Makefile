@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-validate test-fast test-pure test-linux linux torture torture-linux fuzz lint firmware firmware-check bench bench-lab bench-linux mypy clean
+.PHONY: setup demo test test-validate test-fast test-pure test-linux linux torture torture-linux fuzz lint firmware firmware-check bench bench-lab bench-linux bench-migration mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -71,6 +71,13 @@ bench: setup
 	$(PY) bench/dirty_tracking.py
 	$(PY) bench/zero_scan.py
 	$(PY) bench/page_load.py
+
+# The migration figures of docs/performance.md (QEMU 7.2 cases need qemu-system-x86_64;
+# about an hour on 2 cores): multifd/mapped-ram at 1 GiB, xbzrle, the hot-guest table.
+bench-migration: setup
+	$(PY) bench/migration.py --multifd --qemu --file --size-mib 1024 --repeat 2
+	$(PY) bench/xbzrle_mapped_ram.py --cases xbzrle,save,live
+	$(PY) bench/convergence.py --hot --budget 30 --link-mib 3
 
 bench-lab: setup
 	$(PY) bench/lab_sweep.py --migrations 10000

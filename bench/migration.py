@@ -1,7 +1,8 @@
 """Migration throughput per transport, next to the raw transport moving the same bytes.
 
     .venv/bin/python bench/migration.py [--size-mib 1024] [--transports tcp,unix,file,exec,rdma] [--repeat 3]
-    .venv/bin/python bench/migration.py --multifd [--qemu] [--size-mib 256] [--repeat 3]
+    .venv/bin/python bench/migration.py --multifd [--qemu] [--file [--no-tcp]] [--size-mib 256]
+                                        [--repeat 3]
 
 For each transport it migrates a paused guest whose RAM is full of random bytes (a
 private mapping of a random file: every page is a PAGE record) and one whose RAM is
@@ -25,6 +26,13 @@ and writes the destination's.  So for the sockets it also times a copy from the 
 file's pages into fresh memory ("raw RAM to RAM", both populated first), the memory
 traffic any migration of that RAM has, and prints pyvm's throughput against it.
 Every time is the median of ``--repeat`` runs (the machines this runs on are noisy).
+
+``--multifd`` instead migrates fully dirty RAM (random and compressible pages) over tcp:
+the single stream and multifd 1/2/4 channels with none/zlib/zstd, pyvm and (``--qemu``)
+QEMU 7.2, with wall time, compression ratio and CPU seconds per GiB; ``--file`` adds the
+same RAM saved to and restored from a file on disk: the plain file stream, mapped-ram, and
+mapped-ram with multifd at 1/2/4 channels (threads that pwrite the save and pread the
+restore), with save and restore times and the file size.
 Prints one line per transport and, last, ``ratio=<raw time / pyvm time>``: the smallest
 over tcp, unix, file and exec, fully dirty, preallocated (rdma's is printed on its line).
 """
@@ -135,6 +143,24 @@ def cpu_seconds(vm: VmProcess) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
+def thread_cpu(pid: int) -> dict[int, float]:
+    """CPU seconds of each thread of ``pid`` so far."""
+    out: dict[int, float] = {}
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        out[int(tid)] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return out
+
+
+def busiest(before: dict[int, float], after: dict[int, float], n: int = 3) -> list[float]:
+    """The ``n`` largest per-thread CPU seconds between two :func:`thread_cpu` samples."""
+    return sorted((after[t] - before.get(t, 0.0) for t in after), reverse=True)[:n]
+
+
 def wait_status(vm: VmProcess, states: tuple[str, ...]) -> dict:
     """Block on the VM's MIGRATION events (capability ``events``) until one of ``states``:
     exact, and no polling load on the processes being measured."""
@@ -216,12 +242,16 @@ def _multifd_settings(vm, channels: int, compression: str) -> None:
                                             "multifd-compression": compression})
 
 
-def _poll_status(vm, states: tuple[str, ...]) -> dict:
+def _poll_status(vm, states: tuple[str, ...], sample: Callable[[], None] | None = None) -> dict:
     deadline = time.monotonic() + 900
+    last = 0.0
     while time.monotonic() < deadline:
         info = vm.cmd("query-migrate")
         if info.get("status") in states:
             return info
+        if sample is not None and time.monotonic() - last > 0.1:
+            sample()
+            last = time.monotonic()
         time.sleep(0.01)
     raise AssertionError(f"{vm.name}: migration not in {states}")
 
@@ -253,19 +283,119 @@ def multifd_once(tmp: Path, qemu: str | None, mem: Path, size_mib: int, channels
             _multifd_settings(vm, channels, compression)
         dst.cmd("migrate-incoming", uri=uri)
         cpu0 = cpu_seconds(src), cpu_seconds(dst)
+        threads0 = thread_cpu(src.proc.pid), thread_cpu(dst.proc.pid)
         t0 = time.perf_counter()
+        seen: tuple[dict[int, float], dict[int, float]] = ({}, {})
+
+        def sample() -> None:
+            # page channel threads end with the migration: keep the last figure of each
+            for vm, into in ((src, seen[0]), (dst, seen[1])):
+                into.update(thread_cpu(vm.proc.pid))
         src.cmd("migrate", uri=uri)
-        info = _poll_status(src, ("completed", "failed", "cancelled"))
-        done = _poll_status(dst, ("completed", "failed"))
+        info = _poll_status(src, ("completed", "failed", "cancelled"), sample)
+        done = _poll_status(dst, ("completed", "failed"), sample)
         wall = time.perf_counter() - t0
         cpu = cpu_seconds(src) - cpu0[0] + cpu_seconds(dst) - cpu0[1]
+        threads = (busiest(threads0[0], seen[0]), busiest(threads0[1], seen[1]))
     finally:
         src.close()
         dst.close()
     assert info["status"] == "completed" and done["status"] == "completed", (info, done)
     ram = info["ram"]
     # RAM bytes over every byte sent (main stream and page channels alike)
-    return {"wall": wall, "cpu": cpu, "ratio": size_mib * (1 << 20) / max(ram["transferred"], 1)}
+    return {"wall": wall, "cpu": cpu, "ratio": size_mib * (1 << 20) / max(ram["transferred"], 1),
+            "threads": threads}
+
+
+FILE_CASES = [("plain file stream", False, 0), ("mapped-ram", True, 0)] + [
+    (f"mapped-ram multifd {n}", True, n) for n in (1, 2, 4)]
+
+
+def file_once(tmp: Path, disk: Path, mem: Path, size_mib: int, mapped: bool,
+              channels: int, max_bandwidth: int = 1 << 40) -> dict:
+    """One paused pyvm guest whose RAM is ``mem`` saved to a file on disk and restored into
+    a fresh VM (``-incoming defer``): the plain file stream, or mapped-ram (with multifd on
+    both sides at ``channels`` channels: threads pwrite the save and pread the restore).
+    Both VMs are started before the timing.  ``max_bandwidth``: the save's (QEMU's default
+    is 128 MiB/s; unlimited by default here)."""
+    backend = ["-object", f"memory-backend-file,id=r,size={size_mib}M,mem-path={mem},"
+               f"share=off,prealloc=on", "-machine", "memory-backend=r"]
+    fresh = ["-object", f"memory-backend-ram,id=r,size={size_mib}M,prealloc=on",
+             "-machine", "memory-backend=r"]
+    guest = ["-kernel", guest_path("memcheck.elf"), "-display", "none", "-S"]
+    state = disk / "state"
+    state.unlink(missing_ok=True)
+    dst = VmProcess(tmp, "fdst", *fresh, *guest, "-incoming", "defer", serial=False,
+                    connect_timeout=180)
+    src = VmProcess(tmp, "fsrc", *backend, *guest, serial=False, connect_timeout=180)
+    try:
+        for vm in (src, dst):
+            caps = (["mapped-ram"] if mapped else []) + (["multifd"] if channels else [])
+            if caps:
+                vm.cmd("migrate-set-capabilities",
+                       capabilities=[{"capability": c, "state": True} for c in caps])
+            if channels:
+                vm.cmd("migrate-set-parameters", **{"multifd-channels": channels})
+        src.cmd("migrate-set-parameters", **{"max-bandwidth": max_bandwidth})
+        cpu0 = cpu_seconds(src)
+        t0 = time.perf_counter()
+        src.cmd("migrate", uri=f"file:{state}")
+        info = _poll_status(src, ("completed", "failed", "cancelled"))
+        save = time.perf_counter() - t0
+        save_cpu = cpu_seconds(src) - cpu0
+        assert info["status"] == "completed", info
+        cpu1 = cpu_seconds(dst)
+        t0 = time.perf_counter()
+        dst.cmd("migrate-incoming", uri=f"file:{state}")
+        done = _poll_status(dst, ("completed", "failed"))
+        restore = time.perf_counter() - t0
+        restore_cpu = cpu_seconds(dst) - cpu1
+        assert done["status"] == "completed", done
+    finally:
+        src.close()
+        dst.close()
+    size = state.stat().st_size
+    state.unlink()
+    return {"save": save, "restore": restore, "cpu": save_cpu + restore_cpu, "size": size,
+            "save_cpu": save_cpu, "restore_cpu": restore_cpu}
+
+
+def file_bench(a: argparse.Namespace, tmp: Path, contents: dict[str, Path]) -> None:
+    """The same RAM saved to and restored from a file on disk (pyvm only: QEMU 7.2 has
+    no mapped-ram)."""
+    size = a.size_mib << 20
+    results: dict[tuple[str, str], list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="pyvm-bench-file-") as d:
+        for _ in range(a.repeat):
+            for content, mem in contents.items():
+                for label, mapped, n in FILE_CASES:
+                    run = file_once(tmp, Path(d), mem, a.size_mib, mapped, n,
+                                    a.file_max_bandwidth << 20)
+                    results.setdefault((content, label), []).append(run)
+                    print(f"  ({content} file {label}: save {run['save']:.2f} s, restore "
+                          f"{run['restore']:.2f} s)", file=sys.stderr, flush=True)
+    print(f"{a.size_mib} MiB paused guest saved to a file on disk (max-bandwidth "
+          f"{a.file_max_bandwidth} MiB/s) and restored, pyvm; median "
+          f"of {a.repeat} (min..max); CPU s/GiB: the saving source, the restoring destination")
+    for content in contents:
+        for label, _, _ in FILE_CASES:
+            runs = results[(content, label)]
+            parts = []
+            for key in ("save", "restore"):
+                vals = [r[key] for r in runs]
+                parts.append(f"{key} {statistics.median(vals):6.2f} s "
+                             f"({min(vals):.2f}..{max(vals):.2f})")
+            gib = size / (1 << 30)
+            save_cpu = statistics.median(r["save_cpu"] for r in runs) / gib
+            restore_cpu = statistics.median(r["restore_cpu"] for r in runs) / gib
+            print(f"{content:>12} file {label:<22} {'  '.join(parts)}  file "
+                  f"{statistics.median(r['size'] for r in runs) / size:5.3f} x RAM  "
+                  f"CPU s/GiB save {save_cpu:5.2f} restore {restore_cpu:5.2f}", flush=True)
+        for key in ("save", "restore"):
+            one = statistics.median(r[key] for r in results[(content, "mapped-ram multifd 1")])
+            two = statistics.median(r[key] for r in results[(content, "mapped-ram multifd 2")])
+            print(f"{content:>12} file mapped-ram multifd {key}: 2 channels / 1 channel "
+                  f"= {two / one:.3f}", flush=True)
 
 
 def multifd_bench(a: argparse.Namespace) -> None:
@@ -286,22 +416,33 @@ def multifd_bench(a: argparse.Namespace) -> None:
             for _ in range(a.size_mib):
                 f.write(os.urandom(1 << 20))
         _compressible_ram(contents["compressible"], a.size_mib)
+        if a.file:
+            file_bench(a, tmp, contents)
+        if not a.tcp:
+            return
         results: dict[tuple[str, str, str], list[dict]] = {}
+        cases = [c for c in MULTIFD_CASES if not a.cases or c[0] in a.cases.split(",")]
+        if a.contents:
+            contents = {k: v for k, v in contents.items() if k in a.contents.split(",")}
         for _ in range(a.repeat):               # interleaved: noise hits every case alike
             for content, mem in contents.items():
                 for who, q in runners:
-                    for label, n, comp in MULTIFD_CASES:
+                    for label, n, comp in cases:
                         run = multifd_once(tmp, q, mem, a.size_mib, n, comp)
                         results.setdefault((content, who, label), []).append(run)
-                        print(f"  ({content} {who} {label}: {run['wall']:.2f} s)",
+                        src_t, dst_t = run["threads"]
+                        print(f"  ({content} {who} {label}: {run['wall']:.2f} s; busiest threads, "
+                              f"CPU s: source {', '.join(f'{t:.2f}' for t in src_t)}; "
+                              f"destination {', '.join(f'{t:.2f}' for t in dst_t)})",
                               file=sys.stderr, flush=True)
         print(f"{a.size_mib} MiB paused guest, every page non-zero, tcp 127.0.0.1, "
               f"{os.cpu_count()} CPUs; median of {a.repeat} (min..max); "
               f"CPU s/GiB = source + destination CPU seconds per GiB of RAM")
         for content in contents:
             for who, _ in runners:
-                base = statistics.median(r["wall"] for r in results[(content, who, "single stream")])
-                for label, _, _ in MULTIFD_CASES:
+                single = results.get((content, who, "single stream"))
+                base = statistics.median(r["wall"] for r in single) if single else float("nan")
+                for label, _, _ in cases:
                     runs = results[(content, who, label)]
                     walls = [r["wall"] for r in runs]
                     wall = statistics.median(walls)
@@ -319,6 +460,17 @@ def main() -> None:
     ap.add_argument("--multifd", action="store_true",
                     help="multifd 1/2/4 channels x none/zlib/zstd vs the single stream instead")
     ap.add_argument("--qemu", action="store_true", help="with --multifd: QEMU 7.2 too")
+    ap.add_argument("--file", action="store_true",
+                    help="with --multifd: also save/restore through a file (plain stream, "
+                         "mapped-ram, mapped-ram + multifd 1/2/4 channels)")
+    ap.add_argument("--file-max-bandwidth", type=int, default=1 << 20,
+                    help="with --file: the save's max-bandwidth in MiB/s (QEMU's default: 128)")
+    ap.add_argument("--cases", default="",
+                    help="with --multifd: only these tcp cases (comma-separated labels, e.g. "
+                         "'multifd 1 zlib,multifd 2 zlib')")
+    ap.add_argument("--contents", default="", help="with --multifd: random and/or compressible")
+    ap.add_argument("--no-tcp", dest="tcp", action="store_false",
+                    help="with --multifd --file: the file cases only")
     ap.add_argument("--transports", default="tcp,unix,file,exec,rdma",
                     help="rdma uses libfabric's provider from PYVM_RDMA_PROVIDER (default tcp)")
     ap.add_argument("--repeat", type=int, default=3, help="runs per case; the median is shown")

@@ -27,11 +27,13 @@ from pyvm.errors import PyvmError
 from pyvm.migration.control.manager import MigrationManager
 from pyvm.migration.control.postcopy_incoming import PostcopyDestination
 from pyvm.migration.control.multifd_incoming import MultifdIncoming
+from pyvm.migration.control.mapped_ram_restore import ParallelPageReader
 from pyvm.migration.control.status import DestinationSnapshot, MigrationStatus, build_migration_info
 from pyvm.migration.errors import MigrationError
 from pyvm.migration.stream import ram_format
 from pyvm.migration.stream.decoder import StreamDecoder
 from pyvm.migration.transports import IncomingChannel
+from pyvm.migration.transports.file_transport import FileIncoming
 from pyvm.runstate import RunState
 
 if TYPE_CHECKING:
@@ -107,6 +109,8 @@ class IncomingMigration:
         self._target: MachineLoadTarget | None = None
         self._decoder: StreamDecoder | None = None
         self._close_lock = threading.Lock()
+        #: mapped-ram with multifd: the threads that read the pages (joined per block)
+        self.page_reader: ParallelPageReader | None = None
         self.thread = threading.Thread(target=self._run, name="migration-incoming", daemon=True)
 
     def start(self) -> None:
@@ -115,6 +119,8 @@ class IncomingMigration:
     def stop(self) -> None:
         """Any thread: stop waiting for the peer or loading (the VM is closing)."""
         self._stopping.set()
+        if self.page_reader is not None:
+            self.page_reader.stop()
         if self.postcopy is not None:
             self.postcopy.close()      # wakes a vCPU waiting for a page that will not come
         if self.multifd is not None:
@@ -168,6 +174,7 @@ class IncomingMigration:
             channel = self.channel = self.open_channel()
             if self._stopping.is_set():
                 return
+            self._parallel_pages(channel, decoder)
             if resume_from is None:
                 self._set_status(MigrationStatus.ACTIVE)
             else:
@@ -209,6 +216,20 @@ class IncomingMigration:
                 except Exception:  # noqa: BLE001 - the load result stands
                     pass
             self._close_listener()
+
+    def _parallel_pages(self, channel: IncomingChannel, decoder: StreamDecoder) -> None:
+        """mapped-ram: the pages regions are read by positioned reads straight into guest
+        RAM, by multifd-channels threads with multifd, else by one (QEMU 9
+        migration/ram.c read_ramblock_mapped_ram, migration/file.c)."""
+        caps = self.mgr.caps
+        if caps["mapped-ram"] and isinstance(channel, FileIncoming):
+            params = self.mgr.params
+            multifd = bool(caps["multifd"])
+            self.page_reader = ParallelPageReader(
+                channel.filename, int(params["multifd-channels"]) if multifd else 1,
+                direct_io=multifd and bool(params["direct-io"]), main_fd=channel.fileno(),
+                multifd=multifd)
+            decoder.mapped_page_reader = self.page_reader
 
     def recover(self, open_channel: Callable[[], IncomingChannel],
                 socket_address: list[dict[str, Any]] | None,

@@ -34,7 +34,7 @@ from pyvm.migration.errors import (DecoderStoppedError, MigrationError, StreamFo
 from pyvm.migration.stream.integrity import (CHECKSUM_CAPABILITY, SectionTally, check_section_checksum,
                                      crc32c_extend)
 from pyvm.migration.stream.ram_format import StreamBlock
-from pyvm.migration.stream.ram_loader import RamLoader
+from pyvm.migration.stream.ram_loader import MappedPageReader, RamLoader
 from pyvm.migration.stream.sections import (GLOBALSTATE_IDSTR, GlobalState, Configuration,
                                      check_configuration, read_command, read_configuration,
                                      read_section_footer)
@@ -241,6 +241,8 @@ class StreamDecoder:
         self.on_command: Callable[[int, bytes], None] | None = None
         #: set once postcopy listens: a postcopy stream ends at QEMU_VM_EOF (no vmdesc)
         self.stop_at_eof = False
+        #: mapped-ram with multifd: who reads the pages regions (RamLoader.page_reader)
+        self.mapped_page_reader: MappedPageReader | None = None
         if resume_from is None:
             self._steps = self._load_stream()
         else:
@@ -331,6 +333,7 @@ class StreamDecoder:
         self.ram = RamLoader(self.target.ram_block, "x-ignore-shared" in caps,
                              on_multifd_flush=self.on_multifd_flush,
                              mapped_ram="mapped-ram" in caps)
+        self.ram.page_reader = self.mapped_page_reader
         self.checksum = CHECKSUM_CAPABILITY in caps
         yield from self._load_sections(r, _RamHandler(self.ram))
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import errno
 import struct
-from typing import Callable, Generator, Optional
+from typing import Callable, Generator, Optional, Protocol
 
 import numpy as np
 
@@ -36,6 +36,19 @@ _FLAG_BITS = TARGET_PAGE_SIZE - 1
 _ZERO_PAGE = bytes(TARGET_PAGE_SIZE)
 
 BlockLookup = Callable[[str, int], Optional[StreamBlock]]
+
+
+
+class MappedPageReader(Protocol):
+    """Reads a mapped-ram block's pages itself (pyvm.migration.control.mapped_ram_restore)."""
+
+    def read_block(self, name: str, view: memoryview, pages_offset: int,
+                   present: np.ndarray) -> int:
+        """Read the pages whose bit is set from their slots into ``view``; how many."""
+
+    def skip_input(self, n: int) -> None:
+        """Move the input ``n`` bytes on (the pages region)."""
+
 
 _EOS = object()
 _MEM_SIZE = object()
@@ -114,6 +127,9 @@ class RamLoader:
         #: with UFFDIO_COPY, pyvm.userfault)
         self.placer: Callable[[str, int, memoryview | None], None] | None = None
         self.xbzrle_pages = 0
+        #: mapped-ram with multifd: the pages regions are read by this reader's threads
+        #: and skipped in the stream (QEMU ram.c read_ramblock_mapped_ram)
+        self.page_reader: MappedPageReader | None = None
 
     def release(self) -> None:
         """Drop the views of the destination buffers (so that an mmap can be closed)."""
@@ -362,6 +378,15 @@ def load_mapped_block(loader: RamLoader, r: StreamReader, loaded: _LoadedBlock,
     if view is None:
         raise StreamFormatError(f"page outside of ramblock {name} range")
     written = loaded.written
+    reader = loader.page_reader
+    if reader is not None and loaded.block.on_page is None and loader.placer is None:
+        loader.normal_pages += reader.read_block(name, view, header.pages_offset, present)
+        if written is not None:
+            written[present] = 1
+        rest = r.skip_unread(length)
+        if rest:
+            reader.skip_input(rest)
+        return
     page = 0
     chunk_pages = MAPPED_RAM_LOAD_BUF_SIZE >> TARGET_PAGE_BITS
     while page < npages:

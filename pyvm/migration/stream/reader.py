@@ -235,6 +235,16 @@ class StreamReader:
         self.pos += 1
         return self.take(n)
 
+    def skip_unread(self, n: int) -> int:
+        """Consume ``n`` bytes of which only the buffered ones are here: returns how many
+        the caller must skip in its input itself (a seek), counted in :attr:`offset`
+        already.  Skipped input is not part of a running digest."""
+        step = min(n, self.end - self.pos)
+        self.pos += step
+        rest = n - step
+        self._base += rest          # (rest > 0 only when pos == end: nothing moves)
+        return rest
+
     def skip_or_end(self, n: int) -> Generator[None, None, bool]:
         """Consume ``n`` bytes as they arrive, never buffering more than is fed; False when
         the input ends first (a trailer nothing depends on)."""
