@@ -140,8 +140,11 @@ class IncomingMigration:
             on_close()
 
     def query(self) -> dict[str, Any]:
+        blocktime = self.postcopy.blocktime if self.postcopy is not None else None
         info = build_migration_info(None, DestinationSnapshot(
-            self.status or MigrationStatus.NONE, list(self.socket_address or [])))
+            self.status or MigrationStatus.NONE, list(self.socket_address or []),
+            postcopy_blocktime=None if blocktime is None else blocktime.total_ms,
+            postcopy_vcpu_blocktime=None if blocktime is None else blocktime.vcpu_ms))
         if self.error_desc is not None and self.status is MigrationStatus.FAILED:
             info["error-desc"] = self.error_desc
         return info

@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from pyvm.migration.control.manager import MigrationManager
+from pyvm.migration.control.postcopy_blocktime import BlocktimeContext
 from pyvm.migration.control.status import MigrationStatus
 from pyvm.migration.errors import StreamFormatError, StreamMismatchError, UnsupportedFeatureError
 from pyvm.migration.stream import postcopy_commands as pc
@@ -98,8 +99,9 @@ class PostcopyDestination:
         self.running = False          # the guest was started here (RUN)
         self.requests = 0
         self.fault_error: BaseException | None = None
-        self._fault_started: dict[int, float] = {}
-        self.blocktime_ms = 0.0
+        #: postcopy-blocktime accounting (None unless the capability is on here)
+        self.blocktime: BlocktimeContext | None = None
+        self._clock_start = time.monotonic()
 
     # -- commands --------------------------------------------------------------------------------
     def handle(self, cmd: int, payload: bytes) -> None:
@@ -156,6 +158,10 @@ class PostcopyDestination:
         for block in self.machine.ram:
             if not self.mgr.block_ignored(block):
                 self._blocks[block.name] = _Block(block)
+        if self.mgr.caps["postcopy-blocktime"] and self.blocktime is None:
+            # postcopy-ram.c ufd_check_and_apply: the context comes with the advise.
+            # Every vCPU runs on the machine's one loop thread (see postcopy_blocktime).
+            self.blocktime = BlocktimeContext(len(self.machine.cpus), threads=1)
         self.advised = True
 
     def _discard(self, discard: pc.RamDiscard) -> None:
@@ -266,9 +272,21 @@ class PostcopyDestination:
     def _placed(self, b: _Block, index: int) -> None:
         with self._lock:
             b.placed[index] = True
-            started = self._fault_started.pop(b.base + index * PAGE, None)
-        if started is not None:
-            self.blocktime_ms += (time.monotonic() - started) * 1000
+            if self.blocktime is not None:
+                # postcopy-ram.c qemu_ufd_copy_ioctl -> mark_postcopy_blocktime_end
+                self.blocktime.end(b.base + index * PAGE, self._now_ms())
+
+    def _now_ms(self) -> float:
+        return (time.monotonic() - self._clock_start) * 1000
+
+    def _fault_vcpu(self, fault: PageFault) -> int:
+        """The index of the vCPU that raised ``fault``, -1 if no vCPU did
+        (postcopy-ram.c get_mem_fault_cpu_index).  The faulting vCPU stays inside the
+        emulator until its page comes, so the loop thread's running vCPU is it."""
+        if fault.thread_id != getattr(self.machine, "loop_native_id", None):
+            return -1
+        cpu = self.machine.running_cpu
+        return -1 if cpu is None else cpu.index
 
     def _fault_loop(self) -> None:
         uffd = self._uffd
@@ -289,6 +307,9 @@ class PostcopyDestination:
             return
         index = (fault.address - b.base) // PAGE
         with self._lock:
+            if self.blocktime is not None:
+                self.blocktime.begin(self._fault_vcpu(fault), fault.address, self._now_ms(),
+                                     bool(b.placed[index]))
             if b.placed[index] or b.requested[index]:
                 return
             if not b.discarded[index]:
@@ -297,11 +318,9 @@ class PostcopyDestination:
             else:
                 local_zero = False
                 b.requested[index] = True
-                self._fault_started[fault.address] = time.monotonic()
         if local_zero:
             uffd.zeropage(fault.address)
-            with self._lock:
-                b.placed[index] = True
+            self._placed(b, index)
             return
         self.requests += 1
         try:
