@@ -161,7 +161,7 @@ class IncomingMigration:
                                     on_multifd_flush=None if multifd is None else multifd.flush)
             postcopy = self.postcopy = PostcopyDestination(
                 self.mgr, self.machine, decoder, lambda: self.channel, self._set_status,
-                lambda: self._start_guest(target))
+                lambda: self._start_guest(target), accept_more=lambda: self.open_channel())
             decoder.on_command = postcopy.handle
         else:       # postcopy recovery (never with multifd: QEMU refuses the pair)
             target, postcopy = self._target, self.postcopy

@@ -38,7 +38,7 @@ IMPLEMENTED_CAPABILITIES = {"events", "pause-before-switchover", "x-ignore-share
                             "zero-blocks", "validate-uuid", "return-path", "x-checksum",
                             "auto-converge", "dirty-limit", "postcopy-ram", "multifd",
                             "zero-copy-send", "xbzrle", "mapped-ram",
-                            "postcopy-blocktime"}
+                            "postcopy-blocktime", "postcopy-preempt"}
 
 ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
                  MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE,
