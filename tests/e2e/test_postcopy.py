@@ -90,6 +90,7 @@ def test_postcopy_completes_and_the_guest_keeps_its_memory(vms) -> None:
     assert gens and gens[0] == last_src + 1, (last_src, gens)
 
 
+@pytest.mark.postcopy_full
 def test_postcopy_blocktime(vms) -> None:
     """With ``postcopy-blocktime`` on the destination, the completed destination reports
     how long its vCPUs waited for pages: more than nothing (the guest rewrites memory the

@@ -60,7 +60,17 @@ def _postcopy_over_tls(vms, pki, caps: list[str]) -> tuple[VmProcess, VmProcess,
 
 
 def test_postcopy_over_tls(vms, pki) -> None:
-    _postcopy_over_tls(vms, pki, ["postcopy-ram"])
+    """Also postcopy-blocktime (the plain postcopy run of make test): the destination
+    reports how long its vCPU waited, in query-migrate and HMP, the source does not."""
+    src, dst, done = _postcopy_over_tls(vms, pki, ["postcopy-ram", "postcopy-blocktime"])
+    info = dst.cmd("query-migrate")
+    total, per_vcpu = info["postcopy-blocktime"], info["postcopy-vcpu-blocktime"]
+    assert len(per_vcpu) == 1 and 0 < total <= per_vcpu[0], info
+    assert total <= done["total-time"], (info, done)
+    text = dst.hmp("info migrate").replace("\r\n", "\n")
+    assert f"\npostcopy blocktime: {total}\n" in text, text
+    assert f"\npostcopy vcpu blocktime: {per_vcpu[0]}\n" in text, text
+    assert "postcopy-blocktime" not in done
 
 
 @pytest.mark.postcopy_full
