@@ -99,7 +99,8 @@ class PreemptReceiver:
         return self.ended.is_set()
 
     def stop(self) -> None:
-        """End a blocked accept's successor or a blocked read (any thread)."""
+        """End a blocked read (any thread); a receiver still waiting for its connection
+        ends when the migration listener closes."""
         with self._lock:
             self._stopped = True
             channel = self._channel

@@ -136,8 +136,10 @@ class PostcopySource(Precopy):
                 return True
             pages = np.arange(req.start // PAGE, (req.start + req.length) // PAGE, dtype=np.int64)
             run = PageRun(self._codec_blocks[block.name], self._block_index[block.name], pages)
-            for _ in channel.send_pages(run):
-                pass
+            for npages, nzero in channel.send_pages(run):
+                self.stats.duplicate += nzero
+                self.stats.normal += npages - nzero
+                self.stats.normal_bytes = self.stats.normal * PAGE
             channel.flush()
             self.stats.postcopy_requests += 1
             self.preempt_pages += int(pages.size)
