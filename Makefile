@@ -3,7 +3,7 @@
 
 PY := .venv/bin/python
 
-.PHONY: setup demo test test-validate test-fast test-pure test-linux linux torture torture-linux fuzz lint firmware firmware-check bench bench-lab bench-linux bench-migration mypy clean
+.PHONY: setup demo test test-validate test-postcopy test-fast test-pure test-linux linux torture torture-linux fuzz lint firmware firmware-check bench bench-lab bench-linux bench-migration mypy clean
 
 setup:
 	@bash scripts/setup.sh
@@ -12,7 +12,11 @@ demo: setup
 	$(PY) scripts/demo.py
 
 test: setup
-	$(PY) -m pytest -q -m "not validate" tests
+	$(PY) -m pytest -q -m "not validate and not postcopy_full" tests
+
+# The postcopy end-to-end runs too heavy for make test (about a minute).
+test-postcopy: setup
+	$(PY) -m pytest -q -m postcopy_full tests
 
 # pyvm-lab validate on a real VM against its simulation (timing-sensitive: a quiet machine).
 test-validate: setup

@@ -11,6 +11,10 @@ of QEMU's scripts/analyze-migration.py::
     pyvm-analyze -f FILE -x           write desc.json, state.json and one file per RAM
                                       block (named after the block) in the current directory
 
+Postcopy streams (which end without a vmdesc) are read to their end too: the
+``QEMU_VM_COMMAND`` records are listed under ``"commands"`` (``PACKAGED``'s nested stream
+is read inline), and device sections are shown by their size (pyvm.analyze_postcopy).
+
 How it works, for the curious: a stream ends with a JSON "vmdesc" that describes every
 device section (field names, types, sizes).  The analyzer finds it first, then runs pyvm's
 own stream decoder (:mod:`pyvm.migration.stream.decoder`) over the file with a target that
@@ -30,18 +34,24 @@ import struct
 import sys
 from typing import Any, Sequence
 
+from pyvm.analyze_postcopy import CommandLog, OpaqueSection
 from pyvm.migration.stream.decoder import SectionLoaded, StreamDecoder
 from pyvm.migration.errors import MigrationError, StreamFormatError
 from pyvm.migration.stream.ram_format import StreamBlock
 from pyvm.migration.stream.constants import (QEMU_VM_FILE_MAGIC, QEMU_VM_FILE_VERSION,
                                              QEMU_VM_SECTION_FULL, QEMU_VM_SECTION_START,
                                              QEMU_VM_VMDESCRIPTION, RAM_SECTION_IDSTR)
+from pyvm.migration.stream.sections import GLOBALSTATE_IDSTR
 from pyvm.migration.stream.vmdesc_loader import DescribedSection, hex_bytes
 from pyvm.private_files import PRIVATE_MODE
 
 FEED_SIZE = 1 << 20            # bytes handed to the decoder at a time
 MAX_VMDESC_SEARCH = 64 << 20   # how far from the end of the file the trailer may start
 MAX_BLOCK_LENGTH = 1 << 48     # a RAM block larger than x86-64's physical address space is damage
+
+
+NO_VMDESC = ("No Debug Migration device found: the stream has no vmdesc trailer "
+             "(was it written with suppress-vmdesc=on?)")
 
 
 class AnalyzeError(Exception):
@@ -72,8 +82,7 @@ def find_vmdesc(data: Any) -> dict[str, Any]:
                     raise AnalyzeError("the vmdesc trailer has no device list")
                 return desc
         pos = data.rfind(bytes((QEMU_VM_VMDESCRIPTION,)), floor, pos)
-    raise AnalyzeError("No Debug Migration device found: the stream has no vmdesc trailer "
-                       "(was it written with suppress-vmdesc=on?)")
+    raise AnalyzeError(NO_VMDESC)
 
 
 def check_header(data: Any) -> None:
@@ -100,14 +109,17 @@ def safe_block_path(name: str) -> str:
 class AnalyzerTarget:
     """A :class:`~pyvm.migration.stream.decoder.LoadTarget` that records instead of checking."""
 
-    def __init__(self, vmdesc: dict[str, Any], dump_memory: bool, extract: bool) -> None:
-        self.descriptions = {(d.get("name"), d.get("instance_id")): d for d in vmdesc["devices"]}
+    def __init__(self, vmdesc: dict[str, Any] | None, dump_memory: bool, extract: bool) -> None:
+        #: no vmdesc (a postcopy stream): device sections are shown by their size
+        self.opaque = vmdesc is None
+        devices = [] if vmdesc is None else vmdesc["devices"]
+        self.descriptions = {(d.get("name"), d.get("instance_id")): d for d in devices}
         self.dump_memory = dump_memory
         self.extract = extract
         self.blocks: dict[str, StreamBlock] = {}
         self.section_sizes: dict[str, str] = {}
         self.pages: dict[str, tuple[str, int, bool]] = {}    # key -> (block, offset, zero)
-        self.loaders: dict[tuple[str, int], DescribedSection] = {}
+        self.loaders: dict[tuple[str, int], DescribedSection | OpaqueSection] = {}
         self._files: list[Any] = []
 
     def machine_type(self) -> None:
@@ -152,9 +164,12 @@ class AnalyzerTarget:
     def _page_seen(self, name: str, offset: int, zero: bool) -> None:
         self.pages[f"{name} (0x{offset:016x})"] = (name, offset, zero)
 
-    def device(self, idstr: str, instance_id: int) -> DescribedSection | None:
+    def device(self, idstr: str, instance_id: int) -> DescribedSection | OpaqueSection | None:
         desc = self.descriptions.get((idstr, instance_id))
         if desc is None:
+            if self.opaque and idstr != GLOBALSTATE_IDSTR:
+                opaque = self.loaders[(idstr, instance_id)] = OpaqueSection(idstr)
+                return opaque
             return None
         loader = self.loaders[(idstr, instance_id)] = DescribedSection(desc)
         return loader
@@ -180,18 +195,33 @@ class AnalyzerTarget:
             f.close()
 
 
-def read_state(data: Any, vmdesc: dict[str, Any], dump_memory: bool = False,
+def read_state(data: Any, vmdesc: dict[str, Any] | None, dump_memory: bool = False,
                extract: bool = False) -> dict[str, Any]:
-    """Decode the whole stream; returns the state as QEMU's analyzer shows it."""
+    """Decode the whole stream; returns the state as QEMU's analyzer shows it.
+
+    ``vmdesc`` None: the stream has none, which only a postcopy stream may lack
+    (:mod:`pyvm.analyze_postcopy`); AnalyzeError if it is not one.
+    """
     target = AnalyzerTarget(vmdesc, dump_memory, extract)
     decoder = StreamDecoder(target)
+    commands = CommandLog(on_listen=lambda: setattr(decoder, "stop_at_eof", True))
+    decoder.on_command = commands.handle
     state: dict[str, Any] = {}
     ram: dict[str, Any] = {"section sizes": target.section_sizes}
     try:
         events = []
-        for start in range(0, len(data), FEED_SIZE):
-            events += decoder.feed(data[start:start + FEED_SIZE])   # a copy: the mmap stays closable
-        events += decoder.close()
+        try:
+            for start in range(0, len(data), FEED_SIZE):
+                events += decoder.feed(data[start:start + FEED_SIZE])   # a copy: the mmap stays closable
+            events += decoder.close()
+        except MigrationError:
+            if vmdesc is None and not commands.postcopy:
+                raise AnalyzeError(NO_VMDESC) from None
+            raise
+        if vmdesc is None and not commands.postcopy:
+            raise AnalyzeError(NO_VMDESC)
+        if commands.commands:
+            state["commands"] = commands.commands
         for event in events:
             if isinstance(event, SectionLoaded) and event.section_type in (QEMU_VM_SECTION_START,
                                                                           QEMU_VM_SECTION_FULL):
@@ -201,6 +231,8 @@ def read_state(data: Any, vmdesc: dict[str, Any], dump_memory: bool = False,
                 else:
                     loader = target.loaders.get((event.idstr, event.instance_id))
                     state[key] = loader.values if loader else {}
+                    if loader is None and event.idstr == GLOBALSTATE_IDSTR and decoder.runstate:
+                        state[key] = {"runstate": decoder.runstate}
         if decoder.ram is not None and decoder.ram.mapped_blocks:
             # mapped-ram files: each block's header and how many pages its bitmap holds
             ram["mapped-ram"] = {name: dict(info)
@@ -241,9 +273,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                 raise AnalyzeError("empty file")
             with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
                 check_header(data)
-                vmdesc = find_vmdesc(data)
+                try:
+                    vmdesc: dict[str, Any] | None = find_vmdesc(data)
+                except AnalyzeError:
+                    if args.dump == "desc" and not args.extract:
+                        raise
+                    vmdesc = None          # a postcopy stream has none (read_state checks)
                 if args.extract:
-                    _write_json("desc.json", vmdesc)
+                    if vmdesc is not None:
+                        _write_json("desc.json", vmdesc)
                     state = read_state(data, vmdesc, extract=True)
                     _write_json("state.json", state)
                 elif args.dump == "desc":

@@ -315,6 +315,12 @@ class Machine:
         return self._exit_code
 
     @property
+    def running_cpu(self) -> VCpu | None:
+        """The vCPU inside ``emu_start`` on the loop thread right now, if any (read
+        from other threads: postcopy charges a page fault of the loop thread to it)."""
+        return self._running
+
+    @property
     def exit_code(self) -> int | None:
         """The status the VM ended with, or None while it runs."""
         return self._exit_code if self._exit_event.is_set() else None

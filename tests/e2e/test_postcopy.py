@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import socket
 import threading
+import time
 
 import pytest
 
@@ -26,12 +27,12 @@ HOT = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=1
 POSTCOPY = [{"capability": "postcopy-ram", "state": True}, {"capability": "events", "state": True}]
 
 
-def _start(vms, *dst_extra: str) -> tuple[VmProcess, VmProcess]:
+def _start(vms, *dst_extra: str, caps: list | None = None) -> tuple[VmProcess, VmProcess]:
     src = vms("src", *HOT)
     src.wait_serial("memcheck gen 2 ok", timeout=60)
     dst = vms("dst", *HOT, *dst_extra, "-incoming", "defer")
     for vm in (src, dst):
-        vm.cmd("migrate-set-capabilities", capabilities=POSTCOPY)
+        vm.cmd("migrate-set-capabilities", capabilities=caps or POSTCOPY)
     dst.cmd("migrate-incoming", uri="tcp:127.0.0.1:0")
     port = dst.cmd("query-migrate")["socket-address"][0]["port"]
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
@@ -78,12 +79,41 @@ def test_postcopy_completes_and_the_guest_keeps_its_memory(vms) -> None:
     assert statuses[-3:] == ["active", "postcopy-active", "completed"], statuses
     dst_statuses = _statuses(dst)
     assert "postcopy-active" in dst_statuses and dst_statuses[-1] == "completed", dst_statuses
+    # without the postcopy-blocktime capability there is no blocktime
+    dst_info = dst.cmd("query-migrate")
+    assert "postcopy-blocktime" not in dst_info and "postcopy-vcpu-blocktime" not in dst_info
     # the guest runs on: generations go on from the source's, and no page was stale
     last_src = max(_gens(src.serial()))
     out = dst.wait_serial(" ok\r\n", count=2, timeout=60)
     assert "FAIL" not in out, out
     gens = _gens(out)
     assert gens and gens[0] == last_src + 1, (last_src, gens)
+
+
+@pytest.mark.postcopy_full
+def test_postcopy_blocktime(vms) -> None:
+    """With ``postcopy-blocktime`` on the destination, the completed destination reports
+    how long its vCPUs waited for pages: more than nothing (the guest rewrites memory the
+    background pages have not reached), less than the whole postcopy phase."""
+    caps = POSTCOPY + [{"capability": "postcopy-blocktime", "state": True}]
+    src, dst = _start(vms, caps=caps)
+    src.cmd("migrate-set-parameters", **{"max-postcopy-bandwidth": 4 << 20})
+    started = time.monotonic()
+    src.cmd("migrate-start-postcopy")
+    assert dst.wait_migration(("completed", "failed", "postcopy-paused"),
+                              timeout=60)["status"] == "completed"
+    wall_ms = (time.monotonic() - started) * 1000
+    assert src.wait_migration(timeout=60)["status"] == "completed"
+    info = dst.cmd("query-migrate")
+    total, per_vcpu = info["postcopy-blocktime"], info["postcopy-vcpu-blocktime"]
+    assert len(per_vcpu) == 1, info
+    assert 0 < total <= wall_ms, (total, wall_ms)
+    assert per_vcpu[0] >= total, info      # one vCPU: it waited whenever the guest did
+    text = dst.hmp("info migrate").replace("\r\n", "\n")
+    assert f"\npostcopy blocktime: {total}\n" in text, text
+    assert f"\npostcopy vcpu blocktime: {per_vcpu[0]}\n" in text, text
+    # the source side never reports a blocktime (QEMU fills it on the destination only)
+    assert "postcopy-blocktime" not in src.cmd("query-migrate")
 
 
 def test_postcopy_ram_equals_the_source_at_switchover(vms) -> None:

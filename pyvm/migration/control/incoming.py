@@ -146,8 +146,11 @@ class IncomingMigration:
             on_close()
 
     def query(self) -> dict[str, Any]:
+        blocktime = self.postcopy.blocktime if self.postcopy is not None else None
         info = build_migration_info(None, DestinationSnapshot(
-            self.status or MigrationStatus.NONE, list(self.socket_address or [])))
+            self.status or MigrationStatus.NONE, list(self.socket_address or []),
+            postcopy_blocktime=None if blocktime is None else blocktime.total_ms,
+            postcopy_vcpu_blocktime=None if blocktime is None else blocktime.vcpu_ms))
         if self.error_desc is not None and self.status is MigrationStatus.FAILED:
             info["error-desc"] = self.error_desc
         return info
@@ -164,7 +167,7 @@ class IncomingMigration:
                                     on_multifd_flush=None if multifd is None else multifd.flush)
             postcopy = self.postcopy = PostcopyDestination(
                 self.mgr, self.machine, decoder, lambda: self.channel, self._set_status,
-                lambda: self._start_guest(target))
+                lambda: self._start_guest(target), accept_more=lambda: self.open_channel())
             decoder.on_command = postcopy.handle
         else:       # postcopy recovery (never with multifd: QEMU refuses the pair)
             target, postcopy = self._target, self.postcopy

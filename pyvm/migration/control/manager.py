@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 IMPLEMENTED_CAPABILITIES = {"events", "pause-before-switchover", "x-ignore-shared", "rdma-pin-all",
                             "zero-blocks", "validate-uuid", "return-path", "x-checksum",
                             "auto-converge", "dirty-limit", "postcopy-ram", "multifd",
-                            "zero-copy-send", "xbzrle", "mapped-ram"}
+                            "zero-copy-send", "xbzrle", "mapped-ram",
+                            "postcopy-blocktime", "postcopy-preempt"}
 
 ACTIVE_STATES = {MigrationStatus.SETUP, MigrationStatus.ACTIVE, MigrationStatus.CANCELLING,
                  MigrationStatus.PRE_SWITCHOVER, MigrationStatus.DEVICE,

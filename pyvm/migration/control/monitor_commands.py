@@ -15,6 +15,7 @@ from pyvm.errors import PyvmError
 from pyvm.migration.control import dirty_commands, pagemap_query, postcopy_control
 from pyvm.migration.control import service
 from pyvm.migration.control.parameters import PARAMETER_SPECS
+from pyvm.migration.control.postcopy_blocktime import format_uint32_list
 from pyvm.migration.control.qmp_schema import COMMANDS_BY_NAME, MIGRATION_EVENTS
 from pyvm.qmp.context import CommandContext
 from pyvm.qmp.errors import CommandError
@@ -112,6 +113,11 @@ def hmp_info_migrate(ctx: HmpContext, args: dict[str, Any]) -> None:
             lines.append(f"postcopy request count: {ram['postcopy-requests']}")
     if "cpu-throttle-percentage" in info:
         lines.append(f"cpu throttle percentage: {info['cpu-throttle-percentage']}")
+    if "postcopy-blocktime" in info:        # migration-hmp-cmds.c (QEMU 8.2)
+        lines.append(f"postcopy blocktime: {info['postcopy-blocktime']}")
+    if "postcopy-vcpu-blocktime" in info:
+        lines.append("postcopy vcpu blocktime: "
+                     f"{format_uint32_list(info['postcopy-vcpu-blocktime'])}")
     cache = info.get("xbzrle-cache")
     if cache:
         # migration/migration-hmp-cmds.c hmp_info_migrate

@@ -79,4 +79,6 @@ def recover(machine: "Machine", mgr: MigrationManager, uri: str) -> None:
             addr, lambda: [b for b in machine.ram if not mgr.block_ignored(b)])
     except PyvmError as err:
         raise MigrationCommandError(str(err)) from err
-    incoming.recover(tls_accept(machine, mgr, prepared), prepared.socket_address, prepared.close)
+    # postcopy-preempt: the source connects its preempt channel here too
+    accept = tls_accept(machine, mgr, prepared, keep_listening=bool(mgr.caps["postcopy-preempt"]))
+    incoming.recover(accept, prepared.socket_address, prepared.close)

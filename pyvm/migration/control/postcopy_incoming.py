@@ -44,11 +44,14 @@ from typing import TYPE_CHECKING, Callable
 import numpy as np
 
 from pyvm.migration.control.manager import MigrationManager
+from pyvm.migration.control.postcopy_blocktime import BlocktimeContext
+from pyvm.migration.control.postcopy_preempt import PreemptReceiver
 from pyvm.migration.control.status import MigrationStatus
 from pyvm.migration.errors import StreamFormatError, StreamMismatchError, UnsupportedFeatureError
 from pyvm.migration.stream import postcopy_commands as pc
 from pyvm.migration.stream.constants import TARGET_PAGE_SIZE
 from pyvm.migration.stream.return_path import ReturnPathEncoder, bitmap_bytes
+from pyvm.migration.transports.base import IncomingChannel
 from pyvm.migration.transports.socket_transport import SocketIncoming
 from pyvm.userfault import PageFault, Userfault
 
@@ -58,6 +61,8 @@ if TYPE_CHECKING:
     from pyvm.ram import RamBlock
 
 PAGE = TARGET_PAGE_SIZE
+#: seconds the load waits at EOF for the preempt channel's end
+PREEMPT_END_TIMEOUT = 30.0
 _MADV_REMOVE = getattr(mmap, "MADV_REMOVE", 9)          # asm-generic/mman-common.h
 
 
@@ -78,8 +83,12 @@ class PostcopyDestination:
 
     def __init__(self, mgr: MigrationManager, machine: "Machine", decoder: "StreamDecoder",
                  channel: Callable[[], object], set_status: Callable[[MigrationStatus], None],
-                 start_guest: Callable[[], None]) -> None:
+                 start_guest: Callable[[], None],
+                 accept_more: Callable[[], IncomingChannel] | None = None) -> None:
         self.mgr = mgr
+        #: the next connection on the migration listener (postcopy-preempt's channel)
+        self._accept_more = accept_more
+        self.preempt: PreemptReceiver | None = None
         self.machine = machine
         self.decoder = decoder
         self._channel = channel
@@ -98,8 +107,9 @@ class PostcopyDestination:
         self.running = False          # the guest was started here (RUN)
         self.requests = 0
         self.fault_error: BaseException | None = None
-        self._fault_started: dict[int, float] = {}
-        self.blocktime_ms = 0.0
+        #: postcopy-blocktime accounting (None unless the capability is on here)
+        self.blocktime: BlocktimeContext | None = None
+        self._clock_start = time.monotonic()
 
     # -- commands --------------------------------------------------------------------------------
     def handle(self, cmd: int, payload: bytes) -> None:
@@ -156,7 +166,29 @@ class PostcopyDestination:
         for block in self.machine.ram:
             if not self.mgr.block_ignored(block):
                 self._blocks[block.name] = _Block(block)
+        if self.mgr.caps["postcopy-blocktime"] and self.blocktime is None:
+            # postcopy-ram.c ufd_check_and_apply: the context comes with the advise.
+            # Every vCPU runs on the machine's one loop thread (see postcopy_blocktime).
+            self.blocktime = BlocktimeContext(len(self.machine.cpus), threads=1)
         self.advised = True
+        self._start_preempt()
+
+    def _start_preempt(self) -> None:
+        """postcopy-preempt: take the source's second connection and read it."""
+        if not self.mgr.caps["postcopy-preempt"] or self._accept_more is None:
+            return
+        self._stop_preempt()
+        self.preempt = PreemptReceiver(self._accept_more, self.place)
+        self.preempt.start()
+
+    def _stop_preempt(self, join: bool = False) -> None:
+        receiver = self.preempt
+        if receiver is None:
+            return
+        receiver.stop()
+        if join:
+            # A receiver still waiting for its connection ends when the listener closes.
+            receiver.join(5 if receiver.connected.is_set() else 0)
 
     def _discard(self, discard: pc.RamDiscard) -> None:
         if not self.advised or self.listening:
@@ -211,6 +243,8 @@ class PostcopyDestination:
             old.close()
         self._open_return_path()
         self._rp_enc.forget_block()
+        if self.preempt is not None:
+            self._start_preempt()           # the source connects a new preempt channel
 
     def disconnect(self) -> None:
         """The connection failed: end the return path too, so that the source sees it."""
@@ -221,6 +255,7 @@ class PostcopyDestination:
             except OSError:
                 pass
             rp.close()
+        self._stop_preempt()
 
     def _recv_bitmap(self, name: str) -> None:
         # savevm.c loadvm_handle_recv_bitmap -> ram.c ramblock_recv_bitmap_send
@@ -250,8 +285,8 @@ class PostcopyDestination:
                 self._send_rp(self._rp_enc.req_pages(b.block.name, int(index) * PAGE, PAGE))
 
     # -- pages ---------------------------------------------------------------------------------
-    def place(self, name: str, offset: int, page: memoryview | None) -> None:
-        """The load thread: a page from the stream, placed atomically."""
+    def place(self, name: str, offset: int, page: memoryview | bytes | None) -> None:
+        """The load thread (or the preempt thread): a page, placed atomically."""
         b = self._blocks.get(name)
         uffd = self._uffd
         if b is None or uffd is None:
@@ -266,9 +301,21 @@ class PostcopyDestination:
     def _placed(self, b: _Block, index: int) -> None:
         with self._lock:
             b.placed[index] = True
-            started = self._fault_started.pop(b.base + index * PAGE, None)
-        if started is not None:
-            self.blocktime_ms += (time.monotonic() - started) * 1000
+            if self.blocktime is not None:
+                # postcopy-ram.c qemu_ufd_copy_ioctl -> mark_postcopy_blocktime_end
+                self.blocktime.end(b.base + index * PAGE, self._now_ms())
+
+    def _now_ms(self) -> float:
+        return (time.monotonic() - self._clock_start) * 1000
+
+    def _fault_vcpu(self, fault: PageFault) -> int:
+        """The index of the vCPU that raised ``fault``, -1 if no vCPU did
+        (postcopy-ram.c get_mem_fault_cpu_index).  The faulting vCPU stays inside the
+        emulator until its page comes, so the loop thread's running vCPU is it."""
+        if fault.thread_id != getattr(self.machine, "loop_native_id", None):
+            return -1
+        cpu = self.machine.running_cpu
+        return -1 if cpu is None else cpu.index
 
     def _fault_loop(self) -> None:
         uffd = self._uffd
@@ -289,6 +336,9 @@ class PostcopyDestination:
             return
         index = (fault.address - b.base) // PAGE
         with self._lock:
+            if self.blocktime is not None:
+                self.blocktime.begin(self._fault_vcpu(fault), fault.address, self._now_ms(),
+                                     bool(b.placed[index]))
             if b.placed[index] or b.requested[index]:
                 return
             if not b.discarded[index]:
@@ -297,11 +347,9 @@ class PostcopyDestination:
             else:
                 local_zero = False
                 b.requested[index] = True
-                self._fault_started[fault.address] = time.monotonic()
         if local_zero:
             uffd.zeropage(fault.address)
-            with self._lock:
-                b.placed[index] = True
+            self._placed(b, index)
             return
         self.requests += 1
         try:
@@ -312,6 +360,16 @@ class PostcopyDestination:
     # -- end -----------------------------------------------------------------------------------
     def finish(self) -> None:
         """EOF: every page is here; end the registration, tell the source, completed."""
+        receiver = self.preempt
+        if receiver is not None:
+            # The source ends the preempt channel before the main stream's EOF: the
+            # requested pages still in flight on it land before the count below.
+            if not receiver.wait_end(PREEMPT_END_TIMEOUT):
+                raise StreamFormatError("postcopy preempt channel did not end: "
+                                        f"{receiver.error or 'timed out'}")
+            if receiver.connected.is_set():
+                self.machine.log.log("migration", (
+                    f"migration: postcopy preempt channel ended: {receiver.pages} pages"))
         missing = sum(int(np.count_nonzero(b.discarded & ~b.placed)) for b in self._blocks.values())
         if missing:
             raise StreamFormatError(f"postcopy ended with {missing} pages never received")
@@ -329,6 +387,7 @@ class PostcopyDestination:
 
     def close(self) -> None:
         """Any end (the VM closes, the load failed): wake every waiter, join the thread."""
+        self._stop_preempt(join=True)
         self._end_registration()
         rp, self._rp = self._rp, None
         if rp is not None:

@@ -38,7 +38,9 @@ from pyvm.migration.control.channel import Channel, PageRun, StreamChannel
 from pyvm.migration.control.manager import MigrationManager
 from pyvm.migration.control.precopy import MigrationCancelled, Precopy
 from pyvm.migration.control.status import MigrationStatus
+from pyvm.errors import PyvmError
 from pyvm.migration.errors import MigrationError
+from pyvm.migration.stream.preempt_pages import EOS_RECORD
 from pyvm.migration.stream import postcopy_commands as pc
 from pyvm.migration.stream.constants import TARGET_PAGE_SIZE
 from pyvm.migration.stream.return_path import (Pong, RecvBitmap, ReqPages, ResumeAck,
@@ -86,6 +88,15 @@ class PostcopySource(Precopy):
         self._resume_acked = threading.Event()
         self._todo: list[tuple["RamBlock", np.ndarray]] = []
         self._sent: dict[str, np.ndarray] = {}
+        # postcopy-preempt: the channel for requested pages, written by the return-path
+        # thread under _urgent_lock (migration/ram.c ram_save_queue_pages ->
+        # ram_save_host_page_urgent since QEMU 8.0)
+        self._preempt: Channel | None = None
+        self._preempt_open = False          # False once its EOS went out
+        self._preempt_bytes = 0             # bytes of preempt channels closed before
+        self._urgent_lock = threading.Lock()
+        #: pages sent on the preempt channel
+        self.preempt_pages = 0
 
     def request_postcopy(self) -> None:
         """Any thread (``migrate-start-postcopy``): switch after the current round."""
@@ -100,6 +111,72 @@ class PostcopySource(Precopy):
         self._start_return_path(pipe)
         self._send([pc.encode_command(pc.OpenReturnPath()), pc.encode_command(pc.Ping(1)),
                     pc.encode_command(pc.PostcopyAdvise(os.sysconf("SC_PAGE_SIZE"), PAGE))])
+        self._open_preempt()
+
+    # -- postcopy-preempt -------------------------------------------------------------------------
+    def _open_preempt(self) -> None:
+        """postcopy-preempt: a second connection to the same address, right after the
+        main one (migration.c migrate_fd_connect -> postcopy_preempt_setup)."""
+        if not self.mgr.caps["postcopy-preempt"]:
+            return
+        self._channel().flush()             # the destination accepts it after the advise
+        channel = self.open_channel()
+        with self._urgent_lock:
+            self._preempt, self._preempt_open = channel, True
+
+    def _send_urgent(self, req: ReqPages) -> bool:
+        """The return-path thread: send requested pages on the preempt channel now.
+        False when there is no preempt channel (the migration thread serves them)."""
+        with self._urgent_lock:
+            channel = self._preempt
+            if channel is None or not self._preempt_open or not self.in_postcopy:
+                return False
+            block = next((b for b in self._blocks() if b.name == req.block), None)
+            if block is None:
+                return True
+            pages = np.arange(req.start // PAGE, (req.start + req.length) // PAGE, dtype=np.int64)
+            run = PageRun(self._codec_blocks[block.name], self._block_index[block.name], pages)
+            for npages, nzero in channel.send_pages(run):
+                self.stats.duplicate += nzero
+                self.stats.normal += npages - nzero
+                self.stats.normal_bytes = self.stats.normal * PAGE
+            channel.flush()
+            self.stats.postcopy_requests += 1
+            self.preempt_pages += int(pages.size)
+            mask = self._sent.get(block.name)
+            if mask is not None:
+                mask[pages] = True
+            return True
+
+    def _end_preempt(self) -> None:
+        """Before the main stream's EOF: the preempt channel's EOS
+        (ram.c postcopy_preempt_shutdown_file)."""
+        with self._urgent_lock:
+            if self._preempt is not None and self._preempt_open:
+                self._preempt.write_stream([EOS_RECORD])
+                self._preempt.flush()
+                self._preempt_open = False
+
+    def _close_preempt(self, abort: bool) -> None:
+        with self._urgent_lock:
+            channel, self._preempt = self._preempt, None
+            self._preempt_open = False
+            if channel is not None:
+                self._preempt_bytes += channel.bytes_moved
+        if channel is None:
+            return
+        try:
+            if abort:
+                channel.shutdown()
+            channel.close()
+        except Exception:  # noqa: BLE001 - a failing preempt channel is reported by the main one
+            if not abort:
+                raise
+
+    def _transferred(self) -> int:
+        preempt = self._preempt
+        return super()._transferred() + self._preempt_bytes + (
+            preempt.bytes_moved if preempt is not None else 0)
 
     def _start_return_path(self, pipe: SocketOutgoing) -> None:
         self._rp_sock = socket.socket(fileno=os.dup(pipe.fileno()))
@@ -121,7 +198,8 @@ class PostcopySource(Precopy):
                     return
                 for msg in decoder.feed(data):
                     if isinstance(msg, ReqPages):
-                        self._requests.put(msg)
+                        if not self._send_urgent(msg):
+                            self._requests.put(msg)
                     elif isinstance(msg, Pong):
                         self.pongs.append(msg.value)
                     elif isinstance(msg, Shut):
@@ -134,7 +212,7 @@ class PostcopySource(Precopy):
                         self._resume_acked.set()
                     else:
                         raise MigrationError(f"Received unexpected return-path message {msg!r}")
-        except (OSError, MigrationError) as err:
+        except (OSError, MigrationError, PyvmError) as err:
             self._rp_error = err
         finally:
             self._rp_done.set()
@@ -260,6 +338,7 @@ class PostcopySource(Precopy):
 
     def _postcopy_end(self) -> None:
         self._final_section = True
+        self._end_preempt()
         self._send(self.enc.ram_section_begin(final=True))
         self._send(self.enc.ram_eos())
         self._send(self.enc.eof_and_vmdesc(send_vmdesc=False))
@@ -297,6 +376,8 @@ class PostcopySource(Precopy):
             self._shut.clear()
             self._resume_acked.clear()
             self._start_return_path(pipe)
+            self._close_preempt(abort=True)
+            self._open_preempt()
             names = [b.name for b in self._blocks()]
             self._send([pc.encode_command(pc.RecvBitmap(n)) for n in names])
             self._channel().flush()
@@ -333,6 +414,9 @@ class PostcopySource(Precopy):
         channel = self.channel
         if channel is not None:
             channel.shutdown()
+        preempt = self._preempt
+        if preempt is not None:
+            preempt.shutdown()
 
     # -- ends ------------------------------------------------------------------------------------
     def _join_return_path(self) -> None:
@@ -349,11 +433,17 @@ class PostcopySource(Precopy):
 
     def _finish_ok(self) -> None:
         self._join_return_path()
+        self._close_preempt(abort=False)
+        if self.in_postcopy:
+            self.machine.log.log("migration", (
+                f"migration: postcopy: {self.stats.postcopy_requests} page requests, "
+                f"{self.preempt_pages} pages sent on the preempt channel"))
         super()._finish_ok()
 
     def _abort(self, error: str | None) -> None:
         if not self.in_postcopy:
             self._join_return_path()
+            self._close_preempt(abort=True)
             super()._abort(error)
             return
         # After the switch the guest lives on the destination: never resume it here
@@ -365,6 +455,7 @@ class PostcopySource(Precopy):
             except Exception:  # noqa: BLE001 - already failing
                 pass
         self._join_return_path()
+        self._close_preempt(abort=True)
         self.mgr.error_desc = error or "cancelled during postcopy"
         self.mgr.set_status(MigrationStatus.POSTCOPY_PAUSED)
 

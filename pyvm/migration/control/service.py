@@ -166,7 +166,8 @@ def start_incoming(machine: "Machine", uri: str | None,
     except PyvmError as err:
         raise _refuse(str(err)) from err
     multifd = multifd_incoming(machine, mgr, prepared)
-    accept = tls_accept(machine, mgr, prepared, keep_listening=multifd is not None)
+    accept = tls_accept(machine, mgr, prepared,
+                        keep_listening=multifd is not None or bool(mgr.caps["postcopy-preempt"]))
     if multifd is not None:
         accept = multifd.opener(accept, prepared.close)
     inc = IncomingMigration(mgr, machine, accept, exit_on_error=exit_on_error,

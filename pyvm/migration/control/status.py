@@ -166,6 +166,11 @@ class DestinationSnapshot:
     status: MigrationStatus = St.NONE
     socket_addresses: list[dict[str, Any]] = field(default_factory=list)
     error_desc: str | None = None
+    #: ``postcopy-blocktime`` and ``postcopy-vcpu-blocktime`` (ms) when the capability
+    #: was on for a postcopy load; shown once it completed (migration.c
+    #: fill_destination_migration_info -> fill_destination_postcopy_migration_info)
+    postcopy_blocktime: int | None = None
+    postcopy_vcpu_blocktime: list[int] | None = None
 
 
 def build_migration_info(source: SourceSnapshot | None = None,
@@ -184,6 +189,9 @@ def build_migration_info(source: SourceSnapshot | None = None,
             members["status"] = St(destination.status).value
             if destination.error_desc is not None:
                 members["error-desc"] = destination.error_desc
+            if St(destination.status) is St.COMPLETED and destination.postcopy_blocktime is not None:
+                members["postcopy-blocktime"] = destination.postcopy_blocktime
+                members["postcopy-vcpu-blocktime"] = list(destination.postcopy_vcpu_blocktime or [])
     if blocked_reasons:
         members["blocked-reasons"] = list(blocked_reasons)
     if source is not None and St(source.status) is not St.NONE:
@@ -216,8 +224,8 @@ def _source_members(src: SourceSnapshot) -> dict[str, Any]:
     return out
 
 
-# qapi/migration.json MigrationInfo at 8.2, declaration order (disk, vfio, postcopy
-# blocktime and dirty-limit members never apply to pyvm).
+# qapi/migration.json MigrationInfo at 8.2, declaration order (disk, vfio and
+# dirty-limit members never apply to pyvm).
 _INFO_ORDER = (
     "status", "ram", "disk", "vfio", "xbzrle-cache", "total-time", "expected-downtime",
     "downtime", "setup-time", "cpu-throttle-percentage", "error-desc", "blocked-reasons",

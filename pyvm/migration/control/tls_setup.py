@@ -55,7 +55,9 @@ def tls_upgrade(machine: "Machine", mgr: "MigrationManager", addr: MigrationAddr
             raise TransportError("TLS is supported on tcp and unix migration channels only")
         try:
             creds = machine.cfg.tls_objects.creds(creds_id, "client")
-            return tls_client(channel, creds, hostname, abort)
+            # postcopy writes back on the connection (its return path)
+            return tls_client(channel, creds, hostname, abort,
+                              duplex=bool(mgr.caps["postcopy-ram"]))
         except TlsError as err:
             raise TransportError(str(err)) from err
     return upgrade
@@ -85,7 +87,8 @@ def tls_accept(machine: "Machine", mgr: "MigrationManager",
         while True:
             channel = listener.accept(keep_open=True)
             try:
-                tls = tls_server(channel, creds, authz, None)
+                tls = tls_server(channel, creds, authz, None,
+                                 duplex=bool(mgr.caps["postcopy-ram"]))
             except TlsError as err:
                 # migration/tls.c migration_tls_incoming_handshake: error_report, go on
                 print(f"pyvm: {err}", file=sys.stderr, flush=True)

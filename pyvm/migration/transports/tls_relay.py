@@ -26,6 +26,7 @@ import time
 from pyvm.migration.transports.base import (AbortSignal, TransportCancelled, TransportError,
                                             cancelled_error, wait_ready)
 from pyvm.migration.transports.socket_transport import SocketIncoming, SocketOutgoing
+from pyvm.migration.transports.tls_duplex import DuplexRelay
 from pyvm.tls import (AuthzList, AuthzSimple, TlsCreds, TlsCredsPsk, TlsError,
                       distinguished_name, handshake_error)
 from pyvm.tls_pump import TlsPump, engine_for, handshake
@@ -119,11 +120,16 @@ class _Relay:
 
 
 class TlsOutgoing(SocketOutgoing):
-    """The source's end of a TLS connection: plaintext into a socketpair, relayed."""
+    """The source's end of a TLS connection: plaintext into a socketpair, relayed.
 
-    def __init__(self, tls: ssl.SSLSocket, *, description: str) -> None:
+    ``duplex`` (postcopy's return path): bytes from the peer come back through the
+    socketpair too (pyvm.migration.transports.tls_duplex)."""
+
+    def __init__(self, tls: ssl.SSLSocket, *, description: str, duplex: bool = False) -> None:
         mine, theirs = socket.socketpair()
-        self._relay = _Relay("migration-tls-out", tls, theirs, outgoing=True)
+        self._relay: _Relay | DuplexRelay = (
+            DuplexRelay("migration-tls", tls, theirs, outgoing=True) if duplex
+            else _Relay("migration-tls-out", tls, theirs, outgoing=True))
         super().__init__(mine, description=description)
 
     def _on_shutdown(self) -> None:
@@ -138,11 +144,14 @@ class TlsOutgoing(SocketOutgoing):
 
 
 class TlsIncoming(SocketIncoming):
-    """The destination's end: the relay decrypts into a socketpair the decoder reads."""
+    """The destination's end: the relay decrypts into a socketpair the decoder reads
+    (``duplex``: and encrypts what is written back, postcopy's return path)."""
 
-    def __init__(self, tls: ssl.SSLSocket, *, description: str) -> None:
+    def __init__(self, tls: ssl.SSLSocket, *, description: str, duplex: bool = False) -> None:
         mine, theirs = socket.socketpair()
-        self._relay = _Relay("migration-tls-in", tls, theirs, outgoing=False)
+        self._relay: _Relay | DuplexRelay = (
+            DuplexRelay("migration-tls", tls, theirs, outgoing=False) if duplex
+            else _Relay("migration-tls-in", tls, theirs, outgoing=False))
         super().__init__(mine, description=description)
 
     def _on_shutdown(self) -> None:
@@ -151,6 +160,9 @@ class TlsIncoming(SocketIncoming):
 
     def _release(self) -> None:
         super()._release()
+        if isinstance(self._relay, DuplexRelay):
+            self._relay.finish()         # the return path's last message goes out first
+            return
         self._relay.stop()
         self._relay.join()
 
@@ -209,7 +221,7 @@ def _pumped(sock: socket.socket, creds: TlsCreds, server: bool, hostname: str | 
 
 
 def tls_client(channel: SocketOutgoing, creds: TlsCreds, hostname: str | None,
-               abort: AbortSignal | None) -> SocketOutgoing:
+               abort: AbortSignal | None, duplex: bool = False) -> SocketOutgoing:
     """Upgrade a connected source channel to TLS (migration/tls.c
     ``migration_tls_channel_connect``); TlsError with QEMU's text when refused."""
     if isinstance(creds, TlsCredsPsk):
@@ -232,11 +244,12 @@ def tls_client(channel: SocketOutgoing, creds: TlsCreds, hostname: str | None,
     except BaseException:
         sock.close()
         raise
-    return TlsOutgoing(tls, description=description)
+    return TlsOutgoing(tls, description=description, duplex=duplex)
 
 
 def tls_server(channel: SocketIncoming, creds: TlsCreds,
-               authz: AuthzSimple | AuthzList | None, abort: AbortSignal | None) -> SocketIncoming:
+               authz: AuthzSimple | AuthzList | None, abort: AbortSignal | None,
+               duplex: bool = False) -> SocketIncoming:
     """Upgrade an accepted destination channel to TLS and check the client
     (``migration_tls_channel_process_incoming``); TlsError with QEMU's text when refused."""
     description = channel.description
@@ -254,7 +267,7 @@ def tls_server(channel: SocketIncoming, creds: TlsCreds,
     except BaseException:
         sock.close()
         raise
-    return TlsIncoming(tls, description=description)
+    return TlsIncoming(tls, description=description, duplex=duplex)
 
 
 __all__ = ["PumpIncoming", "PumpOutgoing", "TlsIncoming", "TlsOutgoing", "TransportCancelled", "tls_client", "tls_server"]
