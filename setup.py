@@ -3,7 +3,8 @@
 ``pyvm._fastpath`` (dirty tracking, page scans), ``pyvm._pagestream`` (the migration
 stream's page records) and ``pyvm._xbzrle`` (XBZRLE page deltas) are always built; they
 share ``pyvm/_kernels.h``.  ``pyvm._delivery`` is the native interrupt and exception
-delivery of the vCPUs.  The rdma transport's libfabric binding is built when libfabric's
+delivery of the vCPUs, ``pyvm._portio`` their IN/OUT hooks, ``pyvm._pic`` the 8259A
+pair's hot paths.  The rdma transport's libfabric binding is built when libfabric's
 headers are installed (Debian: libfabric-dev); without them pyvm works and ``rdma:``
 reports what is missing.  Set PYVM_NO_LIBFABRIC=1 to skip it.
 """
@@ -44,6 +45,8 @@ extensions = [
     Extension("pyvm._xbzrle", ["pyvm/_xbzrle.pyx"], include_dirs=["pyvm"],
               extra_compile_args=["-O3"]),
     Extension("pyvm._delivery", ["pyvm/_delivery.pyx"], extra_compile_args=["-O2"]),
+    Extension("pyvm._portio", ["pyvm/_portio.pyx"], extra_compile_args=["-O2"]),
+    Extension("pyvm._pic", ["pyvm/_pic.pyx"], extra_compile_args=["-O2"]),
 ]
 fabric = libfabric_flags()
 if fabric is not None:

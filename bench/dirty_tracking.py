@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/dirty_tracking.py [--size-mib 8] [--iters 40] [--rounds 5] [--sync-ms 0,100,20]
                                              [--migration] [--python-hook]
+                                             [--linux] [--linux-only] [--linux-mib 32]
 
 Boots the ``store-loop`` guest (every pass stores to every 32-bit word of a RAM range) in
 this process and times the same number of passes per variant:
@@ -28,6 +29,14 @@ With ``--migration`` it also live-migrates a running store-loop guest between tw
 processes over a unix socket, once with host write-protect and once with the write hook
 (the previous method, forced with PYVM_DIRTY_TRACKING=hook), interleaved, and prints the
 median total time and downtime of each.
+
+With ``--linux`` (``--linux-only``: that alone) it also boots Debian's kernel with the
+busybox initramfs of pyvm-linux-guest in this process and, at the shell, times a
+memory-writing workload (``dd`` of ``--linux-mib`` MiB from /dev/zero into a file on the
+initramfs, i.e. fresh page-cache pages, then ``rm``, four times) with host write-protect
+tracking attached (and the bitmap taken every 100 ms, as precopy does) and without,
+alternating on the same running guest, ``--rounds`` times each; the ratio is
+median(host-wp) / median(off) of the workload's throughput.
 """
 
 from __future__ import annotations
@@ -274,6 +283,141 @@ def bench_migration(args: argparse.Namespace) -> None:
               f"{max(dt) * 1000:.0f})  syncs {statistics.median([r[2] for r in rs]):.0f}")
 
 
+# -- a Linux guest writing memory ---------------------------------------------------------------
+LINUX_PASSES = 4
+
+
+class _Serial:
+    """The client end of the guest's ``-serial unix:PATH,server=on,wait=off``."""
+
+    def __init__(self, path: str) -> None:
+        import socket
+
+        deadline = time.monotonic() + 20
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                self.sock.connect(path)
+                break
+            except OSError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        self.sock.settimeout(0.05)
+        self.out = ""
+
+    def expect(self, text: str, timeout: float, start: int = 0) -> int:
+        import socket
+
+        deadline = time.monotonic() + timeout
+        while (i := self.out.find(text, start)) < 0:
+            if time.monotonic() > deadline:
+                raise SystemExit(f"{text!r} not on the serial port within {timeout} s: "
+                                 f"{self.out[-300:]!r}")
+            try:
+                data = self.sock.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                raise SystemExit(f"serial port closed: {self.out[-300:]!r}")
+            self.out += data.decode(errors="replace")
+        return i + len(text)
+
+
+def linux_workload_once(m: Machine, con: _Serial, mode: str, mib: int, n: int) -> tuple[float, int]:
+    """Seconds the workload took with ``mode`` tracking, and the pages the syncs reported."""
+    from pyvm import linux_guest
+
+    block = next(iter(m.ram))
+    bitmap = block.dirty
+    tracker: list[Any] = []
+    if mode == "host-wp":
+        def attach() -> None:
+            tr = track_host_writes(bitmap, block.host_address, block.size)
+            if tr is None:
+                raise SystemExit("host write-protect is not available here (userfaultfd WP_ASYNC)")
+            tracker.append(tr)
+        m.run_on_loop(attach)
+    reported = [0]
+    stop = threading.Event()
+
+    def syncer() -> None:
+        while not stop.wait(0.1):
+            try:
+                words = m.run_on_loop(bitmap.fetch_and_clear, timeout=2)
+            except TimeoutError:
+                continue
+            reported[0] += int(fastpath_py.bitmap_to_indices(words, block.npages).size)
+
+    sync_thread = threading.Thread(target=syncer, name="bench-sync") if mode != "off" else None
+    marker = f"WROTE-{n}-DONE"
+    start = len(con.out)
+    cmd = (f"for i in {' '.join(str(i) for i in range(LINUX_PASSES))}; do dd if=/dev/zero of=/w "
+           f"bs=1M count={mib} 2>/dev/null; rm /w; done; echo WROTE-{n}-''DONE\r")
+    t0 = time.perf_counter()
+    if sync_thread:
+        sync_thread.start()
+    con.sock.sendall(cmd.encode())
+    end = con.expect(marker, 600, start)
+    elapsed = time.perf_counter() - t0
+    stop.set()
+    if sync_thread:
+        sync_thread.join()
+    con.expect(linux_guest.PROMPT, 60, end)
+    if tracker:
+        m.run_on_loop(tracker[0].detach)
+        last = bitmap.fetch_and_clear()
+        reported[0] += int(fastpath_py.bitmap_to_indices(last, block.npages).size)
+        if reported[0] < mib * 256:
+            raise SystemExit(f"tracking reported {reported[0]} pages, fewer than the "
+                             f"{mib * 256} the workload wrote")
+    return elapsed, reported[0]
+
+
+def bench_linux(args: argparse.Namespace) -> None:
+    import tempfile
+
+    from pyvm import linux_guest
+
+    kernel, initrd = linux_guest.fetch(linux_guest.DEFAULT_DIR)
+    with tempfile.TemporaryDirectory() as tmp:
+        sock = os.path.join(tmp, "serial.sock")
+        cfg = MachineConfig(ram_size=512 << 20, kernel=str(kernel), initrd=str(initrd),
+                            append=linux_guest.CMDLINE,
+                            serial=[f"unix:{sock},server=on,wait=off"])
+        m = Machine(cfg)
+        m.start()
+        try:
+            con = _Serial(sock)
+            con.expect(linux_guest.PROMPT, 600)
+            modes = ("off", "host-wp")
+            times: dict[str, list[float]] = {mode: [] for mode in modes}
+            pages: dict[str, list[int]] = {mode: [] for mode in modes}
+            linux_workload_once(m, con, "off", args.linux_mib, 0)        # warm the page cache
+            n = 1
+            for _ in range(args.rounds):
+                for mode in modes:
+                    t, rep = linux_workload_once(m, con, mode, args.linux_mib, n)
+                    times[mode].append(t)
+                    pages[mode].append(rep)
+                    n += 1
+        finally:
+            m.request_exit(0)
+            m.close()
+    mib = args.linux_mib * LINUX_PASSES
+    print(f"-- Linux guest at the shell: dd of {args.linux_mib} MiB into a file x{LINUX_PASSES} "
+          f"({mib} MiB written per run), {args.rounds} interleaved rounds, sync every 100 ms")
+    rate = {mode: [mib / t for t in ts] for mode, ts in times.items()}
+    for mode in modes:
+        line = (f"{mode:>8}: {statistics.median(rate[mode]):7.1f} MiB/s  (spread "
+                f"{min(rate[mode]):.1f}-{max(rate[mode]):.1f}, n={len(rate[mode])})")
+        if mode != "off":
+            line += (f"  ratio={statistics.median(rate[mode]) / statistics.median(rate['off']):.3f}"
+                     f"  pages reported/run {int(statistics.median(pages[mode]))}")
+        print(line)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     ap.add_argument("--size-mib", type=int, default=8)
@@ -284,10 +428,15 @@ def main() -> None:
     ap.add_argument("--migration", action="store_true")
     ap.add_argument("--migration-mib", type=int, default=64)
     ap.add_argument("--migration-rounds", type=int, default=3)
+    ap.add_argument("--linux", action="store_true", help="also a Linux guest writing memory")
+    ap.add_argument("--linux-only", action="store_true", help="only the Linux guest")
+    ap.add_argument("--linux-mib", type=int, default=32)
     args = ap.parse_args()
-    run: list[Callable[[argparse.Namespace], None]] = [bench_guest]
+    run: list[Callable[[argparse.Namespace], None]] = [] if args.linux_only else [bench_guest]
     if args.migration:
         run.append(bench_migration)
+    if args.linux or args.linux_only:
+        run.append(bench_linux)
     for fn in run:
         fn(args)
 

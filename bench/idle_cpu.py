@@ -4,7 +4,7 @@
                                        [--python-delivery] [--rounds N]
 
 Boots the ``hello`` guest (it sleeps in HLT between PIT interrupts), lets it settle, then
-reads the pyvm process's CPU time (utime + stime from /proc) over ``--windows`` equal
+reads the pyvm process's CPU time (from /proc/PID/task/*/schedstat) over ``--windows`` equal
 windows spanning ``--seconds``, and prints the median and spread (min-max) of the share
 of one core (target <= 2%).  For scale, a guest that never halts (store-loop) is measured
 the same way in the same run.
@@ -13,7 +13,9 @@ the same way in the same run.
 previous commit, with its extensions built), interleaved with this one (baseline, this
 tree, baseline, this tree ...), and prints ``ratio=<this tree / baseline>``.
 ``--python-delivery`` makes the baseline this tree with ``PYVM_DELIVERY=python`` (the
-Python exception hook and interrupt delivery instead of pyvm/_delivery.pyx).
+Python twins of the native tick path: exception hook and interrupt delivery instead of
+pyvm/_delivery.pyx, IN/OUT hooks instead of pyvm/_portio.pyx, the 8259A methods instead
+of pyvm/_pic.pyx).
 """
 
 from __future__ import annotations
@@ -31,6 +33,20 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def cpu_seconds(pid: int) -> float:
+    """CPU time of every thread of ``pid`` in nanoseconds' precision (the first field
+    of /proc/PID/task/TID/schedstat, Documentation/scheduler/sched-stats.rst); utime +
+    stime from /proc/PID/stat where schedstats are missing (clock-tick resolution)."""
+    total = 0
+    try:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    total += int(f.read().split()[0])
+            except FileNotFoundError:       # the thread ended meanwhile
+                continue
+        return total / 1e9
+    except (FileNotFoundError, PermissionError, ValueError, IndexError):
+        pass
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     ticks = os.sysconf("SC_CLK_TCK")

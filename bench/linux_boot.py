@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Seconds from start to the busybox prompt: pyvm next to QEMU's TCG, same kernel.
 
-    bench/linux_boot.py [--runs N] [--idle SECONDS] [--no-qemu]
+    bench/linux_boot.py [--runs N] [--idle SECONDS] [--no-qemu] [--python-delivery]
 
 Boots Debian 12's kernel and the initramfs of pyvm-linux-guest (pyvm/linux_guest.py) with
 ``-m 512M -append console=ttyS0`` in pyvm and in Debian's ``qemu-system-x86_64 -accel
@@ -9,6 +9,9 @@ tcg`` (package qemu-system-x86, installed here with apt-get when missing), alter
 two, N times each.  For each run: wall-clock seconds from process start to the prompt on
 the serial port, then the CPU share (user + system time of the process over wall time)
 while the guest sits idle at the prompt.  Prints medians with min..max and pyvm/QEMU.
+``--python-delivery`` adds a third variant, ``pyvm-py``: pyvm with ``PYVM_DELIVERY=python``
+(the Python twins of the native delivery, IN/OUT hooks and 8259A hot paths: the tick path
+as it was before them), interleaved with the others, and prints pyvm/pyvm-py.
 """
 
 from __future__ import annotations
@@ -63,8 +66,12 @@ def cpu_seconds(pid: int) -> float:
 def one_run(which: str, kernel: Path, initrd: Path, idle_s: float,
             timeout: float = 600) -> tuple[float, float]:
     start = time.monotonic()
-    proc = subprocess.Popen(command(which, kernel, initrd), stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, cwd=ROOT)
+    env = dict(os.environ)
+    if which == "pyvm-py":
+        env["PYVM_DELIVERY"] = "python"
+    proc = subprocess.Popen(command("pyvm" if which == "pyvm-py" else which, kernel, initrd),
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     assert proc.stdout is not None
     out = b""
     prompt = linux_guest.PROMPT.encode()
@@ -95,10 +102,12 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--idle", type=float, default=5.0, help="seconds of idle CPU measurement")
     ap.add_argument("--no-qemu", action="store_true")
+    ap.add_argument("--python-delivery", action="store_true",
+                    help="also pyvm with PYVM_DELIVERY=python (the tick path's Python twins)")
     args = ap.parse_args()
     kernel, initrd = linux_guest.fetch(linux_guest.DEFAULT_DIR)
     qemu = None if args.no_qemu else ensure_qemu()
-    variants = ["pyvm"] + (["qemu"] if qemu else [])
+    variants = (["pyvm-py"] if args.python_delivery else []) + ["pyvm"] + (["qemu"] if qemu else [])
     boot: dict[str, list[float]] = {v: [] for v in variants}
     idle: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(args.runs):
@@ -106,15 +115,19 @@ def main() -> int:
             b, s = one_run(v, kernel, initrd, args.idle)
             boot[v].append(b)
             idle[v].append(s)
-            print(f"run {i + 1} {v:5s} prompt after {b:6.2f} s, idle CPU {100 * s:5.1f} %",
+            print(f"run {i + 1} {v:7s} prompt after {b:6.2f} s, idle CPU {100 * s:5.1f} %",
                   flush=True)
     print(f"\nkernel {(linux_guest.DEFAULT_DIR / 'VERSION').read_text().strip()}, -m {RAM}, "
           f"{args.runs} runs each, median (min..max)")
     if qemu:
         print(f"baseline: {qemu}, -accel tcg")
     for v in variants:
-        print(f"{v:5s} seconds to prompt {summary(boot[v])}   idle CPU % "
+        print(f"{v:7s} seconds to prompt {summary(boot[v])}   idle CPU % "
               f"{summary([100 * s for s in idle[v]])}")
+    if args.python_delivery:
+        print(f"pyvm/pyvm-py time to prompt: "
+              f"{statistics.median(boot['pyvm']) / statistics.median(boot['pyvm-py']):.2f}, "
+              f"idle CPU: {statistics.median(idle['pyvm']) / statistics.median(idle['pyvm-py']):.2f}")
     if qemu:
         ratio = statistics.median(boot["pyvm"]) / statistics.median(boot["qemu"])
         print(f"pyvm/QEMU time to prompt: {ratio:.2f}")

@@ -255,24 +255,39 @@ cdef extern from *:
         return DLV_OK;
     }
 
-    static int dlv_protected(pyvm_dlv *d, int vector, int has_code, uint64_t code, unsigned cpl) {
+    /* An IDT interrupt or trap gate: 8 bytes in protected mode, 16 in long mode
+       (SDM Vol. 3, 6.11 "IDT descriptors" and 6.14.1 "64-bit mode IDT"). */
+    typedef struct { uint64_t offset; unsigned selector, type, ist; } dlv_gate;
+
+    static int dlv_read_gate(pyvm_dlv *d, int vector, uint64_t size, dlv_gate *g) {
         dlv_mmr idtr;
-        uint32_t gate[2], lo, hi, words[6], frame[6];
+        uint32_t w[4] = {0, 0, 0, 0};
+        TRY(dlv_get_mmr(d, DR_IDTR, &idtr));
+        if ((uint64_t)vector * size + size - 1 > idtr.limit)
+            return dlv_fail(d, "vector 0x%llx beyond the IDT limit", vector, 0);
+        TRY(dlv_read(d, idtr.base + (uint64_t)vector * size, w, size));
+        g->type = (w[1] >> 8) & 0xF;
+        if (!(w[1] & (1u << 15)))
+            return dlv_fail(d, "IDT gate 0x%llx not present", vector, 0);
+        if (g->type != 0xE && g->type != 0xF)
+            return dlv_fail(d, "IDT gate 0x%llx has unsupported type 0x%llx", vector, g->type);
+        g->offset = (w[0] & 0xFFFF) | (w[1] & 0xFFFF0000u);
+        if (size == 16) g->offset |= (uint64_t)w[2] << 32;
+        g->selector = w[0] >> 16;
+        g->ist = size == 16 ? (w[1] & 7) : 0;
+        return DLV_OK;
+    }
+
+    static int dlv_protected(pyvm_dlv *d, int vector, int has_code, uint64_t code, unsigned cpl) {
+        dlv_gate gate;
+        uint32_t words[6], frame[6];
         uint64_t flags, old_ss, esp, cs, eip, new_ss, new_esp, seg_base, new_flags, offset;
         unsigned gate_type, selector, new_cpl;
         int n = 0, i;
-        TRY(dlv_get_mmr(d, DR_IDTR, &idtr));
-        if ((uint64_t)vector * 8 + 7 > idtr.limit)
-            return dlv_fail(d, "vector 0x%llx beyond the IDT limit", vector, 0);
-        TRY(dlv_read(d, idtr.base + (uint64_t)vector * 8, gate, 8));
-        lo = gate[0]; hi = gate[1];
-        gate_type = (hi >> 8) & 0xF;
-        if (!(hi & (1u << 15)))
-            return dlv_fail(d, "IDT gate 0x%llx not present", vector, 0);
-        if (gate_type != 0xE && gate_type != 0xF)
-            return dlv_fail(d, "IDT gate 0x%llx has unsupported type 0x%llx", vector, gate_type);
-        offset = (lo & 0xFFFF) | (hi & 0xFFFF0000u);
-        selector = lo >> 16;
+        TRY(dlv_read_gate(d, vector, 8, &gate));
+        offset = gate.offset;
+        selector = gate.selector;
+        gate_type = gate.type;
         TRY(dlv_get(d, DR_EFLAGS, &flags));
         if (flags & EF_VM)
             return dlv_fail(d, "interrupt in virtual-8086 mode (unsupported)", 0, 0);
@@ -323,24 +338,15 @@ cdef extern from *:
     }
 
     static int dlv_long(pyvm_dlv *d, int vector, int has_code, uint64_t code, unsigned cpl) {
-        dlv_mmr idtr;
-        uint32_t gate[4], lo, hi, upper;
+        dlv_gate gate;
         uint64_t flags, rsp, rip, ss, cs, new_rsp, sp, offset, new_flags, words[6], frame[6];
         unsigned gate_type, selector, ist, new_cpl;
         int w = d->wide, n = 0, i;
-        TRY(dlv_get_mmr(d, DR_IDTR, &idtr));
-        if ((uint64_t)vector * 16 + 15 > idtr.limit)
-            return dlv_fail(d, "vector 0x%llx beyond the IDT limit", vector, 0);
-        TRY(dlv_read(d, idtr.base + (uint64_t)vector * 16, gate, 16));
-        lo = gate[0]; hi = gate[1]; upper = gate[2];
-        gate_type = (hi >> 8) & 0xF;
-        if (!(hi & (1u << 15)))
-            return dlv_fail(d, "IDT gate 0x%llx not present", vector, 0);
-        if (gate_type != 0xE && gate_type != 0xF)
-            return dlv_fail(d, "IDT gate 0x%llx has unsupported type 0x%llx", vector, gate_type);
-        offset = (lo & 0xFFFF) | (hi & 0xFFFF0000u) | ((uint64_t)upper << 32);
-        selector = lo >> 16;
-        ist = hi & 7;
+        TRY(dlv_read_gate(d, vector, 16, &gate));
+        offset = gate.offset;
+        selector = gate.selector;
+        gate_type = gate.type;
+        ist = gate.ist;
         TRY(dlv_get(d, w ? DR_RFLAGS : DR_EFLAGS, &flags));
         TRY(dlv_get(d, w ? DR_RSP : DR_ESP, &rsp));
         TRY(dlv_get(d, w ? DR_RIP : DR_EIP, &rip));

@@ -50,7 +50,7 @@ from pyvm.cpu_state import CPU_VMSD, CpuState, CpuStateError, load_cpu, save_cpu
 from pyvm.errors import GuestFault
 from pyvm.fastpath import slice_stopper
 from pyvm.loader import GDT_ADDR, PAGE_TABLES
-from pyvm.native_delivery import STATUS_FAULT, STATUS_OK, native_delivery
+from pyvm.native_delivery import STATUS_FAULT, STATUS_OK, native_delivery, native_port_hooks
 from pyvm.ram import RamLayout
 from pyvm.unicorn_internals import ContextAccess, ExceptionState
 
@@ -164,9 +164,13 @@ class VCpu:
         # Native delivery and exception hook (None: the Python versions, the twins);
         # PYVM_DELIVERY=python selects those.
         self.native_delivery = native_delivery(self)
-        self._hooks = [
+        # Native IN/OUT hooks with the native delivery (pyvm._portio); else the Python ones.
+        self.port_hooks = native_port_hooks(self, io_read, io_write)
+        self._hooks = [] if self.port_hooks is not None else [
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_in, None, 1, 0, X.UC_X86_INS_IN),
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_out, None, 1, 0, X.UC_X86_INS_OUT),
+        ]
+        self._hooks += [
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_syscall, None, 1, 0, X.UC_X86_INS_SYSCALL),
             self.uc.hook_add(uc_mod.UC_HOOK_INSN, self._on_cpuid, None, 1, 0, X.UC_X86_INS_CPUID),
             # Only outside RAM: a memory hook covering RAM would keep every store on
@@ -734,6 +738,8 @@ class VCpu:
     def close(self) -> None:
         if self.native_delivery is not None:
             self.native_delivery.unhook_exceptions()
+        if self.port_hooks is not None:
+            self.port_hooks.detach()
         for h in self._hooks:
             try:
                 self.uc.hook_del(h)

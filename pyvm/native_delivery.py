@@ -73,3 +73,18 @@ def native_delivery(cpu: Any) -> Any:
 STATUS_OK = 0
 STATUS_FAULT = 1
 STATUS_UNICORN_ERROR = 2
+
+
+def native_port_hooks(cpu: Any, read: Any, write: Any) -> Any:
+    """The native IN/OUT hooks (:class:`pyvm._portio.PortHooks`) for ``cpu``, calling
+    ``read(port, size)`` and ``write(port, size, value)``; None where the native delivery
+    is not used (then ``VCpu._on_in``/``_on_out``, their twins, are hooked instead)."""
+    if cpu.native_delivery is None:
+        return None
+    try:
+        portio = importlib.import_module("pyvm._portio")
+    except ImportError:  # an older build without it: the Python hooks do the same
+        return None
+    return portio.PortHooks(cpu.uc._uch.value, _address("uc_hook_add"), _address("uc_hook_del"),
+                            _address("uc_emu_stop"), X.UC_X86_INS_IN, X.UC_X86_INS_OUT,
+                            read, write, cpu)

@@ -15,12 +15,21 @@ Besides port I/O the pair offers the machine three calls:
 Whenever the INT output goes from low to high the pair calls ``ctx.kick()`` so that the run
 loop stops the vCPU and delivers the interrupt.
 
+The hot paths (``set_irq``, ``has_pending``, ``acknowledge``, port I/O: every timer tick
+runs them) have a C twin in :mod:`pyvm._pic` working on the same register lists; the
+methods below are the reference, used when ``PYVM_PURE_PYTHON=1`` or
+``PYVM_DELIVERY=python`` is set or the extension is not built.
+
 Deviation from the silicon: the master's cascade input (IR2) follows the slave's INT output
 as a level, whatever its trigger mode, so a slave request raised while another slave request
 is being acknowledged is never lost.
 """
 
 from __future__ import annotations
+
+import importlib
+import os
+from typing import Any
 
 from pyvm.devices.base import Device
 from pyvm.vmstate import Field, VMStateDescription
@@ -61,6 +70,18 @@ PIC_VMSD = VMStateDescription(
 )
 
 
+def _load_native() -> Any:
+    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
+        return None
+    try:
+        return importlib.import_module("pyvm._pic")
+    except ImportError:  # not built: the Python methods give the same results
+        return None
+
+
+_native: Any = _load_native()
+
+
 def _lowest_priority_index(bits: int, priority_add: int) -> int:
     """Priority rank (0 = highest) of the best request in ``bits``, or 8 if none.
 
@@ -99,8 +120,12 @@ class PicPair(Device):
     elcr: list[int]
     ltim: list[int]
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool | None = None) -> None:
         super().__init__()
+        if native is None:      # read per device, as PYVM_DELIVERY is per vCPU (tests set it)
+            native = os.environ.get("PYVM_DELIVERY", "") != "python"
+        #: the C twin (pyvm._pic) runs the hot paths
+        self.native = bool(native) and _native is not None
         self._int_out = False
         self._logged: set[str] = set()
         # Rising edges per ISA line for ``info irq`` (hw/intc/i8259.c pic_stat_update_irq);
@@ -121,18 +146,26 @@ class PicPair(Device):
         self._int_out = self._master_irq() >= 0
 
     def io_read(self, port: int, size: int) -> int:
+        if self.native:
+            return int(_native.io_read(self, port, size))
         value = 0
         for i in range(size):
             value |= self._read_byte(port + i) << (8 * i)
         return value
 
     def io_write(self, port: int, size: int, value: int) -> None:
+        if self.native:
+            _native.io_write(self, port, size, value)
+            return
         for i in range(size):
             self._write_byte(port + i, (value >> (8 * i)) & 0xFF)
 
     # -- machine API --------------------------------------------------------------------
     def set_irq(self, line: int, level: bool) -> None:
         """Drive ISA interrupt ``line`` (0-15) to ``level``."""
+        if self.native:
+            _native.set_irq(self, line, level)
+            return
         if not 0 <= line <= 15:
             raise ValueError(f"ISA IRQ line {line} out of range 0-15")
         if level and not self._irq_level[line]:
@@ -153,6 +186,8 @@ class PicPair(Device):
 
     def has_pending(self) -> bool:
         """True when an unmasked request beats everything in service (the INT output)."""
+        if self.native:
+            return bool(_native.has_pending(self))
         return self._master_irq() >= 0
 
     def acknowledge(self) -> int:
@@ -162,6 +197,8 @@ class PicPair(Device):
         vector and the slave with its IR7 vector, without touching ISR — a spurious
         interrupt, as the datasheet describes.
         """
+        if self.native:
+            return int(_native.acknowledge(self))
         irq = self._master_irq()
         if irq < 0:
             vector = (self.irq_base[MASTER] + 7) & 0xFF
