@@ -108,7 +108,7 @@ class _Vm:
     """One ``python -m pyvm`` process with a QMP socket in ``workdir``."""
 
     def __init__(self, workdir: str, sockdir: str, name: str, args: Sequence[str],
-                 prefix: Sequence[str] = ()) -> None:
+                 prefix: Sequence[str] = (), serial: str = "null") -> None:
         from pyvm import qmp_client
 
         self.sock = os.path.join(sockdir, f"{name}.qmp")
@@ -116,7 +116,7 @@ class _Vm:
             os.unlink(self.sock)
         self.log_path = os.path.join(workdir, f"{name}.stderr")
         cmd = [*prefix, sys.executable, "-m", "pyvm", *args, "-display", "none",
-               "-serial", "null", "-qmp", f"unix:{self.sock},server=on,wait=off"]
+               "-serial", serial, "-qmp", f"unix:{self.sock},server=on,wait=off"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
                                          preexec_fn=_die_with_parent)
@@ -170,9 +170,13 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
             timeout: float = 120.0, poll: float = POLL, progress: bool = True,
             zero_scan: bool = False,
             src_prefix: Sequence[str] = (), dst_prefix: Sequence[str] = (),
-            uri: str = "", incoming: str = "") -> RealResult:
+            uri: str = "", incoming: str = "", workload: str = "") -> RealResult:
     """Migrate a running guest from one pyvm process to another under ``policy``.
 
+    ``workload`` (:mod:`pyvm.lab.linux_workloads`, e.g. ``dd-tmpfs:mb=8``): the guest is
+    the Linux one instead of ``kernel``/``append``; the source boots to its shell, the
+    workload is typed on its serial console, and ``warmup`` counts from the workload's
+    marker.  Progress counters are ``dirty.elf``'s, so ``progress`` is off then.
     ``uri``/``incoming`` default to a unix socket in ``workdir``.  Returns when the
     migration completed or failed, or after ``timeout`` seconds (status ``timeout``);
     both processes are killed before it returns, whatever happened.
@@ -183,12 +187,27 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
     if not uri:
         path = os.path.join(sockdir, "migrate.sock")
         uri = incoming = f"unix:{path}"
-    guest = ["-m", ram, "-kernel", kernel, "-append", append]
+    serial = "null"
+    if workload:
+        from pyvm.lab.linux_workloads import (WorkloadConsole, linux_cmdline, linux_files,
+                                              parse_workload, serial_path)
+
+        wl = parse_workload(workload)
+        kernel, initrd = linux_files()
+        guest = ["-m", ram, "-kernel", kernel, "-initrd", initrd, "-append", linux_cmdline()]
+        serial = f"unix:{serial_path(sockdir)},server=on,wait=off"
+        progress = False
+    else:
+        guest = ["-m", ram, "-kernel", kernel, "-append", append]
     scratch = os.path.join(workdir, "progress.bin")
     rng = dirty_range(append)
     src = dst = None
+    console = None
     try:
-        src = _Vm(workdir, sockdir, "src", guest, src_prefix)
+        src = _Vm(workdir, sockdir, "src", guest, src_prefix, serial)
+        if workload:
+            console = WorkloadConsole(serial_path(sockdir))
+            console.start(wl)
         dst = _Vm(workdir, sockdir, "dst", [*guest, "-S", "-incoming", incoming], dst_prefix)
         time.sleep(warmup)      # the guest's own start-up, as 'record --warmup' waits
         src.cmd("migrate-set-parameters", **{
@@ -239,6 +258,8 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
         res.history = rounds_from_samples(res.samples)
         return res
     finally:
+        if console is not None:
+            console.close()
         for vm in (src, dst):
             if vm is not None:
                 vm.kill()

@@ -28,7 +28,7 @@ import numpy as np
 from pyvm.lab.errors import LabError
 from pyvm.lab.link import LinkModel
 from pyvm.lab.realvm import RealResult, migrate
-from pyvm.lab.record import record
+from pyvm.lab.record import record, record_linux
 from pyvm.lab.simulate import SimResult, simulate_safely
 from pyvm.lab.trace import Trace
 from pyvm.lab.workloads import parse_size
@@ -79,24 +79,30 @@ def zero_pages(machine: Any) -> np.ndarray:
 def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int, *,
              downtime_limit_ms: int = 300, interval: float = 0.05, duration: float = 10.0,
              warmup: float = 0.5, link: str = DEFAULT_LINK, workdir: str | None = None,
-             device_bytes: int = PYVM_DEVICE_BYTES) -> Validation:
-    """Record, migrate and simulate the guest; see the module docstring."""
+             device_bytes: int = PYVM_DEVICE_BYTES, workload: str = "") -> Validation:
+    """Record, migrate and simulate the guest; see the module docstring.  ``workload``:
+    the Linux guest running that workload (:mod:`pyvm.lab.linux_workloads`) instead of
+    ``kernel`` and ``append``."""
     zero: list[np.ndarray] = []
-    trace = record(kernel, append, parse_size(ram), interval, duration, warmup=warmup,
-                   on_start=lambda m: zero.append(zero_pages(m)))
+    if workload:
+        trace = record_linux([workload], parse_size(ram), interval, duration, warmup=warmup,
+                             on_start=lambda m: zero.append(zero_pages(m)))[0]
+    else:
+        trace = record(kernel, append, parse_size(ram), interval, duration, warmup=warmup,
+                       on_start=lambda m: zero.append(zero_pages(m)))
     with tempfile.TemporaryDirectory(prefix="pyvm-lab-") as tmp:
         if link == "measure":
             cal = migrate(kernel, append, ram, "qemu", workdir=os.path.join(workdir or tmp, "cal"),
-                          warmup=warmup, progress=False)
+                          warmup=warmup, progress=False, workload=workload)
             if cal.status != "completed" or not cal.downtime > 0:
                 raise LabError(f"validate: the calibration migration {cal.status}: {cal.error}")
             link = f"{cal.downtime_bytes / cal.downtime:.0f}B"
         measured = migrate(kernel, append, ram, policy, workdir=workdir or tmp,
                            max_bandwidth=max_bandwidth, downtime_limit_ms=downtime_limit_ms,
-                           warmup=warmup, zero_scan=True)
+                           warmup=warmup, zero_scan=True, workload=workload)
     limits = Limits(downtime_limit=downtime_limit_ms / 1e3, max_bandwidth=float(max_bandwidth))
     predicted = simulate_safely(trace, load_policy(policy), LinkModel.parse(link), limits,
-                                device_bytes=device_bytes, trace_name=os.path.basename(kernel),
+                                device_bytes=device_bytes, trace_name=workload or os.path.basename(kernel),
                                 zero=measured.zero if measured.zero is not None else
                                 zero[0] if zero else None)
     return Validation(measured, predicted, trace, link)
