@@ -170,14 +170,19 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
             timeout: float = 120.0, poll: float = POLL, progress: bool = True,
             zero_scan: bool = False,
             src_prefix: Sequence[str] = (), dst_prefix: Sequence[str] = (),
-            uri: str = "", incoming: str = "", workload: str = "") -> RealResult:
+            uri: str = "", incoming: str = "", workload: str = "",
+            src_args: Sequence[str] = (), progress_every: float = 4 * POLL) -> RealResult:
     """Migrate a running guest from one pyvm process to another under ``policy``.
 
     ``workload`` (:mod:`pyvm.lab.linux_workloads`, e.g. ``dd-tmpfs:mb=8``): the guest is
     the Linux one instead of ``kernel``/``append``; the source boots to its shell, the
     workload is typed on its serial console, and ``warmup`` counts from the workload's
     marker.  Progress counters are ``dirty.elf``'s, so ``progress`` is off then.
-    ``uri``/``incoming`` default to a unix socket in ``workdir``.  Returns when the
+    ``progress``: read ``dirty.elf``'s write counters before the migration, every
+    ``progress_every`` seconds during it (``math.inf``: never; each reading is a
+    ``pmemsave`` of the range, which costs the source CPU) and once more after it
+    completed (the paused source's final count).  ``src_args``: more options for the source (``-d migration`` logs every round into
+    ``workdir/src.stderr``).  ``uri``/``incoming`` default to a unix socket in ``workdir``.  Returns when the
     migration completed or failed, or after ``timeout`` seconds (status ``timeout``);
     both processes are killed before it returns, whatever happened.
     """
@@ -204,7 +209,7 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
     src = dst = None
     console = None
     try:
-        src = _Vm(workdir, sockdir, "src", guest, src_prefix, serial)
+        src = _Vm(workdir, sockdir, "src", [*guest, *src_args], src_prefix, serial)
         if workload:
             console = WorkloadConsole(serial_path(sockdir))
             console.start(wl)
@@ -218,11 +223,15 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
             src.cmd("pmemsave", val=0, size=parse_size(ram), filename=scratch)
             pages = np.fromfile(scratch, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
             res.zero = np.logical_not(pages.any(axis=1))
+        if progress:
+            before = time.monotonic()
+            writes = guest_writes(src, rng, scratch)
+            read_at = (before + time.monotonic()) / 2     # pmemsave's copy, about
         t0 = time.monotonic()
         if progress:
-            res.progress.append((0.0, guest_writes(src, rng, scratch)))
+            res.progress.append((read_at - t0, writes))
         src.cmd("migrate", uri=uri)
-        next_progress = t0 + 4 * poll
+        next_progress = t0 + progress_every
         cancelled_at = 0.0
         while True:
             info = src.cmd("query-migrate")
@@ -253,8 +262,11 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
                 cancelled_at = t
             if progress and status == "active" and time.monotonic() >= next_progress:
                 res.progress.append((time.monotonic() - t0, guest_writes(src, rng, scratch)))
-                next_progress = time.monotonic() + 4 * poll
+                next_progress = time.monotonic() + progress_every
             time.sleep(poll)
+        if progress and res.status == "completed":
+            # the source is paused now: its counters are the guest's last before the stop
+            res.progress.append((res.total_time - res.downtime, guest_writes(src, rng, scratch)))
         res.history = rounds_from_samples(res.samples)
         return res
     finally:

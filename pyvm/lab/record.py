@@ -33,13 +33,14 @@ def words_to_mask(words: npt.NDArray[np.uint64], npages: int) -> npt.NDArray[np.
 def record(kernel: str, append: str, ram_size: int, interval: float, duration: float, *,
            smp: int = 1, warmup: float = 0.0, slice_ms: float = 10.0,
            on_sample: Callable[[int, int], None] | None = None,
-           on_start: Callable[[Machine], None] | None = None) -> Trace:
+           on_start: Callable[[Machine], None] | None = None,
+           on_end: Callable[[Machine], None] | None = None) -> Trace:
     """Boot ``kernel`` with ``append``, let it run ``warmup`` seconds, then record
     ``duration`` seconds of dirty pages, one sample every ``interval`` seconds.
 
     ``on_sample(i, pages)`` is called after each sample (progress reports);
     ``on_start(machine)`` just before the first interval begins (to look at the RAM the
-    recording starts from).
+    recording starts from), ``on_end(machine)`` right after the last sample.
     """
     _check(interval, duration)
     cfg = MachineConfig(ram_size=ram_size, kernel=kernel, append=append or None, smp=smp,
@@ -49,7 +50,7 @@ def record(kernel: str, append: str, ram_size: int, interval: float, duration: f
     try:
         if warmup > 0:
             time.sleep(warmup)      # the guest's own start-up, not a condition to await
-        trace = _sample(machine, interval, duration, on_sample, on_start)
+        trace = _sample(machine, interval, duration, on_sample, on_start, on_end)
     finally:
         _end(machine)
     return _finish(trace, kernel.rsplit("/", 1)[-1], append,
@@ -89,7 +90,7 @@ def record_linux(workloads: Sequence[str], ram_size: int, interval: float, durat
                 ready_s = time.monotonic() - t_boot
                 if warmup > 0:
                     time.sleep(warmup)  # the workload's steady state, not a condition
-                trace = _sample(machine, interval, duration, on_sample, on_start)
+                trace = _sample(machine, interval, duration, on_sample, on_start, None)
                 if machine.exit_code is None and wl.name != "idle":
                     console.stop()
                 traces.append(_finish(trace, "linux", spec, {
@@ -134,7 +135,8 @@ class _Taken:
 
 def _sample(machine: Machine, interval: float, duration: float,
             on_sample: Callable[[int, int], None] | None,
-            on_start: Callable[[Machine], None] | None) -> _Taken:
+            on_start: Callable[[Machine], None] | None,
+            on_end: Callable[[Machine], None] | None) -> _Taken:
     """Turn on dirty logging on a running machine and take ``duration / interval``
     samples; dirty logging is off again afterwards."""
     samples = max(1, int(round(duration / interval)))
@@ -172,6 +174,8 @@ def _sample(machine: Machine, interval: float, duration: float,
         if on_sample is not None:
             on_sample(i, int(np.count_nonzero(mask)))
     out.exit_code = machine.exit_code
+    if on_end is not None and out.exit_code is None:
+        on_end(machine)
     if out.exit_code is None:
         machine.stop_dirty_log()
     return out
