@@ -183,16 +183,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from pyvm.lab.validate import report, validate
 
     kernel = args.kernel if os.sep in args.kernel else guest_path(args.kernel)
-    results = []
-    for spec in args.policy or ["qemu"]:
-        from pyvm.lab.linux_workloads import LINUX_RAM
+    from pyvm.lab.linux_workloads import LINUX_RAM
 
-        ram = args.m or (LINUX_RAM if args.workload else "64M")
+    results = []
+    ram = args.m or (LINUX_RAM if args.workload else "64M")
+    calibration = None
+    for spec in args.policy or ["qemu"]:
         v = validate(kernel, args.append, ram, spec, int(parse_rate(args.max_bandwidth)),
                      downtime_limit_ms=int(args.downtime_limit),
                      interval=parse_time(args.interval), duration=parse_time(args.duration),
-                     warmup=parse_time(args.warmup), link=args.link, workload=args.workload)
-        print(report(v))
+                     warmup=parse_time(args.warmup), link=args.link, workload=args.workload,
+                     calibration=calibration)
+        calibration = v.calibration          # measured once, for every policy
+        print(report(v), flush=True)
         results.append(v)
     if args.json:
         print(json.dumps([{"policy": v.measured.policy, "rows": v.rows()} for v in results],
@@ -295,8 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="QEMU's max-bandwidth: the precopy link rate (default 20MB)")
     p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")
     p.add_argument("--link", default="measure",
-                   help="the channel's own rate, for the final copy (default: measured "
-                   "by a calibration migration without max-bandwidth)")
+                   help="the channel's own rate (default: measured, with the fixed costs "
+                   "of a round and of the switchover, by calibration migrations of the "
+                   "same guest under qemu, once for all policies)")
     p.add_argument("--interval", default="50ms", help="trace sample period (default 50ms)")
     p.add_argument("--duration", default="10s", help="trace length (default 10s)")
     p.add_argument("--warmup", default="0.5s", help="guest run time before both start")

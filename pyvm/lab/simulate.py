@@ -10,10 +10,10 @@ The model, kept simple enough to compute by hand (``docs/lab.md`` derives an exa
   plus the page).  A trace holds no page contents, so zero pages are only told apart
   when the caller passes ``zero`` (the pages that were zero when the migration started,
   as ``pyvm-lab validate`` measures them): such a page costs :data:`ZERO_WIRE_BYTES` (a
-  ``ZERO`` record) until the guest first writes it.  Precopy rounds go out at
-  ``min(link.effective, max-bandwidth)``; the final copy at ``link.effective``, since
-  the rate limit does not apply in the downtime (``migration/migration.c``,
-  migration_completion lifts it).
+  ``ZERO`` record) until the guest first writes it; of the zero pages a round sends
+  and the guest writes while the round lasts, half go out whole (written before their
+  turn).  The final copy goes at ``link.effective``, since the rate limit does not
+  apply in the downtime (``migration/migration.c``, migration_completion lifts it).
 * ``max-bandwidth`` is enforced as QEMU does, in windows of 100 ms
   (``BUFFER_DELAY``, ``migration/migration.h``; pyvm's ``RATE_WINDOW``): pages go out in
   batches of 256 at the link's rate; once a window's bytes reach its budget
@@ -44,6 +44,7 @@ simulated migrations a minute.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -270,17 +271,28 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
         top_throttle = max(top_throttle, throttle)
         send = decision.send
         n = int(np.count_nonzero(unsent)) if send is None else int(send.size)
+        sent_mask = None
         if send is None:
             nbytes = wire(None, n)
+            if zeros is not None:
+                sent_mask = unsent.copy()
             unsent[:] = False
         else:
             if zeros is not None:
-                chosen = np.zeros(npages, dtype=np.bool_)
-                chosen[send] = True
-                nbytes = wire(chosen, n)
+                sent_mask = np.zeros(npages, dtype=np.bool_)
+                sent_mask[send] = True
+                nbytes = wire(sent_mask, n)
             else:
                 nbytes = wire(None, n)
             unsent[send] = False
+        if sent_mask is not None and zeros is not None:
+            # A zero page the guest writes during the round, before its turn, goes out
+            # whole: on average half of those written while the round lasts.
+            est = max(copy.copy(window).send(t, nbytes) - t, min_round) + round_cost
+            during = np.unpackbits(cursor.dirtied(g, g + est * guest_speed * (1 - throttle / 100)),
+                                   count=npages).view(np.bool_)
+            late = int(np.count_nonzero(zeros & sent_mask & during))
+            nbytes += late // 2 * (PAGE_WIRE_BYTES - ZERO_WIRE_BYTES)
         wire_total += nbytes
         sending = window.send(t, nbytes) - t
         duration = max(sending, min_round) + round_cost

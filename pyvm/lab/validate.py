@@ -150,7 +150,7 @@ def costs_from(cal: RealResult, log: str, line_rate: float) -> tuple[float, floa
 
 def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
               max_bandwidth: int, downtime_limit_ms: int, workload: str = "",
-              runs: int = 3) -> Calibration:
+              runs: int = 4) -> Calibration:
     """Migrate the guest ``runs`` times under ``qemu``, its source logging every round:
     first without ``max-bandwidth`` for the channel's rate, then with the measured run's
     ``max-bandwidth`` and ``downtime-limit`` for the fixed costs (the median of those runs:
@@ -209,12 +209,14 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
              downtime_limit_ms: int = 300, interval: float = 0.05, duration: float = 10.0,
              warmup: float = 0.5, link: str = DEFAULT_LINK, workdir: str | None = None,
              device_bytes: int = PYVM_DEVICE_BYTES, workload: str = "",
-             speed: bool = True, calibration_runs: int = 3) -> Validation:
+             speed: bool = True, calibration_runs: int = 4,
+             calibration: Calibration | None = None) -> Validation:
     """Record, migrate and simulate the guest; see the module docstring.  ``workload``:
     the Linux guest running that workload (:mod:`pyvm.lab.linux_workloads`) instead of
     ``kernel`` and ``append``.  ``speed``: scale the trace's time by the guest's measured
     speed during the migration over its speed while recorded (``dirty.elf`` only: its
-    write counters)."""
+    write counters).  ``calibration``: reuse one (:func:`calibrate` of the same guest and
+    limits) instead of measuring it again."""
     zero: list[np.ndarray] = []
     counters = _Counters(append) if not workload and \
         os.path.basename(kernel) == "dirty.elf" and speed else None
@@ -230,7 +232,9 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
         trace = record(kernel, append, parse_size(ram), interval, duration, warmup=warmup,
                        on_start=at_start, on_end=counters.read if counters else None)
     with tempfile.TemporaryDirectory(prefix="pyvm-lab-") as tmp:
-        if link == "measure":
+        if calibration is not None:
+            calib = calibration
+        elif link == "measure":
             calib = calibrate(kernel, append, ram, os.path.join(workdir or tmp, "cal"), warmup,
                               max_bandwidth, downtime_limit_ms, workload, calibration_runs)
         else:
