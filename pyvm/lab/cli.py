@@ -1,6 +1,7 @@
 """``pyvm-lab``: record dirty-page traces, simulate migration policies, sweep and plot.
 
     pyvm-lab record   -kernel GUEST -append ARGS -m 64M --interval 50ms --duration 5s -o T
+    pyvm-lab record   --workload dd-tmpfs:mb=8 -m 256M --duration 5s -o T   (Linux guest)
     pyvm-lab info     TRACE [--plot DIR]
     pyvm-lab simulate (--trace FILE | --workload SPEC) --policy P [--policy P...] --link L
     pyvm-lab sweep    --policy P... (--trace F | --workload S)... --link L... --out results.csv
@@ -63,8 +64,20 @@ def _cmd_record(args: argparse.Namespace) -> int:
         if not args.quiet:
             print(f"\rsample {i + 1}: {pages} pages", end="", file=sys.stderr, flush=True)
 
-    trace = record(kernel, args.append, parse_size(args.m), interval, duration, smp=args.smp,
-                   warmup=parse_time(args.warmup), on_sample=progress)
+    if args.workload:
+        from pyvm.lab.linux_workloads import LINUX_RAM
+        from pyvm.lab.record import record_linux
+
+        def booting(spec: str) -> None:
+            if not args.quiet:
+                print(f"booting Linux, then starting '{spec}' at its shell", file=sys.stderr,
+                      flush=True)
+        trace = record_linux([args.workload], parse_size(args.m or LINUX_RAM), interval,
+                             duration, warmup=parse_time(args.warmup), on_sample=progress,
+                             on_workload=booting)[0]
+    else:
+        trace = record(kernel, args.append, parse_size(args.m or "64M"), interval, duration,
+                       smp=args.smp, warmup=parse_time(args.warmup), on_sample=progress)
     if not args.quiet:
         print(file=sys.stderr)
     size = save(trace, args.output)
@@ -170,13 +183,19 @@ def _cmd_validate(args: argparse.Namespace) -> int:
     from pyvm.lab.validate import report, validate
 
     kernel = args.kernel if os.sep in args.kernel else guest_path(args.kernel)
+    from pyvm.lab.linux_workloads import LINUX_RAM
+
     results = []
+    ram = args.m or (LINUX_RAM if args.workload else "64M")
+    calibration = None
     for spec in args.policy or ["qemu"]:
-        v = validate(kernel, args.append, args.m, spec, int(parse_rate(args.max_bandwidth)),
+        v = validate(kernel, args.append, ram, spec, int(parse_rate(args.max_bandwidth)),
                      downtime_limit_ms=int(args.downtime_limit),
                      interval=parse_time(args.interval), duration=parse_time(args.duration),
-                     warmup=parse_time(args.warmup), link=args.link)
-        print(report(v))
+                     warmup=parse_time(args.warmup), link=args.link, workload=args.workload,
+                     calibration=calibration)
+        calibration = v.calibration          # measured once, for every policy
+        print(report(v), flush=True)
         results.append(v)
     if args.json:
         print(json.dumps([{"policy": v.measured.policy, "rows": v.rows()} for v in results],
@@ -216,8 +235,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-kernel", "--kernel", default="hello.elf",
                    help="guest image: a path or a packaged name (default hello.elf)")
     p.add_argument("-append", "--append", default="", help="the guest's command line")
-    p.add_argument("-m", default="64M", help="RAM size (default 64M)")
+    p.add_argument("-m", default="", help="RAM size (default 64M; 256M with --workload)")
     p.add_argument("-smp", "--smp", type=int, default=1)
+    p.add_argument("--workload", metavar="NAME[:key=N]", default="",
+                   help="record the Linux guest (pyvm-linux-guest) running a busybox "
+                   "workload at its shell instead of -kernel: memloop[:mb=8], "
+                   "dd-tmpfs[:mb=8], churn[:files=64] or idle; recording starts once it runs")
     p.add_argument("--interval", default="50ms", help="sample period (default 50ms)")
     p.add_argument("--duration", default="5s", help="recording length (default 5s)")
     p.add_argument("--warmup", default="0.5s", help="run this long before recording")
@@ -266,14 +289,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="guest image: a path or a packaged name (default dirty.elf)")
     p.add_argument("-append", "--append", default="start=2 size=16 pattern=1 rate=200",
                    help="the guest's command line")
-    p.add_argument("-m", default="64M", help="RAM size (default 64M)")
+    p.add_argument("-m", default="", help="RAM size (default 64M; 256M with --workload)")
+    p.add_argument("--workload", metavar="NAME[:key=N]", default="",
+                   help="the Linux guest running this busybox workload instead of -kernel "
+                   "(as for record)")
     p.add_argument("--policy", action="append", help="repeatable (default qemu)")
     p.add_argument("--max-bandwidth", default="20MB",
                    help="QEMU's max-bandwidth: the precopy link rate (default 20MB)")
     p.add_argument("--downtime-limit", type=float, default=300.0, metavar="MS")
     p.add_argument("--link", default="measure",
-                   help="the channel's own rate, for the final copy (default: measured "
-                   "by a calibration migration without max-bandwidth)")
+                   help="the channel's own rate (default: measured, with the fixed costs "
+                   "of a round and of the switchover, by calibration migrations of the "
+                   "same guest under qemu, once for all policies)")
     p.add_argument("--interval", default="50ms", help="trace sample period (default 50ms)")
     p.add_argument("--duration", default="10s", help="trace length (default 10s)")
     p.add_argument("--warmup", default="0.5s", help="guest run time before both start")

@@ -18,11 +18,16 @@
     append = "start=2 size=16 pattern=1 rate=200"
     # wan = "rate=100Mbit,delay=10ms,loss=0.001"   (pyvm.lab.wan; needs root)
 
+    [[scenario]]
+    name = "linux-dd"
+    workload = "dd-tmpfs:mb=8"   # the Linux guest at its shell (pyvm.lab.linux_workloads);
+                                 # kernel and append are then the Linux guest's, ram 256M
+
 Every scenario is migrated once per policy between two fresh pyvm processes
 (:func:`pyvm.lab.realvm.migrate`).  Written per scenario under the output folder:
 ``remaining.png`` (remaining dirty MiB per round), ``throughput.png``, ``times.png``
 (total time and downtime per policy), ``progress.png`` (the guest's own writes per
-second, read from ``dirty.elf``'s counters) and ``heatmap.png`` (a recorded trace of the
+second, read from ``dirty.elf``'s counters; none for a Linux workload) and ``heatmap.png`` (a recorded trace of the
 same guest); plus ``summary.csv`` over everything.
 """
 
@@ -40,7 +45,7 @@ from pyvm.lab.link import parse_rate, parse_time
 from pyvm.lab.realvm import RealResult, migrate
 
 DEFAULTS: dict[str, Any] = {
-    "kernel": "dirty.elf", "ram": "64M", "max_bandwidth": "20MB", "downtime_limit": 300,
+    "kernel": "dirty.elf", "ram": "", "workload": "", "max_bandwidth": "20MB", "downtime_limit": 300,
     "warmup": "0.5s", "trace": "3s", "timeout": "60s", "append": "", "wan": "",
 }
 
@@ -57,6 +62,7 @@ class Scenario:
     trace: float
     timeout: float
     wan: str = ""
+    workload: str = ""
 
 
 @dataclass
@@ -76,14 +82,22 @@ def _scenario(raw: dict[str, Any], defaults: dict[str, Any], where: str) -> Scen
     try:
         from pyvm.guests import guest_path
 
-        kernel = str(v["kernel"])
+        from pyvm.lab.linux_workloads import LINUX_RAM, parse_workload
+
+        workload = str(v["workload"])
+        if workload:
+            parse_workload(workload)
+            kernel = "linux"
+        else:
+            kernel = str(v["kernel"])
+            kernel = kernel if os.sep in kernel else guest_path(kernel)
         bw = v["max_bandwidth"]
         return Scenario(
-            v["name"], kernel if os.sep in kernel else guest_path(kernel), str(v["append"]),
-            str(v["ram"]), int(bw) if isinstance(bw, int) else int(parse_rate(str(bw))),
+            v["name"], kernel, str(v["append"]),
+            str(v["ram"] or (LINUX_RAM if workload else "64M")), int(bw) if isinstance(bw, int) else int(parse_rate(str(bw))),
             int(v["downtime_limit"]), parse_time(str(v["warmup"])),
             parse_time(str(v["trace"])) if v["trace"] not in ("0", "0s", 0) else 0.0,
-            parse_time(str(v["timeout"])), str(v["wan"]))
+            parse_time(str(v["timeout"])), str(v["wan"]), workload)
     except (TypeError, ValueError) as err:
         raise LabError(f"{where}: {err}") from None
 
@@ -147,11 +161,12 @@ def run_scenario(sc: Scenario, policies: list[str], outdir: str,
                 r = migrate(sc.kernel, sc.append, sc.ram, policy, workdir=work,
                             max_bandwidth=sc.max_bandwidth, downtime_limit_ms=sc.downtime_limit,
                             warmup=sc.warmup, timeout=sc.timeout, src_prefix=path.src_prefix,
-                            dst_prefix=path.dst_prefix, uri=path.uri, incoming=path.incoming)
+                            dst_prefix=path.dst_prefix, uri=path.uri, incoming=path.incoming,
+                            workload=sc.workload)
         else:
             r = migrate(sc.kernel, sc.append, sc.ram, policy, workdir=work,
                         max_bandwidth=sc.max_bandwidth, downtime_limit_ms=sc.downtime_limit,
-                        warmup=sc.warmup, timeout=sc.timeout)
+                        warmup=sc.warmup, timeout=sc.timeout, workload=sc.workload)
         results.append(r)
         rows.append(row(sc, r))
         if on_result is not None:
@@ -164,15 +179,20 @@ def run_scenario(sc: Scenario, policies: list[str], outdir: str,
                      title=f"Throughput (shaded: downtime): {title}")
     plots.times_per_policy([s.row() for s in sims], os.path.join(outdir, "times.png"),
                            title=f"Total time and downtime: {title}")
-    plots.guest_progress([(r.policy, r.progress, r.total_time) for r in results],
-                         os.path.join(outdir, "progress.png"),
-                         title=f"Guest progress during migration: {title}")
+    if any(r.progress for r in results):      # dirty.elf's counters; none for Linux
+        plots.guest_progress([(r.policy, r.progress, r.total_time) for r in results],
+                             os.path.join(outdir, "progress.png"),
+                             title=f"Guest progress during migration: {title}")
     if sc.trace > 0:
-        from pyvm.lab.record import record
+        from pyvm.lab.record import record, record_linux
         from pyvm.lab.workloads import parse_size
 
-        trace = record(sc.kernel, sc.append, parse_size(sc.ram), 0.05, sc.trace,
-                       warmup=sc.warmup)
+        if sc.workload:
+            trace = record_linux([sc.workload], parse_size(sc.ram), 0.05, sc.trace,
+                                 warmup=sc.warmup)[0]
+        else:
+            trace = record(sc.kernel, sc.append, parse_size(sc.ram), 0.05, sc.trace,
+                           warmup=sc.warmup)
         plots.heatmap(trace, os.path.join(outdir, "heatmap.png"),
                       title=f"Dirty pages over time: {sc.name}")
     return rows

@@ -108,7 +108,7 @@ class _Vm:
     """One ``python -m pyvm`` process with a QMP socket in ``workdir``."""
 
     def __init__(self, workdir: str, sockdir: str, name: str, args: Sequence[str],
-                 prefix: Sequence[str] = ()) -> None:
+                 prefix: Sequence[str] = (), serial: str = "null") -> None:
         from pyvm import qmp_client
 
         self.sock = os.path.join(sockdir, f"{name}.qmp")
@@ -116,7 +116,7 @@ class _Vm:
             os.unlink(self.sock)
         self.log_path = os.path.join(workdir, f"{name}.stderr")
         cmd = [*prefix, sys.executable, "-m", "pyvm", *args, "-display", "none",
-               "-serial", "null", "-qmp", f"unix:{self.sock},server=on,wait=off"]
+               "-serial", serial, "-qmp", f"unix:{self.sock},server=on,wait=off"]
         with open(self.log_path, "wb") as log:
             self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log,
                                          preexec_fn=_die_with_parent)
@@ -170,10 +170,19 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
             timeout: float = 120.0, poll: float = POLL, progress: bool = True,
             zero_scan: bool = False,
             src_prefix: Sequence[str] = (), dst_prefix: Sequence[str] = (),
-            uri: str = "", incoming: str = "") -> RealResult:
+            uri: str = "", incoming: str = "", workload: str = "",
+            src_args: Sequence[str] = (), progress_every: float = 4 * POLL) -> RealResult:
     """Migrate a running guest from one pyvm process to another under ``policy``.
 
-    ``uri``/``incoming`` default to a unix socket in ``workdir``.  Returns when the
+    ``workload`` (:mod:`pyvm.lab.linux_workloads`, e.g. ``dd-tmpfs:mb=8``): the guest is
+    the Linux one instead of ``kernel``/``append``; the source boots to its shell, the
+    workload is typed on its serial console, and ``warmup`` counts from the workload's
+    marker.  Progress counters are ``dirty.elf``'s, so ``progress`` is off then.
+    ``progress``: read ``dirty.elf``'s write counters before the migration, every
+    ``progress_every`` seconds during it (``math.inf``: never; each reading is a
+    ``pmemsave`` of the range, which costs the source CPU) and once more after it
+    completed (the paused source's final count).  ``src_args``: more options for the source (``-d migration`` logs every round into
+    ``workdir/src.stderr``).  ``uri``/``incoming`` default to a unix socket in ``workdir``.  Returns when the
     migration completed or failed, or after ``timeout`` seconds (status ``timeout``);
     both processes are killed before it returns, whatever happened.
     """
@@ -183,27 +192,48 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
     if not uri:
         path = os.path.join(sockdir, "migrate.sock")
         uri = incoming = f"unix:{path}"
-    guest = ["-m", ram, "-kernel", kernel, "-append", append]
+    serial = "null"
+    if workload:
+        from pyvm.lab.linux_workloads import (WorkloadConsole, linux_cmdline, linux_files,
+                                              parse_workload, serial_path)
+
+        wl = parse_workload(workload)
+        kernel, initrd = linux_files()
+        guest = ["-m", ram, "-kernel", kernel, "-initrd", initrd, "-append", linux_cmdline()]
+        serial = f"unix:{serial_path(sockdir)},server=on,wait=off"
+        progress = False
+    else:
+        guest = ["-m", ram, "-kernel", kernel, "-append", append]
     scratch = os.path.join(workdir, "progress.bin")
     rng = dirty_range(append)
     src = dst = None
+    console = None
     try:
-        src = _Vm(workdir, sockdir, "src", guest, src_prefix)
+        src = _Vm(workdir, sockdir, "src", [*guest, *src_args], src_prefix, serial)
+        if workload:
+            console = WorkloadConsole(serial_path(sockdir))
+            console.start(wl)
         dst = _Vm(workdir, sockdir, "dst", [*guest, "-S", "-incoming", incoming], dst_prefix)
         time.sleep(warmup)      # the guest's own start-up, as 'record --warmup' waits
         src.cmd("migrate-set-parameters", **{
             "x-policy": policy, "downtime-limit": downtime_limit_ms,
             "max-bandwidth": max_bandwidth})
         res = RealResult(policy, "timeout")
+        if progress:
+            # Read first: a pmemsave stalls the guest, and dirty.elf catches the ticks it
+            # missed up afterwards, so the stall belongs inside the measured span.
+            before = time.monotonic()
+            writes = guest_writes(src, rng, scratch)
+            read_at = (before + time.monotonic()) / 2     # pmemsave's copy, about
         if zero_scan:
             src.cmd("pmemsave", val=0, size=parse_size(ram), filename=scratch)
             pages = np.fromfile(scratch, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
             res.zero = np.logical_not(pages.any(axis=1))
         t0 = time.monotonic()
         if progress:
-            res.progress.append((0.0, guest_writes(src, rng, scratch)))
+            res.progress.append((read_at - t0, writes))
         src.cmd("migrate", uri=uri)
-        next_progress = t0 + 4 * poll
+        next_progress = t0 + progress_every
         cancelled_at = 0.0
         while True:
             info = src.cmd("query-migrate")
@@ -234,11 +264,16 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
                 cancelled_at = t
             if progress and status == "active" and time.monotonic() >= next_progress:
                 res.progress.append((time.monotonic() - t0, guest_writes(src, rng, scratch)))
-                next_progress = time.monotonic() + 4 * poll
+                next_progress = time.monotonic() + progress_every
             time.sleep(poll)
+        if progress and res.status == "completed":
+            # the source is paused now: its counters are the guest's last before the stop
+            res.progress.append((res.total_time - res.downtime, guest_writes(src, rng, scratch)))
         res.history = rounds_from_samples(res.samples)
         return res
     finally:
+        if console is not None:
+            console.close()
         for vm in (src, dst):
             if vm is not None:
                 vm.kill()

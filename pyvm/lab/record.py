@@ -9,8 +9,10 @@ migration runs.
 
 from __future__ import annotations
 
+import os
+import tempfile
 import time
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import numpy.typing as npt
@@ -31,70 +33,149 @@ def words_to_mask(words: npt.NDArray[np.uint64], npages: int) -> npt.NDArray[np.
 def record(kernel: str, append: str, ram_size: int, interval: float, duration: float, *,
            smp: int = 1, warmup: float = 0.0, slice_ms: float = 10.0,
            on_sample: Callable[[int, int], None] | None = None,
-           on_start: Callable[[Machine], None] | None = None) -> Trace:
+           on_start: Callable[[Machine], None] | None = None,
+           on_end: Callable[[Machine], None] | None = None) -> Trace:
     """Boot ``kernel`` with ``append``, let it run ``warmup`` seconds, then record
     ``duration`` seconds of dirty pages, one sample every ``interval`` seconds.
 
     ``on_sample(i, pages)`` is called after each sample (progress reports);
     ``on_start(machine)`` just before the first interval begins (to look at the RAM the
-    recording starts from).
+    recording starts from), ``on_end(machine)`` right after the last sample.
     """
-    if interval <= 0 or duration <= 0:
-        raise LabError("record: interval and duration must be positive")
-    samples = max(1, int(round(duration / interval)))
+    _check(interval, duration)
     cfg = MachineConfig(ram_size=ram_size, kernel=kernel, append=append or None, smp=smp,
                         serial=["null"], slice_ms=slice_ms)
     machine = Machine(cfg)
-    blocks = list(machine.ram)
-    npages = sum(b.npages for b in blocks)
-    rows = np.zeros((samples, (npages + 7) // 8), dtype=np.uint8)
-    late = 0.0
-    taken = 0
-
-    def take() -> list[npt.NDArray[np.uint64]]:
-        return [b.dirty.fetch_and_clear() for b in blocks]
-
     machine.start()
     try:
         if warmup > 0:
             time.sleep(warmup)      # the guest's own start-up, not a condition to await
-        machine.start_dirty_log(blocks)
-        machine.run_on_loop(take)   # start_dirty_log marks every page: not a guest write
-        if on_start is not None:
-            on_start(machine)
-        t0 = time.monotonic()
-        for i in range(samples):
-            if machine.exit_code is not None:
-                break
-            deadline = t0 + (i + 1) * interval
-            pause = deadline - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
-            late = max(late, time.monotonic() - deadline)
-            if machine.exit_code is not None:
-                break               # the guest ended: keep the samples taken so far
-            try:
-                words = machine.run_on_loop(take, timeout=max(5.0, 10 * interval))
-            except TimeoutError:
-                if machine.exit_code is not None:
-                    break           # it ended between the check and the request
-                raise LabError("record: the guest's run loop stopped answering") from None
-            taken = i + 1
-            mask = np.concatenate([words_to_mask(w, b.npages) for w, b in zip(words, blocks)])
-            rows[i] = np.packbits(mask)
-            if on_sample is not None:
-                on_sample(i, int(np.count_nonzero(mask)))
-        exit_code = machine.exit_code
+        trace = _sample(machine, interval, duration, on_sample, on_start, on_end)
     finally:
-        if machine.exit_code is None:
-            machine.stop_dirty_log()
-        machine.request_exit(0)
-        machine.close()
-    notes = {"smp": smp, "slice_ms": slice_ms, "warmup_s": warmup,
-             "max_late_ms": round(late * 1e3, 3)}
-    if exit_code is not None:
-        notes["guest_exited"] = exit_code
-    if taken == 0:
-        raise LabError(f"record: the guest ended (status {exit_code}) before the first sample")
-    return Trace(rows[:taken], npages, interval, guest=kernel.rsplit("/", 1)[-1], append=append,
+        _end(machine)
+    return _finish(trace, kernel.rsplit("/", 1)[-1], append,
+                   {"smp": smp, "slice_ms": slice_ms, "warmup_s": warmup})
+
+
+def record_linux(workloads: Sequence[str], ram_size: int, interval: float, duration: float, *,
+                 warmup: float = 0.5, slice_ms: float = 10.0,
+                 on_sample: Callable[[int, int], None] | None = None,
+                 on_start: Callable[[Machine], None] | None = None,
+                 on_workload: Callable[[str], None] | None = None) -> list[Trace]:
+    """Boot the Linux guest once and record each workload in turn
+    (:mod:`pyvm.lab.linux_workloads`): type it at the shell, wait for its marker and then
+    ``warmup`` seconds, record ``duration`` seconds, stop it.  One trace per workload."""
+    from pyvm.lab.linux_workloads import (WorkloadConsole, linux_cmdline, linux_files,
+                                          parse_workload, serial_path)
+
+    _check(interval, duration)
+    parsed = [parse_workload(w) for w in workloads]
+    kernel, initrd = linux_files()
+    traces: list[Trace] = []
+    with tempfile.TemporaryDirectory(prefix="pyvm-lab-") as tmp:
+        sock = serial_path(tmp)
+        cfg = MachineConfig(ram_size=ram_size, kernel=kernel, initrd=initrd,
+                            append=linux_cmdline(), serial=[f"unix:{sock},server=on,wait=off"],
+                            slice_ms=slice_ms)
+        machine = Machine(cfg)
+        machine.start()
+        console = None
+        try:
+            console = WorkloadConsole(sock)
+            for wl, spec in zip(parsed, workloads):
+                if on_workload is not None:
+                    on_workload(spec)
+                t_boot = time.monotonic()
+                console.start(wl)
+                ready_s = time.monotonic() - t_boot
+                if warmup > 0:
+                    time.sleep(warmup)  # the workload's steady state, not a condition
+                trace = _sample(machine, interval, duration, on_sample, on_start, None)
+                if machine.exit_code is None and wl.name != "idle":
+                    console.stop()
+                traces.append(_finish(trace, "linux", spec, {
+                    "workload": spec, "slice_ms": slice_ms, "warmup_s": warmup,
+                    "ready_s": round(ready_s, 3), "kernel": os.path.basename(kernel)}))
+        finally:
+            if console is not None:
+                console.close()
+            _end(machine)
+    return traces
+
+
+def _check(interval: float, duration: float) -> None:
+    if interval <= 0 or duration <= 0:
+        raise LabError("record: interval and duration must be positive")
+
+
+def _end(machine: Machine) -> None:
+    if machine.exit_code is None:
+        machine.stop_dirty_log()
+    machine.request_exit(0)
+    machine.close()
+
+
+def _finish(t: "_Taken", guest: str, append: str, notes: dict[str, object]) -> Trace:
+    notes = {**notes, "max_late_ms": round(t.late * 1e3, 3)}
+    if t.exit_code is not None:
+        notes["guest_exited"] = t.exit_code
+    if t.taken == 0:
+        raise LabError(f"record: the guest ended (status {t.exit_code}) before the first sample")
+    return Trace(t.rows[:t.taken], t.npages, t.interval, guest=guest, append=append,
                  pyvm_version=__version__, notes=notes)
+
+
+class _Taken:
+    def __init__(self, rows: npt.NDArray[np.uint8], npages: int, interval: float) -> None:
+        self.rows, self.npages, self.interval = rows, npages, interval
+        self.taken = 0
+        self.late = 0.0
+        self.exit_code: int | None = None
+
+
+def _sample(machine: Machine, interval: float, duration: float,
+            on_sample: Callable[[int, int], None] | None,
+            on_start: Callable[[Machine], None] | None,
+            on_end: Callable[[Machine], None] | None) -> _Taken:
+    """Turn on dirty logging on a running machine and take ``duration / interval``
+    samples; dirty logging is off again afterwards."""
+    samples = max(1, int(round(duration / interval)))
+    blocks = list(machine.ram)
+    npages = sum(b.npages for b in blocks)
+    out = _Taken(np.zeros((samples, (npages + 7) // 8), dtype=np.uint8), npages, interval)
+
+    def take() -> list[npt.NDArray[np.uint64]]:
+        return [b.dirty.fetch_and_clear() for b in blocks]
+
+    machine.start_dirty_log(blocks)
+    machine.run_on_loop(take)   # start_dirty_log marks every page: not a guest write
+    if on_start is not None:
+        on_start(machine)
+    t0 = time.monotonic()
+    for i in range(samples):
+        if machine.exit_code is not None:
+            break
+        deadline = t0 + (i + 1) * interval
+        pause = deadline - time.monotonic()
+        if pause > 0:
+            time.sleep(pause)
+        out.late = max(out.late, time.monotonic() - deadline)
+        if machine.exit_code is not None:
+            break               # the guest ended: keep the samples taken so far
+        try:
+            words = machine.run_on_loop(take, timeout=max(5.0, 10 * interval))
+        except TimeoutError:
+            if machine.exit_code is not None:
+                break           # it ended between the check and the request
+            raise LabError("record: the guest's run loop stopped answering") from None
+        out.taken = i + 1
+        mask = np.concatenate([words_to_mask(w, b.npages) for w, b in zip(words, blocks)])
+        out.rows[i] = np.packbits(mask)
+        if on_sample is not None:
+            on_sample(i, int(np.count_nonzero(mask)))
+    out.exit_code = machine.exit_code
+    if on_end is not None and out.exit_code is None:
+        on_end(machine)
+    if out.exit_code is None:
+        machine.stop_dirty_log()
+    return out

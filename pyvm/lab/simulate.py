@@ -10,16 +10,30 @@ The model, kept simple enough to compute by hand (``docs/lab.md`` derives an exa
   plus the page).  A trace holds no page contents, so zero pages are only told apart
   when the caller passes ``zero`` (the pages that were zero when the migration started,
   as ``pyvm-lab validate`` measures them): such a page costs :data:`ZERO_WIRE_BYTES` (a
-  ``ZERO`` record) until the guest first writes it.  Precopy rounds go out at
-  ``min(link.effective, max-bandwidth)``; the final copy at ``link.effective``, since
-  the rate limit does not apply in the downtime (``migration/migration.c``,
-  migration_completion lifts it).
-* A round sending ``n`` pages lasts ``n * PAGE_WIRE_BYTES / rate`` (at least
-  ``min_round`` seconds); then the dirty bitmap is synced: every page the guest dirtied
-  meanwhile becomes unsent again.
-* Stop-and-copy sends the unsent pages and ``device_bytes`` of device state; downtime is
-  that transfer plus half a round trip (the last byte reaching the destination), and the
-  migration's total time ends with it.
+  ``ZERO`` record) until the guest first writes it; of the zero pages a round sends
+  and the guest writes while the round lasts, half go out whole (written before their
+  turn).  The final copy goes at ``link.effective``, since the rate limit does not
+  apply in the downtime (``migration/migration.c``, migration_completion lifts it).
+* ``max-bandwidth`` is enforced as QEMU does, in windows of 100 ms
+  (``BUFFER_DELAY``, ``migration/migration.h``; pyvm's ``RATE_WINDOW``): pages go out in
+  batches of 256 at the link's rate; once a window's bytes reach its budget
+  (``max-bandwidth`` x 0.1 s) the sender sleeps until those bytes' share of time is over,
+  and a window older than 100 ms starts afresh (:class:`RateWindow`).  So a round
+  smaller than what is left of the budget goes out at the link's rate (a burst), and a
+  long round averages ``max-bandwidth``.
+* A round sending ``n`` pages lasts as long as that takes (at least ``min_round``
+  seconds), plus ``round_cost`` (the dirty-bitmap sync and the policy's own time, which
+  ``pyvm-lab validate`` calibrates); then the dirty bitmap is synced: every page the guest
+  dirtied meanwhile becomes unsent again.  The bandwidth a policy is told is the round's
+  bytes over its sending time, as the engine measures it.
+* Stop-and-copy sends the unsent pages and ``device_bytes`` of device state at the link's
+  rate; downtime is ``switchover_cost`` (stopping the vCPUs, the last sync, saving the
+  devices: calibrated, 0 by default) plus that transfer plus half a round trip (the last
+  byte reaching the destination), and the migration's total time ends with it.
+* ``spread``: a sample's pages are written across its interval, each page at its own
+  fixed point (:class:`TraceCursor`), instead of all at its end.
+* ``guest_speed``: the guest runs at this fraction of the speed it was recorded at (guest
+  time advances at ``guest_speed * (1 - throttle/100)`` of wall time).
 * Postcopy sends the device state (downtime: that plus half a round trip), then pushes
   the unsent pages from the running destination's side; total time includes them.
 
@@ -30,6 +44,7 @@ simulated migrations a minute.
 
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -52,7 +67,43 @@ DEVICE_BYTES = 64 * 1024
 MAX_TIME = 600.0
 MIN_ROUND = 0.001
 MAX_ROUNDS = 5000
+#: QEMU's rate-limit window (``BUFFER_DELAY``, ``migration/migration.h``), seconds.
+RATE_WINDOW = 0.1
+#: The bytes of one batch of pages the engine sends between two rate-limit checks
+#: (``BATCH_PAGES`` = 256 page records, ``pyvm/migration/control/channel.py``).
+BATCH_BYTES = 256 * PAGE_WIRE_BYTES
 _EPS = 1e-9
+
+
+class RateWindow:
+    """QEMU's ``max-bandwidth`` limiter as pyvm's engine runs it
+    (``pyvm/migration/control/precopy.py``, ``_rate_limit``; QEMU's
+    ``migration_rate_limit``): pages go out in batches of :data:`BATCH_BYTES` at the
+    link's rate; after each batch, a window older than :data:`RATE_WINDOW` starts afresh,
+    and once a window's bytes reach its budget the sender sleeps until the window's time
+    for those bytes (``start + RATE_WINDOW * bytes / budget``) and a new window starts.
+    ``send(t, nbytes)`` is when the last of ``nbytes`` handed over at ``t`` is out."""
+
+    def __init__(self, line: float, limit: float) -> None:
+        self.line, self.limit = line, limit
+        self.budget = limit * RATE_WINDOW
+        self.start, self.used = -math.inf, 0.0
+
+    def send(self, t: float, nbytes: float) -> float:
+        if not self.limit:
+            return t + nbytes / self.line
+        left = nbytes
+        while left > 0:
+            b = min(BATCH_BYTES, left)
+            left -= b
+            t += b / self.line
+            if t - self.start >= RATE_WINDOW:
+                self.start, self.used = t, 0.0
+            self.used += b
+            if self.used >= self.budget:
+                t = max(t, self.start + RATE_WINDOW * self.used / self.budget)
+                self.start, self.used = t, 0.0
+        return t
 
 
 @dataclass
@@ -88,16 +139,50 @@ class SimResult:
 
 
 class TraceCursor:
-    """Unions of trace samples between two guest times, on the packed bitmaps."""
+    """Unions of trace samples between two guest times, on the packed bitmaps.
 
-    def __init__(self, trace: Trace) -> None:
+    Sample *i* covers guest times ``(i * interval, (i + 1) * interval]``.  By default all
+    its pages count as written at the end; with ``spread`` each page is written at its
+    own fixed point of the interval (``(i + phase[p]) * interval``, ``phase`` uniform in
+    (0, 1], seeded), as a guest writing all the time does, so that a round shorter than
+    the interval sees its share of the sample's pages rather than all or none.
+    """
+
+    def __init__(self, trace: Trace, spread: bool = False) -> None:
         self.trace = trace
         self.rows = trace.bitmaps
         self.all = np.bitwise_or.reduce(self.rows, axis=0) if trace.samples else \
             np.zeros(self.rows.shape[1], np.uint8)
+        self.phase = 1.0 - np.random.default_rng(0).random(trace.npages) if spread else None
+
+    def _part(self, i: int, lo: float, hi: float) -> npt.NDArray[np.uint8]:
+        """Packed pages of sample ``i`` (mod n) with phase in ``(lo, hi]``."""
+        assert self.phase is not None
+        row = np.unpackbits(self.rows[i % self.trace.samples], count=self.trace.npages)
+        keep = row.view(np.bool_) & (self.phase > lo) & (self.phase <= hi)
+        return np.packbits(keep)
 
     def dirtied(self, g0: float, g1: float) -> npt.NDArray[np.uint8]:
-        """Packed union of the samples dirtied at guest times in ``(g0, g1]``."""
+        """Packed union of the pages dirtied at guest times in ``(g0, g1]``."""
+        if self.phase is None:
+            return self._whole(g0, g1)
+        n, iv = self.trace.samples, self.trace.interval
+        if n == 0 or g1 <= g0:
+            return np.zeros_like(self.all)
+        a, b = g0 / iv, g1 / iv
+        ia, ib = math.floor(a), math.floor(b)
+        if ib - ia > n:
+            return self.all
+        if ia == ib:
+            return self._part(ia, a - ia, b - ib)
+        # sample ia from a on, the whole samples between, sample ib up to b
+        union = self._part(ia, a - ia, 1.0) | self._part(ib, 0.0, b - ib)
+        if ib - ia > 1:
+            union |= self._whole((ia + 1) * iv, ib * iv)
+        return union
+
+    def _whole(self, g0: float, g1: float) -> npt.NDArray[np.uint8]:
+        """Packed union of the samples that end at guest times in ``(g0, g1]``."""
         n = self.trace.samples
         lo = math.floor(g0 / self.trace.interval + _EPS)
         hi = math.floor(g1 / self.trace.interval + _EPS)
@@ -124,8 +209,11 @@ def _readonly(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
 
 def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Limits(), *,
              device_bytes: int = DEVICE_BYTES, max_time: float = MAX_TIME,
-             min_round: float = MIN_ROUND, max_rounds: int = MAX_ROUNDS, start: float = 0.0, trace_name: str = "",
-             keep_history: bool = True, zero: npt.NDArray[np.bool_] | None = None) -> SimResult:
+             min_round: float = MIN_ROUND, max_rounds: int = MAX_ROUNDS, start: float = 0.0,
+             trace_name: str = "", keep_history: bool = True,
+             zero: npt.NDArray[np.bool_] | None = None, round_cost: float = 0.0,
+             switchover_cost: float = 0.0, guest_speed: float = 1.0,
+             spread: bool = False) -> SimResult:
     """Simulate one migration of the guest in ``trace`` starting at guest time ``start``.
 
     Raises :class:`~pyvm.migration.policy.PolicyError` when the policy fails.
@@ -134,6 +222,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
     rate = final_rate = link.effective
     if limits.max_bandwidth:
         rate = min(rate, limits.max_bandwidth)
+    window = RateWindow(final_rate, limits.max_bandwidth)
     zeros = None if zero is None else np.array(zero, dtype=np.bool_, copy=True)
     if zeros is not None and zeros.shape != (npages,):
         raise ValueError(f"zero mask of {zeros.shape} for {npages} pages")
@@ -145,7 +234,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
         nz = int(np.count_nonzero(zeros & (unsent if pages is None else pages)))
         return (count - nz) * PAGE_WIRE_BYTES + nz * ZERO_WIRE_BYTES
     wire_total = 0
-    cursor = TraceCursor(trace)
+    cursor = TraceCursor(trace, spread)
     name = policy_name(policy)
     res = SimResult(name, trace_name or trace.guest, link.label, "timeout")
     setup = MigrationSetup(npages, (RamRegion("pc.ram", 0, 0, npages),),
@@ -164,7 +253,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
             left = int(np.count_nonzero(unsent))
             left_bytes = wire(None, left)
             res.precopy_time = t
-            res.downtime = device_bytes / final_rate + link.rtt / 2
+            res.downtime = switchover_cost + device_bytes / final_rate + link.rtt / 2
             if decision.stop_and_copy:
                 res.status = "completed"
                 res.final_pages = left
@@ -182,22 +271,34 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
         top_throttle = max(top_throttle, throttle)
         send = decision.send
         n = int(np.count_nonzero(unsent)) if send is None else int(send.size)
+        sent_mask = None
         if send is None:
             nbytes = wire(None, n)
+            if zeros is not None:
+                sent_mask = unsent.copy()
             unsent[:] = False
         else:
             if zeros is not None:
-                chosen = np.zeros(npages, dtype=np.bool_)
-                chosen[send] = True
-                nbytes = wire(chosen, n)
+                sent_mask = np.zeros(npages, dtype=np.bool_)
+                sent_mask[send] = True
+                nbytes = wire(sent_mask, n)
             else:
                 nbytes = wire(None, n)
             unsent[send] = False
+        if sent_mask is not None and zeros is not None:
+            # A zero page the guest writes during the round, before its turn, goes out
+            # whole: on average half of those written while the round lasts.
+            est = max(copy.copy(window).send(t, nbytes) - t, min_round) + round_cost
+            during = np.unpackbits(cursor.dirtied(g, g + est * guest_speed * (1 - throttle / 100)),
+                                   count=npages).view(np.bool_)
+            late = int(np.count_nonzero(zeros & sent_mask & during))
+            nbytes += late // 2 * (PAGE_WIRE_BYTES - ZERO_WIRE_BYTES)
         wire_total += nbytes
-        duration = max(nbytes / rate, min_round)
+        sending = window.send(t, nbytes) - t
+        duration = max(sending, min_round) + round_cost
         if nbytes:
-            bandwidth = nbytes / duration
-        g_next = g + duration * (1 - throttle / 100)
+            bandwidth = nbytes / max(sending, min_round)
+        g_next = g + duration * guest_speed * (1 - throttle / 100)
         dirty = np.unpackbits(cursor.dirtied(g, g_next), count=npages).view(np.bool_)
         unsent |= dirty
         if zeros is not None:

@@ -2,24 +2,36 @@
 
 1. **record** the guest (in this process, :func:`pyvm.lab.record.record`) for
    ``duration`` seconds after ``warmup``, noting which pages were zero when the
-   recording started;
-2. **migrate** the same guest with the same parameters between two pyvm processes under
-   the policy (:func:`pyvm.lab.realvm.migrate`), with ``max-bandwidth`` as the link;
-3. **simulate** the trace under the same policy, ``max-bandwidth`` and
-   ``downtime-limit`` (:func:`pyvm.lab.simulate.simulate`), starting from the pages that
-   were zero when the real migration started (read with ``pmemsave``); the final copy
-   goes at ``link``, the rate of the real channel, since the rate limit does not apply
-   in the downtime.  By default that rate is measured first, like a link before an
-   experiment: one calibration migration of the same guest without ``max-bandwidth``,
-   the bytes of its final copy over its downtime;
-4. compare total time, bytes, downtime and rounds: error = predicted / measured - 1.
+   recording started and, for ``dirty.elf``, its write counters at both ends;
+2. **calibrate** (``link="measure"``, the default), like a link before an experiment (see
+   :func:`calibrate`):
+   one migration of the same guest under ``qemu`` without ``max-bandwidth``, its source
+   logging every round (``-d migration``).  From it: the channel's rate (its largest
+   round's bytes over that round's sending time), the fixed cost of a switchover (its
+   downtime minus its downtime bytes at that rate) and of a round (the precopy time no
+   round spent sending);
+3. **migrate** the same guest with the same parameters between two pyvm processes under
+   the policy (:func:`pyvm.lab.realvm.migrate`), with ``max-bandwidth`` as the link, and
+   ``dirty.elf``'s counters read just before it starts and once the source has stopped;
+4. **simulate** the trace under the same policy, ``max-bandwidth`` and
+   ``downtime-limit`` (:func:`pyvm.lab.simulate.simulate`) with the calibrated costs,
+   starting from the pages that were zero when the real migration started (read with
+   ``pmemsave``), and with the trace's time scaled by the guest's speed: its writes per
+   second during the real migration over those during the recording (the recorded
+   guest and the migrated one do not get the same CPU: the migration thread competes
+   with the vCPU for the interpreter, other processes for the cores), and each sample's
+   pages spread over its interval (``spread``: rounds much shorter than the interval
+   happen, when a round fits in what is left of the rate limit's window);
+5. compare total time, bytes, downtime and rounds: error = predicted / measured - 1.
 """
 
 from __future__ import annotations
 
 import math
 import os
+import re
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,12 +39,12 @@ import numpy as np
 
 from pyvm.lab.errors import LabError
 from pyvm.lab.link import LinkModel
-from pyvm.lab.realvm import RealResult, migrate
-from pyvm.lab.record import record
+from pyvm.lab.realvm import RealResult, dirty_range, migrate
+from pyvm.lab.record import record, record_linux
 from pyvm.lab.simulate import SimResult, simulate_safely
 from pyvm.lab.trace import Trace
 from pyvm.lab.workloads import parse_size
-from pyvm.migration.policy import Limits, load_policy
+from pyvm.migration.policy import PAGE_SIZE, Limits, load_policy
 
 #: pyvm's device state for a one-vCPU PC, with the vmdesc trailer and globalstate
 #: (measured: a paused 32 MiB guest's stream minus its ram sections is ~7.4 KB).
@@ -48,6 +60,11 @@ class Validation:
     predicted: SimResult
     trace: Trace
     link: str = ""
+    calibration: "Calibration | None" = None
+    #: the guest's speed during the real migration over its speed while recorded
+    guest_speed: float = 1.0
+    #: dirty.elf's writes per second while recorded and while migrated
+    write_rates: tuple[float, float] = (math.nan, math.nan)
 
     def errors(self) -> dict[str, float]:
         """Relative error of each metric (predicted / measured - 1; NaN when unknown)."""
@@ -76,36 +93,181 @@ def zero_pages(machine: Any) -> np.ndarray:
     return np.concatenate(masks)
 
 
+@dataclass
+class Calibration:
+    """What a calibration migration (the same guest, policy ``qemu``, no
+    ``max-bandwidth``) measured of this machine's pyvm: the channel's rate, and the fixed
+    costs the model adds to the bytes' transfer time."""
+
+    #: bytes/s the channel moves pages at: the largest round's bytes over its time
+    line_rate: float
+    #: seconds of a switchover besides its bytes: stopping the vCPUs, the last sync,
+    #: saving the devices (the calibration's downtime minus its bytes at line_rate)
+    switchover_cost: float = 0.0
+    #: seconds each round costs besides sending: the sync and the policy's answer
+    round_cost: float = 0.0
+
+    def text(self) -> str:
+        return (f"channel {self.line_rate / 1e6:.0f} MB/s, switchover "
+                f"{self.switchover_cost * 1e3:.1f} ms, round {self.round_cost * 1e3:.2f} ms")
+
+
+_ROUND_LOG = re.compile(r"migration: round (\d+): sent (\d+) bytes \((\d+) pages\) in (\d+) ms")
+
+
+def _logged_rounds(log: str) -> list[tuple[int, int]]:
+    """(bytes, milliseconds sending) of each round a source's ``-d migration`` log shows
+    (``pyvm/migration/control/precopy.py`` writes a line per round)."""
+    return [(int(b), int(ms)) for _, b, _, ms in _ROUND_LOG.findall(log)]
+
+
+def _check(cal: RealResult, rounds: list[tuple[int, int]]) -> None:
+    if cal.status != "completed" or not rounds or not cal.downtime > 0:
+        raise LabError(f"validate: the calibration migration {cal.status}"
+                       + (f": {cal.error}" if cal.error else ": no rounds logged"))
+
+
+def line_rate_from(cal: RealResult, log: str) -> float:
+    """The channel's rate from a migration without ``max-bandwidth``: its largest round's
+    bytes over the time spent sending them."""
+    rounds = _logged_rounds(log)
+    _check(cal, rounds)
+    big, ms = max(rounds)
+    return big / max(ms, 1) * 1e3
+
+
+def costs_from(cal: RealResult, log: str, line_rate: float) -> tuple[float, float]:
+    """(switchover, round) fixed costs from a migration under the measured run's
+    ``max-bandwidth``: its downtime minus its downtime bytes at ``line_rate``, and the
+    precopy time no round spent sending, per round."""
+    rounds = _logged_rounds(log)
+    _check(cal, rounds)
+    switchover = max(0.0, cal.downtime - cal.downtime_bytes / line_rate)
+    sending = sum(r[1] for r in rounds) / 1e3
+    per_round = max(0.0, (cal.total_time - cal.downtime - cal.setup_time - sending) / len(rounds))
+    return switchover, per_round
+
+
+def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
+              max_bandwidth: int, downtime_limit_ms: int, workload: str = "",
+              runs: int = 4) -> Calibration:
+    """Migrate the guest ``runs`` times under ``qemu``, its source logging every round:
+    first without ``max-bandwidth`` for the channel's rate, then with the measured run's
+    ``max-bandwidth`` and ``downtime-limit`` for the fixed costs (the median of those runs:
+    one run's figures vary with what else the machine runs).  The fixed costs need the
+    rate limit: without it the source outruns the destination, the socket's buffers fill,
+    and the switchover waits for the destination to drain them."""
+    def run(i: int, bw: int) -> tuple[RealResult, str]:
+        where = os.path.join(workdir, str(i))
+        cal = migrate(kernel, append, ram, "qemu", workdir=where, warmup=warmup,
+                      progress=False, workload=workload, src_args=["-d", "migration"],
+                      max_bandwidth=bw, downtime_limit_ms=downtime_limit_ms)
+        try:
+            with open(os.path.join(where, "src.stderr"), errors="replace") as f:
+                return cal, f.read()
+        except OSError:
+            return cal, ""
+    line = line_rate_from(*run(0, 0))
+    costs = [costs_from(*run(i, max_bandwidth), line) for i in range(1, max(2, runs))]
+    return Calibration(line, float(np.median([c[0] for c in costs])),
+                       float(np.median([c[1] for c in costs])))
+
+
+class _Counters:
+    """``dirty.elf``'s write counters read in this process (the first word of each page
+    of its range, as :func:`pyvm.lab.realvm.guest_writes` reads them over QMP)."""
+
+    def __init__(self, append: str) -> None:
+        self.start, self.size = dirty_range(append)
+        self.readings: list[tuple[float, int]] = []
+
+    def read(self, machine: Any) -> None:
+        for block in machine.ram:
+            if block.gpa <= self.start and self.start + self.size <= block.gpa + block.size:
+                off = self.start - block.gpa
+                words = np.frombuffer(block.mem, dtype="<u4", count=self.size // 4,
+                                      offset=off)[::PAGE_SIZE // 4]
+                self.readings.append((time.monotonic(), int(words.sum(dtype=np.uint64))))
+                return
+
+    def rate(self) -> float:
+        if len(self.readings) < 2 or self.readings[-1][0] <= self.readings[0][0]:
+            return math.nan
+        (t0, w0), (t1, w1) = self.readings[0], self.readings[-1]
+        return (w1 - w0) / (t1 - t0)
+
+
+def progress_rate(res: RealResult) -> float:
+    """Guest writes per second between the first and the last progress reading."""
+    if len(res.progress) < 2 or res.progress[-1][0] <= res.progress[0][0]:
+        return math.nan
+    (t0, w0), (t1, w1) = res.progress[0], res.progress[-1]
+    return (w1 - w0) / (t1 - t0)
+
+
 def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int, *,
              downtime_limit_ms: int = 300, interval: float = 0.05, duration: float = 10.0,
              warmup: float = 0.5, link: str = DEFAULT_LINK, workdir: str | None = None,
-             device_bytes: int = PYVM_DEVICE_BYTES) -> Validation:
-    """Record, migrate and simulate the guest; see the module docstring."""
+             device_bytes: int = PYVM_DEVICE_BYTES, workload: str = "",
+             speed: bool = True, calibration_runs: int = 4,
+             calibration: Calibration | None = None) -> Validation:
+    """Record, migrate and simulate the guest; see the module docstring.  ``workload``:
+    the Linux guest running that workload (:mod:`pyvm.lab.linux_workloads`) instead of
+    ``kernel`` and ``append``.  ``speed``: scale the trace's time by the guest's measured
+    speed during the migration over its speed while recorded (``dirty.elf`` only: its
+    write counters).  ``calibration``: reuse one (:func:`calibrate` of the same guest and
+    limits) instead of measuring it again."""
     zero: list[np.ndarray] = []
-    trace = record(kernel, append, parse_size(ram), interval, duration, warmup=warmup,
-                   on_start=lambda m: zero.append(zero_pages(m)))
+    counters = _Counters(append) if not workload and \
+        os.path.basename(kernel) == "dirty.elf" and speed else None
+
+    def at_start(m: Any) -> None:
+        zero.append(zero_pages(m))
+        if counters is not None:
+            counters.read(m)
+    if workload:
+        trace = record_linux([workload], parse_size(ram), interval, duration, warmup=warmup,
+                             on_start=at_start)[0]
+    else:
+        trace = record(kernel, append, parse_size(ram), interval, duration, warmup=warmup,
+                       on_start=at_start, on_end=counters.read if counters else None)
     with tempfile.TemporaryDirectory(prefix="pyvm-lab-") as tmp:
-        if link == "measure":
-            cal = migrate(kernel, append, ram, "qemu", workdir=os.path.join(workdir or tmp, "cal"),
-                          warmup=warmup, progress=False)
-            if cal.status != "completed" or not cal.downtime > 0:
-                raise LabError(f"validate: the calibration migration {cal.status}: {cal.error}")
-            link = f"{cal.downtime_bytes / cal.downtime:.0f}B"
+        if calibration is not None:
+            calib = calibration
+        elif link == "measure":
+            calib = calibrate(kernel, append, ram, os.path.join(workdir or tmp, "cal"), warmup,
+                              max_bandwidth, downtime_limit_ms, workload, calibration_runs)
+        else:
+            calib = Calibration(LinkModel.parse(link).effective)
         measured = migrate(kernel, append, ram, policy, workdir=workdir or tmp,
                            max_bandwidth=max_bandwidth, downtime_limit_ms=downtime_limit_ms,
-                           warmup=warmup, zero_scan=True)
+                           warmup=warmup, zero_scan=True, workload=workload,
+                           progress=counters is not None, progress_every=math.inf)
+    guest_speed = 1.0
+    rates = (math.nan, math.nan)
+    if counters is not None:
+        rates = (counters.rate(), progress_rate(measured))
+        ratio = rates[1] / rates[0]
+        if ratio > 0 and math.isfinite(ratio):
+            guest_speed = ratio
     limits = Limits(downtime_limit=downtime_limit_ms / 1e3, max_bandwidth=float(max_bandwidth))
-    predicted = simulate_safely(trace, load_policy(policy), LinkModel.parse(link), limits,
-                                device_bytes=device_bytes, trace_name=os.path.basename(kernel),
+    predicted = simulate_safely(trace, load_policy(policy), LinkModel(calib.line_rate), limits,
+                                device_bytes=device_bytes,
+                                trace_name=workload or os.path.basename(kernel),
                                 zero=measured.zero if measured.zero is not None else
-                                zero[0] if zero else None)
-    return Validation(measured, predicted, trace, link)
+                                zero[0] if zero else None,
+                                round_cost=calib.round_cost,
+                                switchover_cost=calib.switchover_cost, guest_speed=guest_speed,
+                                spread=True)
+    return Validation(measured, predicted, trace, calib.text(), calib, guest_speed, rates)
 
 
 def report(v: Validation) -> str:
     """The comparison as a text table."""
     lines = [f"policy {v.measured.policy or 'qemu'}: measured {v.measured.status}, "
-             f"predicted {v.predicted.status}; channel rate {v.link}"
+             f"predicted {v.predicted.status}; {v.link}; guest speed x{v.guest_speed:.2f}"
+             + (f" ({v.write_rates[1]:.0f} / {v.write_rates[0]:.0f} writes/s)"
+                if not math.isnan(v.write_rates[0]) else "")
              + (f" ({v.measured.error or v.predicted.error})"
                 if v.measured.error or v.predicted.error else ""),
              f"{'metric':12} {'measured':>14} {'predicted':>14} {'error':>8}"]

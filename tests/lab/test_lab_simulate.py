@@ -114,7 +114,18 @@ def test_link_penalties_and_max_bandwidth() -> None:
     tr = trace_of([[]] * 5)
     res = simulate(tr, QemuPrecopy(), LinkModel(1e9), Limits(max_bandwidth=50 * W),
                    device_bytes=0)
-    assert res.total_time == pytest.approx(2.0)          # 100 pages at 50 pages/s
+    # 100 pages at 50 pages/s: the 100 pages are one batch, out at the link's rate; the
+    # window (which starts when that batch is out) then waits 0.1 s x 100 / 5 = 2 s
+    assert res.total_time == pytest.approx(100 * W / 1e9 + 2.0)
+    # a long round averages max-bandwidth: 2000 pages at 50 pages/s, in 8 batches
+    tr = trace_of([[]] * 5, npages=2000)
+    res = simulate(tr, QemuPrecopy(), LinkModel(1e9), Limits(max_bandwidth=50 * W),
+                   device_bytes=0)
+    assert res.total_time == pytest.approx(40.0, rel=1e-3)
+    # a round that fits in a window's budget goes out at the link's rate
+    res = simulate(trace_of([[]] * 5, npages=4), QemuPrecopy(), LinkModel(1e9),
+                   Limits(max_bandwidth=50 * W), device_bytes=0, min_round=0.0)
+    assert res.total_time == pytest.approx(4 * W / 1e9)
 
 
 def test_empty_rounds_take_min_round_and_the_state_is_read_only() -> None:
@@ -162,3 +173,25 @@ def test_cursor_unions_match_a_brute_force_or() -> None:
                 want |= masks[i % 37]
         got = np.unpackbits(cur.dirtied(g0, g1), count=300).astype(bool)
         assert (got == want).all(), (g0, g1)
+
+
+def test_spread_cursor_writes_each_page_at_its_phase_of_the_sample() -> None:
+    rng = np.random.default_rng(6)
+    masks = rng.random((23, 200)) < 0.1
+    tr = Trace.from_masks(masks, 0.01)
+    cur = TraceCursor(tr, spread=True)
+    assert cur.phase is not None and ((cur.phase > 0) & (cur.phase <= 1)).all()
+    for _ in range(200):
+        g0 = float(rng.uniform(0, 0.5))
+        g1 = g0 + float(rng.choice([rng.uniform(0, 0.02), rng.uniform(0, 0.4)]))
+        want = np.zeros(200, bool)
+        for i in range(int(g1 / 0.01) + 2):
+            at = (i + cur.phase) * 0.01
+            want |= masks[i % 23] & (at > g0) & (at <= g1)
+        got = np.unpackbits(cur.dirtied(g0, g1), count=200).astype(bool)
+        assert (got == want).all(), (g0, g1, np.flatnonzero(got != want))
+    # a round of a tenth of an interval sees about a tenth of a sample's pages
+    one = Trace.from_masks(np.ones((4, 10000), bool), 0.05)
+    part = np.unpackbits(TraceCursor(one, spread=True).dirtied(0.1, 0.105), count=10000)
+    assert 800 < part.sum() < 1200
+    assert np.unpackbits(TraceCursor(one).dirtied(0.1, 0.105), count=10000).sum() == 0

@@ -7,8 +7,14 @@ import math
 import pytest
 
 from pyvm.guests import guest_path
-from pyvm.lab.realvm import rounds_from_samples
-from pyvm.lab.validate import report, validate
+from pyvm.lab.errors import LabError
+from pyvm.lab.realvm import RealResult, rounds_from_samples
+from pyvm.lab.validate import costs_from, line_rate_from, report, validate
+
+LOG = """migration: round 1: sent 15528301 bytes (16384 pages) in 757 ms, 164.1 Mbps; dirty 1616 pages; expected downtime 322 ms
+migration: round 2: sent 1534921 bytes (374 pages) in 2 ms, 6378.3 Mbps; dirty 451 pages; expected downtime 2 ms
+migration: switchover: last dirty pages and device state, 2720662 bytes; downtime 75 ms
+"""
 
 
 def test_rounds_from_polls() -> None:
@@ -17,6 +23,22 @@ def test_rounds_from_polls() -> None:
     rounds = rounds_from_samples(samples)
     assert [(r.round, r.bytes_sent, r.unsent_after) for r in rounds] == [(0, 300, 0), (1, 100, 2)]
     assert rounds[1].start == 0.2 and math.isclose(rounds[1].duration, 0.1)
+
+
+def test_calibration_reads_the_rounds_a_source_logged() -> None:
+    unlimited = RealResult("qemu", "completed", total_time=0.2, downtime=0.01,
+                           downtime_bytes=1_000_000)
+    # the largest round's bytes over its sending time
+    assert line_rate_from(unlimited, LOG) == pytest.approx(15528301 / 0.757)
+    limited = RealResult("qemu", "completed", total_time=0.8, downtime=0.012,
+                         setup_time=0.01, downtime_bytes=2_000_000)
+    switchover, per_round = costs_from(limited, LOG, 1e9)
+    assert switchover == pytest.approx(0.012 - 0.002)
+    assert per_round == pytest.approx((0.8 - 0.012 - 0.01 - 0.759) / 2)
+    with pytest.raises(LabError, match="calibration migration failed: boom"):
+        line_rate_from(RealResult("qemu", "failed", error="boom"), LOG)
+    with pytest.raises(LabError, match="no rounds logged"):
+        line_rate_from(unlimited, "")
 
 
 @pytest.mark.slow
