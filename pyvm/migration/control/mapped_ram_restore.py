@@ -7,9 +7,6 @@ walks the block's bitmap, cuts each run of set bits into pieces of at most
 thread reads it into guest RAM with one positioned read (migration/file.c
 ``multifd_file_recv_data``).  The main channel goes on after the region.
 
-Without multifd QEMU reads the same pieces on the load thread with positioned reads
-(``qemu_get_buffer_at``); pyvm then uses one such thread.
-
 pyvm does the same: :class:`ParallelPageReader` owns ``channels`` threads, each with a
 descriptor of its own on the file (opened ``O_DIRECT`` when the ``direct-io`` parameter is
 set: slots are 4 KiB aligned in the file and in guest RAM, as O_DIRECT wants); they take
@@ -17,7 +14,9 @@ pieces from a shared queue and ``preadv`` them straight into guest RAM (the read
 the GIL, so the channels copy in parallel).  The load thread waits for a block's pieces,
 then the stream skips the region with a seek instead of reading it.  Every thread is
 started and joined within :meth:`ParallelPageReader.read_block`; a short read fails the
-load with QEMU's texts, e.g.::
+load with QEMU's texts.  Without multifd QEMU reads the same pieces on the load thread
+with positioned reads (``qemu_get_buffer_at``); pyvm then uses one such thread, and its
+errors name no multifd channel.  For example::
 
     (pc.ram) failed to read page 0from file offset 100000: multifd recv (1): read 0x0,
     expected 0x100000
