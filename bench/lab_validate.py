@@ -92,7 +92,8 @@ def main() -> int:
                                            Limits(args.downtime_limit / 1e3, float(bw)),
                                            device_bytes=7600, zero=v.measured.zero,
                                            round_cost=cal.round_cost,
-                                           switchover_cost=cal.switchover_cost, spread=True)
+                                           switchover_cost=cal.switchover_cost, spread=True,
+                                           setup_cost=cal.setup_cost)
                     unscaled.setdefault((wl, pol), []).append(
                         Validation(v.measured, flat, v.trace).errors())
     print("\nuptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

@@ -30,6 +30,8 @@ The model, kept simple enough to compute by hand (``docs/lab.md`` derives an exa
   rate; downtime is ``switchover_cost`` (stopping the vCPUs, the last sync, saving the
   devices: calibrated, 0 by default) plus that transfer plus half a round trip (the last
   byte reaching the destination), and the migration's total time ends with it.
+* ``setup_cost``: seconds before the first round (the engine's set-up: the stream's
+  header, the RAM block list, loading the policy, the first sync); 0 by default.
 * ``spread``: a sample's pages are written across its interval, each page at its own
   fixed point (:class:`TraceCursor`), instead of all at its end.
 * ``guest_speed``: the guest runs at this fraction of the speed it was recorded at (guest
@@ -213,7 +215,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
              trace_name: str = "", keep_history: bool = True,
              zero: npt.NDArray[np.bool_] | None = None, round_cost: float = 0.0,
              switchover_cost: float = 0.0, guest_speed: float = 1.0,
-             spread: bool = False) -> SimResult:
+             spread: bool = False, setup_cost: float = 0.0) -> SimResult:
     """Simulate one migration of the guest in ``trace`` starting at guest time ``start``.
 
     Raises :class:`~pyvm.migration.policy.PolicyError` when the policy fails.
@@ -243,7 +245,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
     unsent = np.ones(npages, dtype=np.bool_)
     dirty = np.ones(npages, dtype=np.bool_)
     history: list[RoundRecord] = []
-    t, g, bandwidth, throttle, top_throttle = 0.0, start, rate, 0, 0
+    t, g, bandwidth, throttle, top_throttle = setup_cost, start, rate, 0, 0
     k = 0
     while t < max_time and k < max_rounds:
         state = RoundState(k, t, bandwidth, _readonly(dirty), _readonly(unsent), tuple(history),

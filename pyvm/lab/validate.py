@@ -106,10 +106,13 @@ class Calibration:
     switchover_cost: float = 0.0
     #: seconds each round costs besides sending: the sync and the policy's answer
     round_cost: float = 0.0
+    #: seconds of set-up before the first round (``query-migrate``'s ``setup-time``)
+    setup_cost: float = 0.0
 
     def text(self) -> str:
-        return (f"channel {self.line_rate / 1e6:.0f} MB/s, switchover "
-                f"{self.switchover_cost * 1e3:.1f} ms, round {self.round_cost * 1e3:.2f} ms")
+        return (f"channel {self.line_rate / 1e6:.0f} MB/s, set-up {self.setup_cost * 1e3:.0f} "
+                f"ms, switchover {self.switchover_cost * 1e3:.1f} ms, round "
+                f"{self.round_cost * 1e3:.2f} ms")
 
 
 _ROUND_LOG = re.compile(r"migration: round (\d+): sent (\d+) bytes \((\d+) pages\) in (\d+) ms")
@@ -136,16 +139,16 @@ def line_rate_from(cal: RealResult, log: str) -> float:
     return big / max(ms, 1) * 1e3
 
 
-def costs_from(cal: RealResult, log: str, line_rate: float) -> tuple[float, float]:
-    """(switchover, round) fixed costs from a migration under the measured run's
-    ``max-bandwidth``: its downtime minus its downtime bytes at ``line_rate``, and the
-    precopy time no round spent sending, per round."""
+def costs_from(cal: RealResult, log: str, line_rate: float) -> tuple[float, float, float]:
+    """(switchover, round, set-up) fixed costs from a migration under the measured run's
+    ``max-bandwidth``: its downtime minus its downtime bytes at ``line_rate``, the
+    precopy time no round spent sending, per round, and its ``setup-time``."""
     rounds = _logged_rounds(log)
     _check(cal, rounds)
     switchover = max(0.0, cal.downtime - cal.downtime_bytes / line_rate)
     sending = sum(r[1] for r in rounds) / 1e3
     per_round = max(0.0, (cal.total_time - cal.downtime - cal.setup_time - sending) / len(rounds))
-    return switchover, per_round
+    return switchover, per_round, cal.setup_time
 
 
 def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
@@ -170,7 +173,8 @@ def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
     line = line_rate_from(*run(0, 0))
     costs = [costs_from(*run(i, max_bandwidth), line) for i in range(1, max(2, runs))]
     return Calibration(line, float(np.median([c[0] for c in costs])),
-                       float(np.median([c[1] for c in costs])))
+                       float(np.median([c[1] for c in costs])),
+                       float(np.median([c[2] for c in costs])))
 
 
 class _Counters:
@@ -258,7 +262,7 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
                                 zero[0] if zero else None,
                                 round_cost=calib.round_cost,
                                 switchover_cost=calib.switchover_cost, guest_speed=guest_speed,
-                                spread=True)
+                                spread=True, setup_cost=calib.setup_cost)
     return Validation(measured, predicted, trace, calib.text(), calib, guest_speed, rates)
 
 
