@@ -93,7 +93,8 @@ def main() -> int:
                                            device_bytes=7600, zero=v.measured.zero,
                                            round_cost=cal.round_cost,
                                            switchover_cost=cal.switchover_cost, spread=True,
-                                           setup_cost=cal.setup_cost)
+                                           setup_cost=cal.setup_cost,
+                                           zero_age=v.measured.zero_age)
                     unscaled.setdefault((wl, pol), []).append(
                         Validation(v.measured, flat, v.trace).errors())
     print("\nuptime:", subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())

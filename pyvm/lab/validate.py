@@ -3,13 +3,13 @@
 1. **record** the guest (in this process, :func:`pyvm.lab.record.record`) for
    ``duration`` seconds after ``warmup``, noting which pages were zero when the
    recording started and, for ``dirty.elf``, its write counters at both ends;
-2. **calibrate** (``link="measure"``, the default), like a link before an experiment (see
-   :func:`calibrate`):
-   one migration of the same guest under ``qemu`` without ``max-bandwidth``, its source
-   logging every round (``-d migration``).  From it: the channel's rate (its largest
-   round's bytes over that round's sending time), the fixed cost of a switchover (its
-   downtime minus its downtime bytes at that rate) and of a round (the precopy time no
-   round spent sending);
+2. **calibrate** (``link="measure"``, the default), like a link before an experiment
+   (:func:`calibrate`): migrations of the same guest (QEMU's rounds, stopped after the
+   third), each source logging its rounds (``-d migration``), one without
+   ``max-bandwidth`` and three with.  From them: the channel's rate (the largest round's
+   bytes over that round's sending time), and the fixed costs of the set-up, of a
+   switchover (downtime minus downtime bytes at that rate) and of a round (the precopy
+   time no round spent sending);
 3. **migrate** the same guest with the same parameters between two pyvm processes under
    the policy (:func:`pyvm.lab.realvm.migrate`), with ``max-bandwidth`` as the link, and
    ``dirty.elf``'s counters read just before it starts and once the source has stopped;
@@ -37,6 +37,7 @@ from typing import Any
 
 import numpy as np
 
+from pyvm.lab.calibration_policy import SPEC as CALIBRATE
 from pyvm.lab.errors import LabError
 from pyvm.lab.link import LinkModel
 from pyvm.lab.realvm import RealResult, dirty_range, migrate
@@ -154,7 +155,9 @@ def costs_from(cal: RealResult, log: str, line_rate: float) -> tuple[float, floa
 def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
               max_bandwidth: int, downtime_limit_ms: int, workload: str = "",
               runs: int = 4) -> Calibration:
-    """Migrate the guest ``runs`` times under ``qemu``, its source logging every round:
+    """Migrate the guest ``runs`` times, its source logging every round, under QEMU's
+    rounds stopped after the third (:mod:`pyvm.lab.calibration_policy`: a calibration
+    must end, and QEMU's rule does not on a guest that outruns the link):
     first without ``max-bandwidth`` for the channel's rate, then with the measured run's
     ``max-bandwidth`` and ``downtime-limit`` for the fixed costs (the median of those runs:
     one run's figures vary with what else the machine runs).  The fixed costs need the
@@ -162,7 +165,7 @@ def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
     and the switchover waits for the destination to drain them."""
     def run(i: int, bw: int) -> tuple[RealResult, str]:
         where = os.path.join(workdir, str(i))
-        cal = migrate(kernel, append, ram, "qemu", workdir=where, warmup=warmup,
+        cal = migrate(kernel, append, ram, CALIBRATE, workdir=where, warmup=warmup,
                       progress=False, workload=workload, src_args=["-d", "migration"],
                       max_bandwidth=bw, downtime_limit_ms=downtime_limit_ms)
         try:
@@ -262,7 +265,8 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
                                 zero[0] if zero else None,
                                 round_cost=calib.round_cost,
                                 switchover_cost=calib.switchover_cost, guest_speed=guest_speed,
-                                spread=True, setup_cost=calib.setup_cost)
+                                spread=True, setup_cost=calib.setup_cost,
+                                zero_age=measured.zero_age if measured.zero is not None else 0.0)
     return Validation(measured, predicted, trace, calib.text(), calib, guest_speed, rates)
 
 
