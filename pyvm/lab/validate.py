@@ -16,10 +16,11 @@
 4. **simulate** the trace under the same policy, ``max-bandwidth`` and
    ``downtime-limit`` (:func:`pyvm.lab.simulate.simulate`) with the calibrated costs,
    starting from the pages that were zero when the real migration started (read with
-   ``pmemsave``), and with the trace's time scaled by the guest's speed: its writes per
-   second during the real migration over those during the recording (the recorded
-   guest and the migrated one do not get the same CPU: the migration thread competes
-   with the vCPU for the interpreter, other processes for the cores), and each sample's
+   ``pmemsave``), optionally (``speed``) with the trace's time scaled by the guest's
+   speed: its writes per second during the real migration over those during the
+   recording (the recorded guest and the migrated one need not get the same CPU: the
+   migration thread competes with the vCPU for the interpreter, other processes for the
+   cores), and each sample's
    pages spread over its interval (``spread``: rounds much shorter than the interval
    happen, when a round fits in what is left of the rate limit's window);
 5. compare total time, bytes, downtime and rounds: error = predicted / measured - 1.
@@ -216,17 +217,20 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
              downtime_limit_ms: int = 300, interval: float = 0.05, duration: float = 10.0,
              warmup: float = 0.5, link: str = DEFAULT_LINK, workdir: str | None = None,
              device_bytes: int = PYVM_DEVICE_BYTES, workload: str = "",
-             speed: bool = True, calibration_runs: int = 4,
-             calibration: Calibration | None = None) -> Validation:
+             speed: bool = False, calibration_runs: int = 4,
+             calibration: Calibration | None = None, timeout: float = 120.0) -> Validation:
     """Record, migrate and simulate the guest; see the module docstring.  ``workload``:
     the Linux guest running that workload (:mod:`pyvm.lab.linux_workloads`) instead of
-    ``kernel`` and ``append``.  ``speed``: scale the trace's time by the guest's measured
-    speed during the migration over its speed while recorded (``dirty.elf`` only: its
-    write counters).  ``calibration``: reuse one (:func:`calibrate` of the same guest and
-    limits) instead of measuring it again."""
+    ``kernel`` and ``append``.  The guest's speed during the migration over its speed while
+    recorded is measured for ``dirty.elf`` (its write counters) and reported; ``speed``
+    also scales the trace's time by it (off by default: the reading before the
+    migration stalls the guest, which loses the writes of the stall, so the ratio reads
+    low by up to 20% on a guest whose rate its timer fixes).  ``calibration``: reuse one (:func:`calibrate` of the same guest and
+    limits) instead of measuring it again.  ``timeout``: the real migration is cancelled
+    after that many seconds, and the simulation gives up at the same time."""
     zero: list[np.ndarray] = []
     counters = _Counters(append) if not workload and \
-        os.path.basename(kernel) == "dirty.elf" and speed else None
+        os.path.basename(kernel) == "dirty.elf" else None
 
     def at_start(m: Any) -> None:
         zero.append(zero_pages(m))
@@ -248,14 +252,14 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
             calib = Calibration(LinkModel.parse(link).effective)
         measured = migrate(kernel, append, ram, policy, workdir=workdir or tmp,
                            max_bandwidth=max_bandwidth, downtime_limit_ms=downtime_limit_ms,
-                           warmup=warmup, zero_scan=True, workload=workload,
+                           warmup=warmup, zero_scan=True, workload=workload, timeout=timeout,
                            progress=counters is not None, progress_every=math.inf)
     guest_speed = 1.0
     rates = (math.nan, math.nan)
     if counters is not None:
         rates = (counters.rate(), progress_rate(measured))
         ratio = rates[1] / rates[0]
-        if ratio > 0 and math.isfinite(ratio):
+        if speed and ratio > 0 and math.isfinite(ratio):
             guest_speed = ratio
     limits = Limits(downtime_limit=downtime_limit_ms / 1e3, max_bandwidth=float(max_bandwidth))
     predicted = simulate_safely(trace, load_policy(policy), LinkModel(calib.line_rate), limits,
@@ -265,7 +269,7 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
                                 zero[0] if zero else None,
                                 round_cost=calib.round_cost,
                                 switchover_cost=calib.switchover_cost, guest_speed=guest_speed,
-                                spread=True, setup_cost=calib.setup_cost,
+                                spread=True, setup_cost=calib.setup_cost, max_time=timeout,
                                 zero_age=measured.zero_age if measured.zero is not None else 0.0)
     return Validation(measured, predicted, trace, calib.text(), calib, guest_speed, rates)
 
@@ -273,9 +277,10 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
 def report(v: Validation) -> str:
     """The comparison as a text table."""
     lines = [f"policy {v.measured.policy or 'qemu'}: measured {v.measured.status}, "
-             f"predicted {v.predicted.status}; {v.link}; guest speed x{v.guest_speed:.2f}"
-             + (f" ({v.write_rates[1]:.0f} / {v.write_rates[0]:.0f} writes/s)"
-                if not math.isnan(v.write_rates[0]) else "")
+             f"predicted {v.predicted.status}; {v.link}"
+             + (f"; guest writes/s {v.write_rates[1]:.0f} migrated, "
+                f"{v.write_rates[0]:.0f} recorded" if not math.isnan(v.write_rates[0]) else "")
+             + (f"; trace time x{v.guest_speed:.2f}" if v.guest_speed != 1.0 else "")
              + (f" ({v.measured.error or v.predicted.error})"
                 if v.measured.error or v.predicted.error else ""),
              f"{'metric':12} {'measured':>14} {'predicted':>14} {'error':>8}"]
