@@ -74,6 +74,8 @@ class RealResult:
     history: list[RoundRecord] = field(default_factory=list)
     #: pages that read all zero just before the migration started (when asked for)
     zero: np.ndarray | None = None
+    #: seconds from that reading to the ``migrate`` command (the guest writes meanwhile)
+    zero_age: float = 0.0
 
     def as_sim(self, trace: str = "", link: str = "real") -> SimResult:
         """The same figures in the simulator's result type (for tables and plots)."""
@@ -226,10 +228,14 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
             writes = guest_writes(src, rng, scratch)
             read_at = (before + time.monotonic()) / 2     # pmemsave's copy, about
         if zero_scan:
+            before = time.monotonic()
             src.cmd("pmemsave", val=0, size=parse_size(ram), filename=scratch)
+            scanned_at = (before + time.monotonic()) / 2
             pages = np.fromfile(scratch, dtype=np.uint64).reshape(-1, PAGE_SIZE // 8)
             res.zero = np.logical_not(pages.any(axis=1))
         t0 = time.monotonic()
+        if zero_scan:
+            res.zero_age = t0 - scanned_at
         if progress:
             res.progress.append((read_at - t0, writes))
         src.cmd("migrate", uri=uri)

@@ -30,6 +30,10 @@ The model, kept simple enough to compute by hand (``docs/lab.md`` derives an exa
   rate; downtime is ``switchover_cost`` (stopping the vCPUs, the last sync, saving the
   devices: calibrated, 0 by default) plus that transfer plus half a round trip (the last
   byte reaching the destination), and the migration's total time ends with it.
+* ``zero_age``: seconds between the reading of ``zero`` and the migration's start; the
+  pages the guest writes then (and during the set-up) are no longer zero.
+* ``setup_cost``: seconds before the first round (the engine's set-up: the stream's
+  header, the RAM block list, loading the policy, the first sync); 0 by default.
 * ``spread``: a sample's pages are written across its interval, each page at its own
   fixed point (:class:`TraceCursor`), instead of all at its end.
 * ``guest_speed``: the guest runs at this fraction of the speed it was recorded at (guest
@@ -213,7 +217,8 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
              trace_name: str = "", keep_history: bool = True,
              zero: npt.NDArray[np.bool_] | None = None, round_cost: float = 0.0,
              switchover_cost: float = 0.0, guest_speed: float = 1.0,
-             spread: bool = False) -> SimResult:
+             spread: bool = False, setup_cost: float = 0.0,
+             zero_age: float = 0.0) -> SimResult:
     """Simulate one migration of the guest in ``trace`` starting at guest time ``start``.
 
     Raises :class:`~pyvm.migration.policy.PolicyError` when the policy fails.
@@ -240,10 +245,15 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
     setup = MigrationSetup(npages, (RamRegion("pc.ram", 0, 0, npages),),
                            LinkEstimate(rate, link.rtt), limits, trace.page_size)
     call_start(policy, setup)
+    if zeros is not None and zero_age + setup_cost > 0:
+        # the guest writes between the zero reading and the first round (the set-up
+        # included): those pages go out whole
+        back = (zero_age + setup_cost) * guest_speed
+        zeros &= ~np.unpackbits(cursor.dirtied(start - back, start), count=npages).view(np.bool_)
     unsent = np.ones(npages, dtype=np.bool_)
     dirty = np.ones(npages, dtype=np.bool_)
     history: list[RoundRecord] = []
-    t, g, bandwidth, throttle, top_throttle = 0.0, start, rate, 0, 0
+    t, g, bandwidth, throttle, top_throttle = setup_cost, start, rate, 0, 0
     k = 0
     while t < max_time and k < max_rounds:
         state = RoundState(k, t, bandwidth, _readonly(dirty), _readonly(unsent), tuple(history),

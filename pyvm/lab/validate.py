@@ -3,23 +3,24 @@
 1. **record** the guest (in this process, :func:`pyvm.lab.record.record`) for
    ``duration`` seconds after ``warmup``, noting which pages were zero when the
    recording started and, for ``dirty.elf``, its write counters at both ends;
-2. **calibrate** (``link="measure"``, the default), like a link before an experiment (see
-   :func:`calibrate`):
-   one migration of the same guest under ``qemu`` without ``max-bandwidth``, its source
-   logging every round (``-d migration``).  From it: the channel's rate (its largest
-   round's bytes over that round's sending time), the fixed cost of a switchover (its
-   downtime minus its downtime bytes at that rate) and of a round (the precopy time no
-   round spent sending);
+2. **calibrate** (``link="measure"``, the default), like a link before an experiment
+   (:func:`calibrate`): migrations of the same guest (QEMU's rounds, stopped after the
+   third), each source logging its rounds (``-d migration``), one without
+   ``max-bandwidth`` and three with.  From them: the channel's rate (the largest round's
+   bytes over that round's sending time), and the fixed costs of the set-up, of a
+   switchover (downtime minus downtime bytes at that rate) and of a round (the precopy
+   time no round spent sending);
 3. **migrate** the same guest with the same parameters between two pyvm processes under
    the policy (:func:`pyvm.lab.realvm.migrate`), with ``max-bandwidth`` as the link, and
    ``dirty.elf``'s counters read just before it starts and once the source has stopped;
 4. **simulate** the trace under the same policy, ``max-bandwidth`` and
    ``downtime-limit`` (:func:`pyvm.lab.simulate.simulate`) with the calibrated costs,
    starting from the pages that were zero when the real migration started (read with
-   ``pmemsave``), and with the trace's time scaled by the guest's speed: its writes per
-   second during the real migration over those during the recording (the recorded
-   guest and the migrated one do not get the same CPU: the migration thread competes
-   with the vCPU for the interpreter, other processes for the cores), and each sample's
+   ``pmemsave``), optionally (``speed``) with the trace's time scaled by the guest's
+   speed: its writes per second during the real migration over those during the
+   recording (the recorded guest and the migrated one need not get the same CPU: the
+   migration thread competes with the vCPU for the interpreter, other processes for the
+   cores), and each sample's
    pages spread over its interval (``spread``: rounds much shorter than the interval
    happen, when a round fits in what is left of the rate limit's window);
 5. compare total time, bytes, downtime and rounds: error = predicted / measured - 1.
@@ -37,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from pyvm.lab.calibration_policy import SPEC as CALIBRATE
 from pyvm.lab.errors import LabError
 from pyvm.lab.link import LinkModel
 from pyvm.lab.realvm import RealResult, dirty_range, migrate
@@ -106,10 +108,13 @@ class Calibration:
     switchover_cost: float = 0.0
     #: seconds each round costs besides sending: the sync and the policy's answer
     round_cost: float = 0.0
+    #: seconds of set-up before the first round (``query-migrate``'s ``setup-time``)
+    setup_cost: float = 0.0
 
     def text(self) -> str:
-        return (f"channel {self.line_rate / 1e6:.0f} MB/s, switchover "
-                f"{self.switchover_cost * 1e3:.1f} ms, round {self.round_cost * 1e3:.2f} ms")
+        return (f"channel {self.line_rate / 1e6:.0f} MB/s, set-up {self.setup_cost * 1e3:.0f} "
+                f"ms, switchover {self.switchover_cost * 1e3:.1f} ms, round "
+                f"{self.round_cost * 1e3:.2f} ms")
 
 
 _ROUND_LOG = re.compile(r"migration: round (\d+): sent (\d+) bytes \((\d+) pages\) in (\d+) ms")
@@ -136,22 +141,24 @@ def line_rate_from(cal: RealResult, log: str) -> float:
     return big / max(ms, 1) * 1e3
 
 
-def costs_from(cal: RealResult, log: str, line_rate: float) -> tuple[float, float]:
-    """(switchover, round) fixed costs from a migration under the measured run's
-    ``max-bandwidth``: its downtime minus its downtime bytes at ``line_rate``, and the
-    precopy time no round spent sending, per round."""
+def costs_from(cal: RealResult, log: str, line_rate: float) -> tuple[float, float, float]:
+    """(switchover, round, set-up) fixed costs from a migration under the measured run's
+    ``max-bandwidth``: its downtime minus its downtime bytes at ``line_rate``, the
+    precopy time no round spent sending, per round, and its ``setup-time``."""
     rounds = _logged_rounds(log)
     _check(cal, rounds)
     switchover = max(0.0, cal.downtime - cal.downtime_bytes / line_rate)
     sending = sum(r[1] for r in rounds) / 1e3
     per_round = max(0.0, (cal.total_time - cal.downtime - cal.setup_time - sending) / len(rounds))
-    return switchover, per_round
+    return switchover, per_round, cal.setup_time
 
 
 def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
               max_bandwidth: int, downtime_limit_ms: int, workload: str = "",
               runs: int = 4) -> Calibration:
-    """Migrate the guest ``runs`` times under ``qemu``, its source logging every round:
+    """Migrate the guest ``runs`` times, its source logging every round, under QEMU's
+    rounds stopped after the third (:mod:`pyvm.lab.calibration_policy`: a calibration
+    must end, and QEMU's rule does not on a guest that outruns the link):
     first without ``max-bandwidth`` for the channel's rate, then with the measured run's
     ``max-bandwidth`` and ``downtime-limit`` for the fixed costs (the median of those runs:
     one run's figures vary with what else the machine runs).  The fixed costs need the
@@ -159,7 +166,7 @@ def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
     and the switchover waits for the destination to drain them."""
     def run(i: int, bw: int) -> tuple[RealResult, str]:
         where = os.path.join(workdir, str(i))
-        cal = migrate(kernel, append, ram, "qemu", workdir=where, warmup=warmup,
+        cal = migrate(kernel, append, ram, CALIBRATE, workdir=where, warmup=warmup,
                       progress=False, workload=workload, src_args=["-d", "migration"],
                       max_bandwidth=bw, downtime_limit_ms=downtime_limit_ms)
         try:
@@ -170,7 +177,8 @@ def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
     line = line_rate_from(*run(0, 0))
     costs = [costs_from(*run(i, max_bandwidth), line) for i in range(1, max(2, runs))]
     return Calibration(line, float(np.median([c[0] for c in costs])),
-                       float(np.median([c[1] for c in costs])))
+                       float(np.median([c[1] for c in costs])),
+                       float(np.median([c[2] for c in costs])))
 
 
 class _Counters:
@@ -209,17 +217,20 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
              downtime_limit_ms: int = 300, interval: float = 0.05, duration: float = 10.0,
              warmup: float = 0.5, link: str = DEFAULT_LINK, workdir: str | None = None,
              device_bytes: int = PYVM_DEVICE_BYTES, workload: str = "",
-             speed: bool = True, calibration_runs: int = 4,
-             calibration: Calibration | None = None) -> Validation:
+             speed: bool = False, calibration_runs: int = 4,
+             calibration: Calibration | None = None, timeout: float = 120.0) -> Validation:
     """Record, migrate and simulate the guest; see the module docstring.  ``workload``:
     the Linux guest running that workload (:mod:`pyvm.lab.linux_workloads`) instead of
-    ``kernel`` and ``append``.  ``speed``: scale the trace's time by the guest's measured
-    speed during the migration over its speed while recorded (``dirty.elf`` only: its
-    write counters).  ``calibration``: reuse one (:func:`calibrate` of the same guest and
-    limits) instead of measuring it again."""
+    ``kernel`` and ``append``.  The guest's speed during the migration over its speed while
+    recorded is measured for ``dirty.elf`` (its write counters) and reported; ``speed``
+    also scales the trace's time by it (off by default: the reading before the
+    migration stalls the guest, which loses the writes of the stall, so the ratio reads
+    low by up to 20% on a guest whose rate its timer fixes).  ``calibration``: reuse one (:func:`calibrate` of the same guest and
+    limits) instead of measuring it again.  ``timeout``: the real migration is cancelled
+    after that many seconds, and the simulation gives up at the same time."""
     zero: list[np.ndarray] = []
     counters = _Counters(append) if not workload and \
-        os.path.basename(kernel) == "dirty.elf" and speed else None
+        os.path.basename(kernel) == "dirty.elf" else None
 
     def at_start(m: Any) -> None:
         zero.append(zero_pages(m))
@@ -241,14 +252,14 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
             calib = Calibration(LinkModel.parse(link).effective)
         measured = migrate(kernel, append, ram, policy, workdir=workdir or tmp,
                            max_bandwidth=max_bandwidth, downtime_limit_ms=downtime_limit_ms,
-                           warmup=warmup, zero_scan=True, workload=workload,
+                           warmup=warmup, zero_scan=True, workload=workload, timeout=timeout,
                            progress=counters is not None, progress_every=math.inf)
     guest_speed = 1.0
     rates = (math.nan, math.nan)
     if counters is not None:
         rates = (counters.rate(), progress_rate(measured))
         ratio = rates[1] / rates[0]
-        if ratio > 0 and math.isfinite(ratio):
+        if speed and ratio > 0 and math.isfinite(ratio):
             guest_speed = ratio
     limits = Limits(downtime_limit=downtime_limit_ms / 1e3, max_bandwidth=float(max_bandwidth))
     predicted = simulate_safely(trace, load_policy(policy), LinkModel(calib.line_rate), limits,
@@ -258,16 +269,18 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
                                 zero[0] if zero else None,
                                 round_cost=calib.round_cost,
                                 switchover_cost=calib.switchover_cost, guest_speed=guest_speed,
-                                spread=True)
+                                spread=True, setup_cost=calib.setup_cost, max_time=timeout,
+                                zero_age=measured.zero_age if measured.zero is not None else 0.0)
     return Validation(measured, predicted, trace, calib.text(), calib, guest_speed, rates)
 
 
 def report(v: Validation) -> str:
     """The comparison as a text table."""
     lines = [f"policy {v.measured.policy or 'qemu'}: measured {v.measured.status}, "
-             f"predicted {v.predicted.status}; {v.link}; guest speed x{v.guest_speed:.2f}"
-             + (f" ({v.write_rates[1]:.0f} / {v.write_rates[0]:.0f} writes/s)"
-                if not math.isnan(v.write_rates[0]) else "")
+             f"predicted {v.predicted.status}; {v.link}"
+             + (f"; guest writes/s {v.write_rates[1]:.0f} migrated, "
+                f"{v.write_rates[0]:.0f} recorded" if not math.isnan(v.write_rates[0]) else "")
+             + (f"; trace time x{v.guest_speed:.2f}" if v.guest_speed != 1.0 else "")
              + (f" ({v.measured.error or v.predicted.error})"
                 if v.measured.error or v.predicted.error else ""),
              f"{'metric':12} {'measured':>14} {'predicted':>14} {'error':>8}"]

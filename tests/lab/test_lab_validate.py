@@ -32,7 +32,8 @@ def test_calibration_reads_the_rounds_a_source_logged() -> None:
     assert line_rate_from(unlimited, LOG) == pytest.approx(15528301 / 0.757)
     limited = RealResult("qemu", "completed", total_time=0.8, downtime=0.012,
                          setup_time=0.01, downtime_bytes=2_000_000)
-    switchover, per_round = costs_from(limited, LOG, 1e9)
+    switchover, per_round, setup = costs_from(limited, LOG, 1e9)
+    assert setup == 0.01
     assert switchover == pytest.approx(0.012 - 0.002)
     assert per_round == pytest.approx((0.8 - 0.012 - 0.01 - 0.759) / 2)
     with pytest.raises(LabError, match="calibration migration failed: boom"):
