@@ -233,7 +233,8 @@ def bench_guest(args: argparse.Namespace) -> None:
 # -- live migration of a store-heavy guest -------------------------------------------------------
 def migrate_once(method: str, size_mib: int, tmpdir: str) -> tuple[float, float, int]:
     """(total-time s, downtime s, dirty syncs) of one unix-socket live migration."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    sys.path[:0] = [os.path.join(root, "tests"), root]     # tests/vmproc.py imports tests.*
     from vmproc import VmProcess  # type: ignore[import-not-found]
 
     env = dict(os.environ)
