@@ -124,8 +124,17 @@ cdef class PortHooks:
             pyvm_pio_hook_del(self._hook_del, self._uc, self._hh_out)
 
     def __dealloc__(self):
-        # the engine must never call a freed object: detach() comes first (VCpu.close)
+        # The engine must never call a freed object: detach() comes first (VCpu.close).
+        # Without it, remove the hooks here, unless the engine is already closed: the
+        # binding closes every engine from a weakref.finalize at interpreter exit, which
+        # may run before this object goes.
+        cdef bint open_engine = False
         if self.attached:
             self.attached = False
-            pyvm_pio_hook_del(self._hook_del, self._uc, self._hh_in)
-            pyvm_pio_hook_del(self._hook_del, self._uc, self._hh_out)
+            try:        # at interpreter exit the binding's module may be half torn down
+                open_engine = bool(self._engine._Uc__finalizer.alive)
+            except BaseException:  # noqa: B036 - nothing may escape a deallocator
+                open_engine = False
+            if open_engine:
+                pyvm_pio_hook_del(self._hook_del, self._uc, self._hh_in)
+                pyvm_pio_hook_del(self._hook_del, self._uc, self._hh_out)
