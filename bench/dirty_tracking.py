@@ -3,6 +3,7 @@
     .venv/bin/python bench/dirty_tracking.py [--size-mib 8] [--iters 40] [--rounds 5] [--sync-ms 0,100,20]
                                              [--migration] [--python-hook]
                                              [--linux] [--linux-only] [--linux-mib 32]
+                                             [--migration-only]
 
 Boots the ``store-loop`` guest (every pass stores to every 32-bit word of a RAM range) in
 this process and times the same number of passes per variant:
@@ -232,7 +233,8 @@ def bench_guest(args: argparse.Namespace) -> None:
 # -- live migration of a store-heavy guest -------------------------------------------------------
 def migrate_once(method: str, size_mib: int, tmpdir: str) -> tuple[float, float, int]:
     """(total-time s, downtime s, dirty syncs) of one unix-socket live migration."""
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests"))
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+    sys.path[:0] = [os.path.join(root, "tests"), root]     # tests/vmproc.py imports tests.*
     from vmproc import VmProcess  # type: ignore[import-not-found]
 
     env = dict(os.environ)
@@ -428,12 +430,14 @@ def main() -> None:
     ap.add_argument("--migration", action="store_true")
     ap.add_argument("--migration-mib", type=int, default=64)
     ap.add_argument("--migration-rounds", type=int, default=3)
+    ap.add_argument("--migration-only", action="store_true", help="only the live migrations")
     ap.add_argument("--linux", action="store_true", help="also a Linux guest writing memory")
     ap.add_argument("--linux-only", action="store_true", help="only the Linux guest")
     ap.add_argument("--linux-mib", type=int, default=32)
     args = ap.parse_args()
-    run: list[Callable[[argparse.Namespace], None]] = [] if args.linux_only else [bench_guest]
-    if args.migration:
+    only = args.linux_only or args.migration_only
+    run: list[Callable[[argparse.Namespace], None]] = [] if only else [bench_guest]
+    if args.migration or args.migration_only:
         run.append(bench_migration)
     if args.linux or args.linux_only:
         run.append(bench_linux)

@@ -452,6 +452,11 @@ cdef extern from *:
         return byte == 0xF4;
     }
 
+    /* The instruction pointer (RIP on a 64-bit engine, else EIP), as VCpu.pc. */
+    static int pyvm_pc(pyvm_dlv *d, uint64_t *pc) {
+        return dlv_get(d, d->wide ? DR_RIP : DR_EIP, pc) ? d->uc_err : 0;
+    }
+
     /* EFLAGS.IF: 1 or 0, -err on a Unicorn error. */
     static int pyvm_interrupts_enabled(pyvm_dlv *d) {
         uint64_t flags;
@@ -530,6 +535,7 @@ cdef extern from *:
     int pyvm_clear_in_flight(pyvm_dlv *d)
     int pyvm_stopped_at_hlt(pyvm_dlv *d)
     int pyvm_interrupts_enabled(pyvm_dlv *d)
+    int pyvm_pc(pyvm_dlv *d, uint64_t *pc)
     int pyvm_deliver(pyvm_dlv *d, int vector, int has_code, uint64_t code, int *failed)
 
 IMPLEMENTATION = "cython"
@@ -637,6 +643,13 @@ cdef class Delivery:
         """1 when the instruction before the current one is HLT, 0 when not (or when it
         cannot be read), -err on a Unicorn error (VCpu.stopped_at_hlt_python's twin)."""
         return pyvm_stopped_at_hlt(self._d)
+
+    def pc(self):
+        """VCpu.pc without ctypes (which would give the GIL away and back at every run):
+        the instruction pointer, or -err on a Unicorn error."""
+        cdef uint64_t value = 0
+        cdef int err = pyvm_pc(self._d, &value)
+        return -err if err else value
 
     def interrupts_enabled(self):
         """EFLAGS.IF as 1 or 0, -err on a Unicorn error."""

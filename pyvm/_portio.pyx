@@ -16,6 +16,7 @@ raises it after the run.  After an OUT the run also stops when the owner's
 ``PYVM_DELIVERY=python`` or ``PYVM_PURE_PYTHON=1`` keep the Python hooks (the twins).
 """
 
+cimport cython
 from libc.stdint cimport uint32_t, uint64_t, uintptr_t
 
 cdef extern from *:
@@ -69,10 +70,14 @@ cdef void _on_out(void *uc, uint32_t port, int size, uint32_t value, void *user)
         pyvm_pio_emu_stop(hooks._emu_stop, hooks._uc)
 
 
+# no_gc_clear: the vCPU and its hooks form a cycle; when the collector breaks it, the
+# engine (``engine``, kept below) must still be open while __dealloc__ removes the hooks.
+@cython.no_gc_clear
 cdef class PortHooks:
     """The IN and OUT hooks of one engine, calling ``read(port, size)`` and
     ``write(port, size, value)``; ``owner`` (the vCPU) receives ``hook_error`` and is
-    asked for ``stop_in_hook``.  ``detach()`` removes them (the engine must not be running)."""
+    asked for ``stop_in_hook``.  ``engine`` (the binding's ``Uc``) is kept alive until the
+    hooks are removed.  ``detach()`` removes them (the engine must not be running)."""
 
     cdef void *_uc
     cdef uintptr_t _emu_stop
@@ -82,12 +87,14 @@ cdef class PortHooks:
     cdef object _read
     cdef object _write
     cdef object _owner
+    cdef object _engine
     cdef readonly bint attached
 
     def __cinit__(self, uintptr_t uc_handle, uintptr_t hook_add_fn, uintptr_t hook_del_fn,
                   uintptr_t emu_stop_fn, int insn_in, int insn_out, object read, object write,
-                  object owner):
+                  object owner, object engine):
         cdef int err
+        self._engine = engine
         self._uc = <void *>uc_handle
         self._emu_stop = emu_stop_fn
         self._hook_del = hook_del_fn
@@ -117,8 +124,17 @@ cdef class PortHooks:
             pyvm_pio_hook_del(self._hook_del, self._uc, self._hh_out)
 
     def __dealloc__(self):
-        # the engine must never call a freed object: detach() comes first (VCpu.close)
+        # The engine must never call a freed object: detach() comes first (VCpu.close).
+        # Without it, remove the hooks here, unless the engine is already closed: the
+        # binding closes every engine from a weakref.finalize at interpreter exit, which
+        # may run before this object goes.
+        cdef bint open_engine = False
         if self.attached:
             self.attached = False
-            pyvm_pio_hook_del(self._hook_del, self._uc, self._hh_in)
-            pyvm_pio_hook_del(self._hook_del, self._uc, self._hh_out)
+            try:        # at interpreter exit the binding's module may be half torn down
+                open_engine = bool(self._engine._Uc__finalizer.alive)
+            except BaseException:  # noqa: B036 - nothing may escape a deallocator
+                open_engine = False
+            if open_engine:
+                pyvm_pio_hook_del(self._hook_del, self._uc, self._hh_in)
+                pyvm_pio_hook_del(self._hook_del, self._uc, self._hh_out)

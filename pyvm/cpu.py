@@ -262,7 +262,12 @@ class VCpu:
                 if failed:
                     raise uc_mod.UcError(failed)
             self._in_flight = False
-        pc = self.pc
+        if native is None:
+            pc = self.pc
+        else:
+            pc = native.pc()
+            if pc < 0:
+                raise uc_mod.UcError(-pc)
         run_error: uc_mod.UcError | None = None
         try:
             self.uc.emu_start(pc, 1 << 62)     # exits mode (see __init__): no end address is set

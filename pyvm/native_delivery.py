@@ -87,4 +87,4 @@ def native_port_hooks(cpu: Any, read: Any, write: Any) -> Any:
         return None
     return portio.PortHooks(cpu.uc._uch.value, _address("uc_hook_add"), _address("uc_hook_del"),
                             _address("uc_emu_stop"), X.UC_X86_INS_IN, X.UC_X86_INS_OUT,
-                            read, write, cpu)
+                            read, write, cpu, cpu.uc)

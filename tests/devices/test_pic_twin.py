@@ -88,7 +88,7 @@ def _step(p: PicPair, op: tuple[Any, ...]) -> Any:
     return p.has_pending()
 
 
-@settings(max_examples=300, deadline=None)
+@settings(max_examples=200, deadline=None)
 @given(st.booleans(), st.lists(OPS, min_size=1, max_size=60))
 def test_native_pic_matches_the_python_pic(pc_init: bool, ops: list[tuple[Any, ...]]) -> None:
     pair = []
