@@ -127,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
                 (FINDINGS / name).write_bytes((tmp / name).read_bytes())
                 for i, seed in enumerate(seeds):
                     (FINDINGS / f"{name}.seed-{i}").write_bytes(seed)
+                (FINDINGS / f"{name}.log").write_text(output)
         figures = {**_figures(output), "seconds": round(elapsed), "checksum": args.checksum,
                    "exit": proc.returncode, "findings": crashes,
                    "corpus_files": len(list(corpus.iterdir()))}
