@@ -190,7 +190,14 @@ class AnalyzerTarget:
 
     def close(self) -> None:
         for block in self.blocks.values():
-            block.buffer.close()
+            try:
+                block.buffer.close()
+            except BufferError:
+                # A view of the block is still alive: the traceback of the stream error
+                # being reported holds the decoder's frames, and so the page views they
+                # had (a damaged XBZRLE page does this).  The mapping goes with the last
+                # view; closing must not replace that error with this one.
+                pass
         for f in self._files:
             f.close()
 

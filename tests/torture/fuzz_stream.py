@@ -30,6 +30,9 @@ from typing import Any
 # before anything imports them (atheris instruments a module only when it is first imported).
 ROOT = Path(__file__).resolve().parent.parent.parent
 
+#: where the inputs of findings are kept (git-ignored)
+FINDINGS = ROOT / ".cache" / "fuzz-findings"
+
 _JOB: dict[str, Any] = {}
 
 
@@ -118,6 +121,13 @@ def main(argv: list[str] | None = None) -> int:
         output = proc.stdout + proc.stderr
         crashes = sorted(f.name for f in tmp.iterdir() if f.name.startswith(("crash-", "oom-",
                                                                                "timeout-")))
+        if crashes:                          # kept for the report: the temp dir goes away
+            FINDINGS.mkdir(parents=True, exist_ok=True)
+            for name in crashes:
+                (FINDINGS / name).write_bytes((tmp / name).read_bytes())
+                for i, seed in enumerate(seeds):
+                    (FINDINGS / f"{name}.seed-{i}").write_bytes(seed)
+                (FINDINGS / f"{name}.log").write_text(output)
         figures = {**_figures(output), "seconds": round(elapsed), "checksum": args.checksum,
                    "exit": proc.returncode, "findings": crashes,
                    "corpus_files": len(list(corpus.iterdir()))}

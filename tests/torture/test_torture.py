@@ -1,9 +1,10 @@
 """The adversarial suite at the small sizes of ``make test`` (``make torture`` runs it full).
 
 Each part is the same code as the full run (tests/torture/suite.py); only the counts
-differ.  Marker ``torture``: ``pytest -m "not torture"`` leaves them out.  R3's faults and
-R5's files and TLS refusals have their make-test counterparts in tests/e2e/test_hardening.py
-and tests/e2e/test_migration_tls.py, so that this subset stays within two minutes.
+differ (R2 runs twice: plain, and over a TLS monitor with intruders).  Marker
+``torture``: ``pytest -m "not torture"`` leaves them out.  R3's faults and R5's files
+and TLS refusals have their make-test counterparts in tests/e2e/test_hardening.py and
+tests/e2e/test_migration_tls.py, so that this subset stays within two minutes.
 """
 
 from __future__ import annotations
