@@ -213,8 +213,9 @@ class TlsPump:
     """One thread between a TLS socket (after :func:`handshake`) and a plain socketpair.
 
     :attr:`plain` is the end the user reads and writes like any socket.  The session ends
-    when either side ends: the peer's close or EOF gives EOF on :attr:`plain`; EOF on
-    :attr:`plain` (the user shut it down or closed it) sends close_notify to the peer."""
+    when either side ends: the peer's close or EOF gives EOF on :attr:`plain` once all the
+    peer sent was delivered, and the pump stops; EOF on :attr:`plain` (the user shut it
+    down or closed it) sends close_notify to the peer."""
 
     def __init__(self, sock: socket.socket, engine: TlsEngine, name: str) -> None:
         self.raw = sock
@@ -269,6 +270,13 @@ class TlsPump:
                 if peer_done and not to_plain and not plain_shut:
                     self._theirs.shutdown(socket.SHUT_WR)   # EOF for the user
                     plain_shut = True
+                    if not user_done:
+                        # The peer ended the session: answer its close_notify and stop, even
+                        # while the user still holds the pair open (postcopy's source keeps
+                        # a second descriptor of it for the return path).
+                        user_done = True
+                        self.engine.close()
+                        to_raw += self.engine.take_output()
                 if user_done and not to_raw:
                     return                                 # close_notify is out
                 raw_ev = (select.POLLIN if not peer_done and len(to_plain) < BUFFER_CAP else 0) \

@@ -29,13 +29,16 @@ def _gens(text: str) -> list[int]:
             if line.startswith("memcheck gen ") and line.endswith(" ok")]
 
 
-def _postcopy_over_tls(vms, pki, caps: list[str]) -> tuple[VmProcess, VmProcess, dict]:
+def _postcopy_over_tls(vms, pki, caps: list[str], creds: tuple[str, str] | None = None
+                       ) -> tuple[VmProcess, VmProcess, dict]:
+    """``creds``: the source's and destination's -object (default: x509 from ``pki``)."""
     capabilities = [{"capability": c, "state": True} for c in caps]
-    src = vms("src", *HOT, "-d", "migration",
-              "-object", f"tls-creds-x509,id=tls0,dir={pki['client']},endpoint=client")
+    src_obj, dst_obj = creds or (
+        f"tls-creds-x509,id=tls0,dir={pki['client']},endpoint=client",
+        f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server,verify-peer=on")
+    src = vms("src", *HOT, "-d", "migration", "-object", src_obj)
     src.wait_serial("memcheck gen 2 ok", timeout=60)
-    dst = vms("dst", *HOT, "-incoming", "defer", "-object",
-              f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server,verify-peer=on")
+    dst = vms("dst", *HOT, "-incoming", "defer", "-object", dst_obj)
     for vm in (src, dst):
         vm.cmd("migrate-set-capabilities", capabilities=capabilities)
         vm.cmd("migrate-set-parameters", **{"tls-creds": "tls0"})
@@ -78,3 +81,17 @@ def test_postcopy_preempt_over_tls(vms, pki) -> None:
     src, _, done = _postcopy_over_tls(vms, pki, ["postcopy-ram", "postcopy-preempt"])
     requests = done["ram"]["postcopy-requests"]
     assert (f"{requests} pages sent on the preempt channel") in src.stderr()
+
+
+@pytest.mark.postcopy_full
+def test_postcopy_over_psk(vms, pki, tmp_path: Path) -> None:
+    """Pre-shared keys: the return path rides the TLS pump of tls-creds-psk."""
+    key = "00112233445566778899aabbccddeeff" * 2
+    dirs = []
+    for side in ("client", "server"):
+        d = tmp_path / side
+        d.mkdir()
+        (d / "keys.psk").write_text(f"qemu:{key}\n")
+        (d / "keys.psk").chmod(0o600)
+        dirs.append(f"tls-creds-psk,id=tls0,dir={d},endpoint={side}")
+    _postcopy_over_tls(vms, pki, ["postcopy-ram"], (dirs[0], dirs[1]))

@@ -34,6 +34,8 @@ from pyvm.tls_pump import TlsPump, engine_for, handshake
 #: a peer that does not finish its handshake within this time is dropped
 HANDSHAKE_TIMEOUT = 10.0
 RELAY_CHUNK = 1 << 20
+#: seconds a closing destination lets its TLS pump pass on its last bytes
+PUMP_FLUSH_TIMEOUT = 5.0
 
 def _handshake(tls: ssl.SSLSocket, abort: AbortSignal | None, hostname: str | None) -> None:
     """Non-blocking handshake that ``abort`` interrupts; QEMU's texts on failure."""
@@ -198,9 +200,11 @@ class PumpIncoming(SocketIncoming):
         self._pump.stop()
 
     def _release(self) -> None:
-        super()._release()
-        self._pump.stop()
-        self._pump.join()
+        super()._release()               # EOF for the pump: it sends what was written back
+        self._pump.join(PUMP_FLUSH_TIMEOUT)  # (postcopy's last return-path message) first
+        if self._pump.alive:
+            self._pump.stop()
+            self._pump.join()
 
 
 def _pumped(sock: socket.socket, creds: TlsCreds, server: bool, hostname: str | None,
