@@ -45,7 +45,15 @@ class VmProcess:
             # ``prefix``: a command that runs pyvm, e.g. ("ip", "netns", "exec", NAME)
             self.proc = subprocess.Popen([*prefix, *cmd], stdout=subprocess.DEVNULL,
                                          stderr=self._stderr, cwd=ROOT, env=e)
-        self.qmp = self._connect(connect_timeout)
+        try:
+            self.qmp = self._connect(connect_timeout)
+        except BaseException:
+            # nobody gets this object to close: a VM that never answered must not outlive it
+            if self.proc.poll() is None:
+                self.proc.kill()
+                self.proc.wait(10)
+            self._stderr.close()
+            raise
 
     def _connect(self, timeout: float) -> QEMUMonitorProtocol:
         def connected() -> QEMUMonitorProtocol | None:
