@@ -226,8 +226,10 @@ def make_object(qom_type: str, props: Mapping[str, str]) -> TlsObject:
         endpoint = props.get("endpoint", "client")
         if endpoint not in ("client", "server"):
             raise TlsError(f"Parameter 'endpoint' does not accept value '{endpoint}'")
-        return TlsCredsX509(ident, props["dir"], endpoint,
+        x509 = TlsCredsX509(ident, props["dir"], endpoint,
                             _on_off("verify-peer", props.get("verify-peer", "on")))
+        x509.context()      # as QEMU, the files are checked and read when the object is made
+        return x509
     if qom_type == "tls-creds-psk":
         _check_props(qom_type, props, {"id", "dir", "endpoint", "verify-peer", "username",
                                        "priority", "sanity-check"})

@@ -156,6 +156,8 @@ def test_memory_backend_memfd() -> None:
     (["-drive", "file=/nonexistent.img,format=raw"], "/nonexistent.img"),
     (["-drive", "file=x.img,format=qcow2"], "format 'qcow2' is not supported"),
     (["-d", "nosuchitem"], "unknown log item 'nosuchitem'"),
+    (["-object", "tls-creds-x509,id=t,dir=/nonexistent,endpoint=server"],
+     "Unable to access credentials /nonexistent/ca-cert.pem: No such file or directory"),
 ])
 def test_bad_options_give_one_clear_line(args: list[str], needle: str) -> None:
     r = run_pyvm("-display", "none", *args, timeout=20)
