@@ -281,6 +281,12 @@ def parse_monitor_options(qmp: list[str], monitor: list[str], chardev: list[str]
         endpoint = _chardev_endpoint(dev_option, backend, pairs)
         creds, authz = _tls_options(dev_option, pairs, endpoint)
         specs.append(MonitorSpec(mode, endpoint, ident, dev_option, pretty, creds, authz))
+    for ident, (dev_option, backend, pairs) in chardevs.items():
+        # as QEMU, every -chardev is checked at start-up, used or not: a socket without an
+        # address fails now (a serial port's chardev:ID parses the rest of its options)
+        if ident not in used and backend == "socket" \
+                and not {k for k, _ in pairs} & {"path", "host", "port", "fd"}:
+            raise ConfigError(f"{dev_option}: socket needs 'path', or 'host' and 'port'")
     _check_unique(specs)
     return specs
 

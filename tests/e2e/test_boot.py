@@ -156,6 +156,7 @@ def test_memory_backend_memfd() -> None:
     (["-drive", "file=/nonexistent.img,format=raw"], "/nonexistent.img"),
     (["-drive", "file=x.img,format=qcow2"], "format 'qcow2' is not supported"),
     (["-d", "nosuchitem"], "unknown log item 'nosuchitem'"),
+    (["-chardev", "socket,id=c"], "-chardev socket,id=c: socket needs 'path', or 'host' and 'port'"),
     (["-object", "tls-creds-x509,id=t,dir=/nonexistent,endpoint=server"],
      "Unable to access credentials /nonexistent/ca-cert.pem: No such file or directory"),
 ])
