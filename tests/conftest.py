@@ -44,6 +44,13 @@ def tmp_shm(tmp_path: Path):
     shutil.rmtree(d, ignore_errors=True)
 
 
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory) -> dict[str, Path]:  # type: ignore[no-untyped-def]
+    """A test CA with server, client and other-CA credential directories (tests/pki.py)."""
+    from tests.pki import make_pki
+    return make_pki(tmp_path_factory.mktemp("pki"))
+
+
 @pytest.fixture
 def vms(tmp_path: Path):
     """Start real pyvm processes driven over QMP; all are killed at the end of the test."""

@@ -10,17 +10,12 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import guest
-from tests.pki import CLIENT_DN, make_pki
+from tests.pki import CLIENT_DN
 from tests.vmproc import VmProcess
 
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
             "-display", "none"]
 DN_OPT = CLIENT_DN.replace(",", ",,")        # a comma inside an option value is doubled
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _destination(vms, pki, authz: str | None = None, name: str = "dst") -> tuple[VmProcess, str]:

@@ -19,17 +19,12 @@ from typing import Any
 import pytest
 
 from tests.conftest import guest
-from tests.pki import CLIENT_DN, make_pki
+from tests.pki import CLIENT_DN
 from tests.waiting import wait_until
 
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
             "-display", "none"]
 DN_OPT = CLIENT_DN.replace(",", ",,")
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _free_port() -> int:

@@ -8,7 +8,6 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import guest
-from tests.pki import make_pki
 from tests.vmproc import VmProcess
 from tests.waiting import wait_until
 from pyvm.userfault import unavailable_reason
@@ -17,11 +16,6 @@ pytestmark = pytest.mark.skipif(unavailable_reason() is not None, reason=unavail
 
 HOT = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=16",
        "-display", "none"]
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _gens(text: str) -> list[int]:

@@ -19,17 +19,12 @@ from pyvm.chardev import parse_serial
 from pyvm.errors import ConfigError
 from pyvm.tls import ObjectRegistry, make_object
 from tests.conftest import ROOT, guest
-from tests.pki import CLIENT_DN, make_pki
+from tests.pki import CLIENT_DN
 from tests.waiting import wait_until
 
 HELLO = ["-m", "32M", "-kernel", guest("hello.elf"), "-display", "none"]
 DN_OPT = CLIENT_DN.replace(",", ",,")
 WORD = "pyvm-tls-echo"
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def _free_port() -> int:

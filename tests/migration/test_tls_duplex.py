@@ -4,19 +4,12 @@ from __future__ import annotations
 
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 
 from pyvm.migration.transports.socket_transport import SocketIncoming, SocketOutgoing
 from pyvm.migration.transports.tls_relay import tls_client, tls_server
 from pyvm.tls import TlsCredsX509
-from tests.pki import make_pki
-
-
-@pytest.fixture(scope="module")
-def pki(tmp_path_factory) -> dict[str, Path]:
-    return make_pki(tmp_path_factory.mktemp("pki"))
 
 
 def test_both_directions_and_the_last_answer_after_close(pki) -> None:

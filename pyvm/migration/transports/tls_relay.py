@@ -22,6 +22,7 @@ import socket
 import ssl
 import threading
 import time
+from typing import Protocol
 
 from pyvm.migration.transports.base import (AbortSignal, TransportCancelled, TransportError,
                                             cancelled_error, wait_ready)
@@ -121,7 +122,36 @@ class _Relay:
         self.plain.close()
 
 
-class TlsOutgoing(SocketOutgoing):
+class _Mover(Protocol):
+    """What moves bytes between a channel's plaintext socket and TLS: a relay or a pump."""
+
+    error: str | None
+
+    def stop(self) -> None: ...
+
+    def join(self) -> None: ...
+
+
+class RelayedOutgoing(SocketOutgoing):
+    """A source channel whose plaintext socket is carried over TLS by ``mover``: a cancel
+    stops it, and closing waits until it has flushed and said goodbye."""
+
+    def __init__(self, plain: socket.socket, mover: _Mover, *, description: str) -> None:
+        self._mover = mover
+        super().__init__(plain, description=description)
+
+    def _on_shutdown(self) -> None:
+        super()._on_shutdown()
+        self._mover.stop()
+
+    def _release(self) -> None:
+        super()._release()               # EOF for the mover, which flushes and says goodbye
+        self._mover.join()
+        if self._mover.error is not None and not self.cancelled and self.error is None:
+            raise TransportError(f"Unable to write to socket: {self._mover.error}")
+
+
+class TlsOutgoing(RelayedOutgoing):
     """The source's end of a TLS connection: plaintext into a socketpair, relayed.
 
     ``duplex`` (postcopy's return path): bytes from the peer come back through the
@@ -129,20 +159,10 @@ class TlsOutgoing(SocketOutgoing):
 
     def __init__(self, tls: ssl.SSLSocket, *, description: str, duplex: bool = False) -> None:
         mine, theirs = socket.socketpair()
-        self._relay: _Relay | DuplexRelay = (
+        relay: _Relay | DuplexRelay = (
             DuplexRelay("migration-tls", tls, theirs, outgoing=True) if duplex
             else _Relay("migration-tls-out", tls, theirs, outgoing=True))
-        super().__init__(mine, description=description)
-
-    def _on_shutdown(self) -> None:
-        super()._on_shutdown()
-        self._relay.stop()
-
-    def _release(self) -> None:
-        super()._release()               # EOF for the relay, which flushes and says goodbye
-        self._relay.join()
-        if self._relay.error is not None and not self.cancelled and self.error is None:
-            raise TransportError(f"Unable to write to socket: {self._relay.error}")
+        super().__init__(mine, relay, description=description)
 
 
 class TlsIncoming(SocketIncoming):
@@ -169,23 +189,12 @@ class TlsIncoming(SocketIncoming):
         self._relay.join()
 
 
-class PumpOutgoing(SocketOutgoing):
+class PumpOutgoing(RelayedOutgoing):
     """The source's end of a TLS session run by a :class:`pyvm.tls_pump.TlsPump`
     (``tls-creds-psk``): plaintext into the pump's socketpair."""
 
     def __init__(self, pump: TlsPump, *, description: str) -> None:
-        self._pump = pump
-        super().__init__(pump.plain, description=description)
-
-    def _on_shutdown(self) -> None:
-        super()._on_shutdown()
-        self._pump.stop()
-
-    def _release(self) -> None:
-        super()._release()               # EOF for the pump, which flushes and says goodbye
-        self._pump.join()
-        if self._pump.error is not None and not self.cancelled and self.error is None:
-            raise TransportError(f"Unable to write to socket: {self._pump.error}")
+        super().__init__(pump.plain, pump, description=description)
 
 
 class PumpIncoming(SocketIncoming):
