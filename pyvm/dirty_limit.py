@@ -13,7 +13,10 @@ vCPU throttle (:mod:`pyvm.cpu_throttle`) instead of per-ring-full sleeps:
 * a vCPU over its quota gets the throttle that would bring it to the quota if its
   rate is proportional to its run time: ``1 - (1 - p) * quota / rate``; a vCPU under its
   quota has its throttle eased by at most 10 points per period (so a bursty guest does
-  not swing between free and stopped).
+  not swing between free and stopped);
+* a throttled vCPU that did not run at all in a period (at 99% it runs one 10 ms time
+  slice a second, longer than a 500 ms period) taught the controller nothing: its
+  throttle stays.
 
 The controller owns its thread: the last ``cancel-vcpu-dirty-limit`` (or the VM closing,
 :func:`shutdown`) stops and joins it, and takes every throttle off.
@@ -44,15 +47,20 @@ class DirtyLimitError(PyvmError):
     """A dirty-limit command refused, with QEMU's text."""
 
 
-def rate_mb_s(pages: float, period_ns: int) -> int:
-    """MB/s as QEMU reports dirty rates: whole MiB per second."""
+def rate_mb_s(pages: float, period_ns: int) -> float:
+    """The dirty rate in MB/s (MiB per second), unrounded: the controller works on
+    this; ``query-vcpu-dirty-limit`` reports it in whole MB/s, as QEMU does."""
     if period_ns <= 0:
-        return 0
-    return int(pages * PAGE_SIZE / (1 << 20) * 1e9 / period_ns)
+        return 0.0
+    return pages * PAGE_SIZE / (1 << 20) * 1e9 / period_ns
 
 
-def next_percentage(current: int, rate: int, quota: int) -> int:
-    """The throttle of a vCPU that dirtied ``rate`` MB/s at ``current`` percent."""
+def next_percentage(current: int, rate: float, quota: int) -> int:
+    """The throttle of a vCPU that dirtied ``rate`` MB/s at ``current`` percent.
+
+    ``rate`` is not rounded down: a vCPU held at 99% that still dirties 0.8 MB/s against
+    a quota of 1 is where it should be, not idle (rounded to 0 it would be eased, run
+    ten times faster the next period and swing between the two)."""
     if rate > quota:
         ideal = 1.0 - (1.0 - current / 100) * quota / rate
         return min(PCT_MAX, max(current + 1, math.ceil(ideal * 100)))
@@ -177,10 +185,12 @@ class DirtyLimitController:
                     return
                 for i, quota in enumerate(self.quota):
                     rate = rate_mb_s(shares[i], period_ns)
-                    self.current[i] = rate
+                    self.current[i] = int(rate)
                     if not quota:
                         continue
                     pct = self.machine.throttle.vcpu_percentage(i)
+                    if pct and run[i] <= 0:
+                        continue                # asleep the whole period: nothing learned
                     self.machine.set_vcpu_throttle(i, next_percentage(pct, rate, quota))
 
 

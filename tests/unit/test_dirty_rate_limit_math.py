@@ -4,6 +4,7 @@ controller, hand-computed."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pyvm.dirty_limit import EASE_STEP, next_percentage, rate_mb_s
 from pyvm.dirty_meter import popcount, share_by_run_time
@@ -38,6 +39,7 @@ def test_popcount_and_shares() -> None:
 def test_rate_mb_s() -> None:
     assert rate_mb_s(256, 1_000_000_000) == 1
     assert rate_mb_s(2560, 2_000_000_000) == 5
+    assert rate_mb_s(100, 500_000_000) == pytest.approx(0.78125)     # not rounded down
 
 
 def test_controller_aims_at_the_quota_and_eases_slowly() -> None:
@@ -52,3 +54,10 @@ def test_controller_aims_at_the_quota_and_eases_slowly() -> None:
     assert next_percentage(80, 2, 10) == 80 - EASE_STEP
     assert next_percentage(80, 9, 10) == 78                 # 1 - 0.2*10/9 = 0.778
     assert next_percentage(5, 0, 10) == 0
+
+
+def test_a_vcpu_held_just_under_its_quota_is_not_eased() -> None:
+    # at 99 % a vCPU dirtying 0.8 MB/s against a quota of 1 stays where it is; rounded
+    # down to 0 it would be eased 10 points and run 11 times faster the next period
+    assert next_percentage(99, 0.8, 1) == 99
+    assert next_percentage(99, 0.0, 1) == 99 - EASE_STEP
