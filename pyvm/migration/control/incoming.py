@@ -219,6 +219,8 @@ class IncomingMigration:
                 except Exception:  # noqa: BLE001 - the load result stands
                     pass
             self._close_listener()
+            if self.status is not MigrationStatus.POSTCOPY_PAUSED:
+                postcopy.join_preempt()
 
     def _parallel_pages(self, channel: IncomingChannel, decoder: StreamDecoder) -> None:
         """mapped-ram: the pages regions are read by positioned reads straight into guest

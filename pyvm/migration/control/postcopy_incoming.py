@@ -89,6 +89,8 @@ class PostcopyDestination:
         #: the next connection on the migration listener (postcopy-preempt's channel)
         self._accept_more = accept_more
         self.preempt: PreemptReceiver | None = None
+        #: preempt receivers stopped but perhaps not yet joined (see join_preempt)
+        self._retired_preempt: list[PreemptReceiver] = []
         self.machine = machine
         self.decoder = decoder
         self._channel = channel
@@ -186,9 +188,19 @@ class PostcopyDestination:
         if receiver is None:
             return
         receiver.stop()
+        if receiver not in self._retired_preempt:
+            self._retired_preempt.append(receiver)
         if join:
-            # A receiver still waiting for its connection ends when the listener closes.
+            # A receiver still waiting for its connection ends when the listener closes:
+            # join_preempt, once it has.
             receiver.join(5 if receiver.connected.is_set() else 0)
+
+    def join_preempt(self, timeout: float = 5) -> None:
+        """After the migration listener closed: join every preempt thread this load
+        started (one still waiting for a connection ends with the listener)."""
+        retired, self._retired_preempt = self._retired_preempt, []
+        for receiver in retired:
+            receiver.join(timeout)
 
     def _discard(self, discard: pc.RamDiscard) -> None:
         if not self.advised or self.listening:
