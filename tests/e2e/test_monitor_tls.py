@@ -20,17 +20,12 @@ import pytest
 
 from tests.conftest import guest
 from tests.pki import CLIENT_DN
+from tests.ports import free_port
 from tests.waiting import wait_until
 
 MEMCHECK = ["-m", "32M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=4",
             "-display", "none"]
 DN_OPT = CLIENT_DN.replace(",", ",,")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _client_context(creds: Path) -> ssl.SSLContext:
@@ -69,7 +64,7 @@ def _tls_monitor_args(pki: dict[str, Path], port: int, authz: bool) -> list[str]
 
 @pytest.mark.parametrize("authz", [False, True], ids=["x509", "x509+authz-simple"])
 def test_qmp_over_tls_accepts_the_right_client_and_drops_the_others(vms, pki, authz: bool) -> None:
-    port = _free_port()
+    port = free_port()
     vm = vms("tlsmon", *MEMCHECK, *_tls_monitor_args(pki, port, authz))
     vm.wait_serial("memcheck gen 1 ok")
     status = _query_status(port, _client_context(pki["client"]))
@@ -116,7 +111,7 @@ def test_tls_monitor_misconfigurations_give_qemus_texts(pki, tmp_path: Path, cha
 def test_monitor_authz_refusal_names_the_certificate_dn_not_the_address(vms, pki) -> None:
     """QEMU's authz refusal names the peer certificate's distinguished name
     (crypto/tlssession.c); the log line must too, and never the client's address."""
-    port = _free_port()
+    port = free_port()
     vm = vms("tlsdn", *MEMCHECK, *_tls_monitor_args(pki, port, authz=True))
     vm.wait_serial("memcheck gen 1 ok")
     with pytest.raises((ConnectionError, ssl.SSLError)):
@@ -138,7 +133,7 @@ def test_qmp_over_tls_psk(vms, tmp_path: Path) -> None:
                        ("bad", "qemu:" + "ee" * 32)):
         (tmp_path / name).mkdir()
         (tmp_path / name / "keys.psk").write_text(line + "\n")
-    port = _free_port()
+    port = free_port()
     vm = vms("pskmon", *MEMCHECK,
              "-object", f"tls-creds-psk,id=psk0,dir={tmp_path / 'srv'},endpoint=server",
              "-chardev", f"socket,id=mon0,host=127.0.0.1,port={port},server=on,wait=off,"

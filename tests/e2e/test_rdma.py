@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-import socket
 
 import pytest
 
 from pyvm.migration.transports import fabric
 from tests.conftest import guest
+from tests.ports import free_port
 from tests.waiting import wait_until
 
 RAM = 32 << 20
@@ -19,14 +19,6 @@ def test_libfabric_binding_is_built() -> None:
     assert fabric.available(), "pyvm's libfabric binding is not built"
 
 
-def _free_port() -> int:
-    s = socket.socket()
-    s.bind(("127.0.0.1", 0))
-    port = s.getsockname()[1]
-    s.close()
-    return port
-
-
 @pytest.fixture
 def rdma_vms(vms):
     """VMs forced onto libfabric's tcp provider (no RDMA NIC here)."""
@@ -36,7 +28,7 @@ def rdma_vms(vms):
 @pytest.mark.parametrize("form,pin_all", [("uri", False), ("channels", True)])
 def test_rdma_migration(rdma_vms, form: str, pin_all: bool) -> None:
     vms = rdma_vms
-    port = _free_port()
+    port = free_port()
     src = vms("src", *ARGS)
     src.wait_serial("memcheck gen 1 ok")
     dst = vms("dst", *ARGS, "-S", "-incoming", f"rdma:127.0.0.1:{port}")
@@ -58,7 +50,7 @@ def test_rdma_migration(rdma_vms, form: str, pin_all: bool) -> None:
 def test_rdma_refused(rdma_vms) -> None:
     vms = rdma_vms
     src = vms("src", *ARGS)
-    src.cmd("migrate", uri=f"rdma:127.0.0.1:{_free_port()}")
+    src.cmd("migrate", uri=f"rdma:127.0.0.1:{free_port()}")
     info = src.wait_migration()
     assert info["status"] == "failed" and "RDMA" in info["error-desc"], info
     assert src.status() == "running"
@@ -68,7 +60,7 @@ def test_rdma_destination_killed_mid_transfer(rdma_vms) -> None:
     vms = rdma_vms
     args = ["-m", "64M", "-kernel", guest("memcheck.elf"), "-append", "start=1 size=32",
             "-display", "none"]
-    port = _free_port()
+    port = free_port()
     src = vms("src", *args)
     dst = vms("dst", *args, "-incoming", f"rdma:127.0.0.1:{port}")
     src.cmd("migrate-set-parameters", **{"max-bandwidth": 4 << 20})
@@ -86,7 +78,7 @@ def test_rdma_idle_guest(rdma_vms) -> None:
     """A guest that mostly sleeps (hello, 100 Hz timer): zero chunks go as COMPRESS messages."""
     vms = rdma_vms
     args = ["-m", "32M", "-display", "none"]            # no boot option: the hello guest
-    port = _free_port()
+    port = free_port()
     src = vms("src", *args)
     src.wait_serial("tick 1")
     dst = vms("dst", *args, "-incoming", f"rdma:127.0.0.1:{port}")

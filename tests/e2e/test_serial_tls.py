@@ -20,17 +20,12 @@ from pyvm.errors import ConfigError
 from pyvm.tls import ObjectRegistry, make_object
 from tests.conftest import ROOT, guest
 from tests.pki import CLIENT_DN
+from tests.ports import free_port
 from tests.waiting import wait_until
 
 HELLO = ["-m", "32M", "-kernel", guest("hello.elf"), "-display", "none"]
 DN_OPT = CLIENT_DN.replace(",", ",,")
 WORD = "pyvm-tls-echo"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _console(port: int, creds: Path, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -43,7 +38,7 @@ def _console(port: int, creds: Path, *extra: str) -> subprocess.CompletedProcess
 
 @pytest.mark.parametrize("form", ["serial", "chardev"])
 def test_tls_serial_round_trip_and_refusals(vms, pki, form: str) -> None:
-    port = _free_port()
+    port = free_port()
     args = ["-object", f"tls-creds-x509,id=tls0,dir={pki['server']},endpoint=server,verify-peer=on",
             "-object", f"authz-simple,id=auth0,identity={DN_OPT}"]
     if form == "serial":

@@ -10,7 +10,6 @@ import hashlib
 import mmap
 import os
 import random
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,6 +21,7 @@ from typing import Any, Callable, Iterator, Optional
 import pytest
 
 from pyvm.migration.transports import fabric
+from tests.ports import free_port
 from tests.waiting import wait_blocked
 from pyvm.migration.transports.base import TransportCancelled, TransportError
 from pyvm.migration.transports.fabric import FabricUnavailableError
@@ -389,16 +389,10 @@ def test_a_bad_request_fails_both_ends(destinations: list[Destination], request_
 
 
 # -- failures --------------------------------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @needs_libfabric
 @pytest.mark.usefixtures("tcp_provider")
 def test_refused_connection() -> None:
-    port = _free_port()
+    port = free_port()
     start = time.monotonic()
     with pytest.raises(RdmaError) as info:
         RdmaOutgoing("127.0.0.1", port, [("pc.ram", bytearray(PAGE), PAGE)])
