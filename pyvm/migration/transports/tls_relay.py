@@ -27,7 +27,6 @@ from typing import Protocol
 from pyvm.migration.transports.base import (AbortSignal, TransportCancelled, TransportError,
                                             cancelled_error, wait_ready)
 from pyvm.migration.transports.socket_transport import SocketIncoming, SocketOutgoing
-from pyvm.migration.transports.tls_duplex import DuplexRelay
 from pyvm.tls import (AuthzList, AuthzSimple, TlsCreds, TlsCredsPsk, TlsError,
                       distinguished_name, handshake_error)
 from pyvm.tls_pump import TlsPump, engine_for, handshake
@@ -152,28 +151,21 @@ class RelayedOutgoing(SocketOutgoing):
 
 
 class TlsOutgoing(RelayedOutgoing):
-    """The source's end of a TLS connection: plaintext into a socketpair, relayed.
+    """The source's end of a TLS connection: plaintext into a socketpair, relayed one way
+    (a connection with a return path goes through a pump instead: :func:`tls_client`)."""
 
-    ``duplex`` (postcopy's return path): bytes from the peer come back through the
-    socketpair too (pyvm.migration.transports.tls_duplex)."""
-
-    def __init__(self, tls: ssl.SSLSocket, *, description: str, duplex: bool = False) -> None:
+    def __init__(self, tls: ssl.SSLSocket, *, description: str) -> None:
         mine, theirs = socket.socketpair()
-        relay: _Relay | DuplexRelay = (
-            DuplexRelay("migration-tls", tls, theirs, outgoing=True) if duplex
-            else _Relay("migration-tls-out", tls, theirs, outgoing=True))
-        super().__init__(mine, relay, description=description)
+        super().__init__(mine, _Relay("migration-tls-out", tls, theirs, outgoing=True),
+                         description=description)
 
 
 class TlsIncoming(SocketIncoming):
-    """The destination's end: the relay decrypts into a socketpair the decoder reads
-    (``duplex``: and encrypts what is written back, postcopy's return path)."""
+    """The destination's end: the relay decrypts into a socketpair the decoder reads."""
 
-    def __init__(self, tls: ssl.SSLSocket, *, description: str, duplex: bool = False) -> None:
+    def __init__(self, tls: ssl.SSLSocket, *, description: str) -> None:
         mine, theirs = socket.socketpair()
-        self._relay: _Relay | DuplexRelay = (
-            DuplexRelay("migration-tls", tls, theirs, outgoing=False) if duplex
-            else _Relay("migration-tls-in", tls, theirs, outgoing=False))
+        self._relay = _Relay("migration-tls-in", tls, theirs, outgoing=False)
         super().__init__(mine, description=description)
 
     def _on_shutdown(self) -> None:
@@ -182,9 +174,6 @@ class TlsIncoming(SocketIncoming):
 
     def _release(self) -> None:
         super()._release()
-        if isinstance(self._relay, DuplexRelay):
-            self._relay.finish()         # the return path's last message goes out first
-            return
         self._relay.stop()
         self._relay.join()
 
@@ -236,7 +225,11 @@ def _pumped(sock: socket.socket, creds: TlsCreds, server: bool, hostname: str | 
 def tls_client(channel: SocketOutgoing, creds: TlsCreds, hostname: str | None,
                abort: AbortSignal | None, duplex: bool = False) -> SocketOutgoing:
     """Upgrade a connected source channel to TLS (migration/tls.c
-    ``migration_tls_channel_connect``); TlsError with QEMU's text when refused."""
+    ``migration_tls_channel_connect``); TlsError with QEMU's text when refused.
+
+    ``duplex``: the destination writes back on this connection (postcopy's return path),
+    so one thread must own the session both ways: a :class:`TlsPump`, as for PSK
+    credentials.  Otherwise a relay thread per direction over ``ssl``'s own socket."""
     if isinstance(creds, TlsCredsPsk):
         # no certificate, so no host name to check
         description = channel.description
@@ -246,6 +239,9 @@ def tls_client(channel: SocketOutgoing, creds: TlsCreds, hostname: str | None,
         channel.close()
         raise TlsError("No hostname available for TLS")
     description = channel.description
+    if duplex:
+        return PumpOutgoing(_pumped(channel.detach(), creds, False, hostname, None, abort),
+                            description=description)
     sock = channel.detach()
     try:
         ctx = creds.context()
@@ -257,7 +253,7 @@ def tls_client(channel: SocketOutgoing, creds: TlsCreds, hostname: str | None,
     except BaseException:
         sock.close()
         raise
-    return TlsOutgoing(tls, description=description, duplex=duplex)
+    return TlsOutgoing(tls, description=description)
 
 
 def tls_server(channel: SocketIncoming, creds: TlsCreds,
@@ -266,7 +262,7 @@ def tls_server(channel: SocketIncoming, creds: TlsCreds,
     """Upgrade an accepted destination channel to TLS and check the client
     (``migration_tls_channel_process_incoming``); TlsError with QEMU's text when refused."""
     description = channel.description
-    if isinstance(creds, TlsCredsPsk):
+    if isinstance(creds, TlsCredsPsk) or duplex:       # duplex: see tls_client
         return PumpIncoming(_pumped(channel.detach(), creds, True, None, authz, abort),
                             description=description)
     sock = channel.detach()
@@ -280,7 +276,7 @@ def tls_server(channel: SocketIncoming, creds: TlsCreds,
     except BaseException:
         sock.close()
         raise
-    return TlsIncoming(tls, description=description, duplex=duplex)
+    return TlsIncoming(tls, description=description)
 
 
 __all__ = ["PumpIncoming", "PumpOutgoing", "TlsIncoming", "TlsOutgoing", "TransportCancelled", "tls_client", "tls_server"]
