@@ -45,6 +45,7 @@ from pyvm.fastpath import flush_tlb, track_host_writes, track_writes
 from pyvm.ioport import IoBus
 from pyvm.loader import BootImage, load_bios, load_boot_sector, load_kernel
 from pyvm.log import Log
+from pyvm.native_delivery import route_native_ports
 from pyvm.native_idle import idle_ticker, wake_fd
 from pyvm.ram import MemoryBackend, MemoryBackendConfig, RamBlock, RamLayout
 from pyvm.runstate import RunState, RunStateMachine
@@ -137,6 +138,7 @@ class Machine:
         self.cpus = [VCpu(i, self.ram, self.boot.wide, self.iobus.read, self.iobus.write)
                      for i in range(cfg.smp)]
         self.cpu_states = [CpuState(c) for c in self.cpus]
+        route_native_ports(self.cpus, self.devices, self.log.enabled)
         #: vCPU sleep shares (auto-converge, dirty limits); see pyvm.cpu_throttle
         self.throttle = CpuThrottle(len(self.cpus))
         #: nanoseconds each vCPU spent inside emu_start (dirty-page attribution, pyvm.dirty_meter)

@@ -6,7 +6,8 @@ PIT's timer interrupts (raise IRQ 0, acknowledge, deliver, run the handler to it
 without returning to Python.  The Python loop (``Machine._idle`` and the passes around
 it) is the twin: it runs alone when the extension is not built, with
 ``PYVM_PURE_PYTHON=1`` or ``PYVM_DELIVERY=python``, or when the native delivery, 8259A
-or 8254 paths are not in use, and whenever ``-d int`` logs every interrupt.
+or 8254 paths are not in use, and whenever ``-d int`` logs every interrupt;
+``PYVM_IDLE=python`` selects it alone (with the rest of the tick path native).
 """
 
 from __future__ import annotations
@@ -45,7 +46,8 @@ def idle_ticker(machine: Any, timer_devices: Sequence[Any], fd: int, slice_ns: i
     which imports this module), or None where the Python loop is to be used.
     ``timer_devices`` are the machine's devices with deadlines; ``fd`` the eventfd
     :meth:`Machine.kick` writes while the ticker runs."""
-    if _native is None or os.environ.get("PYVM_DELIVERY", "") == "python":
+    if _native is None or os.environ.get("PYVM_DELIVERY", "") == "python" \
+            or os.environ.get("PYVM_IDLE", "") == "python":
         return None
     cpu = machine.cpus[0]
     if cpu.native_delivery is None or not getattr(machine.pic, "native", False) \
