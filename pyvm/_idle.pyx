@@ -17,7 +17,7 @@ tick, several percent of a core for a guest that does nothing.
 3. fire the PIT's deadline when it has passed (:func:`pyvm._pit.run_timers`, IRQ 0
    straight into the native 8259A);
 4. when the PIC has an interrupt and vCPU 0 has IF=1: acknowledge it, deliver it
-   (``Machine._deliver``, natively through the IDT), and run vCPU 0 with
+   (``VCpu.deliver``, natively through the IDT), and run vCPU 0 with
    ``uc_emu_start`` called directly, under the same slice budget and kick protocol as
    ``Machine._run_slice``; back to 1. when the run ended at HLT, else return (an
    exception, a fault, a stop request or a guest that stopped halting: the Python side
@@ -78,6 +78,7 @@ cdef extern from *:
     int pyvm_idle_wait(int fd, int64_t timeout_ns) nogil
 
 from pyvm import _pic, _pit
+from pyvm.errors import GuestFault
 
 # What run() returns (pyvm/machine.py reads them as IDLE_*).
 KICKED = 0          # a kick, a request, the end of the VM or a wake-up of the eventfd
@@ -150,23 +151,29 @@ cdef class IdleTicker:
         return earliest
 
     cdef bint _has_work(self):
-        m = self._m
-        return bool(m._kicked or not self._requests.empty() or self._exit.is_set())
+        return bool(self._m._kicked or not self._requests.empty())
 
     def run(self):
         """Handle timer ticks while vCPU 0 stays halted; return why it stopped (KICKED,
         DEADLINE, NOT_IDLE or RAN).  Exceptions from the steps it calls propagate."""
-        cdef int64_t now, base, other, pit_d, earliest, timeout
+        cdef int64_t now, base, other = 0, pit_d, earliest, timeout
         cdef int r
+        cdef bint fresh = True
         cpu = self._cpu
         pic = self._pic
         pit = self._pit
         clock = self._clock
         while True:
-            # 1. work for the Python loop
+            # 1. work for the Python loop.  A change of run state, the end of the VM and
+            # any other thread's change to a device come with a kick; so do the other
+            # devices' deadlines, except through port I/O of the handler: they are read
+            # again after each run (``fresh``).
             if self._has_work():
                 return KICKED
-            if not cpu.halted or not self._runstate.running:
+            if fresh:
+                if self._exit.is_set() or not self._runstate.running:
+                    return KICKED
+            if not cpu.halted:
                 return NOT_IDLE
             got = clock._base
             if got is None:
@@ -174,13 +181,15 @@ cdef class IdleTicker:
             base = got
             now = pyvm_idle_monotonic_ns() - base
             # 2. the other devices' deadlines, as Machine._run_timers sees them
-            other = self._other_deadline()
+            if fresh:
+                other = self._other_deadline()
+                fresh = False
             if other <= now:
                 return DEADLINE
             # 3. the PIT
             pit_d = pit.irq_next_time
             if 0 <= pit_d <= now:
-                _pit.run_timers(pit, now, pic, _pic.set_irq)
+                _pit.run_timers(pit, now, pic, _pic.set_irq_on_loop)
                 pit_d = pit.irq_next_time
             earliest = other
             if 0 <= pit_d < earliest:
@@ -192,13 +201,17 @@ cdef class IdleTicker:
                     return NOT_IDLE     # the Python side reads it again and raises
                 if r:
                     vector = _pic.acknowledge(pic)
-                    self._m._deliver(cpu, vector, None)
+                    try:    # Machine._deliver, without its frame
+                        cpu.deliver(vector, None)
+                    except GuestFault as fault:
+                        cpu.halted = False
+                        self._m._guest_fault(cpu, fault)
+                        return NOT_IDLE
                     cpu.halted = False
                     self.ticks += 1
-                    if not self._runstate.running:     # a triple fault while delivering
-                        return NOT_IDLE
                     if not self._run(earliest):
                         return RAN
+                    fresh = True
                     continue
             # 5. wait for the earliest deadline or a wake-up
             timeout = MAX_WAIT_NS
@@ -241,11 +254,15 @@ cdef class IdleTicker:
             return False        # the Python run reads it again and raises the error
         stopper.set_deadline(pyvm_idle_monotonic_ns() + budget)
         stops = stopper.stops
-        with self._wake:
+        # the condition's own lock, as ``with self._wake`` in Machine._run_slice
+        self._wake.acquire()
+        try:
             cpu.clear_stop()
             if m._kicked:
                 cpu.request_stop()
             m._running = cpu
+        finally:
+            self._wake.release()
         engine = self._engine
         pc_c = pc
         engine._hook_exception = None
@@ -254,8 +271,9 @@ cdef class IdleTicker:
             with nogil:
                 err = pyvm_idle_emu_start(self._emu_start, self._uc, pc_c)
         finally:
-            with self._wake:
-                m._running = None
+            self._wake.acquire()
+            m._running = None
+            self._wake.release()
         ended = pyvm_idle_monotonic_ns()
         self._run_ns[cpu.index] += ended - started
         taken = native.take()
