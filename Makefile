@@ -87,4 +87,4 @@ bench-lab: setup
 	$(PY) bench/lab_sweep.py --migrations 10000
 
 clean:
-	rm -rf build .venv pyvm/_fastpath.c pyvm/_pagestream.c pyvm/_xbzrle.c pyvm/_delivery.c pyvm/_portio.c pyvm/_pic.c pyvm/*.so
+	rm -rf build .venv pyvm/_fastpath.c pyvm/_pagestream.c pyvm/_xbzrle.c pyvm/_delivery.c pyvm/_portio.c pyvm/_pic.c pyvm/_pit.c pyvm/_idle.c pyvm/_uart.c pyvm/*.so

@@ -4,9 +4,11 @@
 stream's page records) and ``pyvm._xbzrle`` (XBZRLE page deltas) are always built; they
 share ``pyvm/_kernels.h``.  ``pyvm._delivery`` is the native interrupt and exception
 delivery of the vCPUs, ``pyvm._portio`` their IN/OUT hooks, ``pyvm._pic`` the 8259A
-pair's hot paths.  The rdma transport's libfabric binding is built when libfabric's
-headers are installed (Debian: libfabric-dev); without them pyvm works and ``rdma:``
-reports what is missing.  Set PYVM_NO_LIBFABRIC=1 to skip it.
+pair's hot paths, ``pyvm._pit`` the 8254's per-tick path, ``pyvm._uart`` the 16550A's
+status read and ``pyvm._idle`` the run loop's idle tick (a halted guest's timer
+interrupts in one native call).  The rdma transport's libfabric binding is built when
+libfabric's headers are installed (Debian: libfabric-dev); without them pyvm works and
+``rdma:`` reports what is missing.  Set PYVM_NO_LIBFABRIC=1 to skip it.
 """
 
 import os
@@ -47,6 +49,9 @@ extensions = [
     Extension("pyvm._delivery", ["pyvm/_delivery.pyx"], extra_compile_args=["-O2"]),
     Extension("pyvm._portio", ["pyvm/_portio.pyx"], extra_compile_args=["-O2"]),
     Extension("pyvm._pic", ["pyvm/_pic.pyx"], extra_compile_args=["-O2"]),
+    Extension("pyvm._pit", ["pyvm/_pit.pyx"], extra_compile_args=["-O2"]),
+    Extension("pyvm._idle", ["pyvm/_idle.pyx"], extra_compile_args=["-O2"]),
+    Extension("pyvm._uart", ["pyvm/_uart.pyx"], extra_compile_args=["-O2"]),
 ]
 fabric = libfabric_flags()
 if fabric is not None:

@@ -289,45 +289,7 @@ def bench_migration(args: argparse.Namespace) -> None:
 LINUX_PASSES = 4
 
 
-class _Serial:
-    """The client end of the guest's ``-serial unix:PATH,server=on,wait=off``."""
-
-    def __init__(self, path: str) -> None:
-        import socket
-
-        deadline = time.monotonic() + 20
-        while True:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                self.sock.connect(path)
-                break
-            except OSError:
-                self.sock.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        self.sock.settimeout(0.05)
-        self.out = ""
-
-    def expect(self, text: str, timeout: float, start: int = 0) -> int:
-        import socket
-
-        deadline = time.monotonic() + timeout
-        while (i := self.out.find(text, start)) < 0:
-            if time.monotonic() > deadline:
-                raise SystemExit(f"{text!r} not on the serial port within {timeout} s: "
-                                 f"{self.out[-300:]!r}")
-            try:
-                data = self.sock.recv(65536)
-            except socket.timeout:
-                continue
-            if not data:
-                raise SystemExit(f"serial port closed: {self.out[-300:]!r}")
-            self.out += data.decode(errors="replace")
-        return i + len(text)
-
-
-def linux_workload_once(m: Machine, con: _Serial, mode: str, mib: int, n: int) -> tuple[float, int]:
+def linux_workload_once(m: Machine, con: Any, mode: str, mib: int, n: int) -> tuple[float, int]:
     """Seconds the workload took with ``mode`` tracking, and the pages the syncs reported."""
     from pyvm import linux_guest
 
@@ -382,6 +344,10 @@ def bench_linux(args: argparse.Namespace) -> None:
 
     from pyvm import linux_guest
 
+    # the serial console client the Linux tests use (tests/linux.py)
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    from tests.linux import SerialConsole
+
     kernel, initrd = linux_guest.fetch(linux_guest.DEFAULT_DIR)
     with tempfile.TemporaryDirectory() as tmp:
         sock = os.path.join(tmp, "serial.sock")
@@ -391,7 +357,7 @@ def bench_linux(args: argparse.Namespace) -> None:
         m = Machine(cfg)
         m.start()
         try:
-            con = _Serial(sock)
+            con = SerialConsole(sock)
             con.expect(linux_guest.PROMPT, 600)
             modes = ("off", "host-wp")
             times: dict[str, list[float]] = {mode: [] for mode in modes}

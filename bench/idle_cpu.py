@@ -1,7 +1,7 @@
 """Host CPU used by an idle guest (HLT loop woken by a 100 Hz timer).
 
     .venv/bin/python bench/idle_cpu.py [--seconds 10] [--windows 5] [--hz 100] [--baseline TREE]
-                                       [--python-delivery] [--rounds N]
+                                       [--python-delivery] [--python-idle] [--rounds N]
 
 Boots the ``hello`` guest (it sleeps in HLT between PIT interrupts), lets it settle, then
 reads the pyvm process's CPU time (from /proc/PID/task/*/schedstat) over ``--windows`` equal
@@ -11,11 +11,14 @@ the same way in the same run.
 
 ``--baseline TREE`` also runs the pyvm of another checkout (e.g. a worktree of the
 previous commit, with its extensions built), interleaved with this one (baseline, this
-tree, baseline, this tree ...), and prints ``ratio=<this tree / baseline>``.
+tree, baseline, this tree ...), and prints the ratio this tree / baseline of the medians.
 ``--python-delivery`` makes the baseline this tree with ``PYVM_DELIVERY=python`` (the
 Python twins of the native tick path: exception hook and interrupt delivery instead of
 pyvm/_delivery.pyx, IN/OUT hooks instead of pyvm/_portio.pyx, the 8259A methods instead
-of pyvm/_pic.pyx).
+of pyvm/_pic.pyx, the Python run loop instead of the native idle tick of pyvm/_idle.pyx).
+``--python-idle`` adds (or makes) a baseline of this tree with ``PYVM_IDLE=python``: every
+native path except the idle tick.  With both, the three variants are interleaved and each
+baseline gets its ratio.  ``uptime`` is printed before and after (the machine's load).
 """
 
 from __future__ import annotations
@@ -91,13 +94,18 @@ def main() -> None:
     ap.add_argument("--baseline", help="another checkout of pyvm to compare with")
     ap.add_argument("--python-delivery", action="store_true",
                     help="baseline: this tree with PYVM_DELIVERY=python")
+    ap.add_argument("--python-idle", action="store_true",
+                    help="baseline: this tree with PYVM_IDLE=python")
     a = ap.parse_args()
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     idle_args = ["-m", "32M", "-kernel", guest_path("hello.elf"), "-append", f"hz={a.hz}",
                  "-serial", "null"]
     trees: list[tuple[str, str, dict[str, str]]] = [("this tree", ROOT, {})]
+    if a.python_idle:
+        trees.insert(0, ("python idle loop", ROOT, {"PYVM_IDLE": "python"}))
     if a.python_delivery:
-        trees.insert(0, ("baseline", ROOT, {"PYVM_DELIVERY": "python"}))
-    elif a.baseline:
+        trees.insert(0, ("python twins", ROOT, {"PYVM_DELIVERY": "python"}))
+    if not (a.python_idle or a.python_delivery) and a.baseline:
         trees.insert(0, ("baseline", os.path.abspath(a.baseline), {}))
     idle: dict[str, list[float]] = {name: [] for name, _, _ in trees}
     for _ in range(a.rounds if len(trees) > 1 else 1):
@@ -108,8 +116,10 @@ def main() -> None:
     for name, _, _ in trees:
         print(f"idle guest (HLT, {a.hz} Hz timer), {name}: {fmt(idle[name])}")
     print(f"busy guest (store loop), this tree:   {fmt(busy)}")
-    if len(trees) > 1:
-        print(f"ratio={statistics.median(idle['this tree']) / statistics.median(idle['baseline']):.3f}")
+    for name, _, _ in trees[:-1]:
+        print(f"ratio this tree / {name}="
+              f"{statistics.median(idle['this tree']) / statistics.median(idle[name]):.3f}")
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 """Seconds from start to the busybox prompt: pyvm next to QEMU's TCG, same kernel.
 
     bench/linux_boot.py [--runs N] [--idle SECONDS] [--no-qemu] [--python-delivery]
+                        [--python-idle]
 
 Boots Debian 12's kernel and the initramfs of pyvm-linux-guest (pyvm/linux_guest.py) with
 ``-m 512M -append console=ttyS0`` in pyvm and in Debian's ``qemu-system-x86_64 -accel
@@ -12,6 +13,10 @@ while the guest sits idle at the prompt.  Prints medians with min..max and pyvm/
 ``--python-delivery`` adds a third variant, ``pyvm-py``: pyvm with ``PYVM_DELIVERY=python``
 (the Python twins of the native delivery, IN/OUT hooks and 8259A hot paths: the tick path
 as it was before them), interleaved with the others, and prints pyvm/pyvm-py.
+``--python-idle`` adds ``pyvm-pyidle``: pyvm with ``PYVM_IDLE=python`` (every native path
+but the idle tick of pyvm/_idle.pyx), and prints pyvm/pyvm-pyidle.  The CPU time is read
+from /proc/PID/task/*/schedstat (nanoseconds; bench/idle_cpu.py's reader).  ``uptime`` is
+printed before and after.
 """
 
 from __future__ import annotations
@@ -28,6 +33,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from pyvm import linux_guest  # noqa: E402
+
+sys.path.insert(0, str(ROOT / "bench"))
+from idle_cpu import cpu_seconds  # noqa: E402
 
 QEMU = "qemu-system-x86_64"
 RAM = "512M"
@@ -58,18 +66,15 @@ def command(which: str, kernel: Path, initrd: Path, ram: str = RAM,
     return [QEMU, "-accel", "tcg", "-monitor", "none", "-no-reboot", *common]
 
 
-def cpu_seconds(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def one_run(which: str, kernel: Path, initrd: Path, idle_s: float,
             timeout: float = 600) -> tuple[float, float]:
     start = time.monotonic()
     env = dict(os.environ)
     if which == "pyvm-py":
         env["PYVM_DELIVERY"] = "python"
-    proc = subprocess.Popen(command("pyvm" if which == "pyvm-py" else which, kernel, initrd),
+    if which == "pyvm-pyidle":
+        env["PYVM_IDLE"] = "python"
+    proc = subprocess.Popen(command("pyvm" if which.startswith("pyvm") else which, kernel, initrd),
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, cwd=ROOT, env=env)
     assert proc.stdout is not None
@@ -104,10 +109,14 @@ def main() -> int:
     ap.add_argument("--no-qemu", action="store_true")
     ap.add_argument("--python-delivery", action="store_true",
                     help="also pyvm with PYVM_DELIVERY=python (the tick path's Python twins)")
+    ap.add_argument("--python-idle", action="store_true",
+                    help="also pyvm with PYVM_IDLE=python (the Python idle loop alone)")
     args = ap.parse_args()
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip(), flush=True)
     kernel, initrd = linux_guest.fetch(linux_guest.DEFAULT_DIR)
     qemu = None if args.no_qemu else ensure_qemu()
-    variants = (["pyvm-py"] if args.python_delivery else []) + ["pyvm"] + (["qemu"] if qemu else [])
+    variants = ((["pyvm-py"] if args.python_delivery else [])
+                + (["pyvm-pyidle"] if args.python_idle else []) + ["pyvm"] + (["qemu"] if qemu else []))
     boot: dict[str, list[float]] = {v: [] for v in variants}
     idle: dict[str, list[float]] = {v: [] for v in variants}
     for i in range(args.runs):
@@ -115,19 +124,24 @@ def main() -> int:
             b, s = one_run(v, kernel, initrd, args.idle)
             boot[v].append(b)
             idle[v].append(s)
-            print(f"run {i + 1} {v:7s} prompt after {b:6.2f} s, idle CPU {100 * s:5.1f} %",
+            print(f"run {i + 1} {v:11s} prompt after {b:6.2f} s, idle CPU {100 * s:5.1f} %",
                   flush=True)
     print(f"\nkernel {(linux_guest.DEFAULT_DIR / 'VERSION').read_text().strip()}, -m {RAM}, "
           f"{args.runs} runs each, median (min..max)")
     if qemu:
         print(f"baseline: {qemu}, -accel tcg")
     for v in variants:
-        print(f"{v:7s} seconds to prompt {summary(boot[v])}   idle CPU % "
+        print(f"{v:11s} seconds to prompt {summary(boot[v])}   idle CPU % "
               f"{summary([100 * s for s in idle[v]])}")
     if args.python_delivery:
         print(f"pyvm/pyvm-py time to prompt: "
               f"{statistics.median(boot['pyvm']) / statistics.median(boot['pyvm-py']):.2f}, "
               f"idle CPU: {statistics.median(idle['pyvm']) / statistics.median(idle['pyvm-py']):.2f}")
+    if args.python_idle:
+        print(f"pyvm/pyvm-pyidle time to prompt: "
+              f"{statistics.median(boot['pyvm']) / statistics.median(boot['pyvm-pyidle']):.2f}, "
+              f"idle CPU: {statistics.median(idle['pyvm']) / statistics.median(idle['pyvm-pyidle']):.2f}")
+    print(subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip())
     if qemu:
         ratio = statistics.median(boot["pyvm"]) / statistics.median(boot["qemu"])
         print(f"pyvm/QEMU time to prompt: {ratio:.2f}")

@@ -87,7 +87,7 @@ cdef void _set_input(object p, int chip, int n, bint level):
         last_irr[chip] = _get(last_irr, chip) & ~mask & 0xFF
 
 
-cdef _update(object p):
+cdef _update(object p, bint kick=True):
     cdef bint out
     cdef long mask = 1 << CASCADE_IRQ
     cdef list irr, last_irr
@@ -101,7 +101,7 @@ cdef _update(object p):
             irr[MASTER] = _get(irr, MASTER) & ~mask & 0xFF
             last_irr[MASTER] = _get(last_irr, MASTER) & ~mask & 0xFF
     out = _chip_irq(p, MASTER) >= 0
-    if out and not p._int_out and p.ctx is not None:
+    if out and not p._int_out and kick and p.ctx is not None:
         p.ctx.kick()
     p._int_out = out
 
@@ -121,6 +121,17 @@ cdef void _intack(object p, int chip, int irq):
 
 def set_irq(object p, int line, bint level):
     """PicPair.set_irq."""
+    _set_irq(p, line, level, True)
+
+
+def set_irq_on_loop(object p, int line, bint level):
+    """PicPair.set_irq from the run loop's own thread between runs (pyvm/_idle.pyx): the
+    same, without the kick a rising INT output sends, which the loop would ignore there
+    (Machine.kick returns at once on the loop thread when no vCPU runs)."""
+    _set_irq(p, line, level, False)
+
+
+cdef _set_irq(object p, int line, bint level, bint kick):
     cdef list seen
     if not 0 <= line <= 15:
         raise ValueError(f"ISA IRQ line {line} out of range 0-15")
@@ -129,7 +140,7 @@ def set_irq(object p, int line, bint level):
         p.irq_count[line] += 1
     seen[line] = level
     _set_input(p, line >> 3, line & 7, level)
-    _update(p)
+    _update(p, kick)
 
 
 def has_pending(object p):

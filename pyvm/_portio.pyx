@@ -13,6 +13,12 @@ with the same guard as the Python hooks: an exception is stored in the owner's
 raises it after the run.  After an OUT the run also stops when the owner's
 ``stop_in_hook`` is set (the machine is ending).
 
+Ports of a device with a native port path of its own (the 8259A pair, pyvm/_pic.pyx)
+can be routed to it directly (:meth:`PortHooks.direct`), skipping the bus's and the
+device's Python methods: the same call the device's ``io_read``/``io_write`` make, with
+the bus's masking, and only while ``-d ioport`` (which the bus logs) is off.  Linux's
+timer interrupt reads and writes the PIC's mask and EOI ports four times per tick.
+
 ``PYVM_DELIVERY=python`` or ``PYVM_PURE_PYTHON=1`` keep the Python hooks (the twins).
 """
 
@@ -51,7 +57,14 @@ cdef extern from *:
 cdef uint32_t _on_in(void *uc, uint32_t port, int size, void *user) noexcept with gil:
     """uc_cb_insn_in_t: the value the guest reads (all ones when the bus raised)."""
     cdef PortHooks hooks = <PortHooks>user
+    cdef object direct
     try:
+        if hooks._direct:
+            direct = hooks._direct.get(port)
+            if direct is not None and "ioport" not in hooks._log_enabled:
+                # IoBus.read's mask, then the hook's
+                return <uint32_t>(int(direct[1](direct[0], port, size))
+                                  & ((1 << (8 * size)) - 1) & 0xFFFFFFFF)
         return <uint32_t>(int(hooks._read(port, size)) & 0xFFFFFFFF)
     except BaseException as err:  # noqa: B036 - stored and re-raised after the run
         hooks._failed(err)
@@ -61,8 +74,14 @@ cdef uint32_t _on_in(void *uc, uint32_t port, int size, void *user) noexcept wit
 cdef void _on_out(void *uc, uint32_t port, int size, uint32_t value, void *user) noexcept with gil:
     """uc_cb_insn_out_t."""
     cdef PortHooks hooks = <PortHooks>user
+    cdef object direct = None
     try:
-        hooks._write(port, size, value)
+        if hooks._direct:
+            direct = hooks._direct.get(port)
+        if direct is not None and "ioport" not in hooks._log_enabled:
+            direct[2](direct[0], port, size, value & ((1 << (8 * size)) - 1))
+        else:
+            hooks._write(port, size, value)
     except BaseException as err:  # noqa: B036 - stored and re-raised after the run
         hooks._failed(err)
         return
@@ -88,6 +107,8 @@ cdef class PortHooks:
     cdef object _write
     cdef object _owner
     cdef object _engine
+    cdef dict _direct
+    cdef object _log_enabled
     cdef readonly bint attached
 
     def __cinit__(self, uintptr_t uc_handle, uintptr_t hook_add_fn, uintptr_t hook_del_fn,
@@ -101,6 +122,8 @@ cdef class PortHooks:
         self._read = read
         self._write = write
         self._owner = owner
+        self._direct = {}
+        self._log_enabled = frozenset()
         err = pyvm_pio_hook_add(hook_add_fn, self._uc, &self._hh_in, <void *>_on_in,
                                 <void *>self, insn_in)
         if err:
@@ -111,6 +134,15 @@ cdef class PortHooks:
             pyvm_pio_hook_del(hook_del_fn, self._uc, self._hh_in)
             raise RuntimeError(f"uc_hook_add (OUT) failed with Unicorn error {err}")
         self.attached = True
+
+    def direct(self, int first, int count, object device, object read, object write,
+               object log_enabled):
+        """Route ports [first, first + count) to ``read(device, port, size)`` and
+        ``write(device, port, size, value)`` (a device's native port path) while the
+        set ``log_enabled`` (the machine log's topics) has no ``ioport``."""
+        self._log_enabled = log_enabled
+        for port in range(first, first + count):
+            self._direct[port] = (device, read, write)
 
     cdef void _failed(self, object err):
         # as VCpu._guard: keep the error, end the run now

@@ -214,7 +214,9 @@ class VCpu:
 
     def _take_native_exception(self, native: Any) -> None:
         """What the C exception hook saw in the last run, as :meth:`_on_intr` records it."""
-        got = native.take()
+        self._record_native_exception(native, native.take())
+
+    def _record_native_exception(self, native: Any, got: tuple[int, int, bool] | None) -> None:
         if got is None:
             return
         intno, error_code, is_int = got
@@ -275,6 +277,22 @@ class VCpu:
             run_error = err
         if native is not None:
             self._take_native_exception(native)
+        self._after_run(run_error)
+
+    def finish_run(self, errno: int, taken: tuple[int, int, bool] | None,
+                   hook_exception: BaseException | None) -> None:
+        """The end of :meth:`emu_start` for a run that pyvm._idle started natively:
+        ``errno`` is ``uc_emu_start``'s status, ``taken`` what the native exception hook
+        saw (its ``take()``), ``hook_exception`` what the binding's hook guard kept."""
+        native = self.native_delivery
+        if taken is not None and native is not None:
+            self._record_native_exception(native, taken)
+        run_error = uc_mod.UcError(errno) if errno else None
+        if hook_exception is not None and run_error is None:
+            raise hook_exception        # as Uc.emu_start raises it
+        self._after_run(run_error)
+
+    def _after_run(self, run_error: uc_mod.UcError | None) -> None:
         if run_error is not None:
             if run_error.errno == uc_mod.UC_ERR_INSN_INVALID and self.pending_exception is None \
                     and self.fault is None:

@@ -45,6 +45,8 @@ from pyvm.fastpath import flush_tlb, track_host_writes, track_writes
 from pyvm.ioport import IoBus
 from pyvm.loader import BootImage, load_bios, load_boot_sector, load_kernel
 from pyvm.log import Log
+from pyvm.native_delivery import route_native_ports
+from pyvm.native_idle import idle_ticker, wake_fd
 from pyvm.ram import MemoryBackend, MemoryBackendConfig, RamBlock, RamLayout
 from pyvm.runstate import RunState, RunStateMachine
 
@@ -136,6 +138,7 @@ class Machine:
         self.cpus = [VCpu(i, self.ram, self.boot.wide, self.iobus.read, self.iobus.write)
                      for i in range(cfg.smp)]
         self.cpu_states = [CpuState(c) for c in self.cpus]
+        route_native_ports(self.cpus, self.devices, self.log.enabled)
         #: vCPU sleep shares (auto-converge, dirty limits); see pyvm.cpu_throttle
         self.throttle = CpuThrottle(len(self.cpus))
         #: nanoseconds each vCPU spent inside emu_start (dirty-page attribution, pyvm.dirty_meter)
@@ -151,6 +154,13 @@ class Machine:
         self._timer_devs: tuple[list[Device], list[Device]] | None = None
         self._kicked = False
         self._running: VCpu | None = None     # the vCPU inside emu_start, if any
+        # The native idle tick (pyvm.native_idle): built at the first idle, with the
+        # eventfd kick() writes while it runs (armed) so that its wait ends.
+        self._idle_ticker: Any = None
+        self._idle_devs = -1
+        self._idle_fd = -1
+        self._idle_armed = False
+        self._idle_written = False
         self.dirty_logging = False
         self.loop_ident: int | None = None
         self.migration: Any = None          # set by the migration layer
@@ -289,6 +299,9 @@ class Machine:
             self._kicked = True
             if cpu is not None:
                 cpu.request_stop()
+            if self._idle_armed and not self._idle_written:
+                self._idle_written = True
+                os.eventfd_write(self._idle_fd, 1)
             self._wake.notify()
 
     def _take_kick(self) -> bool:
@@ -363,6 +376,9 @@ class Machine:
                 print(f"pyvm: closing {type(dev).__name__}: {err}", file=sys.stderr)
         for c in self.char_backends:
             c.close()
+        if self._idle_fd >= 0 and (self._loop_thread is None or not self._loop_thread.is_alive()):
+            os.close(self._idle_fd)
+            self._idle_fd = -1
 
     # -- work from other threads -------------------------------------------------------------
     def _post(self, fn: Callable[[], Any]) -> threading.Event:
@@ -612,7 +628,8 @@ class Machine:
             self._deliver_interrupts()
             runnable = [c for c in self.cpus if not c.halted]
             if not runnable:
-                self._idle(deadline)
+                if not self._idle_native():
+                    self._idle(deadline)
                 continue
             if self.throttle.active:
                 runnable = self._awake(runnable, deadline)
@@ -696,6 +713,33 @@ class Machine:
             if timeout > 0:
                 self._wake.wait(timeout)
 
+    def _idle_native(self) -> bool:
+        """Every vCPU is halted: run the idle tick natively (pyvm._idle: wait, and the
+        PIT's interrupts delivered and handled, until something needs this loop).
+        False where the Python path is to be used (:meth:`_idle` is its twin)."""
+        if self._idle_devs != len(self.devices):
+            self._idle_devs = len(self.devices)
+            if self._idle_fd < 0:
+                self._idle_fd = wake_fd()
+            self._idle_ticker = idle_ticker(self, self._timer_devices(), self._idle_fd,
+                                            int(self.cfg.slice_ms * 1e6))
+        ticker = self._idle_ticker
+        if ticker is None or self.throttle.active or self.log.on("int"):
+            return False
+        with self._wake:
+            if self._kicked or not self._requests.empty():
+                return False
+            self._idle_armed = True
+        try:
+            ticker.run()
+        finally:
+            with self._wake:
+                self._idle_armed = False
+                if self._idle_written:
+                    self._idle_written = False
+                    os.eventfd_read(self._idle_fd)
+        return True
+
     def _run_slice(self, cpu: VCpu, slice_s: float, deadline: int | None) -> None:
         budget_ns = int(slice_s * 1e9)
         if deadline is not None:
@@ -723,6 +767,11 @@ class Machine:
         self.cpu_run_ns[cpu.index] += now - started
         if self.throttle.active:
             self.throttle.charge(cpu.index, now - started, now)
+        self._slice_done(cpu, stops)
+
+    def _slice_done(self, cpu: VCpu, stops: int) -> None:
+        """After a run of ``cpu`` (``stops``: its stopper's count before): a fault, an
+        exception to deliver, or HLT (also the end of pyvm._idle's runs)."""
         if cpu.fault is not None:
             fault, cpu.fault = cpu.fault, None
             self._guest_fault(cpu, fault)

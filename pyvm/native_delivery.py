@@ -88,3 +88,19 @@ def native_port_hooks(cpu: Any, read: Any, write: Any) -> Any:
     return portio.PortHooks(cpu.uc._uch.value, _address("uc_hook_add"), _address("uc_hook_del"),
                             _address("uc_emu_stop"), X.UC_X86_INS_IN, X.UC_X86_INS_OUT,
                             read, write, cpu, cpu.uc)
+
+
+def route_native_ports(cpus: Any, devices: Any, log_enabled: Any) -> None:
+    """Let the native IN/OUT hooks of ``cpus`` call the native port path of every device
+    that has one (``native_port_io()``, e.g. the 8259A pair) directly instead of through
+    the port bus, while ``log_enabled`` (the log's topic set) has no ``ioport``."""
+    for dev in devices:
+        get = getattr(dev, "native_port_io", None)
+        paths = get() if get is not None else None
+        if paths is None:
+            continue
+        for cpu in cpus:
+            if cpu.port_hooks is None:
+                continue
+            for first, count in dev.ports():
+                cpu.port_hooks.direct(first, count, dev, paths[0], paths[1], log_enabled)

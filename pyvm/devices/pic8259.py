@@ -160,6 +160,12 @@ class PicPair(Device):
         for i in range(size):
             self._write_byte(port + i, (value >> (8 * i)) & 0xFF)
 
+    def native_port_io(self) -> tuple[Any, Any] | None:
+        """The C port path (``read(pic, port, size)``, ``write(pic, port, size, value)``),
+        which :meth:`io_read`/:meth:`io_write` call when native, for the vCPUs' native
+        IN/OUT hooks to call directly (pyvm/_portio.pyx); None when not native."""
+        return (_native.io_read, _native.io_write) if self.native else None
+
     # -- machine API --------------------------------------------------------------------
     def set_irq(self, line: int, level: bool) -> None:
         """Drive ISA interrupt ``line`` (0-15) to ``level``."""

@@ -28,6 +28,10 @@ guest writes a control word and a count (pyvm has no BIOS to do that for it).
 
 from __future__ import annotations
 
+import importlib
+import os
+from typing import Any
+
 from pyvm.devices.base import Device
 from pyvm.vmstate import Field, VMStateDescription
 
@@ -68,6 +72,18 @@ PIT_VMSD = VMStateDescription(
         Field("port61", "uint8"),               # port 0x61 bits 1-3 as written
     ),
 )
+
+
+def _load_native() -> Any:
+    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
+        return None
+    try:
+        return importlib.import_module("pyvm._pit")
+    except ImportError:  # not built: the Python method gives the same results
+        return None
+
+
+_native: Any = _load_native()
 
 
 def ticks_between(start_ns: int, end_ns: int) -> int:
@@ -117,8 +133,12 @@ class Pit8254(Device):
     irq_next_time: int
     port61: int
 
-    def __init__(self) -> None:
+    def __init__(self, native: bool | None = None) -> None:
         super().__init__()
+        if native is None:      # read per device, as PYVM_DELIVERY is per vCPU (tests set it)
+            native = os.environ.get("PYVM_DELIVERY", "") != "python"
+        #: the C twin (pyvm._pit) runs the per-tick path
+        self.native = bool(native) and _native is not None
         self.reset()
 
     # -- Device API -------------------------------------------------------------------
@@ -147,11 +167,18 @@ class Pit8254(Device):
         return self.irq_next_time if self.irq_next_time >= 0 else None
 
     def run_timers(self, now_ns: int) -> None:
+        if self.native:
+            _native.run_timers(self, now_ns)
+            return
         if self.irq_next_time < 0 or now_ns < self.irq_next_time:
             return
         if self.ctx is not None:
             self.ctx.set_irq(PIT_IRQ, True)
             self.ctx.set_irq(PIT_IRQ, False)
+        self._run_timers_python_tail(now_ns)
+
+    def _run_timers_python_tail(self, now_ns: int) -> None:
+        """After the edge: channel 0's next deadline (the C twin's fallback too)."""
         if self.mode[0] in (2, 3):
             # If the run loop was late by several periods, the edges in between are not
             # replayed: one edge was raised above and the next one is the first period

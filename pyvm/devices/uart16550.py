@@ -23,9 +23,11 @@ lock may be held while calling ``ctx.set_irq``; the backend is written without i
 
 from __future__ import annotations
 
+import importlib
+import os
 import threading
 from collections import deque
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pyvm.devices.base import Device
 from pyvm.vmstate import Field, VMStateDescription
@@ -75,6 +77,18 @@ UART_VMSD = VMStateDescription(
 )
 
 
+def _load_native() -> Any:
+    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
+        return None
+    try:
+        return importlib.import_module("pyvm._uart")
+    except ImportError:  # not built: the Python methods give the same results
+        return None
+
+
+_native: Any = _load_native()
+
+
 class Uart16550(Device):
     """COM1 16550A; ``backend`` receives what the guest transmits (None: output dropped)."""
 
@@ -94,8 +108,12 @@ class Uart16550(Device):
     rx_fifo: bytes
 
     def __init__(self, backend: "CharBackend | None" = None, base: int = COM1_BASE,
-                 irq: int = COM1_IRQ) -> None:
+                 irq: int = COM1_IRQ, native: bool | None = None) -> None:
         super().__init__()
+        if native is None:      # read per device, as PYVM_DELIVERY is per vCPU (tests set it)
+            native = os.environ.get("PYVM_DELIVERY", "") != "python"
+        #: the C twin (pyvm._uart) reads LSR for the vCPUs' native IN hooks
+        self.native = bool(native) and _native is not None
         self.base = base
         self.irq = irq
         self.backend = backend
@@ -111,6 +129,11 @@ class Uart16550(Device):
     # -- Device API -------------------------------------------------------------------
     def ports(self) -> list[tuple[int, int]]:
         return [(self.base, 8)]
+
+    def native_port_io(self) -> tuple[Any, Any] | None:
+        """The C port path for the vCPUs' native IN/OUT hooks (pyvm/_portio.pyx): the LSR
+        read in C, everything else through :meth:`io_read`/:meth:`io_write`."""
+        return (_native.io_read, _native.io_write) if self.native else None
 
     def reset(self) -> None:
         with self._lock:

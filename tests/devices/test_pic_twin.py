@@ -109,3 +109,26 @@ def test_native_pic_refuses_a_bad_line_like_the_python_one() -> None:
     for native in (True, False):
         with pytest.raises(ValueError, match="ISA IRQ line 16 out of range 0-15"):
             PicPair(native=native).set_irq(16, True)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(OPS, min_size=1, max_size=40))
+def test_set_irq_on_loop_is_set_irq_without_the_kick(ops: list[tuple[Any, ...]]) -> None:
+    """pyvm/_idle.pyx raises IRQ 0 with ``set_irq_on_loop`` (on the loop's own thread,
+    where the kick would be ignored): every register as after ``set_irq``, no kick."""
+    loop, ref = PicPair(native=True), PicPair(native=True)
+    lctx, rctx = Ctx(), Ctx()
+    loop.attach(lctx)   # type: ignore[arg-type]
+    ref.attach(rctx)    # type: ignore[arg-type]
+    for op in PC_INIT + ops + [("pulse", 0)]:
+        if op[0] in ("irq", "pulse"):
+            levels = [op[2]] if op[0] == "irq" else [True, False]
+            for level in levels:
+                pic8259._native.set_irq_on_loop(loop, op[1], level)
+                ref.set_irq(op[1], level)
+            kicks = lctx.kicks
+            assert _state(loop, lctx) == dict(_state(ref, rctx), kicks=kicks), op
+        else:
+            assert _step(loop, op) == _step(ref, op), op
+            lctx.kicks = rctx.kicks = 0
+    assert lctx.kicks == 0

@@ -127,3 +127,46 @@ def test_stop_in_hook_ends_the_run_after_an_out(monkeypatch: pytest.MonkeyPatch)
     calls, regs, outcome = native
     assert outcome == "returned" and calls[-1] == ("out", 0x3F8, 1, 0x5A)
     assert regs["eip"] == CODE + PROGRAM.index(bytes.fromhex("b83412"))
+
+
+class Dev:
+    """A device with a "native" port path: records what the hooks call directly."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, ...]] = []
+
+    @staticmethod
+    def read(dev: "Dev", port: int, size: int) -> int:
+        dev.calls.append(("in", port, size))
+        return 0x1FF00 | port      # wider than the access: the hook masks as the bus does
+
+    @staticmethod
+    def write(dev: "Dev", port: int, size: int, value: int) -> None:
+        dev.calls.append(("out", port, size, value))
+
+
+@pytest.mark.parametrize("logged", [False, True])
+def test_direct_ports_skip_the_bus_unless_ioport_is_logged(monkeypatch: pytest.MonkeyPatch,
+                                                           logged: bool) -> None:
+    """Ports routed to a device's native path (PortHooks.direct, as the 8259A's are)
+    are called without the bus, with the bus's masking; with ``-d ioport`` on, the bus
+    (which logs) gets them as before."""
+    bus, dev = Bus(), Dev()
+    cpu = _cpu(monkeypatch, False, bus)
+    assert cpu.port_hooks is not None
+    log_enabled = {"ioport"} if logged else set()
+    cpu.port_hooks.direct(0x20, 2, dev, Dev.read, Dev.write, log_enabled)
+    try:
+        cpu.emu_start()
+        regs = {r: cpu.get(r) for r in REGS}
+    finally:
+        cpu.close()
+    assert regs["eip"] == CODE + len(PROGRAM)
+    serial = [("in", 0x3F8, 1), ("in", 0x3F8, 2), ("in", 0x3F8, 4), ("out", 0x3F8, 1, 0x5A),
+              ("out", 0x3F8, 2, 0x1234), ("out", 0x3F8, 4, 0xDEADBEEF)]
+    if logged:
+        assert dev.calls == []
+        assert bus.calls == serial + [("in", 0x21, 1), ("out", 0x80, 1, _value(0x21, 1))]
+    else:
+        assert dev.calls == [("in", 0x21, 1)]
+        assert bus.calls == serial + [("out", 0x80, 1, 0x21)]     # 0x1FF21 masked to a byte
