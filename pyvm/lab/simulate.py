@@ -3,7 +3,11 @@
 The model, kept simple enough to compute by hand (``docs/lab.md`` derives an example):
 
 * Time runs on two clocks: wall time ``t`` (the migration's) and guest time ``g`` (the
-  trace's).  Guest time advances at ``1 - throttle/100`` of wall time.  Sample *i* of the
+  trace's).  Guest time advances at :func:`throttled_speed` of wall time: ``1 -
+  throttle/100`` for a guest that would use all its CPU; a guest whose vCPUs were busy
+  only a fraction ``busy`` of the time (the trace's mean busy fraction, or ``busy``)
+  loses nothing while ``1 - throttle/100 >= busy`` and runs at ``(1 - throttle/100) /
+  busy`` below that.  Sample *i* of the
   trace is dirtied at guest time ``(i + 1) * interval`` (when the recorder took it), and
   the trace repeats from its start when the migration outlasts it.
 * Every page costs :data:`~pyvm.migration.policy.PAGE_WIRE_BYTES` (QEMU's page header
@@ -37,7 +41,7 @@ The model, kept simple enough to compute by hand (``docs/lab.md`` derives an exa
 * ``spread``: a sample's pages are written across its interval, each page at its own
   fixed point (:class:`TraceCursor`), instead of all at its end.
 * ``guest_speed``: the guest runs at this fraction of the speed it was recorded at (guest
-  time advances at ``guest_speed * (1 - throttle/100)`` of wall time).
+  time advances at ``guest_speed * throttled_speed(throttle, busy)`` of wall time).
 * Postcopy sends the device state (downtime: that plus half a round trip), then pushes
   the unsent pages from the running destination's side; total time includes them.
 
@@ -205,6 +209,24 @@ class TraceCursor:
         return union
 
 
+def throttled_speed(throttle_pct: int, busy: float | None = None) -> float:
+    """The share of its unthrottled pace a guest keeps under a vCPU throttle of
+    ``throttle_pct`` percent.
+
+    A throttled vCPU sleeps ``pct / (1 - pct)`` of each time slice it ran
+    (``system/cpu-throttle.c``; :mod:`pyvm.cpu_throttle`), so it may run ``1 - pct`` of
+    the wall time.  A guest that needs only ``busy`` of it (it halts the rest, waiting
+    for its timer, and catches up missed ticks) keeps its pace while ``1 - pct >= busy``
+    and slows to ``(1 - pct) / busy`` below that.  ``busy`` None (a trace without busy
+    fractions): the guest is taken to need all its CPU, ``1 - pct``."""
+    allowed = 1.0 - throttle_pct / 100
+    if busy is None or math.isnan(busy):
+        return allowed
+    if busy <= 0:
+        return 1.0
+    return min(1.0, allowed / min(busy, 1.0))
+
+
 def _readonly(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
     v = a.view()
     v.flags.writeable = False
@@ -218,12 +240,16 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
              zero: npt.NDArray[np.bool_] | None = None, round_cost: float = 0.0,
              switchover_cost: float = 0.0, guest_speed: float = 1.0,
              spread: bool = False, setup_cost: float = 0.0,
-             zero_age: float = 0.0) -> SimResult:
+             zero_age: float = 0.0, busy: float | None = None) -> SimResult:
     """Simulate one migration of the guest in ``trace`` starting at guest time ``start``.
+    ``busy``: the vCPUs' busy fraction the throttle model uses (:func:`throttled_speed`);
+    None: the trace's mean busy fraction, if it has any.
 
     Raises :class:`~pyvm.migration.policy.PolicyError` when the policy fails.
     """
     npages = trace.npages
+    if busy is None:
+        busy = trace.mean_busy()
     rate = final_rate = link.effective
     if limits.max_bandwidth:
         rate = min(rate, limits.max_bandwidth)
@@ -278,6 +304,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
             res.bytes_sent = wire_total + left_bytes + device_bytes
             break
         throttle = decision.throttle_pct
+        pace = guest_speed * throttled_speed(throttle, busy)
         top_throttle = max(top_throttle, throttle)
         send = decision.send
         n = int(np.count_nonzero(unsent)) if send is None else int(send.size)
@@ -299,7 +326,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
             # A zero page the guest writes during the round, before its turn, goes out
             # whole: on average half of those written while the round lasts.
             est = max(copy.copy(window).send(t, nbytes) - t, min_round) + round_cost
-            during = np.unpackbits(cursor.dirtied(g, g + est * guest_speed * (1 - throttle / 100)),
+            during = np.unpackbits(cursor.dirtied(g, g + est * pace),
                                    count=npages).view(np.bool_)
             late = int(np.count_nonzero(zeros & sent_mask & during))
             nbytes += late // 2 * (PAGE_WIRE_BYTES - ZERO_WIRE_BYTES)
@@ -308,7 +335,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
         duration = max(sending, min_round) + round_cost
         if nbytes:
             bandwidth = nbytes / max(sending, min_round)
-        g_next = g + duration * guest_speed * (1 - throttle / 100)
+        g_next = g + duration * pace
         dirty = np.unpackbits(cursor.dirtied(g, g_next), count=npages).view(np.bool_)
         unsent |= dirty
         if zeros is not None:

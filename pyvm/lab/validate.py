@@ -281,6 +281,8 @@ def report(v: Validation) -> str:
              + (f"; guest writes/s {v.write_rates[1]:.0f} migrated, "
                 f"{v.write_rates[0]:.0f} recorded" if not math.isnan(v.write_rates[0]) else "")
              + (f"; trace time x{v.guest_speed:.2f}" if v.guest_speed != 1.0 else "")
+             + (f"; vCPU busy {busy * 100:.1f}%" if (busy := v.trace.mean_busy()) is not None
+                else "")
              + (f" ({v.measured.error or v.predicted.error})"
                 if v.measured.error or v.predicted.error else ""),
              f"{'metric':12} {'measured':>14} {'predicted':>14} {'error':>8}"]

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pyvm.lab.link import LinkModel
-from pyvm.lab.simulate import TraceCursor, simulate, simulate_safely
+from pyvm.lab.simulate import TraceCursor, simulate, simulate_safely, throttled_speed
 from pyvm.lab.trace import Trace
 from pyvm.migration.policy import (PAGE_WIRE_BYTES as W, Decision, Limits, Policy, QemuPrecopy,
                                    RoundState)
@@ -195,3 +195,41 @@ def test_spread_cursor_writes_each_page_at_its_phase_of_the_sample() -> None:
     part = np.unpackbits(TraceCursor(one, spread=True).dirtied(0.1, 0.105), count=10000)
     assert 800 < part.sum() < 1200
     assert np.unpackbits(TraceCursor(one).dirtied(0.1, 0.105), count=10000).sum() == 0
+
+
+def test_throttled_speed_follows_the_guest_cpu_demand() -> None:
+    # no busy fraction: the guest is taken to need all its CPU
+    assert throttled_speed(0) == 1.0 and throttled_speed(40) == pytest.approx(0.6)
+    assert throttled_speed(40, math.nan) == pytest.approx(0.6)
+    # busy 25%: a throttle leaving >= 25% of the CPU costs nothing
+    assert throttled_speed(50, 0.25) == 1.0 and throttled_speed(75, 0.25) == 1.0
+    # ... below that the guest runs at (1 - pct) / busy of its pace
+    assert throttled_speed(80, 0.25) == pytest.approx(0.8)
+    assert throttled_speed(99, 0.25) == pytest.approx(0.04)
+    assert throttled_speed(50, 1.0) == pytest.approx(0.5)
+    assert throttled_speed(90, 0.0) == 1.0           # a guest that never runs loses nothing
+
+
+def test_throttle_spares_a_guest_that_needs_little_cpu() -> None:
+    masks = np.zeros((100, 100), bool)
+    for i in range(100):
+        masks[i, i] = True                           # sample i writes page i
+    busy = np.full(100, 0.25, np.float32)
+    tr = Trace(np.packbits(masks, axis=1), 100, 0.1, guest="hand", busy=busy)
+    for pct, dirtied in ((50, 10), (75, 10), (87, 5)):
+        pol = Script(Decision(throttle_pct=pct), Decision.stop())
+        res = simulate(tr, pol, LINK, device_bytes=0)
+        # round 0 lasts 1 s: at 50% or 75% the guest (busy 25%) keeps its pace, 1 s of
+        # guest time, samples 0..9; at 87% it gets 13% of 25%: 0.52 s, samples 0..4
+        assert res.history[0].dirtied == dirtied, pct
+        assert np.flatnonzero(pol.seen[1].dirty).tolist() == list(range(dirtied))
+    # busy given by the caller wins over the trace's
+    pol = Script(Decision(throttle_pct=50), Decision.stop())
+    assert simulate(tr, pol, LINK, device_bytes=0, busy=1.0).history[0].dirtied == 5
+    # mean over the samples that have a reading
+    busy[:50] = np.nan
+    busy[50:] = 0.5
+    tr = Trace(np.packbits(masks, axis=1), 100, 0.1, busy=busy)
+    pol = Script(Decision(throttle_pct=75), Decision.stop())
+    # 25% of the CPU for a guest needing 50%: half its pace, 0.5 s, samples 0..4
+    assert simulate(tr, pol, LINK, device_bytes=0).history[0].dirtied == 5
