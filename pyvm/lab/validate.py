@@ -253,7 +253,8 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
         measured = migrate(kernel, append, ram, policy, workdir=workdir or tmp,
                            max_bandwidth=max_bandwidth, downtime_limit_ms=downtime_limit_ms,
                            warmup=warmup, zero_scan=True, workload=workload, timeout=timeout,
-                           progress=counters is not None, progress_every=math.inf)
+                           progress=counters is not None, progress_every=math.inf,
+                           src_args=["-d", "migration"])
     guest_speed = 1.0
     rates = (math.nan, math.nan)
     if counters is not None:

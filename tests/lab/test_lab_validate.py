@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 
 from pyvm.guests import guest_path
 from pyvm.lab.errors import LabError
-from pyvm.lab.realvm import RealResult, rounds_from_samples
+from pyvm.lab.realvm import RealResult, logged_downtime, migrate, rounds_from_samples
 from pyvm.lab.validate import costs_from, line_rate_from, report, validate
 
 LOG = """migration: round 1: sent 15528301 bytes (16384 pages) in 757 ms, 164.1 Mbps; dirty 1616 pages; expected downtime 322 ms
 migration: round 2: sent 1534921 bytes (374 pages) in 2 ms, 6378.3 Mbps; dirty 451 pages; expected downtime 2 ms
-migration: switchover: last dirty pages and device state, 2720662 bytes; downtime 75 ms
+migration: switchover: last dirty pages and device state, 2720662 bytes; downtime 75 ms (75.412 ms)
 """
 
 
@@ -40,6 +42,29 @@ def test_calibration_reads_the_rounds_a_source_logged() -> None:
         line_rate_from(RealResult("qemu", "failed", error="boom"), LOG)
     with pytest.raises(LabError, match="no rounds logged"):
         line_rate_from(unlimited, "")
+
+
+def test_downtime_to_the_microsecond_from_the_source_log() -> None:
+    assert logged_downtime(LOG) == pytest.approx(0.075412)
+    # an older source's line has whole milliseconds only: query-migrate's figure stays
+    assert logged_downtime("migration: switchover: last dirty pages and device state, "
+                           "2720662 bytes; downtime 75 ms\n") is None
+    assert logged_downtime("") is None
+
+
+@pytest.mark.slow
+def test_real_migration_reads_the_downtime_to_the_microsecond(tmp_path: Path) -> None:
+    """A source logging its migration (-d migration) gives the lab its downtime in µs;
+    query-migrate's whole milliseconds agree with it."""
+    r = migrate(guest_path("dirty.elf"), "start=1 size=2 pattern=4", "16M", "qemu",
+                workdir=str(tmp_path), warmup=0.2, progress=False,
+                src_args=["-d", "migration"])
+    assert r.status == "completed", r.error
+    log = (tmp_path / "src.stderr").read_text()
+    whole = re.findall(r"switchover: .*; downtime (\d+) ms \(", log)
+    assert len(whole) == 1, log
+    assert r.downtime == logged_downtime(log)
+    assert int(whole[0]) <= r.downtime * 1e3 < int(whole[0]) + 1.1
 
 
 @pytest.mark.slow
