@@ -152,16 +152,17 @@ class TraceCursor:
     Sample *i* covers guest times ``(i * interval, (i + 1) * interval]``.  By default all
     its pages count as written at the end; with ``spread`` each page is written at its
     own fixed point of the interval (``(i + phase[p]) * interval``, ``phase`` uniform in
-    (0, 1], seeded), as a guest writing all the time does, so that a round shorter than
-    the interval sees its share of the sample's pages rather than all or none.
+    (0, 1], drawn from ``seed``), as a guest writing all the time does, so that a round
+    shorter than the interval sees its share of the sample's pages rather than all or
+    none.
     """
 
-    def __init__(self, trace: Trace, spread: bool = False) -> None:
+    def __init__(self, trace: Trace, spread: bool = False, seed: int = 0) -> None:
         self.trace = trace
         self.rows = trace.bitmaps
         self.all = np.bitwise_or.reduce(self.rows, axis=0) if trace.samples else \
             np.zeros(self.rows.shape[1], np.uint8)
-        self.phase = 1.0 - np.random.default_rng(0).random(trace.npages) if spread else None
+        self.phase = 1.0 - np.random.default_rng(seed).random(trace.npages) if spread else None
 
     def _part(self, i: int, lo: float, hi: float) -> npt.NDArray[np.uint8]:
         """Packed pages of sample ``i`` (mod n) with phase in ``(lo, hi]``."""
@@ -240,10 +241,11 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
              zero: npt.NDArray[np.bool_] | None = None, round_cost: float = 0.0,
              switchover_cost: float = 0.0, guest_speed: float = 1.0,
              spread: bool = False, setup_cost: float = 0.0,
-             zero_age: float = 0.0, busy: float | None = None) -> SimResult:
+             zero_age: float = 0.0, busy: float | None = None, seed: int = 0) -> SimResult:
     """Simulate one migration of the guest in ``trace`` starting at guest time ``start``.
     ``busy``: the vCPUs' busy fraction the throttle model uses (:func:`throttled_speed`);
-    None: the trace's mean busy fraction, if it has any.
+    None: the trace's mean busy fraction, if it has any.  ``seed``: the pages' phases
+    within their samples with ``spread`` (:class:`TraceCursor`).
 
     Raises :class:`~pyvm.migration.policy.PolicyError` when the policy fails.
     """
@@ -265,7 +267,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
         nz = int(np.count_nonzero(zeros & (unsent if pages is None else pages)))
         return (count - nz) * PAGE_WIRE_BYTES + nz * ZERO_WIRE_BYTES
     wire_total = 0
-    cursor = TraceCursor(trace, spread)
+    cursor = TraceCursor(trace, spread, seed)
     name = policy_name(policy)
     res = SimResult(name, trace_name or trace.guest, link.label, "timeout")
     setup = MigrationSetup(npages, (RamRegion("pc.ram", 0, 0, npages),),

@@ -233,3 +233,13 @@ def test_throttle_spares_a_guest_that_needs_little_cpu() -> None:
     pol = Script(Decision(throttle_pct=75), Decision.stop())
     # 25% of the CPU for a guest needing 50%: half its pace, 0.5 s, samples 0..4
     assert simulate(tr, pol, LINK, device_bytes=0).history[0].dirtied == 5
+
+
+def test_seed_draws_the_pages_phases_anew() -> None:
+    one = Trace.from_masks(np.ones((1, 10000), bool), 0.1)
+    a = np.unpackbits(TraceCursor(one, spread=True).dirtied(0.0, 0.05), count=10000)
+    b = np.unpackbits(TraceCursor(one, spread=True, seed=1).dirtied(0.0, 0.05), count=10000)
+    c = np.unpackbits(TraceCursor(one, spread=True).dirtied(0.0, 0.05), count=10000)
+    assert (a == c).all()                      # the same seed, the same phases
+    assert 4700 < a.sum() < 5300 and 4700 < b.sum() < 5300   # half the interval, either way
+    assert (a != b).sum() > 3000               # but other pages

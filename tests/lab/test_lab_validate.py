@@ -6,12 +6,16 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pyvm.guests import guest_path
 from pyvm.lab.errors import LabError
 from pyvm.lab.realvm import RealResult, logged_downtime, migrate, rounds_from_samples
-from pyvm.lab.validate import costs_from, line_rate_from, report, validate
+from pyvm.lab.simulate import SimResult
+from pyvm.lab.trace import Trace
+from pyvm.lab.validate import (Validation, costs_from, line_rate_from, replay_starts, report,
+                               validate)
 
 LOG = """migration: round 1: sent 15528301 bytes (16384 pages) in 757 ms, 164.1 Mbps; dirty 1616 pages; expected downtime 322 ms
 migration: round 2: sent 1534921 bytes (374 pages) in 2 ms, 6378.3 Mbps; dirty 451 pages; expected downtime 2 ms
@@ -50,6 +54,40 @@ def test_downtime_to_the_microsecond_from_the_source_log() -> None:
     assert logged_downtime("migration: switchover: last dirty pages and device state, "
                            "2720662 bytes; downtime 75 ms\n") is None
     assert logged_downtime("") is None
+
+
+def test_validation_compares_medians_and_keeps_the_ranges() -> None:
+    tr = Trace.from_masks(np.zeros((20, 8), bool), 0.05)
+    real = [RealResult("qemu", "completed", total_time=t, downtime=d, bytes_sent=b, rounds=n)
+            for t, d, b, n in ((1.0, 0.010, 100, 1), (3.0, 0.020, 300, 2), (2.0, 0.030, 200, 2))]
+    sims = [SimResult("qemu", "", "", "completed", total_time=t, downtime=d, bytes_sent=b,
+                      rounds=n)
+            for t, d, b, n in ((2.2, 0.012, 210, 2), (1.8, 0.024, 190, 1),
+                               (2.0, 0.030, 230, 2), (9.0, math.nan, 250, 3))]
+    v = Validation(real[0], sims[0], tr, measured_runs=real, predicted_runs=sims)
+    err = v.errors()
+    # medians: real 2.0 s, 20 ms, 200 B, 2 rounds; simulated 2.1 s, 24 ms (NaN left
+    # out), 220 B, 2 rounds
+    assert err["total_time"] == pytest.approx(2.1 / 2.0 - 1)
+    assert err["downtime"] == pytest.approx(0.024 / 0.020 - 1)
+    assert err["bytes_sent"] == pytest.approx(220 / 200 - 1)
+    assert err["rounds"] == 0.0
+    rows = {r["metric"]: r for r in v.rows()}
+    assert rows["total_time"]["measured_range"] == (1.0, 3.0)
+    assert rows["total_time"]["predicted_range"] == (1.8, 9.0)
+    assert rows["downtime"]["predicted_runs"] == 3
+    text = report(v)
+    assert "(1.000..3.000)" in text and "medians of 3 real migrations and 4 simulations" in text
+    # one run each: the single figures, no ranges
+    one = Validation(real[1], sims[0], tr)
+    assert one.errors()["total_time"] == pytest.approx(2.2 / 3.0 - 1)
+    assert "medians" not in report(one)
+
+
+def test_replays_start_at_evenly_spread_points() -> None:
+    tr = Trace.from_masks(np.zeros((20, 8), bool), 0.05)      # 1 s
+    assert replay_starts(tr, 4) == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    assert replay_starts(tr, 0) == [0.0]
 
 
 @pytest.mark.slow
