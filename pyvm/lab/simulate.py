@@ -31,9 +31,10 @@ The model, kept simple enough to compute by hand (``docs/lab.md`` derives an exa
   dirtied meanwhile becomes unsent again.  The bandwidth a policy is told is the round's
   bytes over its sending time, as the engine measures it.
 * Stop-and-copy sends the unsent pages and ``device_bytes`` of device state at the link's
-  rate; downtime is ``switchover_cost`` (stopping the vCPUs, the last sync, saving the
-  devices: calibrated, 0 by default) plus that transfer plus half a round trip (the last
-  byte reaching the destination), and the migration's total time ends with it.
+  rate (or ``final_rate``); downtime is ``switchover_cost`` (stopping the vCPUs, the last
+  sync, saving the devices: calibrated, 0 by default) plus that transfer plus half a
+  round trip (the last byte reaching the destination), and the migration's total time
+  ends with it.
 * ``zero_age``: seconds between the reading of ``zero`` and the migration's start; the
   pages the guest writes then (and during the set-up) are no longer zero.
 * ``setup_cost``: seconds before the first round (the engine's set-up: the stream's
@@ -134,6 +135,9 @@ class SimResult:
     precopy_time: float = 0.0
     postcopy_bytes: int = 0
     final_pages: int = 0
+    #: bytes sent while the guest is stopped (the final pages, or none with postcopy,
+    #: and the device state), as ``query-migrate``'s ``downtime-bytes``
+    downtime_bytes: int = 0
     throttle_pct: int = 0
     error: str = ""
     history: list[RoundRecord] = field(default_factory=list)
@@ -241,21 +245,26 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
              zero: npt.NDArray[np.bool_] | None = None, round_cost: float = 0.0,
              switchover_cost: float = 0.0, guest_speed: float = 1.0,
              spread: bool = False, setup_cost: float = 0.0,
-             zero_age: float = 0.0, busy: float | None = None, seed: int = 0) -> SimResult:
+             zero_age: float = 0.0, busy: float | None = None, seed: int = 0,
+             final_rate: float = 0.0) -> SimResult:
     """Simulate one migration of the guest in ``trace`` starting at guest time ``start``.
     ``busy``: the vCPUs' busy fraction the throttle model uses (:func:`throttled_speed`);
     None: the trace's mean busy fraction, if it has any.  ``seed``: the pages' phases
-    within their samples with ``spread`` (:class:`TraceCursor`).
+    within their samples with ``spread`` (:class:`TraceCursor`).  ``final_rate``: bytes/s
+    of the stop-and-copy's transfer (0: the link's effective rate; ``pyvm-lab validate``
+    calibrates it: the source writes the last pages into a drained socket faster than
+    the channel moves a long round).
 
     Raises :class:`~pyvm.migration.policy.PolicyError` when the policy fails.
     """
     npages = trace.npages
     if busy is None:
         busy = trace.mean_busy()
-    rate = final_rate = link.effective
+    rate = link.effective
+    final_rate = final_rate or link.effective
     if limits.max_bandwidth:
         rate = min(rate, limits.max_bandwidth)
-    window = RateWindow(final_rate, limits.max_bandwidth)
+    window = RateWindow(link.effective, limits.max_bandwidth)
     zeros = None if zero is None else np.array(zero, dtype=np.bool_, copy=True)
     if zeros is not None and zeros.shape != (npages,):
         raise ValueError(f"zero mask of {zeros.shape} for {npages} pages")
@@ -295,12 +304,14 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
             if decision.stop_and_copy:
                 res.status = "completed"
                 res.final_pages = left
+                res.downtime_bytes = left_bytes + device_bytes
                 res.downtime += left_bytes / final_rate
                 res.pages_sent += left
                 res.total_time = t + res.downtime
             else:
                 res.status = "postcopy"
                 res.postcopy_bytes = left_bytes
+                res.downtime_bytes = device_bytes
                 res.total_time = t + res.downtime + res.postcopy_bytes / rate
                 res.pages_sent += left
             res.bytes_sent = wire_total + left_bytes + device_bytes

@@ -38,6 +38,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from pyvm.lab.calibration_policy import HOLD_SPEC as HOLD
 from pyvm.lab.calibration_policy import SPEC as CALIBRATE
 from pyvm.lab.errors import LabError
 from pyvm.lab.link import LinkModel
@@ -53,7 +54,7 @@ from pyvm.migration.policy import PAGE_SIZE, Limits, load_policy
 PYVM_DEVICE_BYTES = 7600
 #: ``link="measure"``: the channel's own rate comes from a calibration migration.
 DEFAULT_LINK = "measure"
-METRICS = ("total_time", "bytes_sent", "downtime", "rounds")
+METRICS = ("total_time", "bytes_sent", "downtime", "rounds", "downtime_bytes")
 
 
 @dataclass
@@ -136,11 +137,32 @@ class Calibration:
     round_cost: float = 0.0
     #: seconds of set-up before the first round (``query-migrate``'s ``setup-time``)
     setup_cost: float = 0.0
+    #: bytes/s of the final copy (0: line_rate): the slope of the calibrations' downtime
+    #: over their downtime bytes
+    final_rate: float = 0.0
 
     def text(self) -> str:
         return (f"channel {self.line_rate / 1e6:.0f} MB/s, set-up {self.setup_cost * 1e3:.0f} "
-                f"ms, switchover {self.switchover_cost * 1e3:.1f} ms, round "
-                f"{self.round_cost * 1e3:.2f} ms")
+                f"ms, switchover {self.switchover_cost * 1e3:.1f} ms"
+                + (f" + bytes at {self.final_rate / 1e6:.0f} MB/s" if self.final_rate else "")
+                + f", round {self.round_cost * 1e3:.2f} ms")
+
+
+def fit_switchover(points: Sequence[tuple[float, float]]) -> tuple[float, float] | None:
+    """(fixed seconds, bytes/s) of ``downtime = fixed + bytes / rate`` through
+    (downtime bytes, downtime seconds) points: the median of the pairwise slopes
+    (Theil and Sen's estimator: one run's scheduler hiccup does not tilt it) and the
+    median of what each point leaves for the fixed part.  None when the points do not
+    give a positive slope (too close in bytes, or too noisy)."""
+    slopes = [(d2 - d1) / (b2 - b1) for i, (b1, d1) in enumerate(points)
+              for b2, d2 in points[i + 1:] if abs(b2 - b1) >= 256 * 1024]
+    if not slopes:
+        return None
+    slope = float(np.median(slopes))
+    if not slope > 0:
+        return None
+    fixed = float(np.median([d - b * slope for b, d in points]))
+    return max(0.0, fixed), 1.0 / slope
 
 
 _ROUND_LOG = re.compile(r"migration: round (\d+): sent (\d+) bytes \((\d+) pages\) in (\d+) ms")
@@ -181,18 +203,23 @@ def costs_from(cal: RealResult, log: str, line_rate: float) -> tuple[float, floa
 
 def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
               max_bandwidth: int, downtime_limit_ms: int, workload: str = "",
-              runs: int = 4) -> Calibration:
+              runs: int = 7) -> Calibration:
     """Migrate the guest ``runs`` times, its source logging every round, under QEMU's
     rounds stopped after the third (:mod:`pyvm.lab.calibration_policy`: a calibration
     must end, and QEMU's rule does not on a guest that outruns the link):
     first without ``max-bandwidth`` for the channel's rate, then with the measured run's
-    ``max-bandwidth`` and ``downtime-limit`` for the fixed costs (the median of those runs:
-    one run's figures vary with what else the machine runs).  The fixed costs need the
-    rate limit: without it the source outruns the destination, the socket's buffers fill,
-    and the switchover waits for the destination to drain them."""
-    def run(i: int, bw: int) -> tuple[RealResult, str]:
+    ``max-bandwidth`` and ``downtime-limit`` for the fixed costs (medians: one run's
+    figures vary with what else the machine runs), every other run holding the pages
+    written in round 0 back for a larger final copy (``CalibrateHold``): the line
+    through their downtimes over their downtime bytes (:func:`fit_switchover`) gives the
+    final copy's rate and the switchover's fixed cost.  When it gives no rate, the
+    final copy goes at the channel's rate and the fixed cost is the median of the
+    downtimes less their bytes at that rate.  The fixed costs need the rate limit:
+    without it the source outruns the destination, the socket's buffers fill, and the
+    switchover waits for the destination to drain them."""
+    def run(i: int, bw: int, spec: str = CALIBRATE) -> tuple[RealResult, str]:
         where = os.path.join(workdir, str(i))
-        cal = migrate(kernel, append, ram, CALIBRATE, workdir=where, warmup=warmup,
+        cal = migrate(kernel, append, ram, spec, workdir=where, warmup=warmup,
                       progress=False, workload=workload, src_args=["-d", "migration"],
                       max_bandwidth=bw, downtime_limit_ms=downtime_limit_ms)
         try:
@@ -201,10 +228,14 @@ def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
         except OSError:
             return cal, ""
     line = line_rate_from(*run(0, 0))
-    costs = [costs_from(*run(i, max_bandwidth), line) for i in range(1, max(2, runs))]
-    return Calibration(line, float(np.median([c[0] for c in costs])),
-                       float(np.median([c[1] for c in costs])),
-                       float(np.median([c[2] for c in costs])))
+    limited = [run(i, max_bandwidth, HOLD if i % 2 == 0 else CALIBRATE)
+               for i in range(1, max(2, runs))]
+    costs = [costs_from(r, log, line) for r, log in limited]
+    fit = fit_switchover([(float(r.downtime_bytes), r.downtime) for r, _ in limited])
+    switchover, final = (fit[0], fit[1]) if fit is not None else \
+        (float(np.median([c[0] for c in costs])), 0.0)
+    return Calibration(line, switchover, float(np.median([c[1] for c in costs])),
+                       float(np.median([c[2] for c in costs])), final)
 
 
 class _Counters:
@@ -251,7 +282,7 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
              downtime_limit_ms: int = 300, interval: float = 0.05, duration: float = 10.0,
              warmup: float = 0.5, link: str = DEFAULT_LINK, workdir: str | None = None,
              device_bytes: int = PYVM_DEVICE_BYTES, workload: str = "",
-             speed: bool = False, calibration_runs: int = 4,
+             speed: bool = False, calibration_runs: int = 7,
              calibration: Calibration | None = None, timeout: float = 120.0,
              runs: int = 3, replays: int = 5) -> Validation:
     """Record, migrate and simulate the guest; see the module docstring.  ``workload``:
@@ -317,6 +348,7 @@ def validate(kernel: str, append: str, ram: str, policy: str, max_bandwidth: int
                 round_cost=calib.round_cost, switchover_cost=calib.switchover_cost,
                 guest_speed=guest_speed, spread=True, setup_cost=calib.setup_cost,
                 max_time=timeout, start=start, seed=j, keep_history=not predicted_runs,
+                final_rate=calib.final_rate,
                 zero_age=measured.zero_age if measured.zero is not None else 0.0))
     return Validation(measured_runs[0], predicted_runs[0], trace, calib.text(), calib,
                       float(np.median(speeds)), rates, measured_runs, predicted_runs)
@@ -344,9 +376,10 @@ def report(v: Validation) -> str:
              + (f"; vCPU busy {busy * 100:.1f}%" if (busy := v.trace.mean_busy()) is not None
                 else "")
              + (f" ({'; '.join(errors)})" if errors else ""),
-             f"{'metric':14} {'measured':>26} {'predicted':>26} {'error':>8}"]
+             f"{'metric':18} {'measured':>26} {'predicted':>26} {'error':>8}"]
     units = {"total_time": ("s", 1.0), "bytes_sent": ("MiB", 1 / 2**20),
-             "downtime": ("ms", 1e3), "rounds": ("", 1.0)}
+             "downtime": ("ms", 1e3), "rounds": ("", 1.0),
+             "downtime_bytes": ("MiB", 1 / 2**20)}
     for row in v.rows():
         unit, scale = units[row["metric"]]
         err = row["error"]
@@ -357,7 +390,7 @@ def report(v: Validation) -> str:
             if row[side + "_runs"] > 1:
                 cell += f" ({lo * scale:.3f}..{hi * scale:.3f})"
             cells.append(cell)
-        lines.append(f"{row['metric'] + (' ' + unit if unit else ''):14} "
+        lines.append(f"{row['metric'] + (' ' + unit if unit else ''):18} "
                      f"{cells[0]:>26} {cells[1]:>26} "
                      f"{'-' if math.isnan(err) else f'{err * 100:+.1f}%':>8}")
     if len(measured) > 1 or len(predicted) > 1:

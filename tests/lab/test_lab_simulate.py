@@ -44,7 +44,7 @@ def test_idle_guest_one_round_then_stop() -> None:
     # round 0: 100 pages = 1 s; nothing dirtied; stop: 10 pages of device state (0.1 s) + rtt/2
     assert res.status == "completed" and res.rounds == 1
     assert res.pages_sent == 100 and res.final_pages == 0
-    assert res.bytes_sent == 110 * W
+    assert res.bytes_sent == 110 * W and res.downtime_bytes == 10 * W
     assert res.downtime == pytest.approx(0.1 + 0.01)
     assert res.total_time == pytest.approx(1.11)
 
@@ -55,6 +55,7 @@ def test_dirty_pages_come_back_and_the_qemu_rule_stops() -> None:
     # round 0: 1 s, samples 0..9 dirty pages 0..9; 10 pages = 40960 B <= 100*W*0.15 = 61560 B
     assert [(r.pages_sent, r.dirtied, r.unsent_after) for r in res.history] == [(100, 10, 10)]
     assert res.status == "completed" and res.final_pages == 10
+    assert res.downtime_bytes == 10 * W
     assert res.downtime == pytest.approx(0.1)
     assert res.total_time == pytest.approx(1.1)
     assert res.bytes_sent == 110 * W
@@ -243,3 +244,13 @@ def test_seed_draws_the_pages_phases_anew() -> None:
     assert (a == c).all()                      # the same seed, the same phases
     assert 4700 < a.sum() < 5300 and 4700 < b.sum() < 5300   # half the interval, either way
     assert (a != b).sum() > 3000               # but other pages
+
+
+def test_final_copy_at_its_own_rate() -> None:
+    tr = trace_of([list(range(10))] * 20)       # pages 0..9 written in every sample
+    res = simulate(tr, QemuPrecopy(), LINK, Limits(downtime_limit=0.15), device_bytes=10 * W,
+                   final_rate=4 * PAGES_PER_S * W, switchover_cost=0.01)
+    # round 0 at the link's rate (1 s) as before; the 10 pages and 10 pages of device
+    # state at 400 pages a second: 0.05 s, plus the fixed 0.01 s
+    assert res.history[0].duration == pytest.approx(1.0)
+    assert res.downtime == pytest.approx(0.06) and res.total_time == pytest.approx(1.06)

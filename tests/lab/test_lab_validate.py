@@ -14,8 +14,10 @@ from pyvm.lab.errors import LabError
 from pyvm.lab.realvm import RealResult, logged_downtime, migrate, rounds_from_samples
 from pyvm.lab.simulate import SimResult
 from pyvm.lab.trace import Trace
-from pyvm.lab.validate import (Validation, costs_from, line_rate_from, replay_starts, report,
-                               validate)
+from pyvm.lab.calibration_policy import CalibrateHold
+from pyvm.lab.validate import (Validation, costs_from, fit_switchover, line_rate_from,
+                               replay_starts, report, validate)
+from pyvm.migration.policy import RoundState
 
 LOG = """migration: round 1: sent 15528301 bytes (16384 pages) in 757 ms, 164.1 Mbps; dirty 1616 pages; expected downtime 322 ms
 migration: round 2: sent 1534921 bytes (374 pages) in 2 ms, 6378.3 Mbps; dirty 451 pages; expected downtime 2 ms
@@ -54,6 +56,33 @@ def test_downtime_to_the_microsecond_from_the_source_log() -> None:
     assert logged_downtime("migration: switchover: last dirty pages and device state, "
                            "2720662 bytes; downtime 75 ms\n") is None
     assert logged_downtime("") is None
+
+
+def test_switchover_fit_is_robust_to_one_hiccup() -> None:
+    # downtime = 3 ms + bytes at 1 GB/s, and one run 35 ms late
+    points = [(1e6, 0.004), (2e6, 0.005), (8e6, 0.011), (9e6, 0.012), (1.5e6, 0.040)]
+    fixed, rate = fit_switchover(points)
+    assert fixed == pytest.approx(0.003) and rate == pytest.approx(1e9)
+    # final copies of about the same size cannot tell the rate from the fixed part
+    assert fit_switchover([(1e6, 0.004), (1.1e6, 0.005)]) is None
+    # nor can a slope that noise tipped over
+    assert fit_switchover([(1e6, 0.009), (8e6, 0.004)]) is None
+
+
+def test_hold_calibration_keeps_round_0_writes_for_the_final_copy() -> None:
+    pol = CalibrateHold()
+    unsent = np.ones(8, bool)
+    first = pol.decide(RoundState(0, 0.0, 1e6, np.ones(8, bool), unsent, (), 0, 4096))
+    assert first.send is None and not first.stop_and_copy
+    dirty = np.zeros(8, bool)
+    dirty[[1, 5]] = True                               # written during round 0
+    second = pol.decide(RoundState(1, 1.0, 1e6, dirty, dirty.copy(), (), 0, 4096))
+    assert second.send is not None and second.send.tolist() == []
+    dirty2 = np.zeros(8, bool)
+    dirty2[[2, 5]] = True
+    third = pol.decide(RoundState(2, 1.1, 1e6, dirty2, dirty | dirty2, (), 0, 4096))
+    assert third.send is not None and third.send.tolist() == [2]     # 1 and 5 held
+    assert pol.decide(RoundState(3, 1.2, 1e6, dirty2, dirty, (), 0, 4096)).stop_and_copy
 
 
 def test_validation_compares_medians_and_keeps_the_ranges() -> None:
