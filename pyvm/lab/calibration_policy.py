@@ -5,10 +5,10 @@ number of rounds, then stop-and-copy whatever is left: a calibration must end wh
 the guest writes and the limits are (QEMU's own rule never ends on a guest that
 outruns the link), and gives a few rounds to time.
 
-:class:`CalibrateHold`: the same rounds, but the pages the guest wrote during round 0
-are held back for the final copy, which is then several MB larger: next to
-:class:`Calibrate`'s small final copies, the downtime of these gives the final copy's
-rate and the switchover's fixed cost apart.
+:class:`CalibrateHold`: round 0, then rounds that send nothing for ``HOLD_S`` seconds,
+then stop-and-copy: everything the guest wrote since round 0 goes in the final copy,
+several MB more than :class:`Calibrate`'s.  Next to those, the downtimes of these tell
+the final copy's rate from the switchover's fixed cost.
 
 The engine loads them by name in the source process
 (``x-policy pyvm.lab.calibration_policy:Calibrate``).
@@ -17,11 +17,12 @@ The engine loads them by name in the source process
 from __future__ import annotations
 
 import numpy as np
-import numpy.typing as npt
 
 from pyvm.migration.policy import Decision, Policy, RoundState
 
 ROUNDS = 3
+#: seconds CalibrateHold lets the guest write after round 0
+HOLD_S = 1.0
 
 
 class Calibrate(Policy):
@@ -33,16 +34,16 @@ class Calibrate(Policy):
 
 class CalibrateHold(Policy):
     name = "calibrate-hold"
-    held: npt.NDArray[np.bool_] | None = None
+    since = 0.0
 
     def decide(self, state: RoundState) -> Decision:
-        if state.round >= ROUNDS:
-            return Decision.stop()
-        if state.round == 1:
-            self.held = np.array(state.dirty, dtype=np.bool_, copy=True)
-        if self.held is None:
+        if state.round == 0:
             return Decision()
-        return Decision(send=np.flatnonzero(state.unsent & ~self.held))
+        if state.round == 1:
+            self.since = state.elapsed
+        if state.elapsed - self.since >= HOLD_S:
+            return Decision.stop()
+        return Decision(send=np.zeros(0, dtype=np.int64))
 
 
 SPEC = "pyvm.lab.calibration_policy:Calibrate"

@@ -209,8 +209,8 @@ def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
     must end, and QEMU's rule does not on a guest that outruns the link):
     first without ``max-bandwidth`` for the channel's rate, then with the measured run's
     ``max-bandwidth`` and ``downtime-limit`` for the fixed costs (medians: one run's
-    figures vary with what else the machine runs), every other run holding the pages
-    written in round 0 back for a larger final copy (``CalibrateHold``): the line
+    figures vary with what else the machine runs), every other run letting the guest
+    write for a second after round 0 before its final copy (``CalibrateHold``): the line
     through their downtimes over their downtime bytes (:func:`fit_switchover`) gives the
     final copy's rate and the switchover's fixed cost.  When it gives no rate, the
     final copy goes at the channel's rate and the fixed cost is the median of the
@@ -230,10 +230,13 @@ def calibrate(kernel: str, append: str, ram: str, workdir: str, warmup: float,
     line = line_rate_from(*run(0, 0))
     limited = [run(i, max_bandwidth, HOLD if i % 2 == 0 else CALIBRATE)
                for i in range(1, max(2, runs))]
-    costs = [costs_from(r, log, line) for r, log in limited]
+    # the held runs' rounds are syncs with nothing to send: their round cost is no guide
+    costs = [costs_from(r, log, line) for i, (r, log) in enumerate(limited, 1) if i % 2]
     fit = fit_switchover([(float(r.downtime_bytes), r.downtime) for r, _ in limited])
-    switchover, final = (fit[0], fit[1]) if fit is not None else \
-        (float(np.median([c[0] for c in costs])), 0.0)
+    if fit is not None:
+        switchover, final = fit
+    else:
+        switchover, final = float(np.median([c[0] for c in costs])), 0.0
     return Calibration(line, switchover, float(np.median([c[1] for c in costs])),
                        float(np.median([c[2] for c in costs])), final)
 

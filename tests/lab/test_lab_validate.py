@@ -14,7 +14,7 @@ from pyvm.lab.errors import LabError
 from pyvm.lab.realvm import RealResult, logged_downtime, migrate, rounds_from_samples
 from pyvm.lab.simulate import SimResult
 from pyvm.lab.trace import Trace
-from pyvm.lab.calibration_policy import CalibrateHold
+from pyvm.lab.calibration_policy import HOLD_S, CalibrateHold
 from pyvm.lab.validate import (Validation, costs_from, fit_switchover, line_rate_from,
                                replay_starts, report, validate)
 from pyvm.migration.policy import RoundState
@@ -69,20 +69,18 @@ def test_switchover_fit_is_robust_to_one_hiccup() -> None:
     assert fit_switchover([(1e6, 0.009), (8e6, 0.004)]) is None
 
 
-def test_hold_calibration_keeps_round_0_writes_for_the_final_copy() -> None:
+def test_hold_calibration_sends_nothing_after_round_0_for_a_while() -> None:
     pol = CalibrateHold()
     unsent = np.ones(8, bool)
-    first = pol.decide(RoundState(0, 0.0, 1e6, np.ones(8, bool), unsent, (), 0, 4096))
-    assert first.send is None and not first.stop_and_copy
-    dirty = np.zeros(8, bool)
-    dirty[[1, 5]] = True                               # written during round 0
-    second = pol.decide(RoundState(1, 1.0, 1e6, dirty, dirty.copy(), (), 0, 4096))
-    assert second.send is not None and second.send.tolist() == []
-    dirty2 = np.zeros(8, bool)
-    dirty2[[2, 5]] = True
-    third = pol.decide(RoundState(2, 1.1, 1e6, dirty2, dirty | dirty2, (), 0, 4096))
-    assert third.send is not None and third.send.tolist() == [2]     # 1 and 5 held
-    assert pol.decide(RoundState(3, 1.2, 1e6, dirty2, dirty, (), 0, 4096)).stop_and_copy
+
+    def state(k: int, t: float) -> RoundState:
+        return RoundState(k, t, 1e6, unsent, unsent, (), 0, 4096)
+    first = pol.decide(state(0, 0.0))
+    assert first.send is None and not first.stop_and_copy     # round 0: everything
+    for k, t in ((1, 0.9), (2, 1.0), (50, 0.9 + HOLD_S - 0.01)):
+        held = pol.decide(state(k, t))
+        assert held.send is not None and held.send.size == 0 and not held.stop_and_copy
+    assert pol.decide(state(51, 0.9 + HOLD_S + 0.001)).stop_and_copy
 
 
 def test_validation_compares_medians_and_keeps_the_ranges() -> None:
