@@ -4,26 +4,29 @@
    ``duration`` seconds after ``warmup``, noting which pages were zero when the
    recording started and, for ``dirty.elf``, its write counters at both ends;
 2. **calibrate** (``link="measure"``, the default), like a link before an experiment
-   (:func:`calibrate`): migrations of the same guest (QEMU's rounds, stopped after the
-   third), each source logging its rounds (``-d migration``), one without
-   ``max-bandwidth`` and three with.  From them: the channel's rate (the largest round's
-   bytes over that round's sending time), and the fixed costs of the set-up, of a
-   switchover (downtime minus downtime bytes at that rate) and of a round (the precopy
-   time no round spent sending);
+   (:func:`calibrate`): migrations of the same guest, each source logging its rounds
+   and its switchover (``-d migration``), one without ``max-bandwidth`` and six with
+   (:mod:`pyvm.lab.calibration_policy`).  From them: the channel's rate (the largest
+   round's bytes over that round's sending time), the final copy's rate and the
+   switchover's fixed cost (a line through downtime over downtime bytes), and the
+   fixed costs of the set-up and of a round (the precopy time no round spent sending);
 3. **migrate** the same guest with the same parameters between two pyvm processes under
-   the policy (:func:`pyvm.lab.realvm.migrate`), with ``max-bandwidth`` as the link, and
+   the policy (:func:`pyvm.lab.realvm.migrate`) ``runs`` times, with ``max-bandwidth``
+   as the link, the downtime read to the microsecond from the source's log, and
    ``dirty.elf``'s counters read just before it starts and once the source has stopped;
 4. **simulate** the trace under the same policy, ``max-bandwidth`` and
    ``downtime-limit`` (:func:`pyvm.lab.simulate.simulate`) with the calibrated costs,
-   starting from the pages that were zero when the real migration started (read with
-   ``pmemsave``), optionally (``speed``) with the trace's time scaled by the guest's
+   ``replays`` times per real run (:func:`replay_starts`), starting from the pages
+   that were zero when that real migration started (read with ``pmemsave``),
+   optionally (``speed``) with the trace's time scaled by the guest's
    speed: its writes per second during the real migration over those during the
    recording (the recorded guest and the migrated one need not get the same CPU: the
    migration thread competes with the vCPU for the interpreter, other processes for the
    cores), and each sample's
    pages spread over its interval (``spread``: rounds much shorter than the interval
    happen, when a round fits in what is left of the rate limit's window);
-5. compare total time, bytes, downtime and rounds: error = predicted / measured - 1.
+5. compare the medians of total time, bytes, downtime, rounds and downtime bytes:
+   error = median predicted / median measured - 1.
 """
 
 from __future__ import annotations
