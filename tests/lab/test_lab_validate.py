@@ -135,14 +135,36 @@ def test_real_migration_reads_the_downtime_to_the_microsecond(tmp_path: Path) ->
 @pytest.mark.slow
 @pytest.mark.validate
 def test_validate_hot_cold_guest() -> None:
-    """Bytes and rounds are predicted closely on a quiet guest; the report shows them."""
+    """Bytes and rounds are predicted closely on a quiet guest; the report shows them.
+    Kept cheap for make test: 3 calibrations, 1 real run, 3 simulations."""
     v = validate(guest_path("dirty.elf"), "start=2 size=8 pattern=1 rate=100", "32M", "qemu",
-                 10_000_000, duration=3.0, warmup=0.3)
+                 10_000_000, duration=3.0, warmup=0.3, calibration_runs=3, runs=1,
+                 replays=3)
     assert v.measured.status == "completed", v.measured.error
     assert v.predicted.status == "completed"
+    assert len(v.measured_runs) == 1 and len(v.predicted_runs) == 3
     errors = v.errors()
     assert abs(errors["bytes_sent"]) < 0.25, report(v)
     assert v.measured.total_time > 0.3 and v.predicted.total_time > 0.3, report(v)
     assert v.measured.rounds >= 1 and v.predicted.rounds >= 1
+    assert v.trace.busy is not None and 0 < (v.trace.mean_busy() or 0) < 1
     text = report(v)
     assert "total_time" in text and "downtime" in text and "%" in text
+
+
+@pytest.mark.slow
+@pytest.mark.validate
+def test_validate_default_method_on_the_documented_guest() -> None:
+    """validate's defaults (7 calibrations, 3 real runs, 5 simulations of each) on the
+    documented hot/cold guest: medians of bytes and time within the documented 10%
+    (with a margin: this runs on whatever machine), the same rounds."""
+    v = validate(guest_path("dirty.elf"), "start=2 size=16 pattern=1 rate=100", "64M", "qemu",
+                 20_000_000, duration=5.0)
+    assert [r.status for r in v.measured_runs] == ["completed"] * 3, report(v)
+    assert len(v.predicted_runs) == 15
+    errors = v.errors()
+    assert abs(errors["bytes_sent"]) < 0.15, report(v)
+    assert abs(errors["total_time"]) < 0.15, report(v)
+    assert errors["rounds"] == 0, report(v)
+    assert abs(errors["downtime_bytes"]) < 0.15, report(v)
+    assert "medians of 3 real migrations and 15 simulations" in report(v)
