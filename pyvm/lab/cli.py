@@ -193,7 +193,8 @@ def _cmd_validate(args: argparse.Namespace) -> int:
                      downtime_limit_ms=int(args.downtime_limit),
                      interval=parse_time(args.interval), duration=parse_time(args.duration),
                      warmup=parse_time(args.warmup), link=args.link, workload=args.workload,
-                     calibration=calibration, speed=args.scale_speed)
+                     calibration=calibration, speed=args.scale_speed, runs=args.runs,
+                     replays=args.replays)
         calibration = v.calibration          # measured once, for every policy
         print(report(v), flush=True)
         results.append(v)
@@ -304,6 +305,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", default="50ms", help="trace sample period (default 50ms)")
     p.add_argument("--duration", default="10s", help="trace length (default 10s)")
     p.add_argument("--warmup", default="0.5s", help="guest run time before both start")
+    p.add_argument("--runs", type=int, default=3,
+                   help="real migrations per policy (default 3); medians are compared")
+    p.add_argument("--replays", type=int, default=5,
+                   help="simulations per real migration, from evenly spread points of the "
+                        "trace (default 5)")
     p.add_argument("--scale-speed", action="store_true",
                    help="dirty.elf: scale the trace's time by the guest's writes per second "
                    "while migrated over while recorded (always measured and printed)")

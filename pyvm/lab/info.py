@@ -57,6 +57,14 @@ def summary(trace: Trace, windows: Sequence[float] = DEFAULT_WINDOWS,
             f"dirty rate    {rate:.0f} pages/s = {rate * trace.page_size / mib:.1f} MiB/s "
             "(distinct pages per sample)",
             f"ever written  {ever} pages = {ever * trace.page_size / mib:.1f} MiB",
+        ]
+        busy = trace.mean_busy()
+        if busy is not None and trace.busy is not None:
+            known = trace.busy[np.isfinite(trace.busy)]
+            top = float(known.max()) * 100
+            lines.append(f"vCPU busy     mean {busy * 100:.1f}%  max {top:.1f}% of the wall time "
+                         "(a throttle leaving more costs the guest nothing)")
+        lines += [
             "writable working set (distinct pages written per window):",
             "  window      mean       max    MiB(max)",
         ]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -41,6 +42,16 @@ from pyvm.migration.policy import PAGE_SIZE, RoundRecord
 
 POLL = 0.05
 PR_SET_PDEATHSIG = 1            # linux/prctl.h
+#: the source's ``-d migration`` line for the switchover, with the downtime to the µs
+#: (``pyvm/migration/control/precopy.py``, ``_complete``)
+_SWITCHOVER_LOG = re.compile(r"migration: switchover: .*; downtime \d+ ms \(([\d.]+) ms\)")
+
+
+def logged_downtime(log: str) -> float | None:
+    """The downtime (seconds, to the µs) a source's ``-d migration`` log shows for its
+    switchover, or None: ``query-migrate`` rounds it down to whole milliseconds."""
+    found = _SWITCHOVER_LOG.findall(log)
+    return float(found[-1]) / 1e3 if found else None
 
 
 def parse_append(append: str) -> dict[str, str]:
@@ -64,6 +75,8 @@ class RealResult:
     status: str
     error: str = ""
     total_time: float = math.nan
+    #: seconds; to the µs when the source logged its switchover (``-d migration``),
+    #: else ``query-migrate``'s whole milliseconds
     downtime: float = math.nan
     setup_time: float = 0.0
     bytes_sent: int = 0
@@ -165,6 +178,14 @@ def guest_writes(vm: _Vm, rng: tuple[int, int], scratch: str) -> int:
     vm.cmd("pmemsave", val=rng[0], size=rng[1], filename=scratch)
     data = np.fromfile(scratch, dtype="<u4")
     return int(data[::PAGE_SIZE // 4].sum(dtype=np.uint64))
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, errors="replace") as f:
+            return f.read()
+    except OSError:
+        return ""
 
 
 def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
@@ -272,6 +293,10 @@ def migrate(kernel: str, append: str, ram: str, policy: str, *, workdir: str,
                 res.progress.append((time.monotonic() - t0, guest_writes(src, rng, scratch)))
                 next_progress = time.monotonic() + progress_every
             time.sleep(poll)
+        if res.status == "completed":
+            exact = logged_downtime(_read_text(src.log_path))
+            if exact is not None and abs(exact - res.downtime) < 0.0011:
+                res.downtime = exact
         if progress and res.status == "completed":
             # the source is paused now: its counters are the guest's last before the stop
             res.progress.append((res.total_time - res.downtime, guest_writes(src, rng, scratch)))

@@ -122,12 +122,13 @@ def _finish(t: "_Taken", guest: str, append: str, notes: dict[str, object]) -> T
     if t.taken == 0:
         raise LabError(f"record: the guest ended (status {t.exit_code}) before the first sample")
     return Trace(t.rows[:t.taken], t.npages, t.interval, guest=guest, append=append,
-                 pyvm_version=__version__, notes=notes)
+                 pyvm_version=__version__, notes=notes, busy=t.busy[:t.taken])
 
 
 class _Taken:
     def __init__(self, rows: npt.NDArray[np.uint8], npages: int, interval: float) -> None:
         self.rows, self.npages, self.interval = rows, npages, interval
+        self.busy = np.full(rows.shape[0], np.nan, dtype=np.float32)
         self.taken = 0
         self.late = 0.0
         self.exit_code: int | None = None
@@ -144,11 +145,15 @@ def _sample(machine: Machine, interval: float, duration: float,
     npages = sum(b.npages for b in blocks)
     out = _Taken(np.zeros((samples, (npages + 7) // 8), dtype=np.uint8), npages, interval)
 
-    def take() -> list[npt.NDArray[np.uint64]]:
-        return [b.dirty.fetch_and_clear() for b in blocks]
+    def take() -> tuple[list[npt.NDArray[np.uint64]], int, int]:
+        # on the run loop, between two time slices: the vCPUs' run time is settled
+        return ([b.dirty.fetch_and_clear() for b in blocks], time.monotonic_ns(),
+                sum(machine.cpu_run_ns))
 
+    ncpus = max(1, len(machine.cpu_run_ns))
     machine.start_dirty_log(blocks)
-    machine.run_on_loop(take)   # start_dirty_log marks every page: not a guest write
+    # start_dirty_log marks every page: not a guest write
+    _, then_ns, ran_ns = machine.run_on_loop(take)
     if on_start is not None:
         on_start(machine)
     t0 = time.monotonic()
@@ -163,12 +168,17 @@ def _sample(machine: Machine, interval: float, duration: float,
         if machine.exit_code is not None:
             break               # the guest ended: keep the samples taken so far
         try:
-            words = machine.run_on_loop(take, timeout=max(5.0, 10 * interval))
+            words, now_ns, run_ns = machine.run_on_loop(take, timeout=max(5.0, 10 * interval))
         except TimeoutError:
             if machine.exit_code is not None:
                 break           # it ended between the check and the request
             raise LabError("record: the guest's run loop stopped answering") from None
         out.taken = i + 1
+        if now_ns > then_ns:
+            # the share of the sample's wall time the vCPUs ran guest code (not halted,
+            # not sleeping off a throttle)
+            out.busy[i] = min(1.0, (run_ns - ran_ns) / ((now_ns - then_ns) * ncpus))
+        then_ns, ran_ns = now_ns, run_ns
         mask = np.concatenate([words_to_mask(w, b.npages) for w, b in zip(words, blocks)])
         out.rows[i] = np.packbits(mask)
         if on_sample is not None:

@@ -3,7 +3,11 @@
 The model, kept simple enough to compute by hand (``docs/lab.md`` derives an example):
 
 * Time runs on two clocks: wall time ``t`` (the migration's) and guest time ``g`` (the
-  trace's).  Guest time advances at ``1 - throttle/100`` of wall time.  Sample *i* of the
+  trace's).  Guest time advances at :func:`throttled_speed` of wall time: ``1 -
+  throttle/100`` for a guest that would use all its CPU; a guest whose vCPUs were busy
+  only a fraction ``busy`` of the time (the trace's mean busy fraction, or ``busy``)
+  loses nothing while ``1 - throttle/100 >= busy`` and runs at ``(1 - throttle/100) /
+  busy`` below that.  Sample *i* of the
   trace is dirtied at guest time ``(i + 1) * interval`` (when the recorder took it), and
   the trace repeats from its start when the migration outlasts it.
 * Every page costs :data:`~pyvm.migration.policy.PAGE_WIRE_BYTES` (QEMU's page header
@@ -27,9 +31,10 @@ The model, kept simple enough to compute by hand (``docs/lab.md`` derives an exa
   dirtied meanwhile becomes unsent again.  The bandwidth a policy is told is the round's
   bytes over its sending time, as the engine measures it.
 * Stop-and-copy sends the unsent pages and ``device_bytes`` of device state at the link's
-  rate; downtime is ``switchover_cost`` (stopping the vCPUs, the last sync, saving the
-  devices: calibrated, 0 by default) plus that transfer plus half a round trip (the last
-  byte reaching the destination), and the migration's total time ends with it.
+  rate (or ``final_rate``); downtime is ``switchover_cost`` (stopping the vCPUs, the last
+  sync, saving the devices: calibrated, 0 by default) plus that transfer plus half a
+  round trip (the last byte reaching the destination), and the migration's total time
+  ends with it.
 * ``zero_age``: seconds between the reading of ``zero`` and the migration's start; the
   pages the guest writes then (and during the set-up) are no longer zero.
 * ``setup_cost``: seconds before the first round (the engine's set-up: the stream's
@@ -37,7 +42,7 @@ The model, kept simple enough to compute by hand (``docs/lab.md`` derives an exa
 * ``spread``: a sample's pages are written across its interval, each page at its own
   fixed point (:class:`TraceCursor`), instead of all at its end.
 * ``guest_speed``: the guest runs at this fraction of the speed it was recorded at (guest
-  time advances at ``guest_speed * (1 - throttle/100)`` of wall time).
+  time advances at ``guest_speed * throttled_speed(throttle, busy)`` of wall time).
 * Postcopy sends the device state (downtime: that plus half a round trip), then pushes
   the unsent pages from the running destination's side; total time includes them.
 
@@ -130,6 +135,9 @@ class SimResult:
     precopy_time: float = 0.0
     postcopy_bytes: int = 0
     final_pages: int = 0
+    #: bytes sent while the guest is stopped (the final pages, or none with postcopy,
+    #: and the device state), as ``query-migrate``'s ``downtime-bytes``
+    downtime_bytes: int = 0
     throttle_pct: int = 0
     error: str = ""
     history: list[RoundRecord] = field(default_factory=list)
@@ -148,16 +156,17 @@ class TraceCursor:
     Sample *i* covers guest times ``(i * interval, (i + 1) * interval]``.  By default all
     its pages count as written at the end; with ``spread`` each page is written at its
     own fixed point of the interval (``(i + phase[p]) * interval``, ``phase`` uniform in
-    (0, 1], seeded), as a guest writing all the time does, so that a round shorter than
-    the interval sees its share of the sample's pages rather than all or none.
+    (0, 1], drawn from ``seed``), as a guest writing all the time does, so that a round
+    shorter than the interval sees its share of the sample's pages rather than all or
+    none.
     """
 
-    def __init__(self, trace: Trace, spread: bool = False) -> None:
+    def __init__(self, trace: Trace, spread: bool = False, seed: int = 0) -> None:
         self.trace = trace
         self.rows = trace.bitmaps
         self.all = np.bitwise_or.reduce(self.rows, axis=0) if trace.samples else \
             np.zeros(self.rows.shape[1], np.uint8)
-        self.phase = 1.0 - np.random.default_rng(0).random(trace.npages) if spread else None
+        self.phase = 1.0 - np.random.default_rng(seed).random(trace.npages) if spread else None
 
     def _part(self, i: int, lo: float, hi: float) -> npt.NDArray[np.uint8]:
         """Packed pages of sample ``i`` (mod n) with phase in ``(lo, hi]``."""
@@ -205,6 +214,24 @@ class TraceCursor:
         return union
 
 
+def throttled_speed(throttle_pct: int, busy: float | None = None) -> float:
+    """The share of its unthrottled pace a guest keeps under a vCPU throttle of
+    ``throttle_pct`` percent.
+
+    A throttled vCPU sleeps ``pct / (1 - pct)`` of each time slice it ran
+    (``system/cpu-throttle.c``; :mod:`pyvm.cpu_throttle`), so it may run ``1 - pct`` of
+    the wall time.  A guest that needs only ``busy`` of it (it halts the rest, waiting
+    for its timer, and catches up missed ticks) keeps its pace while ``1 - pct >= busy``
+    and slows to ``(1 - pct) / busy`` below that.  ``busy`` None (a trace without busy
+    fractions): the guest is taken to need all its CPU, ``1 - pct``."""
+    allowed = 1.0 - throttle_pct / 100
+    if busy is None or math.isnan(busy):
+        return allowed
+    if busy <= 0:
+        return 1.0
+    return min(1.0, allowed / min(busy, 1.0))
+
+
 def _readonly(a: npt.NDArray[Any]) -> npt.NDArray[Any]:
     v = a.view()
     v.flags.writeable = False
@@ -218,16 +245,26 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
              zero: npt.NDArray[np.bool_] | None = None, round_cost: float = 0.0,
              switchover_cost: float = 0.0, guest_speed: float = 1.0,
              spread: bool = False, setup_cost: float = 0.0,
-             zero_age: float = 0.0) -> SimResult:
+             zero_age: float = 0.0, busy: float | None = None, seed: int = 0,
+             final_rate: float = 0.0) -> SimResult:
     """Simulate one migration of the guest in ``trace`` starting at guest time ``start``.
+    ``busy``: the vCPUs' busy fraction the throttle model uses (:func:`throttled_speed`);
+    None: the trace's mean busy fraction, if it has any.  ``seed``: the pages' phases
+    within their samples with ``spread`` (:class:`TraceCursor`).  ``final_rate``: bytes/s
+    of the stop-and-copy's transfer (0: the link's effective rate; ``pyvm-lab validate``
+    calibrates it: the source writes the last pages into a drained socket faster than
+    the channel moves a long round).
 
     Raises :class:`~pyvm.migration.policy.PolicyError` when the policy fails.
     """
     npages = trace.npages
-    rate = final_rate = link.effective
+    if busy is None:
+        busy = trace.mean_busy()
+    rate = link.effective
+    final_rate = final_rate or link.effective
     if limits.max_bandwidth:
         rate = min(rate, limits.max_bandwidth)
-    window = RateWindow(final_rate, limits.max_bandwidth)
+    window = RateWindow(link.effective, limits.max_bandwidth)
     zeros = None if zero is None else np.array(zero, dtype=np.bool_, copy=True)
     if zeros is not None and zeros.shape != (npages,):
         raise ValueError(f"zero mask of {zeros.shape} for {npages} pages")
@@ -239,7 +276,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
         nz = int(np.count_nonzero(zeros & (unsent if pages is None else pages)))
         return (count - nz) * PAGE_WIRE_BYTES + nz * ZERO_WIRE_BYTES
     wire_total = 0
-    cursor = TraceCursor(trace, spread)
+    cursor = TraceCursor(trace, spread, seed)
     name = policy_name(policy)
     res = SimResult(name, trace_name or trace.guest, link.label, "timeout")
     setup = MigrationSetup(npages, (RamRegion("pc.ram", 0, 0, npages),),
@@ -267,17 +304,20 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
             if decision.stop_and_copy:
                 res.status = "completed"
                 res.final_pages = left
+                res.downtime_bytes = left_bytes + device_bytes
                 res.downtime += left_bytes / final_rate
                 res.pages_sent += left
                 res.total_time = t + res.downtime
             else:
                 res.status = "postcopy"
                 res.postcopy_bytes = left_bytes
+                res.downtime_bytes = device_bytes
                 res.total_time = t + res.downtime + res.postcopy_bytes / rate
                 res.pages_sent += left
             res.bytes_sent = wire_total + left_bytes + device_bytes
             break
         throttle = decision.throttle_pct
+        pace = guest_speed * throttled_speed(throttle, busy)
         top_throttle = max(top_throttle, throttle)
         send = decision.send
         n = int(np.count_nonzero(unsent)) if send is None else int(send.size)
@@ -299,7 +339,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
             # A zero page the guest writes during the round, before its turn, goes out
             # whole: on average half of those written while the round lasts.
             est = max(copy.copy(window).send(t, nbytes) - t, min_round) + round_cost
-            during = np.unpackbits(cursor.dirtied(g, g + est * guest_speed * (1 - throttle / 100)),
+            during = np.unpackbits(cursor.dirtied(g, g + est * pace),
                                    count=npages).view(np.bool_)
             late = int(np.count_nonzero(zeros & sent_mask & during))
             nbytes += late // 2 * (PAGE_WIRE_BYTES - ZERO_WIRE_BYTES)
@@ -308,7 +348,7 @@ def simulate(trace: Trace, policy: Policy, link: LinkModel, limits: Limits = Lim
         duration = max(sending, min_round) + round_cost
         if nbytes:
             bandwidth = nbytes / max(sending, min_round)
-        g_next = g + duration * guest_speed * (1 - throttle / 100)
+        g_next = g + duration * pace
         dirty = np.unpackbits(cursor.dirtied(g, g_next), count=npages).view(np.bool_)
         unsent |= dirty
         if zeros is not None:

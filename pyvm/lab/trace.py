@@ -3,17 +3,26 @@
 A trace holds ``samples`` bitmaps of ``npages`` bits; bit *p* of sample *i* is set when
 the guest wrote page *p* during ``[i * interval, (i + 1) * interval)``.
 
-File format (version 1), all integers little-endian::
+Version 2 adds the vCPUs' busy fraction per sample (``busy``): the share of the
+sample's wall time the vCPUs spent running guest code (``Machine.cpu_run_ns``), neither
+halted nor waiting.  A throttle slows a guest only once it leaves less CPU than that
+(:mod:`pyvm.lab.simulate`).
+
+File format (version 2), all integers little-endian::
 
     magic      8 bytes  b"PYVMDTR\\n"
-    version    u16      1
+    version    u16      2 (1: no busy fractions)
     hlen       u32      length of the header, at most 1 MiB
     header     hlen bytes of UTF-8 JSON: format, version, guest, append, ram_bytes,
                page_size, npages, interval_s, samples, pyvm_version, compression,
-               payload_bytes (compressed), plus free-form "notes"
+               payload_bytes (compressed), busy (version 2: true when the payload
+               holds busy fractions), plus free-form "notes"
     payload    a zstandard frame of samples * ceil(npages / 8) bytes: the bitmaps,
                row after row, each packed with numpy.packbits (bit order "big":
-               page 8k is the top bit of byte k)
+               page 8k is the top bit of byte k); then, when ``busy`` is true,
+               samples little-endian float32: each sample's busy fraction
+
+A reader reads versions 1 and 2; a version 1 trace has no busy fractions.
 
 No pickle, no eval: a reader checks the magic, refuses a newer version by name, bounds
 the header, and decompresses to exactly the size the header announces.
@@ -33,7 +42,7 @@ from pyvm import __version__
 from pyvm.lab.errors import TraceError
 
 MAGIC = b"PYVMDTR\n"
-VERSION = 1
+VERSION = 2
 MAX_HEADER = 1 << 20
 #: A trace's bitmaps may not decompress beyond this (4 GiB of bitmaps).
 MAX_PAYLOAD = 4 << 30
@@ -52,6 +61,8 @@ class Trace:
     append: str = ""
     pyvm_version: str = __version__
     notes: dict[str, Any] = field(default_factory=dict)
+    #: per sample, the share of its wall time the vCPUs ran (0..1; None: not recorded)
+    busy: npt.NDArray[np.float32] | None = None
 
     def __post_init__(self) -> None:
         if self.bitmaps.ndim != 2 or self.bitmaps.dtype != np.uint8:
@@ -61,6 +72,11 @@ class Trace:
                              f"{(self.npages + 7) // 8} expected for {self.npages} pages")
         if not self.interval > 0:
             raise TraceError("trace interval must be positive")
+        if self.busy is not None:
+            self.busy = np.asarray(self.busy, dtype=np.float32)
+            if self.busy.shape != (self.samples,):
+                raise TraceError(f"trace holds {self.busy.shape} busy fractions for "
+                                 f"{self.samples} samples")
 
     @classmethod
     def from_masks(cls, masks: npt.NDArray[np.bool_], interval: float, **meta: Any) -> "Trace":
@@ -80,6 +96,13 @@ class Trace:
     def ram_bytes(self) -> int:
         return self.npages * self.page_size
 
+    def mean_busy(self) -> float | None:
+        """The vCPUs' mean busy fraction over the samples that have one (None: none)."""
+        if self.busy is None:
+            return None
+        known = self.busy[np.isfinite(self.busy)]
+        return float(known.astype(np.float64).mean()) if known.size else None
+
     def mask(self, i: int) -> npt.NDArray[np.bool_]:
         """Sample ``i`` as one bool per page."""
         return np.unpackbits(self.bitmaps[i], count=self.npages).view(np.bool_)
@@ -96,7 +119,8 @@ class Trace:
             "append": self.append, "ram_bytes": self.ram_bytes, "page_size": self.page_size,
             "npages": self.npages, "interval_s": self.interval, "samples": self.samples,
             "pyvm_version": self.pyvm_version, "compression": "zstd",
-            "payload_bytes": payload_bytes, "notes": self.notes,
+            "payload_bytes": payload_bytes, "busy": self.busy is not None,
+            "notes": self.notes,
         }
 
 
@@ -104,8 +128,10 @@ def dumps(trace: Trace, level: int = 9) -> bytes:
     """The file bytes of ``trace``."""
     import zstandard        # deferred: only reading or writing a trace needs it
 
-    payload = zstandard.ZstdCompressor(level=level).compress(
-        np.ascontiguousarray(trace.bitmaps).tobytes())
+    raw = np.ascontiguousarray(trace.bitmaps).tobytes()
+    if trace.busy is not None:
+        raw += trace.busy.astype("<f4").tobytes()
+    payload = zstandard.ZstdCompressor(level=level).compress(raw)
     header = json.dumps(trace.header(len(payload)), sort_keys=True).encode()
     return _PREFIX.pack(MAGIC, VERSION, len(header)) + header + payload
 
@@ -154,7 +180,9 @@ def loads(data: bytes, where: str = "trace") -> Trace:
         raise TraceError(f"{where}: unknown compression {header.get('compression')!r}")
     if npages < 0 or samples < 0:
         raise TraceError(f"{where}: negative npages or samples")
-    size = samples * ((npages + 7) // 8)
+    has_busy = version >= 2 and header.get("busy") is True
+    bitmap_size = samples * ((npages + 7) // 8)
+    size = bitmap_size + (4 * samples if has_busy else 0)
     if size > MAX_PAYLOAD:
         raise TraceError(f"{where}: {size} bytes of bitmaps exceed the {MAX_PAYLOAD} limit")
     import zstandard        # deferred: only reading or writing a trace needs it
@@ -168,8 +196,11 @@ def loads(data: bytes, where: str = "trace") -> Trace:
     if len(raw) != size:
         raise TraceError(f"{where}: trace payload holds {len(raw)} bytes, {size} expected")
     notes = header.get("notes", {})
-    bitmaps = np.frombuffer(raw, dtype=np.uint8).reshape(samples, (npages + 7) // 8).copy()
-    return Trace(bitmaps, npages, float(interval),
+    bitmaps = np.frombuffer(raw, dtype=np.uint8, count=bitmap_size).reshape(
+        samples, (npages + 7) // 8).copy()
+    busy = np.frombuffer(raw, dtype="<f4", offset=bitmap_size).astype(np.float32) \
+        if has_busy else None
+    return Trace(bitmaps, npages, float(interval), busy=busy,
                  page_size=_need(header, "page_size", int, where),
                  guest=str(header.get("guest", "")), append=str(header.get("append", "")),
                  pyvm_version=str(header.get("pyvm_version", "")),

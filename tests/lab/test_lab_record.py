@@ -55,3 +55,16 @@ def test_idle_guest_writes_nothing_in_its_range() -> None:
     masks = _record("start=1 size=4 pattern=4", duration=0.4)
     assert masks[:, RANGE].sum() == 0
     assert masks.sum(axis=1).max() <= 4
+
+
+def test_busy_fraction_tells_an_idle_guest_from_a_busy_one() -> None:
+    """Version 2 traces hold each sample's vCPU busy fraction (run time over wall time)."""
+    fractions = {}
+    for name, append in (("idle", "start=1 size=4 pattern=4"),
+                         ("busy", "start=1 size=4 pattern=0 rate=100000")):
+        tr = record(guest_path("dirty.elf"), append, 16 << 20, 0.05, 0.3, warmup=0.2)
+        assert tr.busy is not None and tr.busy.shape == (tr.samples,)
+        assert np.isfinite(tr.busy).all() and (tr.busy >= 0).all() and (tr.busy <= 1).all()
+        fractions[name] = tr.mean_busy()
+    # the idle guest halts between its timer ticks; the other cannot finish a tick's writes
+    assert fractions["idle"] < 0.2 < 0.4 < fractions["busy"], fractions

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pyvm.lab.link import LinkModel
-from pyvm.lab.simulate import TraceCursor, simulate, simulate_safely
+from pyvm.lab.simulate import TraceCursor, simulate, simulate_safely, throttled_speed
 from pyvm.lab.trace import Trace
 from pyvm.migration.policy import (PAGE_WIRE_BYTES as W, Decision, Limits, Policy, QemuPrecopy,
                                    RoundState)
@@ -44,7 +44,7 @@ def test_idle_guest_one_round_then_stop() -> None:
     # round 0: 100 pages = 1 s; nothing dirtied; stop: 10 pages of device state (0.1 s) + rtt/2
     assert res.status == "completed" and res.rounds == 1
     assert res.pages_sent == 100 and res.final_pages == 0
-    assert res.bytes_sent == 110 * W
+    assert res.bytes_sent == 110 * W and res.downtime_bytes == 10 * W
     assert res.downtime == pytest.approx(0.1 + 0.01)
     assert res.total_time == pytest.approx(1.11)
 
@@ -55,6 +55,7 @@ def test_dirty_pages_come_back_and_the_qemu_rule_stops() -> None:
     # round 0: 1 s, samples 0..9 dirty pages 0..9; 10 pages = 40960 B <= 100*W*0.15 = 61560 B
     assert [(r.pages_sent, r.dirtied, r.unsent_after) for r in res.history] == [(100, 10, 10)]
     assert res.status == "completed" and res.final_pages == 10
+    assert res.downtime_bytes == 10 * W
     assert res.downtime == pytest.approx(0.1)
     assert res.total_time == pytest.approx(1.1)
     assert res.bytes_sent == 110 * W
@@ -195,3 +196,61 @@ def test_spread_cursor_writes_each_page_at_its_phase_of_the_sample() -> None:
     part = np.unpackbits(TraceCursor(one, spread=True).dirtied(0.1, 0.105), count=10000)
     assert 800 < part.sum() < 1200
     assert np.unpackbits(TraceCursor(one).dirtied(0.1, 0.105), count=10000).sum() == 0
+
+
+def test_throttled_speed_follows_the_guest_cpu_demand() -> None:
+    # no busy fraction: the guest is taken to need all its CPU
+    assert throttled_speed(0) == 1.0 and throttled_speed(40) == pytest.approx(0.6)
+    assert throttled_speed(40, math.nan) == pytest.approx(0.6)
+    # busy 25%: a throttle leaving >= 25% of the CPU costs nothing
+    assert throttled_speed(50, 0.25) == 1.0 and throttled_speed(75, 0.25) == 1.0
+    # ... below that the guest runs at (1 - pct) / busy of its pace
+    assert throttled_speed(80, 0.25) == pytest.approx(0.8)
+    assert throttled_speed(99, 0.25) == pytest.approx(0.04)
+    assert throttled_speed(50, 1.0) == pytest.approx(0.5)
+    assert throttled_speed(90, 0.0) == 1.0           # a guest that never runs loses nothing
+
+
+def test_throttle_spares_a_guest_that_needs_little_cpu() -> None:
+    masks = np.zeros((100, 100), bool)
+    for i in range(100):
+        masks[i, i] = True                           # sample i writes page i
+    busy = np.full(100, 0.25, np.float32)
+    tr = Trace(np.packbits(masks, axis=1), 100, 0.1, guest="hand", busy=busy)
+    for pct, dirtied in ((50, 10), (75, 10), (87, 5)):
+        pol = Script(Decision(throttle_pct=pct), Decision.stop())
+        res = simulate(tr, pol, LINK, device_bytes=0)
+        # round 0 lasts 1 s: at 50% or 75% the guest (busy 25%) keeps its pace, 1 s of
+        # guest time, samples 0..9; at 87% it gets 13% of 25%: 0.52 s, samples 0..4
+        assert res.history[0].dirtied == dirtied, pct
+        assert np.flatnonzero(pol.seen[1].dirty).tolist() == list(range(dirtied))
+    # busy given by the caller wins over the trace's
+    pol = Script(Decision(throttle_pct=50), Decision.stop())
+    assert simulate(tr, pol, LINK, device_bytes=0, busy=1.0).history[0].dirtied == 5
+    # mean over the samples that have a reading
+    busy[:50] = np.nan
+    busy[50:] = 0.5
+    tr = Trace(np.packbits(masks, axis=1), 100, 0.1, busy=busy)
+    pol = Script(Decision(throttle_pct=75), Decision.stop())
+    # 25% of the CPU for a guest needing 50%: half its pace, 0.5 s, samples 0..4
+    assert simulate(tr, pol, LINK, device_bytes=0).history[0].dirtied == 5
+
+
+def test_seed_draws_the_pages_phases_anew() -> None:
+    one = Trace.from_masks(np.ones((1, 10000), bool), 0.1)
+    a = np.unpackbits(TraceCursor(one, spread=True).dirtied(0.0, 0.05), count=10000)
+    b = np.unpackbits(TraceCursor(one, spread=True, seed=1).dirtied(0.0, 0.05), count=10000)
+    c = np.unpackbits(TraceCursor(one, spread=True).dirtied(0.0, 0.05), count=10000)
+    assert (a == c).all()                      # the same seed, the same phases
+    assert 4700 < a.sum() < 5300 and 4700 < b.sum() < 5300   # half the interval, either way
+    assert (a != b).sum() > 3000               # but other pages
+
+
+def test_final_copy_at_its_own_rate() -> None:
+    tr = trace_of([list(range(10))] * 20)       # pages 0..9 written in every sample
+    res = simulate(tr, QemuPrecopy(), LINK, Limits(downtime_limit=0.15), device_bytes=10 * W,
+                   final_rate=4 * PAGES_PER_S * W, switchover_cost=0.01)
+    # round 0 at the link's rate (1 s) as before; the 10 pages and 10 pages of device
+    # state at 400 pages a second: 0.05 s, plus the fixed 0.01 s
+    assert res.history[0].duration == pytest.approx(1.0)
+    assert res.downtime == pytest.approx(0.06) and res.total_time == pytest.approx(1.06)

@@ -37,7 +37,7 @@ def test_round_trip(tmp_path: Path) -> None:
 def test_file_starts_with_magic_version_and_json_header() -> None:
     data = dumps(sample())
     magic, version, hlen = struct.unpack_from("<8sHI", data)
-    assert magic == b"PYVMDTR\n" and version == 1
+    assert magic == b"PYVMDTR\n" and version == 2
     header = json.loads(data[14:14 + hlen])
     assert header["format"] == "pyvm-dirty-trace" and header["npages"] == 1001
     assert header["samples"] == 40 and header["ram_bytes"] == 1001 * 4096
@@ -55,9 +55,9 @@ def _with_header(data: bytes, **changes: object) -> bytes:
 
 def test_refuses_newer_versions_by_name() -> None:
     data = bytearray(dumps(sample()))
-    struct.pack_into("<H", data, 8, 2)
-    with pytest.raises(TraceError, match=r"trace format version 2 is newer than this pyvm .* "
-                                         r"reads \(version 1\); upgrade pyvm"):
+    struct.pack_into("<H", data, 8, 3)
+    with pytest.raises(TraceError, match=r"trace format version 3 is newer than this pyvm .* "
+                                         r"reads \(version 2\); upgrade pyvm"):
         loads(bytes(data), "x.trace")
 
 
@@ -75,6 +75,54 @@ def test_refuses_newer_versions_by_name() -> None:
 def test_refuses_malformed_files(mangle, words: str) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(TraceError, match=words):
         loads(mangle(dumps(sample())))
+
+
+def test_busy_fractions_round_trip_after_the_bitmaps(tmp_path: Path) -> None:
+    busy = np.linspace(0.0, 1.0, 40, dtype=np.float32)
+    busy[7] = np.nan                               # a sample without a reading
+    tr = Trace(sample().bitmaps, 1001, 0.05, busy=busy)
+    path = str(tmp_path / "b.trace")
+    save(tr, path)
+    back = load(path)
+    assert back.busy is not None and back.busy.dtype == np.float32
+    assert np.array_equal(back.busy, busy, equal_nan=True)
+    assert (back.bitmaps == tr.bitmaps).all()
+    known = np.delete(busy, 7)
+    assert back.mean_busy() == pytest.approx(float(known.mean()))
+    data = dumps(tr)
+    _, _, hlen = struct.unpack_from("<8sHI", data)
+    assert json.loads(data[14:14 + hlen])["busy"] is True
+    assert sample().busy is None and sample().mean_busy() is None
+    with pytest.raises(TraceError, match="busy fractions for 40 samples"):
+        Trace(sample().bitmaps, 1001, 0.05, busy=busy[:3])
+    # a header announcing busy fractions that the payload lacks
+    with pytest.raises(TraceError, match="payload holds"):
+        loads(_with_header(dumps(sample()), busy=True))
+
+
+def _version_1(tr: Trace) -> bytes:
+    """A version 1 file as pyvm wrote it before busy fractions: no ``busy`` field."""
+    import zstandard
+
+    payload = zstandard.ZstdCompressor().compress(tr.bitmaps.tobytes())
+    header = tr.header(len(payload))
+    del header["busy"]
+    header["version"] = 1
+    h = json.dumps(header).encode()
+    return struct.pack("<8sHI", tracefmt.MAGIC, 1, len(h)) + h + payload
+
+
+def test_reads_version_1_traces() -> None:
+    tr = sample()
+    back = loads(_version_1(tr), "old.trace")
+    assert (back.bitmaps == tr.bitmaps).all() and back.busy is None
+    assert back.notes == {"k": 1}
+    # version 1 has no busy fractions, whatever its header says: the extra bytes are refused
+    tr.busy = np.zeros(40, np.float32)
+    data = bytearray(dumps(tr))
+    struct.pack_into("<H", data, 8, 1)
+    with pytest.raises(TraceError, match="payload holds"):
+        loads(bytes(data))
 
 
 def test_missing_file_is_a_one_line_error(tmp_path: Path) -> None:
