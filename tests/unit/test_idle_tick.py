@@ -1,7 +1,8 @@
 """The native idle tick (pyvm/_idle.pyx, ``Machine._idle_native``) on the ``hello`` guest:
 its timer ticks are handled without the Python loop's slices, and work from another
 thread (what a monitor command, serial input or a migration send through ``kick``)
-still wakes its wait at once, even when no deadline is near."""
+still wakes its wait at once, even when no deadline is near.  On ``timer-pm``, both idle
+paths deliver the PIT's interrupts after the edges that raise them."""
 
 from __future__ import annotations
 
@@ -88,7 +89,12 @@ def test_exit_ends_the_idle_wait(hello: tuple[Machine, list[int]]) -> None:
     _wait_for(lambda: m._idle_ticker is not None and m._idle_ticker.ticks >= 5)
     m.run_on_loop(lambda: setattr(m.pit, "irq_next_time", -1), timeout=10)
     done = threading.Event()
-    threading.Thread(target=lambda: (m.wait(), done.set()), daemon=True).start()
+
+    def waiter() -> None:
+        m.wait()
+        done.set()
+
+    threading.Thread(target=waiter, daemon=True).start()
     t0 = time.monotonic()
     m.request_exit(0)
     assert done.wait(10)
@@ -96,3 +102,47 @@ def test_exit_ends_the_idle_wait(hello: tuple[Machine, list[int]]) -> None:
     m._loop_thread.join(5)
     assert not m._loop_thread.is_alive()
     assert time.monotonic() - t0 < 5
+
+
+@pytest.mark.parametrize("idle", ["python", "native"])
+def test_timer_interrupts_arrive_on_the_pit_period(monkeypatch: pytest.MonkeyPatch,
+                                                   idle: str) -> None:
+    """Both idle paths deliver IRQ 0 at the same virtual times relative to the PIT: the
+    PIT's next deadline at each delivery is a period boundary, and the delivery comes
+    after the boundary before it, the edge that raised it (timer-pm: 50 ticks, then it
+    exits).  How late a delivery may come is left out: a loaded machine decides that."""
+    from pyvm.config import DebugExitConfig
+    from pyvm.cpu import VCpu
+    from pyvm.devices.pit8254 import tick_to_ns, ticks_between
+
+    monkeypatch.delenv("PYVM_DELIVERY", raising=False)
+    if idle == "python":
+        monkeypatch.setenv("PYVM_IDLE", "python")
+    else:
+        monkeypatch.delenv("PYVM_IDLE", raising=False)
+    m = Machine(MachineConfig(ram_size=16 << 20, kernel=guest_path("timer-pm.elf"),
+                              serial=["null"], debug_exit=[DebugExitConfig(0xF4, 4)]))
+    seen: list[tuple[int, int, int, int]] = []
+    deliver = VCpu.deliver
+
+    def recording(cpu: VCpu, vector: int, error_code: int | None = None) -> None:
+        pit = m.pit
+        seen.append((vector, m.clock.now_ns(), pit.irq_next_time, pit.count_load_time[0]))
+        deliver(cpu, vector, error_code)
+
+    monkeypatch.setattr(VCpu, "deliver", recording)
+    m.start()
+    try:
+        assert m.wait() == 0x21
+    finally:
+        m.close()
+    assert (m._idle_ticker is not None and m._idle_ticker.ticks >= 40) == (idle == "native")
+    ticks = [s for s in seen if s[0] == 0x20]
+    assert len(ticks) >= 50
+    n = m.pit.count[0]
+    for _, now, next_deadline, load in ticks:
+        j = ticks_between(load, next_deadline) // n
+        periods = [k for k in (j, j + 1) if load + tick_to_ns(k * n) == next_deadline]
+        assert periods, (next_deadline, load, n)        # the deadline is a period boundary
+        fired = load + tick_to_ns((periods[0] - 1) * n)
+        assert fired <= now, (fired, now)               # never before the edge that raised it
