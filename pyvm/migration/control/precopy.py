@@ -261,12 +261,10 @@ class Precopy:
         self._send(self.enc.eof_and_vmdesc())
         self._channel().flush()
         self.stats.downtime_bytes += self._transferred() - before
-        self.mgr.downtime_ms = int((time.monotonic() - downtime_start) * 1000)
-        if self._stop_time is not None:
-            self.mgr.downtime_ms = int((time.monotonic() - self._stop_time) * 1000)
+        stopped = downtime_start if self._stop_time is None else self._stop_time
+        exact_ms = (time.monotonic() - stopped) * 1e3
+        self.mgr.downtime_ms = int(exact_ms)
         # the log also gives the downtime in microseconds (pyvm-lab validate reads it)
-        exact_ms = (time.monotonic() - (downtime_start if self._stop_time is None
-                                        else self._stop_time)) * 1e3
         self.machine.log.log("migration", (
             f"migration: switchover: last dirty pages and device state, "
             f"{self._transferred() - before} bytes; downtime {self.mgr.downtime_ms} ms "
