@@ -34,9 +34,12 @@ def test_timer_guest_finishes_when_kicks_end_slices_inside_its_handler(monkeypat
     deliver, clear_stop, run_slice = VCpu.deliver, VCpu.clear_stop, Machine._run_slice
     idle_native = Machine._idle_native
 
+    timer_deliveries = [0]
+
     def deliver_and_arm(cpu: VCpu, vector: int, error_code: int | None = None) -> None:
         deliver(cpu, vector, error_code)
         armed[0] = vector == TIMER_VECTOR
+        timer_deliveries[0] += armed[0]
 
     def clear_then_kick(cpu: VCpu) -> None:
         # the slice that starts the handler: another thread's kick arrives as it begins
@@ -79,8 +82,16 @@ def test_timer_guest_finishes_when_kicks_end_slices_inside_its_handler(monkeypat
         assert not waiter.is_alive(), "timer-pm did not finish: a vCPU stuck with IF=0?"
         assert status == [0x21]
         assert ended_with_if_off[0] >= TICKS, ended_with_if_off     # once per tick
-        if idle == "native":        # the ticks went through the native idle tick
-            assert m._idle_ticker is not None and m._idle_ticker.ticks >= TICKS - 1
+        assert timer_deliveries[0] >= TICKS, timer_deliveries
+        if idle == "native":
+            # The ticks went through the native idle tick, each delivered once.  Every
+            # handler here is kicked and finished by the Python loop; a tick whose
+            # deadline passes meanwhile (a loaded machine) is fired by that loop, so
+            # the split between the two paths depends on load (CI once saw 48 of 50
+            # natively).  The native share on an unkicked guest is test_idle_tick's.
+            assert m._idle_ticker is not None
+            assert 0 < m._idle_ticker.ticks <= timer_deliveries[0], (
+                m._idle_ticker.ticks, timer_deliveries)
     finally:
         m.request_exit(0)
         waiter.join(10)
