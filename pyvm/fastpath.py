@@ -9,24 +9,15 @@ pure-Python twins (:mod:`pyvm.fastpath_py`, :mod:`pyvm.pagestream_py`).
 from __future__ import annotations
 
 import ctypes
-import importlib
 import os
 from typing import Any
 
 from pyvm import fastpath_py, pagestream_py
+from pyvm.native_modules import load_native
 
 
-def _load(name: str) -> Any:
-    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
-        return None
-    try:
-        return importlib.import_module(name)
-    except ImportError:  # not built: the twin gives the same answers
-        return None
-
-
-_native: Any = _load("pyvm._fastpath")
-_native_stream: Any = _load("pyvm._pagestream")
+_native: Any = load_native("pyvm._fastpath")
+_native_stream: Any = load_native("pyvm._pagestream")
 
 impl: Any = _native if _native is not None else fastpath_py
 stream_impl: Any = _native_stream if _native_stream is not None else pagestream_py

@@ -18,21 +18,12 @@ from unicorn import x86_const as X
 from unicorn.unicorn_py3 import unicorn as ucmod
 
 from pyvm import fastpath
+from pyvm.native_modules import load_native
 from pyvm.unicorn_internals import NativeContext
 
 
-def _load() -> Any:
-    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
-        return None
-    if fastpath.IMPLEMENTATION != "cython":   # dirty bitmaps must be the native ones
-        return None
-    try:
-        return importlib.import_module("pyvm._delivery")
-    except ImportError:  # not built: the Python version gives the same results
-        return None
-
-
-_native: Any = _load()
+# the dirty bitmaps it marks must be the native ones
+_native: Any = load_native("pyvm._delivery") if fastpath.IMPLEMENTATION == "cython" else None
 IMPLEMENTATION: str = "cython" if _native is not None else "python"
 
 

@@ -13,23 +13,15 @@ or 8254 paths are not in use, and whenever ``-d int`` logs every interrupt;
 from __future__ import annotations
 
 import ctypes
-import importlib
 import os
 from typing import Any, Sequence
 
 from unicorn.unicorn_py3 import unicorn as ucmod
 
-
-def _load() -> Any:
-    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
-        return None
-    try:
-        return importlib.import_module("pyvm._idle")
-    except ImportError:  # not built: the Python loop does the same
-        return None
+from pyvm.native_modules import load_native
 
 
-_native: Any = _load()
+_native: Any = load_native("pyvm._idle")
 IMPLEMENTATION: str = "cython" if _native is not None else "python"
 
 # IdleTicker.run's answers (pyvm/_idle.pyx)

@@ -8,23 +8,13 @@ lays out a batch of a source's page records with the cache decision of migration
 
 from __future__ import annotations
 
-import importlib
-import os
 from typing import Any
 
 from pyvm import xbzrle_py
+from pyvm.native_modules import load_native
 
 
-def _load() -> Any:
-    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
-        return None
-    try:
-        return importlib.import_module("pyvm._xbzrle")
-    except ImportError:  # not built: the twin gives the same answers
-        return None
-
-
-_native: Any = _load()
+_native: Any = load_native("pyvm._xbzrle")
 impl: Any = _native if _native is not None else xbzrle_py
 IMPLEMENTATION: str = impl.IMPLEMENTATION
 encode = impl.encode

@@ -27,11 +27,11 @@ is being acknowledged is never lost.
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
 from pyvm.devices.base import Device
+from pyvm.native_modules import load_native
 from pyvm.vmstate import Field, VMStateDescription
 
 MASTER, SLAVE = 0, 1
@@ -70,16 +70,7 @@ PIC_VMSD = VMStateDescription(
 )
 
 
-def _load_native() -> Any:
-    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
-        return None
-    try:
-        return importlib.import_module("pyvm._pic")
-    except ImportError:  # not built: the Python methods give the same results
-        return None
-
-
-_native: Any = _load_native()
+_native: Any = load_native("pyvm._pic")
 
 
 def _lowest_priority_index(bits: int, priority_add: int) -> int:

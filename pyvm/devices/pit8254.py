@@ -28,11 +28,11 @@ guest writes a control word and a count (pyvm has no BIOS to do that for it).
 
 from __future__ import annotations
 
-import importlib
 import os
 from typing import Any
 
 from pyvm.devices.base import Device
+from pyvm.native_modules import load_native
 from pyvm.vmstate import Field, VMStateDescription
 
 PIT_FREQ = 1_193_182            # Hz, the PC's 14.31818 MHz / 12
@@ -74,16 +74,7 @@ PIT_VMSD = VMStateDescription(
 )
 
 
-def _load_native() -> Any:
-    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
-        return None
-    try:
-        return importlib.import_module("pyvm._pit")
-    except ImportError:  # not built: the Python method gives the same results
-        return None
-
-
-_native: Any = _load_native()
+_native: Any = load_native("pyvm._pit")
 
 
 def ticks_between(start_ns: int, end_ns: int) -> int:

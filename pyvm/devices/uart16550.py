@@ -23,13 +23,13 @@ lock may be held while calling ``ctx.set_irq``; the backend is written without i
 
 from __future__ import annotations
 
-import importlib
 import os
 import threading
 from collections import deque
 from typing import TYPE_CHECKING, Any
 
 from pyvm.devices.base import Device
+from pyvm.native_modules import load_native
 from pyvm.vmstate import Field, VMStateDescription
 
 if TYPE_CHECKING:
@@ -77,16 +77,7 @@ UART_VMSD = VMStateDescription(
 )
 
 
-def _load_native() -> Any:
-    if os.environ.get("PYVM_PURE_PYTHON", "") in ("1", "yes", "true"):
-        return None
-    try:
-        return importlib.import_module("pyvm._uart")
-    except ImportError:  # not built: the Python methods give the same results
-        return None
-
-
-_native: Any = _load_native()
+_native: Any = load_native("pyvm._uart")
 
 
 class Uart16550(Device):
