@@ -30,6 +30,17 @@ from pyvm.migration.policy import BUILTIN_POLICIES, Limits, PolicyError
 DEFAULT_POLICIES = list(BUILTIN_POLICIES)
 
 
+
+def _at_least_one(text: str) -> int:
+    """An argparse type: a whole number >= 1 (argparse's own error text otherwise)."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid int value: '{text}'") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {n}")
+    return n
+
 def _limits(args: argparse.Namespace) -> Limits:
     from pyvm.lab.link import parse_rate
 
@@ -305,9 +316,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--interval", default="50ms", help="trace sample period (default 50ms)")
     p.add_argument("--duration", default="10s", help="trace length (default 10s)")
     p.add_argument("--warmup", default="0.5s", help="guest run time before both start")
-    p.add_argument("--runs", type=int, default=3,
+    p.add_argument("--runs", type=_at_least_one, default=3,
                    help="real migrations per policy (default 3); medians are compared")
-    p.add_argument("--replays", type=int, default=5,
+    p.add_argument("--replays", type=_at_least_one, default=5,
                    help="simulations per real migration, from evenly spread points of the "
                         "trace (default 5)")
     p.add_argument("--scale-speed", action="store_true",

@@ -88,6 +88,14 @@ def test_user_errors_are_one_line(args: list[str], message: str) -> None:
     assert r.stderr.count("\n") == 1
 
 
+@pytest.mark.parametrize("option", ["--runs", "--replays"])
+def test_validate_refuses_fewer_than_one_run(option: str) -> None:
+    r = lab("validate", option, "0")                    # refused before any VM starts
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.endswith(f"pyvm-lab validate: error: argument {option}: "
+                             "must be at least 1, not 0\n"), r.stderr
+
+
 def test_a_failing_policy_file_fails_the_run_with_its_name(tmp_path: Path) -> None:
     bad = tmp_path / "bad.py"
     bad.write_text("from pyvm.migration.policy import Decision, Policy\n"
