@@ -52,6 +52,7 @@ extensions = [
     Extension("pyvm._pit", ["pyvm/_pit.pyx"], extra_compile_args=["-O2"]),
     Extension("pyvm._idle", ["pyvm/_idle.pyx"], extra_compile_args=["-O2"]),
     Extension("pyvm._uart", ["pyvm/_uart.pyx"], extra_compile_args=["-O2"]),
+    Extension("pyvm._tlbtrack", ["pyvm/_tlbtrack.pyx"], extra_compile_args=["-O2"]),
 ]
 fabric = libfabric_flags()
 if fabric is not None:

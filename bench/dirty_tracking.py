@@ -9,41 +9,36 @@ Boots the ``store-loop`` guest (every pass stores to every 32-bit word of a RAM 
 this process and times the same number of passes per variant:
 
   off      no tracking (the normal state outside migration)
-  host-wp  host write-protect: userfaultfd (asynchronous) + PAGEMAP_SCAN, what migration uses
-  hook     the C-level UC_HOOK_MEM_WRITE callback of pyvm._fastpath (the fallback)
-  vtlb     the ceiling of the other design considered: Unicorn's virtual TLB
-           (UC_TLB_VIRTUAL) with a C UC_HOOK_TLB_FILL that grants write permission only
-           to pages already dirty and a TLB flush at each sync.  Here the fill hook maps
-           identity (store-loop runs without paging), so it shows the best that design
-           could do: a real one must also walk the guest's page tables, set their A/D bits
-           and raise #PF itself.  Built with the system's C compiler; skipped without one.
+  tlb      the vCPUs' TLB fill marks the page at the first store after each sync
+           (pyvm.tlb_tracking, what migration uses)
+  host-wp  host write-protect: userfaultfd (asynchronous) + PAGEMAP_SCAN (the first fallback)
+  hook     the C-level UC_HOOK_MEM_WRITE callback of pyvm._fastpath (the last fallback)
   python   a Python UC_HOOK_MEM_WRITE callback (pyvm.fastpath_py), with --python-hook
 
 For each ``--sync-ms`` value a thread takes the dirty bitmap every that many milliseconds
 while the guest runs, on the vCPU loop between slices as precopy does (``run_on_loop``);
 0 = never.
-Variants are interleaved (off, host-wp, hook, off, host-wp, hook, ...) ``--rounds`` times, so
+Variants are interleaved (off, tlb, host-wp, hook, off, tlb, ...) ``--rounds`` times, so
 a change in the machine's load hits all of them alike; each line gives the median and the
 spread (min-max) of the throughput, and ``ratio`` is median(tracked) / median(off).
 
 With ``--migration`` it also live-migrates a running store-loop guest between two pyvm
-processes over a unix socket, once with host write-protect and once with the write hook
-(the previous method, forced with PYVM_DIRTY_TRACKING=hook), interleaved, and prints the
-median total time and downtime of each.
+processes over a unix socket, once per method (the TLB fill; host write-protect and the
+write hook, forced with PYVM_DIRTY_TRACKING=host-wp and =hook), interleaved, and prints
+the median total time and downtime of each.
 
 With ``--linux`` (``--linux-only``: that alone) it also boots Debian's kernel with the
 busybox initramfs of pyvm-linux-guest in this process and, at the shell, times a
 memory-writing workload (``dd`` of ``--linux-mib`` MiB from /dev/zero into a file on the
-initramfs, i.e. fresh page-cache pages, then ``rm``, four times) with host write-protect
-tracking attached (and the bitmap taken every 100 ms, as precopy does) and without,
-alternating on the same running guest, ``--rounds`` times each; the ratio is
-median(host-wp) / median(off) of the workload's throughput.
+initramfs, i.e. fresh page-cache pages, then ``rm``, four times) with TLB tracking, with
+host write-protect tracking (the bitmap taken every 100 ms, as precopy does) and without,
+alternating on the same running guest, ``--rounds`` times each; each ratio is
+median(tracked) / median(off) of the workload's throughput.
 """
 
 from __future__ import annotations
 
 import argparse
-import ctypes
 import os
 import statistics
 import sys
@@ -51,72 +46,14 @@ import threading
 import time
 from typing import Any, Callable
 
+from unicorn import unicorn_const as uc_const
+
 from pyvm import fastpath_py
 from pyvm.config import DebugExitConfig, MachineConfig
 from pyvm.fastpath import IMPLEMENTATION, impl, track_host_writes, track_writes
 from pyvm.guests import guest_path
 from pyvm.machine import Machine
-
-
-VTLB_C = r"""
-#include <stdint.h>
-#include <stdbool.h>
-#include <stddef.h>
-typedef struct { uint64_t paddr; int perms; } tlb_entry;      /* uc_tlb_entry */
-typedef struct { uint64_t *bitmap; uint64_t base, size, fills; } state;
-typedef int (*hook_add_t)(void *, size_t *, int, void *, void *, uint64_t, uint64_t, ...);
-/* UC_PROT_READ 1, WRITE 2, EXEC 4; UC_MEM_WRITE 17 (unicorn.h) */
-static bool fill(void *uc, uint64_t vaddr, int type, tlb_entry *e, void *ud) {
-    state *s = ud;
-    uint64_t off = vaddr - s->base, page, bit, *word;
-    s->fills++;
-    e->paddr = vaddr;
-    e->perms = 1 | 4;
-    if (vaddr < s->base || off >= s->size) { e->perms |= 2; return true; }
-    page = off >> 12;
-    word = &s->bitmap[page >> 6];
-    bit = 1ULL << (page & 63);
-    if (type == 17) {
-        __atomic_fetch_or(word, bit, __ATOMIC_RELAXED);
-        e->perms |= 2;
-    } else if (__atomic_load_n(word, __ATOMIC_RELAXED) & bit) {
-        e->perms |= 2;
-    }
-    return true;
-}
-int vtlb_attach(void *hook_add, void *uc, size_t *hh, state *s) {
-    return ((hook_add_t)hook_add)(uc, hh, 1 << 17, (void *)fill, s, (uint64_t)1, (uint64_t)0);
-}
-"""
-
-
-class _VtlbState(ctypes.Structure):
-    _fields_ = [("bitmap", ctypes.c_void_p), ("base", ctypes.c_uint64), ("size", ctypes.c_uint64),
-                ("fills", ctypes.c_uint64)]
-
-
-_vtlb_lib: Any = None
-
-
-def vtlb_library() -> Any:
-    """The C fill hook, compiled once per run (None without a C compiler)."""
-    global _vtlb_lib
-    if _vtlb_lib is None:
-        import shutil
-        import subprocess
-        import tempfile
-
-        cc = shutil.which("cc") or shutil.which("gcc")
-        if cc is None:
-            _vtlb_lib = False
-            return None
-        d = tempfile.mkdtemp(prefix="pyvm-vtlb-")
-        src, lib = os.path.join(d, "vtlb.c"), os.path.join(d, "vtlb.so")
-        with open(src, "w") as f:
-            f.write(VTLB_C)
-        subprocess.run([cc, "-O2", "-shared", "-fPIC", "-o", lib, src], check=True)
-        _vtlb_lib = ctypes.CDLL(lib)
-    return _vtlb_lib or None
+from pyvm.tlb_tracking import track_tlb_writes
 
 
 def run_once(mode: str, size_mib: int, iters: int, sync_ms: int) -> tuple[float, int]:
@@ -133,21 +70,6 @@ def run_once(mode: str, size_mib: int, iters: int, sync_ms: int) -> tuple[float,
         if tr is None:
             raise SystemExit("host write-protect is not available here (userfaultfd WP_ASYNC)")
         trackers.append(tr)
-    elif mode == "vtlb":
-        from unicorn import unicorn_const as uc_const
-        from unicorn.unicorn_py3 import unicorn as ucmod
-
-        lib = vtlb_library()
-        st = _VtlbState(bitmap.words.ctypes.data, block.gpa, block.size, 0)
-        hook_add = ctypes.cast(ucmod.uclib.uc_hook_add, ctypes.c_void_p)
-        for cpu in m.cpus:
-            cpu.uc.ctl_set_tlb_mode(uc_const.UC_TLB_VIRTUAL)
-            hh = ctypes.c_size_t(0)
-            if lib.vtlb_attach(hook_add, cpu.uc._uch, ctypes.byref(hh), ctypes.byref(st)) != 0:
-                raise SystemExit("uc_hook_add(UC_HOOK_TLB_FILL) failed")
-        trackers.append(st)             # keeps the state alive while the hook may run
-        flush = [lambda c=cpu: c.uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
-                 for cpu in m.cpus]
     elif mode in ("hook", "python"):
         module = impl if mode == "hook" else fastpath_py
         bitmap = module.DirtyBitmap(block.npages)
@@ -157,11 +79,7 @@ def run_once(mode: str, size_mib: int, iters: int, sync_ms: int) -> tuple[float,
     stop = threading.Event()
 
     def take() -> Any:
-        words = bitmap.fetch_and_clear()
-        if mode == "vtlb":
-            for f in flush:
-                f()     # the next store to any page fills its TLB entry again
-        return words
+        return bitmap.fetch_and_clear()
 
     def syncer() -> None:
         while not stop.wait(sync_ms / 1000.0):
@@ -173,6 +91,11 @@ def run_once(mode: str, size_mib: int, iters: int, sync_ms: int) -> tuple[float,
 
     sync_thread = threading.Thread(target=syncer, name="bench-sync") if sync_ms > 0 else None
     m.start()
+    if mode == "tlb":
+        tlb = m.run_on_loop(lambda: track_tlb_writes([cpu.uc for cpu in m.cpus], [block]))
+        if tlb is None:
+            raise SystemExit("TLB tracking is not available here (extension or Unicorn layout)")
+        trackers.append(tlb)
     t0 = time.perf_counter()
     m.cont()
     if sync_thread:
@@ -182,10 +105,10 @@ def run_once(mode: str, size_mib: int, iters: int, sync_ms: int) -> tuple[float,
     stop.set()
     if sync_thread:
         sync_thread.join()
-    last = bitmap.fetch_and_clear()
     for t in trackers:
         if hasattr(t, "detach"):
-            t.detach()
+            t.detach()          # the loop has ended: nothing runs the engines any more
+    last = bitmap.fetch_and_clear()
     m.close()
     if code != 1:
         raise SystemExit(f"store-loop guest ended with status {code}")
@@ -202,7 +125,7 @@ def summary(values: list[float]) -> str:
 
 def bench_guest(args: argparse.Namespace) -> None:
     stores = args.size_mib * (1 << 20) // 4 * args.iters
-    modes = ["off", "host-wp", "hook"] + (["vtlb"] if vtlb_library() is not None else [])
+    modes = ["off", "tlb", "host-wp", "hook"]
     print(f"fast path: {IMPLEMENTATION}; store-loop over {args.size_mib} MiB, {args.iters} passes "
           f"= {stores} stores per run; {args.rounds} interleaved rounds")
     for sync_ms in args.sync_ms:
@@ -238,8 +161,8 @@ def migrate_once(method: str, size_mib: int, tmpdir: str) -> tuple[float, float,
     from vmproc import VmProcess  # type: ignore[import-not-found]
 
     env = dict(os.environ)
-    if method == "hook":
-        env["PYVM_DIRTY_TRACKING"] = "hook"
+    if method in ("hook", "host-wp"):
+        env["PYVM_DIRTY_TRACKING"] = method
     else:
         env.pop("PYVM_DIRTY_TRACKING", None)
     from pathlib import Path
@@ -270,7 +193,7 @@ def migrate_once(method: str, size_mib: int, tmpdir: str) -> tuple[float, float,
 def bench_migration(args: argparse.Namespace) -> None:
     import tempfile
 
-    results: dict[str, list[tuple[float, float, int]]] = {"host-wp": [], "hook": []}
+    results: dict[str, list[tuple[float, float, int]]] = {"tlb": [], "host-wp": [], "hook": []}
     with tempfile.TemporaryDirectory() as tmp:
         for _ in range(args.migration_rounds):
             for method in results:
@@ -296,11 +219,15 @@ def linux_workload_once(m: Machine, con: Any, mode: str, mib: int, n: int) -> tu
     block = next(iter(m.ram))
     bitmap = block.dirty
     tracker: list[Any] = []
-    if mode == "host-wp":
+    if mode != "off":
         def attach() -> None:
-            tr = track_host_writes(bitmap, block.host_address, block.size)
+            tr: Any
+            if mode == "tlb":
+                tr = track_tlb_writes([cpu.uc for cpu in m.cpus], [block])
+            else:
+                tr = track_host_writes(bitmap, block.host_address, block.size)
             if tr is None:
-                raise SystemExit("host write-protect is not available here (userfaultfd WP_ASYNC)")
+                raise SystemExit(f"{mode} tracking is not available here")
             tracker.append(tr)
         m.run_on_loop(attach)
     reported = [0]
@@ -330,8 +257,12 @@ def linux_workload_once(m: Machine, con: Any, mode: str, mib: int, n: int) -> tu
         sync_thread.join()
     con.expect(linux_guest.PROMPT, 60, end)
     if tracker:
-        m.run_on_loop(tracker[0].detach)
-        last = bitmap.fetch_and_clear()
+        def detach() -> Any:
+            tracker[0].detach()
+            for cpu in m.cpus:
+                cpu.uc.ctl(uc_const.UC_CTL_TLB_FLUSH, uc_const.UC_CTL_IO_WRITE)
+            return bitmap.fetch_and_clear()
+        last = m.run_on_loop(detach)
         reported[0] += int(fastpath_py.bitmap_to_indices(last, block.npages).size)
         if reported[0] < mib * 256:
             raise SystemExit(f"tracking reported {reported[0]} pages, fewer than the "
@@ -359,7 +290,7 @@ def bench_linux(args: argparse.Namespace) -> None:
         try:
             con = SerialConsole(sock)
             con.expect(linux_guest.PROMPT, 600)
-            modes = ("off", "host-wp")
+            modes = ("off", "tlb", "host-wp")
             times: dict[str, list[float]] = {mode: [] for mode in modes}
             pages: dict[str, list[int]] = {mode: [] for mode in modes}
             linux_workload_once(m, con, "off", args.linux_mib, 0)        # warm the page cache

@@ -42,6 +42,7 @@ from pyvm.devices.uart16550 import Uart16550
 from pyvm.errors import ConfigError, GuestFault, VmStateError
 from pyvm.events import EventBus
 from pyvm.fastpath import flush_tlb, track_host_writes, track_writes
+from pyvm.tlb_tracking import TlbTracking, track_tlb_writes
 from pyvm.ioport import IoBus
 from pyvm.loader import BootImage, load_bios, load_boot_sector, load_kernel
 from pyvm.log import Log
@@ -553,9 +554,10 @@ class Machine:
         meter, pyvm.dirty_meter): it is attached once and detached when the last one
         stops.  A migration joining a log that is already on still finds every page dirty.
 
-        Host write-protect (userfaultfd, see :func:`pyvm.fastpath.track_host_writes`) is
-        preferred: guest stores keep their fast path and device writes are seen too.
-        Where the kernel does not allow it, a native write hook goes on every vCPU.
+        The vCPUs' TLB fill (:mod:`pyvm.tlb_tracking`) is preferred: guest stores keep
+        their fast path and only the first write to a page per sync takes a TLB refill.
+        Without it, host write-protect (userfaultfd, :func:`pyvm.fastpath.track_host_writes`);
+        where the kernel does not allow that either, a native write hook on every vCPU.
         """
         def attach() -> None:
             self._dirty_clients.add(client)
@@ -564,9 +566,15 @@ class Machine:
                     for block in blocks:
                         block.dirty.mark_all()
                 return
-            for block in blocks:
+            blocks_ = list(blocks)
+            for block in blocks_:
                 block.dirty.fetch_and_clear()
                 block.dirty.mark_all()
+            tlb = track_tlb_writes([cpu.uc for cpu in self.cpus], blocks_)
+            if tlb is not None:
+                self._trackers.append(tlb)
+                blocks_ = []
+            for block in blocks_:
                 host = track_host_writes(block.dirty, block.host_address, block.size)
                 if host is not None:
                     self._trackers.append(host)
@@ -583,8 +591,9 @@ class Machine:
 
     @property
     def dirty_tracking_method(self) -> str | None:
-        """"host-wp", "write-hook" (or both, one per block) while dirty logging is on."""
-        kinds = sorted({"host-wp" if hasattr(t, "collect_into") else "write-hook"
+        """"tlb", "host-wp", "write-hook" (or two, one per block) while dirty logging is on."""
+        kinds = sorted({"tlb" if isinstance(t, TlbTracking) else
+                        "host-wp" if hasattr(t, "collect_into") else "write-hook"
                         for t in self._trackers})
         return "+".join(kinds) if kinds else None
 

@@ -23,7 +23,8 @@ with :func:`register_probe`; it may use fields found by earlier probes through
 ``lab.found``.  :class:`ContextAccess` then reads and writes the new field by name.
 
 Nothing else in pyvm may touch Unicorn internals; everything goes through
-:class:`ContextAccess`.  Layout reference: QEMU ``target/i386/cpu.h`` (``CPUX86State``,
+:class:`ContextAccess`, except the TLB fill and TLB tables of dirty tracking, which
+:mod:`pyvm.unicorn_tlb` finds the same way (by probing) for ``pyvm/_tlbtrack.pyx``.  Layout reference: QEMU ``target/i386/cpu.h`` (``CPUX86State``,
 ``SegmentCache``, the ``HF_*`` bits), Unicorn ``qemu/target/i386/unicorn.c``
 (``cpu_context_size``) and ``uc.c`` (``uc_context_save``/``uc_context_restore``).
 """
@@ -430,9 +431,27 @@ def _probe_tsc_offset(lab: ProbeLab) -> list[ContextField]:
     raise CalibrationError("tsc_offset", "no word after dr[7] moves rdtsc")
 
 
+def _probe_control_registers(lab: ProbeLab) -> list[ContextField]:
+    """cr[0], cr[3], cr[4]: the TLB write tracker's own page walk reads them in place
+    (pyvm/_tlbtrack.pyx)."""
+    def cr(reg: int, base: int) -> Callable[[int], None]:
+        return lambda v: lab.uc.reg_write(reg, base | v)
+    def now(reg: int) -> Callable[[int], int]:
+        return lambda _v: int(lab.uc.reg_read(reg))      # the value as the CPU took it
+    found = [lab.locate(name, 8, cr(reg, base), values, expect=now(reg))
+             for name, reg, base, values in (
+                 ("cr3", X.UC_X86_REG_CR3, 0, (0x5A5000, 0x3C3000, 0x0F0000)),
+                 ("cr4", X.UC_X86_REG_CR4, 0, (0x200, 0x600, 0x10)),
+                 ("cr0", X.UC_X86_REG_CR0, 0x10, (0x0, 0x20, 0x40000000)))]
+    for reg, value in ((X.UC_X86_REG_CR3, 0), (X.UC_X86_REG_CR4, 0), (X.UC_X86_REG_CR0, 0x10)):
+        lab.uc.reg_write(reg, value)
+    return found
+
+
 for _name, _probe in (("segments", _probe_segments), ("hflags", _probe_hflags),
                       ("efer", _probe_efer), ("wide_registers", _probe_wide_registers),
-                      ("dr7", _probe_dr), ("tsc_offset", _probe_tsc_offset)):
+                      ("dr7", _probe_dr), ("tsc_offset", _probe_tsc_offset),
+                      ("control_registers", _probe_control_registers)):
     register_probe(_name, _probe)
 
 

@@ -29,7 +29,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] || [ setup.py -nt "$stam
    || [ pyvm/_xbzrle.pyx -nt "$stamp" ] \
    || [ pyvm/_delivery.pyx -nt "$stamp" ] || [ pyvm/_portio.pyx -nt "$stamp" ] \
    || [ pyvm/_pic.pyx -nt "$stamp" ] || [ pyvm/_pit.pyx -nt "$stamp" ] || [ pyvm/_idle.pyx -nt "$stamp" ] \
-   || [ pyvm/_uart.pyx -nt "$stamp" ] \
+   || [ pyvm/_uart.pyx -nt "$stamp" ] || [ pyvm/_tlbtrack.pyx -nt "$stamp" ] \
    || [ pyvm/_kernels.h -nt "$stamp" ] || [ pyvm/migration/transports/_fabric.pyx -nt "$stamp" ]; then
     echo "setup: installing pyvm and its dependencies into .venv"
     .venv/bin/python -m pip install -q --upgrade pip

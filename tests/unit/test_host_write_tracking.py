@@ -24,6 +24,8 @@ from unicorn import x86_const as X
 from pyvm import fastpath_py
 from pyvm.fastpath import track_host_writes
 from pyvm.ram import MemoryBackend, MemoryBackendConfig
+from tests.paging_guest import (CODE, DATA_PHYS, PAGE, RAM, TABLES, VBASE, collect_until, engine,
+                                map_pages, store)
 
 try:
     from pyvm import _fastpath
@@ -33,8 +35,6 @@ except ImportError:  # pragma: no cover - test_fastpath.py reports a missing bui
 IMPLS = [pytest.param(fastpath_py, id="python"),
          pytest.param(_fastpath, id="cython",
                       marks=pytest.mark.skipif(_fastpath is None, reason="extension not built"))]
-PAGE = 4096
-
 
 def _available() -> bool:
     b = MemoryBackend(MemoryBackendConfig("memory-backend-ram", "probe", 16 * PAGE))
@@ -134,74 +134,6 @@ def test_twins_report_the_same_pages() -> None:
 
 
 # -- vCPU stores under paging ------------------------------------------------------------------
-RAM = 8 << 20
-CODE = 0x1000
-TABLES = 0x10000          # page tables are built from here up
-DATA_PHYS = 0x100000      # the pages the guest writes live in [1 MiB, 8 MiB)
-VBASE = 0x40000000        # ... mapped at random virtual pages from here
-
-
-def _map_pages(mode: str, ram: np.ndarray, vpages: list[int], ppages: list[int]) -> int:
-    """Page tables mapping code/tables identity plus vpages -> ppages; returns CR3."""
-    nxt = [TABLES]
-
-    def alloc() -> int:
-        a = nxt[0]
-        nxt[0] += PAGE
-        ram[a:a + PAGE] = 0
-        return a
-
-    def put(addr: int, value: int, wide: bool) -> None:
-        ram[addr:addr + (8 if wide else 4)] = np.frombuffer(
-            struct.pack("<Q" if wide else "<I", value), dtype=np.uint8)
-
-    def get(addr: int, wide: bool) -> int:
-        return int.from_bytes(ram[addr:addr + (8 if wide else 4)].tobytes(), "little")
-
-    levels = {"32bit": [(22, 10)], "pae": [(30, 2), (21, 9)], "long": [(39, 9), (30, 9), (21, 9)]}[mode]
-    wide = mode != "32bit"
-    root = alloc()
-
-    def map_one(v: int, p: int) -> None:
-        table = root
-        for shift, bits in levels:
-            idx = (v >> shift) & ((1 << bits) - 1)
-            e = get(table + idx * (8 if wide else 4), wide)
-            if not e & 1:
-                new = alloc()
-                # PAE's PDPTEs take only P (SDM 4.4.1); the others P|RW
-                put(table + idx * (8 if wide else 4), new | (1 if mode == "pae" and shift == 30 else 3), wide)
-                e = new
-            table = e & ~0xFFF & ((1 << 52) - 1)
-        put(table + ((v >> 12) & (511 if wide else 1023)) * (8 if wide else 4), p | 3, wide)
-
-    for a in range(0, 0x40000, PAGE):               # code, stack and tables, identity
-        map_one(a, a)
-    for v, p in zip(vpages, ppages):
-        map_one(v, p)
-    return root
-
-
-def _store(addr: int, value: int, wide: bool) -> bytes:
-    if wide:    # mov dword [abs32], imm32 (ModRM 04, SIB 25: no base, no index)
-        return b"\xc7\x04\x25" + struct.pack("<iI", addr - (1 << 32) if addr >= 1 << 31 else addr, value)
-    return b"\xc7\x05" + struct.pack("<II", addr, value)
-
-
-def _engine(mode: str, ram: np.ndarray, host_address: int, cr3: int) -> U.Uc:
-    uc = U.Uc(U.UC_ARCH_X86, U.UC_MODE_64 if mode == "long" else U.UC_MODE_32)
-    uc.mem_map_ptr(0, RAM, U.UC_PROT_ALL, host_address)
-    uc.reg_write(X.UC_X86_REG_CR3, cr3)
-    if mode == "pae":
-        uc.reg_write(X.UC_X86_REG_CR4, 1 << 5)
-    if mode == "long":
-        uc.reg_write(X.UC_X86_REG_CR4, 1 << 5)
-        uc.msr_write(0xC0000080, (1 << 8) | (1 << 10))
-    uc.reg_write(X.UC_X86_REG_CR0, (1 << 31) | 0x11)
-    uc.reg_write(X.UC_X86_REG_RSP if mode == "long" else X.UC_X86_REG_ESP, 0x3F000)
-    return uc
-
-
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("mode", ["32bit", "pae", "long"])
 def test_every_page_the_guest_writes_between_syncs_is_reported(impl, mode: str) -> None:
@@ -211,15 +143,15 @@ def test_every_page_the_guest_writes_between_syncs_is_reported(impl, mode: str) 
     rng = random.Random(f"{mode}")
     ppages = rng.sample(range(DATA_PHYS // PAGE, npages), 600)
     vpages = [VBASE // PAGE + i * 3 + rng.randrange(3) for i in range(len(ppages))]
-    cr3 = _map_pages(mode, ram, [v * PAGE for v in vpages], [p * PAGE for p in ppages])
-    uc = _engine(mode, ram, b.host_address, cr3)
+    cr3 = map_pages(mode, ram, [v * PAGE for v in vpages], [p * PAGE for p in ppages])
+    uc = engine(mode, ram, b.host_address, cr3)
     bm = impl.DirtyBitmap(npages)
     tracker = impl.HostWriteTracker(bm, b.host_address, b.cfg.size)
     try:
         bm.fetch_and_clear()
         for round_ in range(6):
             picks = rng.sample(range(len(vpages)), rng.randint(1, 120))
-            code = b"".join(_store(vpages[i] * PAGE + rng.randrange(0, PAGE - 3, 4), 1000 * round_ + i + 1,
+            code = b"".join(store(vpages[i] * PAGE + rng.randrange(0, PAGE - 3, 4), 1000 * round_ + i + 1,
                                    mode == "long") for i in picks) + b"\xf4"
             ram[CODE:CODE + len(code)] = np.frombuffer(code, dtype=np.uint8)
             bm.fetch_and_clear()                    # the code write is not the guest's
@@ -248,7 +180,7 @@ def test_syncs_while_the_guest_writes_lose_nothing(impl, mode: str) -> None:
     rng = random.Random(9)
     ppages = rng.sample(range(DATA_PHYS // PAGE, npages), 600)
     vpages = [VBASE // PAGE + i for i in range(len(ppages))]
-    cr3 = _map_pages(mode, ram, [v * PAGE for v in vpages], [p * PAGE for p in ppages])
+    cr3 = map_pages(mode, ram, [v * PAGE for v in vpages], [p * PAGE for p in ppages])
     # ecx/rcx passes: for each page, store the pass number at a per-page offset
     wide = mode == "long"
     body = b""
@@ -260,7 +192,7 @@ def test_syncs_while_the_guest_writes_lose_nothing(impl, mode: str) -> None:
     jnz_back = -(len(body) + len(dec) + 6)
     code = body + dec + b"\x0f\x85" + struct.pack("<i", jnz_back) + b"\xf4"
     ram[CODE:CODE + len(code)] = np.frombuffer(code, dtype=np.uint8)
-    uc = _engine(mode, ram, b.host_address, cr3)
+    uc = engine(mode, ram, b.host_address, cr3)
     uc.reg_write(X.UC_X86_REG_RCX if wide else X.UC_X86_REG_ECX, 400)
     bm = impl.DirtyBitmap(npages)
     tracker = impl.HostWriteTracker(bm, b.host_address, b.cfg.size)
@@ -298,12 +230,12 @@ def test_syncs_while_the_guest_writes_lose_nothing(impl, mode: str) -> None:
 @pytest.mark.parametrize("kind", ["ram", "memfd", "file-shm"])
 def test_machine_dirty_log_uses_host_write_protect(kind: str, tmp_path: Path,
                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    import time
 
     from pyvm.config import MachineConfig
     from pyvm.guests import guest_path
     from pyvm.machine import Machine
 
+    monkeypatch.setenv("PYVM_DIRTY_TRACKING", "host-wp")     # the TLB method is preferred
     size = 8 << 20
     shm = f"/dev/shm/pyvm-test-{tmp_path.name}"
     qom = {"ram": "memory-backend-ram", "memfd": "memory-backend-memfd",
@@ -322,13 +254,8 @@ def test_machine_dirty_log_uses_host_write_protect(kind: str, tmp_path: Path,
         first = fastpath_py.bitmap_to_indices(block.dirty.fetch_and_clear(), block.npages)
         assert len(first) == block.npages          # round 1: everything
         m.cont()
-        seen: set[int] = set()
-        deadline = time.monotonic() + 30
         want = set(range((2 << 20) // PAGE, (6 << 20) // PAGE))    # the guest's 4 MiB range
-        while not want <= seen and time.monotonic() < deadline:
-            words = m.run_on_loop(block.dirty.fetch_and_clear)
-            seen.update(int(p) for p in fastpath_py.bitmap_to_indices(words, block.npages))
-        assert want <= seen
+        assert want <= collect_until(m, block, want)
         m.stop()
         m.stop_dirty_log()
         assert m.dirty_tracking_method is None and block.dirty.host_tracker is None
