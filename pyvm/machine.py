@@ -42,7 +42,6 @@ from pyvm.devices.uart16550 import Uart16550
 from pyvm.errors import ConfigError, GuestFault, VmStateError
 from pyvm.events import EventBus
 from pyvm.fastpath import flush_tlb, track_host_writes, track_writes
-from pyvm.tlb_tracking import TlbTracking, track_tlb_writes
 from pyvm.ioport import IoBus
 from pyvm.loader import BootImage, load_bios, load_boot_sector, load_kernel
 from pyvm.log import Log
@@ -50,6 +49,7 @@ from pyvm.native_delivery import route_native_ports
 from pyvm.native_idle import idle_ticker, wake_fd
 from pyvm.ram import MemoryBackend, MemoryBackendConfig, RamBlock, RamLayout
 from pyvm.runstate import RunState, RunStateMachine
+from pyvm.tlb_tracking import TlbTracking, track_tlb_writes
 
 # Run states from which ``cont`` starts the guest (QEMU: qmp_cont).
 _CONT_OK = {RunState.PAUSED, RunState.PRELAUNCH, RunState.POSTMIGRATE, RunState.DEBUG,
