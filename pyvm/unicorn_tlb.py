@@ -109,7 +109,10 @@ class _Memory:
     def read(self, address: int, size: int) -> bytes:
         with self._lock:
             if self._fd is None:
-                self._fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+                try:
+                    self._fd = os.open("/proc/self/mem", os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as err:
+                    raise CalibrationError("the TLB probe", f"/proc/self/mem: {err}") from err
             fd = self._fd
         if address <= 0 or address >= 1 << 47:
             return b""
