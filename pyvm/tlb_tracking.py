@@ -23,16 +23,31 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 from unicorn import unicorn_const as UC
 
 from pyvm.native_modules import load_native
-from pyvm.ram import RamBlock
 from pyvm.unicorn_internals import CalibrationError, calibrate
 from pyvm.unicorn_tlb import tlb_layout
 
 _native: Any = load_native("pyvm._tlbtrack")
+
+
+class TrackedBlock(Protocol):
+    """What the tracker needs of a RAM block (:class:`pyvm.ram.RamBlock` has it)."""
+
+    @property
+    def gpa(self) -> int: ...
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def host_address(self) -> int: ...
+
+    @property
+    def dirty(self) -> Any: ...
 
 
 class TlbTracking:
@@ -42,7 +57,7 @@ class TlbTracking:
     stopped): :meth:`rearm` checks it.
     """
 
-    def __init__(self, engines: Sequence[Any], blocks: Sequence[RamBlock]) -> None:
+    def __init__(self, engines: Sequence[Any], blocks: Sequence[TrackedBlock]) -> None:
         layout = tlb_layout()
         ctx = calibrate()
         env = {name: ctx[name].offset - layout.context_header
@@ -99,7 +114,7 @@ class TlbTracking:
         return out
 
 
-def track_tlb_writes(engines: Sequence[Any], blocks: Sequence[RamBlock]) -> TlbTracking | None:
+def track_tlb_writes(engines: Sequence[Any], blocks: Sequence[TrackedBlock]) -> TlbTracking | None:
     """An attached :class:`TlbTracking`, or None where this method is not available
     (no compiled extension, ``PYVM_DIRTY_TRACKING`` asks for another, a Unicorn whose
     layout the probe does not recognise)."""
