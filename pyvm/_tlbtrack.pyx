@@ -47,7 +47,7 @@ cdef extern from *:
     enum { PYVM_MMU_DATA_STORE = 1 };           /* MMUAccessType */
 
     #define PYVM_TLBT_MAX_BLOCKS 16
-    #define PYVM_TLBT_MAX_ENGINES 64
+    #define PYVM_TLBT_MAX_ENGINES 256
     typedef struct {
         uint64_t gpa, size;
         uint8_t *host;
@@ -66,6 +66,7 @@ cdef extern from *:
     } pyvm_tlbt;
 
     static pyvm_tlbt *pyvm_tlbt_engines[PYVM_TLBT_MAX_ENGINES];
+    static pyvm_tlbt *pyvm_tlbt_last;          /* the engine of the last fill */
     static pyvm_tlbt_fill_fn pyvm_tlbt_default;
 
     static int pyvm_tlbt_register(pyvm_tlbt *t) {
@@ -82,12 +83,16 @@ cdef extern from *:
         for (i = 0; i < PYVM_TLBT_MAX_ENGINES; i++)
             if (pyvm_tlbt_engines[i] == t)
                 pyvm_tlbt_engines[i] = NULL;
+        if (pyvm_tlbt_last == t)
+            pyvm_tlbt_last = NULL;
     }
     static inline pyvm_tlbt *pyvm_tlbt_find(void *cs) {
         int i;
+        if (pyvm_tlbt_last && pyvm_tlbt_last->cs == cs)
+            return pyvm_tlbt_last;
         for (i = 0; i < PYVM_TLBT_MAX_ENGINES; i++)
             if (pyvm_tlbt_engines[i] && pyvm_tlbt_engines[i]->cs == cs)
-                return pyvm_tlbt_engines[i];
+                return pyvm_tlbt_last = pyvm_tlbt_engines[i];
         return NULL;
     }
 
@@ -307,7 +312,7 @@ cdef class TlbWriteTracker:
         if slot[0] != pyvm_tlbt_original(self._t):
             raise RuntimeError("the engine's TLB fill is not the one the tracker wraps")
         if pyvm_tlbt_register(self._t) != 0:
-            raise RuntimeError("too many engines tracked at once")
+            raise OverflowError("too many engines tracked at once")
         slot[0] = pyvm_tlbt_fill_address()
         self.attached = True
 

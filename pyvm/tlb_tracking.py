@@ -79,11 +79,11 @@ class TlbTracking:
 
     def attach(self) -> None:
         """Wrap every engine's fill, flush its TLB, and re-arm at every bitmap fetch."""
+        self.attached = True            # detach() undoes a partial attach too
         for t in self._trackers:
             t.attach()
         for b in self._blocks:
             b.dirty.rearm = self.rearm
-        self.attached = True
         self.rearm()
 
     def rearm(self) -> None:
@@ -124,5 +124,9 @@ def track_tlb_writes(engines: Sequence[Any], blocks: Sequence[TrackedBlock]) -> 
         tracking = TlbTracking(engines, blocks)
     except CalibrationError:
         return None
-    tracking.attach()
+    try:
+        tracking.attach()
+    except OverflowError:           # more engines tracked at once than the C side holds
+        tracking.detach()
+        return None
     return tracking
