@@ -104,7 +104,7 @@ def main() -> int:
         med = statistics.median(ts)
         line = f"{mode:>8}: {med * 1e3:8.2f} ms a round ({min(ts) * 1e3:.2f}-{max(ts) * 1e3:.2f})"
         if mode != "off":
-            line += f"  +{(med - off) / args.pages * 1e6:.2f} us a page over off"
+            line += f"  {(med - off) / args.pages * 1e6:+.2f} us a page over off"
         else:
             line += f"  {med / args.pages * 1e6:.2f} us a page"
         print(line)
