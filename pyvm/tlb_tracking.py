@@ -9,7 +9,8 @@ Three ways exist to learn which guest pages were written between two syncs; the 
    TLBs.  Cost per page per round: a TLB refill, well under a microsecond.
 2. **host-wp** (:func:`pyvm.fastpath.track_host_writes`): userfaultfd write-protect over
    the RAM's host mapping; every writer of the RAM is seen; cost per page per round: a
-   host page fault (about 11 microseconds on the development machine).
+   host page fault on top of the refill (1.4 to 1.6 microseconds on the development
+   machine, bench/first_write.py).
 3. **write-hook**: a ``UC_HOOK_MEM_WRITE`` per vCPU; every guest store pays.
 
 With the TLB method, writers other than the vCPUs' stores mark the bitmap themselves
