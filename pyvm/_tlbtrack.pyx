@@ -24,8 +24,9 @@ The page walk writes the accessed and dirty bits of the guest's paging entries s
 into RAM (QEMU's ``x86_stl_phys_notdirty``, target/i386/excp_helper.c), past the TLB.
 Before each fill the walk is done here too, read-only: an entry on the path whose
 accessed bit is clear (or, for a store, a leaf whose dirty bit is clear) is where the
-fill may write, and its page is marked (Intel SDM Vol. 3A §4.8; 32-bit, PAE, 4-level and
-5-level paging, 4 KiB to 1 GiB pages).
+fill may write, and its page is marked (Intel SDM Vol. 3A §4.8; 32-bit, PAE and 4-level
+paging, 4 KiB to 1 GiB pages; 5-level paging is walked too, though the CPU model pyvm
+gives its guests does not offer it, so no test covers it).
 
 Cost: one C call and a short walk per TLB fill, against a host page fault per page per
 round for host write-protect (docs/performance.md).  Other writers (devices, the native
