@@ -291,7 +291,6 @@ cdef class DirtyBitmap:
     cdef readonly Py_ssize_t npages
     cdef uint64_t *_data
     cdef public object host_tracker     # a HostWriteTracker while one is attached
-    cdef public object rearm            # run after each fetch_and_clear (pyvm/tlb_tracking.py)
 
     def __cinit__(self, Py_ssize_t npages):
         if npages < 0:
@@ -326,8 +325,7 @@ cdef class DirtyBitmap:
         """Return the bitmap words and clear them; each word is swapped atomically.
 
         With a :class:`HostWriteTracker` attached, the pages written to host memory since
-        the last call are added (and write-protected again) in the same call; with the
-        TLB write tracker on, ``rearm`` then drops the vCPUs' writable TLB entries."""
+        the last call are added (and write-protected again) in the same call."""
         out = np.empty(self.words.shape[0], dtype=np.uint64)
         cdef uint64_t[::1] o = out
         cdef Py_ssize_t i, n = o.shape[0]
@@ -336,8 +334,6 @@ cdef class DirtyBitmap:
                 o[i] = pyvm_xchg(&self._data[i])
         if self.host_tracker is not None:
             self.host_tracker.collect_into(out)
-        if self.rearm is not None:
-            self.rearm()
         return out
 
     def count(self):

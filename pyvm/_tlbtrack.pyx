@@ -13,12 +13,14 @@ the TLB:
   ``CPUClass.tlb_fill`` slot (found by :mod:`pyvm.unicorn_tlb`), in front of Unicorn's
   own x86 fill, which still walks the guest's page tables, sets their accessed and dirty
   bits and raises #PF exactly as before;
-- after a fill for a store, the page is marked in its RAM block's dirty bitmap;
-- after a fill for a load or a fetch of a page that is clean in the bitmap, the new
+- after a fill for a store, the page is marked in the tracker's bitmap of its RAM block
+  (one per block, kept apart from the block's dirty bitmap);
+- after a fill for a load or a fetch of a page that is clean in that bitmap, the new
   entry's ``addr_write`` is cleared, so the first store to the page comes back here;
-- at every sync (:meth:`TlbWriteTracker.rearm`, called by ``DirtyBitmap.fetch_and_clear``
-  on the vCPU loop) the engine's TLB is flushed, so no writable entry outlives the
-  bitmap it was made for.
+- at every sync (``DirtyBitmap.fetch_and_clear`` on the vCPU loop, which calls
+  ``collect_into`` of pyvm/tlb_tracking.py) the marks are folded into the dirty bitmap
+  and cleared and the engine's TLB is flushed, so no writable entry outlives the marks
+  it was made for.
 
 The page walk writes the accessed and dirty bits of the guest's paging entries straight
 into RAM (QEMU's ``x86_stl_phys_notdirty``, target/i386/excp_helper.c), past the TLB.
@@ -264,8 +266,8 @@ cdef class TlbWriteTracker:
     and ``original`` the function found there (Unicorn's x86 fill); ``env_off``,
     ``tlbf_off`` and ``entry_bits`` come from :class:`pyvm.unicorn_tlb.TlbLayout`; the
     ``*_off`` of CR0, CR3, CR4 and EFER are offsets in ``CPUX86State``.  ``blocks`` holds
-    ``(gpa, size, host address, bitmap words address)`` per RAM block; the bitmaps must
-    outlive the tracker.  :meth:`attach` and :meth:`detach` run on the vCPU loop while the
+    ``(gpa, size, host address, bitmap words address)`` per RAM block (the tracker's own
+    bitmaps, pyvm/tlb_tracking.py); they must outlive the tracker.  :meth:`attach` and :meth:`detach` run on the vCPU loop while the
     engine is stopped; flush the engine's TLB after either.
     """
 

@@ -14,7 +14,7 @@ import os
 import struct
 import threading
 import time
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 
@@ -34,9 +34,6 @@ class DirtyBitmap:
         self.words = np.zeros(max(1, (npages + 63) // 64), dtype=np.uint64)
         self._lock = threading.Lock()
         self.host_tracker: HostWriteTracker | None = None
-        # run after every fetch_and_clear while the TLB write tracker is on (it drops
-        # the vCPUs' writable TLB entries: pyvm/tlb_tracking.py)
-        self.rearm: Callable[[], None] | None = None
 
     def _set_pages(self, first: int, last: int) -> None:
         for p in range(first, last + 1):
@@ -62,8 +59,6 @@ class DirtyBitmap:
             self.words[:] = 0
         if self.host_tracker is not None:
             self.host_tracker.collect_into(out)
-        if self.rearm is not None:
-            self.rearm()
         return out
 
     def count(self) -> int:

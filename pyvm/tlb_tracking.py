@@ -26,6 +26,7 @@ import os
 import threading
 from typing import Any, Protocol, Sequence
 
+import numpy as np
 from unicorn import unicorn_const as UC
 
 from pyvm.native_modules import load_native
@@ -51,11 +52,37 @@ class TrackedBlock(Protocol):
     def dirty(self) -> Any: ...
 
 
+class _Collector:
+    """One block's pages written by the vCPUs since the last sync, as the block's
+    ``DirtyBitmap.host_tracker``: ``fetch_and_clear`` (and the dirty-rate meter) call
+    :meth:`collect_into`, the contract of host write-protect's tracker."""
+
+    def __init__(self, tracking: "TlbTracking", words: np.ndarray) -> None:
+        self._tracking = tracking
+        self.words = words              # the C fill marks these; the bitmap's own are
+        self.attached = True            # for RamBlock.write and the native delivery
+
+    def collect_into(self, out: np.ndarray) -> int:
+        """OR the pages written since the last call into ``out``, clear them, and drop
+        every engine's TLB entries so that the next store to each page is seen again."""
+        self._tracking.check_thread()
+        if not self.attached:
+            return 0
+        found = int(np.count_nonzero(np.unpackbits(self.words.view(np.uint8))))
+        np.bitwise_or(out, self.words, out=out)
+        self.words[:] = 0
+        self._tracking.flush()
+        return found
+
+
 class TlbTracking:
     """The TLB write trackers of every vCPU engine of one machine, over its RAM blocks.
 
-    Made, attached, re-armed and detached on the vCPU loop only (the engines must be
-    stopped): :meth:`rearm` checks it.
+    The C fill marks a bitmap of its own per block; a sync folds it into the block's
+    dirty bitmap and flushes the TLBs (:class:`_Collector`), so the dirty-rate meter can
+    count the vCPUs' writes apart from the migration's bitmap, as with host
+    write-protect.  Made, attached and synced on the vCPU loop only (the engines must be
+    stopped there): a sync from another thread raises.
     """
 
     def __init__(self, engines: Sequence[Any], blocks: Sequence[TrackedBlock]) -> None:
@@ -63,10 +90,11 @@ class TlbTracking:
         ctx = calibrate()
         env = {name: ctx[name].offset - layout.context_header
                for name in ("cr0", "cr3", "cr4", "efer")}
-        regions = tuple((b.gpa, b.size, b.host_address, int(b.dirty.words.ctypes.data))
-                        for b in blocks)
         self._engines = list(engines)
         self._blocks = list(blocks)
+        self._collectors = [_Collector(self, np.zeros_like(b.dirty.words)) for b in blocks]
+        regions = tuple((b.gpa, b.size, b.host_address, int(c.words.ctypes.data))
+                        for b, c in zip(self._blocks, self._collectors))
         self._trackers = []
         for uc in self._engines:
             cpu = layout.cpu_of(uc)
@@ -74,35 +102,46 @@ class TlbTracking:
             self._trackers.append(_native.TlbWriteTracker(
                 cpu, layout.fill_slot(cpu), layout.fill_cpu, layout.env_off,
                 layout.tlbf_off, layout.entry_bits, env["cr0"], env["cr3"], env["cr4"],
-                env["efer"], regions, (uc, [b.dirty for b in blocks])))
+                env["efer"], regions, (uc, self._collectors)))
         self._thread = threading.get_ident()
         self.attached = False
 
     def attach(self) -> None:
-        """Wrap every engine's fill, flush its TLB, and re-arm at every bitmap fetch."""
+        """Wrap every engine's fill and flush its TLB."""
+        for b in self._blocks:
+            if b.dirty.host_tracker is not None:
+                raise ValueError("the bitmap already has a host write tracker")
         self.attached = True            # detach() undoes a partial attach too
         for t in self._trackers:
             t.attach()
-        for b in self._blocks:
-            b.dirty.rearm = self.rearm
-        self.rearm()
+        for b, c in zip(self._blocks, self._collectors):
+            b.dirty.host_tracker = c
+        self.flush()
 
-    def rearm(self) -> None:
-        """Drop every TLB entry of every engine (after the bitmaps were taken)."""
+    def check_thread(self) -> None:
         if threading.get_ident() != self._thread:
-            raise RuntimeError("the TLB write tracker was re-armed off the vCPU loop")
+            raise RuntimeError("the TLB write tracker was synced off the vCPU loop")
+
+    def flush(self) -> None:
+        """Drop every TLB entry of every engine (after the bitmaps were taken)."""
+        self.check_thread()
         for uc in self._engines:
             uc.ctl(UC.UC_CTL_TLB_FLUSH, UC.UC_CTL_IO_WRITE)
 
     def detach(self) -> None:
-        """Give every engine its own fill back; flush their TLBs afterwards (entries made
-        read-only by the tracker would only cost a refill each, but it is tidier)."""
+        """Give every engine its own fill back; the pages written since the last sync
+        stay marked in the bitmaps.  Flush the TLBs afterwards, on the loop (entries
+        the tracker made read-only would only cost a refill each)."""
         if not self.attached:
             return
-        for b in self._blocks:
-            b.dirty.rearm = None
         for t in self._trackers:
             t.detach()
+        for b, c in zip(self._blocks, self._collectors):
+            if b.dirty.host_tracker is c:
+                b.dirty.host_tracker = None
+            np.bitwise_or(b.dirty.words, c.words, out=b.dirty.words)
+            c.words[:] = 0
+            c.attached = False
         self.attached = False
 
     @property

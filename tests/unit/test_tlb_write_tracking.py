@@ -230,7 +230,7 @@ def test_machine_dirty_log_uses_the_tlb() -> None:
             assert want <= collect_until(m, block, want)
         m.stop()
         m.stop_dirty_log()
-        assert m.dirty_tracking_method is None and block.dirty.rearm is None
+        assert m.dirty_tracking_method is None and block.dirty.host_tracker is None
     finally:
         m.request_exit(0)
         m.close()
