@@ -11,7 +11,8 @@ and a whole save, register by register through Unicorn's binding
 (``save_cpu_per_register``, what ``save_cpu`` did before) and in one batch that keeps
 the lock (``save_cpu``, :mod:`pyvm.cpu_regs_batch`): with no other busy thread
 ("quiet"), and with one thread spinning in Python ("spinning"), interleaved round by
-round.  It prints medians, spreads (min-max), the spinning / quiet ratio of each, and
+round.  It prints medians, spreads (min-max), the 90th percentile and how many
+took over 5 ms, the spinning / quiet ratio of each, and
 every median against the register-by-register quiet baseline.  The reads run on the
 loop only: read from another thread while the vCPU runs, Unicorn's MSR read borrows the
 guest's ECX/EAX/EDX and corrupts it.
@@ -48,7 +49,10 @@ def _sample(m: Machine, fn: Callable[[], None], n: int) -> list[float]:
 
 
 def _fmt(xs: list[float]) -> str:
-    return f"{statistics.median(xs):7.3f} ms ({min(xs):.3f}-{max(xs):.3f}, n={len(xs)})"
+    p90 = statistics.quantiles(xs, n=10)[-1]
+    slow = sum(x > 5.0 for x in xs)
+    return (f"{statistics.median(xs):7.3f} ms ({min(xs):.3f}-{max(xs):.3f}, p90 {p90:.3f}, "
+            f"{slow} of {len(xs)} over 5 ms)")
 
 
 def main() -> int:
