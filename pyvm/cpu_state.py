@@ -13,7 +13,9 @@ target/i386/machine.c; the layout here is pyvm's own, described by the vmdesc):
 - the x87 registers (physical order), control/status (with TOP)/tag words, MXCSR, XMM;
 - DR0-DR7; the halted flag and an exception taken but not yet delivered.
 
-Read and written through Unicorn's register API, except the hidden part of the six
+Read and written through Unicorn's register API, in one batch call that keeps the
+interpreter lock (:mod:`pyvm.cpu_regs_batch`: a migration saves the vCPUs in its
+downtime), except the hidden part of the six
 segment registers, ``hflags``, the TSC offset, EFER.LMA (WRMSR cannot clear it) and, on a
 32-bit engine, the upper halves of the GPRs and RIP, R8-R15 and XMM8-15, which only
 :mod:`pyvm.unicorn_internals` reaches.  Loading applies the public registers first and the
