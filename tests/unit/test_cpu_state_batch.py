@@ -88,9 +88,10 @@ def test_batch_save_equals_register_by_register_on_random_states(
         assert batch["efer"] & (1 << 10)               # LMA: the engine does run long mode
 
 
-def _other_thread_runs(work: Callable[[], None], repeats: int) -> int:
-    """How many times a thread waiting for the interpreter lock got it during ``work``,
-    with the switch interval long enough that only ``work`` letting go hands it over."""
+def _other_thread_runs(work: Callable[[], None], repeats: int, stop_at: int = 0) -> int:
+    """How many times a thread waiting for the interpreter lock got it during ``work``
+    (called ``repeats`` times, or until that count reaches ``stop_at``), with the switch
+    interval long enough that only ``work`` letting go hands it over."""
     ran = [0]
     stop = threading.Event()
     started = threading.Event()
@@ -113,6 +114,8 @@ def _other_thread_runs(work: Callable[[], None], repeats: int) -> int:
             before = ran[0]
             work()
             count += ran[0] - before
+            if stop_at and count >= stop_at:
+                break
         return count
     finally:
         sys.setswitchinterval(old)
@@ -125,7 +128,8 @@ def test_save_cpu_keeps_the_interpreter_lock(engines: dict[bool, VCpu], wide: bo
     cpu = engines[wide]
     st_ = CpuState(cpu)
     # The register-by-register path lets go of the lock at every register: the probe sees it.
-    assert _other_thread_runs(lambda: save_cpu_per_register(cpu, st_), 50) > 0
+    # (The waiting thread must wake within one short call to win: up to 500 saves.)
+    assert _other_thread_runs(lambda: save_cpu_per_register(cpu, st_), 500, stop_at=1) > 0
     assert _other_thread_runs(lambda: save_cpu(cpu, st_), 50) == 0
     # Loading (its read-back included) keeps it too.
     assert _other_thread_runs(lambda: load_cpu(cpu, st_), 20) == 0
