@@ -13,7 +13,9 @@ target/i386/machine.c; the layout here is pyvm's own, described by the vmdesc):
 - the x87 registers (physical order), control/status (with TOP)/tag words, MXCSR, XMM;
 - DR0-DR7; the halted flag and an exception taken but not yet delivered.
 
-Read and written through Unicorn's register API, except the hidden part of the six
+Read and written through Unicorn's register API, in one batch call that keeps the
+interpreter lock (:mod:`pyvm.cpu_regs_batch`: a migration saves the vCPUs in its
+downtime), except the hidden part of the six
 segment registers, ``hflags``, the TSC offset, EFER.LMA (WRMSR cannot clear it) and, on a
 32-bit engine, the upper halves of the GPRs and RIP, R8-R15 and XMM8-15, which only
 :mod:`pyvm.unicorn_internals` reaches.  Loading applies the public registers first and the
@@ -24,12 +26,14 @@ did not take.  The A20 gate lives in the ``port92`` section.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Protocol
 
 import unicorn as uc_mod
 from unicorn import x86_const as X
 
-from pyvm.unicorn_internals import ContextAccess
+from pyvm.cpu_regs_batch import FP80, MMR, MSR, XMM, Reg, RegisterBatch
+from pyvm.unicorn_internals import ContextAccess, host_ticks
 from pyvm.vmstate import Field, VMStateDescription
 
 
@@ -153,24 +157,96 @@ _NARROW_HIDDEN = ["rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rbp", "rsp",
                   *(f"xmm{i}" for i in range(8, 16))]
 
 
+_HIDDEN_SEGMENTS = [f"{s}.{p}" for s in SEGMENTS for p in ("selector", "base", "limit", "flags")]
+
+
+def _public_registers(wide: bool) -> list[Reg]:
+    """What :func:`save_cpu` reads through Unicorn's register API, in one batch."""
+    regs = ([Reg(n) for n in GPR64] + [Reg("rip"), Reg("rflags")]) if wide else [Reg("eflags")]
+    regs += [Reg(n, MMR) for n in ("ldtr", "tr", "gdtr", "idtr")]
+    regs += [Reg(n) for n in ("cr0", "cr2", "cr3", "cr4")] + ([Reg("cr8")] if wide else [])
+    regs += [Reg("efer", MSR, MSR_EFER)] + [Reg(n, MSR, index) for n, index in MSRS]
+    regs += [Reg(f"fp{i}", FP80) for i in range(8)]
+    regs += [Reg(n) for n in ("fpcw", "fpsw", "fptag", "mxcsr")]
+    regs += [Reg(f"xmm{i}", XMM) for i in range(16 if wide else 8)]   # XMM8-15: 64-bit only
+    regs += [Reg(f"dr{i}") for i in range(8)]
+    return regs
+
+
+_BATCHES: "weakref.WeakKeyDictionary[Any, RegisterBatch]" = weakref.WeakKeyDictionary()
+
+
+def _batch(cpu: VCpu) -> RegisterBatch:
+    """The vCPU's read batch, built once per engine."""
+    batch = _BATCHES.get(cpu.uc)
+    if batch is None:
+        batch = _BATCHES[cpu.uc] = RegisterBatch(cpu.uc, _public_registers(cpu.wide))
+    return batch
+
+
 def save_cpu(cpu: VCpu, st: CpuState, with_tsc: bool = True) -> None:
-    """Copy the live vCPU into ``st``."""
-    uc = cpu.uc
+    """Copy the live vCPU into ``st``: one batch of register reads and one context save,
+    both native calls that keep the interpreter lock (:mod:`pyvm.cpu_regs_batch`), so a
+    save beside a busy Python thread takes as long as alone.  On the vCPU thread only."""
     hidden = cpu.internals.read_many(
-        [f"{s}.{p}" for s in SEGMENTS for p in ("selector", "base", "limit", "flags")]
-        + ["hflags"] + ([] if cpu.wide else _NARROW_HIDDEN))
+        _HIDDEN_SEGMENTS + ["hflags", "tsc_offset"] + ([] if cpu.wide else _NARROW_HIDDEN))
+    reg = _batch(cpu).read()
+    if cpu.wide:
+        st.regs = [reg[n] for n in GPR64]
+        st.rip, st.rflags = reg["rip"], reg["rflags"]
+    else:
+        # A 32-bit engine may run long mode: its API shows only EAX..ESP and EIP.
+        st.regs = [hidden[n] for n in GPR64]
+        st.rip, st.rflags = hidden["rip"], reg["eflags"]
+    sel = [hidden[f"{s}.selector"] for s in SEGMENTS]
+    base = [hidden[f"{s}.base"] for s in SEGMENTS]
+    limit = [hidden[f"{s}.limit"] for s in SEGMENTS]
+    flags = [hidden[f"{s}.flags"] for s in SEGMENTS]
+    for name in SYSTEM_SEGMENTS:                     # public: uc_x86_mmr carries all four
+        s, b, lim, fl = reg[name]
+        sel.append(s)
+        base.append(b)
+        limit.append(lim)
+        flags.append(fl)
+    st.seg_selector, st.seg_base, st.seg_limit, st.seg_flags = sel, base, limit, flags
+    _, st.gdt_base, st.gdt_limit, _ = reg["gdtr"]
+    _, st.idt_base, st.idt_limit, _ = reg["idtr"]
+    st.cr = [reg["cr0"], reg["cr2"], reg["cr3"], reg["cr4"],
+             reg["cr8"] if cpu.wide else 0]            # a 32-bit engine has no CR8 id
+    st.efer = reg["efer"]
+    st.hflags = hidden["hflags"]
+    st.cpl = st.hflags & 3
+    for name, _ in MSRS:
+        setattr(st, name, reg[name])
+    st.tsc = (host_ticks() + hidden["tsc_offset"]) & 0xFFFFFFFFFFFFFFFF if with_tsc else 0
+    st.fpregs = b"".join(reg[f"fp{i}"] for i in range(8))
+    st.fpcw, st.fpsw, st.fptag = reg["fpcw"], reg["fpsw"], reg["fptag"]
+    st.mxcsr = reg["mxcsr"]
+    st.xmm = b"".join(reg[f"xmm{i}"] if i < 8 or cpu.wide
+                      else hidden[f"xmm{i}"].to_bytes(16, "little") for i in range(16))
+    st.dr = [reg[f"dr{i}"] for i in range(8)]
+    st.halted = int(cpu.halted)
+    st.pending_exception = NO_EXCEPTION if cpu.pending_exception is None else cpu.pending_exception
+    st.wide = cpu.wide
+
+
+def save_cpu_per_register(cpu: VCpu, st: CpuState, with_tsc: bool = True) -> None:
+    """:func:`save_cpu` one register at a time through Unicorn's binding (each call lets
+    go of the interpreter lock): the reference the batch is tested and timed against."""
+    uc = cpu.uc
+    hidden = cpu.internals.read_many(_HIDDEN_SEGMENTS + ["hflags"]
+                                     + ([] if cpu.wide else _NARROW_HIDDEN))
     if cpu.wide:
         st.regs = [cpu.get(n) for n in GPR64]
         st.rip, st.rflags = cpu.get("rip"), cpu.get("rflags")
     else:
-        # A 32-bit engine may run long mode: its API shows only EAX..ESP and EIP.
         st.regs = [hidden[n] for n in GPR64]
         st.rip, st.rflags = hidden["rip"], cpu.get("eflags")
     sel = [hidden[f"{s}.selector"] for s in SEGMENTS]
     base = [hidden[f"{s}.base"] for s in SEGMENTS]
     limit = [hidden[f"{s}.limit"] for s in SEGMENTS]
     flags = [hidden[f"{s}.flags"] for s in SEGMENTS]
-    for name in SYSTEM_SEGMENTS:                     # public: uc_x86_mmr carries all four
+    for name in SYSTEM_SEGMENTS:
         s, b, lim, fl = uc.reg_read(getattr(X, "UC_X86_REG_" + name.upper()))
         sel.append(s)
         base.append(b)
@@ -180,7 +256,7 @@ def save_cpu(cpu: VCpu, st: CpuState, with_tsc: bool = True) -> None:
     _, st.gdt_base, st.gdt_limit, _ = uc.reg_read(X.UC_X86_REG_GDTR)
     _, st.idt_base, st.idt_limit, _ = uc.reg_read(X.UC_X86_REG_IDTR)
     st.cr = [cpu.get("cr0"), cpu.get("cr2"), cpu.get("cr3"), cpu.get("cr4"),
-             cpu.get("cr8") if cpu.wide else 0]        # a 32-bit engine has no CR8 id
+             cpu.get("cr8") if cpu.wide else 0]
     st.efer = uc.msr_read(MSR_EFER)
     st.hflags = hidden["hflags"]
     st.cpl = st.hflags & 3
@@ -229,9 +305,72 @@ def _check_ranges(cpu: VCpu, st: CpuState) -> None:
         raise CpuStateError("rflags", f"{st.rflags:#x} does not fit a 32-bit vCPU")
 
 
+def _load_registers(wide: bool) -> list[Reg]:
+    """What :func:`load_cpu` writes through Unicorn's register API, in this order: EFER and
+    CR4 while paging is off, then CR3, CR0 (LMA follows CR0.PG again), the rest."""
+    regs = [Reg("efer", MSR, MSR_EFER), Reg("cr4"), Reg("cr3"), Reg("cr0"), Reg("cr2")]
+    regs += [Reg("cr8")] if wide else []
+    regs += [Reg(n, MSR, index) for n, index in MSRS]
+    regs += [Reg(n, MMR) for n in ("gdtr", "idtr", "ldtr", "tr")]
+    regs += ([Reg(n) for n in GPR64] + [Reg("rip")]) if wide else []
+    regs += [Reg("rflags" if wide else "eflags")]
+    regs += [Reg(f"fp{i}", FP80) for i in range(8)]
+    regs += [Reg(n) for n in ("fpcw", "fpsw", "fptag", "mxcsr")]
+    regs += [Reg(f"xmm{i}", XMM) for i in range(16 if wide else 8)]
+    regs += [Reg(f"dr{i}") for i in range(8)]
+    return regs
+
+
+_LOAD_BATCHES: "weakref.WeakKeyDictionary[Any, tuple[RegisterBatch, RegisterBatch]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _load_batches(cpu: VCpu) -> tuple[RegisterBatch, RegisterBatch]:
+    """(CR0 alone, everything :func:`load_cpu` writes), built once per engine."""
+    got = _LOAD_BATCHES.get(cpu.uc)
+    if got is None:
+        got = _LOAD_BATCHES[cpu.uc] = (RegisterBatch(cpu.uc, [Reg("cr0")]),
+                                       RegisterBatch(cpu.uc, _load_registers(cpu.wide)))
+    return got
+
+
 def load_cpu(cpu: VCpu, st: CpuState) -> None:
-    """Apply ``st`` to the vCPU (after RAM is loaded); CpuStateError names what failed."""
+    """Apply ``st`` to the vCPU (after RAM is loaded); CpuStateError names what failed.
+
+    The public registers go in one batch that keeps the interpreter lock
+    (:mod:`pyvm.cpu_regs_batch`); when Unicorn refuses one, they are written again one
+    at a time to name it."""
     _check_ranges(cpu, st)
+    cr0, cr2, cr3, cr4, cr8 = st.cr
+    if not cpu.wide and cr8:
+        raise CpuStateError("cr[4]", "CR8 is not 0 but a 32-bit vCPU has none")
+    cr0_batch, batch = _load_batches(cpu)
+    values: dict[str, Any] = {
+        "efer": st.efer & ~EFER_LMA, "cr4": cr4, "cr3": cr3, "cr0": cr0, "cr2": cr2, "cr8": cr8,
+        "gdtr": (0, st.gdt_base, st.gdt_limit, 0), "idtr": (0, st.idt_base, st.idt_limit, 0),
+        "rip": st.rip, "rflags": st.rflags, "eflags": st.rflags,
+        "fpcw": st.fpcw, "fpsw": st.fpsw, "fptag": st.fptag, "mxcsr": st.mxcsr,
+    }
+    values.update((name, getattr(st, name)) for name, _ in MSRS)
+    for i, name in enumerate(SYSTEM_SEGMENTS, start=len(SEGMENTS)):
+        values[name] = (st.seg_selector[i], st.seg_base[i], st.seg_limit[i], st.seg_flags[i])
+    values.update(zip(GPR64, st.regs))
+    values.update((f"fp{i}", st.fpregs[10 * i:10 * i + 10]) for i in range(8))
+    values.update((f"xmm{i}", st.xmm[16 * i:16 * i + 16]) for i in range(16))
+    values.update((f"dr{i}", st.dr[i]) for i in range(8))
+    try:
+        # Leave paging first so that EFER and CR4 may change.
+        now = cr0_batch.read()["cr0"]
+        if now & CR0_PG:
+            cr0_batch.write({"cr0": now & ~CR0_PG})
+        batch.write(values)
+    except uc_mod.UcError:
+        _load_registers_one_by_one(cpu, st)         # raises CpuStateError naming the field
+    _load_context(cpu, st)
+
+
+def _load_registers_one_by_one(cpu: VCpu, st: CpuState) -> None:
+    """The public registers one call at a time: finds the one Unicorn refuses."""
     uc = cpu.uc
     cr0, cr2, cr3, cr4, cr8 = st.cr
     # Leave paging first so that EFER and CR4 may change; LMA follows CR0.PG again.
@@ -271,7 +410,11 @@ def load_cpu(cpu: VCpu, st: CpuState) -> None:
              int.from_bytes(st.xmm[16 * i:16 * i + 16], "little"))
     for i in range(8):
         _put(f"dr[{i}]", cpu.set, f"dr{i}", st.dr[i])
-    # Last: the hidden segment state and hflags, exactly as saved (no descriptor reload).
+
+
+def _load_context(cpu: VCpu, st: CpuState) -> None:
+    """Last: the hidden segment state and hflags, exactly as saved (no descriptor reload),
+    the TSC, then everything read back."""
     hidden: dict[str, int] = {"hflags": st.hflags, "efer": st.efer}
     if not cpu.wide:
         hidden.update(zip(GPR64, st.regs))

@@ -116,8 +116,11 @@ def _lib() -> Any:
     from unicorn.unicorn_py3 import unicorn as ucmod
 
     # Our own function objects over the loaded library: argtypes set here cannot change
-    # how the binding calls the same functions.
-    lib = ctypes.CDLL(ucmod.uclib._name, handle=ucmod.uclib._handle)
+    # how the binding calls the same functions.  PyDLL: these calls keep the interpreter
+    # lock (a CDLL call lets go of it, and taking it back can wait out the 5 ms switch
+    # interval when another thread is runnable; they run on the vCPU loop, also in a
+    # migration's downtime).  None of them blocks or calls back into Python.
+    lib = ctypes.PyDLL(ucmod.uclib._name, handle=ucmod.uclib._handle)
     lib.uc_context_alloc.argtypes = [ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p)]
     lib.uc_context_alloc.restype = ctypes.c_int
     lib.uc_context_save.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
@@ -128,6 +131,11 @@ def _lib() -> Any:
     lib.uc_context_size.restype = ctypes.c_size_t
     lib.uc_context_free.argtypes = [ctypes.c_void_p]
     lib.uc_context_free.restype = ctypes.c_int
+    lib.uc_emu_start.argtypes = [ctypes.c_void_p, ctypes.c_uint64, ctypes.c_uint64,
+                                 ctypes.c_uint64, ctypes.c_size_t]
+    lib.uc_emu_start.restype = ctypes.c_int
+    lib.uc_reg_read.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_void_p]
+    lib.uc_reg_read.restype = ctypes.c_int
     return lib
 
 
@@ -149,18 +157,22 @@ class _RawContext:
         _check(_LIB.uc_context_alloc(self._uch, ctypes.byref(ptr)))
         self._ptr = ptr
         self._uc = uc           # the engine must outlive its context
+        # The context's bytes, copied with the interpreter lock held (ctypes.memmove is
+        # a foreign call that lets go of it).
+        self._view = memoryview((ctypes.c_char * self.size).from_address(ptr.value or 0)).cast("B")
 
     def save(self) -> bytearray:
         _check(_LIB.uc_context_save(self._uch, self._ptr))
-        return bytearray(ctypes.string_at(self._ptr.value or 0, self.size))
+        return bytearray(self._view)
 
     def restore(self, blob: bytes | bytearray) -> None:
         if len(blob) != self.size:
             raise ValueError("context blob of the wrong size")
-        ctypes.memmove(self._ptr.value or 0, bytes(blob), self.size)
+        self._view[:] = blob
         _check(_LIB.uc_context_restore(self._uch, self._ptr))
 
     def free(self) -> None:
+        self._view.release()
         if self._ptr.value:
             _LIB.uc_context_free(self._ptr)
             self._ptr = ctypes.c_void_p()
@@ -495,6 +507,9 @@ class ContextAccess:
         if self._ctx.size != self.layout.context_size:
             raise CalibrationError("the context", f"size {self._ctx.size}, calibrated "
                                    f"{self.layout.context_size}")
+        # The TSC's scratch engine now, with the vCPU: made at the first TSC read, it was
+        # made in a migration's downtime (the vCPU save), and a new engine took 1 to 15 ms.
+        host_ticks()
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -550,8 +565,13 @@ def host_ticks() -> int:
             uc.reg_write(X.UC_X86_REG_CS, 0)
             _CLOCK = uc
         uc = _CLOCK
-        uc.emu_start(0, 2)
-        return int((uc.reg_read(X.UC_X86_REG_EDX) << 32) | uc.reg_read(X.UC_X86_REG_EAX))
+        # Straight through the PyDLL entry points: the binding's emu_start and reg_read
+        # let go of the interpreter lock (this runs in a migration's downtime).
+        _check(_LIB.uc_emu_start(uc._uch, 0, 2, 0, 0))
+        eax, edx = ctypes.c_uint64(0), ctypes.c_uint64(0)
+        _check(_LIB.uc_reg_read(uc._uch, X.UC_X86_REG_EAX, ctypes.byref(eax)))
+        _check(_LIB.uc_reg_read(uc._uch, X.UC_X86_REG_EDX, ctypes.byref(edx)))
+        return (edx.value << 32) | eax.value
 
 
 # ================================================================================================
