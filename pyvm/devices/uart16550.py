@@ -216,23 +216,23 @@ class Uart16550(Device):
 
     def _flush_tx(self) -> None:
         """Hand the transmit FIFO to the backend (machine thread, lock not held): what it
-        takes leaves the FIFO; once the FIFO is empty, THR is empty and THRE interrupts."""
-        with self._lock:
-            data = bytes(self._tx)
-        if not data:
+        takes leaves the FIFO; once the FIFO is empty, THR is empty and THRE interrupts.
+        Only the machine's thread changes ``_tx``, so it is read here without the lock."""
+        tx = self._tx
+        if not tx:
             return
+        data = bytes(tx)
         taken = len(data) if self.backend is None else self.backend.write_some(data)
         with self._lock:
-            for _ in range(min(taken, len(self._tx))):
-                self._tx.popleft()
-            if self._tx:
-                waiting = True
-            else:
-                waiting = False
+            if taken >= len(data):
+                tx.clear()
                 self.lsr |= LSR_THRE | LSR_TEMT
                 self.thr_ipending = 1
                 self._drive_irq()
-        if waiting and self.backend is not None:
+                return
+            for _ in range(taken):
+                tx.popleft()
+        if self.backend is not None:
             self.backend.want_writable()
 
     # -- backend side (any thread) --------------------------------------------------------
@@ -341,12 +341,11 @@ class Uart16550(Device):
     def _write_register(self, offset: int, value: int) -> bool:
         """Write one register with the lock held; True: the transmit FIFO has a new byte
         for the backend."""
-        out = False
         if offset == RBR_THR_DLL:
             if self.lcr & LCR_DLAB:
                 self.divider = (self.divider & 0xFF00) | value
             else:
-                out = self._transmit(value)
+                return self._transmit(value)    # drives the line itself
         elif offset == IER_DLM:
             if self.lcr & LCR_DLAB:
                 self.divider = (self.divider & 0x00FF) | (value << 8)
@@ -365,7 +364,7 @@ class Uart16550(Device):
             self.scr = value
         # LSR and MSR are read-only
         self._drive_irq()
-        return out
+        return False
 
     def _transmit(self, value: int) -> bool:
         self.thr_ipending = 0
@@ -376,6 +375,7 @@ class Uart16550(Device):
             if not self._tx:
                 self.lsr |= LSR_THRE | LSR_TEMT
                 self.thr_ipending = 1
+            self._drive_irq()
             return False
         if len(self._tx) >= self._tx_capacity():
             self._tx.popleft()          # a full FIFO loses its oldest byte
