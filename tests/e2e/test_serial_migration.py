@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import array
 import fcntl
-import re
 import socket
 import termios
 from pathlib import Path
@@ -98,6 +97,5 @@ def test_a_console_client_that_does_not_read_holds_neither_guest_nor_migration(
         wait_until(lambda: dst.serial().count("\r\n") >= 1000, 60, "dst: 1000 lines")
         after = _check_sequence(out.decode() + dst.serial(), None)
         assert after >= before + 1000
-        assert re.match(r"\d", dst.serial())    # the destination starts in the sequence
     finally:
         client.close()
