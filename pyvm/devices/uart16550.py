@@ -172,9 +172,8 @@ class Uart16550(Device):
         with self._lock:
             count = min(self.rx_count, FIFO_SIZE)
             self._rx = deque(self.rx_fifo[:count])
-            # a version-1 stream has no transmit FIFO (the field keeps its old value)
-            tx_count = min(getattr(self, "tx_count", 0), FIFO_SIZE)
-            self._tx = deque(getattr(self, "tx_fifo", b"")[:tx_count])
+            # a version-1 stream has no transmit FIFO: the fields keep their reset value, 0
+            self._tx = deque(self.tx_fifo[:min(self.tx_count, FIFO_SIZE)])
             self.tx_count = len(self._tx)
             self._tx_stale = bool(self._tx)     # the destination sends it when it runs
             # the PIC's saved state already holds the line level; adopt it without driving
