@@ -25,7 +25,11 @@ Forms (QEMU's ``-serial`` syntax, the subset pyvm supports):
 =====================================  ==========================================================
 
 The monitor multiplexing of ``mon:stdio`` (Ctrl-A c) is not provided here.  Output written
-while no socket client is connected is dropped.  Input is handed to the receiver (the
+while no socket client is connected is dropped.  The UART transmits with
+:meth:`CharBackend.write_some`, which never blocks: a socket client that does not read
+leaves the rest in the UART's transmit FIFO (the guest sees its transmitter busy, as with
+QEMU's ``qemu_chr_fe_write`` and ``serial_watch_cb`` in hw/char/serial.c), and the backend
+calls the ``on_writable`` callback once the socket takes data again.  Input is handed to the receiver (the
 UART's ``receive``) from a reader thread, no faster than the receiver's ``can_receive``
 allows; the receiver calls :meth:`CharBackend.accept_input` when it has room again.
 
@@ -54,6 +58,7 @@ from pyvm.tls_pump import TlsPump, engine_for, handshake
 
 Receiver = Callable[[bytes], None]
 CanReceive = Callable[[], int]
+Writable = Callable[[], None]
 
 ESCAPE_CHAR = 0x01          # Ctrl-A, as in QEMU's multiplexer
 READ_CHUNK = 4096
@@ -107,6 +112,7 @@ class CharBackend:
         self._on_quit = on_quit
         self._receiver: Receiver | None = None
         self._can_receive: CanReceive | None = None
+        self._on_writable: Writable | None = None
         self._room = threading.Event()
         self._closed = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -120,6 +126,11 @@ class CharBackend:
     def set_can_receive(self, fn: CanReceive) -> None:
         """How much input the receiver can take right now (the UART's ``can_receive``)."""
         self._can_receive = fn
+
+    def set_on_writable(self, fn: Writable) -> None:
+        """Called (from a backend thread) after :meth:`want_writable`, once
+        :meth:`write_some` can take more output (the UART's transmit retry)."""
+        self._on_writable = fn
 
     def set_on_quit(self, fn: Callable[[], None]) -> None:
         """Called (from the reader thread) when the user asks to quit with Ctrl-A x."""
@@ -145,6 +156,19 @@ class CharBackend:
     # -- data -----------------------------------------------------------------------------
     def write(self, data: bytes) -> None:
         """Send guest output to the host (dropped by backends without output)."""
+
+    def write_some(self, data: bytes) -> int:
+        """Send what the host takes of ``data`` now, without blocking; how many bytes
+        were consumed (sent or dropped).  Fewer than ``len(data)``: call
+        :meth:`want_writable` and retry the rest when told."""
+        self.write(data)
+        return len(data)
+
+    def want_writable(self) -> None:
+        """Ask for one ``on_writable`` call once :meth:`write_some` can take more."""
+        fn = self._on_writable
+        if fn is not None:
+            fn()
 
     def is_open(self) -> bool:
         """QEMU's ``frontend-open``: a frontend is connected and can talk."""
@@ -349,6 +373,7 @@ class SocketBackend(CharBackend):
         self._lock = threading.Lock()           # guards _client and _peer
         self._write_lock = threading.Lock()     # serialises sends
         self._connected = threading.Event()
+        self._want_write = threading.Event()    # the UART waits for the client to read
         self._listener: socket.socket | None = None
         self._unix_inode: tuple[int, int] | None = None
         if server:
@@ -447,6 +472,7 @@ class SocketBackend(CharBackend):
 
     # -- life cycle -------------------------------------------------------------------------
     def start(self) -> None:
+        self._spawn(self._watch_writable, "writable")
         if self.server:
             self._spawn(self._serve, "accept")
             if self.wait:
@@ -496,6 +522,43 @@ class SocketBackend(CharBackend):
                 client.sendall(data)
             except OSError:
                 _shutdown(client)           # the reader sees EOF and drops the client
+
+    def write_some(self, data: bytes) -> int:
+        with self._lock:
+            client = self._client
+        if client is None:
+            return len(data)                # no client: output is dropped
+        with self._write_lock:
+            try:
+                return client.send(data, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return 0                    # the client is not reading: retry later
+            except OSError:
+                _shutdown(client)           # the reader sees EOF and drops the client
+                return len(data)
+
+    def want_writable(self) -> None:
+        self._want_write.set()
+
+    def _watch_writable(self) -> None:
+        """Tell the UART when the client's socket takes output again (or is gone, so that
+        the output is dropped instead of waiting for ever)."""
+        while not self.closed:
+            if not self._want_write.wait(POLL_S):
+                continue
+            with self._lock:
+                client = self._client
+            if client is not None:
+                try:
+                    _, ready, _ = select.select([], [client], [], POLL_S)
+                except (OSError, ValueError):
+                    ready = [client]        # closed under us: let write_some drop
+                if not ready:
+                    continue
+            self._want_write.clear()
+            fn = self._on_writable
+            if fn is not None and not self.closed:
+                fn()
 
     def _serve(self) -> None:
         listener = self._listener

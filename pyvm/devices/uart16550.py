@@ -3,8 +3,19 @@
 Reference: National Semiconductor PC16550D datasheet, "Registers" (table II, register
 summary) and "FIFO Interrupt Mode Operation".
 
-Transmit is immediate: a THR write hands the byte to the character backend (or, in loopback
-mode, to the receiver) and THR stays empty.  Receive: the backend calls :meth:`receive` from
+Transmit: a THR write puts the byte in the transmit FIFO (16 bytes with FIFOs on, the
+1-byte holding register with them off) and hands the FIFO to the character backend at once
+(in loopback mode the byte goes to the receiver instead).  The backend takes what the host
+accepts without blocking (:meth:`CharBackend.write_some`); normally that is everything, so
+THR is empty again before the guest's next instruction.  When the host end does not read
+(a socket client that stops reading), the rest stays in the FIFO: LSR shows THRE and TEMT
+clear, the THRE interrupt waits, and the backend's ``on_writable`` call lets the run loop
+send it later, as QEMU's ``serial_xmit``/``serial_watch_cb`` (hw/char/serial.c) do.  A
+write to a full FIFO drops its oldest byte (QEMU's ``serial_ioport_write``).  The FIFO is
+part of the migrated state: a byte the guest wrote is sent exactly once, by the source
+before the switchover or by the destination after it, and a vCPU never blocks on a slow
+host end (it would hold the VM, and a migration, for as long as the client does not read).
+Receive: the backend calls :meth:`receive` from
 its own thread; bytes go into the RX FIFO under a lock (16 bytes with FIFOs on, a 1-byte
 holding register with them off).  A full FIFO drops the new byte and sets the overrun bit; a
 full holding register is overwritten and sets overrun, as the datasheet says.
@@ -17,7 +28,9 @@ not modelled, as in QEMU.
 
 Threads: :meth:`receive` never touches the interrupt line itself.  It marks the interrupt
 state stale, makes :meth:`deadline` return 0 and calls ``ctx.kick()``; the run loop then
-calls :meth:`run_timers`, which updates IRQ 4 on the machine's thread.  Lock order: the UART
+calls :meth:`run_timers`, which updates IRQ 4 on the machine's thread.  The backend's
+``on_writable`` call does the same for the transmit FIFO: only the machine's thread (port
+I/O and :meth:`run_timers`) transmits, and only while the VM runs.  Lock order: the UART
 lock may be held while calling ``ctx.set_irq``; the backend is written without it.
 """
 
@@ -59,7 +72,7 @@ MSR_LINES_IDLE = MSR_DCD | MSR_DSR | MSR_CTS
 
 UART_VMSD = VMStateDescription(
     name="serial",
-    version_id=1,
+    version_id=2,
     minimum_version_id=1,
     fields=(
         Field("divider", "uint16"),
@@ -73,6 +86,9 @@ UART_VMSD = VMStateDescription(
         Field("thr_ipending", "uint8"),
         Field("rx_count", "uint8"),
         Field("rx_fifo", "buffer", size=FIFO_SIZE),
+        # version 2: bytes written to THR that the host end had not taken yet
+        Field("tx_count", "uint8", version_id=2),
+        Field("tx_fifo", "buffer", size=FIFO_SIZE, version_id=2),
     ),
 )
 
@@ -97,6 +113,8 @@ class Uart16550(Device):
     thr_ipending: int
     rx_count: int
     rx_fifo: bytes
+    tx_count: int
+    tx_fifo: bytes
 
     def __init__(self, backend: "CharBackend | None" = None, base: int = COM1_BASE,
                  irq: int = COM1_IRQ, native: bool | None = None) -> None:
@@ -110,12 +128,15 @@ class Uart16550(Device):
         self.backend = backend
         self._lock = threading.RLock()
         self._rx: deque[int] = deque()
+        self._tx: deque[int] = deque()      # written to THR, not yet taken by the backend
+        self._tx_stale = False              # the backend can take more: send on the loop
         self._irq_level = False
         self._irq_stale = False
         self.reset()
         if backend is not None:
             backend.set_receiver(self.receive)
             backend.set_can_receive(self.can_receive)
+            backend.set_on_writable(self.writable)
 
     # -- Device API -------------------------------------------------------------------
     def ports(self) -> list[tuple[int, int]]:
@@ -133,6 +154,8 @@ class Uart16550(Device):
             self.lsr = LSR_THRE | LSR_TEMT
             self.msr = MSR_LINES_IDLE
             self._rx.clear()
+            self._tx.clear()
+            self._tx_stale = False
             self._irq_stale = False
             self._drive_irq()
 
@@ -141,22 +164,32 @@ class Uart16550(Device):
             data = bytes(self._rx)
             self.rx_count = len(data)
             self.rx_fifo = data.ljust(FIFO_SIZE, b"\0")
+            pending = bytes(self._tx)
+            self.tx_count = len(pending)
+            self.tx_fifo = pending.ljust(FIFO_SIZE, b"\0")
 
     def post_load(self) -> None:
         with self._lock:
             count = min(self.rx_count, FIFO_SIZE)
             self._rx = deque(self.rx_fifo[:count])
+            # a version-1 stream has no transmit FIFO: the fields keep their reset value, 0
+            self._tx = deque(self.tx_fifo[:min(self.tx_count, FIFO_SIZE)])
+            self.tx_count = len(self._tx)
+            self._tx_stale = bool(self._tx)     # the destination sends it when it runs
             # the PIC's saved state already holds the line level; adopt it without driving
             self._irq_level = self._interrupt_id() != IIR_NO_INT
             self._irq_stale = False
 
     def deadline(self) -> int | None:
-        return 0 if self._irq_stale else None
+        return 0 if self._irq_stale or self._tx_stale else None
 
     def run_timers(self, now_ns: int) -> None:
         with self._lock:
             self._irq_stale = False
+            send, self._tx_stale = self._tx_stale, False
             self._drive_irq()
+        if send:
+            self._flush_tx()
 
     def close(self) -> None:
         if self.backend is not None:
@@ -176,11 +209,42 @@ class Uart16550(Device):
             if not 0 <= offset < 8:
                 continue
             with self._lock:
-                out = self._write_register(offset, (value >> (8 * i)) & 0xFF)
-            if out is not None and self.backend is not None:
-                self.backend.write(out)
+                send = self._write_register(offset, (value >> (8 * i)) & 0xFF)
+            if send:
+                self._flush_tx()
+
+    def _flush_tx(self) -> None:
+        """Hand the transmit FIFO to the backend (machine thread, lock not held): what it
+        takes leaves the FIFO; once the FIFO is empty, THR is empty and THRE interrupts.
+        Only the machine's thread changes ``_tx``, so it is read here without the lock."""
+        tx = self._tx
+        if not tx:
+            return
+        data = bytes(tx)
+        taken = len(data) if self.backend is None else self.backend.write_some(data)
+        with self._lock:
+            if taken >= len(data):
+                tx.clear()
+                self.lsr |= LSR_THRE | LSR_TEMT
+                self.thr_ipending = 1
+                self._drive_irq()
+                return
+            for _ in range(taken):
+                tx.popleft()
+        if self.backend is not None:
+            self.backend.want_writable()
 
     # -- backend side (any thread) --------------------------------------------------------
+    def writable(self) -> None:
+        """The backend can take output again (called from its thread): the run loop
+        sends the rest of the transmit FIFO."""
+        with self._lock:
+            if not self._tx:
+                return
+            self._tx_stale = True
+        if self.ctx is not None:
+            self.ctx.kick()
+
     def can_receive(self) -> int:
         """How many bytes the receiver can take now (0 in loopback mode)."""
         with self._lock:
@@ -273,14 +337,14 @@ class Uart16550(Device):
             self.backend.accept_input()
         return value
 
-    def _write_register(self, offset: int, value: int) -> bytes | None:
-        """Write one register with the lock held; returns a byte to send to the backend."""
-        out = None
+    def _write_register(self, offset: int, value: int) -> bool:
+        """Write one register with the lock held; True: the transmit FIFO has a new byte
+        for the backend."""
         if offset == RBR_THR_DLL:
             if self.lcr & LCR_DLAB:
                 self.divider = (self.divider & 0xFF00) | value
             else:
-                out = self._transmit(value)
+                return self._transmit(value)    # drives the line itself
         elif offset == IER_DLM:
             if self.lcr & LCR_DLAB:
                 self.divider = (self.divider & 0x00FF) | (value << 8)
@@ -299,18 +363,26 @@ class Uart16550(Device):
             self.scr = value
         # LSR and MSR are read-only
         self._drive_irq()
-        return out
+        return False
 
-    def _transmit(self, value: int) -> bytes | None:
+    def _transmit(self, value: int) -> bool:
         self.thr_ipending = 0
         self.lsr &= ~(LSR_THRE | LSR_TEMT) & 0xFF
-        self._drive_irq()               # THR full for an instant: the THRE condition drops
-        self.lsr |= LSR_THRE | LSR_TEMT
-        self.thr_ipending = 1
+        self._drive_irq()               # THR full: the THRE condition drops
         if self.mcr & MCR_LOOP:
             self._push_rx(value)
-            return None
-        return bytes((value,))
+            if not self._tx:
+                self.lsr |= LSR_THRE | LSR_TEMT
+                self.thr_ipending = 1
+            self._drive_irq()
+            return False
+        if len(self._tx) >= self._tx_capacity():
+            self._tx.popleft()          # a full FIFO loses its oldest byte
+        self._tx.append(value)
+        return True
+
+    def _tx_capacity(self) -> int:
+        return FIFO_SIZE if self.fcr & FCR_ENABLE else 1
 
     def _write_fcr(self, value: int) -> None:
         if (value ^ self.fcr) & FCR_ENABLE:
@@ -318,10 +390,16 @@ class Uart16550(Device):
         if value & FCR_CLEAR_RX:
             self._rx.clear()
             self.lsr &= ~(LSR_DR | LSR_BI) & 0xFF
+        if value & FCR_CLEAR_TX and self._tx:
+            self._tx.clear()            # hw/char/serial.c: THR empty, THRE interrupt due
+            self.lsr |= LSR_THRE | LSR_TEMT
+            self.thr_ipending = 1
         self.fcr = value & 0xC9         # enable, DMA mode and trigger bits stick
         if not self.fcr & FCR_ENABLE:
             while len(self._rx) > 1:
                 self._rx.popleft()
+            while len(self._tx) > 1:
+                self._tx.popleft()
 
     def _write_mcr(self, value: int) -> None:
         self.mcr = value

@@ -24,9 +24,25 @@ class RecordingBackend:
         self.can_receive: Callable[[], int] | None = None
         self.room_notices = 0
         self.closed = False
+        self.room: int | None = None        # bytes the host takes now; None: all
+        self.on_writable: Callable[[], None] | None = None
+        self.writable_wanted = 0
 
     def write(self, data: bytes) -> None:
         self.output += data
+
+    def write_some(self, data: bytes) -> int:
+        taken = len(data) if self.room is None else min(self.room, len(data))
+        if self.room is not None:
+            self.room -= taken
+        self.output += data[:taken]
+        return taken
+
+    def want_writable(self) -> None:
+        self.writable_wanted += 1
+
+    def set_on_writable(self, fn: Callable[[], None]) -> None:
+        self.on_writable = fn
 
     def set_receiver(self, fn: Callable[[bytes], None]) -> None:
         self.receiver = fn
@@ -265,3 +281,82 @@ def test_save_and_load_keep_fifo_and_registers(uart, ctx, backend, vmsd_fits, mi
 def test_close_closes_backend(uart, backend):
     uart.close()
     assert backend.closed
+
+
+def test_a_host_end_that_does_not_read_keeps_the_bytes_in_the_fifo(uart, backend, ctx):
+    """The backend takes nothing: THR stays full (no THRE interrupt), nothing is lost or
+    sent twice, and the vCPU is not held; once the backend can write again the run loop
+    sends the rest and THRE interrupts (hw/char/serial.c serial_xmit/serial_watch_cb)."""
+    uart.io_write(FCR, 1, 0x01)
+    uart.io_write(IER, 1, 0x02)
+    assert uart.io_read(IIR, 1) == 0xC2
+    backend.room = 3
+    for ch in b"0123456789":
+        uart.io_write(THR, 1, ch)
+    assert bytes(backend.output) == b"012"
+    assert uart.io_read(LSR, 1) & 0x60 == 0
+    assert uart.io_read(IIR, 1) == 0xC1         # no THRE interrupt while bytes wait
+    assert ctx.levels[4] is False
+    assert backend.writable_wanted > 0
+    assert uart.deadline() is None              # nothing to do until the backend says so
+    backend.room = 4
+    backend.on_writable()
+    assert uart.deadline() == 0
+    assert ctx.kicks > 0
+    uart.run_timers(ctx.clock.now_ns())
+    assert bytes(backend.output) == b"0123456"
+    assert uart.io_read(LSR, 1) & 0x60 == 0
+    backend.room = None
+    backend.on_writable()
+    uart.run_timers(ctx.clock.now_ns())
+    assert bytes(backend.output) == b"0123456789"
+    assert uart.io_read(LSR, 1) & 0x60 == 0x60
+    assert ctx.levels[4] is True
+    assert uart.io_read(IIR, 1) == 0xC2
+
+
+def test_a_full_transmit_fifo_drops_its_oldest_byte(uart, backend):
+    backend.room = 0
+    uart.io_write(FCR, 1, 0x01)
+    payload = bytes(range(65, 65 + 20))
+    for ch in payload:
+        uart.io_write(THR, 1, ch)
+    backend.room = None
+    backend.on_writable()
+    uart.run_timers(0)
+    assert bytes(backend.output) == payload[-16:]
+
+
+def test_clearing_the_transmit_fifo_empties_thr(uart, backend, ctx):
+    backend.room = 0
+    uart.io_write(FCR, 1, 0x01)
+    uart.io_write(THR, 1, ord("x"))
+    assert uart.io_read(LSR, 1) & 0x60 == 0
+    uart.io_write(FCR, 1, 0x05)                 # clear the transmit FIFO
+    assert uart.io_read(LSR, 1) & 0x60 == 0x60
+    backend.room = None
+    uart.io_write(THR, 1, ord("y"))
+    assert bytes(backend.output) == b"y"
+
+
+def test_migration_carries_the_bytes_the_host_had_not_taken(uart, ctx, backend, vmsd_fits,
+                                                           migrate):
+    """Bytes still in the transmit FIFO at the switchover are sent by the destination
+    (once it runs), not by the source: each byte the guest wrote comes out exactly once."""
+    uart.io_write(FCR, 1, 0x01)
+    backend.room = 2
+    for ch in b"switch":
+        uart.io_write(THR, 1, ch)
+    uart.pre_save()
+    vmsd_fits(uart, UART_VMSD)
+    assert uart.tx_count == 4
+    dst_backend = RecordingBackend()
+    other = Uart16550(dst_backend)  # type: ignore[arg-type]
+    other.attach(ctx)
+    other.reset()
+    migrate(uart, other)
+    assert other.io_read(LSR, 1) & 0x60 == 0
+    assert other.deadline() == 0                # sent when the destination's loop runs
+    other.run_timers(ctx.clock.now_ns())
+    assert bytes(backend.output) + bytes(dst_backend.output) == b"switch"
+    assert other.io_read(LSR, 1) & 0x60 == 0x60

@@ -25,9 +25,24 @@ class Backend:
     def __init__(self) -> None:
         self.output = bytearray()
         self.notices = 0
+        self.room: int | None = None        # bytes the host takes now; None: all
+        self.wanted = 0
 
     def write(self, data: bytes) -> None:
         self.output += data
+
+    def write_some(self, data: bytes) -> int:
+        taken = len(data) if self.room is None else min(self.room, len(data))
+        if self.room is not None:
+            self.room -= taken
+        self.output += data[:taken]
+        return taken
+
+    def want_writable(self) -> None:
+        self.wanted += 1
+
+    def set_on_writable(self, fn: Callable[[], None]) -> None:
+        pass
 
     def set_receiver(self, fn: Callable[[bytes], None]) -> None:
         pass
@@ -60,6 +75,8 @@ OPS = st.one_of(
     st.tuples(st.just("in"), st.just(5), st.just(1)),         # LSR, the native path
     st.tuples(st.just("rx"), st.binary(min_size=1, max_size=20)),
     st.tuples(st.just("timers")),
+    # the host end takes N more bytes (None: all), then says it can write
+    st.tuples(st.just("room"), st.one_of(st.none(), st.integers(0, 20))),
 )
 
 
@@ -75,7 +92,8 @@ def _state(u: Uart16550, ctx: Ctx, backend: Backend) -> dict[str, Any]:
     u.pre_save()
     state: dict[str, Any] = {f.name: getattr(u, f.name) for f in UART_VMSD.fields}
     state.update(rx=list(u._rx), irq_level=u._irq_level, stale=u._irq_stale, irqs=list(ctx.irqs),
-                 kicks=ctx.kicks, output=bytes(backend.output), notices=backend.notices)
+                 kicks=ctx.kicks, output=bytes(backend.output), notices=backend.notices,
+                 tx=list(u._tx), tx_stale=u._tx_stale, wanted=backend.wanted)
     return state
 
 
@@ -87,6 +105,9 @@ def _step(u: Uart16550, op: tuple[Any, ...]) -> Any:
         return paths[0](u, BASE + op[1], op[2])
     elif op[0] == "rx":
         u.receive(op[1])
+    elif op[0] == "room":
+        u.backend.room = op[1]  # type: ignore[union-attr]
+        u.writable()
     else:
         u.run_timers(0)
     return None

@@ -21,7 +21,7 @@ FIRMWARE = ROOT / "firmware"
 GUESTS = ROOT / "pyvm" / "guests"
 
 ELF32_IMAGES = ("hello.elf", "ab.elf", "memcheck.elf", "store-loop.elf", "dirty.elf", "timer-pm.elf",
-                "torture.elf")
+                "torture.elf", "serial-stream.elf")
 ELF64_IMAGES = ("timer-lm.elf",)
 BOOT_IMAGES = ("boot-pm.img", "timer-real.img", "disk-rw.img", "fault.img", "pm-realss.img")
 ALL_IMAGES = ELF32_IMAGES + ELF64_IMAGES + BOOT_IMAGES
